@@ -1,0 +1,97 @@
+"""PCI addresses: the only way a device name reaches a path.
+
+`PciAddress` accepts exactly three spellings, each through its own named
+constructor, and refuses everything else with `InvalidAddress`:
+
+* ``DDDD:BB:DD.F`` (domain, bus, device, function; the sysfs name)
+* ``BB:DD.F`` (domain 0000 implied, as lspci prints it)
+* ``pci_DDDD_BB_DD_F`` (libvirt's node-device name)
+
+Hex digits only, in range (device < 32, function < 8), no surrounding text, no
+separators, no NUL, at most 32 characters.  So ``../``, ``0000:00:1f.0/../x``
+and overlong input never reach the file system.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+from .errors import InvalidAddress
+
+MAX_LEN = 32
+
+_SYSFS = re.compile(r"([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])")
+_SHORT = re.compile(r"([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])")
+_LIBVIRT = re.compile(r"pci_([0-9a-fA-F]{4})_([0-9a-fA-F]{2})_([0-9a-fA-F]{2})_([0-7])")
+
+
+def _in_range(_inst, attribute, value):
+    limits = {"domain": 0xFFFF, "bus": 0xFF, "slot": 0x1F, "function": 0x7}
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limits[attribute.name]:
+        raise InvalidAddress(f"PCI {attribute.name} {value!r} is out of range")
+
+
+@attrs.frozen(order=True)
+class PciAddress:
+    domain: int = attrs.field(validator=_in_range)
+    bus: int = attrs.field(validator=_in_range)
+    slot: int = attrs.field(validator=_in_range)
+    function: int = attrs.field(validator=_in_range)
+
+    @classmethod
+    def parse(cls, text: object) -> "PciAddress":
+        """Any of the three spellings; anything else is `InvalidAddress`."""
+        if not isinstance(text, str):
+            raise InvalidAddress(f"a PCI address must be text, not {type(text).__name__}")
+        if len(text) > MAX_LEN:
+            raise InvalidAddress(f"not a PCI address (too long: {len(text)} characters)")
+        for ctor in (cls.from_sysfs_name, cls.from_short, cls.from_libvirt_name):
+            try:
+                return ctor(text)
+            except InvalidAddress:
+                continue
+        raise InvalidAddress(
+            f"not a PCI address: {text!r} (expected DDDD:BB:DD.F, BB:DD.F or pci_DDDD_BB_DD_F)"
+        )
+
+    @classmethod
+    def from_sysfs_name(cls, text: str) -> "PciAddress":
+        m = _SYSFS.fullmatch(text) if isinstance(text, str) and len(text) <= MAX_LEN else None
+        if not m:
+            raise InvalidAddress(f"not a PCI address: {text!r} (expected DDDD:BB:DD.F)")
+        return cls(*(int(g, 16) for g in m.groups()))
+
+    @classmethod
+    def from_short(cls, text: str) -> "PciAddress":
+        m = _SHORT.fullmatch(text) if isinstance(text, str) and len(text) <= MAX_LEN else None
+        if not m:
+            raise InvalidAddress(f"not a PCI address: {text!r} (expected BB:DD.F)")
+        return cls(0, *(int(g, 16) for g in m.groups()))
+
+    @classmethod
+    def from_libvirt_name(cls, text: str) -> "PciAddress":
+        m = _LIBVIRT.fullmatch(text) if isinstance(text, str) and len(text) <= MAX_LEN else None
+        if not m:
+            raise InvalidAddress(f"not a PCI address: {text!r} (expected pci_DDDD_BB_DD_F)")
+        return cls(*(int(g, 16) for g in m.groups()))
+
+    @property
+    def sysfs_name(self) -> str:
+        return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
+
+    @property
+    def libvirt_name(self) -> str:
+        return f"pci_{self.domain:04x}_{self.bus:02x}_{self.slot:02x}_{self.function:x}"
+
+    @property
+    def object_name(self) -> str:
+        """The D-Bus object path element: ``DDDD_BB_DD_F``."""
+        return f"{self.domain:04x}_{self.bus:02x}_{self.slot:02x}_{self.function:x}"
+
+    def same_slot(self, other: "PciAddress") -> bool:
+        return (self.domain, self.bus, self.slot) == (other.domain, other.bus, other.slot)
+
+    def __str__(self) -> str:
+        return self.sysfs_name

@@ -1,0 +1,130 @@
+"""Built-in simulated hosts: tables of PCI functions laid out as the kernel would.
+
+`EXAMPLES` maps a name to a `HostSpec`; `build(name, root)` lays it out.  The
+group numbers in the tables are the ones the kernel gives such hardware, so
+the isolation engine's recomputation can be checked against them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from ..address import PciAddress
+from .builder import Fn, HostSpec, build as build_spec  # noqa: F401  (re-exported)
+
+ICH10 = HostSpec.from_table("ich10", "Intel ICH10 desktop (the RHEL guide's example): "
+                            "two NICs behind the ICH10 root ports share group 8", """
+# addr   parent   ids        class   kind       driver         group  flags
+00:00.0  -        8086:2e10  060000  hostbridge -              0
+00:01.0  -        8086:2e11  060400  rootport   pcieport       1
+01:00.0  00:01.0  10de:1b80  030000  endpoint   nouveau        1      mf boot_vga subsys=10de:119e
+01:00.1  00:01.0  10de:10f0  040300  endpoint   snd_hda_intel  1      mf subsys=10de:119e
+00:19.0  -        8086:10bd  020000  rciep      e1000e         2      net=eno1
+00:1a.0  -        8086:3a37  0c0300  pci        uhci_hcd       3      mf
+00:1a.7  -        8086:3a3c  0c0320  pci        ehci-pci       3      mf
+00:1b.0  -        8086:3a3e  040300  rciep      snd_hda_intel  4
+00:1d.0  -        8086:3a34  0c0300  pci        uhci_hcd       5      mf
+00:1d.7  -        8086:3a3a  0c0320  pci        ehci-pci       5      mf
+00:1e.0  -        8086:244e  060401  pci-bridge -              6
+00:1f.0  -        8086:3a18  060100  pci        lpc_ich        7      mf
+00:1f.2  -        8086:3a22  010601  pci        ahci           7      mf
+00:1f.3  -        8086:3a30  0c0500  pci        i801_smbus     7      mf
+00:1c.0  -        8086:3a40  060400  rootport   pcieport       8      mf
+00:1c.4  -        8086:3a48  060400  rootport   pcieport       8      mf
+04:00.0  00:1c.0  8086:10d3  020000  endpoint   e1000e         8      net=enp4s0 subsys=8086:a01f
+05:00.0  00:1c.4  14e4:167b  020000  endpoint   tg3            8      net=enp5s0 subsys=14e4:167b
+""", root_disk=PciAddress.parse("00:1f.2"), route_iface="eno1")
+
+BRIDGE = HostSpec.from_table("bridge", "A PCIe-to-PCI bridge with two conventional e1000 NICs: "
+                             "the requester IDs alias, so the bridge and both NICs are one group", """
+# addr   parent   ids        class   kind       driver     group  flags
+00:00.0  -        8086:29c0  060000  hostbridge -          0
+00:1c.0  -        8086:2940  060400  rootport   pcieport   1      acs
+01:00.0  00:1c.0  12d8:e111  060400  pcie-pci   -          2
+02:01.0  01:00.0  8086:100e  020000  pci        e1000      2      net=ens1 subsys=8086:001e
+02:02.0  01:00.0  8086:100e  020000  pci        e1000      2      net=ens2 subsys=8086:001e
+00:1f.0  -        8086:2918  060100  pci        lpc_ich    3      mf
+00:1f.2  -        8086:2922  010601  pci        ahci       3      mf
+00:1f.3  -        8086:2930  0c0500  pci        i801_smbus 3      mf
+00:02.0  -        1af4:1041  020000  rciep      virtio-pci 4      net=enp0s2
+""", root_disk=PciAddress.parse("00:1f.2"), route_iface="enp0s2")
+
+GPU = HostSpec.from_table("gpu", "A discrete GPU and its HDMI audio function: two functions of "
+                          "one device without ACS share a group", """
+# addr   parent   ids        class   kind       driver         group  flags
+00:00.0  -        8086:3e30  060000  hostbridge -              0
+00:01.0  -        8086:1901  060400  rootport   pcieport       1      acs
+01:00.0  00:01.0  10de:1b80  030000  endpoint   nouveau        2      mf subsys=1458:3702
+01:00.1  00:01.0  10de:10f0  040300  endpoint   snd_hda_intel  2      mf subsys=1458:3702
+00:02.0  -        8086:3e92  030000  rciep      i915           3      boot_vga
+00:17.0  -        8086:a352  010601  rciep      ahci           4
+00:1f.6  -        8086:15bc  020000  rciep      e1000e         5      net=eno1
+""", root_disk=PciAddress.parse("00:17.0"),
+    route_iface="eno1")
+
+_SRIOV_VFS = "\n".join(
+    f"01:{0x10 + i // 2:02x}.{(i % 2) * 4:x}  00:01.0  8086:1520  020000  endpoint  igbvf  {3 + i}  vf-of=01:00.0"
+    for i in range(4)
+)
+SRIOV = HostSpec.from_table("sriov", "An SR-IOV NIC (Intel I350) with four VFs, each VF its own group", f"""
+# addr   parent   ids        class   kind       driver     group  flags
+00:00.0  -        8086:3e30  060000  hostbridge -          0
+00:01.0  -        8086:1901  060400  rootport   pcieport   1      acs
+01:00.0  00:01.0  8086:1521  020000  endpoint   igb        2      sriov=7 net=enp1s0f0 subsys=8086:0001
+{_SRIOV_VFS}
+00:17.0  -        8086:a352  010601  rciep      ahci       7
+00:1f.6  -        8086:15bc  020000  rciep      e1000e     8      net=eno1
+""", root_disk=PciAddress.parse("00:17.0"), route_iface="eno1")
+
+SWITCH = HostSpec.from_table("switch", "A PCIe switch: an NVMe drive below a downstream port with ACS "
+                             "(alone) and a NIC below one without ACS (grouped with its port)", """
+# addr   parent   ids        class   kind       driver     group  flags
+00:00.0  -        8086:3e30  060000  hostbridge -          0
+00:01.0  -        8086:1901  060400  rootport   pcieport   1      acs
+01:00.0  00:01.0  10b5:8747  060400  upstream   pcieport   2
+02:08.0  01:00.0  10b5:8747  060400  downstream pcieport   3      acs
+02:10.0  01:00.0  10b5:8747  060400  downstream pcieport   4      acs-off
+03:00.0  02:08.0  144d:a808  010802  endpoint   nvme       5      subsys=144d:a801
+04:00.0  02:10.0  8086:10d3  020000  endpoint   e1000e     4      net=enp4s0
+00:17.0  -        8086:a352  010601  rciep      ahci       6
+00:1f.6  -        8086:15bc  020000  rciep      e1000e     7      net=eno1
+""", root_disk=PciAddress.parse("00:17.0"), route_iface="eno1")
+
+EXAMPLES: dict[str, HostSpec] = {h.name: h for h in (ICH10, BRIDGE, GPU, SRIOV, SWITCH)}
+DEFAULT = "ich10"
+
+
+def sriov_farm(root_ports: int = 16, vfs: int = 254) -> HostSpec:
+    """The benchmark host: `root_ports` root ports, each with one PF and `vfs` VFs."""
+    fns = [Fn.from_line("00:00.0 - 8086:3e30 060000 hostbridge - 0")]
+    group = 1
+    for rp in range(root_ports):
+        port = PciAddress(0, 0, 1 + rp // 8, rp % 8)
+        bus = 1 + rp
+        fns.append(Fn.from_line(f"{port} - 8086:1901 060400 rootport pcieport {group} acs mf"))
+        group += 1
+        pf = PciAddress(0, bus, 0, 0)
+        fns.append(Fn.from_line(f"{pf} {port} 8086:1521 020000 endpoint igb {group} sriov={vfs}"))
+        group += 1
+        for i in range(1, vfs + 1):
+            vf = PciAddress(0, bus, i // 8, i % 8)
+            fns.append(Fn.from_line(f"{vf} {port} 8086:1520 020000 endpoint vfio-pci {group} vf-of={pf}"))
+            group += 1
+    return HostSpec(name="farm", description=f"{root_ports} root ports x (1 PF + {vfs} VFs)",
+                    functions=tuple(fns))
+
+
+def build(name: str, root: str):
+    """Lay out the named example host below `root`; returns its `Roots`."""
+    try:
+        spec = EXAMPLES[name]
+    except KeyError:
+        raise KeyError(f"unknown simulated host {name!r} (known: {', '.join(sorted(EXAMPLES))})") from None
+    return build_spec(spec, root)
+
+
+def build_temporary(name: str):
+    """Lay out the named host in a new temporary directory; returns (TemporaryDirectory, Roots)."""
+    tmp = tempfile.TemporaryDirectory(prefix=f"vfiod-sim-{name}-")
+    return tmp, build(name, os.path.join(tmp.name, "host"))

@@ -1,0 +1,301 @@
+"""Fake sysfs/proc/dev trees built from a table, one line per PCI function.
+
+The same builder serves the tests, the benchmarks and ``--simulate``.  The
+tree is laid out exactly as the kernel lays out a real one (see
+`vfiod.sysfs`): real nodes under ``devices/pci0000:00/<bridges>/BDF``,
+relative links from ``bus/pci/devices``, ``driver`` and ``iommu_group``, the
+groups under ``kernel/iommu_groups/N/devices``, and config space written as the
+hardware would answer (VFs read 0xffff for their ids, ACS as an extended
+capability at 0x100).
+
+A table line::
+
+    # addr   parent   ids        class   kind       driver     group  flags
+    00:1c.0  -        8086:3a40  060400  rootport   pcieport   8      mf
+    04:00.0  00:1c.0  8086:10d3  020000  endpoint   e1000e     8      net=eth1 subsys=8086:a01f
+
+``parent`` is the bridge above (``-``: the root bus).  ``driver`` and
+``group`` may be ``-`` (unbound / no IOMMU).  ``kind`` is one of `KINDS`.
+Flags: ``mf`` (multifunction bit), ``acs`` (ACS capability, fully enabled),
+``acs-off`` (ACS capability present but disabled), ``boot_vga``,
+``net=IF`` (a network interface), ``vf-of=ADDR`` (an SR-IOV VF of that PF),
+``sriov=TOTAL`` (a PF), ``subsys=VVVV:DDDD``, ``rev=NN``, ``numa=N``,
+``reset=m1,m2``, ``override=DRIVER``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import attrs
+
+from ..address import PciAddress
+from .. import sysfs as k
+
+#: kind -> (header type, PCIe port type or None for conventional PCI)
+KINDS = {
+    "endpoint": (0, k.PCIE_ENDPOINT),
+    "legacy": (0, k.PCIE_LEGACY_ENDPOINT),
+    "rciep": (0, k.PCIE_RC_ENDPOINT),
+    "pci": (0, None),                     # conventional PCI function
+    "rootport": (1, k.PCIE_ROOT_PORT),
+    "upstream": (1, k.PCIE_UPSTREAM),
+    "downstream": (1, k.PCIE_DOWNSTREAM),
+    "pcie-pci": (1, k.PCIE_PCI_BRIDGE),   # PCIe-to-PCI bridge
+    "pci-bridge": (1, None),              # conventional PCI-to-PCI bridge
+    "hostbridge": (0, None),
+}
+
+ACS_FULL = k.ACS_SV | k.ACS_TB | k.ACS_RR | k.ACS_CR | k.ACS_UF | k.ACS_DT
+
+
+@attrs.frozen
+class Fn:
+    """One PCI function of a fake host."""
+
+    addr: PciAddress
+    parent: PciAddress | None
+    vendor: int
+    device: int
+    class_code: int
+    kind: str
+    driver: str | None
+    group: int | None
+    multifunction: bool = False
+    acs: str | None = None          # None, "on", "off"
+    boot_vga: bool = False
+    net: str | None = None
+    vf_of: PciAddress | None = None
+    sriov_total: int | None = None
+    subsys: tuple[int, int] = (0, 0)
+    revision: int = 0
+    numa: int = -1
+    reset: tuple[str, ...] = ("bus",)
+    override: str | None = None
+
+    @classmethod
+    def from_line(cls, line: str) -> "Fn":
+        f = line.split()
+        if len(f) < 7:
+            raise ValueError(f"fake host line needs 7 columns: {line!r}")
+        addr = PciAddress.parse(f[0])
+        parent = None if f[1] == "-" else PciAddress.parse(f[1])
+        vendor, device = (int(x, 16) for x in f[2].split(":"))
+        kw: dict = {}
+        for flag in f[7:]:
+            name, _, value = flag.partition("=")
+            if name == "mf":
+                kw["multifunction"] = True
+            elif name == "acs":
+                kw["acs"] = "on"
+            elif name == "acs-off":
+                kw["acs"] = "off"
+            elif name == "boot_vga":
+                kw["boot_vga"] = True
+            elif name == "net":
+                kw["net"] = value
+            elif name == "vf-of":
+                kw["vf_of"] = PciAddress.parse(value)
+            elif name == "sriov":
+                kw["sriov_total"] = int(value)
+            elif name == "subsys":
+                kw["subsys"] = tuple(int(x, 16) for x in value.split(":"))
+            elif name == "rev":
+                kw["revision"] = int(value, 16)
+            elif name == "numa":
+                kw["numa"] = int(value)
+            elif name == "reset":
+                kw["reset"] = tuple(value.split(",")) if value else ()
+            elif name == "override":
+                kw["override"] = value
+            else:
+                raise ValueError(f"unknown flag {flag!r} in {line!r}")
+        if f[4] not in KINDS:
+            raise ValueError(f"unknown kind {f[4]!r} in {line!r}")
+        return cls(
+            addr=addr, parent=parent, vendor=vendor, device=device,
+            class_code=int(f[3], 16), kind=f[4],
+            driver=None if f[5] == "-" else f[5],
+            group=None if f[6] == "-" else int(f[6]), **kw,
+        )
+
+    def config(self) -> bytes:
+        """Configuration space as the device would answer a read (4 KiB for PCIe)."""
+        hdr, ptype = KINDS[self.kind]
+        size = 4096 if ptype is not None else 256
+        buf = bytearray(size)
+        vendor, device = (0xFFFF, 0xFFFF) if self.vf_of else (self.vendor, self.device)
+        struct.pack_into("<HH", buf, 0, vendor, device)
+        status = 0x10 if ptype is not None else 0
+        struct.pack_into("<HH", buf, 4, 0x0007, status)
+        buf[8] = self.revision
+        buf[9], buf[10], buf[11] = self.class_code & 0xFF, (self.class_code >> 8) & 0xFF, self.class_code >> 16
+        buf[0x0E] = hdr | (0x80 if self.multifunction else 0)
+        if hdr == 0:
+            struct.pack_into("<HH", buf, 0x2C, *self.subsys)
+        if ptype is not None:
+            buf[0x34] = 0x40
+            buf[0x40], buf[0x41] = k.PCI_CAP_ID_EXP, 0
+            struct.pack_into("<H", buf, 0x42, 0x2 | (ptype << 4))
+            if self.acs:
+                struct.pack_into("<I", buf, 0x100, k.ACS_EXT_CAP_ID | (1 << 16))
+                ctrl = ACS_FULL if self.acs == "on" else 0
+                struct.pack_into("<HH", buf, 0x104, ACS_FULL, ctrl)
+        return bytes(buf)
+
+
+@attrs.frozen
+class HostSpec:
+    """A whole fake host: its PCI table and what the host itself uses."""
+
+    name: str
+    description: str
+    functions: tuple[Fn, ...]
+    cmdline: str = "BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro intel_iommu=on"
+    root_disk: PciAddress | None = None      # storage controller holding "/"
+    route_iface: str | None = None           # interface of the default route
+    iommu: bool = True
+
+    @classmethod
+    def from_table(cls, name: str, description: str, table: str, **kw) -> "HostSpec":
+        fns = tuple(
+            Fn.from_line(line) for line in table.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        )
+        return cls(name=name, description=description, functions=fns, **kw)
+
+
+def _link(path: str, target: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.symlink(os.path.relpath(target, os.path.dirname(path)), path)
+
+
+def _write(path: str, content: str | bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+
+
+def build(spec: HostSpec, root: str) -> k.Roots:
+    """Lay `spec` out below `root` (``root/sys``, ``root/proc``, ``root/dev``); return the roots."""
+    sysd, procd, devd = (os.path.join(root, x) for x in ("sys", "proc", "dev"))
+    for d in ("bus/pci/devices", "bus/pci/drivers", "kernel", "class/net", "class/block",
+              "dev/block", "module/vfio/parameters"):
+        os.makedirs(os.path.join(sysd, d), exist_ok=True)
+    for f in ("bus/pci/drivers_probe", "bus/pci/rescan"):
+        _write(os.path.join(sysd, f), "")
+    os.makedirs(os.path.join(procd, "self"), exist_ok=True)
+    os.makedirs(os.path.join(procd, "net"), exist_ok=True)
+    os.makedirs(os.path.join(devd, "vfio"), exist_ok=True)
+    if spec.iommu:
+        os.makedirs(os.path.join(sysd, "kernel/iommu_groups"), exist_ok=True)
+
+    nodes: dict[PciAddress, str] = {}
+    by_addr = {fn.addr: fn for fn in spec.functions}
+    for fn in sorted(spec.functions, key=_depth_key(by_addr)):
+        if fn.parent is None:
+            base = os.path.join(sysd, "devices", f"pci{fn.addr.domain:04x}:{fn.addr.bus:02x}")
+        else:
+            base = nodes[fn.parent]
+        node = os.path.join(base, fn.addr.sysfs_name)
+        nodes[fn.addr] = node
+        os.makedirs(node)
+        _write_attrs(fn, node)
+        _link(os.path.join(sysd, "bus/pci/devices", fn.addr.sysfs_name), node)
+        if fn.driver:
+            drv = os.path.join(sysd, "bus/pci/drivers", fn.driver)
+            _ensure_driver(drv)
+            _link(os.path.join(drv, fn.addr.sysfs_name), node)
+            _link(os.path.join(node, "driver"), drv)
+        if fn.group is not None and spec.iommu:
+            gdir = os.path.join(sysd, "kernel/iommu_groups", str(fn.group))
+            if not os.path.isdir(gdir):
+                os.makedirs(os.path.join(gdir, "devices"))
+                _write(os.path.join(gdir, "type"), "DMA\n")
+            _link(os.path.join(gdir, "devices", fn.addr.sysfs_name), node)
+            _link(os.path.join(node, "iommu_group"), gdir)
+        if fn.net:
+            os.makedirs(os.path.join(node, "net", fn.net))
+            _write(os.path.join(node, "net", fn.net, "operstate"), "up\n")
+            _link(os.path.join(sysd, "class/net", fn.net), os.path.join(node, "net", fn.net))
+    for fn in spec.functions:
+        if fn.vf_of:
+            pf = nodes[fn.vf_of]
+            _link(os.path.join(nodes[fn.addr], "physfn"), pf)
+            index = sum(1 for o in spec.functions if o.vf_of == fn.vf_of and o.addr < fn.addr)
+            _link(os.path.join(pf, f"virtfn{index}"), nodes[fn.addr])
+        if fn.sriov_total is not None:
+            nvfs = sum(1 for o in spec.functions if o.vf_of == fn.addr)
+            _write(os.path.join(nodes[fn.addr], "sriov_totalvfs"), f"{fn.sriov_total}\n")
+            _write(os.path.join(nodes[fn.addr], "sriov_numvfs"), f"{nvfs}\n")
+    for drv in ("vfio-pci", "pci-stub"):
+        _ensure_driver(os.path.join(sysd, "bus/pci/drivers", drv))
+
+    _write(os.path.join(procd, "cmdline"), spec.cmdline + "\n")
+    mountinfo = "21 1 0:20 / /proc rw,nosuid - proc proc rw\n"
+    if spec.root_disk is not None:
+        mountinfo = "25 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n" + mountinfo
+        _make_disk(sysd, nodes[spec.root_disk])
+    else:
+        mountinfo = "25 1 0:31 / / rw,relatime - tmpfs rootfs rw\n" + mountinfo
+    _write(os.path.join(procd, "self/mountinfo"), mountinfo)
+    route = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+    if spec.route_iface:
+        route += f"{spec.route_iface}\t00000000\t0102A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n"
+        route += f"{spec.route_iface}\t0002A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n"
+    _write(os.path.join(procd, "net/route"), route)
+    _write(os.path.join(procd, "net/ipv6_route"), "")
+    _write(os.path.join(sysd, "module/vfio/parameters/enable_unsafe_noiommu_mode"), "N\n")
+    if spec.iommu:
+        _write(os.path.join(devd, "vfio/vfio"), "")
+    return k.Roots(sysfs=sysd, proc=procd, dev=devd)
+
+
+def _depth_key(by_addr):
+    def depth(fn):
+        d, p = 0, fn.parent
+        while p is not None:
+            d += 1
+            p = by_addr[p].parent
+        return (d, fn.addr)
+    return depth
+
+
+def _ensure_driver(drv: str) -> None:
+    if os.path.isdir(drv):
+        return
+    os.makedirs(drv)
+    for f in ("bind", "unbind", "new_id", "remove_id"):
+        _write(os.path.join(drv, f), "")
+
+
+def _write_attrs(fn: Fn, node: str) -> None:
+    hexes = {
+        "vendor": f"0x{fn.vendor:04x}", "device": f"0x{fn.device:04x}",
+        "subsystem_vendor": f"0x{fn.subsys[0]:04x}", "subsystem_device": f"0x{fn.subsys[1]:04x}",
+        "class": f"0x{fn.class_code:06x}", "revision": f"0x{fn.revision:02x}",
+    }
+    for name, value in hexes.items():
+        _write(os.path.join(node, name), value + "\n")
+    _write(os.path.join(node, "config"), fn.config())
+    _write(os.path.join(node, "driver_override"), (fn.override or "(null)") + "\n")
+    _write(os.path.join(node, "numa_node"), f"{fn.numa}\n")
+    _write(os.path.join(node, "enable"), "1\n")
+    _write(os.path.join(node, "irq"), "16\n")
+    _write(os.path.join(node, "resource"), "0x0000000000000000 0x0000000000000000 0x0000000000000000\n" * 13)
+    if fn.reset:
+        _write(os.path.join(node, "reset_method"), " ".join(fn.reset) + "\n")
+    if fn.class_code >> 8 == 0x0300:
+        _write(os.path.join(node, "boot_vga"), "1\n" if fn.boot_vga else "0\n")
+
+
+def _make_disk(sysd: str, controller: str) -> None:
+    disk = os.path.join(controller, "ata1/host0/target0:0:0/0:0:0:0/block/sda")
+    part = os.path.join(disk, "sda1")
+    os.makedirs(part)
+    _write(os.path.join(disk, "dev"), "8:0\n")
+    _write(os.path.join(part, "dev"), "8:1\n")
+    _write(os.path.join(part, "partition"), "1\n")
+    for name, node, majmin in (("sda", disk, "8:0"), ("sda1", part, "8:1")):
+        _link(os.path.join(sysd, "class/block", name), node)
+        _link(os.path.join(sysd, "dev/block", majmin), node)

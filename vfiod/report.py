@@ -1,0 +1,86 @@
+"""Shapes for people and scripts: the JSON of DESIGN §4 and the tables built from it.
+
+Both `vfiod inspect` (offline) and `vfioctl` (over the bus) print through
+here, so a group reads the same whichever way it was fetched.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+from .pciids import PciIds
+from .topology import Group, Host
+
+
+def device_json(host: Host, addr, names: PciIds) -> dict:
+    d = host.devices[addr]
+    r = d.raw
+    return {
+        "address": str(addr),
+        "vendor": f"{r.vendor:04x}" if r.vendor is not None else None,
+        "device": f"{r.device:04x}" if r.device is not None else None,
+        "subsystem": (f"{r.subsystem_vendor:04x}:{r.subsystem_device:04x}"
+                      if r.subsystem_vendor is not None and r.subsystem_device is not None else None),
+        "class": f"{r.class_code:06x}" if r.class_code is not None else None,
+        "class_name": names.class_name(r.class_code) if r.class_code is not None else "unknown",
+        "name": names.describe(r.vendor, r.device),
+        "kind": d.kind,
+        "driver": r.driver,
+        "driver_override": r.driver_override,
+        "bridge": d.is_bridge,
+        "protected": d.protected,
+        "iommu_group": r.iommu_group,
+        "physfn": str(r.physfn) if r.physfn else None,
+        "virtfns": [str(v) for v in r.virtfns],
+        "reset_methods": list(r.reset_methods),
+        "numa_node": r.numa_node,
+        "net": list(r.net),
+        "problems": list(r.problems),
+    }
+
+
+def group_json(host: Host, group: Group, names: PciIds, lease: str | None = None,
+               state: str | None = None) -> dict:
+    return {
+        "group": group.number,
+        "viable": group.viable,
+        "state": state or group.state,
+        "lease": lease,
+        "blockers": [{"device": str(a), "reason": why} for a, why in group.blockers],
+        "isolation": group.isolation,
+        "isolation_text": group.isolation_text,
+        "protected": [{"device": str(a), "reason": why} for a, why in group.protected],
+        "devices": [device_json(host, a, names) for a in group.members],
+    }
+
+
+def host_json(host: Host, names: PciIds) -> list[dict]:
+    return [group_json(host, g, names) for g in host.groups.values()]
+
+
+def render_groups(groups: list[dict], explain: bool = False, width: int = 100) -> str:
+    """The table a person reads: one block per group, devices indented under it."""
+    lines = []
+    for g in groups:
+        head = f"IOMMU group {g['group']}"
+        status = "viable" if g["viable"] else "not viable"
+        extra = [status, g["state"]]
+        if g.get("lease"):
+            extra.append(f"lease {g['lease']}")
+        if g["isolation"] != "isolated":
+            extra.append(f"shared: {g['isolation']}")
+        lines.append(f"{head}  ({', '.join(extra)})")
+        blocked = {b["device"]: b["reason"] for b in g["blockers"]}
+        for d in g["devices"]:
+            ids = f"[{d['vendor'] or '????'}:{d['device'] or '????'}]"
+            drv = d["driver"] or "(no driver)"
+            lines.append(f"  {d['address']}  {d['class_name']}: {d['name']} {ids}  driver: {drv}")
+            if d["address"] in blocked:
+                lines.append(f"      blocks VFIO: {blocked[d['address']]}")
+            if d["protected"]:
+                lines.append(f"      protected: {d['protected']}")
+        if explain:
+            lines.extend(textwrap.wrap("why: " + g["isolation_text"], width=width,
+                                       initial_indent="  ", subsequent_indent="       "))
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n" if lines else ""

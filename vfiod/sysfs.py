@@ -1,0 +1,466 @@
+"""The kernel edge: the only module that opens paths under the sysfs, proc and dev roots.
+
+Every root is a parameter (`Roots`), so every layer above runs on a fake tree
+in tests and on the simulated hosts of `vfiod.hosts`.  Reads never raise for a
+single missing or unreadable attribute: the field is left unknown and the
+reason is recorded in the device's ``problems``, so one odd device degrades
+itself and never the scan.
+
+Layout read (as the kernel lays it out)::
+
+    SYSFS/bus/pci/devices/BDF  -> ../../../devices/pci0000:00/<bridge>/.../BDF
+    .../BDF/{vendor,device,subsystem_vendor,subsystem_device,class,revision}
+    .../BDF/{config,driver_override,boot_vga,reset_method,numa_node}
+    .../BDF/driver             -> ../../../bus/pci/drivers/NAME
+    .../BDF/iommu_group        -> ../../../kernel/iommu_groups/N
+    .../BDF/{sriov_totalvfs,sriov_numvfs,virtfnN,physfn}, .../BDF/net/IFNAME
+    SYSFS/kernel/iommu_groups/N/devices/BDF
+    PROC/cmdline, PROC/self/mountinfo, PROC/net/route, PROC/net/ipv6_route
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+
+import attrs
+
+from .address import PciAddress
+from .errors import InvalidAddress
+
+# PCIe port types (PCI Express Capabilities register, bits 7:4).
+PCIE_ENDPOINT = 0x0
+PCIE_LEGACY_ENDPOINT = 0x1
+PCIE_ROOT_PORT = 0x4
+PCIE_UPSTREAM = 0x5
+PCIE_DOWNSTREAM = 0x6
+PCIE_PCI_BRIDGE = 0x7      # PCIe-to-PCI/PCI-X bridge
+PCIE_PCIE_BRIDGE = 0x8     # PCI/PCI-X-to-PCIe bridge
+PCIE_RC_ENDPOINT = 0x9
+PCIE_RC_EC = 0xA
+
+PCIE_TYPE_NAMES = {
+    PCIE_ENDPOINT: "endpoint", PCIE_LEGACY_ENDPOINT: "legacy endpoint",
+    PCIE_ROOT_PORT: "root port", PCIE_UPSTREAM: "upstream switch port",
+    PCIE_DOWNSTREAM: "downstream switch port", PCIE_PCI_BRIDGE: "PCIe-to-PCI bridge",
+    PCIE_PCIE_BRIDGE: "PCI-to-PCIe bridge", PCIE_RC_ENDPOINT: "root complex integrated endpoint",
+    PCIE_RC_EC: "root complex event collector",
+}
+
+# ACS capability/control bits (PCIe extended capability 0x000D).
+ACS_SV, ACS_TB, ACS_RR, ACS_CR, ACS_UF, ACS_EC, ACS_DT = (1 << i for i in range(7))
+ACS_EXT_CAP_ID = 0x000D
+PCI_CAP_ID_EXP = 0x10
+
+_PCI_DEVICES_DIR = "devices"
+
+
+@attrs.frozen
+class Roots:
+    """Where the kernel's trees are; `/sys`, `/proc`, `/dev` on a real host."""
+
+    sysfs: str = "/sys"
+    proc: str = "/proc"
+    dev: str = "/dev"
+
+
+@attrs.frozen
+class ConfigInfo:
+    """What vfiod needs from a device's configuration space; None where unreadable."""
+
+    length: int = 0
+    header_type: int | None = None
+    multifunction: bool | None = None
+    pcie_type: int | None = None     # None: not PCIe (or unknown, see `known`)
+    is_pcie: bool | None = None
+    acs_cap: int | None = None       # None: no ACS capability (or unknown, see `ext_known`)
+    acs_ctrl: int | None = None
+    known: bool = False              # standard capability list was readable
+    ext_known: bool = False          # extended space (>= 0x100) was readable
+
+    @classmethod
+    def parse(cls, data: bytes) -> "ConfigInfo":
+        n = len(data)
+        if n < 0x10:
+            return cls(length=n)
+        raw_hdr = data[0x0E]
+        header_type = raw_hdr & 0x7F
+        multifunction = bool(raw_hdr & 0x80)
+        status = struct.unpack_from("<H", data, 0x06)[0]
+        pcie_type = None
+        known = False
+        if n >= 0x40:
+            known = True
+            if status & 0x10 and n > 0x34:
+                ptr = data[0x34] & 0xFC
+                seen = set()
+                while ptr and ptr not in seen:
+                    seen.add(ptr)
+                    if ptr + 4 > n:
+                        known = False     # the list runs past what we could read
+                        break
+                    cap_id, nxt = data[ptr], data[ptr + 1] & 0xFC
+                    if cap_id == PCI_CAP_ID_EXP:
+                        pcie_type = (struct.unpack_from("<H", data, ptr + 2)[0] >> 4) & 0xF
+                        break
+                    ptr = nxt
+        acs_cap = acs_ctrl = None
+        ext_known = False
+        if pcie_type is not None and n >= 0x104:
+            ext_known = True
+            pos, seen = 0x100, set()
+            while pos and pos not in seen and pos + 8 <= n:
+                seen.add(pos)
+                header = struct.unpack_from("<I", data, pos)[0]
+                if header in (0, 0xFFFFFFFF):
+                    break
+                if header & 0xFFFF == ACS_EXT_CAP_ID:
+                    acs_cap, acs_ctrl = struct.unpack_from("<HH", data, pos + 4)
+                    break
+                pos = (header >> 20) & 0xFFC
+        return cls(
+            length=n, header_type=header_type, multifunction=multifunction,
+            pcie_type=pcie_type, is_pcie=(pcie_type is not None) if known else None,
+            acs_cap=acs_cap, acs_ctrl=acs_ctrl, known=known, ext_known=ext_known,
+        )
+
+
+@attrs.frozen
+class RawDevice:
+    """One PCI function as sysfs shows it.  Unknown fields are None; why is in `problems`."""
+
+    addr: PciAddress
+    node: str | None                  # real node path relative to the sysfs root
+    parent: PciAddress | None         # nearest PCI ancestor (the bridge above), None on a root bus
+    vendor: int | None = None
+    device: int | None = None
+    subsystem_vendor: int | None = None
+    subsystem_device: int | None = None
+    class_code: int | None = None
+    revision: int | None = None
+    driver: str | None = None
+    driver_override: str | None = None
+    iommu_group: int | None = None
+    config: ConfigInfo = ConfigInfo()
+    boot_vga: bool = False
+    reset_methods: tuple[str, ...] = ()
+    numa_node: int | None = None
+    sriov_totalvfs: int | None = None
+    sriov_numvfs: int | None = None
+    physfn: PciAddress | None = None
+    virtfns: tuple[PciAddress, ...] = ()
+    net: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class HostFacts:
+    """Host-wide facts read from sysfs and proc."""
+
+    iommu_groups: tuple[int, ...]
+    cmdline: str
+    noiommu: bool
+    root_block_nodes: tuple[str, ...]    # sysfs node paths of the block devices under "/"
+    default_route_nodes: tuple[tuple[str, str], ...]  # (interface, sysfs node path) per default route
+
+
+# ---------------------------------------------------------------- low-level reads
+
+def _read(path: str, limit: int = 4096) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, limit)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _text(path: str) -> str | None:
+    data = _read(path)
+    if data is None:
+        return None
+    return data.decode("utf-8", "replace").strip()
+
+
+def _int(path: str, base: int = 0) -> int | None:
+    text = _text(path)
+    if text is None:
+        return None
+    try:
+        return int(text, base)
+    except ValueError:
+        return None
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def _resolve_rel(root: str, link_dir_rel: str, target: str) -> str | None:
+    """Resolve a relative link target against its directory, inside `root`.
+
+    Works on strings (no syscalls); returns the path relative to `root`, or
+    None if the target is absolute or climbs out of the root."""
+    if target.startswith("/"):
+        if target.startswith(root.rstrip("/") + "/"):
+            return target[len(root.rstrip("/")) + 1:]
+        return None
+    parts = [p for p in link_dir_rel.split("/") if p]
+    for piece in target.split("/"):
+        if piece in ("", "."):
+            continue
+        if piece == "..":
+            if not parts:
+                return None
+            parts.pop()
+        else:
+            parts.append(piece)
+    return "/".join(parts)
+
+
+def _addr_or_none(name: str) -> PciAddress | None:
+    try:
+        return PciAddress.from_sysfs_name(name)
+    except InvalidAddress:
+        return None
+
+
+# ---------------------------------------------------------------- the reader
+
+class SysfsReader:
+    """Reads devices and host facts below `roots`; never writes."""
+
+    def __init__(self, roots: Roots | None = None, config_limit: int = 4096):
+        self.roots = roots or Roots()
+        self.config_limit = config_limit
+
+    def _s(self, rel: str) -> str:
+        return os.path.join(self.roots.sysfs, rel)
+
+    def _p(self, rel: str) -> str:
+        return os.path.join(self.roots.proc, rel)
+
+    # ---- devices
+
+    def list_addresses(self) -> tuple[list[PciAddress], list[str]]:
+        """Addresses under bus/pci/devices, and the names that were not addresses."""
+        try:
+            names = os.listdir(self._s("bus/pci/devices"))
+        except OSError:
+            return [], []
+        good, bad = [], []
+        for name in names:
+            addr = _addr_or_none(name)
+            (good.append(addr) if addr else bad.append(name))
+        good.sort()
+        return good, bad
+
+    def scan(self) -> list[RawDevice]:
+        addrs, _bad = self.list_addresses()
+        return [self.read_device(a) for a in addrs]
+
+    def node_of(self, addr: PciAddress) -> str | None:
+        link = "bus/pci/devices/" + addr.sysfs_name
+        target = _readlink(self._s(link))
+        if target is None:
+            return None
+        return _resolve_rel(self.roots.sysfs, "bus/pci/devices", target)
+
+    def read_device(self, addr: PciAddress) -> RawDevice:
+        problems: list[str] = []
+        node = self.node_of(addr)
+        if node is None or not os.path.isdir(self._s(node)):
+            return RawDevice(addr=addr, node=None, parent=None,
+                             problems=("sysfs link is missing or dangling",))
+        base = self._s(node) + "/"
+        parent = None
+        for piece in reversed(node.split("/")[:-1]):
+            parent = _addr_or_none(piece)
+            if parent:
+                break
+        try:
+            entries = set(os.listdir(base))
+        except OSError as e:
+            entries = set()
+            problems.append(f"cannot list {node}: {e.strerror}")
+
+        raw = _read(base + "config", self.config_limit) if "config" in entries else None
+        if raw is None:
+            problems.append("config space unreadable")
+            cfg = ConfigInfo()
+        else:
+            cfg = ConfigInfo.parse(raw)
+            if not cfg.ext_known and cfg.is_pcie is not False:
+                problems.append(
+                    f"only {cfg.length} bytes of config space readable (ACS unknown; run as root)")
+
+        def num(name, base_=16):
+            if name not in entries:
+                return None
+            value = _int(base + name, 0 if base_ == 16 else base_)
+            if value is None:
+                problems.append(f"{name} unreadable")
+            return value
+
+        vendor, device = num("vendor"), num("device")
+        class_code = num("class")
+        group = None
+        if "iommu_group" in entries:
+            target = _readlink(base + "iommu_group")
+            try:
+                group = int(os.path.basename(target)) if target else None
+            except ValueError:
+                problems.append(f"iommu_group link is odd: {target!r}")
+        driver = None
+        if "driver" in entries:
+            target = _readlink(base + "driver")
+            driver = os.path.basename(target) if target else None
+        override = _text(base + "driver_override") if "driver_override" in entries else None
+        if override in ("(null)", ""):
+            override = None
+        reset = _text(base + "reset_method") if "reset_method" in entries else None
+        physfn = None
+        if "physfn" in entries:
+            target = _readlink(base + "physfn")
+            physfn = _addr_or_none(os.path.basename(target)) if target else None
+        virtfns = []
+        for e in entries:
+            if e.startswith("virtfn") and e[6:].isdigit():
+                target = _readlink(base + e)
+                a = _addr_or_none(os.path.basename(target)) if target else None
+                if a:
+                    virtfns.append(a)
+        net: tuple[str, ...] = ()
+        if "net" in entries:
+            try:
+                net = tuple(sorted(os.listdir(base + "net")))
+            except OSError:
+                pass
+        return RawDevice(
+            addr=addr, node=node, parent=parent,
+            vendor=vendor, device=device,
+            subsystem_vendor=num("subsystem_vendor"), subsystem_device=num("subsystem_device"),
+            class_code=class_code, revision=num("revision"),
+            driver=driver, driver_override=override, iommu_group=group, config=cfg,
+            boot_vga=("boot_vga" in entries and _text(base + "boot_vga") == "1"),
+            reset_methods=tuple(reset.split()) if reset else (),
+            numa_node=num("numa_node", 10),
+            sriov_totalvfs=num("sriov_totalvfs", 10), sriov_numvfs=num("sriov_numvfs", 10),
+            physfn=physfn, virtfns=tuple(sorted(virtfns)), net=net,
+            problems=tuple(problems),
+        )
+
+    # ---- host facts
+
+    def iommu_groups(self) -> tuple[int, ...]:
+        try:
+            names = os.listdir(self._s("kernel/iommu_groups"))
+        except OSError:
+            return ()
+        return tuple(sorted(int(n) for n in names if n.isdigit()))
+
+    def cmdline(self) -> str:
+        return _text(self._p("cmdline")) or ""
+
+    def noiommu(self) -> bool:
+        flag = _text(self._s("module/vfio/parameters/enable_unsafe_noiommu_mode"))
+        if flag == "Y":
+            return True
+        try:
+            return any(n.startswith("noiommu-") for n in os.listdir(os.path.join(self.roots.dev, "vfio")))
+        except OSError:
+            return False
+
+    def root_block_nodes(self) -> tuple[str, ...]:
+        """sysfs nodes of the block devices that back "/", following device-mapper slaves."""
+        text = _text(self._p("self/mountinfo")) or ""
+        majmin = None
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == "/":
+                majmin = fields[2]          # the last mount on "/" wins
+        if not majmin or majmin.startswith("0:"):
+            return ()
+        out, todo, seen = [], [f"dev/block/{majmin}"], set()
+        while todo:
+            link = todo.pop()
+            if link in seen:
+                continue
+            seen.add(link)
+            node = _resolve_rel(self.roots.sysfs, os.path.dirname(link), _readlink(self._s(link)) or "")
+            if not node:
+                continue
+            out.append(node)
+            for base in (node, os.path.dirname(node)):   # a partition's slaves live on its disk
+                try:
+                    slaves = os.listdir(self._s(base + "/slaves"))
+                except OSError:
+                    continue
+                todo.extend(f"class/block/{s}" for s in slaves)
+        return tuple(out)
+
+    def default_route_nodes(self) -> tuple[tuple[str, str], ...]:
+        ifaces = []
+        for line in (_text(self._p("net/route")) or "").splitlines()[1:]:
+            f = line.split()
+            if len(f) >= 8 and f[1] == "00000000" and f[7] == "00000000":
+                ifaces.append(f[0])
+        for line in (_text(self._p("net/ipv6_route")) or "").splitlines():
+            f = line.split()
+            if len(f) >= 10 and f[0] == "0" * 32 and f[1] == "00" and f[9] != "lo":
+                ifaces.append(f[9])
+        out, todo, seen = [], list(dict.fromkeys(ifaces)), set()
+        while todo:
+            iface = todo.pop(0)
+            if iface in seen or "/" in iface or iface in (".", ".."):
+                continue
+            seen.add(iface)
+            link = f"class/net/{iface}"
+            node = _resolve_rel(self.roots.sysfs, "class/net", _readlink(self._s(link)) or "")
+            if not node:
+                continue
+            out.append((iface, node))
+            try:
+                entries = os.listdir(self._s(node))
+            except OSError:
+                continue
+            todo.extend(e[len("lower_"):] for e in entries if e.startswith("lower_"))
+        return tuple(out)
+
+    def facts(self) -> HostFacts:
+        return HostFacts(
+            iommu_groups=self.iommu_groups(), cmdline=self.cmdline(), noiommu=self.noiommu(),
+            root_block_nodes=self.root_block_nodes(), default_route_nodes=self.default_route_nodes(),
+        )
+
+
+def pci_ancestor(node: str) -> PciAddress | None:
+    """The nearest PCI function on a sysfs node path (the device itself if it is one)."""
+    for piece in reversed(node.split("/")):
+        addr = _addr_or_none(piece)
+        if addr:
+            return addr
+    return None
+
+
+def read_pci_ids_file(paths: tuple[str, ...] = ("/usr/share/misc/pci.ids", "/usr/share/hwdata/pci.ids")) -> bytes | None:
+    """The system's pci.ids, for names (not under a kernel root, but read here all the same)."""
+    for p in paths:
+        data = None
+        try:
+            with open(p, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EACCES):
+                raise
+        if data:
+            return data
+    return None
