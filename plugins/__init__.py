@@ -1,0 +1,1 @@
+"""vfiod's built-in backends, importable as ``vfiod_plugins``."""

@@ -1,0 +1,83 @@
+import ast
+import os
+
+from vfiod.pciids import PciIds
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SAMPLE = b"""# comment
+8086  Intel Corporation
+\t10d3  82574L Gigabit Network Connection
+\t\t8086 a01f  Gigabit CT Desktop Adapter
+\t1521  I350 Gigabit Network Connection
+# another comment
+14e4  Broadcom Inc. and subsidiaries
+\t167b  NetXtreme BCM5755 Gigabit Ethernet PCI Express
+C 02  Network controller
+\t00  Ethernet controller
+C 06  Bridge
+\t04  PCI bridge
+"""
+
+
+def test_names_from_pci_ids():
+    ids = PciIds(SAMPLE)
+    assert ids.describe(0x8086, 0x10D3) == "Intel Corporation 82574L Gigabit Network Connection"
+    assert ids.describe(0x14E4, 0x167B) == "Broadcom Inc. and subsidiaries NetXtreme BCM5755 Gigabit Ethernet PCI Express"
+    assert ids.describe(0x8086, 0xFFFF) == "Intel Corporation device ffff"
+    assert ids.describe(0x1234, 0x5678) == "1234:5678"
+    assert ids.class_name(0x020000) == "Ethernet controller"
+    assert ids.class_name(0x060400) == "PCI bridge"
+    assert ids.class_name(0x028000) == "Network controller"
+
+
+def test_numeric_fallback_without_pci_ids():
+    ids = PciIds(None)
+    assert ids.describe(0x8086, 0x10D3) == "8086:10d3"
+    assert ids.class_name(0x020000) == "Network controller"
+    assert ids.class_name(0xFF0000) == "Class ff00"
+
+
+def test_pci_ids_is_not_read_until_a_name_is_asked_for():
+    ids = PciIds()
+    assert ids._data is not None  # sentinel, not loaded
+    from vfiod import pciids
+    assert ids._data is pciids._UNSET
+
+
+DOMAIN = ("topology.py", "policy.py", "leases.py", "address.py", "report.py")
+FORBIDDEN = {"dbus_next", "dbus_fast", "pyudev"}
+
+
+def _imports(path):
+    tree = ast.parse(open(path).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module.split(".")[0]
+
+
+def test_domain_modules_import_neither_bus_nor_udev():
+    checked = 0
+    for name in DOMAIN:
+        path = os.path.join(ROOT, "vfiod", name)
+        if os.path.exists(path):
+            checked += 1
+            assert not (set(_imports(path)) & FORBIDDEN), name
+    assert checked >= 3
+
+
+def test_only_the_kernel_edge_opens_files():
+    """Outside sysfs.py (and the fake-tree builder), vfiod code never calls open()/os.open()."""
+    allowed = {"sysfs.py", "builder.py", "cli.py", "state.py"}
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "vfiod")):
+        for f in files:
+            if not f.endswith(".py") or f in allowed:
+                continue
+            tree = ast.parse(open(os.path.join(dirpath, f)).read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call):
+                    fn = node.func
+                    name = fn.id if isinstance(fn, ast.Name) else (fn.attr if isinstance(fn, ast.Attribute) else "")
+                    assert name not in ("open", "listdir", "readlink", "scandir"), f"{f}:{node.lineno}"
