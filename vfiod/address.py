@@ -15,6 +15,7 @@ and overlong input never reach the file system.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import attrs
 
@@ -27,18 +28,24 @@ _SHORT = re.compile(r"([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])")
 _LIBVIRT = re.compile(r"pci_([0-9a-fA-F]{4})_([0-9a-fA-F]{2})_([0-9a-fA-F]{2})_([0-7])")
 
 
-def _in_range(_inst, attribute, value):
-    limits = {"domain": 0xFFFF, "bus": 0xFF, "slot": 0x1F, "function": 0x7}
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limits[attribute.name]:
-        raise InvalidAddress(f"PCI {attribute.name} {value!r} is out of range")
+_LIMITS = (("domain", 0xFFFF), ("bus", 0xFF), ("slot", 0x1F), ("function", 0x7))
 
 
-@attrs.frozen(order=True)
+@attrs.frozen(order=False, cache_hash=True)
 class PciAddress:
-    domain: int = attrs.field(validator=_in_range)
-    bus: int = attrs.field(validator=_in_range)
-    slot: int = attrs.field(validator=_in_range)
-    function: int = attrs.field(validator=_in_range)
+    domain: int
+    bus: int
+    slot: int
+    function: int
+    _key: tuple = attrs.field(init=False, eq=False, repr=False, hash=False)
+    _name: str = attrs.field(init=False, eq=False, repr=False, hash=False)
+
+    def __attrs_post_init__(self):
+        for (name, limit), value in zip(_LIMITS, (self.domain, self.bus, self.slot, self.function)):
+            if type(value) is not int or not 0 <= value <= limit:
+                raise InvalidAddress(f"PCI {name} {value!r} is out of range")
+        object.__setattr__(self, "_key", (self.domain, self.bus, self.slot, self.function))
+        object.__setattr__(self, "_name", f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}")
 
     @classmethod
     def parse(cls, text: object) -> "PciAddress":
@@ -58,10 +65,15 @@ class PciAddress:
 
     @classmethod
     def from_sysfs_name(cls, text: str) -> "PciAddress":
-        m = _SYSFS.fullmatch(text) if isinstance(text, str) and len(text) <= MAX_LEN else None
-        if not m:
+        if isinstance(text, str) and len(text) == 12:
+            return _cached_sysfs(cls, text)
+        return cls._from_sysfs_name(text)
+
+    @classmethod
+    def _from_sysfs_name(cls, text: str) -> "PciAddress":
+        if not (isinstance(text, str) and len(text) == 12 and _SYSFS.fullmatch(text)):
             raise InvalidAddress(f"not a PCI address: {text!r} (expected DDDD:BB:DD.F)")
-        return cls(*(int(g, 16) for g in m.groups()))
+        return cls(int(text[0:4], 16), int(text[5:7], 16), int(text[8:10], 16), int(text[11], 16))
 
     @classmethod
     def from_short(cls, text: str) -> "PciAddress":
@@ -77,9 +89,21 @@ class PciAddress:
             raise InvalidAddress(f"not a PCI address: {text!r} (expected pci_DDDD_BB_DD_F)")
         return cls(*(int(g, 16) for g in m.groups()))
 
+    def __lt__(self, other: "PciAddress") -> bool:
+        return self._key < other._key
+
+    def __le__(self, other: "PciAddress") -> bool:
+        return self._key <= other._key
+
+    def __gt__(self, other: "PciAddress") -> bool:
+        return self._key > other._key
+
+    def __ge__(self, other: "PciAddress") -> bool:
+        return self._key >= other._key
+
     @property
     def sysfs_name(self) -> str:
-        return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
+        return self._name
 
     @property
     def libvirt_name(self) -> str:
@@ -94,4 +118,9 @@ class PciAddress:
         return (self.domain, self.bus, self.slot) == (other.domain, other.bus, other.slot)
 
     def __str__(self) -> str:
-        return self.sysfs_name
+        return self._name
+
+
+@lru_cache(maxsize=65536)
+def _cached_sysfs(cls, text: str) -> PciAddress:
+    return cls._from_sysfs_name(text)

@@ -86,8 +86,7 @@ def cmd_inspect(args) -> int:
     if args.json:
         for f in host.findings:
             print(f"vfiod: {f.text}", file=sys.stderr)
-        json.dump(groups, sys.stdout, indent=1 if sys.stdout.isatty() else None)
-        sys.stdout.write("\n")
+        sys.stdout.write(json.dumps(groups, indent=1 if sys.stdout.isatty() else None) + "\n")
         return EXIT_OK
     if args.simulate:
         from .hosts import EXAMPLES

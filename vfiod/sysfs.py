@@ -51,6 +51,8 @@ PCIE_TYPE_NAMES = {
 # ACS capability/control bits (PCIe extended capability 0x000D).
 ACS_SV, ACS_TB, ACS_RR, ACS_CR, ACS_UF, ACS_EC, ACS_DT = (1 << i for i in range(7))
 ACS_EXT_CAP_ID = 0x000D
+SRIOV_EXT_CAP_ID = 0x0010
+SRIOV_VF_DID = 0x1A      # VF Device ID, in the SR-IOV capability
 PCI_CAP_ID_EXP = 0x10
 
 _PCI_DEVICES_DIR = "devices"
@@ -76,6 +78,7 @@ class ConfigInfo:
     is_pcie: bool | None = None
     acs_cap: int | None = None       # None: no ACS capability (or unknown, see `ext_known`)
     acs_ctrl: int | None = None
+    sriov_vf_device: int | None = None   # device id of this PF's VFs
     known: bool = False              # standard capability list was readable
     ext_known: bool = False          # extended space (>= 0x100) was readable
 
@@ -105,7 +108,7 @@ class ConfigInfo:
                         pcie_type = (struct.unpack_from("<H", data, ptr + 2)[0] >> 4) & 0xF
                         break
                     ptr = nxt
-        acs_cap = acs_ctrl = None
+        acs_cap = acs_ctrl = vf_device = None
         ext_known = False
         if pcie_type is not None and n >= 0x104:
             ext_known = True
@@ -115,14 +118,16 @@ class ConfigInfo:
                 header = struct.unpack_from("<I", data, pos)[0]
                 if header in (0, 0xFFFFFFFF):
                     break
-                if header & 0xFFFF == ACS_EXT_CAP_ID:
+                cap_id = header & 0xFFFF
+                if cap_id == ACS_EXT_CAP_ID:
                     acs_cap, acs_ctrl = struct.unpack_from("<HH", data, pos + 4)
-                    break
+                elif cap_id == SRIOV_EXT_CAP_ID and pos + SRIOV_VF_DID + 2 <= n:
+                    vf_device = struct.unpack_from("<H", data, pos + SRIOV_VF_DID)[0]
                 pos = (header >> 20) & 0xFFC
         return cls(
             length=n, header_type=header_type, multifunction=multifunction,
             pcie_type=pcie_type, is_pcie=(pcie_type is not None) if known else None,
-            acs_cap=acs_cap, acs_ctrl=acs_ctrl, known=known, ext_known=ext_known,
+            acs_cap=acs_cap, acs_ctrl=acs_ctrl, sriov_vf_device=vf_device, known=known, ext_known=ext_known,
         )
 
 
@@ -197,6 +202,42 @@ def _int(path: str, base: int = 0) -> int | None:
         return None
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _read_at(dfd: int, name: str, limit: int = 4096) -> bytes | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, limit)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _readlink_at(dfd: int, name: str) -> str | None:
+    try:
+        return os.readlink(name, dir_fd=dfd)
+    except OSError:
+        return None
+
+
+def _listdir_at(dfd: int, name: str) -> tuple[str, ...]:
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+    except OSError:
+        return ()
+    try:
+        return tuple(sorted(os.listdir(fd)))
+    except OSError:
+        return ()
+    finally:
+        os.close(fd)
+
+
 def _readlink(path: str) -> str | None:
     try:
         return os.readlink(path)
@@ -265,7 +306,8 @@ class SysfsReader:
 
     def scan(self) -> list[RawDevice]:
         addrs, _bad = self.list_addresses()
-        return [self.read_device(a) for a in addrs]
+        pf_ids: dict = {}
+        return [self.read_device(a, pf_ids) for a in addrs]
 
     def node_of(self, addr: PciAddress) -> str | None:
         link = "bus/pci/devices/" + addr.sysfs_name
@@ -274,25 +316,31 @@ class SysfsReader:
             return None
         return _resolve_rel(self.roots.sysfs, "bus/pci/devices", target)
 
-    def read_device(self, addr: PciAddress) -> RawDevice:
-        problems: list[str] = []
+    def read_device(self, addr: PciAddress, _pf_ids: dict | None = None) -> RawDevice:
+        """Read one function.  Every attribute is optional: a missing or odd one
+        leaves its field unknown and says so in ``problems``."""
         node = self.node_of(addr)
-        if node is None or not os.path.isdir(self._s(node)):
+        try:
+            dfd = os.open(self._s(node), _DIR_FLAGS) if node else -1
+        except OSError:
+            dfd = -1
+        if dfd < 0:
             return RawDevice(addr=addr, node=None, parent=None,
                              problems=("sysfs link is missing or dangling",))
-        base = self._s(node) + "/"
+        try:
+            return self._read_at(addr, node, dfd, _pf_ids)
+        finally:
+            os.close(dfd)
+
+    def _read_at(self, addr, node, dfd, pf_ids) -> RawDevice:
+        problems: list[str] = []
         parent = None
         for piece in reversed(node.split("/")[:-1]):
             parent = _addr_or_none(piece)
             if parent:
                 break
-        try:
-            entries = set(os.listdir(base))
-        except OSError as e:
-            entries = set()
-            problems.append(f"cannot list {node}: {e.strerror}")
 
-        raw = _read(base + "config", self.config_limit) if "config" in entries else None
+        raw = _read_at(dfd, "config", self.config_limit)
         if raw is None:
             problems.append("config space unreadable")
             cfg = ConfigInfo()
@@ -302,60 +350,74 @@ class SysfsReader:
                 problems.append(
                     f"only {cfg.length} bytes of config space readable (ACS unknown; run as root)")
 
-        def num(name, base_=16):
-            if name not in entries:
+        def num(name, base=16):
+            text = _read_at(dfd, name)
+            if text is None:
                 return None
-            value = _int(base + name, 0 if base_ == 16 else base_)
-            if value is None:
-                problems.append(f"{name} unreadable")
-            return value
-
-        vendor, device = num("vendor"), num("device")
-        class_code = num("class")
-        group = None
-        if "iommu_group" in entries:
-            target = _readlink(base + "iommu_group")
             try:
-                group = int(os.path.basename(target)) if target else None
+                return int(text, 0 if base == 16 else base)
+            except ValueError:
+                problems.append(f"{name} unreadable")
+                return None
+
+        physfn_target = _readlink_at(dfd, "physfn")
+        physfn = _addr_or_none(os.path.basename(physfn_target)) if physfn_target else None
+        # The ids come from config space where it answers (one read instead of
+        # six); a VF reads 0xffff for vendor and device, so those come from its
+        # PF's SR-IOV capability or from sysfs.
+        if raw is not None and len(raw) >= 0x30:
+            vendor, device = struct.unpack_from("<HH", raw, 0)
+            class_rev = struct.unpack_from("<I", raw, 8)[0]
+            class_code, revision = class_rev >> 8, class_rev & 0xFF
+            subsys = struct.unpack_from("<HH", raw, 0x2C) if cfg.header_type == 0 else (None, None)
+        else:
+            vendor = device = 0xFFFF
+            class_code, revision = num("class"), num("revision")
+            subsys = (num("subsystem_vendor"), num("subsystem_device"))
+        if vendor == 0xFFFF:
+            known = pf_ids.get(physfn) if (pf_ids is not None and physfn) else None
+            vendor, device = known if known else (num("vendor"), num("device"))
+        if pf_ids is not None and cfg.sriov_vf_device is not None and vendor is not None:
+            pf_ids[addr] = (vendor, cfg.sriov_vf_device)
+
+        group = None
+        target = _readlink_at(dfd, "iommu_group")
+        if target:
+            try:
+                group = int(os.path.basename(target))
             except ValueError:
                 problems.append(f"iommu_group link is odd: {target!r}")
-        driver = None
-        if "driver" in entries:
-            target = _readlink(base + "driver")
-            driver = os.path.basename(target) if target else None
-        override = _text(base + "driver_override") if "driver_override" in entries else None
+        target = _readlink_at(dfd, "driver")
+        driver = os.path.basename(target) if target else None
+        override = _read_at(dfd, "driver_override")
+        override = override.strip().decode("utf-8", "replace") if override else None
         if override in ("(null)", ""):
             override = None
-        reset = _text(base + "reset_method") if "reset_method" in entries else None
-        physfn = None
-        if "physfn" in entries:
-            target = _readlink(base + "physfn")
-            physfn = _addr_or_none(os.path.basename(target)) if target else None
-        virtfns = []
-        for e in entries:
-            if e.startswith("virtfn") and e[6:].isdigit():
-                target = _readlink(base + e)
-                a = _addr_or_none(os.path.basename(target)) if target else None
-                if a:
-                    virtfns.append(a)
+        reset = _read_at(dfd, "reset_method")
+        class_sub = (class_code or 0) >> 8
+        boot_vga = class_sub == 0x0300 and _read_at(dfd, "boot_vga") == b"1\n"
+        totalvfs = numvfs = None
+        virtfns: list[PciAddress] = []
+        if physfn is None:
+            totalvfs = num("sriov_totalvfs", 10)
+            if totalvfs is not None:
+                numvfs = num("sriov_numvfs", 10)
+                for i in range(numvfs or 0):
+                    t = _readlink_at(dfd, f"virtfn{i}")
+                    a = _addr_or_none(os.path.basename(t)) if t else None
+                    if a:
+                        virtfns.append(a)
         net: tuple[str, ...] = ()
-        if "net" in entries:
-            try:
-                net = tuple(sorted(os.listdir(base + "net")))
-            except OSError:
-                pass
+        if class_sub >> 8 == 0x02:
+            net = _listdir_at(dfd, "net")
         return RawDevice(
             addr=addr, node=node, parent=parent,
-            vendor=vendor, device=device,
-            subsystem_vendor=num("subsystem_vendor"), subsystem_device=num("subsystem_device"),
-            class_code=class_code, revision=num("revision"),
+            vendor=vendor, device=device, subsystem_vendor=subsys[0], subsystem_device=subsys[1],
+            class_code=class_code, revision=revision,
             driver=driver, driver_override=override, iommu_group=group, config=cfg,
-            boot_vga=("boot_vga" in entries and _text(base + "boot_vga") == "1"),
-            reset_methods=tuple(reset.split()) if reset else (),
-            numa_node=num("numa_node", 10),
-            sriov_totalvfs=num("sriov_totalvfs", 10), sriov_numvfs=num("sriov_numvfs", 10),
-            physfn=physfn, virtfns=tuple(sorted(virtfns)), net=net,
-            problems=tuple(problems),
+            boot_vga=boot_vga, reset_methods=tuple(reset.decode().split()) if reset else (),
+            numa_node=num("numa_node", 10), sriov_totalvfs=totalvfs, sriov_numvfs=numvfs,
+            physfn=physfn, virtfns=tuple(sorted(virtfns)), net=net, problems=tuple(problems),
         )
 
     # ---- host facts

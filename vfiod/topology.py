@@ -196,8 +196,12 @@ class _Isolation:
     def __init__(self, devices: dict[PciAddress, Device]):
         self.devices = devices
         self.parent: dict[PciAddress, PciAddress] = {a: a for a in devices}
-        self.links: list[Link] = []
+        self._links_of: dict[PciAddress, list[Link]] = defaultdict(list)
         self.unknown: set[PciAddress] = set()
+        self._components: dict[PciAddress, set[PciAddress]] | None = None
+        self._slots: dict[tuple, list[Device]] = defaultdict(list)
+        for d in devices.values():
+            self._slots[(d.raw.parent, d.addr.domain, d.addr.bus, d.addr.slot)].append(d)
         for addr in sorted(devices):
             self._place(devices[addr])
 
@@ -210,7 +214,7 @@ class _Isolation:
     def _join(self, cause: str, dev: PciAddress, via: PciAddress) -> None:
         if via not in self.devices:
             return
-        self.links.append(Link(cause, dev, via))
+        self._links_of[dev].append(Link(cause, dev, via))
         ra, rb = self._find(dev), self._find(via)
         if ra != rb:
             self.parent[ra] = rb
@@ -288,9 +292,8 @@ class _Isolation:
             return
         if mine:
             return
-        for other in self.devices.values():
-            if (other.addr != dev.addr and other.addr.same_slot(dev.addr)
-                    and other.raw.parent == dev.raw.parent):
+        for other in self._slots[(dev.raw.parent, dev.addr.domain, dev.addr.bus, dev.addr.slot)]:
+            if other.addr != dev.addr:
                 theirs = self.acs_enabled(other)
                 if theirs is None:
                     self.unknown.add(dev.addr)
@@ -298,13 +301,16 @@ class _Isolation:
                     self._join(MULTIFUNCTION, dev.addr, other.addr)
 
     def component(self, addr: PciAddress) -> set[PciAddress]:
-        root = self._find(addr)
-        return {a for a in self.devices if self._find(a) == root}
+        if self._components is None:
+            self._components = defaultdict(set)
+            for a in self.devices:
+                self._components[self._find(a)].add(a)
+        return self._components[self._find(addr)]
 
     def explain(self, members: tuple[PciAddress, ...]) -> tuple[str, str, tuple[Link, ...]]:
         mset = set(members)
         comp = self.component(members[0])
-        links = tuple(l for l in self.links if l.device in mset and l.via in mset)
+        links = tuple(l for a in members for l in self._links_of.get(a, ()) if l.via in mset)
         unknown = sorted(mset & self.unknown)
         if unknown:
             return UNKNOWN, (

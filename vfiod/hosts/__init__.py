@@ -71,7 +71,7 @@ SRIOV = HostSpec.from_table("sriov", "An SR-IOV NIC (Intel I350) with four VFs, 
 # addr   parent   ids        class   kind       driver     group  flags
 00:00.0  -        8086:3e30  060000  hostbridge -          0
 00:01.0  -        8086:1901  060400  rootport   pcieport   1      acs
-01:00.0  00:01.0  8086:1521  020000  endpoint   igb        2      sriov=7 net=enp1s0f0 subsys=8086:0001
+01:00.0  00:01.0  8086:1521  020000  endpoint   igb        2      sriov=7:1520 net=enp1s0f0 subsys=8086:0001
 {_SRIOV_VFS}
 00:17.0  -        8086:a352  010601  rciep      ahci       7
 00:1f.6  -        8086:15bc  020000  rciep      e1000e     8      net=eno1
@@ -97,15 +97,15 @@ DEFAULT = "ich10"
 
 def sriov_farm(root_ports: int = 16, vfs: int = 254) -> HostSpec:
     """The benchmark host: `root_ports` root ports, each with one PF and `vfs` VFs."""
-    fns = [Fn.from_line("00:00.0 - 8086:3e30 060000 hostbridge - 0")]
-    group = 1
+    fns = []
+    group = 0
     for rp in range(root_ports):
         port = PciAddress(0, 0, 1 + rp // 8, rp % 8)
         bus = 1 + rp
         fns.append(Fn.from_line(f"{port} - 8086:1901 060400 rootport pcieport {group} acs mf"))
         group += 1
         pf = PciAddress(0, bus, 0, 0)
-        fns.append(Fn.from_line(f"{pf} {port} 8086:1521 020000 endpoint igb {group} sriov={vfs}"))
+        fns.append(Fn.from_line(f"{pf} {port} 8086:1521 020000 endpoint igb {group} sriov={vfs}:1520"))
         group += 1
         for i in range(1, vfs + 1):
             vf = PciAddress(0, bus, i // 8, i % 8)

@@ -19,7 +19,7 @@ A table line::
 Flags: ``mf`` (multifunction bit), ``acs`` (ACS capability, fully enabled),
 ``acs-off`` (ACS capability present but disabled), ``boot_vga``,
 ``net=IF`` (a network interface), ``vf-of=ADDR`` (an SR-IOV VF of that PF),
-``sriov=TOTAL`` (a PF), ``subsys=VVVV:DDDD``, ``rev=NN``, ``numa=N``,
+``sriov=TOTAL:VFDEVICE`` (a PF and its VFs' device id), ``subsys=VVVV:DDDD``, ``rev=NN``, ``numa=N``,
 ``reset=m1,m2``, ``override=DRIVER``.
 """
 
@@ -68,6 +68,7 @@ class Fn:
     net: str | None = None
     vf_of: PciAddress | None = None
     sriov_total: int | None = None
+    sriov_vf_device: int = 0
     subsys: tuple[int, int] = (0, 0)
     revision: int = 0
     numa: int = -1
@@ -98,7 +99,10 @@ class Fn:
             elif name == "vf-of":
                 kw["vf_of"] = PciAddress.parse(value)
             elif name == "sriov":
-                kw["sriov_total"] = int(value)
+                total, _, vf_device = value.partition(":")
+                kw["sriov_total"] = int(total)
+                if vf_device:
+                    kw["sriov_vf_device"] = int(vf_device, 16)
             elif name == "subsys":
                 kw["subsys"] = tuple(int(x, 16) for x in value.split(":"))
             elif name == "rev":
@@ -138,10 +142,21 @@ class Fn:
             buf[0x34] = 0x40
             buf[0x40], buf[0x41] = k.PCI_CAP_ID_EXP, 0
             struct.pack_into("<H", buf, 0x42, 0x2 | (ptype << 4))
+            caps = []
             if self.acs:
-                struct.pack_into("<I", buf, 0x100, k.ACS_EXT_CAP_ID | (1 << 16))
                 ctrl = ACS_FULL if self.acs == "on" else 0
-                struct.pack_into("<HH", buf, 0x104, ACS_FULL, ctrl)
+                caps.append((k.ACS_EXT_CAP_ID, struct.pack("<HH", ACS_FULL, ctrl)))
+            if self.sriov_total is not None:
+                body = bytearray(0x3C)
+                struct.pack_into("<H", body, 0x0E - 4, self.sriov_total)          # TotalVFs
+                struct.pack_into("<H", body, k.SRIOV_VF_DID - 4, self.sriov_vf_device)
+                caps.append((k.SRIOV_EXT_CAP_ID, bytes(body)))
+            pos = 0x100
+            for i, (cap_id, body) in enumerate(caps):
+                nxt = pos + 0x40 if i + 1 < len(caps) else 0
+                struct.pack_into("<I", buf, pos, cap_id | (1 << 16) | (nxt << 20))
+                buf[pos + 4:pos + 4 + len(body)] = body
+                pos = nxt
         return bytes(buf)
 
 
@@ -218,14 +233,17 @@ def build(spec: HostSpec, root: str) -> k.Roots:
             os.makedirs(os.path.join(node, "net", fn.net))
             _write(os.path.join(node, "net", fn.net, "operstate"), "up\n")
             _link(os.path.join(sysd, "class/net", fn.net), os.path.join(node, "net", fn.net))
-    for fn in spec.functions:
+    vfs_of: dict[PciAddress, list[PciAddress]] = {}
+    for fn in sorted(spec.functions, key=lambda f: f.addr):
         if fn.vf_of:
-            pf = nodes[fn.vf_of]
-            _link(os.path.join(nodes[fn.addr], "physfn"), pf)
-            index = sum(1 for o in spec.functions if o.vf_of == fn.vf_of and o.addr < fn.addr)
-            _link(os.path.join(pf, f"virtfn{index}"), nodes[fn.addr])
+            vfs_of.setdefault(fn.vf_of, []).append(fn.addr)
+    for pf_addr, vfs in vfs_of.items():
+        for index, vf in enumerate(vfs):
+            _link(os.path.join(nodes[vf], "physfn"), nodes[pf_addr])
+            _link(os.path.join(nodes[pf_addr], f"virtfn{index}"), nodes[vf])
+    for fn in spec.functions:
         if fn.sriov_total is not None:
-            nvfs = sum(1 for o in spec.functions if o.vf_of == fn.addr)
+            nvfs = len(vfs_of.get(fn.addr, ()))
             _write(os.path.join(nodes[fn.addr], "sriov_totalvfs"), f"{fn.sriov_total}\n")
             _write(os.path.join(nodes[fn.addr], "sriov_numvfs"), f"{nvfs}\n")
     for drv in ("vfio-pci", "pci-stub"):
