@@ -526,3 +526,310 @@ def read_pci_ids_file(paths: tuple[str, ...] = ("/usr/share/misc/pci.ids", "/usr
         if data:
             return data
     return None
+
+
+# ================================================================ writes
+#
+# Every write vfiod makes to the kernel goes through `Kernel._write`, which
+# accepts only the allow-listed paths below; everything else is refused before
+# a file is opened.  `vfiod.simkernel.SimKernel` overrides the primitives to
+# give a fake tree the kernel's semantics, so the same binding logic runs on
+# both.
+
+import re as _re
+import threading as _threading
+import time as _time
+
+from .errors import KernelError as _KernelError, InvalidArgument as _InvalidArgument
+
+_BDF = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
+_DRIVER = r"[A-Za-z0-9_.-]{1,64}"
+WRITABLE = (
+    _re.compile(rf"bus/pci/devices/{_BDF}/driver_override"),
+    _re.compile(rf"bus/pci/drivers/{_DRIVER}/unbind"),
+    _re.compile(r"bus/pci/drivers_probe"),
+)
+DEV_WRITABLE = (_re.compile(r"vfio/[0-9]{1,6}"), _re.compile(r"vfio/vfio"))
+
+#: Drivers that leave DMA to their owner; binding to anything else is refused.
+TARGET_DRIVERS = ("vfio-pci", "pci-stub")
+
+
+def _check_driver_name(name: str) -> str:
+    if not isinstance(name, str) or not _re.fullmatch(_DRIVER, name) or name in (".", ".."):
+        raise _InvalidArgument(f"not a driver name: {name!r}")
+    return name
+
+
+class Kernel:
+    """Writes to the real kernel (below `roots`), with a timeout on each write.
+
+    A write to ``unbind`` can block for as long as a process holds the device
+    open, so each write runs in a worker thread and a write that has not
+    returned after `write_timeout` seconds fails with the device named.
+    """
+
+    def __init__(self, roots: Roots | None = None, write_timeout: float = 10.0,
+                 bind_timeout: float = 10.0):
+        self.roots = roots or Roots()
+        self.reader = SysfsReader(self.roots)
+        self.write_timeout = write_timeout
+        self.bind_timeout = bind_timeout
+
+    # ---- primitives (the simulated kernel overrides these)
+
+    def _write_file(self, rel: str, data: str) -> None:
+        fd = os.open(os.path.join(self.roots.sysfs, rel), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, data.encode())
+        finally:
+            os.close(fd)
+
+    def _write(self, rel: str, data: str, what: str) -> None:
+        if not any(p.fullmatch(rel) for p in WRITABLE):
+            raise _KernelError(f"refusing to write {rel!r}: not a path vfiod writes")
+        result: list = []
+
+        def work():
+            try:
+                self._write_file(rel, data)
+                result.append(None)
+            except OSError as e:
+                result.append(e)
+
+        t = _threading.Thread(target=work, name=f"sysfs-write {rel}", daemon=True)
+        t.start()
+        t.join(self.write_timeout)
+        if not result:
+            raise _KernelError(f"{what}: the kernel did not answer within {self.write_timeout:g} s "
+                               f"(writing {rel}; is a process holding the device?)")
+        if result[0] is not None:
+            e = result[0]
+            raise _KernelError(f"{what}: the kernel refused (writing {rel}: {e.strerror or e})")
+
+    def driver_of(self, addr: PciAddress) -> str | None:
+        target = _readlink(os.path.join(self.roots.sysfs, "bus/pci/devices", addr.sysfs_name, "driver"))
+        return os.path.basename(target) if target else None
+
+    def override_of(self, addr: PciAddress) -> str | None:
+        text = _text(os.path.join(self.roots.sysfs, "bus/pci/devices", addr.sysfs_name, "driver_override"))
+        return None if text in (None, "", "(null)") else text
+
+    def exists(self, addr: PciAddress) -> bool:
+        return os.path.isdir(os.path.join(self.roots.sysfs, "bus/pci/devices", addr.sysfs_name))
+
+    def driver_loaded(self, driver: str) -> bool:
+        return os.path.isdir(os.path.join(self.roots.sysfs, "bus/pci/drivers", _check_driver_name(driver)))
+
+    def load_driver(self, driver: str) -> None:
+        """modprobe the module behind `driver` (vfio-pci, pci-stub) if it is not there yet."""
+        if self.driver_loaded(driver):
+            return
+        import subprocess
+
+        module = {"vfio-pci": "vfio-pci", "pci-stub": "pci-stub"}.get(driver)
+        if module is None:
+            raise _KernelError(f"driver {driver} is not loaded and vfiod does not load it")
+        p = subprocess.run(["modprobe", module], capture_output=True, text=True, timeout=30)
+        if p.returncode != 0 or not self.driver_loaded(driver):
+            raise _KernelError(f"cannot load {module}: {p.stderr.strip() or 'modprobe failed'}")
+
+    # ---- the steps
+
+    def set_override(self, addr: PciAddress, driver: str | None) -> None:
+        value = "\n" if driver is None else _check_driver_name(driver)
+        self._write(f"bus/pci/devices/{addr.sysfs_name}/driver_override", value,
+                    f"{addr}: setting driver_override")
+
+    def unbind(self, addr: PciAddress) -> None:
+        drv = self.driver_of(addr)
+        if drv is None:
+            return
+        self._write(f"bus/pci/drivers/{_check_driver_name(drv)}/unbind", addr.sysfs_name,
+                    f"{addr}: unbinding from {drv}")
+
+    def probe(self, addr: PciAddress) -> None:
+        self._write("bus/pci/drivers_probe", addr.sysfs_name, f"{addr}: probing")
+
+    def wait_driver(self, addr: PciAddress, want: str | None, timeout: float | None = None) -> str | None:
+        deadline = _time.monotonic() + (self.bind_timeout if timeout is None else timeout)
+        delay = 0.001
+        while True:
+            have = self.driver_of(addr)
+            if have == want or _time.monotonic() >= deadline:
+                return have
+            _time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def bind(self, addr: PciAddress, driver: str) -> None:
+        """Bind `addr` to `driver` through driver_override (never new_id) and verify it."""
+        _check_driver_name(driver)
+        if not self.exists(addr):
+            raise _KernelError(f"{addr}: the device is gone")
+        if self.driver_of(addr) == driver:
+            return
+        self.set_override(addr, driver)
+        self.unbind(addr)
+        self.probe(addr)
+        have = self.wait_driver(addr, driver)
+        if have != driver:
+            raise _KernelError(f"{addr}: probing bound {have or 'no driver'}, not {driver}")
+
+    def restore(self, addr: PciAddress, driver: str | None, override: str | None) -> None:
+        """Give `addr` back its recorded driver and driver_override, and verify it.
+
+        While the device is moved, driver_override names the recorded driver,
+        so the probe binds exactly that one; a device that had no driver is
+        unbound and not probed.  The recorded override is written last."""
+        if not self.exists(addr):
+            raise _KernelError(f"{addr}: the device is gone")
+        if self.driver_of(addr) != driver:
+            self.set_override(addr, driver if driver is not None else override)
+            self.unbind(addr)
+            if driver is not None:
+                self.probe(addr)
+            have = self.wait_driver(addr, driver)
+            if have != driver:
+                raise _KernelError(f"{addr}: restoring {driver or 'no driver'} failed, it is on "
+                                   f"{have or 'no driver'}")
+        if self.override_of(addr) != override:
+            self.set_override(addr, override)
+
+    # ---- /dev/vfio
+
+    def vfio_group_path(self, group: int) -> str:
+        return os.path.join(self.roots.dev, "vfio", str(int(group)))
+
+    def vfio_container_path(self) -> str:
+        return os.path.join(self.roots.dev, "vfio", "vfio")
+
+    def wait_vfio_node(self, group: int, timeout: float = 5.0) -> os.stat_result:
+        path = self.vfio_group_path(group)
+        deadline = _time.monotonic() + timeout
+        while True:
+            try:
+                return os.stat(path)
+            except FileNotFoundError:
+                if _time.monotonic() >= deadline:
+                    raise _KernelError(f"{path} did not appear after binding group {group} to vfio-pci")
+                _time.sleep(0.01)
+
+    def node_owner(self, path: str) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return st.st_uid, st.st_gid, st.st_mode & 0o7777
+
+    def set_node_owner(self, path: str, uid: int, gid: int, mode: int) -> None:
+        rel = os.path.relpath(path, self.roots.dev)
+        if not any(p.fullmatch(rel) for p in DEV_WRITABLE):
+            raise _KernelError(f"refusing to change {path!r}: not a VFIO node")
+        try:
+            os.chown(path, uid, gid)
+            os.chmod(path, mode)
+        except OSError as e:
+            raise _KernelError(f"cannot hand over {path}: {e.strerror}") from None
+
+    def open_vfio_group(self, group: int) -> int:
+        return os.open(self.vfio_group_path(group), os.O_RDWR | os.O_CLOEXEC)
+
+    def open_vfio_container(self) -> int:
+        return os.open(self.vfio_container_path(), os.O_RDWR | os.O_CLOEXEC)
+
+    def container_acl(self, uid: int, grant: bool) -> bool:
+        """Add (or remove) a POSIX ACL entry rw for `uid` on /dev/vfio/vfio.
+
+        Only where the node is not already world read-write (systemd >= 254
+        makes it 0600).  Returns whether an entry was added/removed."""
+        from . import acl
+
+        path = self.vfio_container_path()
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        if grant and st.st_mode & 0o006 == 0o006:
+            return False
+        try:
+            return acl.set_user(path, uid, 0o6 if grant else None)
+        except OSError as e:
+            raise _KernelError(f"cannot set an ACL on {path}: {e.strerror}") from None
+
+    # ---- in use
+
+    def usage(self, addr: PciAddress) -> list[str]:
+        """What on the host uses `addr` right now (empty: nothing we can see)."""
+        return device_usage(self.roots, addr)
+
+
+def device_usage(roots: Roots, addr: PciAddress) -> list[str]:
+    out: list[str] = []
+    base = os.path.join(roots.sysfs, "bus/pci/devices", addr.sysfs_name)
+    # network interfaces: up with routes, or enslaved to a bond/bridge
+    routes = (_text(os.path.join(roots.proc, "net/route")) or "").splitlines()[1:]
+    routed = {line.split()[0] for line in routes if line.split()}
+    try:
+        ifaces = sorted(os.listdir(os.path.join(base, "net")))
+    except OSError:
+        ifaces = []
+    for iface in ifaces:
+        d = os.path.join(base, "net", iface)
+        master = _readlink(os.path.join(d, "master"))
+        if master:
+            out.append(f"network interface {iface} is a member of {os.path.basename(master)}")
+        state = _text(os.path.join(d, "operstate"))
+        if state == "up" and iface in routed:
+            out.append(f"network interface {iface} is up with routes")
+    # block devices: mounted, swap, or held by MD/LVM/dm
+    majmins = {}
+    for dirpath, dirnames, filenames in os.walk(base):
+        if dirpath.count(os.sep) - base.count(os.sep) > 8:
+            dirnames[:] = []
+            continue
+        dirnames[:] = [d for d in dirnames if d not in ("driver", "subsystem", "firmware_node", "iommu_group", "physfn") and not d.startswith("virtfn")]
+        if "dev" in filenames and os.path.basename(os.path.dirname(dirpath)) in ("block",) or (
+                "dev" in filenames and "partition" in filenames):
+            mm = _text(os.path.join(dirpath, "dev"))
+            if mm:
+                majmins[mm] = os.path.basename(dirpath)
+                try:
+                    holders = os.listdir(os.path.join(dirpath, "holders"))
+                except OSError:
+                    holders = []
+                for h in holders:
+                    out.append(f"block device {os.path.basename(dirpath)} is held by {h} (MD/LVM/device-mapper)")
+    if majmins:
+        for line in (_text(os.path.join(roots.proc, "self/mountinfo")) or "").splitlines():
+            f = line.split()
+            if len(f) > 4 and f[2] in majmins:
+                out.append(f"block device {majmins[f[2]]} is mounted on {f[4]}")
+        for line in (_text(os.path.join(roots.proc, "swaps")) or "").splitlines()[1:]:
+            name = line.split()[0] if line.split() else ""
+            if os.path.basename(name) in majmins.values():
+                out.append(f"block device {os.path.basename(name)} is in use as swap")
+    # DRM nodes held open
+    try:
+        drm = [n for n in os.listdir(os.path.join(base, "drm")) if n.startswith(("card", "renderD"))]
+    except OSError:
+        drm = []
+    if drm:
+        wanted = {os.path.join("/dev/dri", n) for n in drm}
+        holders = set()
+        try:
+            pids = [p for p in os.listdir(roots.proc) if p.isdigit()]
+        except OSError:
+            pids = []
+        for pid in pids:
+            fddir = os.path.join(roots.proc, pid, "fd")
+            try:
+                fds = os.listdir(fddir)
+            except OSError:
+                continue
+            for fd in fds:
+                if _readlink(os.path.join(fddir, fd)) in wanted:
+                    holders.add(pid)
+                    break
+        if holders:
+            out.append(f"DRM node {', '.join(drm)} is open in process(es) {', '.join(sorted(holders, key=int))}")
+    return out

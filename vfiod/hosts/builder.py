@@ -248,6 +248,11 @@ def build(spec: HostSpec, root: str) -> k.Roots:
             _write(os.path.join(nodes[fn.addr], "sriov_numvfs"), f"{nvfs}\n")
     for drv in ("vfio-pci", "pci-stub"):
         _ensure_driver(os.path.join(sysd, "bus/pci/drivers", drv))
+    for fn in spec.functions:        # vfio-pci made /dev/vfio/N for groups it already holds
+        node = os.path.join(devd, "vfio", str(fn.group))
+        if fn.driver == "vfio-pci" and fn.group is not None and spec.iommu and not os.path.exists(node):
+            _write(node, "")
+            os.chmod(node, 0o600)
 
     _write(os.path.join(procd, "cmdline"), spec.cmdline + "\n")
     mountinfo = "21 1 0:20 / /proc rw,nosuid - proc proc rw\n"
@@ -266,6 +271,7 @@ def build(spec: HostSpec, root: str) -> k.Roots:
     _write(os.path.join(sysd, "module/vfio/parameters/enable_unsafe_noiommu_mode"), "N\n")
     if spec.iommu:
         _write(os.path.join(devd, "vfio/vfio"), "")
+        os.chmod(os.path.join(devd, "vfio/vfio"), 0o666)
     return k.Roots(sysfs=sysd, proc=procd, dev=devd)
 
 

@@ -1,0 +1,382 @@
+"""Leases: take a whole IOMMU group from the host, hand it over, give it back exactly.
+
+Pure domain code (no bus, no udev).  The names used throughout: ``addr`` is a
+`PciAddress` (a key), ``device`` a `topology.Device` (a snapshot), ``held``
+a `state.Held` (the journal's record of a device before the lease).
+
+Granting, step by step (each step is journaled as an intent before it runs
+and as done after; an uncommitted step counts as failed):
+
+1. Resolve the target to a group; ask the policy (`PermissionDenied`,
+   `Protected`); check viability: bridges on a driver VFIO refuses make the
+   group `NotViable`; endpoints in use on the host are `Busy` unless an
+   admin passes ``force``.
+2. Record the lease (state ``granting``) with every endpoint's original
+   driver and driver_override.
+3. ``backend.check``.
+4. ``backend.bind`` each endpoint, in address order.
+5. ``backend.hand_over`` (journaled with its undo record first).
+6. State ``granted``.
+
+Any failure rolls back in reverse: ``take_back`` of a begun hand-over, then
+``unbind`` (restore) of every endpoint, the failed one included; the error
+names the device, the step and the kernel's message.  Releasing is the same
+walk backwards (state ``releasing``).  On start, `reconcile` rolls back every
+``granting`` lease, finishes every ``releasing`` one, and keeps ``granted``
+ones that are persistent or whose owner is still there.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from typing import Callable
+
+import attrs
+
+from .address import PciAddress
+from .errors import (BackendFailed, Busy, InvalidArgument, NotFound, NotViable, PermissionDenied,
+                     Protected, VfiodError)
+from .state import Held, Journal, LeaseRow
+from .sysfs import Kernel, SysfsReader
+from .topology import BRIDGE_DRIVERS, Host
+
+log = logging.getLogger("vfiod.leases")
+audit_log = logging.getLogger("vfiod.audit")
+
+
+@attrs.frozen
+class LeaseContext:
+    lease: LeaseRow
+    endpoints: tuple[PciAddress, ...]
+    kernel: Kernel
+    decision: object
+    host: Host
+
+
+@attrs.frozen
+class Ended:
+    """A lease that ended, and why (released, expired, disconnected, removed, …)."""
+
+    lease: LeaseRow
+    reason: str
+
+
+class LeaseManager:
+    """Owns every lease; all methods are thread-safe.
+
+    Requests for one group are serialised; requests for different groups run
+    in parallel.  `on_step(name)` is called after each journaled step (the
+    crash tests kill the process there)."""
+
+    def __init__(self, kernel: Kernel, journal: Journal, policy_source: Callable[[], object],
+                 backends: dict, owner_alive: Callable[[LeaseRow], bool] | None = None,
+                 on_step: Callable[[str], None] | None = None, clock=time.time,
+                 on_ended: Callable[[Ended], None] | None = None):
+        self.kernel = kernel
+        self.journal = journal
+        self.policy_source = policy_source
+        self.backends = backends
+        self.owner_alive = owner_alive or (lambda lease: False)
+        self.on_step = on_step or (lambda name: None)
+        self.on_ended = on_ended or (lambda ended: None)
+        self.clock = clock
+        self._locks: dict[int, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    # ------------------------------------------------------------ helpers
+
+    def scan(self) -> Host:
+        return Host.scan(SysfsReader(self.kernel.roots))
+
+    def _group_lock(self, group: int) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(group, threading.Lock())
+
+    def _backend(self, name: str):
+        try:
+            return self.backends[name]
+        except KeyError:
+            raise InvalidArgument(f"unknown backend {name!r} (known: {', '.join(sorted(self.backends))})") from None
+
+    def _audit(self, event, caller_uid, target, lease_id, rule, outcome, detail=""):
+        audit_log.info("%s uid=%s target=%s lease=%s rule=%s outcome=%s%s", event, caller_uid, target,
+                       lease_id or "-", rule or "-", outcome, f" detail={detail!r}" if detail else "")
+        try:
+            self.journal.audit(event, caller_uid, target, lease_id, rule, outcome, detail)
+        except Exception:          # the audit trail must never turn a success into a failure
+            log.exception("cannot write the audit record")
+
+    def _step(self, name: str) -> None:
+        self.on_step(name)
+
+    def context(self, lease: LeaseRow, host: Host | None = None, decision=None) -> LeaseContext:
+        held = self.journal.held(lease.id)
+        return LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in held),
+                            kernel=self.kernel, decision=decision, host=host or self.scan())
+
+    # ------------------------------------------------------------ queries
+
+    def leases(self) -> list[LeaseRow]:
+        return self.journal.leases()
+
+    def get(self, lease_id: str) -> LeaseRow:
+        lease = self.journal.lease(lease_id) if isinstance(lease_id, str) else None
+        if lease is None:
+            raise NotFound(f"no lease {lease_id!r}")
+        return lease
+
+    def lease_for_group(self, group: int) -> LeaseRow | None:
+        return self.journal.lease_for_group(group)
+
+    # ------------------------------------------------------------ grant
+
+    def request(self, caller, target: str, backend: str = "", options: dict | None = None,
+                owner: str | None = None) -> LeaseRow:
+        options = dict(options or {})
+        for key in options:
+            if key not in ("duration", "persistent", "force"):
+                raise InvalidArgument(f"unknown option {key!r} (known: duration, persistent, force)")
+        host = self.scan()
+        policy = self.policy_source()
+        try:
+            resolved = policy.resolve(host, target)
+        except VfiodError as e:
+            self._audit("request", caller.uid, target, None, None, "refused", str(e))
+            raise
+        group = resolved.group
+        with self._group_lock(group):
+            existing = self.journal.lease_for_group(group)
+            if existing is not None:
+                self._audit("request", caller.uid, target, None, None, "busy", existing.id)
+                raise Busy(f"IOMMU group {group} is already leased (lease {existing.id}, uid {existing.uid})")
+            host = self.scan()      # fresh, now that we hold the group
+            decision = policy.decide(host, caller, group, backend, options)
+            if not decision.allowed:
+                self._audit("request", caller.uid, target, None, decision.rule, "denied", decision.reason)
+                if "protected" in decision.reason.lower():
+                    raise Protected(decision.reason)
+                raise PermissionDenied(decision.reason)
+            be = self._backend(decision.backend or backend)
+            plan = self._plan(host, group, caller, options)
+            now = self.clock()
+            duration = int(options.get("duration") or 0)
+            lease = LeaseRow(
+                id=secrets.token_hex(8), group=group, uid=caller.uid, owner=owner, backend=be.name,
+                target=target, created=now, expires=now + duration if duration else 0.0,
+                persistent=bool(options.get("persistent")), state="granting", rule=decision.rule,
+                memlock=decision.memlock)
+            self.journal.create(lease, plan)
+            self._step("recorded")
+            ctx = LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in plan),
+                               kernel=self.kernel, decision=decision, host=host)
+            try:
+                self._grant(ctx, be)
+            except VfiodError as e:
+                self._rollback(ctx, be)
+                self._audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", str(e))
+                raise
+            except Exception as e:
+                log.exception("grant of group %s failed", group)
+                self._rollback(ctx, be)
+                self._audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", repr(e))
+                raise BackendFailed(f"granting group {group} failed: {e}") from None
+            lease = attrs.evolve(lease, state="granted")
+            self.journal.set_state(lease.id, "granted")
+            self._step("granted")
+            self._audit("grant", caller.uid, target, lease.id, decision.rule, "granted",
+                        f"group {group} via {be.name}")
+            return lease
+
+    def _plan(self, host: Host, group: int, caller, options) -> list[Held]:
+        g = host.groups.get(group)
+        if g is None:
+            raise NotFound(f"no IOMMU group {group}")
+        for addr in g.members:
+            dev = host.devices[addr]
+            if dev.is_bridge and dev.driver is not None and dev.driver not in BRIDGE_DRIVERS:
+                raise NotViable(f"group {group}: bridge {addr} is bound to {dev.driver}, which VFIO "
+                                "does not accept; unbind it first")
+        endpoints = host.endpoints(g)
+        if not endpoints:
+            raise NotViable(f"group {group} has no endpoint to lease (only bridges and ports)")
+        uses = []
+        for dev in endpoints:
+            if dev.driver in (None, "vfio-pci", "pci-stub"):
+                continue
+            uses.extend(f"{dev.addr}: {u}" for u in self.kernel.usage(dev.addr))
+        if uses and not (caller.is_admin and options.get("force")):
+            raise Busy("in use on the host: " + "; ".join(uses)
+                       + (" (an admin may pass force)" if not caller.is_admin else " (pass force to override)"))
+        return [Held(str(d.addr), d.driver, d.raw.driver_override) for d in endpoints]
+
+    def _grant(self, ctx: LeaseContext, be) -> None:
+        lid = ctx.lease.id
+        be.check(ctx)
+        for addr in ctx.endpoints:
+            seq = self.journal.intent(lid, "bind", str(addr), {"driver": be.driver})
+            self._step(f"bind-intent:{addr}")
+            try:
+                be.bind(ctx, addr)
+            except VfiodError as e:
+                self.journal.failed(lid, seq, str(e))
+                raise type(e)(f"step {seq} (bind {addr} to {be.driver}): {e}") from None
+            self.journal.done(lid, seq)
+            self._step(f"bind-done:{addr}")
+        record = be.plan_hand_over(ctx)
+        seq = self.journal.intent(lid, "hand-over", None, record)
+        self._step("hand-over-intent")
+        try:
+            record = be.hand_over(ctx) or record
+        except VfiodError as e:
+            self.journal.failed(lid, seq, str(e))
+            raise type(e)(f"step {seq} (hand over group {ctx.lease.group}): {e}") from None
+        self.journal.done(lid, seq, record)
+        self._step("hand-over-done")
+
+    def _undo(self, ctx: LeaseContext, be) -> list[str]:
+        """take_back every begun hand-over, then restore every endpoint in reverse."""
+        errors = []
+        steps = self.journal.steps(ctx.lease.id)
+        for st in reversed(steps):
+            if st.action == "hand-over":
+                try:
+                    be.take_back(ctx, st.record)
+                except Exception as e:
+                    errors.append(f"taking back group {ctx.lease.group}: {e}")
+        for held in reversed(self.journal.held(ctx.lease.id)):
+            addr = PciAddress.parse(held.addr)
+            if not self.kernel.exists(addr):
+                continue        # gone (removed): nothing to give back
+            try:
+                be.unbind(ctx, addr, held)
+            except Exception as e:
+                errors.append(f"{addr}: {e}")
+        return errors
+
+    def _rollback(self, ctx: LeaseContext, be) -> None:
+        errors = self._undo(ctx, be)
+        if errors:
+            # Keep the lease recorded as releasing: reconciliation tries again; no lease is lost.
+            self.journal.set_state(ctx.lease.id, "releasing")
+            log.error("rollback of group %s incomplete: %s", ctx.lease.group, "; ".join(errors))
+            return
+        self.journal.delete(ctx.lease.id)
+        self._step("rolled-back")
+
+    # ------------------------------------------------------------ release
+
+    def release(self, lease_id: str, caller=None, reason: str = "released") -> Ended:
+        lease = self.get(lease_id)
+        if caller is not None and not caller.is_admin and caller.uid != lease.uid:
+            self._audit("release", caller.uid, lease.target, lease.id, lease.rule, "denied")
+            raise PermissionDenied(f"lease {lease.id} belongs to uid {lease.uid}")
+        with self._group_lock(lease.group):
+            lease = self.journal.lease(lease_id)
+            if lease is None:
+                raise NotFound(f"no lease {lease_id!r}")
+            return self._release_locked(lease, reason, caller.uid if caller else None)
+
+    def _release_locked(self, lease: LeaseRow, reason: str, uid=None) -> Ended:
+        be = self._backend(lease.backend)
+        self.journal.set_state(lease.id, "releasing")
+        self._step("releasing")
+        ctx = self.context(lease)
+        errors = self._undo(ctx, be)
+        if errors:
+            self._audit("release", uid, lease.target, lease.id, lease.rule, "incomplete", "; ".join(errors))
+            raise BackendFailed(f"releasing lease {lease.id} left work undone (it stays recorded and "
+                                f"will be retried): {'; '.join(errors)}")
+        self.journal.delete(lease.id)
+        self._step("released")
+        self._audit("release", uid, lease.target, lease.id, lease.rule, reason)
+        ended = Ended(lease=lease, reason=reason)
+        self.on_ended(ended)
+        return ended
+
+    def renew(self, lease_id: str, caller, seconds: int) -> LeaseRow:
+        lease = self.get(lease_id)
+        if not caller.is_admin and caller.uid != lease.uid:
+            raise PermissionDenied(f"lease {lease.id} belongs to uid {lease.uid}")
+        if not isinstance(seconds, int) or seconds <= 0:
+            raise InvalidArgument("renew takes a positive number of seconds")
+        decision = self.policy_source().decide(self.scan(), caller, lease.group, lease.backend,
+                                               {"duration": seconds, "persistent": lease.persistent})
+        if not decision.allowed:
+            raise PermissionDenied(decision.reason)
+        expires = self.clock() + seconds
+        self.journal.set_expires(lease.id, expires)
+        self._audit("renew", caller.uid, lease.target, lease.id, decision.rule, "renewed", f"{seconds} s")
+        return attrs.evolve(lease, expires=expires)
+
+    def expire_due(self) -> list[Ended]:
+        now = self.clock()
+        out = []
+        for lease in self.journal.leases():
+            if lease.state == "granted" and lease.expires and lease.expires <= now:
+                try:
+                    out.append(self.release(lease.id, reason="expired"))
+                except VfiodError as e:
+                    log.error("expiring lease %s: %s", lease.id, e)
+        return out
+
+    def end_owned_by(self, owner: str, reason: str = "disconnected") -> list[Ended]:
+        out = []
+        for lease in self.journal.leases():
+            if lease.owner == owner and not lease.persistent and lease.state == "granted":
+                try:
+                    out.append(self.release(lease.id, reason=reason))
+                except VfiodError as e:
+                    log.error("ending lease %s of %s: %s", lease.id, owner, e)
+        return out
+
+    # ------------------------------------------------------------ after a crash
+
+    def reconcile(self) -> list[Ended]:
+        """Make sysfs and the journal agree again; returns the leases that ended."""
+        out = []
+        for lease in self.journal.leases():
+            with self._group_lock(lease.group):
+                be = self.backends.get(lease.backend)
+                if be is None:
+                    log.error("lease %s uses backend %s, which is not loaded; kept as is", lease.id, lease.backend)
+                    continue
+                if lease.state == "granting":
+                    ctx = self.context(lease)
+                    self._rollback(ctx, be)
+                    self._audit("reconcile", None, lease.target, lease.id, lease.rule, "rolled-back",
+                                "the grant was interrupted")
+                    if self.journal.lease(lease.id) is None:
+                        out.append(Ended(lease, "interrupted"))
+                elif lease.state == "releasing":
+                    try:
+                        out.append(self._release_locked(lease, "released"))
+                    except VfiodError as e:
+                        log.error("finishing the release of %s: %s", lease.id, e)
+                elif lease.persistent or self.owner_alive(lease):
+                    self._verify(lease, be)
+                else:
+                    try:
+                        out.append(self._release_locked(lease, "owner-gone"))
+                    except VfiodError as e:
+                        log.error("ending lease %s: %s", lease.id, e)
+        return out
+
+    def _verify(self, lease: LeaseRow, be) -> None:
+        """A kept lease: every endpoint still on the backend's driver, the hand-over in place."""
+        ctx = self.context(lease)
+        for addr in ctx.endpoints:
+            if self.kernel.exists(addr) and self.kernel.driver_of(addr) != be.driver:
+                log.warning("lease %s: %s is on %s, not %s; binding it again", lease.id, addr,
+                            self.kernel.driver_of(addr), be.driver)
+                be.bind(ctx, addr)
+        steps = [s for s in self.journal.steps(lease.id) if s.action == "hand-over"]
+        if steps and steps[-1].status != "done":
+            seq = steps[-1].seq
+            record = be.hand_over(ctx) or steps[-1].record
+            self.journal.done(lease.id, seq, record)
+        elif steps:
+            record = be.hand_over(ctx) or steps[-1].record     # idempotent: re-apply ownership
+            self.journal.done(lease.id, steps[-1].seq, record)

@@ -1,0 +1,208 @@
+"""A simulated kernel: the kernel's bind/unbind/probe semantics over a fake tree.
+
+It implements `vfiod.sysfs.Kernel`'s write primitives, so every layer above
+runs unchanged on a fake host (``vfiod --simulate``, tiers 1 and 2 of the
+tests).  The plan — each file it watches and what a write to it does:
+
+``bus/pci/devices/BDF/driver_override``
+    stores the text; a lone newline clears it (reads back ``(null)``).
+``bus/pci/drivers/NAME/unbind`` (data: BDF)
+    if BDF is bound to NAME: removes ``BDF/driver`` and ``drivers/NAME/BDF``;
+    if NAME was vfio-pci and BDF was the last member of its group on
+    vfio-pci, ``/dev/vfio/N`` disappears.  Otherwise ENODEV.
+``bus/pci/drivers_probe`` (data: BDF)
+    if BDF is unbound: with an override, binds that driver if it is loaded
+    (nothing otherwise); without one, binds the device's native driver (its
+    driver in the host table), if any.  Binding vfio-pci creates
+    ``/dev/vfio/N`` (root, 0600) when it is the group's first member there.
+
+Fault injection is data: ``sim.inject(op, addr, fault)`` with op one of
+``override``, ``unbind``, ``probe`` and a `Fault`: ``error`` (the write fails
+with EIO), ``block`` (the write hangs for `delay` seconds, so the caller's
+timeout fires), ``nobind`` (the probe binds nothing), ``vanish`` (the device
+disappears before the write), ``slow`` (the write succeeds after `delay`).
+Each fault fires `count` times (default once).  Every write is recorded in
+`writes` as (relative path, data) so tests can check what was touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import threading
+import time
+
+import attrs
+
+from .address import PciAddress
+from .sysfs import Kernel, Roots, _readlink
+
+
+@attrs.define
+class Fault:
+    kind: str                    # error | block | nobind | vanish | slow
+    delay: float = 0.0
+    count: int = 1
+
+
+class SimKernel(Kernel):
+    def __init__(self, roots: Roots, native: dict[PciAddress, str | None],
+                 write_timeout: float = 2.0, bind_timeout: float = 0.5):
+        super().__init__(roots, write_timeout=write_timeout, bind_timeout=bind_timeout)
+        self.native = dict(native)
+        self.faults: dict[tuple[str, PciAddress], Fault] = {}
+        self.writes: list[tuple[str, str]] = []
+        self.loaded_modules: list[str] = []
+        self._lock = threading.RLock()
+
+    @classmethod
+    def for_spec(cls, spec, roots: Roots, **kw) -> "SimKernel":
+        return cls(roots, {fn.addr: fn.driver for fn in spec.functions}, **kw)
+
+    def inject(self, op: str, addr: PciAddress, fault: Fault) -> None:
+        self.faults[(op, addr)] = fault
+
+    def _fault(self, op: str, addr: PciAddress) -> Fault | None:
+        f = self.faults.get((op, addr))
+        if f is None or f.count <= 0:
+            return None
+        f.count -= 1
+        return f
+
+    # ---- paths
+
+    def _dev(self, addr: PciAddress) -> str:
+        return os.path.realpath(os.path.join(self.roots.sysfs, "bus/pci/devices", addr.sysfs_name))
+
+    def _drv(self, name: str) -> str:
+        return os.path.join(self.roots.sysfs, "bus/pci/drivers", name)
+
+    def _group(self, addr: PciAddress) -> int | None:
+        t = _readlink(os.path.join(self._dev(addr), "iommu_group"))
+        return int(os.path.basename(t)) if t else None
+
+    # ---- the primitive
+
+    def _write_file(self, rel: str, data: str) -> None:
+        self.writes.append((rel, data))
+        parts = rel.split("/")
+        if rel == "bus/pci/drivers_probe":
+            op, addr = "probe", PciAddress.from_sysfs_name(data.strip())
+        elif parts[-1] == "unbind":
+            op, addr = "unbind", PciAddress.from_sysfs_name(data.strip())
+        else:
+            op, addr = "override", PciAddress.from_sysfs_name(parts[3])
+        fault = self._fault(op, addr)
+        if fault:
+            if fault.kind == "vanish":
+                self.remove_device(addr)
+            elif fault.kind == "error":
+                raise OSError(errno.EIO, "Input/output error (injected)")
+            elif fault.kind in ("block", "slow"):
+                time.sleep(fault.delay)
+                if fault.kind == "block":
+                    raise OSError(errno.EINTR, "interrupted after blocking (injected)")
+        with self._lock:
+            if not os.path.isdir(os.path.join(self.roots.sysfs, "bus/pci/devices", addr.sysfs_name)):
+                raise OSError(errno.ENODEV, "No such device")
+            if op == "override":
+                text = data.strip()
+                with open(os.path.join(self._dev(addr), "driver_override"), "w") as f:
+                    f.write((text or "(null)") + "\n")
+            elif op == "unbind":
+                if self.driver_of(addr) != parts[3]:
+                    raise OSError(errno.ENODEV, "No such device")
+                self._unbind(addr)
+            else:
+                if self.driver_of(addr) is not None:
+                    return
+                if fault and fault.kind == "nobind":
+                    return
+                override = self.override_of(addr)
+                target = override if override is not None else self.native.get(addr)
+                if target and os.path.isdir(self._drv(target)):
+                    self._bind(addr, target)
+
+    def _bind(self, addr: PciAddress, driver: str) -> None:
+        node = self._dev(addr)
+        drv = self._drv(driver)
+        os.symlink(os.path.relpath(node, drv), os.path.join(drv, addr.sysfs_name))
+        os.symlink(os.path.relpath(drv, node), os.path.join(node, "driver"))
+        if driver == "vfio-pci":
+            group = self._group(addr)
+            path = self.vfio_group_path(group) if group is not None else None
+            if path and not os.path.exists(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+                os.close(fd)
+                os.chmod(path, 0o600)
+
+    def _unbind(self, addr: PciAddress) -> None:
+        node = self._dev(addr)
+        driver = self.driver_of(addr)
+        os.unlink(os.path.join(node, "driver"))
+        try:
+            os.unlink(os.path.join(self._drv(driver), addr.sysfs_name))
+        except FileNotFoundError:
+            pass
+        if driver == "vfio-pci":
+            group = self._group(addr)
+            if group is not None and not self._vfio_members(group):
+                try:
+                    os.unlink(self.vfio_group_path(group))
+                except FileNotFoundError:
+                    pass
+
+    def _vfio_members(self, group: int) -> list[str]:
+        gdir = os.path.join(self.roots.sysfs, "kernel/iommu_groups", str(group), "devices")
+        try:
+            names = os.listdir(gdir)
+        except OSError:
+            return []
+        return [n for n in names if self.driver_of(PciAddress.from_sysfs_name(n)) == "vfio-pci"]
+
+    # ---- the rest of the kernel's behaviour
+
+    def load_driver(self, driver: str) -> None:
+        if not self.driver_loaded(driver):
+            self.loaded_modules.append(driver)
+            d = self._drv(driver)
+            os.makedirs(d)
+            for f in ("bind", "unbind", "new_id", "remove_id"):
+                open(os.path.join(d, f), "w").close()
+
+    def remove_device(self, addr: PciAddress) -> None:
+        """The device disappears (hot-unplug, or sysfs ``remove``)."""
+        with self._lock:
+            link = os.path.join(self.roots.sysfs, "bus/pci/devices", addr.sysfs_name)
+            if not os.path.lexists(link):
+                return
+            node = self._dev(addr)
+            if self.driver_of(addr):
+                self._unbind(addr)
+            group = self._group(addr)
+            if group is not None:
+                try:
+                    os.unlink(os.path.join(self.roots.sysfs, "kernel/iommu_groups", str(group),
+                                           "devices", addr.sysfs_name))
+                except FileNotFoundError:
+                    pass
+            os.unlink(link)
+            shutil.rmtree(node, ignore_errors=True)
+
+    def state(self) -> dict[str, tuple[str | None, str | None]]:
+        """(driver, driver_override) of every device: what tests compare before and after."""
+        out = {}
+        for name in sorted(os.listdir(os.path.join(self.roots.sysfs, "bus/pci/devices"))):
+            a = PciAddress.from_sysfs_name(name)
+            out[name] = (self.driver_of(a), self.override_of(a))
+        return out
+
+    def vfio_nodes(self) -> dict[str, tuple[int, int, int]]:
+        d = os.path.join(self.roots.dev, "vfio")
+        out = {}
+        for n in sorted(os.listdir(d)):
+            st = os.stat(os.path.join(d, n))
+            out[n] = (st.st_uid, st.st_gid, st.st_mode & 0o7777)
+        return out
