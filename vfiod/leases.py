@@ -244,6 +244,7 @@ class LeaseManager:
             if st.action == "hand-over":
                 try:
                     be.take_back(ctx, st.record)
+                    self._step("taken-back")
                 except Exception as e:
                     errors.append(f"taking back group {ctx.lease.group}: {e}")
         for held in reversed(self.journal.held(ctx.lease.id)):
@@ -252,6 +253,7 @@ class LeaseManager:
                 continue        # gone (removed): nothing to give back
             try:
                 be.unbind(ctx, addr, held)
+                self._step(f"restored:{addr}")
             except Exception as e:
                 errors.append(f"{addr}: {e}")
         return errors

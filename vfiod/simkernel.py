@@ -54,6 +54,7 @@ class SimKernel(Kernel):
         self.faults: dict[tuple[str, PciAddress], Fault] = {}
         self.writes: list[tuple[str, str]] = []
         self.loaded_modules: list[str] = []
+        self.after_write = None          # called with (rel, data) after each write took effect
         self._lock = threading.RLock()
 
     @classmethod
@@ -85,6 +86,11 @@ class SimKernel(Kernel):
     # ---- the primitive
 
     def _write_file(self, rel: str, data: str) -> None:
+        self._apply(rel, data)
+        if self.after_write:
+            self.after_write(rel, data)
+
+    def _apply(self, rel: str, data: str) -> None:
         self.writes.append((rel, data))
         parts = rel.split("/")
         if rel == "bus/pci/drivers_probe":
