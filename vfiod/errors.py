@@ -75,7 +75,7 @@ class KernelError(BackendFailed):
     """A sysfs read or write the kernel refused or that timed out."""
 
 
-class StateError(VfiodError):
+class StateError(BackendFailed):
     """The state file is corrupt or from a newer vfiod; it is left untouched."""
 
 

@@ -20,13 +20,13 @@ def _bus_members():
 def test_every_bus_member_is_documented():
     members = list(_bus_members())
     assert len(members) > 30
-    missing = [f"{c}.{m}" for c, m in members if f"`{m}`" not in README]
+    missing = [f"{c}.{m}" for c, m in members if not re.search(rf"`{m}[`(]", README)]
     assert not missing, missing
 
 
 def test_every_error_name_is_documented():
     from vfiod import errors
-    names = {cls.dbus_name for cls in errors.ALL_ERRORS if cls.dbus_name.startswith("org.vfiod1.Error.")}
+    names = {cls.dbus_name for cls in errors.ALL_ERRORS if cls is not errors.VfiodError}
     for name in names:
         short = "." + name.rsplit(".", 1)[1]
         assert name in README or f"`{short}`" in README or short in README, name
