@@ -55,6 +55,7 @@ class SimKernel(Kernel):
         self.writes: list[tuple[str, str]] = []
         self.loaded_modules: list[str] = []
         self.after_write = None          # called with (rel, data) after each write took effect
+        self.write_log: str | None = None  # a file that gets one "path<TAB>data" line per write
         self._lock = threading.RLock()
 
     @classmethod
@@ -92,6 +93,9 @@ class SimKernel(Kernel):
 
     def _apply(self, rel: str, data: str) -> None:
         self.writes.append((rel, data))
+        if self.write_log:
+            with open(self.write_log, "a") as f:
+                f.write(f"{rel}\t{data.strip()}\n")
         parts = rel.split("/")
         if rel == "bus/pci/drivers_probe":
             op, addr = "probe", PciAddress.from_sysfs_name(data.strip())
