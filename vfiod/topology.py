@@ -71,7 +71,9 @@ class Device:
 
     @property
     def multifunction(self) -> bool:
-        return bool(self.raw.config.multifunction) and not self.is_vf
+        """As the kernel sees it: the header's bit, or any function above 0 (pci_scan_slot
+        marks those multifunction whatever their header says); never a VF."""
+        return (bool(self.raw.config.multifunction) or self.addr.function > 0) and not self.is_vf
 
     @property
     def kind(self) -> str:

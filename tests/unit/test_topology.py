@@ -186,3 +186,15 @@ def test_vfs_are_listed_under_their_pf(build_host, scan):
     assert pf.raw.sriov_totalvfs == 7 and pf.raw.sriov_numvfs == 4
     assert host.devices[A("0000:01:11.4")].raw.physfn == pf.addr
     assert host.devices[A("0000:01:11.4")].is_vf
+
+
+def test_function_above_0_counts_as_multifunction_even_without_the_header_bit(build_host, scan):
+    # QEMU (and real hardware) may set the multifunction bit on function 0 only;
+    # the kernel treats every function above 0 as multifunction all the same.
+    spec = HostSpec.from_table("mf0", "a two-function NIC, header bit on function 0 only", """
+00:04.0  -        1b36:000c  060400  rootport   pcieport   1      acs
+01:00.0  00:04.0  8086:10d3  020000  endpoint   e1000e     2      mf
+01:00.1  00:04.0  8086:10d3  020000  endpoint   e1000e     2
+""")
+    g = scan(build_host(spec)).groups[2]
+    assert g.isolation == "multifunction", g.isolation_text
