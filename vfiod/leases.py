@@ -8,13 +8,14 @@ Granting, step by step (each step is journaled as an intent before it runs
 and as done after; an uncommitted step counts as failed):
 
 1. Resolve the target to a group; ask the policy (`PermissionDenied`,
-   `Protected`); check viability: bridges on a driver VFIO refuses make the
-   group `NotViable`; endpoints in use on the host are `Busy` unless an
+   `Protected`); plan: the endpoints, and the group's bridges that sit on a
+   driver VFIO refuses (shpchp: the kernel then calls the group not viable),
+   which are held unbound; endpoints in use on the host are `Busy` unless an
    admin passes ``force``.
 2. Record the lease (state ``granting``) with every endpoint's original
    driver and driver_override.
 3. ``backend.check``.
-4. ``backend.bind`` each endpoint, in address order.
+4. ``backend.bind`` each endpoint, in address order; detach each planned bridge.
 5. ``backend.hand_over`` (journaled with its undo record first).
 6. State ``granted``.
 
@@ -91,6 +92,33 @@ class LeaseManager:
     def scan(self) -> Host:
         return Host.scan(SysfsReader(self.kernel.roots))
 
+    def scan_groups(self, groups) -> Host:
+        return Host.scan_groups(SysfsReader(self.kernel.roots), groups)
+
+    def _host_for(self, target: str, policy) -> Host:
+        """A snapshot holding the groups `target` can stand for (not the whole host)."""
+        reader = SysfsReader(self.kernel.roots)
+        groups: set[int] = set()
+        if isinstance(target, str):
+            if target.startswith("group:") and target[6:].isdigit():
+                groups.add(int(target[6:]))
+            elif target.startswith("name:"):
+                res = getattr(policy, "resources", {}).get(target[5:])
+                for addr in (res.addresses if res else ()):
+                    g = reader.group_of(addr)
+                    if g is not None:
+                        groups.add(g)
+            else:
+                try:
+                    g = reader.group_of(PciAddress.parse(target))
+                except VfiodError:
+                    g = None
+                if g is not None:
+                    groups.add(g)
+        if not groups:
+            return Host.from_raw([], reader.facts())
+        return Host.scan_groups(reader, groups)
+
     def _group_lock(self, group: int) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(group, threading.Lock())
@@ -114,8 +142,11 @@ class LeaseManager:
 
     def context(self, lease: LeaseRow, host: Host | None = None, decision=None) -> LeaseContext:
         held = self.journal.held(lease.id)
-        return LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in held),
-                            kernel=self.kernel, decision=decision, host=host or self.scan())
+        if host is None:
+            host = Host.from_raw([], SysfsReader(self.kernel.roots).facts())
+        return LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in held
+                                                         if h.role == "endpoint"),
+                            kernel=self.kernel, decision=decision, host=host)
 
     # ------------------------------------------------------------ queries
 
@@ -139,8 +170,8 @@ class LeaseManager:
         for key in options:
             if key not in ("duration", "persistent", "force"):
                 raise InvalidArgument(f"unknown option {key!r} (known: duration, persistent, force)")
-        host = self.scan()
         policy = self.policy_source()
+        host = self._host_for(target, policy)
         try:
             resolved = policy.resolve(host, target)
         except VfiodError as e:
@@ -152,7 +183,7 @@ class LeaseManager:
             if existing is not None:
                 self._audit("request", caller.uid, target, None, None, "busy", existing.id)
                 raise Busy(f"IOMMU group {group} is already leased (lease {existing.id}, uid {existing.uid})")
-            host = self.scan()      # fresh, now that we hold the group
+            host = self.scan_groups([group])      # fresh, now that we hold the group
             decision = policy.decide(host, caller, group, backend, options)
             if not decision.allowed:
                 self._audit("request", caller.uid, target, None, decision.rule, "denied", decision.reason)
@@ -170,7 +201,8 @@ class LeaseManager:
                 memlock=decision.memlock)
             self.journal.create(lease, plan)
             self._step("recorded")
-            ctx = LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in plan),
+            ctx = LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in plan
+                                                            if h.role == "endpoint"),
                                kernel=self.kernel, decision=decision, host=host)
             try:
                 self._grant(ctx, be)
@@ -191,17 +223,16 @@ class LeaseManager:
             return lease
 
     def _plan(self, host: Host, group: int, caller, options) -> list[Held]:
+        """What the lease will hold: every endpoint, then every bridge of the group on a driver
+        VFIO refuses (shpchp, say), which is held unbound for the lease."""
         g = host.groups.get(group)
         if g is None:
             raise NotFound(f"no IOMMU group {group}")
-        for addr in g.members:
-            dev = host.devices[addr]
-            if dev.is_bridge and dev.driver is not None and dev.driver not in BRIDGE_DRIVERS:
-                raise NotViable(f"group {group}: bridge {addr} is bound to {dev.driver}, which VFIO "
-                                "does not accept; unbind it first")
         endpoints = host.endpoints(g)
         if not endpoints:
             raise NotViable(f"group {group} has no endpoint to lease (only bridges and ports)")
+        bridges = [host.devices[a] for a in g.members
+                   if host.devices[a].is_bridge and host.devices[a].driver not in (None, *BRIDGE_DRIVERS)]
         uses = []
         for dev in endpoints:
             if dev.driver in (None, "vfio-pci", "pci-stub"):
@@ -210,7 +241,8 @@ class LeaseManager:
         if uses and not (caller.is_admin and options.get("force")):
             raise Busy("in use on the host: " + "; ".join(uses)
                        + (" (an admin may pass force)" if not caller.is_admin else " (pass force to override)"))
-        return [Held(str(d.addr), d.driver, d.raw.driver_override) for d in endpoints]
+        return ([Held(str(d.addr), d.driver, d.raw.driver_override) for d in endpoints]
+                + [Held(str(d.addr), d.driver, d.raw.driver_override, "bridge") for d in bridges])
 
     def _grant(self, ctx: LeaseContext, be) -> None:
         lid = ctx.lease.id
@@ -225,6 +257,19 @@ class LeaseManager:
                 raise type(e)(f"step {seq} (bind {addr} to {be.driver}): {e}") from None
             self.journal.done(lid, seq)
             self._step(f"bind-done:{addr}")
+        for held in self.journal.held(lid):
+            if held.role != "bridge":
+                continue
+            addr = PciAddress.parse(held.addr)
+            seq = self.journal.intent(lid, "detach-bridge", held.addr)
+            self._step(f"detach-intent:{addr}")
+            try:
+                self.kernel.detach(addr)
+            except VfiodError as e:
+                self.journal.failed(lid, seq, str(e))
+                raise type(e)(f"step {seq} (detach bridge {addr} from {held.driver}): {e}") from None
+            self.journal.done(lid, seq)
+            self._step(f"detach-done:{addr}")
         record = be.plan_hand_over(ctx)
         seq = self.journal.intent(lid, "hand-over", None, record)
         self._step("hand-over-intent")
@@ -252,7 +297,10 @@ class LeaseManager:
             if not self.kernel.exists(addr):
                 continue        # gone (removed): nothing to give back
             try:
-                be.unbind(ctx, addr, held)
+                if held.role == "bridge":
+                    self.kernel.restore(addr, held.driver, held.override)
+                else:
+                    be.unbind(ctx, addr, held)
                 self._step(f"restored:{addr}")
             except Exception as e:
                 errors.append(f"{addr}: {e}")
@@ -304,7 +352,7 @@ class LeaseManager:
             raise PermissionDenied(f"lease {lease.id} belongs to uid {lease.uid}")
         if not isinstance(seconds, int) or seconds <= 0:
             raise InvalidArgument("renew takes a positive number of seconds")
-        decision = self.policy_source().decide(self.scan(), caller, lease.group, lease.backend,
+        decision = self.policy_source().decide(self.scan_groups([lease.group]), caller, lease.group, lease.backend,
                                                {"duration": seconds, "persistent": lease.persistent})
         if not decision.allowed:
             raise PermissionDenied(decision.reason)
@@ -369,6 +417,12 @@ class LeaseManager:
     def _verify(self, lease: LeaseRow, be) -> None:
         """A kept lease: every endpoint still on the backend's driver, the hand-over in place."""
         ctx = self.context(lease)
+        for held in self.journal.held(lease.id):
+            addr = PciAddress.parse(held.addr)
+            if held.role == "bridge" and self.kernel.exists(addr) and self.kernel.driver_of(addr):
+                log.warning("lease %s: bridge %s is on %s again; detaching it", lease.id, addr,
+                            self.kernel.driver_of(addr))
+                self.kernel.detach(addr)
         for addr in ctx.endpoints:
             if self.kernel.exists(addr) and self.kernel.driver_of(addr) != be.driver:
                 log.warning("lease %s: %s is on %s, not %s; binding it again", lease.id, addr,

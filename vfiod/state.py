@@ -11,9 +11,11 @@ disk before the sysfs write it announces).  Schema version 1:
     ``granting`` (devices are being moved; a crash here rolls back),
     ``granted`` (handed over), or ``releasing`` (being returned; a crash here
     finishes the return).  ``owner`` is the bus name of the lessee.
-``held(lease, pos, addr, driver, override)``
-    each endpoint's original driver and driver_override, written before the
-    first sysfs write of the lease: the truth a release restores.
+``held(lease, pos, addr, driver, override, role)``
+    each device's original driver and driver_override, written before the
+    first sysfs write of the lease: the truth a release restores.  ``role``
+    is ``endpoint`` (bound to the backend's driver) or ``bridge`` (a bridge
+    of the group on a driver VFIO refuses, such as shpchp: held unbound).
 ``steps(lease, seq, action, addr, record, status, error)``
     the numbered steps of a grant or release: ``intent`` is committed before
     the write, ``done`` after it; an uncommitted step counts as failed.
@@ -45,7 +47,7 @@ CREATE TABLE IF NOT EXISTS leases(
     persistent INTEGER NOT NULL, state TEXT NOT NULL, rule TEXT, memlock INTEGER);
 CREATE TABLE IF NOT EXISTS held(
     lease TEXT NOT NULL, pos INTEGER NOT NULL, addr TEXT NOT NULL, driver TEXT, override TEXT,
-    PRIMARY KEY(lease, pos));
+    role TEXT NOT NULL DEFAULT 'endpoint', PRIMARY KEY(lease, pos));
 CREATE TABLE IF NOT EXISTS steps(
     lease TEXT NOT NULL, seq INTEGER NOT NULL, action TEXT NOT NULL, addr TEXT, record TEXT,
     status TEXT NOT NULL, error TEXT, PRIMARY KEY(lease, seq));
@@ -79,11 +81,12 @@ class LeaseRow:
 
 @attrs.frozen
 class Held:
-    """What an endpoint was before the lease: its original driver and override."""
+    """What a device was before the lease: its original driver and override."""
 
     addr: str
     driver: str | None
     override: str | None
+    role: str = "endpoint"
 
 
 @attrs.frozen
@@ -172,8 +175,8 @@ class Journal:
                 lease.id, lease.group, lease.uid, lease.owner, lease.backend, lease.target,
                 lease.created, lease.expires, int(lease.persistent), lease.state, lease.rule,
                 lease.memlock))
-            self.db.executemany("INSERT INTO held VALUES(?,?,?,?,?)", [
-                (lease.id, i, h.addr, h.driver, h.override) for i, h in enumerate(held)])
+            self.db.executemany("INSERT INTO held VALUES(?,?,?,?,?,?)", [
+                (lease.id, i, h.addr, h.driver, h.override, h.role) for i, h in enumerate(held)])
 
     def set_state(self, lease_id: str, state: str) -> None:
         with self.tx():
@@ -209,7 +212,7 @@ class Journal:
 
     def held(self, lease_id: str) -> list[Held]:
         with self._lock:
-            rows = self.db.execute("SELECT addr, driver, override FROM held WHERE lease=? ORDER BY pos",
+            rows = self.db.execute("SELECT addr, driver, override, role FROM held WHERE lease=? ORDER BY pos",
                                    (lease_id,)).fetchall()
         return [Held(*r) for r in rows]
 

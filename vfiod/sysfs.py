@@ -420,6 +420,27 @@ class SysfsReader:
             physfn=physfn, virtfns=tuple(sorted(virtfns)), net=net, problems=tuple(problems),
         )
 
+    def group_members(self, group: int) -> list[PciAddress]:
+        """The addresses the kernel lists in IOMMU group `group` (empty if there is none)."""
+        try:
+            names = os.listdir(self._s(f"kernel/iommu_groups/{int(group)}/devices"))
+        except (OSError, ValueError):
+            return []
+        return sorted(a for a in map(_addr_or_none, names) if a)
+
+    def group_of(self, addr: PciAddress) -> int | None:
+        target = _readlink(self._s(f"bus/pci/devices/{addr.sysfs_name}/iommu_group"))
+        try:
+            return int(os.path.basename(target)) if target else None
+        except ValueError:
+            return None
+
+    def scan_groups(self, groups) -> list[RawDevice]:
+        """Only the members of `groups`: what a lease needs, without a whole-host scan."""
+        pf_ids: dict = {}
+        addrs = sorted({a for g in groups for a in self.group_members(g)})
+        return [self.read_device(a, pf_ids) for a in addrs]
+
     # ---- host facts
 
     def iommu_groups(self) -> tuple[int, ...]:
@@ -553,6 +574,8 @@ DEV_WRITABLE = (_re.compile(r"vfio/[0-9]{1,6}"), _re.compile(r"vfio/vfio"))
 
 #: Drivers that leave DMA to their owner; binding to anything else is refused.
 TARGET_DRIVERS = ("vfio-pci", "pci-stub")
+#: The driver_override that matches no driver: a probe binds nothing.
+NO_DRIVER = "none"
 
 
 def _check_driver_name(name: str) -> str:
@@ -674,6 +697,18 @@ class Kernel:
         have = self.wait_driver(addr, driver)
         if have != driver:
             raise _KernelError(f"{addr}: probing bound {have or 'no driver'}, not {driver}")
+
+    def detach(self, addr: PciAddress) -> None:
+        """Leave `addr` with no driver, and keep it so: driver_override names no
+        driver ("none"), so a later probe binds nothing."""
+        if not self.exists(addr):
+            raise _KernelError(f"{addr}: the device is gone")
+        if self.override_of(addr) != NO_DRIVER:
+            self.set_override(addr, NO_DRIVER)
+        self.unbind(addr)
+        have = self.wait_driver(addr, None)
+        if have is not None:
+            raise _KernelError(f"{addr}: still on {have} after unbinding")
 
     def restore(self, addr: PciAddress, driver: str | None, override: str | None) -> None:
         """Give `addr` back its recorded driver and driver_override, and verify it.

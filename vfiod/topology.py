@@ -96,7 +96,7 @@ class Device:
             if drv in BRIDGE_DRIVERS:
                 return None
             return (f"bridge {self.addr} is bound to {drv}, which VFIO does not accept: "
-                    f"unbind {self.addr} from {drv}")
+                    f"unbind {self.addr} from {drv} (a lease does this)")
         if drv in VFIO_DRIVERS:
             return None
         if alone:
@@ -146,6 +146,11 @@ class Host:
         raws = reader.scan()
         facts = reader.facts()
         return cls.from_raw(raws, facts)
+
+    @classmethod
+    def scan_groups(cls, reader: k.SysfsReader, groups) -> "Host":
+        """A snapshot of just these groups' devices (isolation is explained within them)."""
+        return cls.from_raw(reader.scan_groups(groups), reader.facts())
 
     @classmethod
     def from_raw(cls, raws: list[k.RawDevice], facts: k.HostFacts) -> "Host":
