@@ -20,7 +20,9 @@ and as done after; an uncommitted step counts as failed):
 6. State ``granted``.
 
 Any failure rolls back in reverse: ``take_back`` of a begun hand-over, then
-``unbind`` (restore) of every endpoint, the failed one included; the error
+``unbind`` (restore) of every bridge and endpoint, the failed one included
+(endpoints in address order, the kernel's boot-time probe order, so network
+interfaces get their old names back where no udev renames them); the error
 names the device, the step and the kernel's message.  Releasing is the same
 walk backwards (state ``releasing``).  On start, `reconcile` rolls back every
 ``granting`` lease, finishes every ``releasing`` one, and keeps ``granted``
@@ -292,7 +294,13 @@ class LeaseManager:
                     self._step("taken-back")
                 except Exception as e:
                     errors.append(f"taking back group {ctx.lease.group}: {e}")
-        for held in reversed(self.journal.held(ctx.lease.id)):
+        held_all = self.journal.held(ctx.lease.id)
+        # Bridges first (the reverse of the grant); then the endpoints in address order,
+        # which is the kernel's probe order at boot: where no udev renames interfaces,
+        # they get back the names they had (eth0 stays eth0).
+        order = [h for h in reversed(held_all) if h.role == "bridge"] + \
+                [h for h in held_all if h.role != "bridge"]
+        for held in order:
             addr = PciAddress.parse(held.addr)
             if not self.kernel.exists(addr):
                 continue        # gone (removed): nothing to give back
