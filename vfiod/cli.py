@@ -102,12 +102,34 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
+def cmd_daemon(args) -> int:
+    import asyncio
+
+    from .daemon import serve
+
+    return asyncio.run(serve(args))
+
+
 def vfiod_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vfiod", formatter_class=_Formatter,
-        description="vfiod: PCI driver rebinding and VFIO IOMMU-group leasing under admin policy.",
+        description="vfiod: PCI driver rebinding and VFIO IOMMU-group leasing under admin policy.\n\n"
+                    "Without a command it runs the daemon (as root, on the system bus);\n"
+                    "`vfiod inspect` shows the host offline.",
+        epilog="examples:\n  vfiod --simulate --bus session      the daemon on a simulated ICH10 host\n"
+               "  vfiod inspect --explain",
     )
     p.add_argument("--version", action="version", version=f"vfiod {__version__}")
+    p.add_argument("--bus", default="system", metavar="system|session|ADDRESS",
+                   help="the bus to serve on (default: system)")
+    add_root_options(p, dev=True)
+    p.add_argument("--policy-dir", default="/etc/vfiod/policy.d", metavar="DIR",
+                   help="policy files, read in name order (default: /etc/vfiod/policy.d)")
+    p.add_argument("--state-dir", default="/var/lib/vfiod", metavar="DIR",
+                   help="where the journal (state.db) lives (default: /var/lib/vfiod)")
+    p.add_argument("--sim-dir", metavar="DIR",
+                   help="with --simulate: lay the simulated host out here (kept, reused on restart)")
+    p.set_defaults(func=cmd_daemon)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     ins = sub.add_parser("inspect", help="show IOMMU groups, viability and isolation (offline)",
                          description=INSPECT_HELP, formatter_class=_Formatter)
@@ -118,8 +140,28 @@ def vfiod_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(parser: argparse.ArgumentParser, argv) -> int:
+def vfioctl_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vfioctl", formatter_class=_Formatter,
+        description="vfioctl: ask vfiod for IOMMU groups, explanations and leases; check policy files.",
+    )
+    p.add_argument("--version", action="version", version=f"vfioctl {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    from .ctl import add_bus_commands
+
+    from .policy_cli import add_policy_commands
+
+    add_bus_commands(sub, _Formatter)
+    add_policy_commands(sub, _Formatter)
+    return p
+
+
+def run(parser: argparse.ArgumentParser, argv, command=None) -> int:
     args = parser.parse_args(argv)
+    if command:
+        if not hasattr(args, "run_command"):
+            parser.error("only `vfioctl lease` takes a command after --")
+        args.run_command = command
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -136,6 +178,15 @@ def run(parser: argparse.ArgumentParser, argv) -> int:
 
 def vfiod_main(argv=None) -> int:
     return run(vfiod_parser(), argv)
+
+
+def vfioctl_main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in argv:                      # vfioctl lease T [options] -- CMD ARGS...
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
+    return run(vfioctl_parser(), argv, command)
 
 
 def main() -> None:  # python -m vfiod

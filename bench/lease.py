@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Lease speed: vfiod's grant + release against a raw driver_override rebind of the same group.
+
+Two parts, printed in one run:
+
+* simulated kernel (always): vfiod's own overhead per grant + release of the
+  ICH10 host's group 8 (two endpoints), journal included, against the same
+  rebinding done with the kernel calls alone; median of N rounds;
+* real kernel (``--guest``, needs QEMU): inside the QEMU guest, a raw
+  driver_override rebind to vfio-pci and return of the two-e1000 bridge
+  group, then a LeaseManager grant + release of the same group; median of
+  N rounds each, and their ratio (target <= 1.25x).
+
+    .venv/bin/python bench/lease.py [--rounds 20] [--guest]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+POLICY = '[[rule]]\ngroup = [{group}]\nuids = [0]\nbackends = ["vfio", "pci-stub"]\n'
+
+
+def manager_for(kernel, state_dir, group):
+    from vfiod.backends import load_backends
+    from vfiod.leases import LeaseManager
+    from vfiod.policy import Policy
+    from vfiod.state import Journal
+
+    pdir = os.path.join(state_dir, "policy")
+    os.makedirs(pdir, exist_ok=True)
+    with open(os.path.join(pdir, "bench.toml"), "w") as f:
+        f.write(POLICY.format(group=group))
+    policy = Policy.load(pdir)
+    return LeaseManager(kernel, Journal(os.path.join(state_dir, "state.db")), lambda: policy, load_backends())
+
+
+def measure(rounds, raw_round, lease_round):
+    raw, lease = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        raw_round()
+        t1 = time.perf_counter()
+        lease_round()
+        t2 = time.perf_counter()
+        raw.append(t1 - t0)
+        lease.append(t2 - t1)
+    return statistics.median(raw), statistics.median(lease)
+
+
+def rounds_for(kernel, manager, group, endpoints, bridges=()):
+    """The raw round does by hand what makes the group usable: endpoints to vfio-pci,
+    bridges on a driver VFIO refuses (shpchp) unbound; then everything back."""
+    from vfiod.policy import Caller
+
+    admin = Caller(0)
+    held = [(a, kernel.driver_of(a), kernel.override_of(a)) for a in endpoints]
+    held_bridges = [(a, kernel.driver_of(a), kernel.override_of(a)) for a in bridges]
+
+    def raw_round():
+        for a, _, _ in held:
+            kernel.bind(a, "vfio-pci")
+        for a, _, _ in held_bridges:
+            kernel.detach(a)
+        for a, drv, ovr in reversed(held + held_bridges):
+            kernel.restore(a, drv, ovr)
+
+    def lease_round():
+        lease = manager.request(admin, f"group:{group}", "vfio", {"force": True})
+        manager.release(lease.id, admin)
+
+    return raw_round, lease_round
+
+
+def simulated(rounds: int) -> dict:
+    from vfiod import hosts
+    from vfiod.address import PciAddress
+    from vfiod.simkernel import SimKernel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        roots = hosts.build("ich10", os.path.join(tmp, "host"))
+        kernel = SimKernel.for_spec(hosts.ICH10, roots)
+        manager = manager_for(kernel, os.path.join(tmp, "state"), 8)
+        eps = [PciAddress.parse("0000:04:00.0"), PciAddress.parse("0000:05:00.0")]
+        raw, lease = measure(rounds, *rounds_for(kernel, manager, 8, eps))
+    return {"raw_ms": raw * 1000, "lease_ms": lease * 1000, "overhead_ms": (lease - raw) * 1000}
+
+
+GUEST_SCRIPT = r'''
+import json, os, sys, time
+sys.path.insert(0, "{root}")
+sys.argv = ["lease.py"]
+import importlib.util
+spec = importlib.util.spec_from_file_location("bench_lease", "{root}/bench/lease.py")
+b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
+from vfiod.address import PciAddress
+from vfiod.sysfs import Kernel, Roots
+from vfiod.topology import Host
+from vfiod.sysfs import SysfsReader
+kernel = Kernel(Roots())
+host = Host.scan(SysfsReader(Roots()))
+group = next(g for g in host.groups.values() if any(str(a) == "0000:02:01.0" for a in g.members))
+eps = [d.addr for d in host.endpoints(group)]
+bridges = [a for a in group.members if host.devices[a].is_bridge and host.devices[a].driver not in (None, "pcieport")]
+os.makedirs("/run/vfiod-bench", exist_ok=True)
+manager = b.manager_for(kernel, "/run/vfiod-bench", group.number)
+kernel.load_driver("vfio-pci")
+raw, lease = b.measure({rounds}, *b.rounds_for(kernel, manager, group.number, eps, bridges))
+drivers = {{str(a): kernel.driver_of(a) for a in eps}}
+json.dump({{"raw_ms": raw * 1000, "lease_ms": lease * 1000, "group": group.number,
+           "endpoints": [str(a) for a in eps], "bridges": [str(a) for a in bridges], "drivers_after": drivers}}, open(os.environ["OUT"] + "/lease.json", "w"))
+'''
+
+
+def guest(rounds: int) -> dict:
+    from tests.guest.harness import Guest, guest_available
+
+    ok, why = guest_available()
+    if not ok:
+        return {"skipped": why}
+    res = Guest(topology="bridge").run(
+        "python3 - <<'EOF'\n" + GUEST_SCRIPT.format(root=ROOT, rounds=rounds) + "\nEOF\n", timeout=900)
+    if res.returncode != 0 or "lease.json" not in res.files:
+        return {"error": res.output[-2000:]}
+    return json.loads(res.files["lease.json"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--guest", action="store_true", help="also measure on the real kernel in the QEMU guest")
+    args = ap.parse_args()
+    sim = simulated(args.rounds)
+    print(f"simulated kernel, ICH10 group 8 (2 endpoints), median of {args.rounds}:")
+    print(f"  raw rebind + return:      {sim['raw_ms']:.1f} ms")
+    print(f"  vfiod grant + release:    {sim['lease_ms']:.1f} ms")
+    print(f"  vfiod's own overhead:     {sim['overhead_ms']:.1f} ms per grant + release (journal included)")
+    if args.guest:
+        g = guest(max(3, args.rounds // 4))
+        if "skipped" in g or "error" in g:
+            print(f"real kernel: not measured ({g.get('skipped') or g.get('error')})")
+            return 1 if "error" in g else 0
+        print(f"real kernel (QEMU guest, TCG), group {g['group']}: endpoints {g['endpoints']}, "
+              f"bridges held unbound {g['bridges']}:")
+        print(f"  raw driver_override rebind + return: {g['raw_ms']:.0f} ms")
+        print(f"  LeaseManager grant + release:        {g['lease_ms']:.0f} ms")
+        print(f"  ratio: {g['lease_ms'] / g['raw_ms']:.2f} (target <= 1.25); drivers after: {g['drivers_after']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Policy test data: good and bad policy files, and `kit`, what the policy tests share."""

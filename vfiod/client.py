@@ -1,0 +1,76 @@
+"""`vfioctl`'s side of the bus: calls with timeouts, errors mapped back to `VfiodError`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dbus_next import Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+
+from . import errors
+from .bus import BUS_NAME, ROOT
+from .daemon import _bus_args
+
+DEFAULT_TIMEOUT = 30.0
+_BY_NAME = {cls.dbus_name: cls for cls in errors.ALL_ERRORS if cls.dbus_name.startswith("org.vfiod1.")}
+
+
+class Client:
+    def __init__(self, bus_spec: str = "system", timeout: float = DEFAULT_TIMEOUT):
+        self.bus_spec = bus_spec
+        self.timeout = timeout
+        self.bus: MessageBus | None = None
+
+    async def connect(self) -> "Client":
+        try:
+            self.bus = await asyncio.wait_for(
+                MessageBus(negotiate_unix_fd=True, **_bus_args(self.bus_spec)).connect(), self.timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise errors.BackendFailed(f"cannot reach the {self.bus_spec} bus: {e or 'timed out'}") from None
+        return self
+
+    def close(self) -> None:
+        if self.bus:
+            self.bus.disconnect()
+
+    async def call(self, path: str, interface: str, member: str, signature: str = "", body=(),
+                   timeout: float | None = None):
+        msg = Message(destination=BUS_NAME, path=path, interface=interface, member=member,
+                      signature=signature, body=list(body))
+        try:
+            reply = await asyncio.wait_for(self.bus.call(msg), timeout or self.timeout)
+        except asyncio.TimeoutError:
+            raise errors.BackendFailed(f"vfiod did not answer {member} within {timeout or self.timeout:g} s") from None
+        if reply.message_type == MessageType.ERROR:
+            text = reply.body[0] if reply.body else reply.error_name
+            if reply.error_name in ("org.freedesktop.DBus.Error.ServiceUnknown",
+                                    "org.freedesktop.DBus.Error.NameHasNoOwner"):
+                raise errors.BackendFailed("vfiod is not running (no org.vfiod1 on the bus)")
+            if reply.error_name == "org.freedesktop.DBus.Error.AccessDenied":
+                raise errors.PermissionDenied(f"the bus refused the call: {text}")
+            raise _BY_NAME.get(reply.error_name, errors.VfiodError)(text)
+        return reply
+
+    async def managed_objects(self) -> dict:
+        reply = await self.call(ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
+        return {path: {iface: {k: v.value for k, v in props.items()} for iface, props in ifaces.items()}
+                for path, ifaces in reply.body[0].items()}
+
+    async def properties(self, path: str, interface: str) -> dict:
+        reply = await self.call(path, "org.freedesktop.DBus.Properties", "GetAll", "s", [interface])
+        return {k: v.value for k, v in reply.body[0].items()}
+
+    async def request_lease(self, target: str, backend: str = "", duration: int | None = None,
+                            persistent: bool = False, force: bool = False) -> str:
+        options = {}
+        if duration:
+            options["duration"] = Variant("t", duration)
+        if persistent:
+            options["persistent"] = Variant("b", True)
+        if force:
+            options["force"] = Variant("b", True)
+        reply = await self.call(ROOT, "org.vfiod1.Manager", "RequestLease", "ssa{sv}", [target, backend, options])
+        return reply.body[0]
+
+    async def lease_call(self, path: str, member: str, signature: str = "", body=()):
+        return await self.call(path, "org.vfiod1.Lease", member, signature, body)

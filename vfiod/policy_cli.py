@@ -1,0 +1,252 @@
+"""`vfioctl policy`: check policy files and ask "would this user get that device?" offline.
+
+No daemon and no bus: the commands read the policy directory and (for
+``test``) this host's sysfs, or a simulated host.  Failures are `VfiodError`s;
+`vfiod.cli.run` prints them and maps them to exit codes (2 for a broken
+policy, 3 for a denial).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import InvalidArgument, PermissionDenied
+
+POLICY_HELP = """\
+Work with vfiod's policy offline: check the files, and test what a user would
+get.  The daemon reads every *.toml file of its policy directory
+(/etc/vfiod/policy.d) in name order; deny by default.  The file format is
+described in `pydoc vfiod.policy` and by the examples in the source's policy/.
+
+A file holds [[rule]] tables (which devices, who, which backends, how long),
+[[resource]] tables (named devices, leased as name:NAME) and [[claim]] tables
+(persistent leases taken at boot).  For each device the first rule that
+matches both the device and the caller decides; a group is allowed only if
+every endpoint in it is.
+
+commands:
+  check   validate the files and list rules, resources and claims
+  test    would a user get a device or group?  (exit 0 yes, 3 no)
+
+examples:
+  vfioctl policy check
+  vfioctl policy test --user alice 0000:04:00.0
+"""
+
+CHECK_HELP = """\
+Read every *.toml file of DIR (default /etc/vfiod/policy.d) exactly as the
+daemon does, and list what it found: each rule with the file and line it comes
+from, the devices it matches, who it names and what it grants, then the named
+resources and the boot claims.  Users and groups are looked up on this system.
+
+A broken file refuses the whole policy: the message names the file, the line
+and the key (for instance "10-nics.toml:7: key 'backnds': unknown key").  Check
+after every edit, before `systemctl reload vfiod`: the daemon keeps the last
+good policy when the new one is broken.
+
+exit status:
+  0  the policy is valid
+  2  it is not (the message says where and why)
+
+examples:
+  vfioctl policy check
+  vfioctl policy check ./policy.d
+"""
+
+TEST_HELP = """\
+Answer "would USER get TARGET?" with the policy in --policy-dir and the devices
+of this host (or of a simulated one), device by device, naming the rule that
+decided each (file:line) or "no rule matched (deny by default)".  VFIO leases
+whole IOMMU groups: the answer is yes only if every endpoint of the target's
+group is allowed (bridges and ports are exempt).
+
+TARGET is a PCI address (0000:04:00.0 or 04:00.0), group:N or name:RESOURCE.
+USER is a user name or a numeric uid; their groups come from this system.
+Give --backend, --duration and --persistent to test the terms of a request
+too; without --backend the answer names the backend the rules default to.
+Nothing is leased and the daemon is not asked.
+
+exit status:
+  0  allowed
+  3  denied
+  1  the target is not on this host, or a named resource's hardware changed
+  2  usage error or broken policy
+
+examples:
+  vfioctl policy test --user alice 0000:01:00.0
+  vfioctl policy test --user dpdk-svc --persistent name:fast-nic
+  vfioctl policy test --user 1000 --policy-dir ./policy.d --simulate ich10 group:8
+"""
+
+
+def add_policy_commands(subparsers, formatter_class) -> None:
+    """Add ``policy check`` and ``policy test`` to vfioctl's sub-commands."""
+    from .cli import add_root_options
+    from .policy import DEFAULT_DIR
+
+    p = subparsers.add_parser("policy", help="check policy files; test what a user would get (offline)",
+                              description=POLICY_HELP, formatter_class=formatter_class)
+    p.set_defaults(func=lambda args: _usage(p))
+    sub = p.add_subparsers(dest="policy_command", metavar="COMMAND")
+
+    check = sub.add_parser("check", help="validate the policy files and list their rules",
+                           description=CHECK_HELP, formatter_class=formatter_class)
+    check.add_argument("directory", nargs="?", default=DEFAULT_DIR, metavar="DIR",
+                       help=f"the policy directory (default: {DEFAULT_DIR})")
+    check.set_defaults(func=cmd_check)
+
+    test = sub.add_parser("test", help="would USER get TARGET? (exit 0 yes, 3 no)",
+                          description=TEST_HELP, formatter_class=formatter_class)
+    test.add_argument("target", metavar="TARGET", help="0000:04:00.0, 04:00.0, group:N or name:RESOURCE")
+    test.add_argument("--user", required=True, metavar="USER", help="a user name or a numeric uid")
+    test.add_argument("--backend", default="", metavar="NAME",
+                      help="vfio, libvirt, pci-stub, … (default: the one the rules default to)")
+    test.add_argument("--policy-dir", default=DEFAULT_DIR, metavar="DIR",
+                      help=f"the policy directory (default: {DEFAULT_DIR})")
+    test.add_argument("--duration", type=_duration, default=0, metavar="D",
+                      help="ask for a lease this long: 90s, 30m, 8h, 2d, 1h30m (default: none)")
+    test.add_argument("--persistent", action="store_true", help="ask for a persistent lease")
+    add_root_options(test)
+    test.set_defaults(func=cmd_test)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _duration(text: str) -> int:
+    from .policy import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _backends() -> tuple[str, ...]:
+    """The backend names the daemon would know: the built-in ones and those plugins register."""
+    from .policy import KNOWN_BACKENDS
+
+    try:
+        from .backends import load_backends
+
+        return tuple(dict.fromkeys((*KNOWN_BACKENDS, *load_backends())))
+    except Exception as e:      # a broken plugin must not stop a policy check
+        print(f"vfioctl: warning: cannot load backend plugins ({e}); "
+              f"knowing only {', '.join(KNOWN_BACKENDS)}", file=sys.stderr)
+        return KNOWN_BACKENDS
+
+
+def _load(directory: str):
+    from . import policy
+
+    return policy.Policy.load(directory, backends=_backends(), users=policy.system_users())
+
+
+# ---------------------------------------------------------------- check
+
+def cmd_check(args) -> int:
+    pol = _load(args.directory)
+    out = sys.stdout
+    print(f"Policy {args.directory}: {_count(len(pol.files), 'file')}, {_count(len(pol.rules), 'rule')}, "
+          f"{_count(len(pol.resources), 'resource')}, {_count(len(pol.claims), 'claim')}.", file=out)
+    if pol.rules:
+        print("\nRules, in the order they are tried:", file=out)
+    for rule in pol.rules:
+        title = f"  {rule.source}: {rule.action}"
+        print(title + (f" — {rule.comment}" if rule.comment else ""), file=out)
+        print(f"      devices: {rule.describe_devices()}", file=out)
+        print(f"      who:     {rule.describe_who()}", file=out)
+        if rule.allows:
+            print(f"      grants:  {rule.describe_grant()}", file=out)
+    if pol.resources:
+        print("\nResources (lease them as name:NAME):", file=out)
+    for res in pol.resources.values():
+        print(f"  {res.name} ({res.source})" + (f" — {res.comment}" if res.comment else ""), file=out)
+        for d in res.devices:
+            print(f"      {d.describe()}", file=out)
+    if pol.claims:
+        print("\nClaims (persistent leases taken when vfiod starts):", file=out)
+    for c in pol.claims:
+        backend = c.backend or "the default backend"
+        print(f"  {c.source}: {c.target} for {c.user} (uid {c.uid}) with {backend}"
+              + (f" — {c.comment}" if c.comment else ""), file=out)
+    if not pol.rules:
+        print("\nNo rules: every request is denied.", file=out)
+    print("\nThe policy is valid.", file=out)
+    return 0
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+# ---------------------------------------------------------------- test
+
+def cmd_test(args) -> int:
+    from . import policy
+    from .cli import host_roots
+    from .sysfs import SysfsReader
+    from .topology import Host
+
+    users = policy.system_users()
+    uid, name = _user(args.user, users)
+    caller = policy.Caller(uid=uid, gids=users.groups_of(uid))
+    pol = _load(args.policy_dir)
+    with host_roots(args) as roots:
+        host = Host.scan(SysfsReader(roots))
+    options = {"duration": args.duration, "persistent": args.persistent}
+    target, decision = pol.decide_target(host, caller, args.target, args.backend, options)
+
+    groups = ", ".join(users.group_name(g) or str(g) for g in sorted(caller.gids)) or "none"
+    print(f"User {name or '(no such user)'} (uid {uid}; groups: {groups})")
+    terms = [f"backend {args.backend or '(the default)'}"]
+    if args.duration:
+        terms.append(f"for {policy.format_duration(args.duration)}")
+    if args.persistent:
+        terms.append("persistent")
+    members = host.groups[target.group].members
+    print(f"Target {args.target}: IOMMU group {target.group} ({_count(len(members), 'device')}); "
+          f"asking for {', '.join(terms)}")
+    print()
+    for d in decision.devices:
+        dev = host.devices[d.address]
+        if dev.is_bridge:
+            verdict, why = "exempt", "bridge or port"
+        elif d.allowed:
+            verdict, why = "allowed", f"rule {d.rule}"
+        else:
+            verdict, why = "denied", d.reason
+        ids = f"{_hex(dev.raw.vendor)}:{_hex(dev.raw.device)}"
+        print(f"  {d.address}  {ids}  {dev.driver or '(no driver)':<14} {verdict:<8} {why}")
+    print()
+    if not decision.allowed:
+        print(f"DENIED: {decision.reason}")
+        return PermissionDenied.exit_code
+    grant = [f"backend {decision.backend}"]
+    grant.append(f"at most {policy.format_duration(decision.max_duration)}" if decision.max_duration
+                 else "no duration cap")
+    grant.append("persistent leases allowed" if decision.persistent else "no persistent leases")
+    grant.append(f"RLIMIT_MEMLOCK {policy.format_size(decision.memlock)}" if decision.memlock
+                 else "no RLIMIT_MEMLOCK grant")
+    print(f"ALLOWED by rule {decision.rule}: {'; '.join(grant)}")
+    return 0
+
+
+def _user(text: str, users) -> tuple[int, str | None]:
+    """(uid, name) of a user name or numeric uid; `InvalidArgument` for an unknown name."""
+    if text.isdigit():
+        uid = int(text)
+        if uid > 0xFFFFFFFE:
+            raise InvalidArgument(f"not a uid: {text}")
+        return uid, users.user_name(uid)
+    uid = users.uid(text)
+    if uid is None:
+        raise InvalidArgument(f"no user named {text!r} on this system")
+    return uid, text
+
+
+def _hex(v: int | None) -> str:
+    return "????" if v is None else f"{v:04x}"
