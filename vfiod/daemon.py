@@ -326,7 +326,10 @@ async def serve(args) -> int:
     if sim_dir:
         log.info("simulated host %s in %s", args.simulate, sim_dir)
     backends = load_backends()
-    store = PolicyStore(args.policy_dir, backends=tuple(backends))
+    # Policy may name every backend vfiod knows, loaded or not (a request for one that
+    # is not loaded is refused then, with its name); plugins may add more names.
+    from .policy import KNOWN_BACKENDS
+    store = PolicyStore(args.policy_dir, backends=tuple(dict.fromkeys((*KNOWN_BACKENDS, *backends))))
     try:
         store.reload()
     except PolicyError as e:

@@ -195,7 +195,8 @@ class LeaseManager:
             be = self._backend(decision.backend or backend)
             plan = self._plan(host, group, caller, options)
             now = self.clock()
-            duration = int(options.get("duration") or 0)
+            # A lease asked for no duration still ends at the rule's cap, if it has one.
+            duration = int(options.get("duration") or 0) or int(decision.max_duration or 0)
             lease = LeaseRow(
                 id=secrets.token_hex(8), group=group, uid=caller.uid, owner=owner, backend=be.name,
                 target=target, created=now, expires=now + duration if duration else 0.0,

@@ -285,3 +285,19 @@ def test_corrupt_or_newer_state_file_is_refused_untouched(tmp_path):
     with pytest.raises(StateError, match="newer vfiod"):
         Journal(str(newer))
     assert newer.read_bytes() == data
+
+
+def test_the_rules_duration_cap_applies_when_the_request_names_none(tmp_path):
+    from vfiod.policy import Policy
+    pdir = tmp_path / "policy"
+    pdir.mkdir()
+    (pdir / "10.toml").write_text('[[rule]]\ngroup = [8]\nuids = [1000]\nbackends = ["vfio"]\nmax_duration = "2h"\n')
+    kit = Kit(tmp_path, "ich10")
+    policy = Policy.load(str(pdir))
+    kit.manager.policy_source = lambda: policy
+    kit.manager.clock = lambda: 1000.0
+    lease = kit.manager.request(USER, "group:8", "", {})
+    assert lease.backend == "vfio" and lease.expires == 1000.0 + 7200
+    kit.manager.release(lease.id, USER)
+    with pytest.raises(PermissionDenied, match="allows at most 2h"):
+        kit.manager.request(USER, "group:8", "", {"duration": 3 * 3600})
