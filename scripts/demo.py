@@ -19,31 +19,10 @@ import textwrap
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from vfiod.privatebus import PrivateBus  # noqa: E402
 BIN = os.path.join(ROOT, ".venv", "bin")
 USER = "vfiotest"
-
-BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"""
 
 POLICY = """# The demo's policy: vfiotest may lease the two NICs of group 8 with the raw vfio backend.
 [[rule]]
@@ -89,10 +68,6 @@ def main() -> int:
     os.chmod(tmp, 0o755)
     procs = []
     try:
-        socket = os.path.join(tmp, "bus")
-        addr = f"unix:path={socket}"
-        with open(os.path.join(tmp, "bus.conf"), "w") as f:
-            f.write(BUS_CONF.format(socket=socket, policy=os.path.join(ROOT, "systemd/org.vfiod1.conf")))
         policy_dir = os.path.join(tmp, "policy.d")
         os.makedirs(policy_dir)
         with open(os.path.join(policy_dir, "50-demo.toml"), "w") as f:
@@ -102,10 +77,9 @@ def main() -> int:
             f.write(PROBE)
         os.chmod(probe, 0o644)
 
-        bus = subprocess.Popen(["dbus-daemon", f"--config-file={tmp}/bus.conf", "--nofork", "--print-address"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        procs.append(bus)
-        bus.stdout.readline()
+        bus = PrivateBus(tmp, os.path.join(ROOT, "systemd/org.vfiod1.conf"))
+        procs.append(bus.process)
+        addr = bus.address
         say("1. A private system bus is up, with vfiod's own D-Bus policy. vfiod starts as root on the "
             "built-in simulated ICH10 host (a fake sysfs tree with the kernel's bind/unbind semantics), "
             "with this policy:")

@@ -173,16 +173,7 @@ class HostFacts:
 # ---------------------------------------------------------------- low-level reads
 
 def _read(path: str, limit: int = 4096) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, limit)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    return _read_at(None, path, limit)
 
 
 def _text(path: str) -> str | None:
@@ -205,7 +196,9 @@ def _int(path: str, base: int = 0) -> int | None:
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def _read_at(dfd: int, name: str, limit: int = 4096) -> bytes | None:
+def _read_at(dfd: int | None, name: str, limit: int = 4096) -> bytes | None:
+    """Read up to `limit` bytes of `name` (relative to the directory fd `dfd`, if given);
+    None if it cannot be read."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
     except OSError:
@@ -218,7 +211,7 @@ def _read_at(dfd: int, name: str, limit: int = 4096) -> bytes | None:
         os.close(fd)
 
 
-def _readlink_at(dfd: int, name: str) -> str | None:
+def _readlink_at(dfd: int | None, name: str) -> str | None:
     try:
         return os.readlink(name, dir_fd=dfd)
     except OSError:
@@ -239,10 +232,7 @@ def _listdir_at(dfd: int, name: str) -> tuple[str, ...]:
 
 
 def _readlink(path: str) -> str | None:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return None
+    return _readlink_at(None, path)
 
 
 def _resolve_rel(root: str, link_dir_rel: str, target: str) -> str | None:

@@ -11,39 +11,11 @@ import time
 
 import pytest
 
+from vfiod.privatebus import PrivateBus
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 TEST_USER = "vfiotest"
-
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_requested_reply="true"/>
-  </policy>
-  <include>{vfiod_conf}</include>
-  <limit name="max_connections_per_user">1000</limit>
-  <limit name="max_completed_connections">2000</limit>
-  <limit name="max_incomplete_connections">500</limit>
-  <limit name="max_pending_service_starts">1000</limit>
-  <limit name="max_replies_per_connection">1000</limit>
-</busconfig>
-"""
 
 POLICY = """
 [[rule]]
@@ -85,12 +57,8 @@ class BusWorld:
         self.state_dir = os.path.join(self.dir, "state")
         self.sim_dir = os.path.join(self.dir, "sim")
         self.topology = topology
-        conf = os.path.join(self.dir, "bus.conf")
-        with open(conf, "w") as f:
-            f.write(BUS_CONFIG.format(socket=self.socket, vfiod_conf=os.path.join(ROOT, "systemd/org.vfiod1.conf")))
-        self.bus = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork", "--print-address"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.bus.stdout.readline()
+        self.bus = PrivateBus(self.dir, os.path.join(ROOT, "systemd/org.vfiod1.conf"))
+        assert self.bus.address == self.address
         self.daemon = None
         self.start_daemon()
 
@@ -156,8 +124,7 @@ class BusWorld:
 
     def close(self):
         self.stop_daemon()
-        self.bus.terminate()
-        self.bus.wait(10)
+        self.bus.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
