@@ -15,7 +15,6 @@ sender gives uid, pid and groups; it is cached per unique name and dropped on
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
 import logging
@@ -29,13 +28,21 @@ from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, m
 from . import __version__
 from .address import PciAddress
 from .errors import BackendFailed, InvalidArgument, VfiodError
-from .policy import Caller
 
 log = logging.getLogger("vfiod.bus")
 
 BUS_NAME = "org.vfiod1"
 ROOT = "/org/vfiod1"
 _current_msg: contextvars.ContextVar[Message | None] = contextvars.ContextVar("vfiod_msg", default=None)
+
+
+def bus_args(spec: str) -> dict:
+    """MessageBus arguments for ``system``, ``session`` or a bus address."""
+    if spec == "system":
+        return {"bus_type": BusType.SYSTEM}
+    if spec == "session":
+        return {"bus_type": BusType.SESSION}
+    return {"bus_address": spec}
 
 
 def group_path(n: int) -> str:

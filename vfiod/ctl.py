@@ -8,10 +8,10 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
+import time
 
-from .errors import InvalidArgument, PermissionDenied
+from .errors import InvalidArgument
 from .pciids import PciIds
 from .report import render_groups
 
@@ -152,7 +152,7 @@ def cmd_leases(args) -> int:
         else:
             print(f"{'LEASE':<18} {'GROUP':>5} {'UID':>6} {'BACKEND':<9} {'PERSISTENT':<10} EXPIRES")
             for r in rows:
-                exp = "never" if not r["expires"] else f"in {max(0, r['expires'] - int(__import__('time').time()))} s"
+                exp = "never" if not r["expires"] else f"in {max(0, r['expires'] - int(time.time()))} s"
                 print(f"{r['id']:<18} {r['group']:>5} {r['owner']:>6} {r['backend']:<9} "
                       f"{'yes' if r['persistent'] else 'no':<10} {exp}")
         return EXIT_OK
@@ -176,7 +176,7 @@ def cmd_lease(args) -> int:
             if args.persistent:
                 print(lease_id)
                 return EXIT_OK
-            print(f"vfioctl: holding the lease; Ctrl-C (or SIGTERM) releases it", file=sys.stderr)
+            print("vfioctl: holding the lease; Ctrl-C (or SIGTERM) releases it", file=sys.stderr)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -205,16 +205,18 @@ async def _run_with_lease(client, path, props, group, command) -> int:
         env["VFIOD_GROUP_PATH"] = props.get("GroupPath") or f"/dev/vfio/{group}"
     env["VFIOD_LEASE"] = path.rsplit("/", 1)[-1]
     memlock = props.get("Memlock") or 0
-    preexec = None
-    if memlock:
-        def preexec():
-            import resource
-            soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-            want = max(memlock, soft if soft != resource.RLIM_INFINITY else memlock)
-            try:
-                resource.setrlimit(resource.RLIMIT_MEMLOCK, (want, max(want, hard) if hard != resource.RLIM_INFINITY else hard))
-            except (ValueError, OSError):
-                pass
+
+    def preexec():
+        """In the child: raise RLIMIT_MEMLOCK's soft limit toward the policy's grant (as far
+        as the hard limit lets an unprivileged process go)."""
+        if not memlock:
+            return
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        want = memlock if hard == resource.RLIM_INFINITY else min(memlock, hard)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (want, hard))
+
     proc = await asyncio.create_subprocess_exec(*command, env=env, pass_fds=fds, preexec_fn=preexec)
     for fd in fds:
         os.close(fd)          # the child has it; the group opens once, so do not hold it here

@@ -16,17 +16,16 @@ import socket
 import sys
 import tempfile
 
-from dbus_next import BusType, Message, MessageType
+from dbus_next import Message, MessageType
 from dbus_next.constants import RequestNameReply
 
 from . import bus as busmod
 from .address import PciAddress
 from .backends import load_backends
-from .errors import (BackendFailed, InvalidArgument, NotFound, PermissionDenied, PolicyError,
-                     VfiodError)
+from .errors import InvalidArgument, PermissionDenied, PolicyError, VfiodError
 from .leases import Ended, LeaseManager
 from .pciids import PciIds
-from .policy import Caller, Policy, PolicyStore
+from .policy import Caller, PolicyStore
 from .state import Journal
 from .sysfs import Kernel, Roots
 from .topology import Host
@@ -110,7 +109,7 @@ class Service:
 
     def _publish(self, old: Host, new: Host) -> None:
         for n, iface in self._groups.items():
-            g_old, g_new = old.groups.get(n), new.groups.get(n)
+            g_new = new.groups.get(n)
             if g_new is None:
                 continue
             iface.emit_properties_changed({
@@ -291,14 +290,6 @@ class Service:
         await self._run(self._refresh)
 
 
-def _bus_args(spec: str):
-    if spec == "system":
-        return {"bus_type": BusType.SYSTEM}
-    if spec == "session":
-        return {"bus_type": BusType.SESSION}
-    return {"bus_address": spec}
-
-
 def make_kernel(args):
     """The real kernel below the given roots, or a simulated host laid out in --sim-dir."""
     if not args.simulate:
@@ -337,7 +328,7 @@ async def serve(args) -> int:
     journal = Journal(os.path.join(args.state_dir, "state.db"))
     service = Service(kernel, journal, store, backends)
     service.loop = asyncio.get_running_loop()
-    bus = await busmod.VfiodBus(negotiate_unix_fd=True, **_bus_args(args.bus)).connect()
+    bus = await busmod.VfiodBus(negotiate_unix_fd=True, **busmod.bus_args(args.bus)).connect()
     service.bus = bus
     busmod.install_caller_tracking(bus)
     bus.add_message_handler(service.on_message)

@@ -123,7 +123,7 @@ def test_reload_policy_is_admin_only_and_a_broken_one_is_refused(world):
     assert "PermissionDenied" in p.stderr or "only root" in p.stderr
     with open(os.path.join(world.policy_dir, "60-broken.toml"), "w") as f:
         f.write("[[rule]]\nusres = ['x']\n")
-    p = world.python(p_code := (
+    p = world.python((
         "import asyncio,os\n"
         "from vfiod.client import Client\n"
         "async def m():\n"

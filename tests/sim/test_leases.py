@@ -7,7 +7,7 @@ import pytest
 
 from vfiod import acl, hosts
 from vfiod.address import PciAddress
-from vfiod.errors import Busy, KernelError, NotViable, PermissionDenied, InvalidArgument, NotFound, StateError
+from vfiod.errors import Busy, KernelError, PermissionDenied, InvalidArgument, NotFound, StateError
 from vfiod.simkernel import Fault
 from vfiod.state import Journal
 

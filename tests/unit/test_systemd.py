@@ -22,7 +22,6 @@ def test_systemd_analyze_verify_passes(unit, tmp_path):
     text = text.replace("/usr/bin/vfiod", vfiod).replace("/usr/bin/dpdk-testpmd", "/bin/true")
     path = tmp_path / unit
     path.write_text(text)
-    extra = []
     if unit == "dpdk-example.service":     # it requires vfiod.service: give verify one to find
         (tmp_path / "vfiod.service").write_text(open(os.path.join(ROOT, "systemd/vfiod.service")).read()
                                                 .replace("/usr/bin/vfiod", vfiod))
