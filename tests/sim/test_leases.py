@@ -94,9 +94,9 @@ FAULT_POINTS = [(op, addr, kind) for addr in NICS for op, kind in
 
 @pytest.mark.parametrize("op,addr,kind", FAULT_POINTS, ids=[f"{o}-{a}-{k}" for o, a, k in FAULT_POINTS])
 def test_a_fault_at_any_step_rolls_back_to_the_exact_prior_state(op, addr, kind, tmp_path):
-    kit = Kit(tmp_path, spec=BRIDGE3, write_timeout=0.3)
+    kit = Kit(tmp_path, spec=BRIDGE3, write_timeout=1.0)
     before = kit.snapshot()
-    kit.kernel.inject(op, addr, Fault(kind, delay=0.6))
+    kit.kernel.inject(op, addr, Fault(kind, delay=1.5))
     with pytest.raises((KernelError, Busy)) as exc:
         kit.manager.request(USER, "group:2", "vfio", {})
     msg = str(exc.value)
@@ -107,7 +107,7 @@ def test_a_fault_at_any_step_rolls_back_to_the_exact_prior_state(op, addr, kind,
         assert state == expected and nodes == before[1]
     else:
         import time
-        time.sleep(0.7 if kind == "block" else 0)      # a blocked write that completes late
+        time.sleep(1.6 if kind == "block" else 0)      # a blocked write that completes late
         assert kit.snapshot() == before
     assert kit.journal.leases() == []
     assert [r[5] for r in kit.journal.audit_rows()][-1] == "rolled-back"
