@@ -158,6 +158,10 @@ class ManagerInterface(ServiceInterface):
     def NoIommu(self) -> "b":
         return self.service.host.noiommu
 
+    @dbus_property(access=PropertyAccess.READ)
+    def Leases(self) -> "ao":
+        return [lease_path(lease_id) for lease_id in sorted(self.service.exported_leases())]
+
     @signal()
     def LeaseGranted(self, lease: str) -> "o":
         return lease

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, VfiodError
 from .pciids import PciIds
 from .report import render_groups
 
@@ -137,10 +137,13 @@ def cmd_check(args) -> int:
 
 def cmd_leases(args) -> int:
     async def go(client):
-        objs = await client.managed_objects()
+        manager = await client.properties("/org/vfiod1", "org.vfiod1.Manager")
         rows = []
-        for path, ifaces in sorted(objs.items()):
-            lease = ifaces.get("org.vfiod1.Lease")
+        for path in manager.get("Leases", []):
+            try:
+                lease = await client.properties(path, "org.vfiod1.Lease")
+            except VfiodError:          # ended between the two calls
+                continue
             if lease:
                 rows.append({"id": lease["Id"], "group": int(lease["Group"].rsplit("/", 1)[-1]),
                              "owner": lease["Owner"], "backend": lease["Backend"], "created": lease["Created"],

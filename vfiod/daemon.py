@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+
+import attrs
 import os
 import signal
 import socket
@@ -63,6 +65,7 @@ class Service:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._creds: dict[str, Caller] = {}
         self._groups: dict[int, busmod.GroupInterface] = {}
+        self._published: dict[int, dict] = {}
         self._devices: dict[PciAddress, busmod.DeviceInterface] = {}
         self._leases: dict[str, busmod.LeaseInterface] = {}
         self.manager_iface = busmod.ManagerInterface(self)
@@ -100,28 +103,51 @@ class Service:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    def _refresh(self) -> None:
-        """Rescan the host and publish what changed."""
+    def _refresh(self, groups=None) -> None:
+        """Rescan (only `groups`, if given) and publish what changed.
+
+        A partial rescan keeps each group's isolation from the last whole scan:
+        explaining a group needs the bridges above it, which may sit in other groups."""
         old = self.host
-        self.host = self.manager.scan()
+        if groups is None:
+            new = self.manager.scan()
+        else:
+            part = self.manager.scan_groups(groups)
+            devices, group_map = dict(old.devices), dict(old.groups)
+            devices.update(part.devices)
+            for n, g in part.groups.items():
+                prev = old.groups.get(n)
+                group_map[n] = g if prev is None else attrs.evolve(
+                    g, isolation=prev.isolation, isolation_text=prev.isolation_text, links=prev.links)
+            new = attrs.evolve(old, devices=devices, groups=group_map)
+        self.host = new
         if self.loop:
-            self.loop.call_soon_threadsafe(self._publish, old, self.host)
+            self.loop.call_soon_threadsafe(self._publish, old, new)
 
     def _publish(self, old: Host, new: Host) -> None:
+        """PropertiesChanged for what changed, and only that."""
         for n, iface in self._groups.items():
-            g_new = new.groups.get(n)
+            g_old, g_new = old.groups.get(n), new.groups.get(n)
             if g_new is None:
                 continue
-            iface.emit_properties_changed({
-                "State": self.group_state(n), "Viable": g_new.viable,
-                "Blockers": [[str(a), why] for a, why in g_new.blockers],
-                "Lease": self._groups[n].Lease,
-            })
+            changed = {"State": self.group_state(n), "Lease": iface.Lease}
+            if g_old is None or g_old.viable != g_new.viable:
+                changed["Viable"] = g_new.viable
+            if g_old is None or g_old.blockers != g_new.blockers:
+                changed["Blockers"] = [[str(a), why] for a, why in g_new.blockers]
+            last = self._published.get(n)
+            if last != changed or "Viable" in changed or "Blockers" in changed:
+                self._published[n] = changed
+                iface.emit_properties_changed(changed)
         for addr, iface in self._devices.items():
             d_old, d_new = old.devices.get(addr), new.devices.get(addr)
             if d_new is not None and (d_old is None or d_old.driver != d_new.driver):
                 iface.emit_properties_changed({"Driver": d_new.driver or "",
                                                "OriginalDriver": self.original_driver(addr) or ""})
+
+    def _refresh_soon(self, groups=None) -> None:
+        """Refresh after the reply has gone out: callers do not wait for the rescan."""
+        asyncio.get_running_loop().run_in_executor(None, self._refresh, groups)
 
     # ------------------------------------------------------------ the Manager
 
@@ -130,13 +156,13 @@ class Service:
             raise InvalidArgument("the target is too long")
         owner = self.sender()
         lease = await self._run(self.manager.request, caller, target, backend, options, owner)
-        await self._run(self._refresh)
+        self._refresh_soon([lease.group])
         self._export_lease(lease)
         self.manager_iface.LeaseGranted(busmod.lease_path(lease.id))
         return lease
 
     async def explain(self, caller: Caller, target: str) -> str:
-        host = self.host = await self._run(self.manager.scan)
+        host = await self._run(self.manager.scan)      # isolation needs the whole topology
         resolved = self.policy_store.current.resolve(host, target)
         g = host.groups[resolved.group]
         lines = [f"IOMMU group {g.number}: {', '.join(map(str, g.members))}"]
@@ -158,8 +184,8 @@ class Service:
         return "\n".join(lines)
 
     async def check(self, caller: Caller, target: str, backend: str):
-        host = self.host = await self._run(self.manager.scan)
         policy = self.policy_store.current
+        host = await self._run(self.manager.host_for, target, policy)     # just the target's group
         resolved = policy.resolve(host, target)
         return policy.decide(host, caller, resolved.group, backend, {})
 
@@ -196,9 +222,9 @@ class Service:
         return await self._run(self.manager.renew, lease_id, caller, int(seconds))
 
     async def release(self, caller: Caller, lease_id: str) -> None:
-        self._lease_of(caller, lease_id, "release")
+        lease = self._lease_of(caller, lease_id, "release")
         await self._run(self.manager.release, lease_id, caller)
-        await self._run(self._refresh)
+        self._refresh_soon([lease.group])
 
     def _ended_in_thread(self, ended: Ended) -> None:
         if self.loop:
@@ -209,6 +235,7 @@ class Service:
         iface = self._leases.pop(ended.lease.id, None)
         if iface is not None and self.bus:
             self.bus.unexport(path, iface)
+            self.manager_iface.emit_properties_changed({"Leases": self.manager_iface.Leases})
         self.manager_iface.LeaseEnded(path, ended.reason)
 
     # ------------------------------------------------------------ objects
@@ -230,12 +257,16 @@ class Service:
                     return h.driver
         return dev.driver
 
+    def exported_leases(self) -> list[str]:
+        return list(self._leases)
+
     def _export_lease(self, lease) -> None:
         if lease.id in self._leases or not self.bus:
             return
         iface = busmod.LeaseInterface(self, lease)
         self._leases[lease.id] = iface
         self.bus.export(busmod.lease_path(lease.id), iface)
+        self.manager_iface.emit_properties_changed({"Leases": self.manager_iface.Leases})
 
     def export_all(self) -> None:
         self.bus.export(busmod.ROOT, self.manager_iface)
@@ -264,7 +295,7 @@ class Service:
     async def _owner_gone(self, name: str) -> None:
         ended = await self._run(self.manager.end_owned_by, name)
         if ended:
-            await self._run(self._refresh)
+            self._refresh_soon([e.lease.group for e in ended])
 
     async def name_has_owner(self, name: str) -> bool:
         reply = await self.bus.call(Message(
@@ -371,7 +402,7 @@ async def serve(args) -> int:
             await asyncio.sleep(1)
             ended = await service._run(service.manager.expire_due)
             if ended:
-                await service._run(service._refresh)
+                service._refresh_soon([e.lease.group for e in ended])
     ticker = asyncio.ensure_future(expire())
     await stop.wait()
     ticker.cancel()

@@ -97,7 +97,7 @@ class LeaseManager:
     def scan_groups(self, groups) -> Host:
         return Host.scan_groups(SysfsReader(self.kernel.roots), groups)
 
-    def _host_for(self, target: str, policy) -> Host:
+    def host_for(self, target: str, policy) -> Host:
         """A snapshot holding the groups `target` can stand for (not the whole host)."""
         reader = SysfsReader(self.kernel.roots)
         groups: set[int] = set()
@@ -173,7 +173,7 @@ class LeaseManager:
             if key not in ("duration", "persistent", "force"):
                 raise InvalidArgument(f"unknown option {key!r} (known: duration, persistent, force)")
         policy = self.policy_source()
-        host = self._host_for(target, policy)
+        host = self.host_for(target, policy)
         try:
             resolved = policy.resolve(host, target)
         except VfiodError as e:

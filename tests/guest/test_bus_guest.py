@@ -1,0 +1,291 @@
+"""The whole stack on the real kernel: dbus-daemon + vfiod + `vfioctl lease -- CMD`.
+
+One boot of the ``bridge`` topology (two conventional e1000 at 0000:02:01.0
+and 0000:02:02.0 behind the pcie-pci-bridge 0000:01:00.0 on shpchp, one IOMMU
+group).  Inside the guest one root python3 process (the project's venv;
+every python start costs seconds under TCG):
+
+* starts a private system-type dbus-daemon whose config includes vfiod's own
+  ``systemd/org.vfiod1.conf`` (the same config as the bus tier), writes a
+  policy granting uid 1000 the bridge group, and starts ``vfiod`` as root on
+  the guest's real sysfs (no ``--simulate``);
+* waits for vfiod's "ready" line, then for ``vfioctl leases`` (as uid 1000)
+  to answer;
+* runs, as uid 1000 with no supplementary groups,
+  ``vfioctl lease --bus ADDR 0000:02:01.0 -- python3 check.py``; check.py
+  issues ``VFIO_GROUP_GET_STATUS`` on ``VFIOD_GROUP_FD`` and records its
+  uid, the fd, the node and the drivers of both NICs and the bridge while it
+  holds the lease, then exits with status 7;
+* records the kernel's view right after vfioctl exits (and once more after a
+  second, to tell a race from a leak), vfiod's own view over the bus, and
+  vfiod's exit status and log after SIGTERM.
+
+The tests read that record on the host side.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.guest.harness import Guest, guest_available
+
+_ok, _why = guest_available()
+pytestmark = [pytest.mark.guest, pytest.mark.skipif(not _ok, reason=f"guest not available: {_why}")]
+
+NICS = ["0000:02:01.0", "0000:02:02.0"]
+BRIDGE = "0000:01:00.0"
+BEFORE = {NICS[0]: "e1000", NICS[1]: "e1000", BRIDGE: "shpchp"}
+LEASED = {NICS[0]: "vfio-pci", NICS[1]: "vfio-pci", BRIDGE: None}
+CHECK_EXIT = 7
+UID = 1000
+
+# The bus tier's private system-type bus (tests/bus), copied so this file stands alone:
+# the system bus's denials, plus vfiod's own policy file.
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_requested_reply="true"/>
+  </policy>
+  <include>{vfiod_conf}</include>
+</busconfig>
+"""
+
+# Runs as uid 1000 under `vfioctl lease`; prints one JSON object and exits with CHECK_EXIT.
+CHECK_PY = r'''
+import fcntl, json, os, struct, sys
+def drv(a):
+    link = f"/sys/bus/pci/devices/{a}/driver"
+    return os.path.basename(os.readlink(link)) if os.path.islink(link) else None
+out = {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "groups": os.getgroups(),
+       "env": {k: v for k, v in os.environ.items() if k.startswith("VFIOD_")},
+       "drivers": {a: drv(a) for a in %(devices)r}}
+try:
+    fd = int(os.environ["VFIOD_GROUP_FD"])
+    out["fd_target"] = os.readlink(f"/proc/self/fd/{fd}")
+    buf = bytearray(struct.pack("II", 8, 0))
+    fcntl.ioctl(fd, 0x3B67, buf)                     # VFIO_GROUP_GET_STATUS
+    out["status_flags"] = struct.unpack("II", buf)[1]
+except Exception as e:
+    out["status_error"] = repr(e)
+node = os.environ.get("VFIOD_GROUP_PATH", "")
+try:
+    st = os.stat(node)
+    out["node"] = [st.st_uid, oct(st.st_mode & 0o777)]
+except OSError as e:
+    out["node"] = repr(e)
+print(json.dumps(out), flush=True)
+sys.exit(%(exit)d)
+''' % {"devices": NICS + [BRIDGE], "exit": CHECK_EXIT}
+
+GUEST_PY = r'''
+import json, os, signal, subprocess, sys, time, traceback
+sys.path.insert(0, "/work/main")
+OUT = os.environ["OUT"]
+UID = %(uid)d
+NICS = %(nics)r
+BRIDGE = %(bridge)r
+W = "/run/vfiod-bus"
+ADDR = f"unix:path={W}/bus"
+res = {"errors": []}
+t0 = time.monotonic()
+
+def stamp(name):
+    res.setdefault("timings", {})[name] = round(time.monotonic() - t0, 2)
+
+def drv(a):
+    link = f"/sys/bus/pci/devices/{a}/driver"
+    return os.path.basename(os.readlink(link)) if os.path.islink(link) else None
+
+def snap():
+    node = f"/dev/vfio/{GROUP}"
+    st = os.stat(node) if os.path.exists(node) else None
+    return {"drivers": {a: drv(a) for a in NICS + [BRIDGE]},
+            "node": [st.st_uid, oct(st.st_mode & 0o777)] if st else None}
+
+def as_user(cmd, timeout=300):
+    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "LANG": "C.UTF-8"}
+    return subprocess.run(cmd, user=UID, group=UID, extra_groups=[], env=env, cwd="/tmp",
+                          capture_output=True, text=True, timeout=timeout)
+
+def vfiod_log():
+    with open(f"{W}/vfiod.log") as f:
+        return f.read()
+
+GROUP = int(os.path.basename(os.readlink(f"/sys/bus/pci/devices/{NICS[0]}/iommu_group")))
+res["group"] = GROUP
+os.makedirs(f"{W}/policy", exist_ok=True)
+os.makedirs(f"{W}/state", exist_ok=True)
+os.chmod(W, 0o755)
+with open(f"{W}/policy/50-test.toml", "w") as f:
+    f.write(f'[[rule]]\ngroup = [{GROUP}]\nuids = [{UID}]\nbackends = ["vfio", "pci-stub"]\n')
+with open(f"{OUT}/bus.conf.in") as f:
+    conf = f.read().format(socket=f"{W}/bus", vfiod_conf="/work/main/systemd/org.vfiod1.conf")
+with open(f"{W}/bus.conf", "w") as f:
+    f.write(conf)
+with open(f"{OUT}/check.py") as f, open(f"{W}/check.py", "w") as g:
+    g.write(f.read())
+os.chmod(f"{W}/check.py", 0o644)
+res["before"] = snap()
+
+bus = subprocess.Popen(["dbus-daemon", f"--config-file={W}/bus.conf", "--nofork", "--print-address"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+res["bus_address"] = bus.stdout.readline().strip()
+stamp("bus_up")
+log = open(f"{W}/vfiod.log", "w")
+daemon = subprocess.Popen(["vfiod", "--bus", ADDR, "--policy-dir", f"{W}/policy", "--state-dir", f"{W}/state"],
+                          stdout=log, stderr=subprocess.STDOUT)
+try:
+    # Wait on the log first: every vfioctl start costs seconds here.
+    deadline = time.monotonic() + 180
+    while "ready on" not in vfiod_log():
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"vfiod did not come up (rc {daemon.poll()})")
+        time.sleep(0.1)
+    stamp("vfiod_ready")
+    while True:
+        p = as_user(["vfioctl", "leases", "--bus", ADDR, "--json", "--timeout", "20"], timeout=120)
+        if p.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    res["leases_before"] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+    stamp("vfioctl_leases")
+
+    p = as_user(["vfioctl", "lease", "--bus", ADDR, NICS[0], "--", "python3", f"{W}/check.py"])
+    res["after"] = snap()
+    stamp("vfioctl_lease")
+    res["lease"] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+    time.sleep(1.0)
+    res["after_settle"] = snap()
+
+    # vfiod's own view, over the bus, in this process (as root).
+    try:
+        import asyncio
+        from vfiod.client import Client
+        async def view():
+            c = await Client(ADDR, timeout=30).connect()
+            try:
+                return await c.managed_objects()
+            finally:
+                c.close()
+        objs = asyncio.run(view())
+        res["bus_view"] = {
+            "leases": sorted(p for p, i in objs.items() if "org.vfiod1.Lease" in i),
+            "group": {k: objs[f"/org/vfiod1/group/{GROUP}"]["org.vfiod1.Group"][k] for k in ("State", "Lease", "Viable")},
+            "drivers": {a: objs["/org/vfiod1/device/" + a.replace(":", "_").replace(".", "_")]["org.vfiod1.Device"]["Driver"] or None
+                        for a in NICS + [BRIDGE]},
+        }
+    except Exception:
+        res["errors"].append("bus view: " + traceback.format_exc())
+    stamp("bus_view")
+except Exception:
+    res["errors"].append(traceback.format_exc())
+finally:
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(60)
+        except subprocess.TimeoutExpired:
+            res["errors"].append("vfiod did not stop within 60 s of SIGTERM")
+            daemon.kill()
+            daemon.wait()
+    res["vfiod_rc"] = daemon.returncode
+    res["final"] = snap()
+    log.close()
+    res["vfiod_log"] = vfiod_log()
+    bus.terminate()
+    try:
+        bus.wait(10)
+    except subprocess.TimeoutExpired:
+        bus.kill()
+    res["bus_stderr"] = bus.stderr.read()
+    stamp("done")
+    with open(os.path.join(OUT, "bus.json"), "w") as f:
+        json.dump(res, f)
+''' % {"uid": UID, "nics": NICS, "bridge": BRIDGE}
+
+
+@pytest.fixture(scope="module")
+def guest_run():
+    res = Guest(topology="bridge").run(
+        "python3 - <<'EOF'\n" + GUEST_PY + "\nEOF\n", timeout=900,
+        inputs={"bus.conf.in": BUS_CONFIG.encode(), "check.py": CHECK_PY.encode()})
+    assert res.returncode == 0 and "bus.json" in res.files, res.output[-4000:]
+    r = json.loads(res.files["bus.json"])
+    r["_wall_seconds"] = res.wall_seconds
+    return r
+
+
+def _context(r) -> str:
+    return ("\n--- errors ---\n" + "\n".join(r.get("errors", []))
+            + "\n--- vfioctl lease stderr ---\n" + r.get("lease", {}).get("stderr", "")
+            + "\n--- vfiod log ---\n" + r.get("vfiod_log", "")[-6000:])
+
+
+def test_vfiod_comes_up_on_the_real_kernel_and_answers_vfioctl(guest_run):
+    r = guest_run
+    assert not r["errors"], _context(r)
+    assert r["before"] == {"drivers": BEFORE, "node": None}
+    assert r["leases_before"]["rc"] == 0, r["leases_before"]
+    assert json.loads(r["leases_before"]["stdout"]) == []
+
+
+def test_cmd_runs_as_the_user_with_a_viable_group_fd(guest_run):
+    r = guest_run
+    assert r["lease"]["stdout"].strip(), _context(r)
+    check = json.loads(r["lease"]["stdout"].strip().splitlines()[-1])
+    group = r["group"]
+    assert (check["uid"], check["euid"], check["gid"], check["groups"]) == (UID, UID, UID, [])
+    assert check["env"]["VFIOD_GROUP"] == str(group)
+    assert check["env"]["VFIOD_GROUP_PATH"] == f"/dev/vfio/{group}"
+    assert check["fd_target"] == f"/dev/vfio/{group}"
+    assert check.get("status_flags") == 1, check          # VFIO_GROUP_FLAGS_VIABLE, no container yet
+    assert check["drivers"] == LEASED                      # both NICs on vfio-pci, the bridge held unbound
+    assert check["node"] == [UID, "0o600"]
+
+
+def test_vfioctl_exits_with_the_commands_status(guest_run):
+    r = guest_run
+    assert r["lease"]["rc"] == CHECK_EXIT, _context(r)
+    # released by vfioctl's Release call (not by its connection going away), and audited as such
+    assert "released" in r["lease"]["stderr"], r["lease"]["stderr"]
+    audit = [l for l in r["vfiod_log"].splitlines() if "vfiod.audit" in l]
+    assert [l for l in audit if "uid=1000" in l and "outcome=granted" in l], audit
+    assert [l for l in audit if "uid=1000" in l and "outcome=released" in l], audit
+
+
+def test_everything_is_back_when_vfioctl_exits(guest_run):
+    r = guest_run
+    assert r["after"]["drivers"] == BEFORE, _context(r)
+    assert r["after"]["node"] is None, (r["after"], r["after_settle"])
+    assert r["after_settle"] == r["after"]
+
+
+def test_vfiod_agrees_and_stops_cleanly(guest_run):
+    r = guest_run
+    view = r.get("bus_view")
+    assert view, _context(r)
+    assert view["leases"] == []
+    assert view["group"]["State"] == "host" and view["group"]["Lease"] == "/"
+    assert view["drivers"] == BEFORE
+    assert r["vfiod_rc"] == 0, _context(r)
+    assert r["final"] == {"drivers": BEFORE, "node": None}
+    log = r["vfiod_log"]
+    assert "Traceback" not in log and "internal error" not in log, log[-6000:]
