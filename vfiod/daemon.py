@@ -162,9 +162,18 @@ class Service:
         return lease
 
     async def explain(self, caller: Caller, target: str) -> str:
-        host = await self._run(self.manager.scan)      # isolation needs the whole topology
-        resolved = self.policy_store.current.resolve(host, target)
+        # Drivers and blockers fresh from the target's group; why the group is shared
+        # from the last whole scan (it needs the bridges above, in other groups).
+        policy = self.policy_store.current
+        host = await self._run(self.manager.host_for, target, policy)
+        resolved = policy.resolve(host, target)
         g = host.groups[resolved.group]
+        whole = self.host.groups.get(g.number)
+        if whole is not None and whole.members == g.members:
+            g = attrs.evolve(g, isolation=whole.isolation, isolation_text=whole.isolation_text)
+        else:
+            host = await self._run(self.manager.scan)     # the topology changed: explain it afresh
+            g = host.groups[resolved.group]
         lines = [f"IOMMU group {g.number}: {', '.join(map(str, g.members))}"]
         if not target.startswith("group:") and len(g.members) > 1:
             lines.append(f"{target} cannot be leased alone: VFIO hands out whole groups.")
@@ -179,7 +188,7 @@ class Service:
         lease = self.manager.lease_for_group(g.number)
         if lease:
             lines.append(f"Leased to uid {lease.uid} with the {lease.backend} backend (lease {lease.id}).")
-        for f in host.findings:
+        for f in self.host.findings:
             lines.append(f"Note: {f.text}")
         return "\n".join(lines)
 
