@@ -43,55 +43,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 
-# A system-type bus: the system bus's denials, plus vfiod's own policy file
-# (the same configuration as tests/bus).
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_requested_reply="true"/>
-  </policy>
-  <include>{vfiod_conf}</include>
-</busconfig>
-"""
-
-
 class World:
     """dbus-daemon + vfiod in `directory`; `vfiod_args` pick the host (--simulate or real)."""
 
     def __init__(self, directory: str, policy: str, vfiod_args=(), vfiod=None, ready_timeout=60.0):
         self.dir = directory
         os.chmod(directory, 0o755)
-        socket = os.path.join(directory, "bus")
-        self.address = f"unix:path={socket}"
-        conf = os.path.join(directory, "bus.conf")
-        with open(conf, "w") as f:
-            f.write(BUS_CONFIG.format(socket=socket, vfiod_conf=os.path.join(ROOT, "systemd/org.vfiod1.conf")))
         pdir = os.path.join(directory, "policy")
         os.makedirs(pdir, exist_ok=True)
         with open(os.path.join(pdir, "50-bench.toml"), "w") as f:
             f.write(policy)
         self.log_path = os.path.join(directory, "vfiod.log")
-        self.bus = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork", "--print-address"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        from vfiod.privatebus import PrivateBus
+
+        # the system bus's denials plus vfiod's own policy file, as in tests/bus
+        self.bus = PrivateBus(directory, os.path.join(ROOT, "systemd/org.vfiod1.conf"))
+        self.address = self.bus.address
         self.daemon = None
-        if not self.bus.stdout.readline():
-            raise RuntimeError("dbus-daemon did not start")
         self.log = open(self.log_path, "w")
         self.daemon = subprocess.Popen(
             [vfiod or os.path.join(VENV_BIN, "vfiod"), "--bus", self.address, "--policy-dir", pdir,
@@ -117,12 +85,7 @@ class World:
                 self.daemon.kill()
                 self.daemon.wait()
         self.log.close()
-        if self.bus.poll() is None:
-            self.bus.terminate()
-            try:
-                self.bus.wait(10)
-            except subprocess.TimeoutExpired:
-                self.bus.kill()
+        self.bus.stop()
         return self.daemon.returncode if self.daemon else None
 
 

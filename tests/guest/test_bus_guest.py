@@ -43,30 +43,6 @@ UID = 1000
 
 # The bus tier's private system-type bus (tests/bus), copied so this file stands alone:
 # the system bus's denials, plus vfiod's own policy file.
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_requested_reply="true"/>
-  </policy>
-  <include>{vfiod_conf}</include>
-</busconfig>
-"""
 
 # Runs as uid 1000 under `vfioctl lease`; prints one JSON object and exits with CHECK_EXIT.
 CHECK_PY = r'''
@@ -136,18 +112,14 @@ os.makedirs(f"{W}/state", exist_ok=True)
 os.chmod(W, 0o755)
 with open(f"{W}/policy/50-test.toml", "w") as f:
     f.write(f'[[rule]]\ngroup = [{GROUP}]\nuids = [{UID}]\nbackends = ["vfio", "pci-stub"]\n')
-with open(f"{OUT}/bus.conf.in") as f:
-    conf = f.read().format(socket=f"{W}/bus", vfiod_conf="/work/main/systemd/org.vfiod1.conf")
-with open(f"{W}/bus.conf", "w") as f:
-    f.write(conf)
 with open(f"{OUT}/check.py") as f, open(f"{W}/check.py", "w") as g:
     g.write(f.read())
 os.chmod(f"{W}/check.py", 0o644)
 res["before"] = snap()
 
-bus = subprocess.Popen(["dbus-daemon", f"--config-file={W}/bus.conf", "--nofork", "--print-address"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-res["bus_address"] = bus.stdout.readline().strip()
+from vfiod.privatebus import PrivateBus
+bus = PrivateBus(W, "/work/main/systemd/org.vfiod1.conf")
+res["bus_address"] = bus.address
 stamp("bus_up")
 log = open(f"{W}/vfiod.log", "w")
 daemon = subprocess.Popen(["vfiod", "--bus", ADDR, "--policy-dir", f"{W}/policy", "--state-dir", f"{W}/state"],
@@ -210,12 +182,7 @@ finally:
     res["final"] = snap()
     log.close()
     res["vfiod_log"] = vfiod_log()
-    bus.terminate()
-    try:
-        bus.wait(10)
-    except subprocess.TimeoutExpired:
-        bus.kill()
-    res["bus_stderr"] = bus.stderr.read()
+    bus.stop()
     stamp("done")
     with open(os.path.join(OUT, "bus.json"), "w") as f:
         json.dump(res, f)
@@ -226,7 +193,7 @@ finally:
 def guest_run():
     res = Guest(topology="bridge").run(
         "python3 - <<'EOF'\n" + GUEST_PY + "\nEOF\n", timeout=900,
-        inputs={"bus.conf.in": BUS_CONFIG.encode(), "check.py": CHECK_PY.encode()})
+        inputs={"check.py": CHECK_PY.encode()})
     assert res.returncode == 0 and "bus.json" in res.files, res.output[-4000:]
     r = json.loads(res.files["bus.json"])
     r["_wall_seconds"] = res.wall_seconds
