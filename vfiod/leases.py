@@ -189,7 +189,8 @@ class LeaseManager:
             decision = policy.decide(host, caller, group, backend, options)
             if not decision.allowed:
                 self._audit("request", caller.uid, target, None, decision.rule, "denied", decision.reason)
-                if "protected" in decision.reason.lower():
+                if any(not d.allowed and d.reason.startswith("protected")
+                       for d in getattr(decision, "devices", ())):
                     raise Protected(decision.reason)
                 raise PermissionDenied(decision.reason)
             be = self._backend(decision.backend or backend)

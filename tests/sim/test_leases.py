@@ -301,3 +301,16 @@ def test_the_rules_duration_cap_applies_when_the_request_names_none(tmp_path):
     kit.manager.release(lease.id, USER)
     with pytest.raises(PermissionDenied, match="allows at most 2h"):
         kit.manager.request(USER, "group:8", "", {"duration": 3 * 3600})
+
+
+def test_a_protected_device_is_refused_as_protected_and_nothing_changes(tmp_path):
+    from vfiod.errors import Protected
+    from vfiod.policy import Policy
+    pdir = tmp_path / "policy"
+    pdir.mkdir()
+    (pdir / "10.toml").write_text('[[rule]]\ngroup = [2]\nuids = [0]\nbackends = ["vfio"]\n')
+    kit = Kit(tmp_path, "ich10")
+    policy = Policy.load(str(pdir))
+    kit.manager.policy_source = lambda: policy
+    msg = refused(kit, ADMIN, "group:2", exc=Protected)
+    assert "default route NIC" in msg and "allow_protected" in msg
