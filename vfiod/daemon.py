@@ -27,7 +27,7 @@ from .backends import load_backends
 from .errors import InvalidArgument, PermissionDenied, PolicyError, VfiodError
 from .leases import Ended, LeaseManager
 from .pciids import PciIds
-from .policy import Caller, PolicyStore
+from .policy import Caller, PolicyStore, format_size
 from .state import Journal
 from .sysfs import Kernel, Roots
 from .topology import Host
@@ -156,6 +156,14 @@ class Service:
             raise InvalidArgument("the target is too long")
         owner = self.sender()
         lease = await self._run(self.manager.request, caller, target, backend, options, owner)
+        if lease.memlock and caller.pid:
+            # The policy's grant goes to the calling process (vfioctl lease -- CMD: CMD inherits it),
+            # before the lessee pins any memory.
+            try:
+                got = self.kernel.grant_memlock(caller.pid, lease.memlock)
+                log.info("lease %s: RLIMIT_MEMLOCK of pid %s is now %s", lease.id, caller.pid, got)
+            except VfiodError as e:
+                log.error("lease %s: %s", lease.id, e)
         self._refresh_soon([lease.group])
         self._export_lease(lease)
         self.manager_iface.LeaseGranted(busmod.lease_path(lease.id))
@@ -196,7 +204,24 @@ class Service:
         policy = self.policy_store.current
         host = await self._run(self.manager.host_for, target, policy)     # just the target's group
         resolved = policy.resolve(host, target)
-        return policy.decide(host, caller, resolved.group, backend, {})
+        d = policy.decide(host, caller, resolved.group, backend, {})
+        if d.allowed:
+            d = attrs.evolve(d, reason=d.reason + self._memlock_advice(caller, d))
+        return d
+
+    def _memlock_advice(self, caller: Caller, decision) -> str:
+        """What the lease will do to the caller's locked-memory limit, said before it matters:
+        VFIO pins every page the lessee maps for DMA, and fails (DPDK: "DMA remapping failed")
+        once RLIMIT_MEMLOCK is exhausted."""
+        cur = self.kernel.memlock_of(caller.pid) if caller.pid else None
+        have = "unknown" if cur is None else ("unlimited" if cur[0] < 0 else format_size(cur[0]))
+        if decision.memlock:
+            return (f"; the lease raises RLIMIT_MEMLOCK of your process to {format_size(decision.memlock)} "
+                    f"(now {have})")
+        if cur is not None and 0 <= cur[0] < (256 << 20):
+            return (f"; warning: no memlock grant in the policy and your RLIMIT_MEMLOCK is {have}: "
+                    "a VFIO user that pins memory (DPDK, QEMU) will fail to map DMA beyond it")
+        return ""
 
     async def reload_policy(self, caller: Caller) -> None:
         if not caller.is_admin:

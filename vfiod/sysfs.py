@@ -781,6 +781,47 @@ class Kernel:
         except OSError as e:
             raise _KernelError(f"cannot set an ACL on {path}: {e.strerror}") from None
 
+    # ---- the lessee's process
+
+    def memlock_of(self, pid: int) -> tuple[int, int] | None:
+        """(soft, hard) RLIMIT_MEMLOCK of `pid` (-1: unlimited), or None if it is gone.
+
+        From /proc/PID/limits, which anyone may read (prlimit on another user's
+        process needs CAP_SYS_RESOURCE).  Processes are real even when the host
+        is simulated, so this is the system's /proc, not the proc root."""
+        text = _text(f"/proc/{int(pid)}/limits")
+        for line in (text or "").splitlines():
+            if line.startswith("Max locked memory"):
+                fields = line.split()
+                try:
+                    return tuple(-1 if v == "unlimited" else int(v) for v in fields[3:5])
+                except ValueError:
+                    return None
+        return None
+
+    def grant_memlock(self, pid: int, limit: int) -> tuple[int, int] | None:
+        """Raise `pid`'s RLIMIT_MEMLOCK (soft and hard) to at least `limit`; never lowers it.
+        Returns the new (soft, hard), or None if the process is gone."""
+        import resource
+        inf = resource.RLIM_INFINITY
+        try:
+            cur = resource.prlimit(pid, resource.RLIMIT_MEMLOCK)
+        except ProcessLookupError:
+            return None
+        except OSError as e:
+            raise _KernelError(f"cannot read RLIMIT_MEMLOCK of process {pid}: {e.strerror} "
+                               "(vfiod needs CAP_SYS_RESOURCE)") from None
+        soft, hard = cur
+        new = (soft if soft == inf or soft >= limit else limit, hard if hard == inf or hard >= limit else limit)
+        if new != cur:
+            try:
+                resource.prlimit(pid, resource.RLIMIT_MEMLOCK, new)
+            except ProcessLookupError:
+                return None
+            except OSError as e:
+                raise _KernelError(f"cannot raise RLIMIT_MEMLOCK of process {pid}: {e.strerror}") from None
+        return new
+
     # ---- in use
 
     def usage(self, addr: PciAddress) -> list[str]:

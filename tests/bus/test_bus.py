@@ -145,3 +145,37 @@ def test_sigterm_ends_plain_leases_and_keeps_persistent_ones(world):
     assert [r["id"] for r in rows] == [lease_id]
     world.ctl("release", lease_id)
     assert world.drivers()["0000:04:00.0"] == "e1000e"
+
+
+MEMLOCK_POLICY = """
+[[rule]]
+group = [8]
+users = ["{user}"]
+backends = ["vfio"]
+memlock = "64M"
+"""
+
+
+def test_the_memlock_grant_reaches_the_command_and_check_says_so_first():
+    """DPDK and QEMU pin their DMA memory: the policy's grant must be in place before they
+    start (`ulimit -l` in the command, in KiB), and `vfioctl check` says so beforehand."""
+    from .conftest import BusWorld
+    caps = int(next(l for l in open("/proc/self/status") if l.startswith("CapEff")).split()[1], 16)
+    if not caps & (1 << 24):
+        pytest.skip("root here lacks CAP_SYS_RESOURCE, which raising another process's rlimit needs "
+                    "(the guest tier checks the grant on a real kernel)")
+    w = BusWorld(policy=MEMLOCK_POLICY)
+    try:
+        p = w.ctl("check", "group:8")
+        assert "raises RLIMIT_MEMLOCK of your process to 64M" in p.stdout
+        p = w.ctl("lease", "group:8", "--", "/bin/sh", "-c", "ulimit -l; ulimit -H -l")
+        assert p.stdout.split() == ["65536", "65536"], p.stdout + p.stderr
+    finally:
+        w.close()
+
+
+def test_check_warns_when_no_grant_covers_a_small_memlock(world):
+    p = world.ctl("check", "group:8")
+    soft = subprocess.run(["sh", "-c", "ulimit -l"], capture_output=True, text=True).stdout.strip()
+    if soft != "unlimited" and int(soft) < 256 * 1024:
+        assert "warning: no memlock grant" in p.stdout
