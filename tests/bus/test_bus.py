@@ -179,3 +179,43 @@ def test_check_warns_when_no_grant_covers_a_small_memlock(world):
     soft = subprocess.run(["sh", "-c", "ulimit -l"], capture_output=True, text=True).stdout.strip()
     if soft != "unlimited" and int(soft) < 256 * 1024:
         assert "warning: no memlock grant" in p.stdout
+
+
+CLAIM_POLICY = """
+[[rule]]
+group = [8]
+users = ["{user}"]
+backends = ["vfio"]
+persistent = true
+
+[[claim]]
+target = "0000:04:00.0"
+user = "{user}"
+backend = "vfio"
+
+[[claim]]
+target = "group:7"
+user = "{user}"
+"""
+
+
+def test_boot_claims_are_applied_before_ready_and_a_bad_one_does_not_stop_the_rest():
+    from .conftest import BusWorld
+    uid = unprivileged_uid()
+    w = BusWorld(policy=CLAIM_POLICY)        # returns once vfiod answers, i.e. after READY
+    try:
+        drivers = w.drivers()
+        assert drivers["0000:04:00.0"] == drivers["0000:05:00.0"] == "vfio-pci"
+        st = os.stat(os.path.join(w.tree().dev, "vfio", "8"))
+        assert (st.st_uid, st.st_mode & 0o777) == (uid, 0o600)
+        rows = json.loads(w.ctl("leases", "--json").stdout)
+        assert [(r["group"], r["owner"], r["persistent"]) for r in rows] == [(8, uid, True)]
+        log = w.read_log()
+        assert "claim group:7" in log and "not applied" in log          # no rule grants group 7
+        assert log.index("claim 0000:04:00.0") < log.index("ready on")
+        # a restart keeps the claimed lease instead of taking it twice
+        w.stop_daemon()
+        w.start_daemon()
+        assert [r["id"] for r in json.loads(w.ctl("leases", "--json").stdout)] == [r["id"] for r in rows]
+    finally:
+        w.close()
