@@ -237,6 +237,16 @@ class LeaseManager:
             raise NotViable(f"group {group} has no endpoint to lease (only bridges and ports)")
         bridges = [host.devices[a] for a in g.members
                    if host.devices[a].is_bridge and host.devices[a].driver not in (None, *BRIDGE_DRIVERS)]
+        reader = SysfsReader(self.kernel.roots)
+        for dev in endpoints:
+            # A PF leaves the host only when none of its VFs is leased: its driver
+            # manages them, and unbinding it would pull them from their lessees.
+            vf_leases = {lease.id for vf in dev.raw.virtfns
+                         if (vg := reader.group_of(vf)) is not None and vg != group
+                         and (lease := self.journal.lease_for_group(vg)) is not None}
+            if vf_leases:
+                raise Busy(f"{dev.addr} is an SR-IOV PF whose VFs are leased ({', '.join(sorted(vf_leases))}); "
+                           "release them first")
         uses = []
         for dev in endpoints:
             if dev.driver in (None, "vfio-pci", "pci-stub"):

@@ -314,3 +314,20 @@ def test_a_protected_device_is_refused_as_protected_and_nothing_changes(tmp_path
     kit.manager.policy_source = lambda: policy
     msg = refused(kit, ADMIN, "group:2", exc=Protected)
     assert "default route NIC" in msg and "allow_protected" in msg
+
+
+def test_vfs_lease_one_by_one_and_their_pf_is_busy_while_they_are_leased(tmp_path):
+    kit = Kit(tmp_path, "sriov")
+    vf1 = kit.manager.request(USER, "0000:01:10.0", "vfio", {})
+    vf2 = kit.manager.request(Caller(1001), "0000:01:10.4", "vfio", {})
+    assert (vf1.group, vf2.group) == (3, 4)
+    kit.kernel.writes.clear()
+    snap = kit.snapshot()
+    with pytest.raises(Busy, match="SR-IOV PF whose VFs are leased"):
+        kit.manager.request(USER, "0000:01:00.0", "vfio", {})
+    assert kit.snapshot() == snap and not kit.kernel.writes
+    kit.manager.release(vf1.id, USER)
+    kit.manager.release(vf2.id, Caller(1001))
+    pf = kit.manager.request(USER, "0000:01:00.0", "vfio", {})
+    assert kit.kernel.driver_of(A("0000:01:00.0")) == "vfio-pci"
+    kit.manager.release(pf.id, USER)
