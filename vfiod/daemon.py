@@ -66,6 +66,10 @@ class Service:
         self._creds: dict[str, Caller] = {}
         self._groups: dict[int, busmod.GroupInterface] = {}
         self._published: dict[int, dict] = {}
+        self._dirty: set[int] = set()
+        self._ending: set[str] = set()
+        self._exported = False
+        self.scans = {"full": 0, "partial": 0, "events": 0}
         self._devices: dict[PciAddress, busmod.DeviceInterface] = {}
         self._leases: dict[str, busmod.LeaseInterface] = {}
         self.manager_iface = busmod.ManagerInterface(self)
@@ -110,8 +114,10 @@ class Service:
         explaining a group needs the bridges above it, which may sit in other groups."""
         old = self.host
         if groups is None:
+            self.scans["full"] += 1
             new = self.manager.scan()
         else:
+            self.scans["partial"] += 1
             part = self.manager.scan_groups(groups)
             devices, group_map = dict(old.devices), dict(old.groups)
             devices.update(part.devices)
@@ -119,13 +125,31 @@ class Service:
                 prev = old.groups.get(n)
                 group_map[n] = g if prev is None else attrs.evolve(
                     g, isolation=prev.isolation, isolation_text=prev.isolation_text, links=prev.links)
+            for n in groups:               # devices that left these groups (removed, say)
+                members = set(part.groups[n].members) if n in part.groups else set()
+                for a, d in old.devices.items():
+                    if d.group == n and a not in members:
+                        devices.pop(a, None)
+                if n not in part.groups:
+                    group_map.pop(n, None)
             new = attrs.evolve(old, devices=devices, groups=group_map)
         self.host = new
         if self.loop:
             self.loop.call_soon_threadsafe(self._publish, old, new)
 
     def _publish(self, old: Host, new: Host) -> None:
-        """PropertiesChanged for what changed, and only that."""
+        """PropertiesChanged for what changed, and only that; objects for devices that came or went."""
+        if self.bus and self._exported:
+            for n in new.groups.keys() - self._groups.keys():
+                self._groups[n] = iface = busmod.GroupInterface(self, n)
+                self.bus.export(busmod.group_path(n), iface)
+            for addr in new.devices.keys() - self._devices.keys():
+                self._devices[addr] = iface = busmod.DeviceInterface(self, addr)
+                self.bus.export(busmod.device_path(addr), iface)
+            for addr in self._devices.keys() - new.devices.keys():
+                self.bus.unexport(busmod.device_path(addr), self._devices.pop(addr))
+            for n in self._groups.keys() - new.groups.keys():
+                self.bus.unexport(busmod.group_path(n), self._groups.pop(n))
         for n, iface in self._groups.items():
             g_old, g_new = old.groups.get(n), new.groups.get(n)
             if g_new is None:
@@ -144,6 +168,65 @@ class Service:
             if d_new is not None and (d_old is None or d_old.driver != d_new.driver):
                 iface.emit_properties_changed({"Driver": d_new.driver or "",
                                                "OriginalDriver": self.original_driver(addr) or ""})
+
+    # ------------------------------------------------------------ hotplug
+
+    def on_pci_event(self, action: str, addr: PciAddress, driver: str | None) -> None:
+        """A PCI uevent (from udev, the kernel, or the simulated kernel), on the loop.
+
+        A leased device that goes away ends its lease (``removed``); a leased
+        device that changes driver while vfiod is not moving it ends its lease
+        (``tampered``), which puts the group back as it was before the lease.
+        The snapshot is refreshed for the touched groups only, once per burst."""
+        self.scans["events"] += 1
+        lease, held = self._lease_holding(addr)
+        group = lease.group if lease else self._group_of(addr)
+        if (lease is not None and lease.state == "granted" and lease.id not in self._ending
+                and not self.manager.is_busy(lease.group)):
+            if action == "remove" or not self.kernel.exists(addr):   # removal unbinds first
+                self._end_soon(lease, "removed", f"{addr} was removed")
+            elif action in ("bind", "unbind"):
+                want = None if held.role == "bridge" else getattr(self.backends.get(lease.backend), "driver", None)
+                have = self.kernel.driver_of(addr)
+                if have != want:
+                    self._end_soon(lease, "tampered",
+                                   f"{addr} moved to {have or 'no driver'} behind vfiod's back (lease keeps it on "
+                                   f"{want or 'no driver'})")
+        if group is not None:
+            if not self._dirty:
+                asyncio.get_running_loop().call_soon(self._flush_dirty)
+            self._dirty.add(group)
+
+    def _flush_dirty(self) -> None:
+        groups, self._dirty = sorted(self._dirty), set()
+        self._refresh_soon(groups)
+
+    def _group_of(self, addr: PciAddress) -> int | None:
+        dev = self.host.devices.get(addr)
+        if dev is not None and dev.group is not None:
+            return dev.group
+        return self.manager.group_of(addr)
+
+    def _lease_holding(self, addr: PciAddress):
+        for lease in self.manager.leases():
+            for held in self.journal.held(lease.id):
+                if held.addr == str(addr):
+                    return lease, held
+        return None, None
+
+    def _end_soon(self, lease, reason: str, why: str) -> None:
+        self._ending.add(lease.id)
+        log.warning("lease %s of uid %s ends (%s): %s", lease.id, lease.uid, reason, why)
+
+        def end():
+            try:
+                self.manager.release(lease.id, None, reason)
+            except VfiodError as e:
+                log.error("ending lease %s (%s): %s", lease.id, reason, e)
+            finally:
+                self._ending.discard(lease.id)
+            self._refresh([lease.group])
+        asyncio.get_running_loop().run_in_executor(None, end)
 
     def _refresh_soon(self, groups=None) -> None:
         """Refresh after the reply has gone out: callers do not wait for the rescan."""
@@ -303,6 +386,7 @@ class Service:
         self.manager_iface.emit_properties_changed({"Leases": self.manager_iface.Leases})
 
     def export_all(self) -> None:
+        self._exported = True
         self.bus.export(busmod.ROOT, self.manager_iface)
         for n in self.host.groups:
             iface = busmod.GroupInterface(self, n)
@@ -379,6 +463,7 @@ async def serve(args) -> int:
                         format="%(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else
                         "%(asctime)s %(name)s: %(message)s")
     kernel, sim_dir = make_kernel(args)
+    loop = asyncio.get_running_loop()
     if sim_dir:
         log.info("simulated host %s in %s", args.simulate, sim_dir)
     backends = load_backends()
@@ -392,7 +477,12 @@ async def serve(args) -> int:
         log.error("policy not loaded, denying every request until it is fixed: %s", e)
     journal = Journal(os.path.join(args.state_dir, "state.db"))
     service = Service(kernel, journal, store, backends)
-    service.loop = asyncio.get_running_loop()
+    service.loop = loop
+    if sim_dir:       # the simulated kernel sends its uevents straight to the handler
+        kernel.event_sink = lambda *event: loop.call_soon_threadsafe(service.on_pci_event, *event)
+    else:
+        from . import udev
+        service.monitor = udev.watch(loop, service.on_pci_event)
     bus = await busmod.VfiodBus(negotiate_unix_fd=True, **busmod.bus_args(args.bus)).connect()
     service.bus = bus
     busmod.install_caller_tracking(bus)
@@ -419,7 +509,6 @@ async def serve(args) -> int:
     log.info("ready on %s: %d groups, %d leases", args.bus, len(service.host.groups), len(journal.leases()))
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
 

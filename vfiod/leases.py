@@ -121,6 +121,15 @@ class LeaseManager:
             return Host.from_raw([], reader.facts())
         return Host.scan_groups(reader, groups)
 
+    def is_busy(self, group: int) -> bool:
+        """Is a grant or release of `group` under way (its devices are moving on purpose)?"""
+        with self._locks_guard:
+            lock = self._locks.get(group)
+        return lock is not None and lock.locked()
+
+    def group_of(self, addr: PciAddress) -> int | None:
+        return SysfsReader(self.kernel.roots).group_of(addr)
+
     def _group_lock(self, group: int) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(group, threading.Lock())

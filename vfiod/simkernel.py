@@ -56,6 +56,7 @@ class SimKernel(Kernel):
         self.loaded_modules: list[str] = []
         self.after_write = None          # called with (rel, data) after each write took effect
         self.write_log: str | None = None  # a file that gets one "path<TAB>data" line per write
+        self.event_sink = None             # called with (action, addr, driver), as a uevent would be
         self._lock = threading.RLock()
 
     @classmethod
@@ -134,7 +135,15 @@ class SimKernel(Kernel):
                 if target and os.path.isdir(self._drv(target)):
                     self._bind(addr, target)
 
+    def _event(self, action: str, addr: PciAddress, driver: str | None) -> None:
+        if self.event_sink:
+            self.event_sink(action, addr, driver)
+
     def _bind(self, addr: PciAddress, driver: str) -> None:
+        self._bind_links(addr, driver)
+        self._event("bind", addr, driver)
+
+    def _bind_links(self, addr: PciAddress, driver: str) -> None:
         node = self._dev(addr)
         drv = self._drv(driver)
         os.symlink(os.path.relpath(node, drv), os.path.join(drv, addr.sysfs_name))
@@ -149,6 +158,11 @@ class SimKernel(Kernel):
                 os.chmod(path, 0o600)
 
     def _unbind(self, addr: PciAddress) -> None:
+        driver = self.driver_of(addr)
+        self._unbind_links(addr)
+        self._event("unbind", addr, driver)
+
+    def _unbind_links(self, addr: PciAddress) -> None:
         node = self._dev(addr)
         driver = self.driver_of(addr)
         os.unlink(os.path.join(node, "driver"))
@@ -200,6 +214,14 @@ class SimKernel(Kernel):
                     pass
             os.unlink(link)
             shutil.rmtree(node, ignore_errors=True)
+        self._event("remove", addr, None)
+
+    def bind_behind_vfiods_back(self, addr: PciAddress, driver: str) -> None:
+        """Someone else moves `addr` to `driver` (an admin's echo into sysfs, say)."""
+        with self._lock:
+            if self.driver_of(addr):
+                self._unbind(addr)
+            self._bind(addr, driver)
 
     def state(self) -> dict[str, tuple[str | None, str | None]]:
         """(driver, driver_override) of every device: what tests compare before and after."""

@@ -1,0 +1,95 @@
+"""Hotplug on the simulated kernel: removed and tampered leased devices, and event bursts."""
+
+import asyncio
+import time
+
+import pytest
+
+from vfiod import hosts
+from vfiod.address import PciAddress
+from vfiod.backends import load_backends
+from vfiod.daemon import Service
+from vfiod.policy import Caller, PolicyStore
+from vfiod.simkernel import SimKernel
+from vfiod.state import Journal
+
+A = PciAddress.parse
+USER = Caller(1000)
+POLICY = '[[rule]]\ngroup = [8]\nuids = [1000]\nbackends = ["vfio"]\n'
+
+
+def make_service(tmp_path):
+    roots = hosts.build("ich10", str(tmp_path / "host"))
+    kernel = SimKernel.for_spec(hosts.ICH10, roots)
+    pdir = tmp_path / "policy"
+    pdir.mkdir()
+    (pdir / "10.toml").write_text(POLICY)
+    store = PolicyStore(str(pdir))
+    store.reload()
+    service = Service(kernel, Journal(str(tmp_path / "state.db")), store, load_backends())
+    ended = []
+    service.manager.on_ended = lambda e: ended.append((e.lease.id, e.reason))
+    return service, kernel, ended
+
+
+async def until(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.01)
+
+
+def run(tmp_path, scenario):
+    async def main():
+        service, kernel, ended = make_service(tmp_path)
+        loop = asyncio.get_running_loop()
+        service.loop = loop
+        kernel.event_sink = lambda *e: loop.call_soon_threadsafe(service.on_pci_event, *e)
+        return await scenario(service, kernel, ended, loop)
+    return asyncio.run(main())
+
+
+def test_a_leased_device_that_is_removed_ends_its_lease(tmp_path):
+    async def scenario(service, kernel, ended, loop):
+        lease = await service.request(USER, "group:8", "vfio", {})
+        await loop.run_in_executor(None, kernel.remove_device, A("0000:05:00.0"))
+        await until(lambda: ended)
+        assert ended == [(lease.id, "removed")]
+        assert kernel.driver_of(A("0000:04:00.0")) == "e1000e"          # the rest went back
+        assert service.manager.leases() == []
+        await until(lambda: A("0000:05:00.0") not in service.host.devices)
+    run(tmp_path, scenario)
+
+
+def test_a_driver_change_behind_vfiods_back_ends_the_lease_as_tampered(tmp_path):
+    async def scenario(service, kernel, ended, loop):
+        lease = await service.request(USER, "group:8", "vfio", {})
+        await asyncio.sleep(0.1)          # vfiod's own binds are not tampering
+        assert ended == []
+        await loop.run_in_executor(None, kernel.bind_behind_vfiods_back, A("0000:04:00.0"), "e1000e")
+        await until(lambda: ended)
+        assert ended == [(lease.id, "tampered")]
+        state = kernel.state()
+        assert state["0000:04:00.0"][0] == "e1000e" and state["0000:05:00.0"] == ("tg3", None)
+    run(tmp_path, scenario)
+
+
+def test_a_burst_of_1000_events_is_handled_without_a_rescan_per_event(tmp_path):
+    async def scenario(service, kernel, ended, loop):
+        before = dict(service.scans)
+        addrs = sorted(service.host.devices)
+        t0 = time.perf_counter()
+        for i in range(1000):
+            service.on_pci_event("change", addrs[i % len(addrs)], None)
+            if i % 100 == 99:
+                await asyncio.sleep(0)     # let the loop breathe, as a socket read would
+        await asyncio.sleep(0.2)
+        took = time.perf_counter() - t0
+        full = service.scans["full"] - before["full"]
+        partial = service.scans["partial"] - before["partial"]
+        print(f"\nevent burst: 1000 events in {took * 1000:.0f} ms -> {full} full scans, "
+              f"{partial} partial refreshes")
+        assert service.scans["events"] - before["events"] == 1000
+        assert full == 0 and partial <= 20
+    run(tmp_path, scenario)
