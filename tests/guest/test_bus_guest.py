@@ -98,10 +98,32 @@ def snap():
     return {"drivers": {a: drv(a) for a in NICS + [BRIDGE]},
             "node": [st.st_uid, oct(st.st_mode & 0o777)] if st else None}
 
+def snap_present():
+    return {a: (drv(a) if os.path.exists(f"/sys/bus/pci/devices/{a}") else "absent")
+            for a in NICS + [BRIDGE]}
+
 def as_user(cmd, timeout=300):
     env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "LANG": "C.UTF-8"}
     return subprocess.run(cmd, user=UID, group=UID, extra_groups=[], env=env, cwd="/tmp",
                           capture_output=True, text=True, timeout=timeout)
+
+def bus_view():
+    import asyncio
+    from vfiod.client import Client
+    async def view():
+        c = await Client(ADDR, timeout=30).connect()
+        try:
+            return await c.managed_objects()
+        finally:
+            c.close()
+    objs = asyncio.run(view())
+    dev = lambda a: objs.get("/org/vfiod1/device/" + a.replace(":", "_").replace(".", "_"))
+    return {
+        "leases": sorted(p for p, i in objs.items() if "org.vfiod1.Lease" in i),
+        "group": {k: objs[f"/org/vfiod1/group/{GROUP}"]["org.vfiod1.Group"][k] for k in ("State", "Lease", "Viable")},
+        "drivers": {a: (dev(a)["org.vfiod1.Device"]["Driver"] or None) if dev(a) else "absent"
+                    for a in NICS + [BRIDGE]},
+    }
 
 def vfiod_log():
     with open(f"{W}/vfiod.log") as f:
@@ -113,7 +135,7 @@ os.makedirs(f"{W}/policy", exist_ok=True)
 os.makedirs(f"{W}/state", exist_ok=True)
 os.chmod(W, 0o755)
 with open(f"{W}/policy/50-test.toml", "w") as f:
-    f.write(f'[[rule]]\ngroup = [{GROUP}]\nuids = [{UID}]\nbackends = ["vfio", "pci-stub"]\nmemlock = "256M"\n')
+    f.write(f'[[rule]]\ngroup = [{GROUP}]\nuids = [{UID}]\nbackends = ["vfio", "pci-stub"]\nmemlock = "256M"\npersistent = true\n')
 with open(f"{OUT}/check.py") as f, open(f"{W}/check.py", "w") as g:
     g.write(f.read())
 os.chmod(f"{W}/check.py", 0o644)
@@ -151,24 +173,39 @@ try:
 
     # vfiod's own view, over the bus, in this process (as root).
     try:
-        import asyncio
-        from vfiod.client import Client
-        async def view():
-            c = await Client(ADDR, timeout=30).connect()
-            try:
-                return await c.managed_objects()
-            finally:
-                c.close()
-        objs = asyncio.run(view())
-        res["bus_view"] = {
-            "leases": sorted(p for p, i in objs.items() if "org.vfiod1.Lease" in i),
-            "group": {k: objs[f"/org/vfiod1/group/{GROUP}"]["org.vfiod1.Group"][k] for k in ("State", "Lease", "Viable")},
-            "drivers": {a: objs["/org/vfiod1/device/" + a.replace(":", "_").replace(".", "_")]["org.vfiod1.Device"]["Driver"] or None
-                        for a in NICS + [BRIDGE]},
-        }
+        res["bus_view"] = bus_view()
     except Exception:
         res["errors"].append("bus view: " + traceback.format_exc())
     stamp("bus_view")
+
+    # Hotplug: a leased NIC removed through sysfs ends its lease ("removed"); a rescan
+    # brings it back on its host driver.
+    p = as_user(["vfioctl", "lease", "--bus", ADDR, "--persistent", NICS[0]])
+    res["hotplug_lease"] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+    res["hotplug_leased"] = snap_present()
+    with open(f"/sys/bus/pci/devices/{NICS[1]}/remove", "w") as f:
+        f.write("1")
+    for _ in range(100):
+        if "outcome=removed" in vfiod_log():
+            break
+        time.sleep(0.2)
+    stamp("hotplug_removed")
+    p = as_user(["vfioctl", "leases", "--bus", ADDR, "--json"])
+    res["hotplug_leases_after_remove"] = p.stdout
+    res["hotplug_after_remove"] = snap_present()
+    with open("/sys/bus/pci/rescan", "w") as f:
+        f.write("1")
+    for _ in range(100):
+        res["hotplug_after_rescan"] = snap_present()
+        if res["hotplug_after_rescan"][NICS[1]] == "e1000":
+            break
+        time.sleep(0.2)
+    for _ in range(50):        # vfiod refreshes the touched group once per burst of events
+        res["bus_view_after_rescan"] = bus_view()
+        if res["bus_view_after_rescan"]["drivers"] == res["hotplug_after_rescan"]:
+            break
+        time.sleep(0.2)
+    stamp("hotplug")
 except Exception:
     res["errors"].append(traceback.format_exc())
 finally:
@@ -251,6 +288,26 @@ def test_everything_is_back_when_vfioctl_exits(guest_run):
     assert r["after"]["drivers"] == BEFORE, _context(r)
     assert r["after"]["node"] is None, (r["after"], r["after_settle"])
     assert r["after_settle"] == r["after"]
+
+
+def test_a_leased_device_removed_through_sysfs_ends_its_lease(guest_run):
+    r = guest_run
+    assert r["hotplug_lease"]["rc"] == 0, (r["hotplug_lease"], _context(r))
+    assert r["hotplug_leased"] == LEASED, r["hotplug_leased"]
+    audit = [l for l in r["vfiod_log"].splitlines() if "vfiod.audit" in l and "outcome=removed" in l]
+    assert len(audit) == 1, _context(r)
+    assert json.loads(r["hotplug_leases_after_remove"]) == []
+    # the surviving NIC and the bridge are given back; the removed one is gone
+    assert r["hotplug_after_remove"] == {NICS[0]: "e1000", NICS[1]: "absent", BRIDGE: "shpchp"}
+
+
+def test_a_rescan_brings_the_removed_device_back_on_its_host_driver(guest_run):
+    r = guest_run
+    assert r["hotplug_after_rescan"] == BEFORE, _context(r)
+    # and vfiod followed: the device is a bus object again, on its driver, the group is the host's
+    view = r["bus_view_after_rescan"]
+    assert view["drivers"] == BEFORE and view["leases"] == [], view
+    assert view["group"]["State"] == "host"
 
 
 def test_vfiod_agrees_and_stops_cleanly(guest_run):
