@@ -32,7 +32,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -77,16 +76,11 @@ class World:
             return f.read()
 
     def close(self) -> int | None:
-        if self.daemon and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            try:
-                self.daemon.wait(60)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait()
+        from vfiod.privatebus import stop_process
+        rc = stop_process(self.daemon, 60) if self.daemon else None
         self.log.close()
         self.bus.stop()
-        return self.daemon.returncode if self.daemon else None
+        return rc
 
 
 def summary(samples: list[float]) -> dict:

@@ -317,6 +317,10 @@ class LeaseInterface(ServiceInterface):
     def Memlock(self) -> "t":
         return int(self.lease.memlock or 0)
 
+    @dbus_property(access=PropertyAccess.READ)
+    def ResetOnRelease(self) -> "b":
+        return self.lease.reset
+
     @method()
     @edge
     async def OpenGroup(self, caller) -> "h":

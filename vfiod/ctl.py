@@ -175,7 +175,7 @@ def cmd_lease(args) -> int:
             print((await client.lease_call(path, "HostdevXml")).body[0])
         try:
             if command:
-                return await _run_with_lease(client, path, props, group, command)
+                return await _run_with_lease(client, path, props, group, command, args.pass_fd)
             if args.persistent:
                 print(lease_id)
                 return EXIT_OK
@@ -196,14 +196,17 @@ def cmd_lease(args) -> int:
     return _run(args, go)
 
 
-async def _run_with_lease(client, path, props, group, command) -> int:
+async def _run_with_lease(client, path, props, group, command, pass_fd=False) -> int:
     env = dict(os.environ)
     fds = []
     if props["Backend"] == "vfio":
-        reply = await client.lease_call(path, "OpenGroup")
-        fd = reply.unix_fds[reply.body[0]] if reply.unix_fds else reply.body[0]
-        fds.append(fd)
-        env["VFIOD_GROUP_FD"] = str(fd)
+        if pass_fd:
+            # The kernel lets /dev/vfio/N be open once at a time: while CMD holds this fd,
+            # opening the node by path (as DPDK's EAL and QEMU do) fails with EBUSY.
+            reply = await client.lease_call(path, "OpenGroup")
+            fd = reply.unix_fds[reply.body[0]] if reply.unix_fds else reply.body[0]
+            fds.append(fd)
+            env["VFIOD_GROUP_FD"] = str(fd)
         env["VFIOD_GROUP"] = str(group)
         env["VFIOD_GROUP_PATH"] = props.get("GroupPath") or f"/dev/vfio/{group}"
     env["VFIOD_LEASE"] = path.rsplit("/", 1)[-1]
@@ -283,14 +286,17 @@ every endpoint of the group to the backend's driver and hands it to you; the
 lease ends (and every device goes back to its driver) when you release it,
 when it expires, or when vfioctl exits — unless it is --persistent.
 
-With a command after --, vfioctl holds the lease while the command runs, gives
-it the open group fd in VFIOD_GROUP_FD (vfio backend; also VFIOD_GROUP and
-VFIOD_GROUP_PATH, since DPDK and QEMU open /dev/vfio/N by path), applies the
-policy's RLIMIT_MEMLOCK grant, releases the lease when it exits and exits with
-its status.
+With a command after --, vfioctl holds the lease while the command runs, tells
+it the group in VFIOD_GROUP and VFIOD_GROUP_PATH (vfio backend: /dev/vfio/N,
+owned by you, which DPDK and QEMU open by path), applies the policy's
+RLIMIT_MEMLOCK grant, releases the lease when it exits and exits with its
+status.  With --pass-fd the command also gets the open group in VFIOD_GROUP_FD;
+the kernel lets a group be open only once, so a command given the fd cannot
+open /dev/vfio/N again.
 
 examples:
   vfioctl lease 0000:04:00.0 -- dpdk-testpmd -a 0000:04:00.0 -- -i
+  vfioctl lease 0000:04:00.0 --pass-fd -- my-vfio-tool
   vfioctl lease group:8 --duration 2h --persistent
   vfioctl lease name:gpu --backend libvirt --xml
 """),
@@ -325,6 +331,9 @@ def add_bus_commands(sub, formatter) -> None:
             p.add_argument("--force", action="store_true",
                            help="root only: lease even if the host uses the device")
             p.add_argument("--xml", action="store_true", help="print the libvirt hostdev XML")
+            p.add_argument("--pass-fd", action="store_true",
+                           help="give CMD the open group fd in VFIOD_GROUP_FD (a group opens only once: "
+                                "leave this off for DPDK and QEMU, which open /dev/vfio/N themselves)")
             p.set_defaults(run_command=[])
         if name == "release":
             p.add_argument("lease", metavar="ID")

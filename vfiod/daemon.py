@@ -45,9 +45,13 @@ def sd_notify(state: str) -> bool:
         return False
     if path.startswith("@"):
         path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        s.connect(path)
-        s.sendall(state.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(path)
+            s.sendall(state.encode())
+    except OSError as e:       # the manager went away: nothing to tell, and no reason to fail
+        log.warning("cannot notify the service manager (%s): %s", state.split("=")[0], e)
+        return False
     return True
 
 
@@ -183,19 +187,34 @@ class Service:
         group = lease.group if lease else self._group_of(addr)
         if (lease is not None and lease.state == "granted" and lease.id not in self._ending
                 and not self.manager.is_busy(lease.group)):
-            if action == "remove" or not self.kernel.exists(addr):   # removal unbinds first
+            if action == "remove" or not self.kernel.exists(addr):
                 self._end_soon(lease, "removed", f"{addr} was removed")
             elif action in ("bind", "unbind"):
-                want = None if held.role == "bridge" else getattr(self.backends.get(lease.backend), "driver", None)
-                have = self.kernel.driver_of(addr)
-                if have != want:
-                    self._end_soon(lease, "tampered",
-                                   f"{addr} moved to {have or 'no driver'} behind vfiod's back (lease keeps it on "
-                                   f"{want or 'no driver'})")
+                # A removal unbinds first: judge a driver change once the events behind it
+                # had time to arrive, so a removed device is not mistaken for a tampered one.
+                asyncio.get_running_loop().call_later(self.TAMPER_GRACE, self._judge_driver_change,
+                                                      lease.id, addr, held)
         if group is not None:
             if not self._dirty:
                 asyncio.get_running_loop().call_soon(self._flush_dirty)
             self._dirty.add(group)
+
+    TAMPER_GRACE = 0.25      # seconds between a leased device's unbind event and the verdict
+
+    def _judge_driver_change(self, lease_id: str, addr: PciAddress, held) -> None:
+        lease = self.journal.lease(lease_id)
+        if (lease is None or lease.state != "granted" or lease.id in self._ending
+                or self.manager.is_busy(lease.group)):
+            return
+        if not self.kernel.exists(addr):
+            self._end_soon(lease, "removed", f"{addr} was removed")
+            return
+        want = None if held.role == "bridge" else getattr(self.backends.get(lease.backend), "driver", None)
+        have = self.kernel.driver_of(addr)
+        if have != want:
+            self._end_soon(lease, "tampered",
+                           f"{addr} moved to {have or 'no driver'} behind vfiod's back (lease keeps it on "
+                           f"{want or 'no driver'})")
 
     def _flush_dirty(self) -> None:
         groups, self._dirty = sorted(self._dirty), set()
@@ -289,7 +308,8 @@ class Service:
         resolved = policy.resolve(host, target)
         d = policy.decide(host, caller, resolved.group, backend, {})
         if d.allowed:
-            d = attrs.evolve(d, reason=d.reason + self._memlock_advice(caller, d))
+            reset = "; each device is reset before it goes back to the host" if d.reset_on_release else ""
+            d = attrs.evolve(d, reason=d.reason + self._memlock_advice(caller, d) + reset)
         return d
 
     def _memlock_advice(self, caller: Caller, decision) -> str:

@@ -211,7 +211,7 @@ class LeaseManager:
                 id=secrets.token_hex(8), group=group, uid=caller.uid, owner=owner, backend=be.name,
                 target=target, created=now, expires=now + duration if duration else 0.0,
                 persistent=bool(options.get("persistent")), state="granting", rule=decision.rule,
-                memlock=decision.memlock)
+                memlock=decision.memlock, reset=bool(getattr(decision, "reset_on_release", False)))
             self.journal.create(lease, plan)
             self._step("recorded")
             ctx = LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in plan
@@ -304,8 +304,9 @@ class LeaseManager:
         self.journal.done(lid, seq, record)
         self._step("hand-over-done")
 
-    def _undo(self, ctx: LeaseContext, be) -> list[str]:
-        """take_back every begun hand-over, then restore every endpoint in reverse."""
+    def _undo(self, ctx: LeaseContext, be, reset: bool = False) -> list[str]:
+        """take_back every begun hand-over, reset the endpoints if asked, then
+        restore every device."""
         errors = []
         steps = self.journal.steps(ctx.lease.id)
         for st in reversed(steps):
@@ -316,6 +317,8 @@ class LeaseManager:
                 except Exception as e:
                     errors.append(f"taking back group {ctx.lease.group}: {e}")
         held_all = self.journal.held(ctx.lease.id)
+        if reset:
+            self._reset_endpoints(ctx, held_all)
         # Bridges first (the reverse of the grant); then the endpoints in address order,
         # which is the kernel's probe order at boot: where no udev renames interfaces,
         # they get back the names they had (eth0 stays eth0).
@@ -334,6 +337,22 @@ class LeaseManager:
             except Exception as e:
                 errors.append(f"{addr}: {e}")
         return errors
+
+    def _reset_endpoints(self, ctx: LeaseContext, held_all) -> None:
+        """The policy's reset on release: each endpoint is reset while the lessee has
+        let go and before a host driver sees it again.  A failed reset is logged and
+        audited, never a reason to keep a device from its driver."""
+        for held in held_all:
+            addr = PciAddress.parse(held.addr)
+            if held.role != "endpoint" or not self.kernel.exists(addr):
+                continue
+            try:
+                method = self.kernel.reset(addr)
+                self._step(f"reset:{addr}")
+                log.info("lease %s: %s reset (%s)", ctx.lease.id, addr, method)
+            except Exception as e:
+                log.warning("lease %s: %s was not reset: %s", ctx.lease.id, addr, e)
+                self._audit("reset", None, str(addr), ctx.lease.id, ctx.lease.rule, "failed", str(e))
 
     def _rollback(self, ctx: LeaseContext, be) -> None:
         errors = self._undo(ctx, be)
@@ -363,7 +382,7 @@ class LeaseManager:
         self.journal.set_state(lease.id, "releasing")
         self._step("releasing")
         ctx = self.context(lease)
-        errors = self._undo(ctx, be)
+        errors = self._undo(ctx, be, reset=lease.reset)
         if errors:
             self._audit("release", uid, lease.target, lease.id, lease.rule, "incomplete", "; ".join(errors))
             raise BackendFailed(f"releasing lease {lease.id} left work undone (it stays recorded and "

@@ -60,6 +60,7 @@ too.  Every list-valued key also takes a single value::
     memlock = "1G"                # RLIMIT_MEMLOCK to grant: bytes or "512K", "256M", "1G", "1T"
                                   # (powers of 1024); default: none
     allow_protected = false       # see "Protected devices"
+    reset_on_release = false      # reset each endpoint (BDF/reset) before it goes back to the host
 
 A group's decision combines the rules that decided its endpoints:
 
@@ -75,6 +76,8 @@ A group's decision combines the rules that decided its endpoints:
 * `Decision.memlock` is the smallest grant of the deciding rules, and none if
   any of them grants none: a grant is a privilege, and each rule is the most
   its admin agreed to for its devices.
+* ``reset_on_release`` holds if any deciding rule asks for it: it protects
+  the host, so one rule's request is enough.
 
 Protected devices
 =================
@@ -144,7 +147,8 @@ DEFAULT_DENY = "no rule matched (deny by default)"
 
 MATCH_KEYS = ("address", "group", "ids", "class", "driver", "vf_of", "resource")
 WHO_KEYS = ("users", "uids", "groups", "everyone")
-GRANT_KEYS = ("backends", "default_backend", "max_duration", "persistent", "memlock", "allow_protected")
+GRANT_KEYS = ("backends", "default_backend", "max_duration", "persistent", "memlock", "allow_protected",
+              "reset_on_release")
 RULE_KEYS = ("action", "comment") + MATCH_KEYS + WHO_KEYS + GRANT_KEYS
 RESOURCE_KEYS = ("name", "comment", "devices")
 RESOURCE_DEVICE_KEYS = ("address", "ids", "subsystem")
@@ -389,6 +393,7 @@ class Decision:
     max_duration: int | None = None
     persistent: bool = False
     memlock: int | None = None
+    reset_on_release: bool = False
     devices: tuple[DeviceDecision, ...] = ()
 
 
@@ -524,6 +529,7 @@ class Rule:
     persistent: bool = False
     memlock: int | None = None
     allow_protected: bool = False
+    reset_on_release: bool = False
 
     @property
     def allows(self) -> bool:
@@ -616,6 +622,8 @@ class Rule:
             parts.append(f"memlock {format_size(self.memlock)}")
         if self.allow_protected:
             parts.append("the protected devices it names")
+        if self.reset_on_release:
+            parts.append("reset on release")
         return "; ".join(parts)
 
 
@@ -1135,6 +1143,8 @@ class _Loader:
             kw["persistent"] = t.get("persistent", _bool)
         if "memlock" in d:
             kw["memlock"] = t.get("memlock", _bad, parse_size)
+        if "reset_on_release" in d:
+            kw["reset_on_release"] = t.get("reset_on_release", _bool)
         if "allow_protected" in d:
             kw["allow_protected"] = t.get("allow_protected", _bool)
             if kw["allow_protected"] and "address" not in d and "resource" not in d:
@@ -1404,7 +1414,8 @@ class Policy:
             allowed=True, rule=sources, reason=f"group {g.number} allowed by rule {sources} (backend {chosen})",
             backend=chosen, max_duration=min(caps) if caps else None,
             persistent=all(r.persistent for r in rules),
-            memlock=min(grants) if all(grants) else None, devices=devices)
+            memlock=min(grants) if all(grants) else None,
+            reset_on_release=any(r.reset_on_release for r in rules), devices=devices)
 
     def decide_target(self, host, caller: Caller, target: str, backend: str = "",
                       options: Mapping | None = None) -> tuple[Target, Decision]:

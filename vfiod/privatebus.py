@@ -58,9 +58,15 @@ class PrivateBus:
             raise RuntimeError("dbus-daemon did not start")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process, 10)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 60) -> int:
+    """SIGTERM, wait up to `timeout` seconds, then SIGKILL; the exit status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()

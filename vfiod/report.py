@@ -79,6 +79,9 @@ def render_groups(groups: list[dict], explain: bool = False, width: int = 100) -
                 lines.append(f"      blocks VFIO: {blocked[d['address']]}")
             if d["protected"]:
                 lines.append(f"      protected: {d['protected']}")
+            if explain and not d.get("bridge") and "reset_methods" in d:
+                how = ", ".join(d["reset_methods"]) or "none (the kernel knows no way to reset it)"
+                lines.append(f"      reset: {how}")
         if explain:
             lines.extend(textwrap.wrap("why: " + g["isolation_text"], width=width,
                                        initial_indent="  ", subsequent_indent="       "))

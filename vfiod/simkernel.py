@@ -10,6 +10,9 @@ tests).  The plan — each file it watches and what a write to it does:
     if BDF is bound to NAME: removes ``BDF/driver`` and ``drivers/NAME/BDF``;
     if NAME was vfio-pci and BDF was the last member of its group on
     vfio-pci, ``/dev/vfio/N`` disappears.  Otherwise ENODEV.
+``bus/pci/devices/BDF/reset`` (data: 1)
+    counts a reset in `resets` (ENOTTY where ``reset_method`` is empty: the
+    kernel has no method to offer); the driver stays as it is.
 ``bus/pci/drivers_probe`` (data: BDF)
     if BDF is unbound: with an override, binds that driver if it is loaded
     (nothing otherwise); without one, binds the device's native driver (its
@@ -17,7 +20,7 @@ tests).  The plan — each file it watches and what a write to it does:
     ``/dev/vfio/N`` (root, 0600) when it is the group's first member there.
 
 Fault injection is data: ``sim.inject(op, addr, fault)`` with op one of
-``override``, ``unbind``, ``probe`` and a `Fault`: ``error`` (the write fails
+``override``, ``unbind``, ``probe``, ``reset`` and a `Fault`: ``error`` (the write fails
 with EIO), ``block`` (the write hangs for `delay` seconds, so the caller's
 timeout fires), ``nobind`` (the probe binds nothing), ``vanish`` (the device
 disappears before the write), ``slow`` (the write succeeds after `delay`).
@@ -53,6 +56,7 @@ class SimKernel(Kernel):
         self.native = dict(native)
         self.faults: dict[tuple[str, PciAddress], Fault] = {}
         self.writes: list[tuple[str, str]] = []
+        self.resets: list[PciAddress] = []
         self.loaded_modules: list[str] = []
         self.after_write = None          # called with (rel, data) after each write took effect
         self.write_log: str | None = None  # a file that gets one "path<TAB>data" line per write
@@ -102,6 +106,8 @@ class SimKernel(Kernel):
             op, addr = "probe", PciAddress.from_sysfs_name(data.strip())
         elif parts[-1] == "unbind":
             op, addr = "unbind", PciAddress.from_sysfs_name(data.strip())
+        elif parts[-1] == "reset":
+            op, addr = "reset", PciAddress.from_sysfs_name(parts[3])
         else:
             op, addr = "override", PciAddress.from_sysfs_name(parts[3])
         fault = self._fault(op, addr)
@@ -121,6 +127,10 @@ class SimKernel(Kernel):
                 text = data.strip()
                 with open(os.path.join(self._dev(addr), "driver_override"), "w") as f:
                     f.write((text or "(null)") + "\n")
+            elif op == "reset":
+                if not self.reset_methods(addr):
+                    raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
+                self.resets.append(addr)
             elif op == "unbind":
                 if self.driver_of(addr) != parts[3]:
                     raise OSError(errno.ENODEV, "No such device")

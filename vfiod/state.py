@@ -1,16 +1,19 @@
 """The journal: one SQLite file that lets vfiod survive its own crash.
 
 File: ``STATE_DIR/state.db`` (WAL, ``synchronous=FULL``: a committed row is on
-disk before the sysfs write it announces).  Schema version 1:
+disk before the sysfs write it announces).  Schema version 2:
 
 ``meta(key, value)``
-    ``schema`` = 1.  A file with a higher number is from a newer vfiod and is
-    refused, untouched.
-``leases(id, grp, uid, owner, backend, target, created, expires, persistent, state, rule, memlock)``
+    ``schema`` = 2.  A file with a higher number is from a newer vfiod and is
+    refused, untouched; a version 1 file is upgraded in place (version 2 added
+    ``leases.reset``).
+``leases(id, grp, uid, owner, backend, target, created, expires, persistent, state, rule, memlock, reset)``
     one row per lease; ``grp`` is UNIQUE (one lease per group).  ``state`` is
     ``granting`` (devices are being moved; a crash here rolls back),
     ``granted`` (handed over), or ``releasing`` (being returned; a crash here
     finishes the return).  ``owner`` is the bus name of the lessee.
+    ``reset`` is 1 when the policy asks for a function reset of each endpoint
+    before it goes back to its host driver.
 ``held(lease, pos, addr, driver, override, role)``
     each device's original driver and driver_override, written before the
     first sysfs write of the lease: the truth a release restores.  ``role``
@@ -37,14 +40,15 @@ import attrs
 
 from .errors import StateError
 
-SCHEMA = 1
+SCHEMA = 2
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS leases(
     id TEXT PRIMARY KEY, grp INTEGER NOT NULL UNIQUE, uid INTEGER NOT NULL, owner TEXT,
     backend TEXT NOT NULL, target TEXT NOT NULL, created REAL NOT NULL, expires REAL NOT NULL,
-    persistent INTEGER NOT NULL, state TEXT NOT NULL, rule TEXT, memlock INTEGER);
+    persistent INTEGER NOT NULL, state TEXT NOT NULL, rule TEXT, memlock INTEGER,
+    reset INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS held(
     lease TEXT NOT NULL, pos INTEGER NOT NULL, addr TEXT NOT NULL, driver TEXT, override TEXT,
     role TEXT NOT NULL DEFAULT 'endpoint', PRIMARY KEY(lease, pos));
@@ -71,12 +75,13 @@ class LeaseRow:
     state: str
     rule: str | None
     memlock: int | None
+    reset: bool = False     # reset each endpoint before it goes back to the host
 
     @classmethod
     def from_row(cls, row) -> "LeaseRow":
         return cls(id=row[0], group=row[1], uid=row[2], owner=row[3], backend=row[4], target=row[5],
                    created=row[6], expires=row[7], persistent=bool(row[8]), state=row[9],
-                   rule=row[10], memlock=row[11])
+                   rule=row[10], memlock=row[11], reset=bool(row[12]))
 
 
 @attrs.frozen
@@ -125,6 +130,10 @@ class Journal:
                 if version > SCHEMA:
                     raise StateError(f"state file {path} is from a newer vfiod (schema {version}, "
                                      f"this one knows {SCHEMA}); it was left untouched")
+                if version == 1:
+                    with self.tx():
+                        self.db.execute("ALTER TABLE leases ADD COLUMN reset INTEGER NOT NULL DEFAULT 0")
+                        self.db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA),))
             else:
                 with self.tx():
                     for stmt in _DDL.strip().split(";"):
@@ -171,10 +180,10 @@ class Journal:
 
     def create(self, lease: LeaseRow, held: list[Held]) -> None:
         with self.tx():
-            self.db.execute("INSERT INTO leases VALUES(?,?,?,?,?,?,?,?,?,?,?,?)", (
+            self.db.execute("INSERT INTO leases VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)", (
                 lease.id, lease.group, lease.uid, lease.owner, lease.backend, lease.target,
                 lease.created, lease.expires, int(lease.persistent), lease.state, lease.rule,
-                lease.memlock))
+                lease.memlock, int(lease.reset)))
             self.db.executemany("INSERT INTO held VALUES(?,?,?,?,?,?)", [
                 (lease.id, i, h.addr, h.driver, h.override, h.role) for i, h in enumerate(held)])
 

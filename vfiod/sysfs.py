@@ -557,6 +557,7 @@ _BDF = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
 _DRIVER = r"[A-Za-z0-9_.-]{1,64}"
 WRITABLE = (
     _re.compile(rf"bus/pci/devices/{_BDF}/driver_override"),
+    _re.compile(rf"bus/pci/devices/{_BDF}/reset"),
     _re.compile(rf"bus/pci/drivers/{_DRIVER}/unbind"),
     _re.compile(r"bus/pci/drivers_probe"),
 )
@@ -719,6 +720,23 @@ class Kernel:
                                    f"{have or 'no driver'}")
         if self.override_of(addr) != override:
             self.set_override(addr, override)
+
+    def reset_methods(self, addr: PciAddress) -> tuple[str, ...]:
+        text = _text(os.path.join(self.roots.sysfs, "bus/pci/devices", addr.sysfs_name, "reset_method"))
+        return tuple(text.split()) if text else ()
+
+    def reset(self, addr: PciAddress) -> str:
+        """Reset one function (``BDF/reset``: the kernel tries the methods of
+        ``reset_method`` in order, saving and restoring its config space).
+        Returns the methods the kernel had to choose from."""
+        if not self.exists(addr):
+            raise _KernelError(f"{addr}: the device is gone")
+        methods = self.reset_methods(addr)
+        if not methods:
+            raise _KernelError(f"{addr}: the kernel knows no way to reset it (reset_method is empty: "
+                               "no FLR, PM or bus reset)")
+        self._write(f"bus/pci/devices/{addr.sysfs_name}/reset", "1", f"{addr}: resetting")
+        return " ".join(methods)
 
     # ---- /dev/vfio
 

@@ -45,11 +45,21 @@ def test_lease_with_command_gets_the_group_fd_and_returns_devices(world):
                 "print((a.st_dev, a.st_ino) == (b.st_dev, b.st_ino), b.st_uid, oct(b.st_mode & 0o777),"
                 " os.environ['VFIOD_GROUP'])\n")
     os.chmod(script, 0o644)
-    p = world.ctl("lease", "0000:04:00.0", "--", os.path.join(VENV_BIN, "python"), script)
+    p = world.ctl("lease", "0000:04:00.0", "--pass-fd", "--", os.path.join(VENV_BIN, "python"), script)
     same, owner, mode, group = p.stdout.split()
     assert (same, int(owner), mode, group) == ("True", uid, "0o600", "8")
     assert not os.path.exists(os.path.join(world.tree().dev, "vfio", "8"))   # gone with vfio-pci
     assert world.drivers() == before
+
+
+def test_without_pass_fd_the_command_gets_the_path_and_no_open_group(world):
+    # A VFIO group opens once: DPDK and QEMU open /dev/vfio/N themselves, so by
+    # default nothing in the command's process may hold it open already.
+    p = world.ctl("lease", "0000:04:00.0", "--", "/bin/sh", "-c",
+                  'echo "${VFIOD_GROUP_FD-unset} $VFIOD_GROUP $VFIOD_GROUP_PATH"; ls -l /proc/self/fd/')
+    first, *fds = p.stdout.splitlines()
+    assert first == f"unset 8 {os.path.join(world.tree().dev, 'vfio', '8')}"
+    assert not [l for l in fds if "/vfio/" in l], fds
 
 
 def test_command_exit_status_is_passed_on(world):

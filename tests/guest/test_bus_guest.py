@@ -12,7 +12,7 @@ every python start costs seconds under TCG):
 * waits for vfiod's "ready" line, then for ``vfioctl leases`` (as uid 1000)
   to answer;
 * runs, as uid 1000 with no supplementary groups,
-  ``vfioctl lease --bus ADDR 0000:02:01.0 -- python3 check.py``; check.py
+  ``vfioctl lease --bus ADDR 0000:02:01.0 --pass-fd -- python3 check.py``; check.py
   issues ``VFIO_GROUP_GET_STATUS`` on ``VFIOD_GROUP_FD`` and records its
   uid, the fd, the node and the drivers of both NICs and the bridge while it
   holds the lease, then exits with status 7;
@@ -129,6 +129,8 @@ def vfiod_log():
     with open(f"{W}/vfiod.log") as f:
         return f.read()
 
+from tests.guest.instack import ensure_user
+ensure_user(UID, "vfiod-user")
 GROUP = int(os.path.basename(os.readlink(f"/sys/bus/pci/devices/{NICS[0]}/iommu_group")))
 res["group"] = GROUP
 os.makedirs(f"{W}/policy", exist_ok=True)
@@ -164,7 +166,7 @@ try:
     res["leases_before"] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
     stamp("vfioctl_leases")
 
-    p = as_user(["vfioctl", "lease", "--bus", ADDR, NICS[0], "--", "python3", f"{W}/check.py"])
+    p = as_user(["vfioctl", "lease", "--bus", ADDR, NICS[0], "--pass-fd", "--", "python3", f"{W}/check.py"])
     res["after"] = snap()
     stamp("vfioctl_lease")
     res["lease"] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}

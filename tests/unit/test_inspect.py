@@ -30,6 +30,8 @@ def test_simulated_ich10_table_reads_like_the_guide():
     assert "82574L" in block and "tg3" in block
     assert "unbind 0000:05:00.0 from tg3 or lease it too" in block
     assert "why:" in block
+    # --explain tells how each endpoint can be reset (sysfs reset_method); ports are left out
+    assert block.count("      reset: bus") == 2
     assert "Traceback" not in err
 
 

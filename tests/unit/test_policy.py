@@ -736,3 +736,22 @@ def test_a_policy_anyone_may_write_is_refused(tmp_path):
     os.chmod(d, 0o777)
     with pytest.raises(PolicyError, match=r"policy.d: writable by anyone \(mode 0777\)"):
         Policy.load(str(d), users=USERS)
+
+
+@pytest.mark.parametrize("first, second, expected", [
+    ("reset_on_release = true", "", True),           # one rule asking is enough: it protects the host
+    ("reset_on_release = false", "reset_on_release = true", True),
+    ("reset_on_release = false", "", False),
+    ("", "", False),
+])
+def test_reset_on_release(first, second, expected):
+    pol = policy(rule('address = "04:00.0"', extra=first), rule('address = "05:00.0"', extra=second))
+    d = pol.decide(ICH10, caller("alice"), 8)
+    assert d.allowed and d.reset_on_release is expected
+
+
+def test_reset_on_release_takes_a_boolean_and_no_deny_rule():
+    with pytest.raises(PolicyError, match=r"10-t\.toml:4: key 'reset_on_release': expected true or false, got the string 'yes'"):
+        policy(rule(NICS, extra='reset_on_release = "yes"'))
+    with pytest.raises(PolicyError, match="reset_on_release"):
+        policy(rule(NICS, extra='action = "deny"\nreset_on_release = true'))
