@@ -7,7 +7,7 @@ Usage from tests::
     ok, why = guest_available()          # (False, reason) -> pytest.skip(why)
     g = Guest(topology="bridge")
     res = g.run('''
-        cd /work/main && .venv/bin/vfiod inspect --json > $OUT/inspect.json
+        cd $VFIOD_CHECKOUT && .venv/bin/vfiod inspect --json > $OUT/inspect.json
         ls /sys/kernel/iommu_groups
     ''', timeout=300)
     res.returncode          # exit status of the script (int)
@@ -42,7 +42,8 @@ How it works
   ``/sys/fs/cgroup`` are the guest's own.  Nothing touches the host's /sys.
 * Output: a second, read-write 9p share mounted at ``/out`` (``$OUT``).  The
   script is ``/out/script.sh`` run by ``/bin/sh`` with ``HOME=/root``,
-  ``PATH=/work/main/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin``,
+  ``PATH=CHECKOUT/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin``
+  and ``VFIOD_CHECKOUT`` (this checkout's path, the same in the guest),
   stdin ``/dev/null``; stdout+stderr go to ``/out/output.txt`` and the exit
   status to ``/out/rc`` (these three names are not reported in ``files``).
   The guest then powers off (``sync; echo o > /proc/sysrq-trigger``).
@@ -197,7 +198,9 @@ INITRD_MODULES = ("e1000", "e1000e", "nvme", "vfio-pci", "vfio_iommu_type1", "pc
 #: Modules loaded before the script runs unless Guest(modules=...) says otherwise.
 DEFAULT_MODULES = ("e1000", "e1000e", "nvme", "vfio-pci", "vfio_iommu_type1", "pci-stub")
 
-GUEST_PATH = "/work/main/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: This checkout: the guest sees this machine's root, so the same path works there.
+CHECKOUT = str(Path(__file__).resolve().parents[2])
+GUEST_PATH = f"{CHECKOUT}/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Names the harness itself uses in the out share; not reported in files.
 _SCRIPT, _OUTPUT, _RC = "script.sh", "output.txt", "rc"
@@ -384,6 +387,7 @@ fail "switch_root"
 _STAGE2 = r"""# vfiod guest init, stage 2 (host root over 9p + overlay; run by /bin/sh)
 export HOME=/root
 export PATH=@PATH@
+export VFIOD_CHECKOUT=@CHECKOUT@
 export OUT=/out
 export LANG=C.UTF-8
 export TERM=dumb
@@ -674,7 +678,7 @@ def _ensure_initrd(cache: Path, kver: str, kdir: Path, log) -> Path:
         .replace("@KTREE@", ktree)
         .replace("@BOOT_MODULES@", " ".join(BOOT_MODULES))
     )
-    stage2 = _STAGE2.replace("@PATH@", GUEST_PATH)
+    stage2 = _STAGE2.replace("@PATH@", GUEST_PATH).replace("@CHECKOUT@", CHECKOUT)
     h = hashlib.sha256()
     for part in (HARNESS_VERSION, kver, stage1, stage2, " ".join(BOOT_MODULES + INITRD_MODULES)):
         h.update(part.encode() + b"\0")

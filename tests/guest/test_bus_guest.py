@@ -75,7 +75,7 @@ sys.exit(%(exit)d)
 
 GUEST_PY = r'''
 import json, os, signal, subprocess, sys, time, traceback
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, os.environ["VFIOD_CHECKOUT"])
 OUT = os.environ["OUT"]
 UID = %(uid)d
 NICS = %(nics)r
@@ -144,7 +144,7 @@ os.chmod(f"{W}/check.py", 0o644)
 res["before"] = snap()
 
 from vfiod.privatebus import PrivateBus
-bus = PrivateBus(W, "/work/main/systemd/org.vfiod1.conf")
+bus = PrivateBus(W, os.environ["VFIOD_CHECKOUT"] + "/systemd/org.vfiod1.conf")
 res["bus_address"] = bus.address
 stamp("bus_up")
 log = open(f"{W}/vfiod.log", "w")

@@ -43,7 +43,7 @@ MEMLOCK = 512 << 20
 
 GUEST_PY = r'''
 import json, os, pwd, subprocess, sys, time, traceback
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, os.environ["VFIOD_CHECKOUT"])
 from tests.guest.instack import Stack, converse, driver, ensure_user, group_of, node, record, user_env
 OUT = os.environ["OUT"]
 NIC, TESTPMD, GRANTED, UNGRANTED, MEMLOCK = %(nic)r, %(testpmd)r, %(granted)d, %(ungranted)d, %(memlock)d

@@ -37,7 +37,7 @@ STAGES = ("baseline", "one_bound", "both_bound")
 GUEST_PY = r'''
 import fcntl, json, os, struct, subprocess, sys, time, traceback
 t_start = time.monotonic()
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, os.environ["VFIOD_CHECKOUT"])
 from vfiod.pciids import PciIds
 from vfiod.report import host_json
 from vfiod.sysfs import SysfsReader
@@ -117,7 +117,7 @@ def stage(name, flags_of=None):
 
 try:
     t = time.monotonic()
-    cmd = subprocess.run(["/work/main/.venv/bin/vfiod", "inspect", "--json"], stdin=subprocess.DEVNULL,
+    cmd = subprocess.run([os.environ["VFIOD_CHECKOUT"] + "/.venv/bin/vfiod", "inspect", "--json"], stdin=subprocess.DEVNULL,
                          capture_output=True, text=True, timeout=120)
     res["command"] = {"rc": cmd.returncode, "stdout": cmd.stdout, "stderr": cmd.stderr}
     res["timings"]["command"] = time.monotonic() - t
@@ -142,8 +142,8 @@ finally:
         json.dump(res, f)
 '''
 
-SCRIPT = f"""cd /work/main
-/work/main/.venv/bin/python - <<'EOF'
+SCRIPT = f"""cd $VFIOD_CHECKOUT
+$VFIOD_CHECKOUT/.venv/bin/python - <<'EOF'
 {GUEST_PY}
 EOF
 """

@@ -23,7 +23,7 @@ BRIDGE = "0000:01:00.0"
 
 GUEST_PY = r'''
 import fcntl, json, os, signal, struct, subprocess, sys, time
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, os.environ["VFIOD_CHECKOUT"])
 from vfiod.backends import load_backends
 from vfiod.leases import LeaseManager
 from vfiod.policy import Caller, Policy
@@ -93,7 +93,7 @@ res["stub_after"] = snap()
 # SIGKILL half-way through a grant: after the first NIC is bound, before the second.
 child = subprocess.run([sys.executable, "-c", f"""
 import os, signal, sys
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, os.environ["VFIOD_CHECKOUT"])
 from vfiod.backends import load_backends
 from vfiod.leases import LeaseManager
 from vfiod.policy import Caller, Policy
