@@ -139,6 +139,11 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     @edge
+    async def SetVfCount(self, caller, pf: "s", count: "u") -> "u":
+        return await self.service.set_vf_count(caller, pf, count)
+
+    @method()
+    @edge
     async def ReloadPolicy(self, caller) -> "":
         await self.service.reload_policy(caller)
 

@@ -233,6 +233,18 @@ async def _run_with_lease(client, path, props, group, command, pass_fd=False) ->
     return rc if rc >= 0 else 128 - rc
 
 
+def cmd_vfs(args) -> int:
+    if args.count < 0:
+        raise InvalidArgument(f"not a number of VFs: {args.count}")
+
+    async def go(client):
+        before = (await client.call("/org/vfiod1", "org.vfiod1.Manager", "SetVfCount", "su",
+                                    [args.target, args.count], timeout=max(args.timeout, 120))).body[0]
+        print(f"{args.target}: {before} -> {args.count} VFs")
+        return EXIT_OK
+    return _run(args, go)
+
+
 def cmd_release(args) -> int:
     async def go(client):
         if not re.fullmatch(r"[0-9a-f]{1,64}", args.lease):
@@ -300,6 +312,14 @@ examples:
   vfioctl lease group:8 --duration 2h --persistent
   vfioctl lease name:gpu --backend libvirt --xml
 """),
+    "vfs": ("root: set an SR-IOV PF's number of VFs (refused while it or its VFs are leased)", cmd_vfs, """\
+Set how many VFs an SR-IOV physical function shows (its sriov_numvfs).  The
+kernel changes a non-zero count only through 0, which removes every VF, so
+vfiod refuses (exit 4, busy) while the PF or any of its VFs is leased.
+
+example:
+  vfioctl vfs 0000:01:00.0 4
+"""),
     "release": ("release a lease by id", cmd_release, """\
 Release a lease: every device of its group goes back to the driver it had.
 
@@ -316,7 +336,7 @@ def add_bus_commands(sub, formatter) -> None:
                        help="the bus vfiod is on (default: system)")
         p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                        help="how long to wait for each answer (default 30)")
-        if name in ("show", "explain", "check", "lease"):
+        if name in ("show", "explain", "check", "lease", "vfs"):
             p.add_argument("target", metavar="TARGET", help="0000:04:00.0, 04:00.0, group:8 or name:RESOURCE")
         if name in ("groups", "show", "check", "leases"):
             p.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -337,4 +357,6 @@ def add_bus_commands(sub, formatter) -> None:
             p.set_defaults(run_command=[])
         if name == "release":
             p.add_argument("lease", metavar="ID")
+        if name == "vfs":
+            p.add_argument("count", type=int, metavar="COUNT")
         p.set_defaults(func=fn)

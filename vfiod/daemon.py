@@ -326,6 +326,13 @@ class Service:
                     "a VFIO user that pins memory (DPDK, QEMU) will fail to map DMA beyond it")
         return ""
 
+    async def set_vf_count(self, caller: Caller, pf: str, count: int) -> int:
+        addr = PciAddress.parse(pf)
+        before = await self._run(self.manager.set_vf_count, caller, addr, count)
+        log.info("%s: %d -> %d VFs (uid %s)", addr, before, count, caller.uid)
+        self._refresh_soon()              # VFs come and go with their groups
+        return before
+
     async def reload_policy(self, caller: Caller) -> None:
         if not caller.is_admin:
             raise PermissionDenied("only root may reload the policy")

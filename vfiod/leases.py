@@ -394,6 +394,38 @@ class LeaseManager:
         self.on_ended(ended)
         return ended
 
+    # ------------------------------------------------------------ SR-IOV
+
+    def set_vf_count(self, caller, pf: PciAddress, count: int) -> int:
+        """Root only: set an SR-IOV PF's number of VFs (``sriov_numvfs``).  Refused
+        (`Busy`) while the PF or any of its VFs is leased: changing the count
+        removes every VF, and would pull them from under their lessees.
+        Returns the count before the change."""
+        if not caller.is_admin:
+            raise PermissionDenied("only root may change the number of VFs")
+        reader = SysfsReader(self.kernel.roots)
+        if not self.kernel.exists(pf):
+            raise NotFound(f"no device {pf}")
+        raw = reader.read_device(pf)
+        if raw.sriov_totalvfs is None:
+            raise InvalidArgument(f"{pf} is not an SR-IOV physical function")
+        if not isinstance(count, int) or not 0 <= count <= raw.sriov_totalvfs:
+            raise InvalidArgument(f"{pf} supports 0 to {raw.sriov_totalvfs} VFs, not {count!r}")
+        group = reader.group_of(pf)
+        with self._group_lock(group if group is not None else -1):
+            raw = reader.read_device(pf)
+            held = {}
+            for lease in self.journal.leases():
+                for h in self.journal.held(lease.id):
+                    held[h.addr] = lease.id
+            busy = sorted({held[str(a)] for a in (pf, *raw.virtfns) if str(a) in held})
+            if busy:
+                raise Busy(f"{pf} or its VFs are leased ({', '.join(busy)}); release them first")
+            before = raw.sriov_numvfs or 0
+            self.kernel.set_numvfs(pf, count)
+            self._audit("sriov", caller.uid, str(pf), None, None, "changed", f"{before} -> {count} VFs")
+            return before
+
     def renew(self, lease_id: str, caller, seconds: int) -> LeaseRow:
         lease = self.get(lease_id)
         if not caller.is_admin and caller.uid != lease.uid:

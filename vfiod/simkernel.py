@@ -13,6 +13,10 @@ tests).  The plan — each file it watches and what a write to it does:
 ``bus/pci/devices/BDF/reset`` (data: 1)
     counts a reset in `resets` (ENOTTY where ``reset_method`` is empty: the
     kernel has no method to offer); the driver stays as it is.
+``bus/pci/devices/BDF/sriov_numvfs`` (data: N)
+    0 removes every VF of the PF (as hot-unplug does); N > 0 from 0 adds the
+    first N VFs of the host table back and probes them; changing a non-zero
+    count to another is EBUSY, as in the kernel.
 ``bus/pci/drivers_probe`` (data: BDF)
     if BDF is unbound: with an override, binds that driver if it is loaded
     (nothing otherwise); without one, binds the device's native driver (its
@@ -57,6 +61,8 @@ class SimKernel(Kernel):
         self.faults: dict[tuple[str, PciAddress], Fault] = {}
         self.writes: list[tuple[str, str]] = []
         self.resets: list[PciAddress] = []
+        self.vf_table: dict[PciAddress, list] = {}    # PF -> the VFs its hardware can show (host table)
+        self.iommu = True
         self.loaded_modules: list[str] = []
         self.after_write = None          # called with (rel, data) after each write took effect
         self.write_log: str | None = None  # a file that gets one "path<TAB>data" line per write
@@ -65,7 +71,12 @@ class SimKernel(Kernel):
 
     @classmethod
     def for_spec(cls, spec, roots: Roots, **kw) -> "SimKernel":
-        return cls(roots, {fn.addr: fn.driver for fn in spec.functions}, **kw)
+        k = cls(roots, {fn.addr: fn.driver for fn in spec.functions}, **kw)
+        k.iommu = spec.iommu
+        for fn in sorted(spec.functions, key=lambda f: f.addr):
+            if fn.vf_of:
+                k.vf_table.setdefault(fn.vf_of, []).append(fn)
+        return k
 
     def inject(self, op: str, addr: PciAddress, fault: Fault) -> None:
         self.faults[(op, addr)] = fault
@@ -108,6 +119,8 @@ class SimKernel(Kernel):
             op, addr = "unbind", PciAddress.from_sysfs_name(data.strip())
         elif parts[-1] == "reset":
             op, addr = "reset", PciAddress.from_sysfs_name(parts[3])
+        elif parts[-1] == "sriov_numvfs":
+            op, addr = "numvfs", PciAddress.from_sysfs_name(parts[3])
         else:
             op, addr = "override", PciAddress.from_sysfs_name(parts[3])
         fault = self._fault(op, addr)
@@ -127,6 +140,8 @@ class SimKernel(Kernel):
                 text = data.strip()
                 with open(os.path.join(self._dev(addr), "driver_override"), "w") as f:
                     f.write((text or "(null)") + "\n")
+            elif op == "numvfs":
+                self._set_numvfs(addr, int(data.strip()))
             elif op == "reset":
                 if not self.reset_methods(addr):
                     raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
@@ -225,6 +240,37 @@ class SimKernel(Kernel):
             os.unlink(link)
             shutil.rmtree(node, ignore_errors=True)
         self._event("remove", addr, None)
+
+    def _set_numvfs(self, pf: PciAddress, count: int) -> None:
+        from .hosts.builder import add_function
+        node = self._dev(pf)
+        now = self.numvfs(pf) or 0
+        if count == now:
+            return
+        if now and count:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        if count == 0:
+            for i in reversed(range(now)):
+                link = os.path.join(node, f"virtfn{i}")
+                target = _readlink(link)
+                if target:
+                    self.remove_device(PciAddress.from_sysfs_name(os.path.basename(target)))
+                    os.unlink(link)
+        else:
+            table = self.vf_table.get(pf, [])
+            if count > len(table):
+                raise OSError(errno.ERANGE, "Numerical result out of range")
+            for i, fn in enumerate(table[:count]):
+                parent = self._dev(fn.parent) if fn.parent else None
+                vf_node = add_function(self.roots.sysfs, fn, parent, self.iommu, driver="")
+                os.symlink(os.path.relpath(node, vf_node), os.path.join(vf_node, "physfn"))
+                os.symlink(os.path.relpath(vf_node, node), os.path.join(node, f"virtfn{i}"))
+                self._event("add", fn.addr, None)
+                target = self.override_of(fn.addr) or self.native.get(fn.addr)
+                if target and os.path.isdir(self._drv(target)):
+                    self._bind(fn.addr, target)
+        with open(os.path.join(node, "sriov_numvfs"), "w") as f:
+            f.write(f"{count}\n")
 
     def bind_behind_vfiods_back(self, addr: PciAddress, driver: str) -> None:
         """Someone else moves `addr` to `driver` (an admin's echo into sysfs, say)."""

@@ -558,6 +558,7 @@ _DRIVER = r"[A-Za-z0-9_.-]{1,64}"
 WRITABLE = (
     _re.compile(rf"bus/pci/devices/{_BDF}/driver_override"),
     _re.compile(rf"bus/pci/devices/{_BDF}/reset"),
+    _re.compile(rf"bus/pci/devices/{_BDF}/sriov_numvfs"),
     _re.compile(rf"bus/pci/drivers/{_DRIVER}/unbind"),
     _re.compile(r"bus/pci/drivers_probe"),
 )
@@ -720,6 +721,22 @@ class Kernel:
                                    f"{have or 'no driver'}")
         if self.override_of(addr) != override:
             self.set_override(addr, override)
+
+    def numvfs(self, pf: PciAddress) -> int | None:
+        return _int(os.path.join(self.roots.sysfs, "bus/pci/devices", pf.sysfs_name, "sriov_numvfs"), 10)
+
+    def set_numvfs(self, pf: PciAddress, count: int) -> None:
+        """Enable `count` VFs on `pf`.  The kernel changes a non-zero count only
+        through 0, which removes every VF first."""
+        now = self.numvfs(pf)
+        if now is None:
+            raise _KernelError(f"{pf}: not an SR-IOV physical function")
+        if now == count:
+            return
+        rel = f"bus/pci/devices/{pf.sysfs_name}/sriov_numvfs"
+        if now and count:
+            self._write(rel, "0", f"{pf}: disabling its {now} VFs")
+        self._write(rel, str(count), f"{pf}: setting {count} VFs")
 
     def reset_methods(self, addr: PciAddress) -> tuple[str, ...]:
         text = _text(os.path.join(self.roots.sysfs, "bus/pci/devices", addr.sysfs_name, "reset_method"))

@@ -350,6 +350,11 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out $R/out || fail "mo
 mount -t tmpfs -o mode=1777 tmp $R/tmp
 mount -t tmpfs -o mode=0755 run $R/run
 mkdir -p $R/run/vfiod-guest $R/run/lock
+# A checkout under /tmp or /run (a CI clone, say) is hidden by those tmpfs: show it again.
+C="@CHECKOUT@"
+case "$C" in
+    /tmp/*|/run/*) mkdir -p "$R$C" && mount --bind "/mnt/lower$C" "$R$C" || fail "bind $C" ;;
+esac
 mkdir -p $R/lib/modules/$KVER
 if [ -d "$R$KTREE/kernel" ]; then
     mount --bind "$R$KTREE" $R/lib/modules/$KVER || fail "bind modules"
@@ -677,6 +682,7 @@ def _ensure_initrd(cache: Path, kver: str, kdir: Path, log) -> Path:
         _STAGE1.replace("@KVER@", kver)
         .replace("@KTREE@", ktree)
         .replace("@BOOT_MODULES@", " ".join(BOOT_MODULES))
+        .replace("@CHECKOUT@", CHECKOUT)
     )
     stage2 = _STAGE2.replace("@PATH@", GUEST_PATH).replace("@CHECKOUT@", CHECKOUT)
     h = hashlib.sha256()

@@ -208,31 +208,7 @@ def build(spec: HostSpec, root: str) -> k.Roots:
     nodes: dict[PciAddress, str] = {}
     by_addr = {fn.addr: fn for fn in spec.functions}
     for fn in sorted(spec.functions, key=_depth_key(by_addr)):
-        if fn.parent is None:
-            base = os.path.join(sysd, "devices", f"pci{fn.addr.domain:04x}:{fn.addr.bus:02x}")
-        else:
-            base = nodes[fn.parent]
-        node = os.path.join(base, fn.addr.sysfs_name)
-        nodes[fn.addr] = node
-        os.makedirs(node)
-        _write_attrs(fn, node)
-        _link(os.path.join(sysd, "bus/pci/devices", fn.addr.sysfs_name), node)
-        if fn.driver:
-            drv = os.path.join(sysd, "bus/pci/drivers", fn.driver)
-            _ensure_driver(drv)
-            _link(os.path.join(drv, fn.addr.sysfs_name), node)
-            _link(os.path.join(node, "driver"), drv)
-        if fn.group is not None and spec.iommu:
-            gdir = os.path.join(sysd, "kernel/iommu_groups", str(fn.group))
-            if not os.path.isdir(gdir):
-                os.makedirs(os.path.join(gdir, "devices"))
-                _write(os.path.join(gdir, "type"), "DMA\n")
-            _link(os.path.join(gdir, "devices", fn.addr.sysfs_name), node)
-            _link(os.path.join(node, "iommu_group"), gdir)
-        if fn.net:
-            os.makedirs(os.path.join(node, "net", fn.net))
-            _write(os.path.join(node, "net", fn.net, "operstate"), "up\n")
-            _link(os.path.join(sysd, "class/net", fn.net), os.path.join(node, "net", fn.net))
+        nodes[fn.addr] = add_function(sysd, fn, nodes[fn.parent] if fn.parent else None, spec.iommu)
     vfs_of: dict[PciAddress, list[PciAddress]] = {}
     for fn in sorted(spec.functions, key=lambda f: f.addr):
         if fn.vf_of:
@@ -273,6 +249,37 @@ def build(spec: HostSpec, root: str) -> k.Roots:
         _write(os.path.join(devd, "vfio/vfio"), "")
         os.chmod(os.path.join(devd, "vfio/vfio"), 0o666)
     return k.Roots(sysfs=sysd, proc=procd, dev=devd)
+
+
+def add_function(sysd: str, fn: Fn, parent_node: str | None, iommu: bool = True,
+                 driver: str | None = None) -> str:
+    """Lay out one function below `parent_node` (a root bus where None), as the
+    kernel does when it finds the device: its node, attributes, bus link, IOMMU
+    group and, where `driver` (default: its table driver) is loaded, the driver
+    links.  Returns the node."""
+    base = parent_node or os.path.join(sysd, "devices", f"pci{fn.addr.domain:04x}:{fn.addr.bus:02x}")
+    node = os.path.join(base, fn.addr.sysfs_name)
+    os.makedirs(node)
+    _write_attrs(fn, node)
+    _link(os.path.join(sysd, "bus/pci/devices", fn.addr.sysfs_name), node)
+    if fn.group is not None and iommu:
+        gdir = os.path.join(sysd, "kernel/iommu_groups", str(fn.group))
+        if not os.path.isdir(gdir):
+            os.makedirs(os.path.join(gdir, "devices"))
+            _write(os.path.join(gdir, "type"), "DMA\n")
+        _link(os.path.join(gdir, "devices", fn.addr.sysfs_name), node)
+        _link(os.path.join(node, "iommu_group"), gdir)
+    drv_name = fn.driver if driver is None else driver
+    if drv_name:
+        drv = os.path.join(sysd, "bus/pci/drivers", drv_name)
+        _ensure_driver(drv)
+        _link(os.path.join(drv, fn.addr.sysfs_name), node)
+        _link(os.path.join(node, "driver"), drv)
+    if fn.net:
+        os.makedirs(os.path.join(node, "net", fn.net))
+        _write(os.path.join(node, "net", fn.net, "operstate"), "up\n")
+        _link(os.path.join(sysd, "class/net", fn.net), os.path.join(node, "net", fn.net))
+    return node
 
 
 def _depth_key(by_addr):
