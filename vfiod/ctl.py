@@ -199,7 +199,9 @@ def cmd_lease(args) -> int:
 async def _run_with_lease(client, path, props, group, command, pass_fd=False) -> int:
     env = dict(os.environ)
     fds = []
-    if props["Backend"] == "vfio":
+    if props["Backend"] == "libvirt":
+        env["VFIOD_HOSTDEV_XML"] = (await client.lease_call(path, "HostdevXml")).body[0]
+    if props["Backend"] in ("vfio", "libvirt"):
         if pass_fd:
             # The kernel lets /dev/vfio/N be open once at a time: while CMD holds this fd,
             # opening the node by path (as DPDK's EAL and QEMU do) fails with EBUSY.
@@ -299,8 +301,9 @@ lease ends (and every device goes back to its driver) when you release it,
 when it expires, or when vfioctl exits — unless it is --persistent.
 
 With a command after --, vfioctl holds the lease while the command runs, tells
-it the group in VFIOD_GROUP and VFIOD_GROUP_PATH (vfio backend: /dev/vfio/N,
-owned by you, which DPDK and QEMU open by path), applies the policy's
+it the group in VFIOD_GROUP and VFIOD_GROUP_PATH (vfio and libvirt backends:
+/dev/vfio/N, owned by you, which DPDK and QEMU open by path) and, with the
+libvirt backend, the hostdev XML in VFIOD_HOSTDEV_XML, applies the policy's
 RLIMIT_MEMLOCK grant, releases the lease when it exits and exits with its
 status.  With --pass-fd the command also gets the open group in VFIOD_GROUP_FD;
 the kernel lets a group be open only once, so a command given the fd cannot

@@ -67,7 +67,7 @@ class OpenPolicy:
     def decide(self, host, caller, group, backend="", options=None):
         if caller.uid in self.deny_uids:
             return Decision(False, "", "no rule matched (deny by default)", None)
-        if backend not in ("", "vfio", "pci-stub"):
+        if backend not in ("", "vfio", "pci-stub", "libvirt"):
             raise InvalidArgument(f"unknown backend {backend!r}")
         return Decision(True, "test.toml:1", "allowed", backend or "vfio")
 
