@@ -108,9 +108,10 @@ def main() -> int:
         run(["vfioctl", "check", "--bus", addr, "0000:04:00.0"])
         run(["vfioctl", "check", "--bus", addr, "group:7"], check=False)
         say("5. Lease the group while a program runs: vfiod binds both NICs to vfio-pci, chowns "
-            "/dev/vfio/8 to me and passes the program the open group fd; when it exits, the lease "
+            "/dev/vfio/8 to me and, with --pass-fd, passes the program the open group fd (DPDK and "
+            "QEMU open /dev/vfio/8 themselves instead); when it exits, the lease "
             "ends and both NICs go back to e1000e and tg3.")
-        run(["vfioctl", "lease", "--bus", addr, "0000:04:00.0", "--", sys.executable, probe])
+        run(["vfioctl", "lease", "--bus", addr, "0000:04:00.0", "--pass-fd", "--", sys.executable, probe])
         say("6. Everything is back where it was:")
         run(["vfioctl", "show", "--bus", addr, "group:8"])
         run(["vfioctl", "leases", "--bus", addr])
