@@ -227,11 +227,7 @@ class Service:
         return self.manager.group_of(addr)
 
     def _lease_holding(self, addr: PciAddress):
-        for lease in self.manager.leases():
-            for held in self.journal.held(lease.id):
-                if held.addr == str(addr):
-                    return lease, held
-        return None, None
+        return self.journal.holdings().get(str(addr), (None, None))
 
     def _end_soon(self, lease, reason: str, why: str) -> None:
         self._ending.add(lease.id)

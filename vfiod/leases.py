@@ -414,11 +414,8 @@ class LeaseManager:
         group = reader.group_of(pf)
         with self._group_lock(group if group is not None else -1):
             raw = reader.read_device(pf)
-            held = {}
-            for lease in self.journal.leases():
-                for h in self.journal.held(lease.id):
-                    held[h.addr] = lease.id
-            busy = sorted({held[str(a)] for a in (pf, *raw.virtfns) if str(a) in held})
+            holdings = self.journal.holdings()
+            busy = sorted({holdings[str(a)][0].id for a in (pf, *raw.virtfns) if str(a) in holdings})
             if busy:
                 raise Busy(f"{pf} or its VFs are leased ({', '.join(busy)}); release them first")
             before = raw.sriov_numvfs or 0

@@ -225,6 +225,10 @@ class Journal:
                                    (lease_id,)).fetchall()
         return [Held(*r) for r in rows]
 
+    def holdings(self) -> dict[str, tuple[LeaseRow, Held]]:
+        """Every device some lease holds: its address -> (the lease, what it was before)."""
+        return {h.addr: (lease, h) for lease in self.leases() for h in self.held(lease.id)}
+
     # ---- steps
 
     def intent(self, lease_id: str, action: str, addr: str | None, record: dict | None = None) -> int:
