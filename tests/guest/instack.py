@@ -34,6 +34,24 @@ def node(group: int):
     return [st.st_uid, oct(st.st_mode & 0o777)]
 
 
+def managed_objects(address: str = "system") -> dict:
+    """vfiod's whole object tree over the bus: path -> interface -> properties."""
+    import asyncio
+    from vfiod.client import Client
+
+    async def view():
+        c = await Client(address, timeout=30).connect()
+        try:
+            return await c.managed_objects()
+        finally:
+            c.close()
+    return asyncio.run(view())
+
+
+def device_path(addr: str) -> str:
+    return "/org/vfiod1/device/" + addr.replace(":", "_").replace(".", "_")
+
+
 def ensure_user(uid: int, name: str) -> str:
     """A passwd entry for `uid` (dbus-daemon refuses a uid without one).  The
     guest's root is an overlay over this machine's, so this changes the guest only."""

@@ -76,6 +76,8 @@ sys.exit(%(exit)d)
 GUEST_PY = r'''
 import json, os, signal, subprocess, sys, time, traceback
 sys.path.insert(0, os.environ["VFIOD_CHECKOUT"])
+from tests.guest import instack
+from tests.guest.instack import device_path, driver, ensure_user, group_of, managed_objects, node
 OUT = os.environ["OUT"]
 UID = %(uid)d
 NICS = %(nics)r
@@ -88,36 +90,19 @@ t0 = time.monotonic()
 def stamp(name):
     res.setdefault("timings", {})[name] = round(time.monotonic() - t0, 2)
 
-def drv(a):
-    link = f"/sys/bus/pci/devices/{a}/driver"
-    return os.path.basename(os.readlink(link)) if os.path.islink(link) else None
-
 def snap():
-    node = f"/dev/vfio/{GROUP}"
-    st = os.stat(node) if os.path.exists(node) else None
-    return {"drivers": {a: drv(a) for a in NICS + [BRIDGE]},
-            "node": [st.st_uid, oct(st.st_mode & 0o777)] if st else None}
+    return {"drivers": {a: driver(a) for a in NICS + [BRIDGE]}, "node": node(GROUP)}
 
 def snap_present():
-    return {a: (drv(a) if os.path.exists(f"/sys/bus/pci/devices/{a}") else "absent")
+    return {a: (driver(a) if os.path.exists(f"/sys/bus/pci/devices/{a}") else "absent")
             for a in NICS + [BRIDGE]}
 
 def as_user(cmd, timeout=300):
-    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "LANG": "C.UTF-8"}
-    return subprocess.run(cmd, user=UID, group=UID, extra_groups=[], env=env, cwd="/tmp",
-                          capture_output=True, text=True, timeout=timeout)
+    return instack.as_user(UID, cmd, timeout=timeout)
 
 def bus_view():
-    import asyncio
-    from vfiod.client import Client
-    async def view():
-        c = await Client(ADDR, timeout=30).connect()
-        try:
-            return await c.managed_objects()
-        finally:
-            c.close()
-    objs = asyncio.run(view())
-    dev = lambda a: objs.get("/org/vfiod1/device/" + a.replace(":", "_").replace(".", "_"))
+    objs = managed_objects(ADDR)
+    dev = lambda a: objs.get(device_path(a))
     return {
         "leases": sorted(p for p, i in objs.items() if "org.vfiod1.Lease" in i),
         "group": {k: objs[f"/org/vfiod1/group/{GROUP}"]["org.vfiod1.Group"][k] for k in ("State", "Lease", "Viable")},
@@ -129,9 +114,8 @@ def vfiod_log():
     with open(f"{W}/vfiod.log") as f:
         return f.read()
 
-from tests.guest.instack import ensure_user
 ensure_user(UID, "vfiod-user")
-GROUP = int(os.path.basename(os.readlink(f"/sys/bus/pci/devices/{NICS[0]}/iommu_group")))
+GROUP = group_of(NICS[0])
 res["group"] = GROUP
 os.makedirs(f"{W}/policy", exist_ok=True)
 os.makedirs(f"{W}/state", exist_ok=True)

@@ -24,6 +24,7 @@ BRIDGE = "0000:01:00.0"
 GUEST_PY = r'''
 import fcntl, json, os, signal, struct, subprocess, sys, time
 sys.path.insert(0, os.environ["VFIOD_CHECKOUT"])
+from tests.guest.instack import driver, group_of, node
 from vfiod.backends import load_backends
 from vfiod.leases import LeaseManager
 from vfiod.policy import Caller, Policy
@@ -34,20 +35,14 @@ OUT = os.environ["OUT"]
 NICS = ["0000:02:01.0", "0000:02:02.0"]
 BRIDGE = "0000:01:00.0"
 os.makedirs("/run/vfiod/policy", exist_ok=True)
-GROUP = int(os.path.basename(os.readlink(f"/sys/bus/pci/devices/{NICS[0]}/iommu_group")))
+GROUP = group_of(NICS[0])
 with open("/run/vfiod/policy/10-test.toml", "w") as f:
     f.write(f"[[rule]]\ngroup = [{GROUP}]\nuids = [1000]\nbackends = [\"vfio\", \"pci-stub\"]\n")
 
-def drv(a):
-    link = f"/sys/bus/pci/devices/{a}/driver"
-    return os.path.basename(os.readlink(link)) if os.path.islink(link) else None
-
 def snap():
-    node = f"/dev/vfio/{GROUP}"
-    st = os.stat(node) if os.path.exists(node) else None
-    return {"drivers": {a: drv(a) for a in NICS + [BRIDGE]},
+    return {"drivers": {a: driver(a) for a in NICS + [BRIDGE]},
             "net": {a: sorted(os.listdir(f"/sys/bus/pci/devices/{a}/net")) if os.path.isdir(f"/sys/bus/pci/devices/{a}/net") else [] for a in NICS},
-            "node": [st.st_uid, oct(st.st_mode & 0o777)] if st else None}
+            "node": node(GROUP)}
 
 def status_as(uid):
     """VFIO_GROUP_GET_STATUS flags, from a child that dropped to `uid` and opened the node."""

@@ -96,7 +96,7 @@ with open(f"{S}/done.json", "w") as f:
 GUEST_PY = r'''
 import json, os, shutil, signal, subprocess, sys, time, traceback
 sys.path.insert(0, os.environ["VFIOD_CHECKOUT"])
-from tests.guest.instack import driver, ensure_user, group_of, node, record, user_env
+from tests.guest.instack import device_path, driver, ensure_user, group_of, managed_objects, node, user_env
 from vfiod.privatebus import stop_process
 OUT = os.environ["OUT"]
 NIC, UID = %(nic)r, %(uid)d
@@ -114,16 +114,8 @@ def nodedev_driver():
     m = re.search(r"<driver>\s*<name>([^<]+)</name>", p["stdout"])
     return m.group(1) if m else ("(none)" if p["rc"] == 0 else "error: " + p["stderr"].strip())
 def vfiod_view():
-    import asyncio
-    from vfiod.client import Client
-    async def view():
-        c = await Client("system", timeout=30).connect()
-        try:
-            return await c.managed_objects()
-        finally:
-            c.close()
-    objs = asyncio.run(view())
-    dev = objs["/org/vfiod1/device/" + NIC.replace(":", "_").replace(".", "_")]["org.vfiod1.Device"]
+    objs = managed_objects("system")
+    dev = objs[device_path(NIC)]["org.vfiod1.Device"]
     leases = [i["org.vfiod1.Lease"] for p, i in objs.items() if "org.vfiod1.Lease" in i]
     return {"driver": dev["Driver"], "leases": [(l["Owner"], l["Backend"]) for l in leases]}
 def snap():
