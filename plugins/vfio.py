@@ -20,9 +20,9 @@ class VfioBackend(BackendBase):
     driver = "vfio-pci"
 
     def check(self, ctx):
-        if ctx.host.noiommu and not getattr(ctx.decision, "allow_noiommu", False):
-            raise Unsafe("VFIO's no-IOMMU mode is on: a group would give DMA to all of memory; "
-                         "the policy does not allow noiommu groups")
+        if ctx.host.noiommu:
+            raise Unsafe("VFIO's no-IOMMU mode is on: a group would give DMA to all of memory, "
+                         "which no policy can make safe; vfiod does not lease noiommu groups")
 
     def plan_hand_over(self, ctx):
         return {"node": ctx.kernel.vfio_group_path(ctx.lease.group),

@@ -209,7 +209,8 @@ class Service:
         if not self.kernel.exists(addr):
             self._end_soon(lease, "removed", f"{addr} was removed")
             return
-        want = None if held.role == "bridge" else getattr(self.backends.get(lease.backend), "driver", None)
+        backend = self.backends.get(lease.backend)
+        want = None if held.role == "bridge" or backend is None else backend.driver
         have = self.kernel.driver_of(addr)
         if have != want:
             self._end_soon(lease, "tampered",
@@ -446,7 +447,7 @@ class Service:
 
     async def apply_claims(self) -> None:
         policy = self.policy_store.current
-        for claim in getattr(policy, "claims", ()):
+        for claim in policy.claims:
             caller = Caller.from_uid(claim.uid)
             try:
                 existing = [l for l in self.manager.leases() if l.target == claim.target and l.uid == claim.uid]
@@ -457,8 +458,11 @@ class Service:
                                         {"persistent": True}, None)
                 log.info("claim %s for %s applied: lease %s", claim.target, claim.user, lease.id)
             except VfiodError as e:
-                log.error("claim %s for %s (%s) not applied: %s", claim.target, claim.user,
-                          getattr(claim, "source", "policy"), e)
+                log.error("claim %s for %s (%s) not applied: %s", claim.target, claim.user, claim.source, e)
+            except Exception:
+                # A claim must never keep the daemon from starting: log it and go on.
+                log.exception("claim %s for %s (%s) not applied: internal error", claim.target, claim.user,
+                              claim.source)
         await self._run(self._refresh)
 
 

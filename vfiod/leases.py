@@ -42,6 +42,7 @@ import attrs
 from .address import PciAddress
 from .errors import (BackendFailed, Busy, InvalidArgument, NotFound, NotViable, PermissionDenied,
                      Protected, VfiodError)
+from .policy import Caller, Decision, Policy, Refusal
 from .state import Held, Journal, LeaseRow
 from .sysfs import Kernel, SysfsReader
 from .topology import BRIDGE_DRIVERS, Host
@@ -52,10 +53,16 @@ audit_log = logging.getLogger("vfiod.audit")
 
 @attrs.frozen
 class LeaseContext:
+    """What a backend hook is told about the lease it works on.
+
+    `decision` is the policy's verdict while a lease is granted, and None when
+    the lease is taken from the journal (a release, a restart, a revocation):
+    hooks that run then must not need it."""
+
     lease: LeaseRow
     endpoints: tuple[PciAddress, ...]
     kernel: Kernel
-    decision: object
+    decision: Decision | None
     host: Host
 
 
@@ -97,26 +104,17 @@ class LeaseManager:
     def scan_groups(self, groups) -> Host:
         return Host.scan_groups(SysfsReader(self.kernel.roots), groups)
 
-    def host_for(self, target: str, policy) -> Host:
-        """A snapshot holding the groups `target` can stand for (not the whole host)."""
+    def host_for(self, target: str, policy: Policy) -> Host:
+        """A snapshot holding the groups `target` can stand for (not the whole host).
+
+        The target is parsed by the policy's one grammar (`InvalidArgument` or
+        `InvalidAddress` for text that is no target); what it names and is not
+        on the host is left for `Policy.resolve` to refuse with its reason."""
         reader = SysfsReader(self.kernel.roots)
-        groups: set[int] = set()
-        if isinstance(target, str):
-            if target.startswith("group:") and target[6:].isdigit():
-                groups.add(int(target[6:]))
-            elif target.startswith("name:"):
-                res = getattr(policy, "resources", {}).get(target[5:])
-                for addr in (res.addresses if res else ()):
-                    g = reader.group_of(addr)
-                    if g is not None:
-                        groups.add(g)
-            else:
-                try:
-                    g = reader.group_of(PciAddress.parse(target))
-                except VfiodError:
-                    g = None
-                if g is not None:
-                    groups.add(g)
+        groups = {g for addr in policy.addresses_named(target) if (g := reader.group_of(addr)) is not None}
+        number = policy.group_named(target)
+        if number is not None:
+            groups.add(number)
         if not groups:
             return Host.from_raw([], reader.facts())
         return Host.scan_groups(reader, groups)
@@ -151,7 +149,7 @@ class LeaseManager:
     def _step(self, name: str) -> None:
         self.on_step(name)
 
-    def context(self, lease: LeaseRow, host: Host | None = None, decision=None) -> LeaseContext:
+    def context(self, lease: LeaseRow, host: Host | None = None, decision: Decision | None = None) -> LeaseContext:
         held = self.journal.held(lease.id)
         if host is None:
             host = Host.from_raw([], SysfsReader(self.kernel.roots).facts())
@@ -175,7 +173,7 @@ class LeaseManager:
 
     # ------------------------------------------------------------ grant
 
-    def request(self, caller, target: str, backend: str = "", options: dict | None = None,
+    def request(self, caller: Caller, target: str, backend: str = "", options: dict | None = None,
                 owner: str | None = None) -> LeaseRow:
         options = dict(options or {})
         for key in options:
@@ -198,8 +196,7 @@ class LeaseManager:
             decision = policy.decide(host, caller, group, backend, options)
             if not decision.allowed:
                 self._audit("request", caller.uid, target, None, decision.rule, "denied", decision.reason)
-                if any(not d.allowed and d.reason.startswith("protected")
-                       for d in getattr(decision, "devices", ())):
+                if decision.refusal is Refusal.PROTECTED:
                     raise Protected(decision.reason)
                 raise PermissionDenied(decision.reason)
             be = self._backend(decision.backend or backend)
@@ -211,7 +208,7 @@ class LeaseManager:
                 id=secrets.token_hex(8), group=group, uid=caller.uid, owner=owner, backend=be.name,
                 target=target, created=now, expires=now + duration if duration else 0.0,
                 persistent=bool(options.get("persistent")), state="granting", rule=decision.rule,
-                memlock=decision.memlock, reset=bool(getattr(decision, "reset_on_release", False)))
+                memlock=decision.memlock, reset=decision.reset_on_release)
             self.journal.create(lease, plan)
             self._step("recorded")
             ctx = LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in plan
@@ -235,7 +232,7 @@ class LeaseManager:
                         f"group {group} via {be.name}")
             return lease
 
-    def _plan(self, host: Host, group: int, caller, options) -> list[Held]:
+    def _plan(self, host: Host, group: int, caller: Caller, options: dict) -> list[Held]:
         """What the lease will hold: every endpoint, then every bridge of the group on a driver
         VFIO refuses (shpchp, say), which is held unbound for the lease."""
         g = host.groups.get(group)
@@ -366,7 +363,7 @@ class LeaseManager:
 
     # ------------------------------------------------------------ release
 
-    def release(self, lease_id: str, caller=None, reason: str = "released") -> Ended:
+    def release(self, lease_id: str, caller: Caller | None = None, reason: str = "released") -> Ended:
         lease = self.get(lease_id)
         if caller is not None and not caller.is_admin and caller.uid != lease.uid:
             self._audit("release", caller.uid, lease.target, lease.id, lease.rule, "denied")
@@ -396,7 +393,7 @@ class LeaseManager:
 
     # ------------------------------------------------------------ SR-IOV
 
-    def set_vf_count(self, caller, pf: PciAddress, count: int) -> int:
+    def set_vf_count(self, caller: Caller, pf: PciAddress, count: int) -> int:
         """Root only: set an SR-IOV PF's number of VFs (``sriov_numvfs``).  Refused
         (`Busy`) while the PF or any of its VFs is leased: changing the count
         removes every VF, and would pull them from under their lessees.
@@ -423,7 +420,7 @@ class LeaseManager:
             self._audit("sriov", caller.uid, str(pf), None, None, "changed", f"{before} -> {count} VFs")
             return before
 
-    def renew(self, lease_id: str, caller, seconds: int) -> LeaseRow:
+    def renew(self, lease_id: str, caller: Caller, seconds: int) -> LeaseRow:
         lease = self.get(lease_id)
         if not caller.is_admin and caller.uid != lease.uid:
             raise PermissionDenied(f"lease {lease.id} belongs to uid {lease.uid}")

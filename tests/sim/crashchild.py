@@ -18,7 +18,7 @@ from vfiod.simkernel import SimKernel
 from vfiod.state import Journal
 from vfiod.sysfs import Roots
 
-from .leasekit import Caller, OpenPolicy
+from .leasekit import Caller, open_policy
 from .test_leases import BRIDGE3
 
 
@@ -38,7 +38,8 @@ def main(root, state, crash_at):
         point(f"write:{writes[0]}")
 
     kernel.after_write = after_write
-    manager = LeaseManager(kernel, Journal(state), OpenPolicy, load_backends(), on_step=point)
+    policy = open_policy(BRIDGE3)
+    manager = LeaseManager(kernel, Journal(state), lambda: policy, load_backends(), on_step=point)
     lease = manager.request(Caller(1000), "group:2", "vfio", {}, owner=":1.9")
     manager.release(lease.id, Caller(1000))
 

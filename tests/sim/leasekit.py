@@ -2,74 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import os
-
-import attrs
 
 from vfiod import hosts
 from vfiod.address import PciAddress
 from vfiod.backends import load_backends
-from vfiod.errors import InvalidArgument, NotFound
 from vfiod.leases import LeaseManager
+from vfiod.policy import Caller, Policy  # noqa: F401  (Caller: for the tests)
 from vfiod.simkernel import SimKernel
 from vfiod.state import Journal
 
 
-@attrs.frozen
-class Caller:
-    uid: int
-    gids: frozenset = frozenset()
-    pid: int | None = None
-
-    @property
-    def is_admin(self):
-        return self.uid == 0
-
-
-@attrs.frozen
-class Target:
-    group: int
-    addresses: tuple
-    resource: str | None = None
-
-
-@attrs.frozen
-class Decision:
-    allowed: bool
-    rule: str
-    reason: str
-    backend: str | None
-    max_duration: int | None = None
-    persistent: bool = True
-    memlock: int | None = None
-    devices: tuple = ()
-
-
-class OpenPolicy:
-    """A policy double that allows every group to everyone (the lease mechanics under test
-    do not depend on policy; the policy engine has its own tests)."""
-
-    def __init__(self, deny_uids=()):
-        self.deny_uids = set(deny_uids)
-
-    def resolve(self, host, target):
-        if target.startswith("group:"):
-            n = int(target[6:])
-            if n not in host.groups:
-                raise NotFound(f"no IOMMU group {n}")
-            return Target(n, host.groups[n].members)
-        addr = PciAddress.parse(target)
-        g = host.group_of(addr)
-        if g is None:
-            raise NotFound(f"no device {addr}")
-        return Target(g.number, g.members)
-
-    def decide(self, host, caller, group, backend="", options=None):
-        if caller.uid in self.deny_uids:
-            return Decision(False, "", "no rule matched (deny by default)", None)
-        if backend not in ("", "vfio", "pci-stub", "libvirt"):
-            raise InvalidArgument(f"unknown backend {backend!r}")
-        return Decision(True, "test.toml:1", "allowed", backend or "vfio")
+def open_policy(spec, deny_uids=()) -> Policy:
+    """A real policy that gives every device of `spec` to everyone, on every backend,
+    persistent, protected devices included; `deny_uids` are refused by a deny rule first.
+    The lease mechanics under test do not depend on policy (the engine has its own tests),
+    but they run against the real policy objects, never a stand-in."""
+    text = ""
+    if deny_uids:
+        text += f'[[rule]]\naction = "deny"\nids = "*:*"\nuids = {sorted(deny_uids)}\n\n'
+    addresses = json.dumps([str(fn.addr) for fn in spec.functions])
+    text += (f'[[rule]]\naddress = {addresses}\neveryone = true\nbackends = ["vfio", "pci-stub", "libvirt"]\n'
+             'persistent = true\nallow_protected = true\n')
+    return Policy.from_sources([("test.toml", text)])
 
 
 class Kit:
@@ -84,9 +40,13 @@ class Kit:
         self.kernel = SimKernel.for_spec(self.spec, self.roots, **kw)
         self.state_path = str(tmp_path / "state" / "state.db")
         self.journal = Journal(self.state_path)
-        self.policy = OpenPolicy()
+        self.policy = open_policy(self.spec)
         self.manager = LeaseManager(self.kernel, self.journal, lambda: self.policy, load_backends(),
                                     on_step=on_step, owner_alive=owner_alive)
+
+    def deny(self, *uids) -> None:
+        """From now on the policy refuses `uids` (a deny rule before the open one)."""
+        self.policy = open_policy(self.spec, deny_uids=uids)
 
     def snapshot(self):
         return self.kernel.state(), self.kernel.vfio_nodes()

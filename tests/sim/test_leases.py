@@ -146,8 +146,8 @@ def test_refusals_leave_host_and_journal_unchanged(tmp_path):
     assert "PCI address" in refused(kit, USER, "../../etc/passwd", exc=InvalidArgument)
     assert "unknown backend" in refused(kit, USER, "group:8", backend="nope", exc=InvalidArgument)
     assert "unknown option" in refused(kit, USER, "group:8", options={"uid": 0}, exc=InvalidArgument)
-    kit.policy.deny_uids.add(1000)
-    assert "deny by default" in refused(kit, USER, "group:8", exc=PermissionDenied)
+    kit.deny(1000)
+    assert "denied by rule test.toml:1" in refused(kit, USER, "group:8", exc=PermissionDenied)
 
 
 def test_second_request_for_a_leased_group_is_busy(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 
 from vfiod import hosts
 from vfiod.errors import InvalidAddress, InvalidArgument, NotFound, PolicyError
-from vfiod.policy import (Caller, Policy, PolicyStore, StaticUserDb, Target, UserDb, _Locator,
+from vfiod.policy import (Caller, Policy, PolicyStore, StaticUserDb, Target, UserDb, Locator,
                           format_duration, format_size, parse_duration, parse_size)
 
 from .policy_corpus.kit import EXAMPLES, USERS, A, caller, host, policy
@@ -626,7 +626,7 @@ address = 1
 [[resource.devices]]
 address = 2
 '''
-    loc = _Locator(text)
+    loc = Locator(text)
     assert loc.header("rule", 0) == 2 and loc.header("rule", 1) == 15 and loc.header("rule", 2) == 2
     assert loc.line("rule", 0, "comment") == 3
     assert loc.line("rule", 0, "key with spaces") == 7

@@ -1,0 +1,136 @@
+"""Admin policy: which IOMMU groups may be leased by whom, with which backend, for how long.
+
+Pure domain code: it reads the policy files and the user and group database,
+and judges requests against a `vfiod.topology.Host` snapshot; it never
+touches sysfs, the bus or udev.  Deny by default.
+
+Files
+=====
+
+vfiod reads every ``*.toml`` file of the policy directory
+(``/etc/vfiod/policy.d``; dotfiles and other names are skipped) in name order
+(byte order: give files two-digit prefixes, ``10-nics.toml``).  A file holds
+three kinds of tables, each any number of times: ``[[rule]]``,
+``[[resource]]`` and ``[[claim]]``.  Resource names and claims are shared by
+all files.  If any file is broken the whole policy is refused, with file, line
+and key in the message (``policy.d/10-x.toml:7: key 'backnds': unknown key``),
+and the daemon keeps the policy it had.  A policy directory or file anyone may
+write is refused too.  Unknown keys, wrong types, unknown backends, users or
+groups that do not exist and addresses that do not parse are all errors, so a
+typo never widens access.
+
+Rules
+=====
+
+For each device, the rules are tried in order (file name, then position in
+the file); the first rule that matches both the device and the caller decides,
+allow or deny.  No matching rule: denied.  A group is allowed only if every
+endpoint in it is allowed (bridges and ports are exempt: VFIO does not hand
+them out).  uid 0 gets nothing implicitly; admins write rules for themselves
+too.  Every list-valued key also takes a single value::
+
+    [[rule]]
+    comment = "NICs for DPDK"     # optional; shown by `vfioctl policy check`
+    action = "allow"              # or "deny" (default "allow")
+
+    # Which devices.  At least one key; every key given must match the device,
+    # and a key matches if any of its values does.
+    address = ["0000:04:00.0"]    # DDDD:BB:DD.F, BB:DD.F or pci_DDDD_BB_DD_F
+    group = [8]                   # IOMMU group numbers (may change with the kernel or firmware)
+    ids = ["8086:10d3", "8086:*"] # vendor:device, "*" for any (never matches unreadable ids)
+    class = ["02", "0300"]        # class code prefix: class (02 = network), + subclass, + prog-if
+    driver = ["e1000e"]           # the driver bound *now* (a leased device is on vfio-pci or
+                                  # pci-stub, so a renewal is judged on that driver)
+    vf_of = "0000:01:00.0"        # the SR-IOV virtual functions of this physical function
+    resource = "fast-nic"         # the devices of a [[resource]], while the hardware still matches
+
+    # Who.  At least one key; the caller matches if any of them does.
+    users = ["alice"]             # user names (must exist)
+    uids = [1000]
+    groups = ["dpdk"]             # unix group names (must exist): primary or supplementary
+    everyone = true
+
+    # What an allow rule grants (these keys are errors in a deny rule).
+    backends = ["vfio", "libvirt"]  # known: vfio, libvirt, pci-stub (+ plugins); default ["vfio"],
+                                    # or [default_backend] when only that is given
+    default_backend = "vfio"      # the backend of a request that names none; default: the first
+    max_duration = "8h"           # cap on a lease's length: "90s", "30m", "8h", "2d", "1w",
+                                  # "1h30m" or seconds; default: no cap
+    persistent = false            # may a lease outlive its client and daemon restarts (default no)
+    memlock = "1G"                # RLIMIT_MEMLOCK to grant: bytes or "512K", "256M", "1G", "1T"
+                                  # (powers of 1024); default: none
+    allow_protected = false       # see "Protected devices"
+    reset_on_release = false      # reset each endpoint (BDF/reset) before it goes back to the host
+
+A group's decision combines the rules that decided its endpoints:
+
+* backend: a request that names a backend needs every deciding rule to allow
+  it.  A request that names none gets the first deciding rule's
+  ``default_backend`` that every deciding rule allows (endpoints in address
+  order); if there is none, it is denied and must name a backend.
+* ``duration`` (seconds) above any deciding rule's ``max_duration`` is denied,
+  naming the cap.  `Decision.max_duration` is the smallest cap: a request that
+  gives no duration is allowed, and the lease manager must not let its lease
+  run longer than that.
+* ``persistent`` is allowed only if every deciding rule allows it.
+* `Decision.memlock` is the smallest grant of the deciding rules, and none if
+  any of them grants none: a grant is a privilege, and each rule is the most
+  its admin agreed to for its devices.
+* ``reset_on_release`` holds if any deciding rule asks for it: it protects
+  the host, so one rule's request is enough.
+
+Protected devices
+=================
+
+Devices the host needs (`Device.protected`: the boot VGA, the root disk's
+controller, the default route's NIC) are denied unless the deciding rule names
+them explicitly, by ``address`` or by ``resource``, and has
+``allow_protected = true``; the denial quotes why the device is protected.
+(``allow_protected`` is an error in a rule that names no device that way.)
+
+Named resources
+===============
+
+Like Proxmox VE's resource mappings: the admin names a set of devices by
+address and ids, rules grant it with ``resource = "NAME"``, and users lease
+``name:NAME``::
+
+    [[resource]]
+    name = "fast-nic"
+    comment = "the 82574L in slot 4"        # optional
+    devices = [{ address = "0000:04:00.0", ids = "8086:10d3", subsystem = "8086:a01f" }]
+
+``ids`` (vendor:device) is required, ``subsystem`` (subsystem
+vendor:device) optional.  If the hardware at an address changed (a card
+swapped), the resource refuses, saying what changed, and rules naming it no
+longer match that device.  A resource's devices must share one IOMMU group.
+
+Claims
+======
+
+Persistent leases the daemon takes when it starts, e.g. a DPDK service's NICs;
+the policy only checks and lists them (`Policy.claims`)::
+
+    [[claim]]
+    target = "name:fast-nic"      # an address, group:N or name:RESOURCE
+    user = "dpdk-svc"             # must exist
+    backend = "vfio"              # optional: the policy's default
+    comment = "testpmd at boot"   # optional
+
+The lease is still judged by the rules (as a persistent lease for that user)
+when the daemon applies the claim.
+"""
+
+from __future__ import annotations
+from .engine import Policy, PolicyStore
+from .load import CLAIM_KEYS, RESOURCE_KEYS, RULE_KEYS
+from .locate import Locator
+from .model import (DEFAULT_DIR, KNOWN_BACKENDS, Caller, Claim, Decision, DeviceDecision, Refusal, Resource,
+                    ResourceDevice, Rule, Target, parse_target)
+from .units import format_duration, format_size, parse_duration, parse_size
+from .users import StaticUserDb, UserDb, system_users
+
+__all__ = ["CLAIM_KEYS", "DEFAULT_DIR", "KNOWN_BACKENDS", "RESOURCE_KEYS", "RULE_KEYS", "Caller", "Claim",
+           "Decision", "DeviceDecision", "Locator", "Policy", "PolicyStore", "Refusal", "Resource",
+           "ResourceDevice", "Rule", "StaticUserDb", "Target", "UserDb", "format_duration", "format_size",
+           "parse_duration", "parse_size", "parse_target", "system_users"]

@@ -1,0 +1,292 @@
+"""The policy in force: resolving targets and deciding requests."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Iterable, Mapping
+
+import attrs
+
+from ..address import PciAddress
+from ..errors import InvalidArgument, NotFound, PolicyError
+from .load import Loader
+from .model import Refusal, Caller, Claim, DEFAULT_DENY, DEFAULT_DIR, Decision, DeviceDecision, KNOWN_BACKENDS, MAX_FILE_SIZE, Resource, Rule, Target, parse_target
+from .units import _short, format_duration
+from .users import UserDb, system_users
+
+
+# ---------------------------------------------------------------- the policy
+
+@attrs.frozen(eq=False)
+class Policy:
+    """A loaded policy: rules in order, named resources, boot claims, and the files they came from."""
+
+    rules: tuple[Rule, ...] = ()
+    resources: Mapping[str, Resource] = attrs.field(factory=dict)
+    claims: tuple[Claim, ...] = ()
+    files: tuple[str, ...] = ()
+    backends: tuple[str, ...] = KNOWN_BACKENDS
+    directory: str | None = None
+
+    # -- loading
+
+    @classmethod
+    def load(cls, directory: str = DEFAULT_DIR, backends: Iterable[str] = KNOWN_BACKENDS,
+             users: UserDb | None = None) -> "Policy":
+        """Every ``*.toml`` of `directory`, in name order; `PolicyError` if any is broken.
+
+        `backends`: the backend names files may use (plugins add theirs);
+        `users`: the user and group database (default: the system's)."""
+        try:
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            raise PolicyError(f"{directory}: no such policy directory") from None
+        except NotADirectoryError:
+            raise PolicyError(f"{directory}: not a directory") from None
+        except OSError as e:
+            raise PolicyError(f"{directory}: cannot list the policy directory: {e.strerror}") from None
+        _refuse_world_writable(directory)
+        sources = []
+        for name in names:
+            path = os.path.join(directory, name)
+            if not name.endswith(".toml") or name.startswith(".") or not os.path.isfile(path):
+                continue
+            _refuse_world_writable(path)
+            try:
+                with open(path, "rb") as f:
+                    sources.append((path, f.read(MAX_FILE_SIZE + 1)))
+            except OSError as e:
+                raise PolicyError(f"{path}: cannot read: {e.strerror}") from None
+        return attrs.evolve(cls.from_sources(sources, backends=backends, users=users), directory=directory)
+
+    @classmethod
+    def from_sources(cls, sources: Iterable[tuple[str, str | bytes]],
+                     backends: Iterable[str] = KNOWN_BACKENDS, users: UserDb | None = None) -> "Policy":
+        """A policy from ``(path, content)`` pairs, in the order given (`load` reads them from disk)."""
+        loader = Loader(backends, users if users is not None else system_users())
+        paths = []
+        for path, content in sources:
+            loader.add(path, content)
+            paths.append(path)
+        loader.finish()
+        return cls(rules=tuple(loader.rules), resources=dict(loader.resources), claims=tuple(loader.claims),
+                   files=tuple(paths), backends=loader.backends)
+
+    @classmethod
+    def empty(cls) -> "Policy":
+        """No rules: every request is denied."""
+        return cls()
+
+    # -- targets
+
+    def resolve(self, host, target: str) -> Target:
+        """The group and devices `target` names (``0000:04:00.0``, ``04:00.0``, ``group:8``, ``name:RES``).
+
+        `InvalidArgument` (or `InvalidAddress`) for text that is none of
+        these and for a resource spread over several groups; `NotFound` for
+        what is not on this host or not in the policy, and for a resource
+        whose hardware changed (saying what changed)."""
+        kind, value = parse_target(target)
+        if kind == "group":
+            g = host.groups.get(value)
+            if g is None:
+                raise NotFound(f"no IOMMU group {value} on this host")
+            return Target(group=g.number, addresses=tuple(g.members))
+        if kind == "address":
+            if value not in host.devices:
+                raise NotFound(f"no PCI device {value} on this host")
+            g = host.group_of(value)
+            if g is None:
+                raise NotFound(f"{value} is in no IOMMU group (is the IOMMU on?)")
+            return Target(group=g.number, addresses=(value,))
+        res = self.resources.get(value)
+        if res is None:
+            known = ", ".join(sorted(self.resources)) or "the policy names none"
+            raise NotFound(f"no resource named {value!r} (known: {known})")
+        problems = res.problems(host)
+        if problems:
+            raise NotFound("; ".join(problems))
+        groups: dict[int, list[str]] = {}
+        for d in res.devices:
+            g = host.group_of(d.address)
+            if g is None:
+                raise NotFound(f"resource {res.name}: {d.address} is in no IOMMU group (is the IOMMU on?)")
+            groups.setdefault(g.number, []).append(str(d.address))
+        if len(groups) > 1:
+            where = "; ".join(f"group {n}: {', '.join(a)}" for n, a in sorted(groups.items()))
+            raise InvalidArgument(f"resource {res.name} spans several IOMMU groups ({where}); "
+                                  "a lease takes one group: split the resource")
+        return Target(group=next(iter(groups)), addresses=tuple(d.address for d in res.devices),
+                      resource=res.name)
+
+    def addresses_named(self, target: str) -> tuple[PciAddress, ...]:
+        """The devices `target` names by address or resource (none for ``group:N``, an
+        unknown resource or a device that is gone); `InvalidArgument`/`InvalidAddress` for
+        text that is no target."""
+        kind, value = parse_target(target)
+        if kind == "address":
+            assert isinstance(value, PciAddress)
+            return (value,)
+        if kind == "name":
+            res = self.resources.get(str(value))
+            return tuple(d.address for d in res.devices) if res else ()
+        return ()
+
+    def group_named(self, target: str) -> int | None:
+        """N for ``group:N``, else None (`InvalidArgument` for text that is no target)."""
+        kind, value = parse_target(target)
+        return value if kind == "group" and isinstance(value, int) else None
+
+    # -- decisions
+
+    def decide_device(self, dev, caller: Caller) -> tuple[DeviceDecision, Rule | None]:
+        """The first rule naming both `dev` and `caller` decides; returns the verdict and that rule."""
+        notes = []
+        for rule in self.rules:
+            if not rule.covers(caller):
+                continue
+            matched, note = rule.match(dev, self.resources)
+            if note:
+                notes.append(f"rule {rule.source} did not apply: {note}")
+            if not matched:
+                continue
+            if not rule.allows:
+                why = f" ({rule.comment})" if rule.comment else ""
+                return DeviceDecision(dev.addr, False, rule.source, f"denied by rule {rule.source}{why}",
+                                      Refusal.DENIED), rule
+            if dev.protected and not (rule.allow_protected and rule.names(dev.addr, self.resources)):
+                return DeviceDecision(dev.addr, False, rule.source, (
+                    f"protected ({dev.protected}): rule {rule.source} would have to name it by address "
+                    "or resource and set allow_protected = true"), Refusal.PROTECTED), rule
+            return DeviceDecision(dev.addr, True, rule.source, f"allowed by rule {rule.source}"), rule
+        return DeviceDecision(dev.addr, False, "", "; ".join([DEFAULT_DENY, *notes]), Refusal.NO_RULE), None
+
+    def decide(self, host, caller: Caller, group: int, backend: str = "",
+               options: Mapping | None = None) -> Decision:
+        """May `caller` lease IOMMU group `group` with `backend` ("" = the rules' default)?
+
+        `options`: ``duration`` (seconds; 0 or absent: none asked for) and
+        ``persistent`` (bool); other keys are not the policy's business.
+        `InvalidArgument` for an unknown backend or malformed options,
+        `NotFound` for a group that is not there; every other "no" is a
+        `Decision` with a reason."""
+        options = options or {}
+        duration = options.get("duration") or 0
+        if isinstance(duration, bool) or not isinstance(duration, int) or duration < 0:
+            raise InvalidArgument(f"duration must be a number of seconds, got {_short(duration)}")
+        persistent = options.get("persistent", False)
+        if not isinstance(persistent, bool):
+            raise InvalidArgument(f"persistent must be true or false, got {_short(persistent)}")
+        if not isinstance(backend, str) or (backend and backend not in self.backends):
+            raise InvalidArgument(f"unknown backend {_short(backend)} (known: {', '.join(sorted(self.backends))})")
+        g = host.groups.get(group)
+        if g is None:
+            raise NotFound(f"no IOMMU group {group} on this host")
+
+        verdicts: list[DeviceDecision] = []
+        endpoints: list[DeviceDecision] = []
+        deciding: list[Rule] = []
+        for addr in g.members:
+            dev = host.devices[addr]
+            if dev.is_bridge:
+                verdicts.append(DeviceDecision(addr, True, "", "bridge or port: exempt (VFIO does not hand it out)"))
+                continue
+            verdict, rule = self.decide_device(dev, caller)
+            if verdict.allowed:
+                refusal = _refusal(rule, backend, duration, persistent)
+                if refusal:
+                    verdict = DeviceDecision(addr, False, rule.source, refusal, Refusal.TERMS)
+                else:
+                    deciding.append(rule)
+            verdicts.append(verdict)
+            endpoints.append(verdict)
+        devices = tuple(verdicts)
+        if not endpoints:
+            return Decision(False, "", f"group {g.number} has no endpoint to lease (only bridges and ports)",
+                            devices=devices, refusal=Refusal.NO_ENDPOINT)
+        denied = [v for v in endpoints if not v.allowed]
+        if denied:
+            reason = f"group {g.number}: " + "; ".join(f"{v.address}: {v.reason}" for v in denied)
+            if len(denied) < len(endpoints):
+                reason += " (a lease takes the whole group, so every endpoint in it must be allowed)"
+            # The group's kind of "no": protected wins (the host needs a device), then the first.
+            kinds = [v.refusal for v in denied]
+            kind = Refusal.PROTECTED if Refusal.PROTECTED in kinds else kinds[0]
+            return Decision(False, ", ".join(dict.fromkeys(v.rule for v in denied if v.rule)), reason,
+                            devices=devices, refusal=kind)
+
+        rules = list(dict.fromkeys(deciding))
+        sources = ", ".join(r.source for r in rules)
+        chosen = backend or next((r.default_backend for r in rules
+                                  if all(r.default_backend in other.backends for other in rules)), None)
+        if chosen is None:
+            what = "; ".join(f"rule {r.source} allows {', '.join(r.backends)} (default {r.default_backend})"
+                             for r in rules)
+            return Decision(False, sources, f"group {g.number}: its rules agree on no default backend "
+                                            f"({what}); ask for a backend they all allow", devices=devices,
+                            refusal=Refusal.NO_BACKEND)
+        caps = [r.max_duration for r in rules if r.max_duration]
+        grants = [r.memlock for r in rules]
+        return Decision(
+            allowed=True, rule=sources, reason=f"group {g.number} allowed by rule {sources} (backend {chosen})",
+            backend=chosen, max_duration=min(caps) if caps else None,
+            persistent=all(r.persistent for r in rules),
+            memlock=min(grants) if all(grants) else None,
+            reset_on_release=any(r.reset_on_release for r in rules), devices=devices)
+
+    def decide_target(self, host, caller: Caller, target: str, backend: str = "",
+                      options: Mapping | None = None) -> tuple[Target, Decision]:
+        """`resolve`, then `decide` on its group."""
+        resolved = self.resolve(host, target)
+        return resolved, self.decide(host, caller, resolved.group, backend, options)
+
+
+def _refuse_world_writable(path: str) -> None:
+    """Anyone who can write a policy file (or add one) could grant themselves devices."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise PolicyError(f"{path}: cannot read: {e.strerror}") from None
+    if mode & 0o002:
+        raise PolicyError(f"{path}: writable by anyone (mode {mode & 0o7777:04o}), so anyone could grant "
+                          f"themselves devices; refusing the policy (chmod o-w {path})")
+
+
+def _refusal(rule: Rule, backend: str, duration: int, persistent: bool) -> str:
+    """Why the allow rule `rule` refuses these terms ("" if it accepts them)."""
+    if backend and backend not in rule.backends:
+        return f"rule {rule.source} does not allow the {backend} backend (it allows {', '.join(rule.backends)})"
+    if duration and rule.max_duration and duration > rule.max_duration:
+        return (f"asked for {format_duration(duration)}, rule {rule.source} allows at most "
+                f"{format_duration(rule.max_duration)}")
+    if persistent and not rule.persistent:
+        return f"rule {rule.source} does not allow persistent leases"
+    return ""
+
+
+class PolicyStore:
+    """The policy in force: `reload` replaces `current` only with a policy that loads.
+
+    `current` is `Policy.empty()` (deny everything) until the first good load;
+    `error` is the message of the last refused load (None after a good one)."""
+
+    def __init__(self, directory: str = DEFAULT_DIR, backends: Iterable[str] = KNOWN_BACKENDS,
+                 users: UserDb | None = None):
+        self.directory = directory
+        self.backends = tuple(backends)
+        self.users = users
+        self.current: Policy = Policy.empty()
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    def reload(self) -> Policy:
+        """Load the directory again; on `PolicyError` re-raise it and keep `current`."""
+        with self._lock:
+            try:
+                policy = Policy.load(self.directory, backends=self.backends, users=self.users)
+            except PolicyError as e:
+                self.error = str(e)
+                raise
+            self.current, self.error = policy, None
+            return policy

@@ -1,0 +1,420 @@
+"""Reading policy files: every problem is a `PolicyError` naming file, line and key."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from typing import Iterable
+
+
+from ..address import PciAddress
+from ..errors import InvalidAddress, InvalidArgument, PolicyError
+from .locate import Locator
+from .model import Claim, IdPattern, MAX_FILE_SIZE, MAX_GROUP, MAX_UID, Resource, ResourceDevice, Rule, _CLASS, _DRIVER, _EXACT_ID, _NAME, parse_target
+from .units import _describe, _short, parse_duration, parse_size
+from .users import UserDb
+
+
+MATCH_KEYS = ("address", "group", "ids", "class", "driver", "vf_of", "resource")
+WHO_KEYS = ("users", "uids", "groups", "everyone")
+GRANT_KEYS = ("backends", "default_backend", "max_duration", "persistent", "memlock", "allow_protected",
+              "reset_on_release")
+RULE_KEYS = ("action", "comment") + MATCH_KEYS + WHO_KEYS + GRANT_KEYS
+RESOURCE_KEYS = ("name", "comment", "devices")
+RESOURCE_DEVICE_KEYS = ("address", "ids", "subsystem")
+CLAIM_KEYS = ("target", "user", "backend", "comment")
+TABLES = ("rule", "resource", "claim")
+
+# ---------------------------------------------------------------- reading files
+
+class _Bad(Exception):
+    """A problem with one value; `_Table` adds file, line and key."""
+
+    def __init__(self, message: str, element: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.element = element
+
+
+class _Table:
+    """One ``[[kind]]`` table of one file, for error messages with its file and lines."""
+
+    def __init__(self, path: str, loc: Locator, kind: str, index: int, data: dict):
+        self.path, self.loc, self.kind, self.index, self.data = path, loc, kind, index, data
+
+    @property
+    def source(self) -> str:
+        return f"{self.path}:{self.loc.header(self.kind, self.index)}"
+
+    def error(self, key: str, message: str, element: int | None = None) -> PolicyError:
+        line = self.loc.line(self.kind, self.index, key, element)
+        return PolicyError(f"{self.path}:{line}: key '{key}': {message}")
+
+    def table_error(self, message: str) -> PolicyError:
+        return PolicyError(f"{self.source}: [[{self.kind}]]: {message}")
+
+    def check_keys(self, known: tuple[str, ...]) -> None:
+        for key in self.data:
+            if key not in known:
+                raise self.error(key, "unknown key" + _did_you_mean(key, known))
+
+    def get(self, key: str, parse, *args):
+        """`parse(value, *args)` of the key's value; `_Bad` becomes a located PolicyError."""
+        try:
+            return parse(self.data[key], *args)
+        except _Bad as e:
+            raise self.error(key, e.message, e.element) from None
+
+
+def _did_you_mean(key: str, known: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
+
+
+def _one_or_many(value, item, what: str) -> tuple:
+    """A value or an array of values, each through `item` (whose ValueError becomes `_Bad`)."""
+    if isinstance(value, list):
+        if not value:
+            raise _Bad(f"an empty array names nothing: give at least one {what} or remove the key")
+        items = value
+    else:
+        items = [value]
+    out = []
+    for j, v in enumerate(items):
+        try:
+            out.append(item(v))
+        except ValueError as e:
+            raise _Bad(str(e), j if isinstance(value, list) else None) from None
+    return tuple(out)
+
+
+def _bad(v, fn):
+    """`fn(v)` with its ValueError as `_Bad` (for `_Table.get`)."""
+    try:
+        return fn(v)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+
+
+def _string(v, what: str) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected {what}, got {_describe(v)}")
+    return v
+
+
+def _text(v) -> str:
+    if not isinstance(v, str):
+        raise _Bad(f"expected a string, got {_describe(v)}")
+    return v
+
+
+def _bool(v) -> bool:
+    if not isinstance(v, bool):
+        raise _Bad(f"expected true or false, got {_describe(v)}")
+    return v
+
+
+def _address(v) -> PciAddress:
+    text = _string(v, "a PCI address such as \"0000:04:00.0\"")
+    try:
+        return PciAddress.parse(text)
+    except InvalidAddress as e:
+        raise ValueError(str(e)) from None
+
+
+def _iommu_group(v) -> int:
+    if isinstance(v, str):
+        raise ValueError(f"expected an IOMMU group number, got {_describe(v)} (unix groups go in 'groups')")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_GROUP:
+        raise ValueError(f"expected an IOMMU group number (0 or more), got {_describe(v)}")
+    return v
+
+
+def _unix_group_name(v) -> str:
+    if isinstance(v, int) and not isinstance(v, bool):
+        raise ValueError(f"expected a unix group name, got {_describe(v)} (IOMMU groups go in 'group')")
+    return _string(v, "a unix group name")
+
+
+def _uid(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_UID:
+        raise ValueError(f"expected a uid (0 or more), got {_describe(v)}")
+    return v
+
+
+def _class(v) -> str:
+    text = _string(v, "a class code prefix such as \"02\" or \"0300\"")
+    if not _CLASS.fullmatch(text):
+        raise ValueError(f"not a class code prefix: {_short(text)} (2, 4 or 6 hex digits: "
+                         "\"02\" network, \"0300\" VGA, \"0c0330\" xHCI)")
+    return text.lower()
+
+
+def _driver(v) -> str:
+    text = _string(v, "a driver name")
+    if not _DRIVER.fullmatch(text):
+        raise ValueError(f"not a driver name: {_short(text)}")
+    return text
+
+
+def _resource_name(v) -> str:
+    text = _string(v, "a resource name")
+    if not _NAME.fullmatch(text):
+        raise ValueError(f"not a resource name: {_short(text)} (letters, digits, '_', '.', '-'; at most 64)")
+    return text
+
+
+def _id_pattern(v) -> IdPattern:
+    return IdPattern.parse(_string(v, "a vendor:device id such as \"8086:10d3\""))
+
+
+def _exact_id(v) -> tuple[int, int]:
+    text = _string(v, "a vendor:device id such as \"8086:10d3\"")
+    m = _EXACT_ID.fullmatch(text)
+    if not m:
+        raise ValueError(f"not a vendor:device id: {_short(text)} (4 hex digits each, no wildcards)")
+    return int(m.group(1), 16), int(m.group(2), 16)
+
+
+def _syntax_error(path: str, text: str, message: str) -> str:
+    m = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+    if m:
+        return f"{path}:{m.group(1)}: TOML syntax error at column {m.group(2)}: {message[:m.start()]}"
+    m = re.search(r"\s*\(at end of document\)$", message)
+    if m:
+        last = text.rstrip("\n").count("\n") + 1
+        return f"{path}:{last}: TOML syntax error at the end of the file: {message[:m.start()]}"
+    return f"{path}:1: TOML syntax error: {message}"
+
+
+
+class Loader:
+    """Builds a policy from file texts; every problem is a located `PolicyError`."""
+
+    def __init__(self, backends: Iterable[str], users: UserDb):
+        self.backends = tuple(dict.fromkeys(backends))
+        self.users = users
+        self.rules: list[Rule] = []
+        self.resources: dict[str, Resource] = {}
+        self.claims: list[Claim] = []
+        self.refs: list[tuple[_Table, str, int | None, str]] = []    # resource names, checked at the end
+
+    # -- files
+
+    def add(self, path: str, content: str | bytes) -> None:
+        """Parse one file and add its tables."""
+        if len(content) > MAX_FILE_SIZE:
+            raise PolicyError(f"{path}:1: file too large (more than {MAX_FILE_SIZE} bytes)")
+        if isinstance(content, bytes):
+            try:
+                content = content.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = content[:e.start].count(b"\n") + 1
+                raise PolicyError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
+        content = content.removeprefix("\ufeff")
+        try:
+            data = tomllib.loads(content)
+        except tomllib.TOMLDecodeError as e:
+            raise PolicyError(_syntax_error(path, content, str(e))) from None
+        except RecursionError:
+            raise PolicyError(f"{path}:1: TOML syntax error: arrays or tables nested too deeply") from None
+        except ValueError as e:          # tomllib wraps nearly everything; stay safe
+            raise PolicyError(f"{path}:1: TOML syntax error: {e}") from None
+        loc = Locator(content)
+        for key, value in data.items():
+            line = loc.line("", 0, key)
+            if key not in TABLES:
+                close = difflib.get_close_matches(key, TABLES, n=1, cutoff=0.6)
+                hint = f"did you mean [[{close[0]}]]?" if close else "expected [[rule]], [[resource]] or [[claim]]"
+                raise PolicyError(f"{path}:{line}: key '{key}': unknown table ({hint})")
+            odd = next((t for t in value if not isinstance(t, dict)), None) if isinstance(value, list) else value
+            if odd is not None:
+                got = f"an array holding {_describe(odd)}" if isinstance(value, list) else _describe(value)
+                raise PolicyError(f"{path}:{line}: key '{key}': expected [[{key}]] tables "
+                                  f"(an array of tables), got {got}")
+        tables = sorted(((loc.header(kind, index), TABLES.index(kind), index), kind, table)
+                        for kind in TABLES for index, table in enumerate(data.get(kind, ())))
+        for (_, _, index), kind, table in tables:        # in file order: the first problem is reported
+            t = _Table(path, loc, kind, index, table)
+            if kind == "rule":
+                self.rules.append(self._rule(t))
+            elif kind == "resource":
+                self._resource(t)
+            else:
+                self.claims.append(self._claim(t))
+
+    def finish(self) -> None:
+        """The checks that need every file: resource names may be defined in any of them."""
+        for t, key, element, name in self.refs:
+            if name not in self.resources:
+                known = f"known: {', '.join(sorted(self.resources))}" if self.resources else "none is defined"
+                raise t.error(key, f"no resource named '{name}' ({known})", element)
+
+    # -- tables
+
+    def _rule(self, t: _Table) -> Rule:
+        t.check_keys(RULE_KEYS)
+        d, kw = t.data, {"source": t.source}
+        action = t.get("action", _text) if "action" in d else "allow"
+        if action not in ("allow", "deny"):
+            raise t.error("action", f"expected \"allow\" or \"deny\", got {_describe(action)}")
+        kw["action"] = action
+        if "comment" in d:
+            kw["comment"] = t.get("comment", _text)
+        # which devices
+        if "address" in d:
+            kw["addresses"] = frozenset(t.get("address", _one_or_many, _address, "address"))
+        if "group" in d:
+            kw["iommu_groups"] = frozenset(t.get("group", _one_or_many, _iommu_group, "group number"))
+        if "ids" in d:
+            kw["ids"] = tuple(dict.fromkeys(t.get("ids", _one_or_many, _id_pattern, "id")))
+        if "class" in d:
+            kw["classes"] = tuple(dict.fromkeys(t.get("class", _one_or_many, _class, "class")))
+        if "driver" in d:
+            kw["drivers"] = frozenset(t.get("driver", _one_or_many, _driver, "driver"))
+        if "vf_of" in d:
+            kw["vf_of"] = frozenset(t.get("vf_of", _one_or_many, _address, "address"))
+        if "resource" in d:
+            names = t.get("resource", _one_or_many, _resource_name, "resource name")
+            many = isinstance(d["resource"], list)
+            for j, name in enumerate(names):
+                self.refs.append((t, "resource", j if many else None, name))
+            kw["resources"] = tuple(dict.fromkeys(names))
+        if not any(k in d for k in MATCH_KEYS):
+            raise t.table_error("no device matcher: give at least one of " + ", ".join(MATCH_KEYS))
+        # who
+        uids: set[int] = set()
+        if "users" in d:
+            names = t.get("users", _one_or_many, lambda v: _string(v, "a user name"), "user name")
+            user_uids = []
+            for j, name in enumerate(names):
+                uid = self.users.uid(name)
+                if uid is None:
+                    raise t.error("users", f"no user named {_short(name)} on this system",
+                                  j if isinstance(d["users"], list) else None)
+                user_uids.append(uid)
+            kw["users"], kw["user_uids"] = tuple(dict.fromkeys(names)), tuple(user_uids)
+            uids.update(user_uids)
+        if "uids" in d:
+            uids.update(t.get("uids", _one_or_many, _uid, "uid"))
+        if "groups" in d:
+            names = t.get("groups", _one_or_many, _unix_group_name, "group name")
+            gids = set()
+            for j, name in enumerate(names):
+                gid = self.users.gid(name)
+                if gid is None:
+                    raise t.error("groups", f"no group named {_short(name)} on this system",
+                                  j if isinstance(d["groups"], list) else None)
+                gids.add(gid)
+            kw["unix_groups"], kw["gids"] = tuple(dict.fromkeys(names)), frozenset(gids)
+        if "everyone" in d:
+            kw["everyone"] = t.get("everyone", _bool)
+        kw["uids"] = frozenset(uids)
+        if not (uids or kw.get("gids") or kw.get("everyone")):
+            if "everyone" in d:
+                raise t.error("everyone", "everyone = false names nobody: give users, uids or groups")
+            raise t.table_error("names nobody: give at least one of " + ", ".join(WHO_KEYS))
+        # what it grants
+        if action == "deny":
+            for key in GRANT_KEYS:
+                if key in d:
+                    raise t.error(key, "only allow rules grant anything; remove it from this deny rule")
+            return Rule(**kw)
+        backends = tuple(dict.fromkeys(t.get("backends", _one_or_many, self._backend, "backend"))) \
+            if "backends" in d else ()
+        if "default_backend" in d:
+            default = t.get("default_backend", _bad, self._backend)
+            if not backends:
+                backends = (default,)
+            elif default not in backends:
+                raise t.error("default_backend", f"{default!r} is not among this rule's backends "
+                                                 f"({', '.join(backends)})")
+        else:
+            backends = backends or ("vfio",)
+            default = backends[0]
+        kw["backends"], kw["default_backend"] = backends, default
+        if "max_duration" in d:
+            kw["max_duration"] = t.get("max_duration", _bad, parse_duration)
+        if "persistent" in d:
+            kw["persistent"] = t.get("persistent", _bool)
+        if "memlock" in d:
+            kw["memlock"] = t.get("memlock", _bad, parse_size)
+        if "reset_on_release" in d:
+            kw["reset_on_release"] = t.get("reset_on_release", _bool)
+        if "allow_protected" in d:
+            kw["allow_protected"] = t.get("allow_protected", _bool)
+            if kw["allow_protected"] and "address" not in d and "resource" not in d:
+                raise t.error("allow_protected", "a protected device must be named explicitly: "
+                                                 "give the rule an 'address' or 'resource' key")
+        return Rule(**kw)
+
+    def _backend(self, v) -> str:
+        text = _string(v, "a backend name")
+        if text not in self.backends:
+            raise ValueError(f"unknown backend {_short(text)} (known: {', '.join(sorted(self.backends))})")
+        return text
+
+    def _resource(self, t: _Table) -> None:
+        t.check_keys(RESOURCE_KEYS)
+        d = t.data
+        for key in ("name", "devices"):
+            if key not in d:
+                raise t.table_error(f"missing key '{key}'")
+        name = t.get("name", _bad, _resource_name)
+        if name in self.resources:
+            raise t.error("name", f"resource {name!r} is already defined at {self.resources[name].source}")
+        comment = t.get("comment", _text) if "comment" in d else ""
+        entries = d["devices"]
+        if not isinstance(entries, list) or not entries:
+            got = "an empty array" if entries == [] else _describe(entries)
+            raise t.error("devices", "expected an array of { address = ..., ids = ..., subsystem = ... } "
+                                     f"tables, got {got}")
+        devices: list[ResourceDevice] = []
+        for j, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise t.error("devices", f"device {j + 1}: expected a table {{ address = ..., ids = ... }}, "
+                                         f"got {_describe(entry)}", j)
+            for key in entry:
+                if key not in RESOURCE_DEVICE_KEYS:
+                    raise t.error("devices", f"device {j + 1}: unknown key '{key}'"
+                                  + _did_you_mean(key, RESOURCE_DEVICE_KEYS), j)
+            for key in ("address", "ids"):
+                if key not in entry:
+                    raise t.error("devices", f"device {j + 1}: missing key '{key}'", j)
+            try:
+                addr = _address(entry["address"])
+                vendor, device = _exact_id(entry["ids"])
+                subsystem = _exact_id(entry["subsystem"]) if "subsystem" in entry else None
+            except ValueError as e:
+                raise t.error("devices", f"device {j + 1}: {e}", j) from None
+            if any(x.address == addr for x in devices):
+                raise t.error("devices", f"device {j + 1}: {addr} is listed twice", j)
+            devices.append(ResourceDevice(addr, vendor, device, subsystem))
+        self.resources[name] = Resource(name=name, devices=tuple(devices), source=t.source, comment=comment)
+
+    def _claim(self, t: _Table) -> Claim:
+        t.check_keys(CLAIM_KEYS)
+        d = t.data
+        for key in ("target", "user"):
+            if key not in d:
+                raise t.table_error(f"missing key '{key}'")
+        target = t.get("target", _text)
+        try:
+            kind, value = parse_target(target)
+        except InvalidArgument as e:
+            raise t.error("target", str(e)) from None
+        if kind == "name":
+            self.refs.append((t, "target", None, value))
+        for c in self.claims:
+            if c.target == target:
+                raise t.error("target", f"{target} is already claimed at {c.source}")
+        user = t.get("user", _text)
+        uid = self.users.uid(user)
+        if uid is None:
+            raise t.error("user", f"no user named {_short(user)} on this system")
+        backend = t.get("backend", _bad, self._backend) if "backend" in d else ""
+        comment = t.get("comment", _text) if "comment" in d else ""
+        return Claim(target=target, uid=uid, user=user, backend=backend, source=t.source, comment=comment)
+
+

@@ -1,0 +1,350 @@
+"""The policy's values: callers, decisions, targets, resources, claims and rules."""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Mapping
+
+import attrs
+
+from ..address import PciAddress
+from ..errors import InvalidAddress, InvalidArgument
+from .units import _hex4, _short, format_duration, format_size
+from .users import UserDb, system_users
+
+
+DEFAULT_DIR = "/etc/vfiod/policy.d"
+#: The backends every vfiod knows; plugins add more (the loader's ``backends``).
+KNOWN_BACKENDS = ("vfio", "libvirt", "pci-stub")
+MAX_FILE_SIZE = 1 << 20
+MAX_TARGET_LEN = 256
+DEFAULT_DENY = "no rule matched (deny by default)"
+
+MAX_UID = (1 << 32) - 2
+MAX_GROUP = (1 << 31) - 1
+
+_ID_PATTERN = re.compile(r"([0-9a-fA-F]{4}|\*):([0-9a-fA-F]{4}|\*)")
+_EXACT_ID = re.compile(r"([0-9a-fA-F]{4}):([0-9a-fA-F]{4})")
+_CLASS = re.compile(r"[0-9a-fA-F]{2}(?:[0-9a-fA-F]{2}){0,2}")
+_DRIVER = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+# ---------------------------------------------------------------- value objects
+
+@attrs.frozen
+class Caller:
+    """Who asks: a uid and its unix groups (from the bus's credentials, or the system)."""
+
+    uid: int
+    gids: frozenset[int] = frozenset()
+    pid: int | None = None
+
+    @classmethod
+    def from_uid(cls, uid: int, users: UserDb | None = None) -> "Caller":
+        """The uid with the groups the user database gives it (none for an unknown uid)."""
+        db = users if users is not None else system_users()
+        return cls(uid=int(uid), gids=db.groups_of(int(uid)))
+
+    @property
+    def is_admin(self) -> bool:
+        return self.uid == 0
+
+
+class Refusal(enum.Enum):
+    """What kind of "no" a decision is, apart from the words (`DeviceDecision.reason`)."""
+
+    NO_RULE = "no-rule"            # no rule named the device and the caller: deny by default
+    DENIED = "denied"              # a deny rule decided
+    PROTECTED = "protected"        # the host needs the device and no rule may hand it out
+    TERMS = "terms"                # an allow rule, but not for this backend, duration or persistence
+    NO_ENDPOINT = "no-endpoint"    # the group holds only bridges and ports
+    NO_BACKEND = "no-backend"      # the deciding rules agree on no default backend
+
+
+@attrs.frozen
+class DeviceDecision:
+    """The verdict on one member of a group; `rule` is ``file:line`` ("" when no rule decided)."""
+
+    address: PciAddress
+    allowed: bool
+    rule: str
+    reason: str
+    refusal: Refusal | None = None      # None when allowed
+
+
+@attrs.frozen
+class Decision:
+    """The verdict on a whole group.
+
+    `rule`: the deciding rules' ``file:line`` (comma-separated), "" if none
+    decided; `reason`: a sentence for people.  The grant fields (`backend`,
+    `max_duration`, `persistent`, `memlock`) are set only when `allowed`;
+    see the module's documentation for how they combine the rules."""
+
+    allowed: bool
+    rule: str
+    reason: str
+    backend: str | None = None
+    max_duration: int | None = None
+    persistent: bool = False
+    memlock: int | None = None
+    reset_on_release: bool = False
+    devices: tuple[DeviceDecision, ...] = ()
+    refusal: Refusal | None = None                # None when allowed
+
+
+@attrs.frozen
+class Target:
+    """What a target text names: its IOMMU group, the devices it names, the resource (if any).
+
+    `addresses`: the one address, the resource's devices, or for ``group:N``
+    every member; a lease always takes the whole group."""
+
+    group: int
+    addresses: tuple[PciAddress, ...]
+    resource: str | None = None
+
+
+@attrs.frozen
+class IdPattern:
+    """``vendor:device`` with ``*`` (None here) for either side."""
+
+    vendor: int | None
+    device: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> "IdPattern":
+        m = _ID_PATTERN.fullmatch(text)
+        if not m:
+            raise ValueError(f"not a vendor:device id: {_short(text)} (expected e.g. \"8086:10d3\" or \"8086:*\")")
+        return cls(*(None if g == "*" else int(g, 16) for g in m.groups()))
+
+    def matches(self, vendor: int | None, device: int | None) -> bool:
+        if vendor is None or device is None:
+            return False
+        return self.vendor in (None, vendor) and self.device in (None, device)
+
+    def __str__(self) -> str:
+        return ":".join("*" if v is None else f"{v:04x}" for v in (self.vendor, self.device))
+
+
+@attrs.frozen
+class ResourceDevice:
+    """One device of a named resource, as the admin saw it."""
+
+    address: PciAddress
+    vendor: int
+    device: int
+    subsystem: tuple[int, int] | None = None
+
+    @property
+    def ids(self) -> str:
+        return f"{self.vendor:04x}:{self.device:04x}"
+
+    def problem(self, dev) -> str | None:
+        """What differs between this record and `dev` (a topology.Device or None); None if nothing."""
+        if dev is None:
+            return f"{self.address} is not on this host (card removed?)"
+        raw = dev.raw
+        if (raw.vendor, raw.device) != (self.vendor, self.device):
+            if raw.vendor is None or raw.device is None:
+                return f"the ids of {self.address} cannot be read, the policy names {self.ids}"
+            return (f"{self.address} is now {raw.vendor:04x}:{raw.device:04x}, "
+                    f"the policy names {self.ids} (card swapped?)")
+        if self.subsystem is not None and (raw.subsystem_vendor, raw.subsystem_device) != self.subsystem:
+            now = f"{_hex4(raw.subsystem_vendor)}:{_hex4(raw.subsystem_device)}"
+            want = f"{self.subsystem[0]:04x}:{self.subsystem[1]:04x}"
+            return (f"{self.address} is now {self.ids} subsystem {now}, "
+                    f"the policy names subsystem {want} (card swapped?)")
+        return None
+
+    def describe(self) -> str:
+        sub = f" subsystem {self.subsystem[0]:04x}:{self.subsystem[1]:04x}" if self.subsystem else ""
+        return f"{self.address} {self.ids}{sub}"
+
+
+@attrs.frozen
+class Resource:
+    """A named set of devices (``name:NAME``), pinned to the hardware the admin saw."""
+
+    name: str
+    devices: tuple[ResourceDevice, ...]
+    source: str                      # file:line of its [[resource]] header
+    comment: str = ""
+
+    def member(self, addr: PciAddress) -> ResourceDevice | None:
+        return next((d for d in self.devices if d.address == addr), None)
+
+    def problems(self, host) -> list[str]:
+        """``resource NAME: …`` for every device whose hardware is not what the policy names."""
+        out = []
+        for d in self.devices:
+            p = d.problem(host.devices.get(d.address))
+            if p:
+                out.append(f"resource {self.name}: {p}")
+        return out
+
+
+@attrs.frozen
+class Claim:
+    """A persistent lease the daemon takes when it starts."""
+
+    target: str
+    uid: int
+    user: str
+    backend: str                     # "" = the policy's default
+    source: str                      # file:line of its [[claim]] header
+    comment: str = ""
+
+
+@attrs.frozen
+class Rule:
+    """One ``[[rule]]``: which devices, who, and (allow rules) what it grants.
+
+    A device matcher that is None was not given; a given one is non-empty."""
+
+    source: str                                  # file:line of its [[rule]] header
+    action: str                                  # "allow" or "deny"
+    comment: str = ""
+    addresses: frozenset[PciAddress] | None = None
+    iommu_groups: frozenset[int] | None = None
+    ids: tuple[IdPattern, ...] | None = None
+    classes: tuple[str, ...] | None = None       # lower-case hex prefixes of the 6-digit class code
+    drivers: frozenset[str] | None = None
+    vf_of: frozenset[PciAddress] | None = None
+    resources: tuple[str, ...] | None = None
+    users: tuple[str, ...] = ()                  # as written, for people
+    user_uids: tuple[int, ...] = ()              # what `users` resolved to
+    unix_groups: tuple[str, ...] = ()            # as written, for people
+    uids: frozenset[int] = frozenset()           # the users' uids and the uids key
+    gids: frozenset[int] = frozenset()
+    everyone: bool = False
+    backends: tuple[str, ...] = ()
+    default_backend: str | None = None
+    max_duration: int | None = None
+    persistent: bool = False
+    memlock: int | None = None
+    allow_protected: bool = False
+    reset_on_release: bool = False
+
+    @property
+    def allows(self) -> bool:
+        return self.action == "allow"
+
+    def covers(self, caller: Caller) -> bool:
+        """Does the rule name this caller?"""
+        return self.everyone or caller.uid in self.uids or not self.gids.isdisjoint(caller.gids)
+
+    def match(self, dev, resources: Mapping[str, Resource]) -> tuple[bool, str]:
+        """Does the rule name this device?  Also why a resource it names did not ("" if n/a)."""
+        raw = dev.raw
+        if self.addresses is not None and dev.addr not in self.addresses:
+            return False, ""
+        if self.iommu_groups is not None and raw.iommu_group not in self.iommu_groups:
+            return False, ""
+        if self.ids is not None and not any(p.matches(raw.vendor, raw.device) for p in self.ids):
+            return False, ""
+        if self.classes is not None:
+            if raw.class_code is None:
+                return False, ""
+            code = f"{raw.class_code:06x}"
+            if not any(code.startswith(c) for c in self.classes):
+                return False, ""
+        if self.drivers is not None and raw.driver not in self.drivers:
+            return False, ""
+        if self.vf_of is not None and raw.physfn not in self.vf_of:
+            return False, ""
+        if self.resources is not None:
+            notes = []
+            for name in self.resources:
+                res = resources.get(name)
+                member = res.member(dev.addr) if res else None
+                if member is None:
+                    continue
+                problem = member.problem(dev)
+                if problem is None:
+                    return True, ""
+                notes.append(f"resource {name}: {problem}")
+            return False, "; ".join(notes)
+        return True, ""
+
+    def names(self, addr: PciAddress, resources: Mapping[str, Resource]) -> bool:
+        """Does the rule name `addr` explicitly (by address or resource)?"""
+        if self.addresses is not None and addr in self.addresses:
+            return True
+        return any(n in resources and resources[n].member(addr) is not None for n in self.resources or ())
+
+    # -- for people (`vfioctl policy check`)
+
+    def describe_devices(self) -> str:
+        parts = []
+        if self.addresses is not None:
+            parts.append("address " + ", ".join(map(str, sorted(self.addresses))))
+        if self.iommu_groups is not None:
+            parts.append("IOMMU group " + ", ".join(map(str, sorted(self.iommu_groups))))
+        if self.ids is not None:
+            parts.append("ids " + ", ".join(map(str, self.ids)))
+        if self.classes is not None:
+            parts.append("class " + ", ".join(self.classes))
+        if self.drivers is not None:
+            parts.append("driver " + ", ".join(sorted(self.drivers)))
+        if self.vf_of is not None:
+            parts.append("VFs of " + ", ".join(map(str, sorted(self.vf_of))))
+        if self.resources is not None:
+            parts.append("resource " + ", ".join(self.resources))
+        return "; ".join(parts)
+
+    def describe_who(self) -> str:
+        if self.everyone:
+            return "everyone"
+        parts = []
+        if self.users:
+            parts.append("user " + ", ".join(self.users))
+        extra = sorted(self.uids - set(self.user_uids))
+        if extra:
+            parts.append("uid " + ", ".join(map(str, extra)))
+        if self.unix_groups:
+            parts.append("group " + ", ".join(self.unix_groups))
+        return "; ".join(parts)
+
+    def describe_grant(self) -> str:
+        if not self.allows:
+            return "nothing (deny)"
+        parts = ["backend " + ", ".join(f"{b} (default)" if b == self.default_backend else b
+                                        for b in self.backends)]
+        parts.append(f"at most {format_duration(self.max_duration)}" if self.max_duration else "no duration cap")
+        parts.append("persistent leases" if self.persistent else "no persistent leases")
+        if self.memlock:
+            parts.append(f"memlock {format_size(self.memlock)}")
+        if self.allow_protected:
+            parts.append("the protected devices it names")
+        if self.reset_on_release:
+            parts.append("reset on release")
+        return "; ".join(parts)
+
+
+
+def parse_target(target: str) -> tuple[str, object]:
+    """("group", N) | ("name", NAME) | ("address", PciAddress); InvalidArgument/InvalidAddress."""
+    if not isinstance(target, str) or not target:
+        raise InvalidArgument("empty target (expected 0000:04:00.0, 04:00.0, group:N or name:RESOURCE)")
+    if len(target) > MAX_TARGET_LEN:
+        raise InvalidArgument(f"the target is too long ({len(target)} characters)")
+    if target.startswith("group:"):
+        number = target[6:]
+        if not re.fullmatch(r"\d{1,10}", number) or int(number) > MAX_GROUP:
+            raise InvalidArgument(f"not an IOMMU group: {_short(target)} (expected group:N, e.g. group:8)")
+        return "group", int(number)
+    if target.startswith("name:"):
+        name = target[5:]
+        if not _NAME.fullmatch(name):
+            raise InvalidArgument(f"not a resource name: {_short(target)} (expected name:RESOURCE)")
+        return "name", name
+    try:
+        return "address", PciAddress.parse(target)
+    except InvalidAddress:
+        raise InvalidAddress(f"not a target: {_short(target)} (expected a PCI address such as "
+                             "0000:04:00.0 or 04:00.0, group:N or name:RESOURCE)") from None
+
+
