@@ -8,7 +8,7 @@ Printed in one run:
   ``org.freedesktop.DBus.Peer.Ping`` to org.vfiod1 (median of N calls);
 * (b) the same for what ``vfioctl`` asks (``GetManagedObjects`` as ``vfioctl
   groups``/``leases`` read it, ``CheckAccess`` and ``Explain``), through
-  ``vfiod.client.Client`` like vfioctl, each as a ratio to the ping
+  ``vfiod.cmd.client.Client`` like vfioctl, each as a ratio to the ping
   (target <= 3x);
 * (c) with ``--guest``: in the QEMU guest on the real kernel (``bridge``
   topology), vfiod on the guest's real sysfs behind a private bus, a full
@@ -53,7 +53,7 @@ class World:
         with open(os.path.join(pdir, "50-bench.toml"), "w") as f:
             f.write(policy)
         self.log_path = os.path.join(directory, "vfiod.log")
-        from vfiod.privatebus import PrivateBus
+        from vfiod.sim.privatebus import PrivateBus
 
         # the system bus's denials plus vfiod's own policy file, as in tests/bus
         self.bus = PrivateBus(directory, os.path.join(ROOT, "systemd/org.vfiod1.conf"))
@@ -76,7 +76,7 @@ class World:
             return f.read()
 
     def close(self) -> int | None:
-        from vfiod.privatebus import stop_process
+        from vfiod.sim.privatebus import stop_process
         rc = stop_process(self.daemon, 60) if self.daemon else None
         self.log.close()
         self.bus.stop()
@@ -107,7 +107,7 @@ LOCAL_POLICY = '[[rule]]\ngroup = [8]\nuids = [{uid}]\nbackends = ["vfio", "pci-
 
 
 def local(pings: int, queries: int) -> dict:
-    from vfiod.client import Client
+    from vfiod.cmd.client import Client
 
     if not shutil.which("dbus-daemon"):
         return {"skipped": "dbus-daemon is not installed"}
@@ -164,7 +164,7 @@ try:
     bb = importlib.util.module_from_spec(spec); spec.loader.exec_module(bb)
     spec = importlib.util.spec_from_file_location("bench_lease", ROOT + "/bench/lease.py")
     bl = importlib.util.module_from_spec(spec); spec.loader.exec_module(bl)
-    from vfiod.client import Client
+    from vfiod.cmd.client import Client
     from vfiod.sysfs import Kernel, Roots, SysfsReader
     from vfiod.topology import Host
 

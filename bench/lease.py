@@ -82,9 +82,9 @@ def rounds_for(kernel, manager, group, endpoints, bridges=()):
 
 
 def simulated(rounds: int) -> dict:
-    from vfiod import hosts
+    from vfiod.sim import hosts
     from vfiod.address import PciAddress
-    from vfiod.simkernel import SimKernel
+    from vfiod.sim.kernel import SimKernel
 
     with tempfile.TemporaryDirectory() as tmp:
         roots = hosts.build("ich10", os.path.join(tmp, "host"))

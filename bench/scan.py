@@ -23,8 +23,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vfiod.hosts import sriov_farm  # noqa: E402
-from vfiod.hosts.builder import build  # noqa: E402
+from vfiod.sim.hosts import sriov_farm  # noqa: E402
+from vfiod.sim.hosts.builder import build  # noqa: E402
 
 
 def time_cmd(cmd, runs):

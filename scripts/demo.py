@@ -20,7 +20,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from vfiod.privatebus import PrivateBus  # noqa: E402
+from vfiod.sim.privatebus import PrivateBus  # noqa: E402
 BIN = os.path.join(ROOT, ".venv", "bin")
 USER = "vfiotest"
 

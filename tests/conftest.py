@@ -7,7 +7,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from vfiod import hosts  # noqa: E402
+from vfiod.sim import hosts  # noqa: E402
 from vfiod.sysfs import SysfsReader  # noqa: E402
 from vfiod.topology import Host  # noqa: E402
 

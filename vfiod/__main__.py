@@ -1,3 +1,3 @@
-from .cli import main
+from .cmd.server import main
 
-main()
+raise SystemExit(main())

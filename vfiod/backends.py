@@ -49,8 +49,14 @@ class BackendBase:
 
 
 def plugin_manager(extra=(), entry_points: bool = True) -> pluggy.PluginManager:
+    """Backends come through the entry-point group `vfiod.backends`, the built-in ones
+    (``plugins/``, imported as `vfiod_plugins`) as well as third parties'.  Where vfiod
+    runs from a source tree without installed metadata, the built-ins are imported
+    directly; `extra` plugins (tests) come last."""
     pm = pluggy.PluginManager("vfiod")
     pm.add_hookspecs(hookspecs.BackendSpec)
+    if entry_points:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     for name in BUILTIN:
         try:
             module = importlib.import_module(name)
@@ -58,9 +64,8 @@ def plugin_manager(extra=(), entry_points: bool = True) -> pluggy.PluginManager:
             if e.name != name:      # the plugin is there but broken: say so
                 raise
             continue
-        pm.register(module, name=name)
-    if entry_points:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        if not pm.is_registered(module):
+            pm.register(module, name=name)
     for plugin in extra:
         pm.register(plugin)
     pm.check_pending()

@@ -16,6 +16,7 @@ sender gives uid, pid and groups; it is cached per unique name and dropped on
 from __future__ import annotations
 
 import contextvars
+import json
 import functools
 import logging
 import os
@@ -123,8 +124,13 @@ class ManagerInterface(ServiceInterface):
     @method()
     @edge
     async def RequestLease(self, caller, target: "s", backend: "s", options: "a{sv}") -> "o":
-        lease = await self.service.request(caller, target, backend, _unwrap_options(options))
+        lease = await self.service.request(caller, target, backend, _unwrap_options(options), current_sender())
         return lease_path(lease.id)
+
+    @method()
+    @edge
+    async def GroupsJson(self, caller, targets: "as") -> "s":
+        return json.dumps(await self.service.groups_json(caller, list(targets)))
 
     @method()
     @edge
@@ -351,6 +357,12 @@ class LeaseInterface(ServiceInterface):
     @edge
     async def Release(self, caller) -> "":
         await self.service.release(caller, self.lease.id)
+
+
+def current_sender() -> str | None:
+    """The unique bus name of the caller of the method running now."""
+    msg = _current_msg.get()
+    return msg.sender if msg else None
 
 
 def install_caller_tracking(bus: MessageBus) -> None:

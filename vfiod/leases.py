@@ -45,7 +45,7 @@ from .errors import (BackendFailed, Busy, InvalidArgument, NotFound, NotViable, 
 from .policy import Caller, Decision, Policy, Refusal
 from .state import Held, Journal, LeaseRow
 from .sysfs import Kernel, SysfsReader
-from .topology import BRIDGE_DRIVERS, Host
+from .topology import BRIDGE_DRIVERS, VFIO_DRIVERS, Host
 
 log = logging.getLogger("vfiod.leases")
 audit_log = logging.getLogger("vfiod.audit")
@@ -255,7 +255,7 @@ class LeaseManager:
                            "release them first")
         uses = []
         for dev in endpoints:
-            if dev.driver in (None, "vfio-pci", "pci-stub"):
+            if dev.driver is None or dev.driver in VFIO_DRIVERS:
                 continue
             uses.extend(f"{dev.addr}: {u}" for u in self.kernel.usage(dev.addr))
         if uses and not (caller.is_admin and options.get("force")):

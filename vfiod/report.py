@@ -7,12 +7,15 @@ here, so a group reads the same whichever way it was fetched.
 from __future__ import annotations
 
 import textwrap
+from typing import Callable
 
 from .pciids import PciIds
 from .topology import Group, Host
 
 
-def device_json(host: Host, addr, names: PciIds) -> dict:
+def device_json(host: Host, addr, names: PciIds, original_driver: Callable | None = None) -> dict:
+    """One device.  `original_driver(addr)`: the driver it had before its lease (the daemon
+    knows; offline it is the driver it has)."""
     d = host.devices[addr]
     r = d.raw
     return {
@@ -26,6 +29,7 @@ def device_json(host: Host, addr, names: PciIds) -> dict:
         "name": names.describe(r.vendor, r.device),
         "kind": d.kind,
         "driver": r.driver,
+        "original_driver": original_driver(addr) if original_driver else r.driver,
         "driver_override": r.driver_override,
         "bridge": d.is_bridge,
         "protected": d.protected,
@@ -40,17 +44,20 @@ def device_json(host: Host, addr, names: PciIds) -> dict:
 
 
 def group_json(host: Host, group: Group, names: PciIds, lease: str | None = None,
-               state: str | None = None) -> dict:
+               state: str | None = None, lease_owner: int | None = None,
+               original_driver: Callable | None = None) -> dict:
+    """One group: the same object from `vfiod inspect --json` and from the daemon."""
     return {
         "group": group.number,
         "viable": group.viable,
         "state": state or group.state,
         "lease": lease,
+        "lease_owner": lease_owner,
         "blockers": [{"device": str(a), "reason": why} for a, why in group.blockers],
         "isolation": group.isolation,
         "isolation_text": group.isolation_text,
         "protected": [{"device": str(a), "reason": why} for a, why in group.protected],
-        "devices": [device_json(host, a, names) for a in group.members],
+        "devices": [device_json(host, a, names, original_driver) for a in group.members],
     }
 
 
@@ -87,3 +94,23 @@ def render_groups(groups: list[dict], explain: bool = False, width: int = 100) -
                                        initial_indent="  ", subsequent_indent="       "))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n" if lines else ""
+
+
+def explain_text(target: str, g: Group, lease, findings) -> str:
+    """Why group `g` (asked about as `target`) is what it is, what blocks it, who holds it."""
+    lines = [f"IOMMU group {g.number}: {', '.join(map(str, g.members))}"]
+    if not target.startswith("group:") and len(g.members) > 1:
+        lines.append(f"{target} cannot be leased alone: VFIO hands out whole groups.")
+    lines.append(f"Why these devices share a group ({g.isolation}): {g.isolation_text}")
+    if g.viable:
+        lines.append("Viable for VFIO now: every endpoint is on vfio-pci, pci-stub or no driver.")
+    else:
+        lines.append("Not viable for VFIO now:")
+        lines.extend(f"  {a}: {why}" for a, why in g.blockers)
+    for a, why in g.protected:
+        lines.append(f"Protected: {a} — {why}.")
+    if lease:
+        lines.append(f"Leased to uid {lease.uid} with the {lease.backend} backend (lease {lease.id}).")
+    for f in findings:
+        lines.append(f"Note: {f.text}")
+    return "\n".join(lines)

@@ -28,7 +28,7 @@ import attrs
 from .address import PciAddress
 from . import sysfs as k
 
-VFIO_DRIVERS = frozenset({"vfio-pci", "pci-stub"})
+VFIO_DRIVERS = frozenset(k.VFIO_DRIVERS)
 BRIDGE_DRIVERS = frozenset({"pcieport"}) | VFIO_DRIVERS
 REQ_ACS_FLAGS = k.ACS_SV | k.ACS_RR | k.ACS_CR | k.ACS_UF
 

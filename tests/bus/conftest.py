@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from vfiod.privatebus import PrivateBus
+from vfiod.sim.privatebus import PrivateBus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")

@@ -37,7 +37,7 @@ def node(group: int):
 def managed_objects(address: str = "system") -> dict:
     """vfiod's whole object tree over the bus: path -> interface -> properties."""
     import asyncio
-    from vfiod.client import Client
+    from vfiod.cmd.client import Client
 
     async def view():
         c = await Client(address, timeout=30).connect()
@@ -125,7 +125,7 @@ class Stack:
         os.makedirs(f"{workdir}/state", exist_ok=True)
         os.chmod(workdir, 0o755)
         self.set_policy(policy)
-        from vfiod.privatebus import PrivateBus
+        from vfiod.sim.privatebus import PrivateBus
         self.bus = PrivateBus(workdir, os.path.join(CHECKOUT, "systemd/org.vfiod1.conf"))
         self.daemon = None
         self.log = None
@@ -175,7 +175,7 @@ class Stack:
     def stop(self) -> int | None:
         if self.daemon is None:
             return None
-        from vfiod.privatebus import stop_process
+        from vfiod.sim.privatebus import stop_process
         rc, self.daemon = stop_process(self.daemon, 60), None
         self.log.close()
         return rc

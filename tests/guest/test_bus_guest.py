@@ -127,7 +127,7 @@ with open(f"{OUT}/check.py") as f, open(f"{W}/check.py", "w") as g:
 os.chmod(f"{W}/check.py", 0o644)
 res["before"] = snap()
 
-from vfiod.privatebus import PrivateBus
+from vfiod.sim.privatebus import PrivateBus
 bus = PrivateBus(W, os.environ["VFIOD_CHECKOUT"] + "/systemd/org.vfiod1.conf")
 res["bus_address"] = bus.address
 stamp("bus_up")

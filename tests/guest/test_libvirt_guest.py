@@ -97,7 +97,7 @@ GUEST_PY = r'''
 import json, os, shutil, signal, subprocess, sys, time, traceback
 sys.path.insert(0, os.environ["VFIOD_CHECKOUT"])
 from tests.guest.instack import device_path, driver, ensure_user, group_of, managed_objects, node, user_env
-from vfiod.privatebus import stop_process
+from vfiod.sim.privatebus import stop_process
 OUT = os.environ["OUT"]
 NIC, UID = %(nic)r, %(uid)d
 W = "/run/vfiod-lv"

@@ -14,7 +14,7 @@ import sys
 
 from vfiod.backends import load_backends
 from vfiod.leases import LeaseManager
-from vfiod.simkernel import SimKernel
+from vfiod.sim.kernel import SimKernel
 from vfiod.state import Journal
 from vfiod.sysfs import Roots
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 
-from vfiod import hosts
+from vfiod.sim import hosts
 from vfiod.address import PciAddress
 from vfiod.backends import load_backends
 from vfiod.leases import LeaseManager
 from vfiod.policy import Caller, Policy  # noqa: F401  (Caller: for the tests)
-from vfiod.simkernel import SimKernel
+from vfiod.sim.kernel import SimKernel
 from vfiod.state import Journal
 
 

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 
-from vfiod import hosts
+from vfiod.sim import hosts
 
 from .leasekit import Caller, Kit
 from .test_leases import BRIDGE3

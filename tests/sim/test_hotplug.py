@@ -5,12 +5,12 @@ import time
 
 import pytest
 
-from vfiod import hosts
+from vfiod.sim import hosts
 from vfiod.address import PciAddress
 from vfiod.backends import load_backends
 from vfiod.daemon import Service
 from vfiod.policy import Caller, PolicyStore
-from vfiod.simkernel import SimKernel
+from vfiod.sim.kernel import SimKernel
 from vfiod.state import Journal
 
 A = PciAddress.parse

@@ -5,10 +5,11 @@ import threading
 
 import pytest
 
-from vfiod import acl, hosts
+from vfiod import acl
+from vfiod.sim import hosts
 from vfiod.address import PciAddress
 from vfiod.errors import Busy, KernelError, PermissionDenied, InvalidArgument, NotFound, StateError
-from vfiod.simkernel import Fault
+from vfiod.sim.kernel import Fault
 from vfiod.state import Journal
 
 from .leasekit import Caller, Kit

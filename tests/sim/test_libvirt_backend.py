@@ -163,7 +163,7 @@ def test_without_the_binding_the_backend_says_how_to_get_it(tmp_path, monkeypatc
 
 
 def test_a_failed_detach_rolls_back_what_libvirt_already_moved(tmp_path):
-    from vfiod.simkernel import Fault
+    from vfiod.sim.kernel import Fault
     kit, lv = kit_with_libvirt(tmp_path)
     before = kit.snapshot()
     kit.kernel.inject("probe", NICS[1], Fault("nobind"))     # the second detach binds nothing

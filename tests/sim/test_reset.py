@@ -9,7 +9,7 @@ import pytest
 
 from vfiod.address import PciAddress
 from vfiod.policy import Policy
-from vfiod.simkernel import Fault
+from vfiod.sim.kernel import Fault
 from vfiod.state import Journal
 
 from .leasekit import Caller, Kit

@@ -6,13 +6,13 @@ import os
 
 import pytest
 
-from vfiod import hosts
+from vfiod.sim import hosts
 from vfiod.address import PciAddress
 from vfiod.backends import load_backends
 from vfiod.daemon import Service
 from vfiod.errors import Busy, InvalidArgument, PermissionDenied
 from vfiod.policy import Caller, PolicyStore
-from vfiod.simkernel import SimKernel
+from vfiod.sim.kernel import SimKernel
 from vfiod.state import Journal
 
 from .leasekit import Kit

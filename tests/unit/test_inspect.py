@@ -8,8 +8,8 @@ import sys
 import attrs
 import pytest
 
-from vfiod import hosts
-from vfiod.cli import vfiod_main
+from vfiod.sim import hosts
+from vfiod.cmd.server import main as vfiod_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

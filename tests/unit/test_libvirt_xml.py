@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from vfiod import hosts
+from vfiod.sim import hosts
 from vfiod.address import PciAddress
 from vfiod.topology import Host
 from vfiod.sysfs import SysfsReader

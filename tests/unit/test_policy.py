@@ -1,6 +1,6 @@
 """The policy engine: matching, order, whole groups, protected devices, resources, claims, terms.
 
-Hosts are the example tables of `vfiod.hosts` (ICH10 unless said otherwise):
+Hosts are the example tables of `vfiod.sim.hosts` (ICH10 unless said otherwise):
 group 8 holds the root ports 00:1c.0/00:1c.4 and the NICs 04:00.0 (8086:10d3,
 e1000e) and 05:00.0 (14e4:167b, tg3); 00:19.0 carries the default route,
 01:00.0 is the boot VGA and 00:1f.2 the root disk's controller.
@@ -11,7 +11,7 @@ import os
 import attrs
 import pytest
 
-from vfiod import hosts
+from vfiod.sim import hosts
 from vfiod.errors import InvalidAddress, InvalidArgument, NotFound, PolicyError
 from vfiod.policy import (Caller, Policy, PolicyStore, StaticUserDb, Target, UserDb, Locator,
                           format_duration, format_size, parse_duration, parse_size)

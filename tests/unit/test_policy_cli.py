@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from vfiod import policy
-from vfiod.cli import vfioctl_main
+from vfiod.cmd.ctl import main as vfioctl_main
 
 from .policy_corpus.kit import BAD, EXAMPLES, ROOT, USERS
 

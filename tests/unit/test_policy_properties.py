@@ -1,6 +1,6 @@
 """Properties of the policy engine over random hosts and random rule sets (hypothesis).
 
-Hosts are the example tables of `vfiod.hosts` with random drivers, ids,
+Hosts are the example tables of `vfiod.sim.hosts` with random drivers, ids,
 classes, IOMMU groups and boot-VGA flags; rule sets are random TOML files,
 loaded by the real loader.  An oracle written independently of the engine
 says which allow rules cover a device for a caller.
@@ -15,7 +15,7 @@ import attrs
 from hypothesis import HealthCheck, given, settings, target
 from hypothesis import strategies as st
 
-from vfiod import hosts
+from vfiod.sim import hosts
 from vfiod.address import PciAddress
 from vfiod.policy import KNOWN_BACKENDS, Caller, Policy
 from vfiod.topology import Host

@@ -46,5 +46,5 @@ def test_dbus_policy_lets_root_own_and_everyone_call():
 def test_the_bus_tests_include_this_policy_file():
     conftest = open(os.path.join(ROOT, "tests/bus/conftest.py")).read()
     assert 'PrivateBus(self.dir, os.path.join(ROOT, "systemd/org.vfiod1.conf"))' in conftest
-    from vfiod.privatebus import CONFIG
+    from vfiod.sim.privatebus import CONFIG
     assert "<include>{policy}</include>" in CONFIG

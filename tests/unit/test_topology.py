@@ -5,9 +5,9 @@ import os
 import attrs
 import pytest
 
-from vfiod import hosts
+from vfiod.sim import hosts
 from vfiod.address import PciAddress
-from vfiod.hosts.builder import HostSpec
+from vfiod.sim.hosts.builder import HostSpec
 
 A = PciAddress.parse
 

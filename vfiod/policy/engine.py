@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Iterable, Mapping
 
@@ -10,8 +9,8 @@ import attrs
 
 from ..address import PciAddress
 from ..errors import InvalidArgument, NotFound, PolicyError
-from .load import Loader
-from .model import Refusal, Caller, Claim, DEFAULT_DENY, DEFAULT_DIR, Decision, DeviceDecision, KNOWN_BACKENDS, MAX_FILE_SIZE, Resource, Rule, Target, parse_target
+from .load import Loader, read_directory
+from .model import Refusal, Caller, Claim, DEFAULT_DENY, DEFAULT_DIR, Decision, DeviceDecision, KNOWN_BACKENDS, Resource, Rule, Target, parse_target
 from .units import _short, format_duration
 from .users import UserDb, system_users
 
@@ -38,26 +37,7 @@ class Policy:
 
         `backends`: the backend names files may use (plugins add theirs);
         `users`: the user and group database (default: the system's)."""
-        try:
-            names = sorted(os.listdir(directory))
-        except FileNotFoundError:
-            raise PolicyError(f"{directory}: no such policy directory") from None
-        except NotADirectoryError:
-            raise PolicyError(f"{directory}: not a directory") from None
-        except OSError as e:
-            raise PolicyError(f"{directory}: cannot list the policy directory: {e.strerror}") from None
-        _refuse_world_writable(directory)
-        sources = []
-        for name in names:
-            path = os.path.join(directory, name)
-            if not name.endswith(".toml") or name.startswith(".") or not os.path.isfile(path):
-                continue
-            _refuse_world_writable(path)
-            try:
-                with open(path, "rb") as f:
-                    sources.append((path, f.read(MAX_FILE_SIZE + 1)))
-            except OSError as e:
-                raise PolicyError(f"{path}: cannot read: {e.strerror}") from None
+        sources = read_directory(directory)
         return attrs.evolve(cls.from_sources(sources, backends=backends, users=users), directory=directory)
 
     @classmethod
@@ -240,17 +220,6 @@ class Policy:
         """`resolve`, then `decide` on its group."""
         resolved = self.resolve(host, target)
         return resolved, self.decide(host, caller, resolved.group, backend, options)
-
-
-def _refuse_world_writable(path: str) -> None:
-    """Anyone who can write a policy file (or add one) could grant themselves devices."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise PolicyError(f"{path}: cannot read: {e.strerror}") from None
-    if mode & 0o002:
-        raise PolicyError(f"{path}: writable by anyone (mode {mode & 0o7777:04o}), so anyone could grant "
-                          f"themselves devices; refusing the policy (chmod o-w {path})")
 
 
 def _refusal(rule: Rule, backend: str, duration: int, persistent: bool) -> str:

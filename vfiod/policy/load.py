@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import tomllib
 from typing import Iterable
@@ -416,5 +417,44 @@ class Loader:
         backend = t.get("backend", _bad, self._backend) if "backend" in d else ""
         comment = t.get("comment", _text) if "comment" in d else ""
         return Claim(target=target, uid=uid, user=user, backend=backend, source=t.source, comment=comment)
+
+
+
+
+def read_directory(directory: str) -> list[tuple[str, bytes]]:
+    """``(path, content)`` of every ``*.toml`` of `directory`, in name order; `PolicyError`
+    for a directory or file that cannot be read or that anyone may write."""
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        raise PolicyError(f"{directory}: no such policy directory") from None
+    except NotADirectoryError:
+        raise PolicyError(f"{directory}: not a directory") from None
+    except OSError as e:
+        raise PolicyError(f"{directory}: cannot list the policy directory: {e.strerror}") from None
+    _refuse_world_writable(directory)
+    sources = []
+    for name in names:
+        path = os.path.join(directory, name)
+        if not name.endswith(".toml") or name.startswith(".") or not os.path.isfile(path):
+            continue
+        _refuse_world_writable(path)
+        try:
+            with open(path, "rb") as f:
+                sources.append((path, f.read(MAX_FILE_SIZE + 1)))
+        except OSError as e:
+            raise PolicyError(f"{path}: cannot read: {e.strerror}") from None
+    return sources
+
+
+def _refuse_world_writable(path: str) -> None:
+    """Anyone who can write a policy file (or add one) could grant themselves devices."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise PolicyError(f"{path}: cannot read: {e.strerror}") from None
+    if mode & 0o002:
+        raise PolicyError(f"{path}: writable by anyone (mode {mode & 0o7777:04o}), so anyone could grant "
+                          f"themselves devices; refusing the policy (chmod o-w {path})")
 
 

@@ -9,7 +9,7 @@ import tempfile
 
 import attrs
 
-from vfiod import hosts
+from vfiod.sim import hosts
 from vfiod.address import PciAddress
 from vfiod.policy import KNOWN_BACKENDS, Caller, Policy, StaticUserDb
 from vfiod.sysfs import SysfsReader

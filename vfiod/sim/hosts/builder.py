@@ -30,8 +30,8 @@ import struct
 
 import attrs
 
-from ..address import PciAddress
-from .. import sysfs as k
+from ...address import PciAddress
+from ... import sysfs as k
 
 #: kind -> (header type, PCIe port type or None for conventional PCI)
 KINDS = {
@@ -222,7 +222,7 @@ def build(spec: HostSpec, root: str) -> k.Roots:
             nvfs = len(vfs_of.get(fn.addr, ()))
             _write(os.path.join(nodes[fn.addr], "sriov_totalvfs"), f"{fn.sriov_total}\n")
             _write(os.path.join(nodes[fn.addr], "sriov_numvfs"), f"{nvfs}\n")
-    for drv in ("vfio-pci", "pci-stub"):
+    for drv in k.VFIO_DRIVERS:
         _ensure_driver(os.path.join(sysd, "bus/pci/drivers", drv))
     for fn in spec.functions:        # vfio-pci made /dev/vfio/N for groups it already holds
         node = os.path.join(devd, "vfio", str(fn.group))

@@ -42,8 +42,9 @@ import time
 
 import attrs
 
-from .address import PciAddress
-from .sysfs import Kernel, Roots, _readlink
+from ..address import PciAddress
+from ..sysfs import Kernel, Roots, classify_write
+from ..sysfs.read import _readlink
 
 
 @attrs.define
@@ -113,16 +114,8 @@ class SimKernel(Kernel):
             with open(self.write_log, "a") as f:
                 f.write(f"{rel}\t{data.strip()}\n")
         parts = rel.split("/")
-        if rel == "bus/pci/drivers_probe":
-            op, addr = "probe", PciAddress.from_sysfs_name(data.strip())
-        elif parts[-1] == "unbind":
-            op, addr = "unbind", PciAddress.from_sysfs_name(data.strip())
-        elif parts[-1] == "reset":
-            op, addr = "reset", PciAddress.from_sysfs_name(parts[3])
-        elif parts[-1] == "sriov_numvfs":
-            op, addr = "numvfs", PciAddress.from_sysfs_name(parts[3])
-        else:
-            op, addr = "override", PciAddress.from_sysfs_name(parts[3])
+        writable, addr = classify_write(rel, data)
+        op = writable.op
         fault = self._fault(op, addr)
         if fault:
             if fault.kind == "vanish":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from ..address import PciAddress
+from ...address import PciAddress
 from .builder import Fn, HostSpec, build as build_spec  # noqa: F401  (re-exported)
 
 ICH10 = HostSpec.from_table("ich10", "Intel ICH10 desktop (the RHEL guide's example): "

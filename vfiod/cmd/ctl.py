@@ -11,21 +11,13 @@ import signal
 import sys
 import time
 
-from .errors import InvalidArgument, VfiodError
-from .pciids import PciIds
-from .report import render_groups
+from .. import __version__
+from ..errors import InvalidArgument, VfiodError
+from ..report import render_groups
+from .common import Formatter, duration_arg, run
+from .policy import add_policy_commands
 
 EXIT_OK, EXIT_FAIL, EXIT_DENIED = 0, 1, 3
-
-
-def parse_duration(text: str) -> int:
-    """'90', '90s', '30m', '2h', '1d', '1h30m' -> seconds."""
-    if re.fullmatch(r"\d{1,9}", text or ""):
-        return int(text)
-    parts = re.findall(r"(\d{1,9})([smhd])", text or "")
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 90s, 30m, 2h, 1d)")
-    return sum(int(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u] for n, u in parts)
 
 
 def _run(args, coro_fn) -> int:
@@ -40,41 +32,11 @@ def _run(args, coro_fn) -> int:
     return asyncio.run(main())
 
 
-async def _groups_json(client) -> list[dict]:
-    objs = await client.managed_objects()
-    names = PciIds()
-    devices = {}
-    for path, ifaces in objs.items():
-        d = ifaces.get("org.vfiod1.Device")
-        if d:
-            devices[path] = d
-    leases = {p: i["org.vfiod1.Lease"] for p, i in objs.items() if "org.vfiod1.Lease" in i}
-    out = []
-    for path, ifaces in objs.items():
-        g = ifaces.get("org.vfiod1.Group")
-        if not g:
-            continue
-        devs = []
-        for addr in g["Devices"]:
-            d = devices.get("/org/vfiod1/device/" + addr.replace(":", "_").replace(".", "_"), {})
-            cls = d.get("Class", 0)
-            devs.append({
-                "address": addr, "vendor": f"{d.get('VendorId', 0):04x}", "device": f"{d.get('DeviceId', 0):04x}",
-                "class": f"{cls:06x}", "class_name": names.class_name(cls), "name": d.get("Name", ""),
-                "driver": d.get("Driver") or None, "original_driver": d.get("OriginalDriver") or None,
-                "bridge": d.get("Bridge", False), "protected": d.get("Protected", ""),
-            })
-        lease = g["Lease"] if g["Lease"] != "/" else None
-        out.append({
-            "group": g["Number"], "viable": g["Viable"], "state": g["State"],
-            "lease": lease.rsplit("/", 1)[-1] if lease else None,
-            "lease_owner": leases.get(lease, {}).get("Owner") if lease else None,
-            "blockers": [{"device": a, "reason": r} for a, r in g["Blockers"]],
-            "isolation": g["Isolation"], "isolation_text": g.get("IsolationText", ""),
-            "devices": devs,
-        })
-    out.sort(key=lambda g: g["group"])
-    return out
+async def _groups_json(client, targets=()) -> list[dict]:
+    """The groups `targets` name (every group when none), as the daemon describes them:
+    the same objects as `vfiod inspect --json`, plus what the daemon knows (leases)."""
+    reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "GroupsJson", "as", [list(targets)])
+    return json.loads(reply.body[0])
 
 
 def cmd_groups(args) -> int:
@@ -88,28 +50,13 @@ def cmd_groups(args) -> int:
     return _run(args, go)
 
 
-def _group_number(groups, target: str) -> int:
-    if target.startswith("group:"):
-        try:
-            return int(target[6:])
-        except ValueError:
-            raise InvalidArgument(f"not a group: {target!r}") from None
-    from .address import PciAddress
-    addr = str(PciAddress.parse(target))
-    for g in groups:
-        if any(d["address"] == addr for d in g["devices"]):
-            return g["group"]
-    raise InvalidArgument(f"no device {addr} in any IOMMU group")
-
-
 def cmd_show(args) -> int:
     async def go(client):
-        groups = await _groups_json(client)
-        n = _group_number(groups, args.target)
-        sel = [g for g in groups if g["group"] == n]
-        if not sel:
-            raise InvalidArgument(f"no IOMMU group {n}")
-        print(json.dumps(sel[0], indent=1) if args.json else render_groups(sel, explain=True), end="" if not args.json else "\n")
+        group = (await _groups_json(client, [args.target]))[0]
+        if args.json:
+            print(json.dumps(group, indent=1))
+        else:
+            print(render_groups([group], explain=True), end="")
         return EXIT_OK
     return _run(args, go)
 
@@ -348,7 +295,7 @@ def add_bus_commands(sub, formatter) -> None:
         if name in ("check", "lease"):
             p.add_argument("--backend", default="", help="vfio, libvirt or pci-stub (default: the policy's)")
         if name == "lease":
-            p.add_argument("--duration", type=parse_duration, metavar="D", help="e.g. 90s, 30m, 2h")
+            p.add_argument("--duration", type=duration_arg, metavar="D", help="e.g. 90s, 30m, 2h")
             p.add_argument("--persistent", action="store_true",
                            help="keep the lease after vfioctl exits (if the policy allows)")
             p.add_argument("--force", action="store_true",
@@ -363,3 +310,25 @@ def add_bus_commands(sub, formatter) -> None:
         if name == "vfs":
             p.add_argument("count", type=int, metavar="COUNT")
         p.set_defaults(func=fn)
+
+
+def vfioctl_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vfioctl", formatter_class=Formatter,
+        description="vfioctl: ask vfiod for IOMMU groups, explanations and leases; check policy files.",
+    )
+    p.add_argument("--version", action="version", version=f"vfioctl {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    add_bus_commands(sub, Formatter)
+    add_policy_commands(sub, Formatter)
+    return p
+
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in argv:                      # vfioctl lease T [options] -- CMD ARGS...
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
+    return run(vfioctl_parser(), argv, command)

@@ -2,7 +2,7 @@
 
 No daemon and no bus: the commands read the policy directory and (for
 ``test``) this host's sysfs, or a simulated host.  Failures are `VfiodError`s;
-`vfiod.cli.run` prints them and maps them to exit codes (2 for a broken
+`vfiod.cmd.common.run` prints them and maps them to exit codes (2 for a broken
 policy, 3 for a denial).
 """
 
@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import InvalidArgument, PermissionDenied
+from .. import policy
+from ..errors import InvalidArgument, PermissionDenied
+from ..policy import DEFAULT_DIR
+from .common import add_root_options, duration_arg, host_roots
 
 POLICY_HELP = """\
 Work with vfiod's policy offline: check the files, and test what a user would
@@ -82,8 +85,6 @@ examples:
 
 def add_policy_commands(subparsers, formatter_class) -> None:
     """Add ``policy check`` and ``policy test`` to vfioctl's sub-commands."""
-    from .cli import add_root_options
-    from .policy import DEFAULT_DIR
 
     p = subparsers.add_parser("policy", help="check policy files; test what a user would get (offline)",
                               description=POLICY_HELP, formatter_class=formatter_class)
@@ -104,7 +105,7 @@ def add_policy_commands(subparsers, formatter_class) -> None:
                       help="vfio, libvirt, pci-stub, … (default: the one the rules default to)")
     test.add_argument("--policy-dir", default=DEFAULT_DIR, metavar="DIR",
                       help=f"the policy directory (default: {DEFAULT_DIR})")
-    test.add_argument("--duration", type=_duration, default=0, metavar="D",
+    test.add_argument("--duration", type=duration_arg, default=0, metavar="D",
                       help="ask for a lease this long: 90s, 30m, 8h, 2d, 1h30m (default: none)")
     test.add_argument("--persistent", action="store_true", help="ask for a persistent lease")
     add_root_options(test)
@@ -116,21 +117,12 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _duration(text: str) -> int:
-    from .policy import parse_duration
-
-    try:
-        return parse_duration(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _backends() -> tuple[str, ...]:
     """The backend names the daemon would know: the built-in ones and those plugins register."""
-    from .policy import KNOWN_BACKENDS
+    KNOWN_BACKENDS = policy.KNOWN_BACKENDS
 
     try:
-        from .backends import load_backends
+        from ..backends import load_backends
 
         return tuple(dict.fromkeys((*KNOWN_BACKENDS, *load_backends())))
     except Exception as e:      # a broken plugin must not stop a policy check
@@ -140,7 +132,6 @@ def _backends() -> tuple[str, ...]:
 
 
 def _load(directory: str):
-    from . import policy
 
     return policy.Policy.load(directory, backends=_backends(), users=policy.system_users())
 
@@ -186,10 +177,8 @@ def _count(n: int, word: str) -> str:
 # ---------------------------------------------------------------- test
 
 def cmd_test(args) -> int:
-    from . import policy
-    from .cli import host_roots
-    from .sysfs import SysfsReader
-    from .topology import Host
+    from ..sysfs import SysfsReader
+    from ..topology import Host
 
     users = policy.system_users()
     uid, name = _user(args.user, users)

@@ -1,0 +1,83 @@
+"""What both command lines share: exit codes, root options, simulated hosts, durations, and `run`.
+
+Exit codes (DESIGN §4): 0 success, 1 failure, 2 usage, 3 permission denied,
+4 busy or not viable.  Every `VfiodError` maps to its own code; anything else
+is a bug and is reported in one line, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+from ..errors import VfiodError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help texts keep their line breaks (examples, tables)."""
+
+
+def duration_arg(text: str) -> int:
+    """An argparse type: seconds from "90s", "30m", "2h", "1d", "1w", "1h30m" or seconds,
+    by the policy's one duration grammar."""
+    from ..policy import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+@contextlib.contextmanager
+def host_roots(args):
+    """The roots to read: a simulated host laid out in a temporary tree, or the given ones."""
+    from ..sysfs import Roots
+
+    if getattr(args, "simulate", None):
+        from ..sim import hosts
+
+        tmp, roots = hosts.build_temporary(args.simulate)
+        with tmp:
+            yield roots
+    else:
+        yield Roots(sysfs=args.sysfs_root, proc=args.proc_root, dev=getattr(args, "dev_root", "/dev"))
+
+
+def add_root_options(p: argparse.ArgumentParser, dev: bool = False) -> None:
+    from ..sim.hosts import DEFAULT, EXAMPLES
+
+    p.add_argument("--sysfs-root", default="/sys", metavar="DIR",
+                   help="where sysfs is mounted (default: /sys)")
+    p.add_argument("--proc-root", default="/proc", metavar="DIR",
+                   help="where procfs is mounted (default: /proc)")
+    if dev:
+        p.add_argument("--dev-root", default="/dev", metavar="DIR",
+                       help="where devtmpfs is mounted (default: /dev)")
+    p.add_argument("--simulate", nargs="?", const=DEFAULT, choices=sorted(EXAMPLES), metavar="TOPOLOGY",
+                   help=f"read a built-in simulated host instead of this machine "
+                        f"(default {DEFAULT}; one of: {', '.join(sorted(EXAMPLES))})")
+
+
+def run(parser: argparse.ArgumentParser, argv, command=None) -> int:
+    args = parser.parse_args(argv)
+    if command:
+        if not hasattr(args, "run_command"):
+            parser.error("only `vfioctl lease` takes a command after --")
+        args.run_command = command
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except VfiodError as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+

@@ -1,0 +1,188 @@
+"""The daemon: `serve` wires the parts together and starts them in numbered steps.
+
+The parts: `service.Service` (the lease façade the bus edge calls),
+`callers.Callers` (who is calling), `objects.ObjectTree` (the bus objects),
+`hotplug.Hotplug` (what uevents mean for leases) and `snapshot.Snapshot` (the
+host as last scanned)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+
+from dbus_next import Message, MessageType
+from dbus_next.constants import RequestNameReply
+
+from .. import bus as busmod
+from ..backends import load_backends
+from ..errors import PolicyError, VfiodError
+from ..policy import KNOWN_BACKENDS, PolicyStore
+from ..state import Journal
+from ..sysfs import Kernel, Roots
+from .service import Service
+
+__all__ = ["Service", "make_kernel", "sd_notify", "serve"]
+
+log = logging.getLogger("vfiod")
+
+DEFAULT_POLICY_DIR = "/etc/vfiod/policy.d"
+DEFAULT_STATE_DIR = "/var/lib/vfiod"
+
+
+def sd_notify(state: str) -> bool:
+    """Send `state` to systemd's notify socket, if there is one."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(path)
+            s.sendall(state.encode())
+    except OSError as e:       # the manager went away: nothing to tell, and no reason to fail
+        log.warning("cannot notify the service manager (%s): %s", state.split("=")[0], e)
+        return False
+    return True
+
+
+def make_kernel(args):
+    """The real kernel below the given roots, or a simulated host laid out in --sim-dir."""
+    if not args.simulate:
+        return Kernel(Roots(args.sysfs_root, args.proc_root, args.dev_root)), None
+    from ..sim import hosts
+    from ..sim.kernel import SimKernel
+
+    spec = hosts.EXAMPLES[args.simulate]
+    sim_dir = args.sim_dir or tempfile.mkdtemp(prefix="vfiod-sim-")
+    root = os.path.join(sim_dir, "host")
+    if os.path.isdir(root):
+        roots = Roots(os.path.join(root, "sys"), os.path.join(root, "proc"), os.path.join(root, "dev"))
+    else:
+        roots = hosts.build_spec(spec, root)
+    kernel = SimKernel.for_spec(spec, roots)
+    kernel.write_log = os.path.join(sim_dir, "writes.log")
+    return kernel, sim_dir
+
+
+def _is_owner_gone(msg: Message) -> str | None:
+    """The unique name a NameOwnerChanged signal says has left the bus, if it says so."""
+    if (msg.message_type == MessageType.SIGNAL and msg.member == "NameOwnerChanged"
+            and msg.interface == "org.freedesktop.DBus" and msg.sender == "org.freedesktop.DBus"):
+        name, _old, new = msg.body
+        if name.startswith(":") and not new:
+            return name
+    return None
+
+
+async def _name_has_owner(bus, name: str) -> bool:
+    reply = await bus.call(Message(
+        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus", member="NameHasOwner", signature="s", body=[name]))
+    return reply.message_type == MessageType.METHOD_RETURN and bool(reply.body[0])
+
+
+async def serve(args) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else
+                        "%(asctime)s %(name)s: %(message)s")
+    loop = asyncio.get_running_loop()
+
+    # Step 1: the kernel (real, or a simulated host), the backends and the policy.
+    kernel, sim_dir = make_kernel(args)
+    if sim_dir:
+        log.info("simulated host %s in %s", args.simulate, sim_dir)
+    backends = load_backends()
+    # Policy may name every backend vfiod knows, loaded or not (a request for one that
+    # is not loaded is refused then, with its name); plugins may add more names.
+    store = PolicyStore(args.policy_dir, backends=tuple(dict.fromkeys((*KNOWN_BACKENDS, *backends))))
+    try:
+        store.reload()
+    except PolicyError as e:
+        log.error("policy not loaded, denying every request until it is fixed: %s", e)
+
+    # Step 2: the journal, the service and its event feed.
+    journal = Journal(os.path.join(args.state_dir, "state.db"))
+    service = Service(kernel, journal, store, backends)
+    service.loop = loop
+    if sim_dir:       # the simulated kernel sends its uevents straight to the handler
+        kernel.event_sink = lambda *event: loop.call_soon_threadsafe(service.on_pci_event, *event)
+    else:
+        from .. import udev
+        service.monitor = udev.watch(loop, service.on_pci_event)
+
+    # Step 3: the bus connection (no name yet: nobody can call before step 6).
+    bus = await busmod.VfiodBus(negotiate_unix_fd=True, **busmod.bus_args(args.bus)).connect()
+    service.attach(bus)
+    busmod.install_caller_tracking(bus)
+
+    def on_message(msg: Message):
+        gone = _is_owner_gone(msg)
+        if gone:
+            asyncio.ensure_future(service.owner_gone(gone))
+        return None
+    bus.add_message_handler(on_message)
+    await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                           interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                           body=["type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged'"]))
+
+    # Step 4: reconcile the journal with the kernel before anyone can ask for anything.
+    alive = set()
+    for lease in journal.leases():
+        if lease.owner and await _name_has_owner(bus, lease.owner):
+            alive.add(lease.owner)
+    service.manager.owner_alive = lambda lease: lease.owner in alive
+    for e in await service._run(service.manager.reconcile):
+        log.info("lease %s of uid %s ended on start: %s", e.lease.id, e.lease.uid, e.reason)
+
+    # Step 5: the boot claims, then the objects.
+    await service.apply_claims()
+    service.export_all()
+
+    # Step 6: the name, then tell systemd.
+    reply = await bus.request_name(busmod.BUS_NAME)
+    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+        log.error("cannot own %s on the bus (%s): is another vfiod running?", busmod.BUS_NAME, reply)
+        return 1
+    sd_notify("READY=1")
+    log.info("ready on %s: %d groups, %d leases", args.bus, len(service.host.groups), len(journal.leases()))
+
+    # Step 7: serve until SIGTERM; SIGHUP reloads the policy; expiry every second.
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def hup():
+        try:
+            store.reload()
+            log.info("policy reloaded")
+        except PolicyError as e:
+            log.error("policy reload refused, the last good one stays: %s", e)
+    loop.add_signal_handler(signal.SIGHUP, hup)
+
+    async def expire():
+        while True:
+            await asyncio.sleep(1)
+            ended = await service._run(service.manager.expire_due)
+            if ended:
+                service.refresh_soon([e.lease.group for e in ended])
+    ticker = asyncio.ensure_future(expire())
+    await stop.wait()
+
+    # Step 8: stop. Non-persistent leases end with the daemon; persistent ones stay recorded.
+    ticker.cancel()
+    sd_notify("STOPPING=1")
+    for lease in journal.leases():
+        if not lease.persistent and lease.state == "granted":
+            try:
+                await service._run(service.manager.release, lease.id, None, "shutdown")
+            except VfiodError as e:
+                log.error("ending lease %s on shutdown: %s", lease.id, e)
+    bus.disconnect()
+    journal.close()
+    return 0

@@ -1,0 +1,46 @@
+"""Who is calling: the uid, groups and pid the bus gives for a message's sender.
+
+`@method()` handlers never see their message: `vfiod.bus` keeps the current
+METHOD_CALL in a ContextVar, and `Callers.of` asks the bus daemon
+(``GetConnectionCredentials``) about its sender once, caching the answer per
+unique name until ``NameOwnerChanged`` says the name is gone."""
+
+from __future__ import annotations
+
+from dbus_next import Message, MessageType
+
+from ..errors import PermissionDenied
+from ..policy import Caller
+
+
+class Callers:
+    def __init__(self) -> None:
+        self.bus = None
+        self._cache: dict[str, Caller] = {}
+
+    async def of(self, msg: Message | None) -> Caller:
+        if msg is None or not msg.sender:
+            raise PermissionDenied("cannot tell who is calling")
+        cached = self._cache.get(msg.sender)
+        if cached:
+            return cached
+        assert self.bus is not None
+        reply = await self.bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="GetConnectionCredentials",
+            signature="s", body=[msg.sender]))
+        if reply.message_type != MessageType.METHOD_RETURN:
+            raise PermissionDenied(f"cannot tell who {msg.sender} is")
+        creds = {k: v.value for k, v in reply.body[0].items()}
+        uid = creds.get("UnixUserID")
+        if uid is None:
+            raise PermissionDenied(f"the bus does not know the uid of {msg.sender}")
+        gids = creds.get("UnixGroupIDs")
+        caller = Caller(uid=int(uid), gids=frozenset(gids) if gids is not None else Caller.from_uid(uid).gids,
+                        pid=creds.get("ProcessID"))
+        self._cache[msg.sender] = caller
+        return caller
+
+    def forget(self, name: str) -> None:
+        """`name` left the bus: a new connection may get its name later."""
+        self._cache.pop(name, None)

@@ -1,0 +1,91 @@
+"""The bus object tree: a Group object per IOMMU group, a Device object per function,
+a Lease object per lease, kept in step with the snapshot.
+
+`publish(old, new)` exports objects for devices and groups that came, drops
+those that went, and sends PropertiesChanged for what changed, and only that."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .. import bus as busmod
+from ..address import PciAddress
+from ..state import LeaseRow
+from ..topology import Host
+
+if TYPE_CHECKING:
+    from .service import Service
+
+
+class ObjectTree:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.bus: busmod.VfiodBus | None = None
+        self.manager_iface = busmod.ManagerInterface(service)
+        self._groups: dict[int, busmod.GroupInterface] = {}
+        self._devices: dict[PciAddress, busmod.DeviceInterface] = {}
+        self._leases: dict[str, busmod.LeaseInterface] = {}
+        self._published: dict[int, dict] = {}
+        self._exported = False
+
+    def export_all(self, host: Host, leases: list[LeaseRow]) -> None:
+        assert self.bus is not None
+        self._exported = True
+        self.bus.export(busmod.ROOT, self.manager_iface)
+        for n in host.groups:
+            self._groups[n] = iface = busmod.GroupInterface(self.service, n)
+            self.bus.export(busmod.group_path(n), iface)
+        for addr in host.devices:
+            self._devices[addr] = dev = busmod.DeviceInterface(self.service, addr)
+            self.bus.export(busmod.device_path(addr), dev)
+        for lease in leases:
+            self.export_lease(lease)
+
+    def exported_leases(self) -> list[str]:
+        return list(self._leases)
+
+    def export_lease(self, lease: LeaseRow) -> None:
+        if lease.id in self._leases or not self.bus:
+            return
+        iface = busmod.LeaseInterface(self.service, lease)
+        self._leases[lease.id] = iface
+        self.bus.export(busmod.lease_path(lease.id), iface)
+        self.manager_iface.emit_properties_changed({"Leases": self.manager_iface.Leases})
+
+    def drop_lease(self, lease_id: str) -> None:
+        iface = self._leases.pop(lease_id, None)
+        if iface is not None and self.bus:
+            self.bus.unexport(busmod.lease_path(lease_id), iface)
+            self.manager_iface.emit_properties_changed({"Leases": self.manager_iface.Leases})
+
+    def publish(self, old: Host, new: Host) -> None:
+        """On the loop: objects for what came and went, PropertiesChanged for what changed."""
+        if self.bus and self._exported:
+            for n in new.groups.keys() - self._groups.keys():
+                self._groups[n] = iface = busmod.GroupInterface(self.service, n)
+                self.bus.export(busmod.group_path(n), iface)
+            for addr in new.devices.keys() - self._devices.keys():
+                self._devices[addr] = dev = busmod.DeviceInterface(self.service, addr)
+                self.bus.export(busmod.device_path(addr), dev)
+            for addr in self._devices.keys() - new.devices.keys():
+                self.bus.unexport(busmod.device_path(addr), self._devices.pop(addr))
+            for n in self._groups.keys() - new.groups.keys():
+                self.bus.unexport(busmod.group_path(n), self._groups.pop(n))
+        for n, iface in self._groups.items():
+            g_old, g_new = old.groups.get(n), new.groups.get(n)
+            if g_new is None:
+                continue
+            changed = {"State": self.service.group_state(n), "Lease": iface.Lease}
+            if g_old is None or g_old.viable != g_new.viable:
+                changed["Viable"] = g_new.viable
+            if g_old is None or g_old.blockers != g_new.blockers:
+                changed["Blockers"] = [[str(a), why] for a, why in g_new.blockers]
+            last = self._published.get(n)
+            if last != changed or "Viable" in changed or "Blockers" in changed:
+                self._published[n] = changed
+                iface.emit_properties_changed(changed)
+        for addr, dev in self._devices.items():
+            d_old, d_new = old.devices.get(addr), new.devices.get(addr)
+            if d_new is not None and (d_old is None or d_old.driver != d_new.driver):
+                dev.emit_properties_changed({"Driver": d_new.driver or "",
+                                             "OriginalDriver": self.service.original_driver(addr) or ""})

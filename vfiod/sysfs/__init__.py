@@ -1,0 +1,27 @@
+"""The kernel edge: the only module that opens paths under the sysfs, proc and dev roots.
+
+Every root is a parameter (`Roots`), so every layer above runs on a fake tree
+in tests and on the simulated hosts of `vfiod.sim.hosts`.  Reads never raise for a
+single missing or unreadable attribute: the field is left unknown and the
+reason is recorded in the device's ``problems``, so one odd device degrades
+itself and never the scan.
+
+Layout read (as the kernel lays it out)::
+
+    SYSFS/bus/pci/devices/BDF  -> ../../../devices/pci0000:00/<bridge>/.../BDF
+    .../BDF/{vendor,device,subsystem_vendor,subsystem_device,class,revision}
+    .../BDF/{config,driver_override,boot_vga,reset_method,numa_node}
+    .../BDF/driver             -> ../../../bus/pci/drivers/NAME
+    .../BDF/iommu_group        -> ../../../kernel/iommu_groups/N
+    .../BDF/{sriov_totalvfs,sriov_numvfs,virtfnN,physfn}, .../BDF/net/IFNAME
+    SYSFS/kernel/iommu_groups/N/devices/BDF
+    PROC/cmdline, PROC/self/mountinfo, PROC/net/route, PROC/net/ipv6_route
+"""
+from .config import *  # noqa: F401,F403  (PCIe and capability constants)
+from .config import ConfigInfo
+from .read import HostFacts, RawDevice, Roots, SysfsReader, pci_ancestor, read_pci_ids_file
+from .usage import device_usage
+from .write import NO_DRIVER, VFIO_DRIVERS, WRITABLE, Kernel, Writable, classify_write
+
+__all__ = ["ConfigInfo", "HostFacts", "Kernel", "NO_DRIVER", "RawDevice", "Roots", "SysfsReader", "VFIO_DRIVERS",
+           "WRITABLE", "Writable", "classify_write", "device_usage", "pci_ancestor", "read_pci_ids_file"]

@@ -1,0 +1,436 @@
+"""Reading the host: devices, groups and facts under the sysfs and proc roots (never writes)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+
+import attrs
+
+from ..address import PciAddress
+from ..errors import InvalidAddress
+from .config import ConfigInfo
+
+
+_PCI_DEVICES_DIR = "devices"
+
+
+@attrs.frozen
+class Roots:
+    """Where the kernel's trees are; `/sys`, `/proc`, `/dev` on a real host."""
+
+    sysfs: str = "/sys"
+    proc: str = "/proc"
+    dev: str = "/dev"
+
+
+
+@attrs.frozen
+class RawDevice:
+    """One PCI function as sysfs shows it.  Unknown fields are None; why is in `problems`."""
+
+    addr: PciAddress
+    node: str | None                  # real node path relative to the sysfs root
+    parent: PciAddress | None         # nearest PCI ancestor (the bridge above), None on a root bus
+    vendor: int | None = None
+    device: int | None = None
+    subsystem_vendor: int | None = None
+    subsystem_device: int | None = None
+    class_code: int | None = None
+    revision: int | None = None
+    driver: str | None = None
+    driver_override: str | None = None
+    iommu_group: int | None = None
+    config: ConfigInfo = ConfigInfo()
+    boot_vga: bool = False
+    reset_methods: tuple[str, ...] = ()
+    numa_node: int | None = None
+    sriov_totalvfs: int | None = None
+    sriov_numvfs: int | None = None
+    physfn: PciAddress | None = None
+    virtfns: tuple[PciAddress, ...] = ()
+    net: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class HostFacts:
+    """Host-wide facts read from sysfs and proc."""
+
+    iommu_groups: tuple[int, ...]
+    cmdline: str
+    noiommu: bool
+    root_block_nodes: tuple[str, ...]    # sysfs node paths of the block devices under "/"
+    default_route_nodes: tuple[tuple[str, str], ...]  # (interface, sysfs node path) per default route
+
+
+# ---------------------------------------------------------------- low-level reads
+
+def _read(path: str, limit: int = 4096) -> bytes | None:
+    return _read_at(None, path, limit)
+
+
+def _text(path: str) -> str | None:
+    data = _read(path)
+    if data is None:
+        return None
+    return data.decode("utf-8", "replace").strip()
+
+
+def _int(path: str, base: int = 0) -> int | None:
+    text = _text(path)
+    if text is None:
+        return None
+    try:
+        return int(text, base)
+    except ValueError:
+        return None
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _read_at(dfd: int | None, name: str, limit: int = 4096) -> bytes | None:
+    """Read up to `limit` bytes of `name` (relative to the directory fd `dfd`, if given);
+    None if it cannot be read."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, limit)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _readlink_at(dfd: int | None, name: str) -> str | None:
+    try:
+        return os.readlink(name, dir_fd=dfd)
+    except OSError:
+        return None
+
+
+def _listdir_at(dfd: int, name: str) -> tuple[str, ...]:
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+    except OSError:
+        return ()
+    try:
+        return tuple(sorted(os.listdir(fd)))
+    except OSError:
+        return ()
+    finally:
+        os.close(fd)
+
+
+def _readlink(path: str) -> str | None:
+    return _readlink_at(None, path)
+
+
+def _resolve_rel(root: str, link_dir_rel: str, target: str) -> str | None:
+    """Resolve a relative link target against its directory, inside `root`.
+
+    Works on strings (no syscalls); returns the path relative to `root`, or
+    None if the target is absolute or climbs out of the root."""
+    if target.startswith("/"):
+        if target.startswith(root.rstrip("/") + "/"):
+            return target[len(root.rstrip("/")) + 1:]
+        return None
+    parts = [p for p in link_dir_rel.split("/") if p]
+    for piece in target.split("/"):
+        if piece in ("", "."):
+            continue
+        if piece == "..":
+            if not parts:
+                return None
+            parts.pop()
+        else:
+            parts.append(piece)
+    return "/".join(parts)
+
+
+def _addr_or_none(name: str) -> PciAddress | None:
+    try:
+        return PciAddress.from_sysfs_name(name)
+    except InvalidAddress:
+        return None
+
+
+# ---------------------------------------------------------------- the reader
+
+class SysfsReader:
+    """Reads devices and host facts below `roots`; never writes."""
+
+    def __init__(self, roots: Roots | None = None, config_limit: int = 4096):
+        self.roots = roots or Roots()
+        self.config_limit = config_limit
+
+    def _s(self, rel: str) -> str:
+        return os.path.join(self.roots.sysfs, rel)
+
+    def _p(self, rel: str) -> str:
+        return os.path.join(self.roots.proc, rel)
+
+    # ---- devices
+
+    def list_addresses(self) -> tuple[list[PciAddress], list[str]]:
+        """Addresses under bus/pci/devices, and the names that were not addresses."""
+        try:
+            names = os.listdir(self._s("bus/pci/devices"))
+        except OSError:
+            return [], []
+        good, bad = [], []
+        for name in names:
+            addr = _addr_or_none(name)
+            (good.append(addr) if addr else bad.append(name))
+        good.sort()
+        return good, bad
+
+    def scan(self) -> list[RawDevice]:
+        addrs, _bad = self.list_addresses()
+        pf_ids: dict = {}
+        return [self.read_device(a, pf_ids) for a in addrs]
+
+    def node_of(self, addr: PciAddress) -> str | None:
+        link = "bus/pci/devices/" + addr.sysfs_name
+        target = _readlink(self._s(link))
+        if target is None:
+            return None
+        return _resolve_rel(self.roots.sysfs, "bus/pci/devices", target)
+
+    def read_device(self, addr: PciAddress, _pf_ids: dict | None = None) -> RawDevice:
+        """Read one function.  Every attribute is optional: a missing or odd one
+        leaves its field unknown and says so in ``problems``."""
+        node = self.node_of(addr)
+        try:
+            dfd = os.open(self._s(node), _DIR_FLAGS) if node else -1
+        except OSError:
+            dfd = -1
+        if dfd < 0:
+            return RawDevice(addr=addr, node=None, parent=None,
+                             problems=("sysfs link is missing or dangling",))
+        try:
+            return self._read_at(addr, node, dfd, _pf_ids)
+        finally:
+            os.close(dfd)
+
+    def _read_at(self, addr, node, dfd, pf_ids) -> RawDevice:
+        problems: list[str] = []
+        parent = None
+        for piece in reversed(node.split("/")[:-1]):
+            parent = _addr_or_none(piece)
+            if parent:
+                break
+
+        raw = _read_at(dfd, "config", self.config_limit)
+        if raw is None:
+            problems.append("config space unreadable")
+            cfg = ConfigInfo()
+        else:
+            cfg = ConfigInfo.parse(raw)
+            if not cfg.ext_known and cfg.is_pcie is not False:
+                problems.append(
+                    f"only {cfg.length} bytes of config space readable (ACS unknown; run as root)")
+
+        def num(name, base=16):
+            text = _read_at(dfd, name)
+            if text is None:
+                return None
+            try:
+                return int(text, 0 if base == 16 else base)
+            except ValueError:
+                problems.append(f"{name} unreadable")
+                return None
+
+        physfn_target = _readlink_at(dfd, "physfn")
+        physfn = _addr_or_none(os.path.basename(physfn_target)) if physfn_target else None
+        # The ids come from config space where it answers (one read instead of
+        # six); a VF reads 0xffff for vendor and device, so those come from its
+        # PF's SR-IOV capability or from sysfs.
+        if raw is not None and len(raw) >= 0x30:
+            vendor, device = struct.unpack_from("<HH", raw, 0)
+            class_rev = struct.unpack_from("<I", raw, 8)[0]
+            class_code, revision = class_rev >> 8, class_rev & 0xFF
+            subsys = struct.unpack_from("<HH", raw, 0x2C) if cfg.header_type == 0 else (None, None)
+        else:
+            vendor = device = 0xFFFF
+            class_code, revision = num("class"), num("revision")
+            subsys = (num("subsystem_vendor"), num("subsystem_device"))
+        if vendor == 0xFFFF:
+            known = pf_ids.get(physfn) if (pf_ids is not None and physfn) else None
+            vendor, device = known if known else (num("vendor"), num("device"))
+        if pf_ids is not None and cfg.sriov_vf_device is not None and vendor is not None:
+            pf_ids[addr] = (vendor, cfg.sriov_vf_device)
+
+        group = None
+        target = _readlink_at(dfd, "iommu_group")
+        if target:
+            try:
+                group = int(os.path.basename(target))
+            except ValueError:
+                problems.append(f"iommu_group link is odd: {target!r}")
+        target = _readlink_at(dfd, "driver")
+        driver = os.path.basename(target) if target else None
+        override = _read_at(dfd, "driver_override")
+        override = override.strip().decode("utf-8", "replace") if override else None
+        if override in ("(null)", ""):
+            override = None
+        reset = _read_at(dfd, "reset_method")
+        class_sub = (class_code or 0) >> 8
+        boot_vga = class_sub == 0x0300 and _read_at(dfd, "boot_vga") == b"1\n"
+        totalvfs = numvfs = None
+        virtfns: list[PciAddress] = []
+        if physfn is None:
+            totalvfs = num("sriov_totalvfs", 10)
+            if totalvfs is not None:
+                numvfs = num("sriov_numvfs", 10)
+                for i in range(numvfs or 0):
+                    t = _readlink_at(dfd, f"virtfn{i}")
+                    a = _addr_or_none(os.path.basename(t)) if t else None
+                    if a:
+                        virtfns.append(a)
+        net: tuple[str, ...] = ()
+        if class_sub >> 8 == 0x02:
+            net = _listdir_at(dfd, "net")
+        return RawDevice(
+            addr=addr, node=node, parent=parent,
+            vendor=vendor, device=device, subsystem_vendor=subsys[0], subsystem_device=subsys[1],
+            class_code=class_code, revision=revision,
+            driver=driver, driver_override=override, iommu_group=group, config=cfg,
+            boot_vga=boot_vga, reset_methods=tuple(reset.decode().split()) if reset else (),
+            numa_node=num("numa_node", 10), sriov_totalvfs=totalvfs, sriov_numvfs=numvfs,
+            physfn=physfn, virtfns=tuple(sorted(virtfns)), net=net, problems=tuple(problems),
+        )
+
+    def group_members(self, group: int) -> list[PciAddress]:
+        """The addresses the kernel lists in IOMMU group `group` (empty if there is none)."""
+        try:
+            names = os.listdir(self._s(f"kernel/iommu_groups/{int(group)}/devices"))
+        except (OSError, ValueError):
+            return []
+        return sorted(a for a in map(_addr_or_none, names) if a)
+
+    def group_of(self, addr: PciAddress) -> int | None:
+        target = _readlink(self._s(f"bus/pci/devices/{addr.sysfs_name}/iommu_group"))
+        try:
+            return int(os.path.basename(target)) if target else None
+        except ValueError:
+            return None
+
+    def scan_groups(self, groups) -> list[RawDevice]:
+        """Only the members of `groups`: what a lease needs, without a whole-host scan."""
+        pf_ids: dict = {}
+        addrs = sorted({a for g in groups for a in self.group_members(g)})
+        return [self.read_device(a, pf_ids) for a in addrs]
+
+    # ---- host facts
+
+    def iommu_groups(self) -> tuple[int, ...]:
+        try:
+            names = os.listdir(self._s("kernel/iommu_groups"))
+        except OSError:
+            return ()
+        return tuple(sorted(int(n) for n in names if n.isdigit()))
+
+    def cmdline(self) -> str:
+        return _text(self._p("cmdline")) or ""
+
+    def noiommu(self) -> bool:
+        flag = _text(self._s("module/vfio/parameters/enable_unsafe_noiommu_mode"))
+        if flag == "Y":
+            return True
+        try:
+            return any(n.startswith("noiommu-") for n in os.listdir(os.path.join(self.roots.dev, "vfio")))
+        except OSError:
+            return False
+
+    def root_block_nodes(self) -> tuple[str, ...]:
+        """sysfs nodes of the block devices that back "/", following device-mapper slaves."""
+        text = _text(self._p("self/mountinfo")) or ""
+        majmin = None
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == "/":
+                majmin = fields[2]          # the last mount on "/" wins
+        if not majmin or majmin.startswith("0:"):
+            return ()
+        out, todo, seen = [], [f"dev/block/{majmin}"], set()
+        while todo:
+            link = todo.pop()
+            if link in seen:
+                continue
+            seen.add(link)
+            node = _resolve_rel(self.roots.sysfs, os.path.dirname(link), _readlink(self._s(link)) or "")
+            if not node:
+                continue
+            out.append(node)
+            for base in (node, os.path.dirname(node)):   # a partition's slaves live on its disk
+                try:
+                    slaves = os.listdir(self._s(base + "/slaves"))
+                except OSError:
+                    continue
+                todo.extend(f"class/block/{s}" for s in slaves)
+        return tuple(out)
+
+    def default_route_nodes(self) -> tuple[tuple[str, str], ...]:
+        ifaces = []
+        for line in (_text(self._p("net/route")) or "").splitlines()[1:]:
+            f = line.split()
+            if len(f) >= 8 and f[1] == "00000000" and f[7] == "00000000":
+                ifaces.append(f[0])
+        for line in (_text(self._p("net/ipv6_route")) or "").splitlines():
+            f = line.split()
+            if len(f) >= 10 and f[0] == "0" * 32 and f[1] == "00" and f[9] != "lo":
+                ifaces.append(f[9])
+        out, todo, seen = [], list(dict.fromkeys(ifaces)), set()
+        while todo:
+            iface = todo.pop(0)
+            if iface in seen or "/" in iface or iface in (".", ".."):
+                continue
+            seen.add(iface)
+            link = f"class/net/{iface}"
+            node = _resolve_rel(self.roots.sysfs, "class/net", _readlink(self._s(link)) or "")
+            if not node:
+                continue
+            out.append((iface, node))
+            try:
+                entries = os.listdir(self._s(node))
+            except OSError:
+                continue
+            todo.extend(e[len("lower_"):] for e in entries if e.startswith("lower_"))
+        return tuple(out)
+
+    def facts(self) -> HostFacts:
+        return HostFacts(
+            iommu_groups=self.iommu_groups(), cmdline=self.cmdline(), noiommu=self.noiommu(),
+            root_block_nodes=self.root_block_nodes(), default_route_nodes=self.default_route_nodes(),
+        )
+
+
+def pci_ancestor(node: str) -> PciAddress | None:
+    """The nearest PCI function on a sysfs node path (the device itself if it is one)."""
+    for piece in reversed(node.split("/")):
+        addr = _addr_or_none(piece)
+        if addr:
+            return addr
+    return None
+
+
+def read_pci_ids_file(paths: tuple[str, ...] = ("/usr/share/misc/pci.ids", "/usr/share/hwdata/pci.ids")) -> bytes | None:
+    """The system's pci.ids, for names (not under a kernel root, but read here all the same)."""
+    for p in paths:
+        data = None
+        try:
+            with open(p, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EACCES):
+                raise
+        if data:
+            return data
+    return None
+
+

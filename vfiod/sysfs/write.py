@@ -1,0 +1,371 @@
+"""Writing the kernel: the one table of writable attributes, and `Kernel`, which writes them."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+
+import attrs
+
+from ..address import PciAddress
+from ..errors import InvalidAddress, InvalidArgument, KernelError
+from .read import Roots, SysfsReader, _int, _readlink, _text
+from .usage import device_usage
+
+
+# Every write vfiod makes to the kernel goes through `Kernel._write`, which
+# accepts only the attributes of `WRITABLE`; everything else is refused before
+# a file is opened.  `vfiod.sim.kernel.SimKernel` dispatches on the same table
+# to give a fake tree the kernel's semantics, so one binding logic runs on both.
+
+_BDF = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
+_DRIVER = r"[A-Za-z0-9_.-]{1,64}"
+
+
+@attrs.frozen
+class Writable:
+    """One kind of sysfs attribute vfiod writes: `op` names what the kernel does on a
+    write, `path` matches the attribute (relative to the sysfs root), and the device it
+    acts on is named in the path (``bdf`` group) or, where the path has none, by the
+    data written (unbind, drivers_probe)."""
+
+    op: str
+    path: re.Pattern[str]
+
+    def device(self, rel: str, data: str) -> PciAddress:
+        m = self.path.fullmatch(rel)
+        assert m is not None
+        bdf = m.groupdict().get("bdf") or data.strip()
+        return PciAddress.from_sysfs_name(bdf)
+
+
+#: What vfiod may write under /sys, and what each write does:
+#:   override  BDF/driver_override: the only driver a probe may bind ("\n" clears it)
+#:   reset     BDF/reset: reset the function with the methods of BDF/reset_method
+#:   numvfs    BDF/sriov_numvfs: an SR-IOV PF's number of VFs (through 0)
+#:   unbind    drivers/NAME/unbind: detach BDF (the data) from NAME
+#:   probe     drivers_probe: let the driver core bind BDF (the data), honouring its override
+WRITABLE: tuple[Writable, ...] = (
+    Writable("override", re.compile(rf"bus/pci/devices/(?P<bdf>{_BDF})/driver_override")),
+    Writable("reset", re.compile(rf"bus/pci/devices/(?P<bdf>{_BDF})/reset")),
+    Writable("numvfs", re.compile(rf"bus/pci/devices/(?P<bdf>{_BDF})/sriov_numvfs")),
+    Writable("unbind", re.compile(rf"bus/pci/drivers/(?P<driver>{_DRIVER})/unbind")),
+    Writable("probe", re.compile(r"bus/pci/drivers_probe")),
+)
+DEV_WRITABLE = (re.compile(r"vfio/[0-9]{1,6}"), re.compile(r"vfio/vfio"))
+
+
+def classify_write(rel: str, data: str) -> tuple[Writable, PciAddress]:
+    """The table entry a write to `rel` falls under, and the device it acts on;
+    `KernelError` for anything vfiod does not write."""
+    for w in WRITABLE:
+        if w.path.fullmatch(rel):
+            try:
+                return w, w.device(rel, data)
+            except InvalidAddress:
+                break
+    raise KernelError(f"refusing to write {rel!r}: not a path vfiod writes")
+
+
+#: Drivers that leave DMA to their owner: the only ones a lease binds, and (with no
+#: driver) the only ones a viable group's endpoints may be on.
+VFIO_DRIVERS = ("vfio-pci", "pci-stub")
+#: The driver_override that matches no driver: a probe binds nothing.
+NO_DRIVER = "none"
+
+
+def _check_driver_name(name: str) -> str:
+    if not isinstance(name, str) or not re.fullmatch(_DRIVER, name) or name in (".", ".."):
+        raise InvalidArgument(f"not a driver name: {name!r}")
+    return name
+
+
+class Kernel:
+    """Writes to the real kernel (below `roots`), with a timeout on each write.
+
+    A write to ``unbind`` can block for as long as a process holds the device
+    open, so each write runs in a worker thread and a write that has not
+    returned after `write_timeout` seconds fails with the device named.
+    """
+
+    def __init__(self, roots: Roots | None = None, write_timeout: float = 10.0,
+                 bind_timeout: float = 10.0):
+        self.roots = roots or Roots()
+        self.reader = SysfsReader(self.roots)
+        self.write_timeout = write_timeout
+        self.bind_timeout = bind_timeout
+
+    # ---- primitives (the simulated kernel overrides these)
+
+    def _write_file(self, rel: str, data: str) -> None:
+        fd = os.open(os.path.join(self.roots.sysfs, rel), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, data.encode())
+        finally:
+            os.close(fd)
+
+    def _write(self, rel: str, data: str, what: str) -> None:
+        classify_write(rel, data)
+        result: list = []
+
+        def work():
+            try:
+                self._write_file(rel, data)
+                result.append(None)
+            except OSError as e:
+                result.append(e)
+
+        t = threading.Thread(target=work, name=f"sysfs-write {rel}", daemon=True)
+        t.start()
+        t.join(self.write_timeout)
+        if not result:
+            raise KernelError(f"{what}: the kernel did not answer within {self.write_timeout:g} s "
+                               f"(writing {rel}; is a process holding the device?)")
+        if result[0] is not None:
+            e = result[0]
+            raise KernelError(f"{what}: the kernel refused (writing {rel}: {e.strerror or e})")
+
+    def driver_of(self, addr: PciAddress) -> str | None:
+        target = _readlink(os.path.join(self.roots.sysfs, "bus/pci/devices", addr.sysfs_name, "driver"))
+        return os.path.basename(target) if target else None
+
+    def override_of(self, addr: PciAddress) -> str | None:
+        text = _text(os.path.join(self.roots.sysfs, "bus/pci/devices", addr.sysfs_name, "driver_override"))
+        return None if text in (None, "", "(null)") else text
+
+    def exists(self, addr: PciAddress) -> bool:
+        return os.path.isdir(os.path.join(self.roots.sysfs, "bus/pci/devices", addr.sysfs_name))
+
+    def driver_loaded(self, driver: str) -> bool:
+        return os.path.isdir(os.path.join(self.roots.sysfs, "bus/pci/drivers", _check_driver_name(driver)))
+
+    def load_driver(self, driver: str) -> None:
+        """modprobe the module behind `driver` (vfio-pci, pci-stub) if it is not there yet."""
+        if self.driver_loaded(driver):
+            return
+        import subprocess
+
+        module = driver if driver in VFIO_DRIVERS else None
+        if module is None:
+            raise KernelError(f"driver {driver} is not loaded and vfiod does not load it")
+        p = subprocess.run(["modprobe", module], capture_output=True, text=True, timeout=30)
+        if p.returncode != 0 or not self.driver_loaded(driver):
+            raise KernelError(f"cannot load {module}: {p.stderr.strip() or 'modprobe failed'}")
+
+    # ---- the steps
+
+    def set_override(self, addr: PciAddress, driver: str | None) -> None:
+        value = "\n" if driver is None else _check_driver_name(driver)
+        self._write(f"bus/pci/devices/{addr.sysfs_name}/driver_override", value,
+                    f"{addr}: setting driver_override")
+
+    def unbind(self, addr: PciAddress) -> None:
+        drv = self.driver_of(addr)
+        if drv is None:
+            return
+        self._write(f"bus/pci/drivers/{_check_driver_name(drv)}/unbind", addr.sysfs_name,
+                    f"{addr}: unbinding from {drv}")
+
+    def probe(self, addr: PciAddress) -> None:
+        self._write("bus/pci/drivers_probe", addr.sysfs_name, f"{addr}: probing")
+
+    def wait_driver(self, addr: PciAddress, want: str | None, timeout: float | None = None) -> str | None:
+        deadline = time.monotonic() + (self.bind_timeout if timeout is None else timeout)
+        delay = 0.001
+        while True:
+            have = self.driver_of(addr)
+            if have == want or time.monotonic() >= deadline:
+                return have
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def bind(self, addr: PciAddress, driver: str) -> None:
+        """Bind `addr` to `driver` through driver_override (never new_id) and verify it."""
+        _check_driver_name(driver)
+        if not self.exists(addr):
+            raise KernelError(f"{addr}: the device is gone")
+        if self.driver_of(addr) == driver:
+            return
+        self.set_override(addr, driver)
+        self.unbind(addr)
+        self.probe(addr)
+        have = self.wait_driver(addr, driver)
+        if have != driver:
+            raise KernelError(f"{addr}: probing bound {have or 'no driver'}, not {driver}")
+
+    def detach(self, addr: PciAddress) -> None:
+        """Leave `addr` with no driver, and keep it so: driver_override names no
+        driver ("none"), so a later probe binds nothing."""
+        if not self.exists(addr):
+            raise KernelError(f"{addr}: the device is gone")
+        if self.override_of(addr) != NO_DRIVER:
+            self.set_override(addr, NO_DRIVER)
+        self.unbind(addr)
+        have = self.wait_driver(addr, None)
+        if have is not None:
+            raise KernelError(f"{addr}: still on {have} after unbinding")
+
+    def restore(self, addr: PciAddress, driver: str | None, override: str | None) -> None:
+        """Give `addr` back its recorded driver and driver_override, and verify it.
+
+        While the device is moved, driver_override names the recorded driver,
+        so the probe binds exactly that one; a device that had no driver is
+        unbound and not probed.  The recorded override is written last."""
+        if not self.exists(addr):
+            raise KernelError(f"{addr}: the device is gone")
+        if self.driver_of(addr) != driver:
+            self.set_override(addr, driver if driver is not None else override)
+            self.unbind(addr)
+            if driver is not None:
+                self.probe(addr)
+            have = self.wait_driver(addr, driver)
+            if have != driver:
+                raise KernelError(f"{addr}: restoring {driver or 'no driver'} failed, it is on "
+                                   f"{have or 'no driver'}")
+        if self.override_of(addr) != override:
+            self.set_override(addr, override)
+
+    def numvfs(self, pf: PciAddress) -> int | None:
+        return _int(os.path.join(self.roots.sysfs, "bus/pci/devices", pf.sysfs_name, "sriov_numvfs"), 10)
+
+    def set_numvfs(self, pf: PciAddress, count: int) -> None:
+        """Enable `count` VFs on `pf`.  The kernel changes a non-zero count only
+        through 0, which removes every VF first."""
+        now = self.numvfs(pf)
+        if now is None:
+            raise KernelError(f"{pf}: not an SR-IOV physical function")
+        if now == count:
+            return
+        rel = f"bus/pci/devices/{pf.sysfs_name}/sriov_numvfs"
+        if now and count:
+            self._write(rel, "0", f"{pf}: disabling its {now} VFs")
+        self._write(rel, str(count), f"{pf}: setting {count} VFs")
+
+    def reset_methods(self, addr: PciAddress) -> tuple[str, ...]:
+        text = _text(os.path.join(self.roots.sysfs, "bus/pci/devices", addr.sysfs_name, "reset_method"))
+        return tuple(text.split()) if text else ()
+
+    def reset(self, addr: PciAddress) -> str:
+        """Reset one function (``BDF/reset``: the kernel tries the methods of
+        ``reset_method`` in order, saving and restoring its config space).
+        Returns the methods the kernel had to choose from."""
+        if not self.exists(addr):
+            raise KernelError(f"{addr}: the device is gone")
+        methods = self.reset_methods(addr)
+        if not methods:
+            raise KernelError(f"{addr}: the kernel knows no way to reset it (reset_method is empty: "
+                               "no FLR, PM or bus reset)")
+        self._write(f"bus/pci/devices/{addr.sysfs_name}/reset", "1", f"{addr}: resetting")
+        return " ".join(methods)
+
+    # ---- /dev/vfio
+
+    def vfio_group_path(self, group: int) -> str:
+        return os.path.join(self.roots.dev, "vfio", str(int(group)))
+
+    def vfio_container_path(self) -> str:
+        return os.path.join(self.roots.dev, "vfio", "vfio")
+
+    def wait_vfio_node(self, group: int, timeout: float = 5.0) -> os.stat_result:
+        path = self.vfio_group_path(group)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return os.stat(path)
+            except FileNotFoundError:
+                if time.monotonic() >= deadline:
+                    raise KernelError(f"{path} did not appear after binding group {group} to vfio-pci")
+                time.sleep(0.01)
+
+    def node_owner(self, path: str) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return st.st_uid, st.st_gid, st.st_mode & 0o7777
+
+    def set_node_owner(self, path: str, uid: int, gid: int, mode: int) -> None:
+        rel = os.path.relpath(path, self.roots.dev)
+        if not any(p.fullmatch(rel) for p in DEV_WRITABLE):
+            raise KernelError(f"refusing to change {path!r}: not a VFIO node")
+        try:
+            os.chown(path, uid, gid)
+            os.chmod(path, mode)
+        except OSError as e:
+            raise KernelError(f"cannot hand over {path}: {e.strerror}") from None
+
+    def open_vfio_group(self, group: int) -> int:
+        return os.open(self.vfio_group_path(group), os.O_RDWR | os.O_CLOEXEC)
+
+    def open_vfio_container(self) -> int:
+        return os.open(self.vfio_container_path(), os.O_RDWR | os.O_CLOEXEC)
+
+    def container_acl(self, uid: int, grant: bool) -> bool:
+        """Add (or remove) a POSIX ACL entry rw for `uid` on /dev/vfio/vfio.
+
+        Only where the node is not already world read-write (systemd >= 254
+        makes it 0600).  Returns whether an entry was added/removed."""
+        from .. import acl
+
+        path = self.vfio_container_path()
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        if grant and st.st_mode & 0o006 == 0o006:
+            return False
+        try:
+            return acl.set_user(path, uid, 0o6 if grant else None)
+        except OSError as e:
+            raise KernelError(f"cannot set an ACL on {path}: {e.strerror}") from None
+
+    # ---- the lessee's process
+
+    def memlock_of(self, pid: int) -> tuple[int, int] | None:
+        """(soft, hard) RLIMIT_MEMLOCK of `pid` (-1: unlimited), or None if it is gone.
+
+        From /proc/PID/limits, which anyone may read (prlimit on another user's
+        process needs CAP_SYS_RESOURCE).  Processes are real even when the host
+        is simulated, so this is the system's /proc, not the proc root."""
+        text = _text(f"/proc/{int(pid)}/limits")
+        for line in (text or "").splitlines():
+            if line.startswith("Max locked memory"):
+                fields = line.split()
+                try:
+                    return tuple(-1 if v == "unlimited" else int(v) for v in fields[3:5])
+                except ValueError:
+                    return None
+        return None
+
+    def grant_memlock(self, pid: int, limit: int) -> tuple[int, int] | None:
+        """Raise `pid`'s RLIMIT_MEMLOCK (soft and hard) to at least `limit`; never lowers it.
+        Returns the new (soft, hard), or None if the process is gone."""
+        import resource
+        inf = resource.RLIM_INFINITY
+        try:
+            cur = resource.prlimit(pid, resource.RLIMIT_MEMLOCK)
+        except ProcessLookupError:
+            return None
+        except OSError as e:
+            raise KernelError(f"cannot read RLIMIT_MEMLOCK of process {pid}: {e.strerror} "
+                               "(vfiod needs CAP_SYS_RESOURCE)") from None
+        soft, hard = cur
+        new = (soft if soft == inf or soft >= limit else limit, hard if hard == inf or hard >= limit else limit)
+        if new != cur:
+            try:
+                resource.prlimit(pid, resource.RLIMIT_MEMLOCK, new)
+            except ProcessLookupError:
+                return None
+            except OSError as e:
+                raise KernelError(f"cannot raise RLIMIT_MEMLOCK of process {pid}: {e.strerror}") from None
+        return new
+
+    # ---- in use
+
+    def usage(self, addr: PciAddress) -> list[str]:
+        """What on the host uses `addr` right now (empty: nothing we can see)."""
+        return device_usage(self.roots, addr)
+
+
