@@ -15,6 +15,7 @@ sender gives uid, pid and groups; it is cached per unique name and dropped on
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import functools
@@ -59,11 +60,38 @@ def lease_path(lease_id: str) -> str:
 
 
 class VfiodBus(MessageBus):
-    """A MessageBus that closes fds handed to a reply once the reply has been sent."""
+    """A MessageBus that closes fds handed to a reply once the reply has been sent, and
+    answers a refused call with its named error and nothing else in the log.
+
+    (dbus-next 0.2.3 sends the error reply of an async method but lets the DBusError
+    escape the completion callback too, so asyncio logged a traceback for every refused
+    call: "Exception in callback ... done".)"""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.close_after_send: set[int] = set()
+
+    def _make_method_handler(self, interface, method):
+        if not asyncio.iscoroutinefunction(method.fn):
+            return super()._make_method_handler(interface, method)
+
+        def handler(msg: Message, send_reply) -> None:
+            def done(fut: asyncio.Future) -> None:
+                try:
+                    body, unix_fds = ServiceInterface._fn_result_to_body(fut.result(), method.out_signature_tree)
+                    reply = Message.new_method_return(msg, method.out_signature, body, unix_fds)
+                except DBusError as e:
+                    reply = e._as_message(msg)
+                except Exception:
+                    log.exception("internal error in %s.%s", interface.name, method.name)
+                    reply = Message.new_error(msg, BackendFailed.dbus_name,
+                                              f"internal error in {method.name}; the daemon log has the details")
+                send_reply(reply)
+
+            args = ServiceInterface._msg_body_to_args(msg)
+            asyncio.ensure_future(method.fn(interface, *args)).add_done_callback(done)
+
+        return handler
 
     def send(self, msg: Message):
         fut = super().send(msg)
@@ -331,6 +359,10 @@ class LeaseInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def ResetOnRelease(self) -> "b":
         return self.lease.reset
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Warnings(self) -> "as":
+        return self.service.warnings(self.lease.id)
 
     @method()
     @edge

@@ -122,6 +122,9 @@ os.makedirs(f"{W}/state", exist_ok=True)
 os.chmod(W, 0o755)
 with open(f"{W}/policy/50-test.toml", "w") as f:
     f.write(f'[[rule]]\ngroup = [{GROUP}]\nuids = [{UID}]\nbackends = ["vfio", "pci-stub"]\nmemlock = "256M"\npersistent = true\n')
+    # the same NICs as a named resource (leased as name:bridged-nics)
+    f.write('[[resource]]\nname = "bridged-nics"\n'
+            f'devices = [{{ address = "{NICS[0]}", ids = "8086:100e" }}, {{ address = "{NICS[1]}", ids = "8086:100e" }}]\n')
 with open(f"{OUT}/check.py") as f, open(f"{W}/check.py", "w") as g:
     g.write(f.read())
 os.chmod(f"{W}/check.py", 0o644)
@@ -149,6 +152,16 @@ try:
         time.sleep(0.5)
     res["leases_before"] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
     stamp("vfioctl_leases")
+
+    # A named resource through the daemon: check, show and a lease by name.
+    named = {}
+    for what, cmd in (("check", ["check", "name:bridged-nics"]), ("show", ["show", "name:bridged-nics", "--json"]),
+                      ("lease", ["lease", "name:bridged-nics", "--", "true"])):
+        p = as_user(["vfioctl", cmd[0], "--bus", ADDR, *cmd[1:]])
+        named[what] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+    named["after"] = snap()
+    res["named"] = named
+    stamp("named")
 
     p = as_user(["vfioctl", "lease", "--bus", ADDR, NICS[0], "--pass-fd", "--", "python3", f"{W}/check.py"])
     res["after"] = snap()
@@ -237,6 +250,15 @@ def test_vfiod_comes_up_on_the_real_kernel_and_answers_vfioctl(guest_run):
     assert r["before"] == {"drivers": BEFORE, "node": None}
     assert r["leases_before"]["rc"] == 0, r["leases_before"]
     assert json.loads(r["leases_before"]["stdout"]) == []
+
+
+def test_a_named_resource_is_checked_shown_and_leased_through_the_daemon(guest_run):
+    named = guest_run["named"]
+    assert named["check"]["rc"] == 0 and named["check"]["stdout"].startswith("allowed"), named
+    shown = json.loads(named["show"]["stdout"])
+    assert shown["group"] == guest_run["group"] and [d["address"] for d in shown["devices"]] == [BRIDGE] + NICS
+    assert named["lease"]["rc"] == 0, named["lease"]
+    assert named["after"]["drivers"] == BEFORE
 
 
 def test_cmd_runs_as_the_user_with_a_viable_group_fd(guest_run):

@@ -62,8 +62,13 @@ def test_no_iommu_prints_an_empty_list_and_exits_0(tmp_path):
     assert rc == 0 and "No IOMMU groups" in out
 
 
-def test_empty_or_missing_tree_is_no_iommu_not_a_crash(tmp_path):
+def test_a_missing_tree_is_named_and_an_empty_bus_is_no_iommu(tmp_path):
+    # A --sysfs-root with no PCI bus is a mistake to name, not a host without an IOMMU.
     rc, out, err = run("inspect", "--json", "--sysfs-root", str(tmp_path / "nothing"),
+                       "--proc-root", str(tmp_path / "nothing"))
+    assert rc == 1 and out == "" and "no PCI bus here" in err and "Traceback" not in err
+    (tmp_path / "sys/bus/pci/devices").mkdir(parents=True)
+    rc, out, err = run("inspect", "--json", "--sysfs-root", str(tmp_path / "sys"),
                        "--proc-root", str(tmp_path / "nothing"))
     assert (rc, out.strip()) == (0, "[]") and "Traceback" not in err
 

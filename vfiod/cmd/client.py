@@ -24,8 +24,13 @@ class Client:
         try:
             self.bus = await asyncio.wait_for(
                 MessageBus(negotiate_unix_fd=True, **bus_args(self.bus_spec)).connect(), self.timeout)
-        except (OSError, asyncio.TimeoutError) as e:
-            raise errors.BackendFailed(f"cannot reach the {self.bus_spec} bus: {e or 'timed out'}") from None
+        except asyncio.TimeoutError:
+            raise errors.BackendFailed(f"cannot reach the {self.bus_spec} bus: no answer within "
+                                       f"{self.timeout:g} s") from None
+        except Exception as e:     # a bad address, no bus, no session, refused authentication
+            raise errors.BackendFailed(f"cannot reach the {self.bus_spec} bus: {_why(e)} "
+                                       "(--bus system, session or a D-Bus address such as "
+                                       "unix:path=/run/dbus/system_bus_socket)") from None
         return self
 
     def close(self) -> None:
@@ -45,6 +50,9 @@ class Client:
             if reply.error_name in ("org.freedesktop.DBus.Error.ServiceUnknown",
                                     "org.freedesktop.DBus.Error.NameHasNoOwner"):
                 raise errors.BackendFailed("vfiod is not running (no org.vfiod1 on the bus)")
+            if reply.error_name in ("org.freedesktop.DBus.Error.UnknownObject",
+                                    "org.freedesktop.DBus.Error.UnknownMethod") and path != ROOT:
+                raise errors.NotFound(f"no such object: {path} (gone, or never there)")
             if reply.error_name == "org.freedesktop.DBus.Error.AccessDenied":
                 raise errors.PermissionDenied(f"the bus refused the call: {text}")
             raise _BY_NAME.get(reply.error_name, errors.VfiodError)(text)
@@ -73,3 +81,8 @@ class Client:
 
     async def lease_call(self, path: str, member: str, signature: str = "", body=()):
         return await self.call(path, "org.vfiod1.Lease", member, signature, body)
+
+
+def _why(e: BaseException) -> str:
+    """An exception's words, or its kind where it has none."""
+    return str(e).strip() or type(e).__name__

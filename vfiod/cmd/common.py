@@ -43,20 +43,31 @@ def host_roots(args):
         with tmp:
             yield roots
     else:
-        yield Roots(sysfs=args.sysfs_root, proc=args.proc_root, dev=getattr(args, "dev_root", "/dev"))
+        from ..sysfs import SysfsReader
+
+        roots = Roots(sysfs=args.sysfs_root, proc=args.proc_root, dev=getattr(args, "dev_root", "/dev"))
+        SysfsReader(roots).require_pci()
+        yield roots
 
 
-def add_root_options(p: argparse.ArgumentParser, dev: bool = False) -> None:
+def add_root_options(p: argparse.ArgumentParser, dev: bool = False, inherit: bool = False) -> None:
+    """--sysfs-root, --proc-root (--dev-root) and --simulate.  With `inherit` (a sub-command
+    whose parent has them too) an option not given keeps the parent's value, so
+    `vfiod --simulate gpu inspect` and `vfiod inspect --simulate gpu` read the same host."""
     from ..sim.hosts import DEFAULT, EXAMPLES
 
-    p.add_argument("--sysfs-root", default="/sys", metavar="DIR",
+    def default(value):
+        return argparse.SUPPRESS if inherit else value
+
+    p.add_argument("--sysfs-root", default=default("/sys"), metavar="DIR",
                    help="where sysfs is mounted (default: /sys)")
-    p.add_argument("--proc-root", default="/proc", metavar="DIR",
+    p.add_argument("--proc-root", default=default("/proc"), metavar="DIR",
                    help="where procfs is mounted (default: /proc)")
     if dev:
-        p.add_argument("--dev-root", default="/dev", metavar="DIR",
+        p.add_argument("--dev-root", default=default("/dev"), metavar="DIR",
                        help="where devtmpfs is mounted (default: /dev)")
-    p.add_argument("--simulate", nargs="?", const=DEFAULT, choices=sorted(EXAMPLES), metavar="TOPOLOGY",
+    p.add_argument("--simulate", nargs="?", const=DEFAULT, default=default(None), choices=sorted(EXAMPLES),
+                   metavar="TOPOLOGY",
                    help=f"read a built-in simulated host instead of this machine "
                         f"(default {DEFAULT}; one of: {', '.join(sorted(EXAMPLES))})")
 
@@ -77,6 +88,10 @@ def run(parser: argparse.ArgumentParser, argv, command=None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as e:       # a bug: one line for the person, not a traceback
+        print(f"{parser.prog}: internal error: {type(e).__name__}: {e} (a bug in vfiod: please report it)",
+              file=sys.stderr)
+        return EXIT_FAIL
     except BrokenPipeError:
         return EXIT_OK
 

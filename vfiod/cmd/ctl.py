@@ -7,12 +7,13 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
 
 from .. import __version__
-from ..errors import InvalidArgument, VfiodError
+from ..errors import InvalidArgument, NotFound, VfiodError
 from ..report import render_groups
 from .common import Formatter, duration_arg, run
 from .policy import add_policy_commands
@@ -82,35 +83,64 @@ def cmd_check(args) -> int:
     return _run(args, go)
 
 
+def _user_name(uid: int) -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _time_left(expires: int) -> str:
+    if not expires:
+        return "never"
+    from ..policy import format_duration
+    left = int(expires - time.time())
+    return "due" if left <= 0 else format_duration(left)
+
+
 def cmd_leases(args) -> int:
+    """Your leases (root: everyone's, or with --all anyone's view of them all)."""
     async def go(client):
         manager = await client.properties("/org/vfiod1", "org.vfiod1.Manager")
+        mine = os.getuid()
         rows = []
         for path in manager.get("Leases", []):
             try:
                 lease = await client.properties(path, "org.vfiod1.Lease")
             except VfiodError:          # ended between the two calls
                 continue
-            if lease:
-                rows.append({"id": lease["Id"], "group": int(lease["Group"].rsplit("/", 1)[-1]),
-                             "owner": lease["Owner"], "backend": lease["Backend"], "created": lease["Created"],
-                             "expires": lease["Expires"], "persistent": lease["Persistent"]})
+            if not lease or (mine != 0 and lease["Owner"] != mine):
+                continue
+            rows.append({"id": lease["Id"], "group": int(lease["Group"].rsplit("/", 1)[-1]),
+                         "owner": lease["Owner"], "user": _user_name(lease["Owner"]), "backend": lease["Backend"],
+                         "created": lease["Created"], "expires": lease["Expires"],
+                         "persistent": lease["Persistent"], "devices": []})
+        if rows:
+            groups = {g["group"]: g for g in await _groups_json(client, [f"group:{r['group']}" for r in rows])}
+            for r in rows:
+                g = groups.get(r["group"])
+                r["devices"] = [d["address"] for d in g["devices"] if not d["bridge"]] if g else []
         if args.json:
             print(json.dumps(rows, indent=1))
         elif not rows:
             print("No leases.")
         else:
-            print(f"{'LEASE':<18} {'GROUP':>5} {'UID':>6} {'BACKEND':<9} {'PERSISTENT':<10} EXPIRES")
+            print(f"{'LEASE':<17} {'GROUP':>5} {'USER':<12} {'BACKEND':<8} {'OUTLIVES CLIENT':<15} "
+                  f"{'TIME LEFT':<10} DEVICES")
             for r in rows:
-                exp = "never" if not r["expires"] else f"in {max(0, r['expires'] - int(time.time()))} s"
-                print(f"{r['id']:<18} {r['group']:>5} {r['owner']:>6} {r['backend']:<9} "
-                      f"{'yes' if r['persistent'] else 'no':<10} {exp}")
+                print(f"{r['id']:<17} {r['group']:>5} {r['user'][:12]:<12} {r['backend']:<8} "
+                      f"{'yes' if r['persistent'] else 'no':<15} {_time_left(r['expires']):<10} "
+                      f"{' '.join(r['devices'])}")
         return EXIT_OK
     return _run(args, go)
 
 
 def cmd_lease(args) -> int:
     command = list(args.run_command or [])
+    if command and not shutil.which(command[0]):
+        # Say so before a whole group is rebound for a command that cannot start.
+        raise NotFound(f"no such command: {command[0]!r} (not found or not executable)")
 
     async def go(client):
         path = await client.request_lease(args.target, args.backend or "", args.duration, args.persistent, args.force)
@@ -118,6 +148,15 @@ def cmd_lease(args) -> int:
         props = await client.properties(path, "org.vfiod1.Lease")
         group = int(props["Group"].rsplit("/", 1)[-1])
         print(f"vfioctl: lease {lease_id}: IOMMU group {group} via the {props['Backend']} backend", file=sys.stderr)
+        warnings = props.get("Warnings") or []
+        for w in warnings:
+            print(f"vfioctl: warning: {w}", file=sys.stderr)
+        if command and warnings and not args.ignore_memlock:
+            # A program that pins memory would fail later, and less clearly (DPDK: "DMA remapping failed").
+            await client.lease_call(path, "Release")
+            print(f"vfioctl: lease {lease_id} released; not starting {command[0]} "
+                  "(--ignore-memlock starts it anyway)", file=sys.stderr)
+            return EXIT_FAIL
         if args.xml:
             print((await client.lease_call(path, "HostdevXml")).body[0])
         try:
@@ -194,14 +233,47 @@ def cmd_vfs(args) -> int:
     return _run(args, go)
 
 
+_LEASE_ID = re.compile(r"[0-9a-f]{16}")
+
+
+async def _leases_to_release(client, args) -> list[str]:
+    """The lease ids `vfioctl release` means: an id, the lease of a target's group, or --all."""
+    if args.all:
+        manager = await client.properties("/org/vfiod1", "org.vfiod1.Manager")
+        return [path.rsplit("/", 1)[-1] for path in manager.get("Leases", [])]
+    if not args.lease:
+        raise InvalidArgument("name a lease id, a target (address, group:N, name:RESOURCE) or --all")
+    if _LEASE_ID.fullmatch(args.lease):
+        return [args.lease]
+    group = (await _groups_json(client, [args.lease]))[0]
+    if not group["lease"]:
+        raise NotFound(f"IOMMU group {group['group']} ({args.lease}) is not leased")
+    return [group["lease"]]
+
+
 def cmd_release(args) -> int:
     async def go(client):
-        if not re.fullmatch(r"[0-9a-f]{1,64}", args.lease):
-            raise InvalidArgument(f"not a lease id: {args.lease!r}")
-        await client.lease_call(f"/org/vfiod1/lease/{args.lease}", "Release")
-        print(f"released {args.lease}")
+        ids = await _leases_to_release(client, args)
+        if not ids:
+            print("No leases.")
+        for lease_id in ids:
+            try:
+                await client.lease_call(f"/org/vfiod1/lease/{lease_id}", "Release")
+            except NotFound:
+                raise NotFound(f"no lease {lease_id} (it ended, or never was)") from None
+            print(f"released {lease_id}")
         return EXIT_OK
     return _run(args, go)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"not a number of seconds between 0 and 86400: {text!r}")
+    return value
 
 
 COMMANDS = {
@@ -270,11 +342,15 @@ vfiod refuses (exit 4, busy) while the PF or any of its VFs is leased.
 example:
   vfioctl vfs 0000:01:00.0 4
 """),
-    "release": ("release a lease by id", cmd_release, """\
+    "release": ("release a lease (by id, by target, or --all)", cmd_release, """\
 Release a lease: every device of its group goes back to the driver it had.
+Name the lease by its id, or by a target of its group (an address, group:N or
+name:RESOURCE); --all releases every lease you may release (root: everyone's).
 
-example:
+examples:
   vfioctl release 3f2a9c0d1e4b5a69
+  vfioctl release 0000:04:00.0
+  vfioctl release --all
 """),
 }
 
@@ -284,7 +360,7 @@ def add_bus_commands(sub, formatter) -> None:
         p = sub.add_parser(name, help=summary, description=description, formatter_class=formatter)
         p.add_argument("--bus", default="system", metavar="system|session|ADDRESS",
                        help="the bus vfiod is on (default: system)")
-        p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+        p.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                        help="how long to wait for each answer (default 30)")
         if name in ("show", "explain", "check", "lease", "vfs"):
             p.add_argument("target", metavar="TARGET", help="0000:04:00.0, 04:00.0, group:8 or name:RESOURCE")
@@ -301,12 +377,15 @@ def add_bus_commands(sub, formatter) -> None:
             p.add_argument("--force", action="store_true",
                            help="root only: lease even if the host uses the device")
             p.add_argument("--xml", action="store_true", help="print the libvirt hostdev XML")
+            p.add_argument("--ignore-memlock", action="store_true",
+                           help="start CMD even if the policy's memlock grant could not be applied")
             p.add_argument("--pass-fd", action="store_true",
                            help="give CMD the open group fd in VFIOD_GROUP_FD (a group opens only once: "
                                 "leave this off for DPDK and QEMU, which open /dev/vfio/N themselves)")
             p.set_defaults(run_command=[])
         if name == "release":
-            p.add_argument("lease", metavar="ID")
+            p.add_argument("lease", metavar="ID|TARGET", nargs="?")
+            p.add_argument("--all", action="store_true", help="every lease you may release (root: all)")
         if name == "vfs":
             p.add_argument("count", type=int, metavar="COUNT")
         p.set_defaults(func=fn)

@@ -91,7 +91,7 @@ def vfiod_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     ins = sub.add_parser("inspect", help="show IOMMU groups, viability and isolation (offline)",
                          description=INSPECT_HELP, formatter_class=Formatter)
-    add_root_options(ins)
+    add_root_options(ins, inherit=True)
     ins.add_argument("--json", action="store_true", help="print a JSON list of groups for scripts")
     ins.add_argument("--explain", action="store_true", help="add why each group is what it is")
     ins.set_defaults(func=cmd_inspect)

@@ -20,10 +20,10 @@ from dbus_next.constants import RequestNameReply
 
 from .. import bus as busmod
 from ..backends import load_backends
-from ..errors import PolicyError, VfiodError
+from ..errors import BackendFailed, PermissionDenied, PolicyError, VfiodError
 from ..policy import KNOWN_BACKENDS, PolicyStore
 from ..state import Journal
-from ..sysfs import Kernel, Roots
+from ..sysfs import Kernel, Roots, SysfsReader
 from .service import Service
 
 __all__ = ["Service", "make_kernel", "sd_notify", "serve"]
@@ -54,7 +54,9 @@ def sd_notify(state: str) -> bool:
 def make_kernel(args):
     """The real kernel below the given roots, or a simulated host laid out in --sim-dir."""
     if not args.simulate:
-        return Kernel(Roots(args.sysfs_root, args.proc_root, args.dev_root)), None
+        roots = Roots(args.sysfs_root, args.proc_root, args.dev_root)
+        SysfsReader(roots).require_pci()
+        return Kernel(roots), None
     from ..sim import hosts
     from ..sim.kernel import SimKernel
 
@@ -80,18 +82,14 @@ def _is_owner_gone(msg: Message) -> str | None:
     return None
 
 
-async def _name_has_owner(bus, name: str) -> bool:
-    reply = await bus.call(Message(
-        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-        interface="org.freedesktop.DBus", member="NameHasOwner", signature="s", body=[name]))
-    return reply.message_type == MessageType.METHOD_RETURN and bool(reply.body[0])
-
-
 async def serve(args) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else
                         "%(asctime)s %(name)s: %(message)s")
     loop = asyncio.get_running_loop()
+    if not args.simulate and os.geteuid() != 0:
+        raise PermissionDenied("vfiod rebinds drivers and must run as root "
+                               "(--simulate runs it on a simulated host instead)")
 
     # Step 1: the kernel (real, or a simulated host), the backends and the policy.
     kernel, sim_dir = make_kernel(args)
@@ -117,7 +115,11 @@ async def serve(args) -> int:
         service.monitor = udev.watch(loop, service.on_pci_event)
 
     # Step 3: the bus connection (no name yet: nobody can call before step 6).
-    bus = await busmod.VfiodBus(negotiate_unix_fd=True, **busmod.bus_args(args.bus)).connect()
+    try:
+        bus = await busmod.VfiodBus(negotiate_unix_fd=True, **busmod.bus_args(args.bus)).connect()
+    except Exception as e:      # no bus, a bad address, no session bus, refused authentication
+        journal.close()
+        raise BackendFailed(f"cannot reach the {args.bus} bus: {str(e).strip() or type(e).__name__}") from None
     service.attach(bus)
     busmod.install_caller_tracking(bus)
 
@@ -134,7 +136,7 @@ async def serve(args) -> int:
     # Step 4: reconcile the journal with the kernel before anyone can ask for anything.
     alive = set()
     for lease in journal.leases():
-        if lease.owner and await _name_has_owner(bus, lease.owner):
+        if lease.owner and await service.callers.present(lease.owner):
             alive.add(lease.owner)
     service.manager.owner_alive = lambda lease: lease.owner in alive
     for e in await service._run(service.manager.reconcile):

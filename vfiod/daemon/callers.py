@@ -41,6 +41,14 @@ class Callers:
         self._cache[msg.sender] = caller
         return caller
 
+    async def present(self, name: str) -> bool:
+        """Is the unique name `name` still on the bus?"""
+        assert self.bus is not None
+        reply = await self.bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="NameHasOwner", signature="s", body=[name]))
+        return reply.message_type == MessageType.METHOD_RETURN and bool(reply.body[0])
+
     def forget(self, name: str) -> None:
         """`name` left the bus: a new connection may get its name later."""
         self._cache.pop(name, None)

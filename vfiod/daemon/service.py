@@ -17,7 +17,7 @@ import attrs
 from .. import bus as busmod
 from .. import report
 from ..address import PciAddress
-from ..errors import InvalidArgument, PermissionDenied, VfiodError
+from ..errors import BackendFailed, InvalidArgument, PermissionDenied, VfiodError
 from ..leases import Ended, LeaseManager
 from ..pciids import PciIds
 from ..policy import Caller, Decision, PolicyStore, format_size
@@ -48,6 +48,7 @@ class Service:
         self.objects = ObjectTree(self)
         self.hotplug = Hotplug(self)
         self._ending: set[str] = set()
+        self._warnings: dict[str, list[str]] = {}     # lease id -> what was promised and not done
 
     # ------------------------------------------------------------ wiring
 
@@ -123,14 +124,32 @@ class Service:
         if not isinstance(target, str) or len(target) > 256:
             raise InvalidArgument("the target is too long")
         lease = await self._run(self.manager.request, caller, target, backend, options, owner)
-        if lease.memlock and caller.pid:
+        if owner and not lease.persistent and not await self.callers.present(owner):
+            # The caller left while the grant ran: its disconnect found nothing to end yet,
+            # so end the lease now rather than leave it held for nobody.
+            log.warning("lease %s: uid %s left the bus before the grant finished; undoing it", lease.id, caller.uid)
+            await self._run(self.manager.release, lease.id, None, "disconnected")
+            self.refresh_soon([lease.group])
+            raise BackendFailed("the caller left the bus before the grant finished; the lease was undone")
+        warnings = []
+        if lease.memlock:
             # The policy's grant goes to the calling process (vfioctl lease -- CMD: CMD inherits it),
-            # before the lessee pins any memory.
-            try:
-                got = self.kernel.grant_memlock(caller.pid, lease.memlock)
-                log.info("lease %s: RLIMIT_MEMLOCK of pid %s is now %s", lease.id, caller.pid, got)
-            except VfiodError as e:
-                log.error("lease %s: %s", lease.id, e)
+            # before the lessee pins any memory.  If it cannot be applied, the caller is told.
+            why = "vfiod does not know the calling process" if not caller.pid else ""
+            if caller.pid:
+                try:
+                    got = self.kernel.grant_memlock(caller.pid, lease.memlock)
+                    log.info("lease %s: RLIMIT_MEMLOCK of pid %s is now %s", lease.id, caller.pid, got)
+                    if got is None:
+                        why = f"process {caller.pid} is gone"
+                except VfiodError as e:
+                    why = str(e)
+            if why:
+                log.error("lease %s: the memlock grant of %s was not applied: %s", lease.id,
+                          format_size(lease.memlock), why)
+                warnings.append(f"memlock: the policy's RLIMIT_MEMLOCK grant of {format_size(lease.memlock)} "
+                                f"was not applied: {why}")
+        self._warnings[lease.id] = warnings
         self.refresh_soon([lease.group])
         self.objects.export_lease(lease)
         self.manager_iface.LeaseGranted(busmod.lease_path(lease.id))
@@ -249,7 +268,12 @@ class Service:
         if self.loop:
             self.loop.call_soon_threadsafe(self._ended, ended)
 
+    def warnings(self, lease_id: str) -> list[str]:
+        """What the grant of `lease_id` promised and could not do (the memlock grant, say)."""
+        return self._warnings.get(lease_id, [])
+
     def _ended(self, ended: Ended) -> None:
+        self._warnings.pop(ended.lease.id, None)
         self.objects.drop_lease(ended.lease.id)
         self.manager_iface.LeaseEnded(busmod.lease_path(ended.lease.id), ended.reason)
 

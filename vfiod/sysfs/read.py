@@ -9,7 +9,7 @@ import struct
 import attrs
 
 from ..address import PciAddress
-from ..errors import InvalidAddress
+from ..errors import InvalidAddress, NotFound
 from .config import ConfigInfo
 
 
@@ -175,6 +175,12 @@ class SysfsReader:
         return os.path.join(self.roots.proc, rel)
 
     # ---- devices
+
+    def require_pci(self) -> None:
+        """`NotFound` unless the sysfs root shows a PCI bus: a wrong --sysfs-root, or no sysfs."""
+        if not os.path.isdir(self._s("bus/pci/devices")):
+            raise NotFound(f"{self.roots.sysfs}: no PCI bus here (no bus/pci/devices): is sysfs mounted "
+                           "there? (--sysfs-root)")
 
     def list_addresses(self) -> tuple[list[PciAddress], list[str]]:
         """Addresses under bus/pci/devices, and the names that were not addresses."""
