@@ -200,11 +200,19 @@ class Loader:
         self.resources: dict[str, Resource] = {}
         self.claims: list[Claim] = []
         self.refs: list[tuple[_Table, str, int | None, str]] = []    # resource names, checked at the end
+        self.errors: list[PolicyError] = []                           # every problem, in file order
 
     # -- files
 
     def add(self, path: str, content: str | bytes) -> None:
-        """Parse one file and add its tables."""
+        """Parse one file and add its tables; each problem is kept in `errors` (a file
+        that does not parse gives one), and the tables without problems are added."""
+        try:
+            self._add(path, content)
+        except PolicyError as e:
+            self.errors.append(e)
+
+    def _add(self, path: str, content: str | bytes) -> None:
         if len(content) > MAX_FILE_SIZE:
             raise PolicyError(f"{path}:1: file too large (more than {MAX_FILE_SIZE} bytes)")
         if isinstance(content, bytes):
@@ -236,21 +244,26 @@ class Loader:
                                   f"(an array of tables), got {got}")
         tables = sorted(((loc.header(kind, index), TABLES.index(kind), index), kind, table)
                         for kind in TABLES for index, table in enumerate(data.get(kind, ())))
-        for (_, _, index), kind, table in tables:        # in file order: the first problem is reported
+        for (_, _, index), kind, table in tables:        # in file order: problems are reported in order
             t = _Table(path, loc, kind, index, table)
-            if kind == "rule":
-                self.rules.append(self._rule(t))
-            elif kind == "resource":
-                self._resource(t)
-            else:
-                self.claims.append(self._claim(t))
+            try:
+                if kind == "rule":
+                    self.rules.append(self._rule(t))
+                elif kind == "resource":
+                    self._resource(t)
+                else:
+                    self.claims.append(self._claim(t))
+            except PolicyError as e:
+                self.errors.append(e)
 
     def finish(self) -> None:
         """The checks that need every file: resource names may be defined in any of them."""
         for t, key, element, name in self.refs:
             if name not in self.resources:
                 known = f"known: {', '.join(sorted(self.resources))}" if self.resources else "none is defined"
-                raise t.error(key, f"no resource named '{name}' ({known})", element)
+                self.errors.append(t.error(key, f"no resource named '{name}' ({known})", element))
+        if self.errors:
+            raise PolicyError("\n".join(e.message for e in self.errors))
 
     # -- tables
 
