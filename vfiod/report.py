@@ -10,7 +10,7 @@ import textwrap
 from typing import Callable
 
 from .pciids import PciIds
-from .topology import Group, Host
+from .topology import VFIO_DRIVERS as VFIO_FRIENDLY, Group, Host
 
 
 def device_json(host: Host, addr, names: PciIds, original_driver: Callable | None = None) -> dict:
@@ -114,3 +114,66 @@ def explain_text(target: str, g: Group, lease, findings) -> str:
     for f in findings:
         lines.append(f"Note: {f.text}")
     return "\n".join(lines)
+
+
+#: The sections of `vfioctl status`, by PCI base class, in the order people look for them.
+STATUS_CLASSES = ((0x02, "Network devices"), (0x01, "Storage devices"), (0x03, "Display devices"),
+                  (0x04, "Multimedia devices"), (0x0C, "Serial bus devices (USB, SMBus, ...)"),
+                  (None, "Other devices"), (0x06, "Bridges and ports"))
+
+
+def status_json(host: Host, names: PciIds, active: Callable) -> dict:
+    """Every PCI device (IOMMU or not), for `vfioctl status`: `active(addr)` says what on
+    the host uses it (empty when nothing does)."""
+    devices = []
+    for addr in sorted(host.devices):
+        d = host.devices[addr]
+        r = d.raw
+        base = (r.class_code or 0) >> 16
+        section = next((title for code, title in STATUS_CLASSES if code == base),
+                       "Bridges and ports" if d.is_bridge else "Other devices")
+        uses = list(active(addr))
+        devices.append({
+            "address": str(addr), "section": section, "name": names.describe(r.vendor, r.device),
+            "vendor": f"{r.vendor:04x}" if r.vendor is not None else None,
+            "device": f"{r.device:04x}" if r.device is not None else None,
+            "driver": r.driver, "vfio": r.driver in VFIO_FRIENDLY, "interfaces": list(r.net),
+            "iommu_group": r.iommu_group, "active": bool(uses), "in_use": uses, "protected": d.protected,
+        })
+    return {"version": 1, "iommu": host.iommu_enabled, "findings": [f.text for f in host.findings],
+            "devices": devices}
+
+
+def render_status(status: dict) -> str:
+    """Like `dpdk-devbind.py --status`: each section split by driver kind, one line a device."""
+    out = []
+    if not status["iommu"]:
+        out.append("note: no IOMMU groups on this host: VFIO cannot isolate any device "
+                   "(enable VT-d/AMD-Vi and intel_iommu=on); devices are listed all the same.\n")
+    for _, title in STATUS_CLASSES:
+        devs = [d for d in status["devices"] if d["section"] == title]
+        if not devs:
+            continue
+        for label, pick in (("using a VFIO driver (vfio-pci, pci-stub)", lambda d: d["vfio"]),
+                            ("using a kernel driver", lambda d: d["driver"] and not d["vfio"]),
+                            ("with no driver", lambda d: not d["driver"])):
+            chosen = [d for d in devs if pick(d)]
+            if not chosen:
+                continue
+            head = f"{title} {label}"
+            out += [head, "=" * len(head)]
+            for d in chosen:
+                ids = d["device"] or "????"
+                parts = [f"{d['address']} '{d['name']} {ids}'"]
+                if d["interfaces"]:
+                    parts.append("if=" + ",".join(d["interfaces"]))
+                if d["driver"]:
+                    parts.append(f"drv={d['driver']}")
+                parts.append(f"group={d['iommu_group'] if d['iommu_group'] is not None else '-'}")
+                if d["active"]:
+                    parts.append("*Active*")
+                if d["protected"]:
+                    parts.append(f"(protected: {d['protected']})")
+                out.append(" ".join(parts))
+            out.append("")
+    return "\n".join(out).rstrip() + "\n"

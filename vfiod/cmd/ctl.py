@@ -15,7 +15,7 @@ import time
 from .. import __version__
 from ..errors import InvalidArgument, NotFound, VfiodError
 from ..report import render_groups
-from .common import Formatter, duration_arg, run
+from .common import Formatter, add_root_options, duration_arg, run
 from .policy import add_policy_commands
 
 EXIT_OK, EXIT_FAIL, EXIT_DENIED = 0, 1, 3
@@ -276,6 +276,37 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+STATUS_HELP = """\
+List every PCI device of this host, by class (network, storage, display, ...)
+and by what drives it (a VFIO driver, a kernel driver, none), with its network
+interfaces, its IOMMU group and *Active* where the host uses it (an interface up
+with routes, a mounted disk, ...), like `dpdk-devbind.py --status`.  Reads
+sysfs only; needs no daemon, and works on a host without an IOMMU (it says so).
+
+examples:
+  vfioctl status
+  vfioctl status --simulate sriov --json
+"""
+
+
+def show_status(args) -> int:
+    """Every PCI device by class and driver kind (offline: reads sysfs, never writes)."""
+    from ..pciids import PciIds
+    from ..report import render_status, status_json
+    from ..sysfs import SysfsReader, device_usage
+    from ..topology import Host
+    from .common import host_roots
+
+    with host_roots(args) as roots:
+        host = Host.scan(SysfsReader(roots))
+        status = status_json(host, PciIds(), lambda addr: device_usage(roots, addr))
+    if args.json:
+        print(json.dumps(status, indent=1))
+    else:
+        sys.stdout.write(render_status(status))
+    return EXIT_OK
+
+
 COMMANDS = {
     "groups": ("list every IOMMU group with its devices, viability and state", cmd_groups, """\
 List every IOMMU group vfiod sees, with its devices and drivers, whether VFIO
@@ -399,6 +430,11 @@ def vfioctl_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vfioctl {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     add_bus_commands(sub, Formatter)
+    st = sub.add_parser("status", help="every PCI device by class and driver, like dpdk-devbind --status (offline)",
+                        description=STATUS_HELP, formatter_class=Formatter)
+    add_root_options(st)
+    st.add_argument("--json", action="store_true", help="print JSON for scripts")
+    st.set_defaults(func=show_status)
     add_policy_commands(sub, Formatter)
     return p
 

@@ -33,6 +33,9 @@ examples:
 
 
 def cmd_inspect(args) -> int:
+    if args.all:
+        from .ctl import show_status
+        return show_status(args)
     from ..pciids import PciIds
     from ..report import host_json, render_groups
     from ..sysfs import SysfsReader
@@ -94,6 +97,8 @@ def vfiod_parser() -> argparse.ArgumentParser:
     add_root_options(ins, inherit=True)
     ins.add_argument("--json", action="store_true", help="print a JSON list of groups for scripts")
     ins.add_argument("--explain", action="store_true", help="add why each group is what it is")
+    ins.add_argument("--all", action="store_true",
+                     help="every PCI device by class and driver (as vfioctl status), IOMMU or not")
     ins.set_defaults(func=cmd_inspect)
     return p
 
