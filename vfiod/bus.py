@@ -22,8 +22,9 @@ Robustness at the edge (dbus-next 0.2.3 needs three fixes here, all in `VfiodBus
   socket is writable.
 - One client cannot starve the others.  Method calls are queued per sender and
   served round-robin, one call of each sender in turn, with the event loop free
-  in between; a sender with `MAX_PENDING_CALLS` calls queued or running gets
-  ``org.vfiod1.Error.LimitsExceeded`` at once for the next.
+  in between, and at most `MAX_RUNNING_CALLS` of a sender's calls running (in
+  the worker threads) at once; a sender with `MAX_PENDING_CALLS` calls queued or
+  running gets ``org.vfiod1.Error.LimitsExceeded`` at once for the next.
 - A message whose body is larger than `MAX_BODY_BYTES` is refused with the same
   error without unmarshalling its body (it is read off the socket and dropped).
 """
@@ -62,6 +63,9 @@ _current_msg: contextvars.ContextVar[Message | None] = contextvars.ContextVar("v
 
 #: Calls one sender may have queued or running at once; the next is refused.
 MAX_PENDING_CALLS = 32
+#: Calls of one sender running at once (the others wait in its queue): a client's
+#: calls never fill the worker threads ahead of another client's.
+MAX_RUNNING_CALLS = 2
 #: The largest message body served (vfiod's own arguments are a few KiB at most).
 MAX_BODY_BYTES = 1 << 20
 
@@ -170,11 +174,19 @@ class _BoundedUnmarshaller(Unmarshaller):
             return None
 
 
-class VfiodBus(MessageBus):
-    """dbus-next's MessageBus with the edge's fixes: a writer that waits out a full
-    socket, per-sender fair queuing and limits, fds handed to a reply closed once the
-    reply has been sent, and a refused call answered with its named error and nothing
-    else in the log.
+class PatientBus(MessageBus):
+    """dbus-next's MessageBus with a writer that waits out a full socket (vfioctl's too:
+    a client sending a large message met the same ``EAGAIN``)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._writer = _PatientWriter(self)
+
+
+class VfiodBus(PatientBus):
+    """The daemon's connection: a writer that waits out a full socket, per-sender fair
+    queuing and limits, fds handed to a reply closed once the reply has been sent, and
+    a refused call answered with its named error and nothing else in the log.
 
     (dbus-next 0.2.3 sends the error reply of an async method but lets the DBusError
     escape the completion callback too, so asyncio logged a traceback for every refused
@@ -182,10 +194,10 @@ class VfiodBus(MessageBus):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self._writer = _PatientWriter(self)
         self.close_after_send: set[int] = set()
         self._queues: dict[str, collections.deque[Message]] = {}
-        self._turns: collections.deque[str] = collections.deque()
+        self._turns: collections.deque[str] = collections.deque()   # senders whose turn is next
+        self._in_line: set[str] = set()
         self._running: collections.Counter[str] = collections.Counter()
         self._work = asyncio.Event()
         self._server: asyncio.Task | None = None
@@ -209,12 +221,18 @@ class VfiodBus(MessageBus):
             return None
         if queue is None:
             queue = self._queues[sender] = collections.deque()
-            self._turns.append(sender)
         queue.append(msg)
-        self._work.set()
+        self._offer_turn(sender)
         if self._server is None:
             self._server = asyncio.ensure_future(self._serve_calls())
         return None
+
+    def _offer_turn(self, sender: str) -> None:
+        """Put `sender` in line if it has calls queued and fewer than MAX_RUNNING_CALLS running."""
+        if sender in self._queues and sender not in self._in_line and self._running[sender] < MAX_RUNNING_CALLS:
+            self._in_line.add(sender)
+            self._turns.append(sender)
+            self._work.set()
 
     def _refuse(self, msg: Message, why: str) -> None:
         if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
@@ -232,13 +250,13 @@ class VfiodBus(MessageBus):
                 await self._work.wait()
                 continue
             sender = self._turns.popleft()
+            self._in_line.discard(sender)
             queue = self._queues[sender]
             msg = queue.popleft()
-            if queue:
-                self._turns.append(sender)
-            else:
+            if not queue:
                 del self._queues[sender]
-            super()._on_message(msg)
+            super()._on_message(msg)        # an async method counts as running from here
+            self._offer_turn(sender)
             await asyncio.sleep(0)
 
     @contextlib.contextmanager
@@ -279,7 +297,9 @@ class VfiodBus(MessageBus):
 
     def forget_sender(self, sender: str) -> None:
         """Drop what a client that left the bus still had queued."""
-        if self._queues.pop(sender, None) is not None:
+        self._queues.pop(sender, None)
+        if sender in self._in_line:
+            self._in_line.discard(sender)
             self._turns.remove(sender)
         self._running.pop(sender, None)
         self._refusals_logged.pop(sender, None)
@@ -294,6 +314,7 @@ class VfiodBus(MessageBus):
             def done(fut: asyncio.Future) -> None:
                 if self._running[sender] > 0:
                     self._running[sender] -= 1
+                    self._offer_turn(sender)
                 try:
                     body, unix_fds = ServiceInterface._fn_result_to_body(fut.result(), method.out_signature_tree)
                     reply = Message.new_method_return(msg, method.out_signature, body, unix_fds)

@@ -55,6 +55,10 @@ class BusWorld:
             f.write((policy or POLICY).format(user=TEST_USER))
         self.state_dir = os.path.join(self.dir, "state")
         self.sim_dir = os.path.join(self.dir, "sim")
+        if topology.startswith("server") and os.access("/dev/shm", os.W_OK):
+            # A server-sized tree is tens of thousands of small files: on tmpfs it is
+            # laid out in seconds, on a busy disk it can take a minute.
+            self.sim_dir = tempfile.mkdtemp(prefix="vfiod-sim-", dir="/dev/shm")
         self.topology = topology
         self.bus = PrivateBus(self.dir, os.path.join(ROOT, "systemd/org.vfiod1.conf"))
         assert self.bus.address == self.address
@@ -67,7 +71,7 @@ class BusWorld:
             [os.path.join(VENV_BIN, "vfiod"), "--bus", self.address, "--simulate", self.topology,
              "--sim-dir", self.sim_dir, "--state-dir", self.state_dir, "--policy-dir", self.policy_dir],
             stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 30
+        deadline = time.time() + (180 if self.topology.startswith("server") else 30)
         while time.time() < deadline:
             if self.daemon.poll() is not None:
                 raise RuntimeError("vfiod exited:\n" + self.read_log())
@@ -125,6 +129,7 @@ class BusWorld:
         self.stop_daemon()
         self.bus.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.sim_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -136,4 +141,21 @@ def world():
     try:
         yield w
     finally:
+        w.close()
+
+
+@pytest.fixture
+def make_world():
+    """`make_world(policy=..., topology=...)`: a BusWorld, closed after the test."""
+    if not shutil.which("dbus-daemon"):
+        pytest.skip("dbus-daemon is not installed")
+    unprivileged_uid()
+    made = []
+
+    def make(**kw):
+        w = BusWorld(**kw)
+        made.append(w)
+        return w
+    yield make
+    for w in made:
         w.close()

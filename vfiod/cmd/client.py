@@ -8,7 +8,7 @@ from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
 from .. import errors
-from ..bus import BUS_NAME, ROOT, bus_args
+from ..bus import BUS_NAME, ROOT, PatientBus, bus_args
 
 DEFAULT_TIMEOUT = 30.0
 _BY_NAME = {cls.dbus_name: cls for cls in errors.ALL_ERRORS if cls.dbus_name.startswith("org.vfiod1.")}
@@ -23,7 +23,7 @@ class Client:
     async def connect(self) -> "Client":
         try:
             self.bus = await asyncio.wait_for(
-                MessageBus(negotiate_unix_fd=True, **bus_args(self.bus_spec)).connect(), self.timeout)
+                PatientBus(negotiate_unix_fd=True, **bus_args(self.bus_spec)).connect(), self.timeout)
         except asyncio.TimeoutError:
             raise errors.BackendFailed(f"cannot reach the {self.bus_spec} bus: no answer within "
                                        f"{self.timeout:g} s") from None

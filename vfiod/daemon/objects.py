@@ -59,8 +59,10 @@ class ObjectTree:
             self.bus.unexport(busmod.lease_path(lease_id), iface)
             self.manager_iface.emit_properties_changed({"Leases": self.manager_iface.Leases})
 
-    def publish(self, old: Host, new: Host) -> None:
-        """On the loop: objects for what came and went, PropertiesChanged for what changed."""
+    def publish(self, old: Host, new: Host, touched: list[int] | None = None) -> None:
+        """On the loop: objects for what came and went, PropertiesChanged for what changed;
+        after a partial refresh only the `touched` groups and their devices are compared
+        (a burst of hotplug events on a big host does not walk every object each time)."""
         if self.bus and self._exported:
             for n in new.groups.keys() - self._groups.keys():
                 self._groups[n] = iface = busmod.GroupInterface(self.service, n)
@@ -72,7 +74,14 @@ class ObjectTree:
                 self.bus.unexport(busmod.device_path(addr), self._devices.pop(addr))
             for n in self._groups.keys() - new.groups.keys():
                 self.bus.unexport(busmod.group_path(n), self._groups.pop(n))
-        for n, iface in self._groups.items():
+        if touched is None:
+            groups = list(self._groups.items())
+            devices = list(self._devices.items())
+        else:
+            groups = [(n, self._groups[n]) for n in touched if n in self._groups]
+            members = {a for n in touched for h in (old, new) if n in h.groups for a in h.groups[n].members}
+            devices = [(a, self._devices[a]) for a in members if a in self._devices]
+        for n, iface in groups:
             g_old, g_new = old.groups.get(n), new.groups.get(n)
             if g_new is None:
                 continue
@@ -85,7 +94,7 @@ class ObjectTree:
             if last != changed or "Viable" in changed or "Blockers" in changed:
                 self._published[n] = changed
                 iface.emit_properties_changed(changed)
-        for addr, dev in self._devices.items():
+        for addr, dev in devices:
             d_old, d_new = old.devices.get(addr), new.devices.get(addr)
             if d_new is not None and (d_old is None or d_old.driver != d_new.driver):
                 dev.emit_properties_changed({"Driver": d_new.driver or "",

@@ -96,9 +96,9 @@ class Service:
         """Refresh after the reply has gone out: callers do not wait for the rescan."""
         asyncio.get_running_loop().run_in_executor(None, self.snapshot.refresh, groups)
 
-    def _changed_in_thread(self, old: Host, new: Host) -> None:
+    def _changed_in_thread(self, old: Host, new: Host, groups: list[int] | None) -> None:
         if self.loop:
-            self.loop.call_soon_threadsafe(self.objects.publish, old, new)
+            self.loop.call_soon_threadsafe(self.objects.publish, old, new, groups)
 
     def is_ending(self, lease_id: str) -> bool:
         return lease_id in self._ending

@@ -3,7 +3,8 @@
 A partial refresh rescans only the given groups and merges them into the last
 snapshot, keeping each group's isolation from the last whole scan (explaining
 a group needs the bridges above it, which may sit in other groups).  Every
-refresh hands (old, new) to `on_change`, which publishes what changed.
+refresh hands (old, new, groups) to `on_change`, which publishes what changed
+(in `groups` only, after a partial refresh).
 
 Refreshes run in worker threads and one at a time: a scan that started before a
 change and ended after a later one must not put the older picture back (the
@@ -25,7 +26,7 @@ class Snapshot:
         self.manager = manager
         self.host: Host = manager.scan()
         self.scans = {"full": 0, "partial": 0, "events": 0}
-        self.on_change: Callable[[Host, Host], None] = lambda old, new: None
+        self.on_change: Callable[[Host, Host, list[int] | None], None] = lambda old, new, groups: None
         self._lock = threading.Lock()
 
     def refresh(self, groups: Iterable[int] | None = None) -> None:
@@ -35,15 +36,15 @@ class Snapshot:
 
     def _refresh(self, groups: Iterable[int] | None) -> None:
         old = self.host
-        if groups is None:
+        touched = None if groups is None else list(groups)
+        if touched is None:
             self.scans["full"] += 1
             new = self.manager.scan()
         else:
-            groups = list(groups)
             self.scans["partial"] += 1
-            new = self._merge(old, self.manager.scan_groups(groups), groups)
+            new = self._merge(old, self.manager.scan_groups(touched), touched)
         self.host = new
-        self.on_change(old, new)
+        self.on_change(old, new, touched)
 
     @staticmethod
     def _merge(old: Host, part: Host, groups: list[int]) -> Host:
