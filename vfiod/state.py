@@ -36,7 +36,7 @@ import sqlite3
 import threading
 import time
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import attrs
 
@@ -45,7 +45,7 @@ from .errors import StateError
 SCHEMA = 2
 
 # A backend's hand-over record: a JSON object whose keys the backend defines.
-Record = dict[str, object]
+Record = Mapping[str, object]
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
