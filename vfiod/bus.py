@@ -19,17 +19,26 @@ import asyncio
 import contextvars
 import json
 import functools
+import inspect
 import logging
 import os
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol, TypedDict, TypeVar, Unpack
 
 from dbus_next import BusType, Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 from dbus_next.errors import DBusError
-from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
+from dbus_next.constants import PropertyAccess
+from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
 from . import __version__
 from .address import PciAddress
 from .errors import BackendFailed, InvalidArgument, VfiodError
+from .policy import Caller
+from .state import LeaseRow
+
+if TYPE_CHECKING:
+    from .daemon.service import Service
+    from .topology import Device, Group
 
 log = logging.getLogger("vfiod.bus")
 
@@ -38,7 +47,14 @@ ROOT = "/org/vfiod1"
 _current_msg: contextvars.ContextVar[Message | None] = contextvars.ContextVar("vfiod_msg", default=None)
 
 
-def bus_args(spec: str) -> dict:
+class BusArgs(TypedDict, total=False):
+    """Where a MessageBus connects: a well-known bus or an address."""
+
+    bus_type: BusType
+    bus_address: str
+
+
+def bus_args(spec: str) -> BusArgs:
     """MessageBus arguments for ``system``, ``session`` or a bus address."""
     if spec == "system":
         return {"bus_type": BusType.SYSTEM}
@@ -67,46 +83,73 @@ class VfiodBus(MessageBus):
     escape the completion callback too, so asyncio logged a traceback for every refused
     call: "Exception in callback ... done".)"""
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
+    def __init__(self, negotiate_unix_fd: bool = False, **where: Unpack[BusArgs]):
+        super().__init__(negotiate_unix_fd=negotiate_unix_fd, **where)
         self.close_after_send: set[int] = set()
 
-    def _make_method_handler(self, interface, method):
-        if not asyncio.iscoroutinefunction(method.fn):
-            return super()._make_method_handler(interface, method)
+    def _make_method_handler(self, interface: ServiceInterface, method: _DBusMethod) -> _Handler:
+        fn = method.fn
+        if asyncio.iscoroutinefunction(fn):
+            def handler(msg: Message, send_reply: Callable[[Message], None]) -> None:
+                def done(fut: asyncio.Future[object]) -> None:
+                    try:
+                        body, unix_fds = ServiceInterface._fn_result_to_body(fut.result(), method.out_signature_tree)
+                        reply = Message.new_method_return(msg, method.out_signature, body, unix_fds)
+                    except DBusError as e:
+                        reply = e._as_message(msg)
+                    except Exception:
+                        log.exception("internal error in %s.%s", interface.name, method.name)
+                        reply = Message.new_error(msg, BackendFailed.dbus_name,
+                                                  f"internal error in {method.name}; the daemon log has the details")
+                    send_reply(reply)
 
-        def handler(msg: Message, send_reply) -> None:
-            def done(fut: asyncio.Future) -> None:
-                try:
-                    body, unix_fds = ServiceInterface._fn_result_to_body(fut.result(), method.out_signature_tree)
-                    reply = Message.new_method_return(msg, method.out_signature, body, unix_fds)
-                except DBusError as e:
-                    reply = e._as_message(msg)
-                except Exception:
-                    log.exception("internal error in %s.%s", interface.name, method.name)
-                    reply = Message.new_error(msg, BackendFailed.dbus_name,
-                                              f"internal error in {method.name}; the daemon log has the details")
-                send_reply(reply)
+                args = ServiceInterface._msg_body_to_args(msg)
+                asyncio.ensure_future(fn(interface, *args)).add_done_callback(done)
 
-            args = ServiceInterface._msg_body_to_args(msg)
-            asyncio.ensure_future(method.fn(interface, *args)).add_done_callback(done)
+            return handler
+        plain: _Handler = MessageBus._make_method_handler(self, interface, method)
+        return plain
 
-        return handler
-
-    def send(self, msg: Message):
-        fut = super().send(msg)
+    # dbus-next's base class says send returns None; its asyncio bus returns the reply's Future.
+    def send(self, msg: Message) -> asyncio.Future[None]:  # type: ignore[override]
+        fut: asyncio.Future[None] = super().send(msg)
         for fd in msg.unix_fds or ():
             if fd in self.close_after_send:
                 self.close_after_send.discard(fd)
-                fut.add_done_callback(lambda _f, fd=fd: os.close(fd))
+
+                def close(_f: asyncio.Future[None], fd: int = fd) -> None:
+                    os.close(fd)
+                fut.add_done_callback(close)
         return fut
 
 
-def edge(fn):
+# What dbus-next calls for a method call: the message and how to send the reply.
+_Handler = Callable[[Message, Callable[[Message], None]], None]
+
+
+class _DBusMethod(Protocol):
+    """What dbus-next tells `VfiodBus._make_method_handler` of a method."""
+
+    name: str
+    fn: Callable[..., object]
+    out_signature: str
+    out_signature_tree: object
+
+
+class _Serving(Protocol):
+    """A bus interface backed by the daemon's `Service`."""
+
+    service: Service
+
+
+_T = TypeVar("_T")
+
+
+def edge(fn: Callable[..., Awaitable[_T]]) -> Callable[..., Awaitable[_T]]:
     """Run a bus method: resolve the caller, map errors to named D-Bus errors."""
 
     @functools.wraps(fn)
-    async def wrapper(self, *args):
+    async def wrapper(self: _Serving, *args: object) -> _T:
         try:
             caller = await self.service.caller_of(_current_msg.get())
             return await fn(self, caller, *args)
@@ -120,18 +163,17 @@ def edge(fn):
                             f"internal error in {fn.__name__}; the daemon log has the details") from None
 
     # dbus-next reads the signature from the annotations of the original function
-    wrapper.__signature__ = _strip_caller(fn)
+    wrapper.__signature__ = _strip_caller(fn)  # type: ignore[attr-defined]  # inspect.signature reads it
     return wrapper
 
 
-def _strip_caller(fn):
-    import inspect
+def _strip_caller(fn: Callable[..., object]) -> inspect.Signature:
     sig = inspect.signature(fn)
     params = [p for name, p in sig.parameters.items() if name != "caller"]
     return sig.replace(parameters=params)
 
 
-def _unwrap_options(options: dict) -> dict:
+def _unwrap_options(options: dict[str, object]) -> dict[str, object]:
     out = {}
     for key, value in options.items():
         out[key] = value.value if isinstance(value, Variant) else value
@@ -145,40 +187,40 @@ def _unwrap_options(options: dict) -> dict:
 
 
 class ManagerInterface(ServiceInterface):
-    def __init__(self, service):
+    def __init__(self, service: Service):
         super().__init__("org.vfiod1.Manager")
         self.service = service
 
     @method()
     @edge
-    async def RequestLease(self, caller, target: "s", backend: "s", options: "a{sv}") -> "o":
+    async def RequestLease(self, caller: Caller, target: "s", backend: "s", options: "a{sv}") -> "o":
         lease = await self.service.request(caller, target, backend, _unwrap_options(options), current_sender())
         return lease_path(lease.id)
 
     @method()
     @edge
-    async def GroupsJson(self, caller, targets: "as") -> "s":
+    async def GroupsJson(self, caller: Caller, targets: "as") -> "s":
         return json.dumps(await self.service.groups_json(caller, list(targets)))
 
     @method()
     @edge
-    async def Explain(self, caller, target: "s") -> "s":
+    async def Explain(self, caller: Caller, target: "s") -> "s":
         return await self.service.explain(caller, target)
 
     @method()
     @edge
-    async def CheckAccess(self, caller, target: "s", backend: "s") -> "(bss)":
+    async def CheckAccess(self, caller: Caller, target: "s", backend: "s") -> "(bss)":
         d = await self.service.check(caller, target, backend)
         return [d.allowed, d.rule or "", d.reason]
 
     @method()
     @edge
-    async def SetVfCount(self, caller, pf: "s", count: "u") -> "u":
+    async def SetVfCount(self, caller: Caller, pf: "s", count: "u") -> "u":
         return await self.service.set_vf_count(caller, pf, count)
 
     @method()
     @edge
-    async def ReloadPolicy(self, caller) -> "":
+    async def ReloadPolicy(self, caller: Caller) -> "":
         await self.service.reload_policy(caller)
 
     @dbus_property(access=PropertyAccess.READ)
@@ -211,12 +253,12 @@ class ManagerInterface(ServiceInterface):
 
 
 class GroupInterface(ServiceInterface):
-    def __init__(self, service, number: int):
+    def __init__(self, service: Service, number: int):
         super().__init__("org.vfiod1.Group")
         self.service = service
         self.number = number
 
-    def _g(self):
+    def _g(self) -> Group:
         return self.service.host.groups[self.number]
 
     @dbus_property(access=PropertyAccess.READ)
@@ -254,12 +296,12 @@ class GroupInterface(ServiceInterface):
 
 
 class DeviceInterface(ServiceInterface):
-    def __init__(self, service, addr: PciAddress):
+    def __init__(self, service: Service, addr: PciAddress):
         super().__init__("org.vfiod1.Device")
         self.service = service
         self.addr = addr
 
-    def _d(self):
+    def _d(self) -> Device:
         return self.service.host.devices[self.addr]
 
     @dbus_property(access=PropertyAccess.READ)
@@ -315,7 +357,7 @@ class DeviceInterface(ServiceInterface):
 
 
 class LeaseInterface(ServiceInterface):
-    def __init__(self, service, lease):
+    def __init__(self, service: Service, lease: LeaseRow):
         super().__init__("org.vfiod1.Lease")
         self.service = service
         self.lease = lease
@@ -366,28 +408,28 @@ class LeaseInterface(ServiceInterface):
 
     @method()
     @edge
-    async def OpenGroup(self, caller) -> "h":
+    async def OpenGroup(self, caller: Caller) -> "h":
         return self.service.keep_fd_for_send(await self.service.open_fd(caller, self.lease.id, "group"))
 
     @method()
     @edge
-    async def OpenContainer(self, caller) -> "h":
+    async def OpenContainer(self, caller: Caller) -> "h":
         return self.service.keep_fd_for_send(await self.service.open_fd(caller, self.lease.id, "container"))
 
     @method()
     @edge
-    async def HostdevXml(self, caller) -> "s":
+    async def HostdevXml(self, caller: Caller) -> "s":
         return await self.service.hostdev_xml(caller, self.lease.id)
 
     @method()
     @edge
-    async def Renew(self, caller, seconds: "t") -> "":
+    async def Renew(self, caller: Caller, seconds: "t") -> "":
         self.lease = await self.service.renew(caller, self.lease.id, seconds)
         self.emit_properties_changed({"Expires": int(self.lease.expires)})
 
     @method()
     @edge
-    async def Release(self, caller) -> "":
+    async def Release(self, caller: Caller) -> "":
         await self.service.release(caller, self.lease.id)
 
 
@@ -398,7 +440,7 @@ def current_sender() -> str | None:
 
 
 def install_caller_tracking(bus: MessageBus) -> None:
-    def remember(msg: Message):
+    def remember(msg: Message) -> None:
         if msg.message_type == MessageType.METHOD_CALL:
             _current_msg.set(msg)
         return None

@@ -11,7 +11,11 @@ import os
 import tempfile
 
 from ...address import PciAddress
-from .builder import Fn, HostSpec, build as build_spec  # noqa: F401  (re-exported)
+from ...sysfs import Roots
+from .builder import Fn, HostSpec, build as build_spec
+
+__all__ = ["BRIDGE", "DEFAULT", "EXAMPLES", "GPU", "ICH10", "SRIOV", "SWITCH", "Fn", "HostSpec",
+           "build", "build_spec", "build_temporary", "sriov_farm"]
 
 ICH10 = HostSpec.from_table("ich10", "Intel ICH10 desktop (the RHEL guide's example): "
                             "two NICs behind the ICH10 root ports share group 8", """
@@ -115,7 +119,7 @@ def sriov_farm(root_ports: int = 16, vfs: int = 254) -> HostSpec:
                     functions=tuple(fns))
 
 
-def build(name: str, root: str):
+def build(name: str, root: str) -> Roots:
     """Lay out the named example host below `root`; returns its `Roots`."""
     try:
         spec = EXAMPLES[name]
@@ -124,7 +128,7 @@ def build(name: str, root: str):
     return build_spec(spec, root)
 
 
-def build_temporary(name: str):
+def build_temporary(name: str) -> tuple[tempfile.TemporaryDirectory[str], Roots]:
     """Lay out the named host in a new temporary directory; returns (TemporaryDirectory, Roots)."""
     tmp = tempfile.TemporaryDirectory(prefix=f"vfiod-sim-{name}-")
     return tmp, build(name, os.path.join(tmp.name, "host"))
