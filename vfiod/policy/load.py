@@ -60,10 +60,13 @@ class _Table:
     def table_error(self, message: str) -> PolicyError:
         return PolicyError(f"{self.source}: [[{self.kind}]]: {message}")
 
-    def check_keys(self, known: tuple[str, ...]) -> None:
+    def check_keys(self, known: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
         for key in self.data:
             if key not in known:
                 raise self.error(key, "unknown key" + _did_you_mean(key, known))
+        for key in required:
+            if key not in self.data:
+                raise self.table_error(f"missing key '{key}'")
 
     def get(self, key: str, parse: Callable[[object], _T]) -> _T:
         """`parse(value)` of the key's value; `_Bad` becomes a located PolicyError."""
@@ -191,6 +194,20 @@ def _exact_id(v: object) -> tuple[int, int]:
     return int(m.group(1), 16), int(m.group(2), 16)
 
 
+def _ids_of(t: _Table, key: str, names: Iterable[str], lookup: Callable[[str], int | None],
+           what: str) -> list[int]:
+    """The uid or gid `lookup` gives each of `names` (the value of `key`); a located
+    error for a name the system does not know."""
+    ids = []
+    for j, name in enumerate(names):
+        found = lookup(name)
+        if found is None:
+            raise t.error(key, f"no {what} named {_short(name)} on this system",
+                          j if isinstance(t.data[key], list) else None)
+        ids.append(found)
+    return ids
+
+
 def _syntax_error(path: str, text: str, message: str) -> str:
     m = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
     if m:
@@ -311,12 +328,7 @@ class Loader:
         user_uids: list[int] = []
         if "users" in d:
             names = t.many("users", lambda v: _string(v, "a user name"), "user name")
-            for j, name in enumerate(names):
-                uid = self.users.uid(name)
-                if uid is None:
-                    raise t.error("users", f"no user named {_short(name)} on this system",
-                                  j if isinstance(d["users"], list) else None)
-                user_uids.append(uid)
+            user_uids = _ids_of(t, "users", names, self.users.uid, "user")
             users = tuple(dict.fromkeys(names))
             uids.update(user_uids)
         if "uids" in d:
@@ -325,12 +337,7 @@ class Loader:
         gids: set[int] = set()
         if "groups" in d:
             names = t.many("groups", _unix_group_name, "group name")
-            for j, name in enumerate(names):
-                gid = self.users.gid(name)
-                if gid is None:
-                    raise t.error("groups", f"no group named {_short(name)} on this system",
-                                  j if isinstance(d["groups"], list) else None)
-                gids.add(gid)
+            gids.update(_ids_of(t, "groups", names, self.users.gid, "group"))
             unix_groups = tuple(dict.fromkeys(names))
         everyone = t.get("everyone", _bool) if "everyone" in d else False
         if not (uids or gids or everyone):
@@ -379,11 +386,8 @@ class Loader:
         return text
 
     def _resource(self, t: _Table) -> None:
-        t.check_keys(RESOURCE_KEYS)
+        t.check_keys(RESOURCE_KEYS, required=("name", "devices"))
         d = t.data
-        for key in ("name", "devices"):
-            if key not in d:
-                raise t.table_error(f"missing key '{key}'")
         name = t.checked("name", _resource_name)
         if name in self.resources:
             raise t.error("name", f"resource {name!r} is already defined at {self.resources[name].source}")
@@ -417,11 +421,8 @@ class Loader:
         self.resources[name] = Resource(name=name, devices=tuple(devices), source=t.source, comment=comment)
 
     def _claim(self, t: _Table) -> Claim:
-        t.check_keys(CLAIM_KEYS)
+        t.check_keys(CLAIM_KEYS, required=("target", "user"))
         d = t.data
-        for key in ("target", "user"):
-            if key not in d:
-                raise t.table_error(f"missing key '{key}'")
         target = t.get("target", _text)
         try:
             parsed = parse_target(target)
