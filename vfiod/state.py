@@ -261,9 +261,10 @@ class Journal:
                             (time.time(), event, uid, target, lease, rule, outcome, detail))
 
     def audit_rows(self) -> list[tuple[Any, ...]]:
+        """(event, uid, target, lease, rule, outcome, detail) of every audit record, oldest first."""
         with self._lock:
-            rows: list[tuple[Any, ...]] = self.db.execute("SELECT event, uid, target, lease, rule, outcome, detail FROM audit "
-                                   "ORDER BY rowid").fetchall()
+            rows: list[tuple[Any, ...]] = self.db.execute(
+                "SELECT event, uid, target, lease, rule, outcome, detail FROM audit ORDER BY rowid").fetchall()
         return rows
 
 

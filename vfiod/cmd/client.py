@@ -63,6 +63,7 @@ class Client:
             raise _BY_NAME.get(reply.error_name, errors.VfiodError)(text)
         return reply
 
+    # Property values come as each property's D-Bus type says: they are typed per property.
     async def managed_objects(self) -> dict[str, dict[str, dict[str, Any]]]:
         reply = await self.call(ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
         return {path: {iface: {k: v.value for k, v in props.items()} for iface, props in ifaces.items()}
