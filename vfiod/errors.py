@@ -47,6 +47,13 @@ class Busy(VfiodError):
     exit_code = 4
 
 
+class LimitsExceeded(Busy):
+    """One client asked for more at once than the daemon serves one client (calls in
+    flight, message size); the others are served meanwhile."""
+
+    dbus_name = "org.vfiod1.Error.LimitsExceeded"
+
+
 class NotViable(VfiodError):
     dbus_name = "org.vfiod1.Error.NotViable"
     exit_code = 4
@@ -81,6 +88,6 @@ class StateError(BackendFailed):
 
 #: Every error class, for the table test and the bus layer.
 ALL_ERRORS = (
-    VfiodError, InvalidArgument, InvalidAddress, NotFound, PermissionDenied, Busy,
+    VfiodError, InvalidArgument, InvalidAddress, NotFound, PermissionDenied, Busy, LimitsExceeded,
     NotViable, Protected, Unsafe, BackendFailed, PolicyError, KernelError, StateError,
 )

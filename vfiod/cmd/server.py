@@ -51,8 +51,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(groups, indent=1 if sys.stdout.isatty() else None) + "\n")
         return EXIT_OK
     if args.simulate:
-        from ..sim.hosts import EXAMPLES
-        print(f"Simulated host {args.simulate!r}: {EXAMPLES[args.simulate].description}\n")
+        from ..sim.hosts import spec
+        print(f"Simulated host {args.simulate!r}: {spec(args.simulate).description}\n")
     for f in host.findings:
         print(f"note: {f.text}\n")
     if not groups:

@@ -61,7 +61,7 @@ def make_kernel(args: argparse.Namespace) -> tuple[Kernel, str | None]:
     from ..sim import hosts
     from ..sim.kernel import SimKernel
 
-    spec = hosts.EXAMPLES[args.simulate]
+    spec = hosts.spec(args.simulate)
     sim_dir = args.sim_dir or tempfile.mkdtemp(prefix="vfiod-sim-")
     root = os.path.join(sim_dir, "host")
     if os.path.isdir(root):
@@ -130,6 +130,7 @@ async def serve(args: argparse.Namespace) -> int:
     def on_message(msg: Message) -> None:
         gone = _is_owner_gone(msg)
         if gone:
+            bus.forget_sender(gone)
             asyncio.ensure_future(service.owner_gone(gone))
         return None
     bus.add_message_handler(on_message)
@@ -178,17 +179,55 @@ async def serve(args: argparse.Namespace) -> int:
             if expired:
                 service.refresh_soon([e.lease.group for e in expired])
     ticker = asyncio.ensure_future(expire())
-    await stop.wait()
+    watchdog = asyncio.ensure_future(feed_watchdog())
+    stopped = asyncio.ensure_future(stop.wait())
+    lost = asyncio.ensure_future(bus.wait_for_disconnect())
+    await asyncio.wait((stopped, lost), return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if lost.done():
+        # The connection is gone (the bus daemon stopped, or the socket failed): this
+        # process can serve nobody any more, so it ends and says so; the journal keeps
+        # every lease, and the service manager starts a new one that reconciles.
+        err = lost.exception() if not lost.cancelled() else None
+        log.error("lost the %s bus connection (%s); exiting so the service manager restarts vfiod",
+                  args.bus, str(err).strip() if err else "closed by the bus")
+        status = 1
+    stopped.cancel()
+    lost.cancel()
 
     # Step 8: stop. Non-persistent leases end with the daemon; persistent ones stay recorded.
+    # After a lost connection every lease stays recorded: the next start reconciles them
+    # (their clients lost the bus too, so their plain leases end there).
     ticker.cancel()
+    watchdog.cancel()
     sd_notify("STOPPING=1")
-    for lease in journal.leases():
-        if not lease.persistent and lease.state == "granted":
-            try:
-                await service._run(service.manager.release, lease.id, None, "shutdown")
-            except VfiodError as e:
-                log.error("ending lease %s on shutdown: %s", lease.id, e)
-    bus.disconnect()
+    if status == 0:
+        for lease in journal.leases():
+            if not lease.persistent and lease.state == "granted":
+                try:
+                    await service._run(service.manager.release, lease.id, None, "shutdown")
+                except VfiodError as e:
+                    log.error("ending lease %s on shutdown: %s", lease.id, e)
+        bus.disconnect()
     journal.close()
-    return 0
+    return status
+
+
+def watchdog_interval() -> float | None:
+    """Half the service manager's watchdog timeout, if it set one for this process."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+async def feed_watchdog() -> None:
+    """Tell the service manager the event loop is alive, twice per watchdog timeout: a
+    loop that stops turning (wedged on a call) stops feeding, and systemd restarts vfiod."""
+    interval = watchdog_interval()
+    if interval is None:
+        return
+    while True:
+        sd_notify("WATCHDOG=1")
+        await asyncio.sleep(interval)

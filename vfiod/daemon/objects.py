@@ -31,15 +31,16 @@ class ObjectTree:
     def export_all(self, host: Host, leases: list[LeaseRow]) -> None:
         assert self.bus is not None
         self._exported = True
-        self.bus.export(busmod.ROOT, self.manager_iface)
-        for n in host.groups:
-            self._groups[n] = iface = busmod.GroupInterface(self.service, n)
-            self.bus.export(busmod.group_path(n), iface)
-        for addr in host.devices:
-            self._devices[addr] = dev = busmod.DeviceInterface(self.service, addr)
-            self.bus.export(busmod.device_path(addr), dev)
-        for lease in leases:
-            self.export_lease(lease)
+        with self.bus.quiet_exports():
+            self.bus.export(busmod.ROOT, self.manager_iface)
+            for n in host.groups:
+                self._groups[n] = iface = busmod.GroupInterface(self.service, n)
+                self.bus.export(busmod.group_path(n), iface)
+            for addr in host.devices:
+                self._devices[addr] = dev = busmod.DeviceInterface(self.service, addr)
+                self.bus.export(busmod.device_path(addr), dev)
+            for lease in leases:
+                self.export_lease(lease)
 
     def exported_leases(self) -> list[str]:
         return list(self._leases)

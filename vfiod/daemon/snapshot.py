@@ -3,10 +3,15 @@
 A partial refresh rescans only the given groups and merges them into the last
 snapshot, keeping each group's isolation from the last whole scan (explaining
 a group needs the bridges above it, which may sit in other groups).  Every
-refresh hands (old, new) to `on_change`, which publishes what changed."""
+refresh hands (old, new) to `on_change`, which publishes what changed.
+
+Refreshes run in worker threads and one at a time: a scan that started before a
+change and ended after a later one must not put the older picture back (the
+VF objects of a PF whose count went 2 → 0 → 1 came back that way)."""
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Iterable
 
 import attrs
@@ -21,9 +26,14 @@ class Snapshot:
         self.host: Host = manager.scan()
         self.scans = {"full": 0, "partial": 0, "events": 0}
         self.on_change: Callable[[Host, Host], None] = lambda old, new: None
+        self._lock = threading.Lock()
 
     def refresh(self, groups: Iterable[int] | None = None) -> None:
         """Rescan (only `groups`, if given) and report what changed (in a worker thread)."""
+        with self._lock:
+            self._refresh(groups)
+
+    def _refresh(self, groups: Iterable[int] | None) -> None:
         old = self.host
         if groups is None:
             self.scans["full"] += 1

@@ -7,6 +7,7 @@ the isolation engine's recomputation can be checked against them.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -15,7 +16,8 @@ from ...sysfs import Roots
 from .builder import Fn, HostSpec, build as build_spec
 
 __all__ = ["BRIDGE", "DEFAULT", "EXAMPLES", "GPU", "ICH10", "SRIOV", "SWITCH", "Fn", "HostSpec",
-           "build", "build_spec", "build_temporary", "sriov_farm"]
+           "SERVER_DEFAULT", "SERVER_MAX", "SERVER_MIN", "build", "build_spec", "build_temporary", "server",
+           "spec", "sriov_farm", "topology_arg"]
 
 ICH10 = HostSpec.from_table("ich10", "Intel ICH10 desktop (the RHEL guide's example): "
                             "two NICs behind the ICH10 root ports share group 8", """
@@ -119,13 +121,88 @@ def sriov_farm(root_ports: int = 16, vfs: int = 254) -> HostSpec:
                     functions=tuple(fns))
 
 
-def build(name: str, root: str) -> Roots:
-    """Lay out the named example host below `root`; returns its `Roots`."""
+SERVER_DEFAULT = 256
+SERVER_MIN = 10
+SERVER_MAX = 65_536
+
+
+@functools.lru_cache(maxsize=4)
+def server(functions: int = SERVER_DEFAULT) -> HostSpec:
+    """A two-socket server of about `functions` PCI functions, laid out as the kernel does.
+
+    Each socket is its own PCI domain (``0000`` and ``0001``) with a host bridge
+    and root ports with ACS; below each root port one SR-IOV PF (an E810-like NIC
+    on ``ice``) and its VFs (on ``iavf``), each function its own IOMMU group.  The
+    first domain also holds the boot disk (NVMe, the root filesystem), the NIC of
+    the default route and the BMC's VGA.  The VFs are spread over the root ports
+    so the total is exactly `functions` (at least 10)."""
+    if not SERVER_MIN <= functions <= SERVER_MAX:
+        raise ValueError(f"a server host has {SERVER_MIN} to {SERVER_MAX} functions, not {functions}")
+    lines = [
+        "0000:00:00.0 - 8086:09a2 060000 hostbridge - 0",
+        "0001:00:00.0 - 8086:09a2 060000 hostbridge - 1",
+        "0000:00:1f.0 - 8086:1bca 060100 rciep - 2",
+        "0000:00:1f.4 - 8086:1bc9 0c0500 rciep i801_smbus 3",
+        "0000:00:02.0 - 8086:347a 060400 rootport pcieport 4 acs",
+        "0000:01:00.0 0000:00:02.0 144d:a80a 010802 endpoint nvme 5 subsys=144d:a801",
+        "0000:00:03.0 - 8086:347b 060400 rootport pcieport 6 acs",
+        "0000:02:00.0 0000:00:03.0 8086:1533 020000 endpoint igb 7 net=eno1 subsys=15d9:1533",
+    ]
+    group = 8
+    budget = functions - len(lines)
+    # Each root port brings itself and a PF; VFs fill the rest, up to 255 per PF.
+    ports = max(1, -(-budget // 257))
+    vfs_total = budget - 2 * ports
+    for p in range(ports):
+        domain, index = p % 2, p // 2
+        port = PciAddress(domain, 0, 4 + index // 8, index % 8)
+        bus = 0x10 + index
+        pf = PciAddress(domain, bus, 0, 0)
+        nvfs = vfs_total // ports + (1 if p < vfs_total % ports else 0)
+        lines.append(f"{port} - 8086:347a 060400 rootport pcieport {group} acs mf")
+        lines.append(f"{pf} {port} 8086:159b 020000 endpoint ice {group + 1} sriov=256:1889 "
+                     f"net=ens{p}f0 subsys=8086:0001")
+        group += 2
+        for i in range(1, nvfs + 1):
+            vf = PciAddress(domain, bus, i // 8, i % 8)
+            lines.append(f"{vf} {port} 8086:1889 020000 endpoint iavf {group} vf-of={pf}")
+            group += 1
+    fns = tuple(Fn.from_line(line) for line in lines)
+    return HostSpec(name=f"server:{functions}",
+                    description=f"a two-socket server: {len(fns)} PCI functions, {ports} SR-IOV NICs "
+                                f"with {vfs_total} VFs over two PCI domains",
+                    functions=fns, root_disk=PciAddress.parse("0000:01:00.0"), route_iface="eno1")
+
+
+def spec(name: str) -> HostSpec:
+    """The simulated host called `name`: a built-in example, or ``server[:N]``."""
+    if name in EXAMPLES:
+        return EXAMPLES[name]
+    kind, _, size = name.partition(":")
+    if kind == "server":
+        try:
+            return server(int(size) if size else SERVER_DEFAULT)
+        except ValueError as e:
+            raise ValueError(str(e) if size.isdigit() else f"server:N wants a number of functions, "
+                             f"not {size!r}") from None
+    raise ValueError(f"unknown simulated host {name!r} (known: {', '.join(sorted(EXAMPLES))}, "
+                     f"server[:N])")
+
+
+def topology_arg(name: str) -> str:
+    """argparse type for --simulate: the name, checked."""
+    import argparse
+
     try:
-        spec = EXAMPLES[name]
-    except KeyError:
-        raise KeyError(f"unknown simulated host {name!r} (known: {', '.join(sorted(EXAMPLES))})") from None
-    return build_spec(spec, root)
+        spec(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
+
+def build(name: str, root: str) -> Roots:
+    """Lay out the named simulated host below `root`; returns its `Roots`."""
+    return build_spec(spec(name), root)
 
 
 def build_temporary(name: str) -> tuple[tempfile.TemporaryDirectory[str], Roots]:
