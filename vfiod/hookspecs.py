@@ -59,8 +59,10 @@ class Backend(Protocol):
         comes from the journal (release, restart, revocation), so the undo
         methods must not need it.
     ``ctx.host``
-        the `vfiod.topology.Host` snapshot taken for the request (empty of
-        devices when the lease comes from the journal).
+        the `vfiod.topology.Host` snapshot at hand: the one taken for the
+        request while granting, the daemon's last scan for ``open_group``,
+        ``open_container`` and ``hostdev_xml``, and one without devices when
+        the lease comes from the journal.
 
     Errors: raise a `vfiod.errors.VfiodError` (`Unsafe`, `Busy`,
     `NotViable`, `BackendFailed`, `InvalidArgument`…); the lessee sees its
