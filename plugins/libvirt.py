@@ -28,22 +28,32 @@ import logging
 import os
 import threading
 import xml.etree.ElementTree as ET
+from types import ModuleType
+from typing import TYPE_CHECKING, Iterable
 
+from vfiod.address import PciAddress
 from vfiod.errors import BackendFailed, Busy
-from vfiod.hookspecs import hookimpl
-from vfiod_plugins.vfio import VfioBackend
+from vfiod.hookspecs import Register, hookimpl
+
+from .vfio import VfioBackend
+
+if TYPE_CHECKING:
+    import libvirt                      # the binding ships no types: its classes name what is meant
+
+    from vfiod.leases import LeaseContext
+    from vfiod.state import Held
 
 log = logging.getLogger("vfiod.libvirt")
 
 DEFAULT_URI = "qemu:///system"
 
 
-def nodedev_name(addr) -> str:
+def nodedev_name(addr: PciAddress) -> str:
     """libvirt's node-device name of a PCI function: pci_DDDD_BB_SS_F."""
-    return f"pci_{addr.domain:04x}_{addr.bus:02x}_{addr.slot:02x}_{addr.function:x}"
+    return addr.libvirt_name
 
 
-def hostdev_elements(addresses) -> str:
+def hostdev_elements(addresses: Iterable[PciAddress]) -> str:
     """The ``<hostdev>`` elements of a group's endpoints, in address order."""
     out = []
     for a in sorted(addresses):
@@ -60,7 +70,7 @@ def hostdev_elements(addresses) -> str:
 
 def domain_hostdevs(domain_xml: str) -> set[tuple[int, int, int, int]]:
     """(domain, bus, slot, function) of every PCI hostdev in a domain's XML."""
-    found = set()
+    found: set[tuple[int, int, int, int]] = set()
     try:
         root = ET.fromstring(domain_xml)
     except ET.ParseError:
@@ -72,9 +82,10 @@ def domain_hostdevs(domain_xml: str) -> set[tuple[int, int, int, int]]:
         if a is None:
             continue
         try:
-            found.add(tuple(int(a.get(k, "0"), 16) for k in ("domain", "bus", "slot", "function")))
+            domain, bus, slot, function = (int(a.get(k, "0"), 16) for k in ("domain", "bus", "slot", "function"))
         except ValueError:
             continue
+        found.add((domain, bus, slot, function))
     return found
 
 
@@ -82,15 +93,15 @@ class LibvirtBackend(VfioBackend):
     name = "libvirt"
     driver = "vfio-pci"
 
-    def __init__(self, uri: str | None = None, module=None):
+    def __init__(self, uri: str | None = None, module: ModuleType | None = None):
         self.uri = uri or os.environ.get("VFIOD_LIBVIRT_URI") or DEFAULT_URI
         self._module = module              # the libvirt binding (tests pass a double)
-        self._conn = None
+        self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
 
     # ---- the connection
 
-    def _libvirt(self):
+    def _libvirt(self) -> ModuleType:
         if self._module is None:
             try:
                 import libvirt
@@ -101,7 +112,7 @@ class LibvirtBackend(VfioBackend):
             self._module = libvirt
         return self._module
 
-    def connection(self):
+    def connection(self) -> libvirt.virConnect:
         libvirt = self._libvirt()
         with self._lock:
             if self._conn is not None:
@@ -119,7 +130,7 @@ class LibvirtBackend(VfioBackend):
                     "virtqemud) running? (systemctl start libvirtd)") from None
             return self._conn
 
-    def _nodedev(self, conn, addr):
+    def _nodedev(self, conn: libvirt.virConnect, addr: PciAddress) -> libvirt.virNodeDevice:
         libvirt = self._libvirt()
         try:
             return conn.nodeDeviceLookupByName(nodedev_name(addr))
@@ -130,7 +141,7 @@ class LibvirtBackend(VfioBackend):
 
     # ---- the hooks
 
-    def check(self, ctx):
+    def check(self, ctx: LeaseContext) -> None:
         super().check(ctx)
         libvirt = self._libvirt()
         conn = self.connection()
@@ -146,7 +157,7 @@ class LibvirtBackend(VfioBackend):
         for a in ctx.endpoints:
             self._nodedev(conn, a)
 
-    def bind(self, ctx, addr):
+    def bind(self, ctx: LeaseContext, addr: PciAddress) -> None:
         libvirt = self._libvirt()
         if ctx.kernel.driver_of(addr) == self.driver:
             return
@@ -160,7 +171,7 @@ class LibvirtBackend(VfioBackend):
         if have != self.driver:
             raise BackendFailed(f"libvirt detached {addr}, but it is on {have or 'no driver'}, not {self.driver}")
 
-    def unbind(self, ctx, addr, held):
+    def unbind(self, ctx: LeaseContext, addr: PciAddress, held: Held) -> None:
         libvirt = self._libvirt()
         if ctx.kernel.driver_of(addr) == self.driver:
             try:
@@ -177,10 +188,10 @@ class LibvirtBackend(VfioBackend):
                             held.driver or "no driver", held.override)
             ctx.kernel.restore(addr, held.driver, held.override)
 
-    def hostdev_xml(self, ctx):
+    def hostdev_xml(self, ctx: LeaseContext) -> str:
         return hostdev_elements(ctx.endpoints)
 
 
 @hookimpl
-def vfiod_register_backends(register):
+def vfiod_register_backends(register: Register) -> None:
     register(LibvirtBackend())

@@ -1,7 +1,7 @@
 """The ``pci-stub`` backend: park a group so no host driver takes it; nothing is handed over."""
 
 from vfiod.backends import BackendBase
-from vfiod.hookspecs import hookimpl
+from vfiod.hookspecs import Register, hookimpl
 
 
 class PciStubBackend(BackendBase):
@@ -10,5 +10,5 @@ class PciStubBackend(BackendBase):
 
 
 @hookimpl
-def vfiod_register_backends(register):
+def vfiod_register_backends(register: Register) -> None:
     register(PciStubBackend())

@@ -22,7 +22,7 @@ def _read(path: str) -> list[tuple[int, int, int]] | None:
     try:
         data = os.getxattr(path, XATTR)
     except OSError as e:
-        if e.errno in (errno.ENODATA, getattr(errno, "ENOATTR", errno.ENODATA)):
+        if e.errno == errno.ENODATA:          # no ACL (Linux says ENODATA for ENOATTR)
             return None
         raise
     if len(data) < 4 or struct.unpack_from("<I", data)[0] != VERSION:
@@ -70,6 +70,6 @@ def set_user(path: str, uid: int, perm: int | None) -> bool:
         try:
             os.removexattr(path, XATTR)
         except OSError as e:
-            if e.errno not in (errno.ENODATA, getattr(errno, "ENOATTR", errno.ENODATA)):
+            if e.errno != errno.ENODATA:
                 raise
     return before != perm

@@ -37,10 +37,10 @@ class PciAddress:
     bus: int
     slot: int
     function: int
-    _key: tuple = attrs.field(init=False, eq=False, repr=False, hash=False)
+    _key: tuple[int, int, int, int] = attrs.field(init=False, eq=False, repr=False, hash=False)
     _name: str = attrs.field(init=False, eq=False, repr=False, hash=False)
 
-    def __attrs_post_init__(self):
+    def __attrs_post_init__(self) -> None:
         for (name, limit), value in zip(_LIMITS, (self.domain, self.bus, self.slot, self.function)):
             if type(value) is not int or not 0 <= value <= limit:
                 raise InvalidAddress(f"PCI {name} {value!r} is out of range")
@@ -66,7 +66,7 @@ class PciAddress:
     @classmethod
     def from_sysfs_name(cls, text: str) -> "PciAddress":
         if isinstance(text, str) and len(text) == 12:
-            return _cached_sysfs(cls, text)
+            return _cached_sysfs(text)
         return cls._from_sysfs_name(text)
 
     @classmethod
@@ -122,5 +122,5 @@ class PciAddress:
 
 
 @lru_cache(maxsize=65536)
-def _cached_sysfs(cls, text: str) -> PciAddress:
-    return cls._from_sysfs_name(text)
+def _cached_sysfs(text: str) -> PciAddress:
+    return PciAddress._from_sysfs_name(text)

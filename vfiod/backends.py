@@ -3,52 +3,60 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Iterable
 
 import pluggy
 
 from . import hookspecs
 from .errors import BackendFailed, InvalidArgument
+from .hookspecs import Backend
+
+if TYPE_CHECKING:
+    from .address import PciAddress
+    from .leases import LeaseContext
+    from .state import Held, Record
 
 BUILTIN = ("vfiod_plugins.vfio", "vfiod_plugins.pci_stub", "vfiod_plugins.libvirt")
 ENTRY_POINT_GROUP = "vfiod.backends"
 
 
 class BackendBase:
-    """Defaults for the hooks of `vfiod.hookspecs` that most backends share."""
+    """Defaults for the `vfiod.hookspecs.Backend` methods that most backends share:
+    bind to `driver` and restore, hand nothing over, open nothing."""
 
     name = ""
     driver = ""
 
-    def check(self, ctx) -> None:
+    def check(self, ctx: LeaseContext) -> None:
         pass
 
-    def bind(self, ctx, addr) -> None:
+    def bind(self, ctx: LeaseContext, addr: PciAddress) -> None:
         ctx.kernel.load_driver(self.driver)
         ctx.kernel.bind(addr, self.driver)
 
-    def unbind(self, ctx, addr, held) -> None:
+    def unbind(self, ctx: LeaseContext, addr: PciAddress, held: Held) -> None:
         ctx.kernel.restore(addr, held.driver, held.override)
 
-    def plan_hand_over(self, ctx) -> dict:
+    def plan_hand_over(self, ctx: LeaseContext) -> Record:
         return {}
 
-    def hand_over(self, ctx) -> dict:
+    def hand_over(self, ctx: LeaseContext) -> Record:
         return {}
 
-    def take_back(self, ctx, record: dict) -> None:
+    def take_back(self, ctx: LeaseContext, record: Record) -> None:
         pass
 
-    def open_group(self, ctx) -> int:
+    def open_group(self, ctx: LeaseContext) -> int:
         raise InvalidArgument(f"the {self.name} backend hands over no group fd")
 
-    def open_container(self, ctx) -> int:
+    def open_container(self, ctx: LeaseContext) -> int:
         raise InvalidArgument(f"the {self.name} backend hands over no container fd")
 
-    def hostdev_xml(self, ctx) -> str:
+    def hostdev_xml(self, ctx: LeaseContext) -> str:
         raise InvalidArgument(f"the {self.name} backend has no hostdev XML (use the libvirt backend)")
 
 
-def plugin_manager(extra=(), entry_points: bool = True) -> pluggy.PluginManager:
+def plugin_manager(extra: Iterable[object] = (), entry_points: bool = True) -> pluggy.PluginManager:
     """Backends come through the entry-point group `vfiod.backends`, the built-in ones
     (``plugins/``, imported as `vfiod_plugins`) as well as third parties'.  Where vfiod
     runs from a source tree without installed metadata, the built-ins are imported
@@ -72,13 +80,17 @@ def plugin_manager(extra=(), entry_points: bool = True) -> pluggy.PluginManager:
     return pm
 
 
-def load_backends(pm: pluggy.PluginManager | None = None) -> dict[str, object]:
+def load_backends(pm: pluggy.PluginManager | None = None) -> dict[str, Backend]:
     pm = pm or plugin_manager()
-    found: dict[str, object] = {}
+    found: dict[str, Backend] = {}
 
-    def register(backend):
-        name = getattr(backend, "name", None)
-        if not name or not getattr(backend, "driver", None):
+    def register(backend: object) -> None:
+        # Third-party plugins are not type-checked with vfiod: check the protocol here.
+        if not isinstance(backend, Backend):
+            raise BackendFailed(f"a plugin registered {backend!r}, which is not a backend (it lacks a member of "
+                                "vfiod.hookspecs.Backend; vfiod.backends.BackendBase gives the defaults)")
+        name = backend.name
+        if not name or not backend.driver:
             raise BackendFailed(f"a plugin registered a backend without a name or driver: {backend!r}")
         if name in found:
             raise BackendFailed(f"two plugins register a backend named {name!r}")

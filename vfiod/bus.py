@@ -38,22 +38,36 @@ import contextlib
 import contextvars
 import json
 import functools
+import inspect
+import io
 import logging
 import os
 import socket
 import struct
 import time
+import weakref
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterator, Protocol, TypedDict, TypeVar, Unpack
 
 from dbus_next import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_next._private.unmarshaller import MarshallerStreamEndError, Unmarshaller
 from dbus_next.aio import MessageBus
 from dbus_next.aio.message_bus import _MessageWriter
 from dbus_next.errors import DBusError
-from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
+from dbus_next.constants import PropertyAccess
+from dbus_next.message_bus import BaseMessageBus
+from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
 from . import __version__
 from .address import PciAddress
 from .errors import BackendFailed, InvalidArgument, LimitsExceeded, VfiodError
+from .policy import Caller
+from .state import LeaseRow
+
+if TYPE_CHECKING:
+    from dbus_next.service import _Method, _Property, _Signal
+
+    from .daemon.service import Service
+    from .topology import Device, Group
 
 log = logging.getLogger("vfiod.bus")
 
@@ -70,7 +84,14 @@ MAX_RUNNING_CALLS = 2
 MAX_BODY_BYTES = 1 << 20
 
 
-def bus_args(spec: str) -> dict:
+class BusArgs(TypedDict, total=False):
+    """Where a MessageBus connects: a well-known bus or an address."""
+
+    bus_type: BusType
+    bus_address: str
+
+
+def bus_args(spec: str) -> BusArgs:
     """MessageBus arguments for ``system``, ``session`` or a bus address."""
     if spec == "system":
         return {"bus_type": BusType.SYSTEM}
@@ -98,6 +119,9 @@ class _PatientWriter(_MessageWriter):
     socket means "try again when writable", not "the connection is lost".  The
     message keeps its place, a partial write resumes at its offset, and the fds of
     a message go with its first byte, so nothing is lost or reordered."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        _MessageWriter.__init__(self, bus)
 
     def write_callback(self) -> None:
         try:
@@ -130,33 +154,39 @@ class _PatientWriter(_MessageWriter):
             self.bus._finalize(e)
 
 
+#: The body length of each message whose body was dropped as too large.
+_OVERSIZE: weakref.WeakKeyDictionary[Message, int] = weakref.WeakKeyDictionary()
+
+
+# dbus-next's internals have no annotations, and mypy's untyped_calls_exclude does not
+# see through super(): the classes below call their dbus-next base classes by name.
 class _BoundedUnmarshaller(Unmarshaller):
     """Reads one message; a body over `MAX_BODY_BYTES` is read off the socket and
     dropped without being unmarshalled, and the message comes out with an empty
-    body and ``vfiod_oversize`` set to the body's length."""
+    body and its body's length in `_OVERSIZE`."""
 
-    def __init__(self, stream, sock=None):
-        super().__init__(stream, sock)
+    def __init__(self, stream: io.BufferedIOBase, sock: socket.socket | None = None):
+        Unmarshaller.__init__(self, stream, sock)
         self._oversize = 0          # the real body length, once seen to be too long
         self._drain = 0             # bytes of that body still to drop
         self._held: Message | None = None
 
-    def unmarshall(self):
+    def unmarshall(self) -> Message | None:
         try:
             if self._held is None:
                 if not self._oversize:
-                    self.read(16, prefetch=True)
+                    Unmarshaller.read(self, 16, prefetch=True)
                     order = "<" if self.buf[0] == ord("l") else ">"
                     (length,) = struct.unpack_from(order + "I", self.buf, 4)
                     if length > MAX_BODY_BYTES:
                         # Let dbus-next read the header alone: it skips a body of length 0.
                         struct.pack_into(order + "I", self.buf, 4, 0)
                         self._oversize = self._drain = length
-                msg = super().unmarshall()
+                msg: Message | None = Unmarshaller.unmarshall(self)
                 if msg is None or not self._oversize:
                     return msg
                 msg.body = []
-                setattr(msg, "vfiod_oversize", self._oversize)
+                _OVERSIZE[msg] = self._oversize
                 self._held = msg
             while self._drain:
                 if self.sock is not None:
@@ -178,8 +208,8 @@ class PatientBus(MessageBus):
     """dbus-next's MessageBus with a writer that waits out a full socket (vfioctl's too:
     a client sending a large message met the same ``EAGAIN``)."""
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
+    def __init__(self, negotiate_unix_fd: bool = False, **where: Unpack[BusArgs]):
+        super().__init__(negotiate_unix_fd=negotiate_unix_fd, **where)
         self._writer = _PatientWriter(self)
 
 
@@ -192,26 +222,27 @@ class VfiodBus(PatientBus):
     escape the completion callback too, so asyncio logged a traceback for every refused
     call: "Exception in callback ... done".)"""
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
+    def __init__(self, negotiate_unix_fd: bool = False, **where: Unpack[BusArgs]):
+        super().__init__(negotiate_unix_fd=negotiate_unix_fd, **where)
         self.close_after_send: set[int] = set()
         self._queues: dict[str, collections.deque[Message]] = {}
         self._turns: collections.deque[str] = collections.deque()   # senders whose turn is next
         self._in_line: set[str] = set()
         self._running: collections.Counter[str] = collections.Counter()
         self._work = asyncio.Event()
-        self._server: asyncio.Task | None = None
+        self._server: asyncio.Task[None] | None = None
         self._refusals_logged: dict[str, float] = {}
         self._quiet = False
 
-    def _create_unmarshaller(self):
+    def _create_unmarshaller(self) -> _BoundedUnmarshaller:
         return _BoundedUnmarshaller(self._stream, self._sock if self._negotiate_unix_fd else None)
 
     def _on_message(self, msg: Message) -> None:
         sender = msg.sender
         if msg.message_type != MessageType.METHOD_CALL or not sender or sender == "org.freedesktop.DBus":
-            return super()._on_message(msg)
-        oversize = getattr(msg, "vfiod_oversize", 0)
+            BaseMessageBus._on_message(self, msg)
+            return None
+        oversize = _OVERSIZE.get(msg, 0)
         queue = self._queues.get(sender)
         pending = (len(queue) if queue else 0) + self._running[sender]
         if oversize or pending >= MAX_PENDING_CALLS:
@@ -255,12 +286,12 @@ class VfiodBus(PatientBus):
             msg = queue.popleft()
             if not queue:
                 del self._queues[sender]
-            super()._on_message(msg)        # an async method counts as running from here
+            BaseMessageBus._on_message(self, msg)    # an async method counts as running from here
             self._offer_turn(sender)
             await asyncio.sleep(0)
 
     @contextlib.contextmanager
-    def quiet_exports(self):
+    def quiet_exports(self) -> Iterator[None]:
         """Export without InterfacesAdded signals: for the objects exported at start,
         before vfiod owns its name (no client can have looked for them yet)."""
         self._quiet = True
@@ -269,11 +300,11 @@ class VfiodBus(PatientBus):
         finally:
             self._quiet = False
 
-    def _emit_interface_added(self, path, interface) -> None:
+    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
         if not self._quiet:
-            super()._emit_interface_added(path, interface)
+            BaseMessageBus._emit_interface_added(self, path, interface)
 
-    def _default_get_managed_objects_handler(self, msg: Message, send_reply) -> None:
+    def _default_get_managed_objects_handler(self, msg: Message, send_reply: Callable[[Message], None]) -> None:
         """GetManagedObjects in one pass over the objects below the path (dbus-next's
         rechecks the whole result after each object: quadratic in the host's size).
         An object whose properties cannot be read is left out and logged, once."""
@@ -289,11 +320,11 @@ class VfiodBus(PatientBus):
                 log.exception("cannot read the properties of %s; left out of GetManagedObjects", node)
         send_reply(Message.new_method_return(msg, "a{oa{sa{sv}}}", [result]))
 
-    def _finalize(self, err=None) -> None:
+    def _finalize(self, err: Exception | None = None) -> None:
         # The connection is gone: nobody can see objects leave, and dbus-next's unexport
         # of each one scans all the others (quadratic, seconds on a big host).
         self._path_exports.clear()
-        super()._finalize(err)
+        MessageBus._finalize(self, err)
 
     def forget_sender(self, sender: str) -> None:
         """Drop what a client that left the bus still had queued."""
@@ -304,48 +335,75 @@ class VfiodBus(PatientBus):
         self._running.pop(sender, None)
         self._refusals_logged.pop(sender, None)
 
-    def _make_method_handler(self, interface, method):
-        if not asyncio.iscoroutinefunction(method.fn):
-            return super()._make_method_handler(interface, method)
+    def _make_method_handler(self, interface: ServiceInterface, method: _DBusMethod) -> _Handler:
+        fn = method.fn
+        if asyncio.iscoroutinefunction(fn):
+            def handler(msg: Message, send_reply: Callable[[Message], None]) -> None:
+                sender = msg.sender
 
-        def handler(msg: Message, send_reply) -> None:
-            sender = msg.sender
+                def done(fut: asyncio.Future[object]) -> None:
+                    if self._running[sender] > 0:
+                        self._running[sender] -= 1
+                        self._offer_turn(sender)
+                    try:
+                        body, unix_fds = ServiceInterface._fn_result_to_body(fut.result(), method.out_signature_tree)
+                        reply = Message.new_method_return(msg, method.out_signature, body, unix_fds)
+                    except DBusError as e:
+                        reply = e._as_message(msg)
+                    except Exception:
+                        log.exception("internal error in %s.%s", interface.name, method.name)
+                        reply = Message.new_error(msg, BackendFailed.dbus_name,
+                                                  f"internal error in {method.name}; the daemon log has the details")
+                    send_reply(reply)
 
-            def done(fut: asyncio.Future) -> None:
-                if self._running[sender] > 0:
-                    self._running[sender] -= 1
-                    self._offer_turn(sender)
-                try:
-                    body, unix_fds = ServiceInterface._fn_result_to_body(fut.result(), method.out_signature_tree)
-                    reply = Message.new_method_return(msg, method.out_signature, body, unix_fds)
-                except DBusError as e:
-                    reply = e._as_message(msg)
-                except Exception:
-                    log.exception("internal error in %s.%s", interface.name, method.name)
-                    reply = Message.new_error(msg, BackendFailed.dbus_name,
-                                              f"internal error in {method.name}; the daemon log has the details")
-                send_reply(reply)
+                args = ServiceInterface._msg_body_to_args(msg)
+                self._running[sender] += 1
+                asyncio.ensure_future(fn(interface, *args)).add_done_callback(done)
 
-            args = ServiceInterface._msg_body_to_args(msg)
-            self._running[sender] += 1
-            asyncio.ensure_future(method.fn(interface, *args)).add_done_callback(done)
+            return handler
+        plain: _Handler = MessageBus._make_method_handler(self, interface, method)
+        return plain
 
-        return handler
-
-    def send(self, msg: Message):
-        fut = super().send(msg)
+    # dbus-next's base class says send returns None; its asyncio bus returns the reply's Future.
+    def send(self, msg: Message) -> asyncio.Future[None]:  # type: ignore[override]
+        fut: asyncio.Future[None] = super().send(msg)
         for fd in msg.unix_fds or ():
             if fd in self.close_after_send:
                 self.close_after_send.discard(fd)
-                fut.add_done_callback(lambda _f, fd=fd: os.close(fd))
+
+                def close(_f: asyncio.Future[None], fd: int = fd) -> None:
+                    os.close(fd)
+                fut.add_done_callback(close)
         return fut
 
 
-def edge(fn):
+# What dbus-next calls for a method call: the message and how to send the reply.
+_Handler = Callable[[Message, Callable[[Message], None]], None]
+
+
+class _DBusMethod(Protocol):
+    """What dbus-next tells `VfiodBus._make_method_handler` of a method."""
+
+    name: str
+    fn: Callable[..., object]
+    out_signature: str
+    out_signature_tree: object
+
+
+class _Serving(Protocol):
+    """A bus interface backed by the daemon's `Service`."""
+
+    service: Service
+
+
+_T = TypeVar("_T")
+
+
+def edge(fn: Callable[..., Awaitable[_T]]) -> Callable[..., Awaitable[_T]]:
     """Run a bus method: resolve the caller, map errors to named D-Bus errors."""
 
     @functools.wraps(fn)
-    async def wrapper(self, *args):
+    async def wrapper(self: _Serving, *args: object) -> _T:
         try:
             caller = await self.service.caller_of(_current_msg.get())
             return await fn(self, caller, *args)
@@ -359,18 +417,17 @@ def edge(fn):
                             f"internal error in {fn.__name__}; the daemon log has the details") from None
 
     # dbus-next reads the signature from the annotations of the original function
-    wrapper.__signature__ = _strip_caller(fn)
+    wrapper.__signature__ = _strip_caller(fn)  # type: ignore[attr-defined]  # inspect.signature reads it
     return wrapper
 
 
-def _strip_caller(fn):
-    import inspect
+def _strip_caller(fn: Callable[..., object]) -> inspect.Signature:
     sig = inspect.signature(fn)
     params = [p for name, p in sig.parameters.items() if name != "caller"]
     return sig.replace(parameters=params)
 
 
-def _unwrap_options(options: dict) -> dict:
+def _unwrap_options(options: dict[str, object]) -> dict[str, object]:
     out = {}
     for key, value in options.items():
         out[key] = value.value if isinstance(value, Variant) else value
@@ -388,7 +445,7 @@ class _Interface(ServiceInterface):
     the class once, not from every object again (a 4,096-function host has 8,193
     objects; dbus-next's per-object `inspect.getmembers` took over a second)."""
 
-    _tables: dict[type, tuple[list, list, list]] = {}
+    _tables: dict[type, tuple[list[_Method], list[_Property], list[_Signal]]] = {}
 
     def __init__(self, name: str) -> None:
         table = _Interface._tables.get(type(self))
@@ -402,7 +459,7 @@ class _Interface(ServiceInterface):
         # dbus-next keeps these four per object; the first three never change after init.
         (self._ServiceInterface__methods, self._ServiceInterface__properties,
          self._ServiceInterface__signals) = table
-        self._ServiceInterface__buses = set()
+        self._ServiceInterface__buses: set[BaseMessageBus] = set()
 
     def property_values(self) -> dict[str, Variant]:
         """Every readable property, as GetAll and GetManagedObjects return them."""
@@ -412,40 +469,40 @@ class _Interface(ServiceInterface):
 
 
 class ManagerInterface(_Interface):
-    def __init__(self, service):
+    def __init__(self, service: Service):
         super().__init__("org.vfiod1.Manager")
         self.service = service
 
     @method()
     @edge
-    async def RequestLease(self, caller, target: "s", backend: "s", options: "a{sv}") -> "o":
+    async def RequestLease(self, caller: Caller, target: "s", backend: "s", options: "a{sv}") -> "o":
         lease = await self.service.request(caller, target, backend, _unwrap_options(options), current_sender())
         return lease_path(lease.id)
 
     @method()
     @edge
-    async def GroupsJson(self, caller, targets: "as") -> "s":
+    async def GroupsJson(self, caller: Caller, targets: "as") -> "s":
         return json.dumps(await self.service.groups_json(caller, list(targets)))
 
     @method()
     @edge
-    async def Explain(self, caller, target: "s") -> "s":
+    async def Explain(self, caller: Caller, target: "s") -> "s":
         return await self.service.explain(caller, target)
 
     @method()
     @edge
-    async def CheckAccess(self, caller, target: "s", backend: "s") -> "(bss)":
+    async def CheckAccess(self, caller: Caller, target: "s", backend: "s") -> "(bss)":
         d = await self.service.check(caller, target, backend)
         return [d.allowed, d.rule or "", d.reason]
 
     @method()
     @edge
-    async def SetVfCount(self, caller, pf: "s", count: "u") -> "u":
+    async def SetVfCount(self, caller: Caller, pf: "s", count: "u") -> "u":
         return await self.service.set_vf_count(caller, pf, count)
 
     @method()
     @edge
-    async def ReloadPolicy(self, caller) -> "":
+    async def ReloadPolicy(self, caller: Caller) -> "":
         await self.service.reload_policy(caller)
 
     @dbus_property(access=PropertyAccess.READ)
@@ -478,12 +535,12 @@ class ManagerInterface(_Interface):
 
 
 class GroupInterface(_Interface):
-    def __init__(self, service, number: int):
+    def __init__(self, service: Service, number: int):
         super().__init__("org.vfiod1.Group")
         self.service = service
         self.number = number
 
-    def _g(self):
+    def _g(self) -> Group:
         return self.service.host.groups[self.number]
 
     @dbus_property(access=PropertyAccess.READ)
@@ -521,12 +578,12 @@ class GroupInterface(_Interface):
 
 
 class DeviceInterface(_Interface):
-    def __init__(self, service, addr: PciAddress):
+    def __init__(self, service: Service, addr: PciAddress):
         super().__init__("org.vfiod1.Device")
         self.service = service
         self.addr = addr
 
-    def _d(self):
+    def _d(self) -> Device:
         return self.service.host.devices[self.addr]
 
     @dbus_property(access=PropertyAccess.READ)
@@ -582,7 +639,7 @@ class DeviceInterface(_Interface):
 
 
 class LeaseInterface(_Interface):
-    def __init__(self, service, lease):
+    def __init__(self, service: Service, lease: LeaseRow):
         super().__init__("org.vfiod1.Lease")
         self.service = service
         self.lease = lease
@@ -633,28 +690,28 @@ class LeaseInterface(_Interface):
 
     @method()
     @edge
-    async def OpenGroup(self, caller) -> "h":
+    async def OpenGroup(self, caller: Caller) -> "h":
         return self.service.keep_fd_for_send(await self.service.open_fd(caller, self.lease.id, "group"))
 
     @method()
     @edge
-    async def OpenContainer(self, caller) -> "h":
+    async def OpenContainer(self, caller: Caller) -> "h":
         return self.service.keep_fd_for_send(await self.service.open_fd(caller, self.lease.id, "container"))
 
     @method()
     @edge
-    async def HostdevXml(self, caller) -> "s":
+    async def HostdevXml(self, caller: Caller) -> "s":
         return await self.service.hostdev_xml(caller, self.lease.id)
 
     @method()
     @edge
-    async def Renew(self, caller, seconds: "t") -> "":
+    async def Renew(self, caller: Caller, seconds: "t") -> "":
         self.lease = await self.service.renew(caller, self.lease.id, seconds)
         self.emit_properties_changed({"Expires": int(self.lease.expires)})
 
     @method()
     @edge
-    async def Release(self, caller) -> "":
+    async def Release(self, caller: Caller) -> "":
         await self.service.release(caller, self.lease.id)
 
 
@@ -665,7 +722,7 @@ def current_sender() -> str | None:
 
 
 def install_caller_tracking(bus: MessageBus) -> None:
-    def remember(msg: Message):
+    def remember(msg: Message) -> None:
         if msg.message_type == MessageType.METHOD_CALL:
             _current_msg.set(msg)
         return None

@@ -2,72 +2,144 @@
 
 A plugin is a module or object with `hookimpl`-marked functions; vfiod finds
 plugins in its own ``plugins/`` package (imported as ``vfiod_plugins``) and
-through the entry-point group ``vfiod.backends``.  There is one hook:
-`vfiod_register_backends`, called once at start.  It registers backend
-objects, which vfiod then calls directly, in this order, for every lease:
+through the entry-point group ``vfiod.backends``.  There is one hook,
+`BackendSpec.vfiod_register_backends`, called once at start.  It registers
+backend objects, which vfiod then calls directly.  What such an object must
+be is the `Backend` protocol below; its docstrings say when each method runs,
+what it receives, what it must undo and what it may raise.  For every lease,
+in this order:
 
-    check(ctx)                  before anything changes
-    bind(ctx, addr)             once per endpoint, in address order
-    hand_over(ctx) -> record    after every endpoint is on `driver`
-    ... the lease is granted; open_group/open_container/hostdev_xml may be called ...
-    take_back(ctx, record)      when the lease ends (or to roll back)
-    unbind(ctx, addr, held)     once per endpoint, in reverse order
+    ``check(ctx)``                  before anything changes
+    ``bind(ctx, addr)``             once per endpoint, in address order
+    ``plan_hand_over(ctx)``         the undo record, journaled before the hand-over
+    ``hand_over(ctx) -> record``    after every endpoint is on `driver`
+    ... the lease is granted; ``open_group``/``open_container``/``hostdev_xml`` may be called ...
+    ``take_back(ctx, record)``      when the lease ends (or to roll back)
+    ``unbind(ctx, addr, held)``     once per endpoint, in address order
 
-A backend object has:
-
-``name`` (str)
-    what users and policy files call it: ``vfio``, ``pci-stub``, …
-``driver`` (str)
-    the kernel driver every endpoint of the group is bound to while leased.
-``check(ctx)``
-    raise `vfiod.errors.Unsafe`, `BackendFailed` or `NotViable` to refuse a
-    request before any device is touched (no undo needed).
-``bind(ctx, addr)``
-    move one endpoint to `driver`.  `BackendBase` does it with
-    ``ctx.kernel.bind`` (driver_override, unbind, drivers_probe, verify).
-    Raise on failure; vfiod rolls back every endpoint already moved, and
-    this one, by calling `unbind` — so `unbind` must cope with a device in
-    any intermediate state.
-``hand_over(ctx) -> dict``
-    give the lessee access (e.g. chown /dev/vfio/N).  Return a JSON-able
-    record of what it changed; vfiod journals it *before* the change as the
-    intent (from `plan_hand_over`) and after it as done.  Raise on failure
-    after undoing its own partial work.
-``plan_hand_over(ctx) -> dict``
-    the record `take_back` needs even if vfiod dies half-way through
-    `hand_over` (original owner and mode of the nodes it will touch).
-``take_back(ctx, record)``
-    undo `hand_over` from its record.  Must be idempotent: after a crash it
-    may run on a half-done or already undone hand-over.
-``unbind(ctx, addr, held)``
-    return an endpoint to ``held.driver`` and ``held.override`` (the
-    journal's record of the device before the lease).  `BackendBase` does it
-    with ``ctx.kernel.restore``.  Idempotent, like `take_back`.
-``open_group(ctx) -> int`` / ``open_container(ctx) -> int``
-    optional: a new fd for the lessee (the caller closes it after sending).
-    Raise `vfiod.errors.InvalidArgument` if the backend has none.
-``hostdev_xml(ctx) -> str``
-    optional (libvirt).
-
-``ctx`` is a `vfiod.leases.LeaseContext`: ``lease`` (the journal row:
-``id``, ``group``, ``uid``, ``backend``…), ``endpoints`` (PciAddress
-tuple), ``kernel`` (`vfiod.sysfs.Kernel`: the only way to touch the
-kernel), ``decision`` (the policy decision, with ``memlock``), ``host``
-(the `vfiod.topology.Host` snapshot taken for the request).
+`vfiod.backends.BackendBase` gives the usual defaults; subclass it and
+override what differs.  The pluggy hookspec is the dispatch mechanism and the
+protocol is the contract: ``register`` takes a `Backend`, so mypy checks every
+built-in backend against it, and vfiod refuses at start an object that lacks
+one of its members.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+
 import pluggy
+
+if TYPE_CHECKING:
+    from .address import PciAddress
+    from .leases import LeaseContext
+    from .state import Held, Record
 
 hookspec = pluggy.HookspecMarker("vfiod")
 hookimpl = pluggy.HookimplMarker("vfiod")
 
 
+@runtime_checkable
+class Backend(Protocol):
+    """One way of handing a leased IOMMU group to its lessee.
+
+    Every method gets ``ctx``, a `vfiod.leases.LeaseContext`:
+
+    ``ctx.lease``
+        the journal's row (`vfiod.state.LeaseRow`): ``id``, ``group``,
+        ``uid`` (the lessee), ``backend``, ``memlock``, ``expires``…
+    ``ctx.endpoints``
+        the group's endpoints (`PciAddress` tuple, address order); bridges
+        and ports are vfiod's business, not the backend's.
+    ``ctx.kernel``
+        `vfiod.sysfs.Kernel`: the only way to touch the kernel (sysfs writes,
+        ``/dev/vfio``, ACLs).  Never open or write kernel files directly.
+    ``ctx.decision``
+        the policy's `Decision` while a lease is granted; None when the lease
+        comes from the journal (release, restart, revocation), so the undo
+        methods must not need it.
+    ``ctx.host``
+        the `vfiod.topology.Host` snapshot at hand: the one taken for the
+        request while granting, the daemon's last scan for ``open_group``,
+        ``open_container`` and ``hostdev_xml``, and one without devices when
+        the lease comes from the journal.
+
+    Errors: raise a `vfiod.errors.VfiodError` (`Unsafe`, `Busy`,
+    `NotViable`, `BackendFailed`, `InvalidArgument`…); the lessee sees its
+    message and D-Bus name.  Anything else is logged with its traceback and
+    reported as ``BackendFailed``.
+    """
+
+    #: What users and policy files call the backend: ``vfio``, ``pci-stub``, …
+    name: str
+    #: The kernel driver every endpoint of the group is bound to while leased.
+    driver: str
+
+    def check(self, ctx: LeaseContext) -> None:
+        """Refuse a request before any device is touched: raise `Unsafe`,
+        `Busy`, `BackendFailed` or `NotViable`.  Nothing to undo."""
+
+    def bind(self, ctx: LeaseContext, addr: PciAddress) -> None:
+        """Move one endpoint to `driver` (called once per endpoint, in address order).
+
+        `BackendBase` does it with ``ctx.kernel.bind`` (driver_override,
+        unbind, drivers_probe, verify).  Raise on failure: vfiod then rolls
+        back every endpoint already moved, and this one, through `unbind`,
+        so `unbind` must cope with a device in any intermediate state.  Also
+        called again on start for a kept lease whose endpoint is on another
+        driver."""
+
+    def unbind(self, ctx: LeaseContext, addr: PciAddress, held: Held) -> None:
+        """Return an endpoint to ``held.driver`` and ``held.override`` (the
+        journal's record of the device before the lease).
+
+        Runs when the lease ends and on every rollback, after `take_back`.
+        `BackendBase` does it with ``ctx.kernel.restore``.  Idempotent: after a
+        crash it may run on a device that is already back."""
+
+    def plan_hand_over(self, ctx: LeaseContext) -> Record:
+        """The record `take_back` needs even if vfiod dies half-way through
+        `hand_over` (e.g. the original owner and mode of the nodes it will
+        touch).  vfiod journals it as the intent before calling `hand_over`.
+        Must not change anything."""
+
+    def hand_over(self, ctx: LeaseContext) -> Record:
+        """Give the lessee access (e.g. chown ``/dev/vfio/N``), after every
+        endpoint is on `driver`.
+
+        Returns a JSON-able record of what it changed (an empty one: the
+        planned record stands); vfiod journals it as done.  Raise on failure
+        after undoing its own partial work.  Also called again on start for
+        a kept lease (re-applying ownership), so it must be idempotent."""
+
+    def take_back(self, ctx: LeaseContext, record: Record) -> None:
+        """Undo `hand_over` from its record (journaled by `plan_hand_over`
+        or `hand_over`), before the endpoints are unbound.  Idempotent: after
+        a crash it may run on a half-done or already undone hand-over."""
+
+    def open_group(self, ctx: LeaseContext) -> int:
+        """A new fd of the lease's group for the lessee (the caller closes it
+        after sending).  Raise `InvalidArgument` if the backend has none."""
+
+    def open_container(self, ctx: LeaseContext) -> int:
+        """A new fd of the VFIO container for the lessee (the caller closes it
+        after sending).  Raise `InvalidArgument` if the backend has none."""
+
+    def hostdev_xml(self, ctx: LeaseContext) -> str:
+        """libvirt ``<hostdev>`` elements for the lease's endpoints.  Raise
+        `InvalidArgument` if the backend has none."""
+
+
+#: What `vfiod_register_backends` is given: call it once per backend.
+Register = Callable[[Backend], None]
+
+
 class BackendSpec:
     @hookspec
-    def vfiod_register_backends(self, register):
-        """Register this plugin's backends: call ``register(backend)`` for each.
+    def vfiod_register_backends(self, register: Register) -> None:
+        """Register this plugin's backends: call ``register(backend)`` for each
+        `Backend`.
 
         Runs once, when vfiod starts.  Must not touch the kernel.  Registering
-        a name another plugin already registered is an error at start."""
+        a name another plugin already registered, or an object that is not a
+        `Backend` (or whose name or driver is empty), is an error at start."""

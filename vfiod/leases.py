@@ -35,11 +35,12 @@ import logging
 import secrets
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 import attrs
 
 from .address import PciAddress
+from .hookspecs import Backend
 from .errors import (BackendFailed, Busy, InvalidArgument, NotFound, NotViable, PermissionDenied,
                      Protected, VfiodError)
 from .policy import Caller, Decision, Policy, Refusal
@@ -81,9 +82,9 @@ class LeaseManager:
     in parallel.  `on_step(name)` is called after each journaled step (the
     crash tests kill the process there)."""
 
-    def __init__(self, kernel: Kernel, journal: Journal, policy_source: Callable[[], object],
-                 backends: dict, owner_alive: Callable[[LeaseRow], bool] | None = None,
-                 on_step: Callable[[str], None] | None = None, clock=time.time,
+    def __init__(self, kernel: Kernel, journal: Journal, policy_source: Callable[[], Policy],
+                 backends: dict[str, Backend], owner_alive: Callable[[LeaseRow], bool] | None = None,
+                 on_step: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time,
                  on_ended: Callable[[Ended], None] | None = None):
         self.kernel = kernel
         self.journal = journal
@@ -101,7 +102,7 @@ class LeaseManager:
     def scan(self) -> Host:
         return Host.scan(SysfsReader(self.kernel.roots))
 
-    def scan_groups(self, groups) -> Host:
+    def scan_groups(self, groups: Iterable[int]) -> Host:
         return Host.scan_groups(SysfsReader(self.kernel.roots), groups)
 
     def host_for(self, target: str, policy: Policy) -> Host:
@@ -132,13 +133,14 @@ class LeaseManager:
         with self._locks_guard:
             return self._locks.setdefault(group, threading.Lock())
 
-    def _backend(self, name: str):
+    def _backend(self, name: str) -> Backend:
         try:
             return self.backends[name]
         except KeyError:
             raise InvalidArgument(f"unknown backend {name!r} (known: {', '.join(sorted(self.backends))})") from None
 
-    def _audit(self, event, caller_uid, target, lease_id, rule, outcome, detail=""):
+    def _audit(self, event: str, caller_uid: int | None, target: str | None, lease_id: str | None,
+               rule: str | None, outcome: str, detail: str = "") -> None:
         audit_log.info("%s uid=%s target=%s lease=%s rule=%s outcome=%s%s", event, caller_uid, target,
                        lease_id or "-", rule or "-", outcome, f" detail={detail!r}" if detail else "")
         try:
@@ -173,7 +175,7 @@ class LeaseManager:
 
     # ------------------------------------------------------------ grant
 
-    def request(self, caller: Caller, target: str, backend: str = "", options: dict | None = None,
+    def request(self, caller: Caller, target: str, backend: str = "", options: Mapping[str, object] | None = None,
                 owner: str | None = None) -> LeaseRow:
         options = dict(options or {})
         for key in options:
@@ -203,7 +205,8 @@ class LeaseManager:
             plan = self._plan(host, group, caller, options)
             now = self.clock()
             # A lease asked for no duration still ends at the rule's cap, if it has one.
-            duration = int(options.get("duration") or 0) or int(decision.max_duration or 0)
+            asked = options.get("duration") or 0          # `decide` refused anything but seconds
+            duration = (asked if isinstance(asked, int) else 0) or int(decision.max_duration or 0)
             lease = LeaseRow(
                 id=secrets.token_hex(8), group=group, uid=caller.uid, owner=owner, backend=be.name,
                 target=target, created=now, expires=now + duration if duration else 0.0,
@@ -232,7 +235,7 @@ class LeaseManager:
                         f"group {group} via {be.name}")
             return lease
 
-    def _plan(self, host: Host, group: int, caller: Caller, options: dict) -> list[Held]:
+    def _plan(self, host: Host, group: int, caller: Caller, options: Mapping[str, object]) -> list[Held]:
         """What the lease will hold: every endpoint, then every bridge of the group on a driver
         VFIO refuses (shpchp, say), which is held unbound for the lease."""
         g = host.groups.get(group)
@@ -253,7 +256,7 @@ class LeaseManager:
             if vf_leases:
                 raise Busy(f"{dev.addr} is an SR-IOV PF whose VFs are leased ({', '.join(sorted(vf_leases))}); "
                            "release them first")
-        uses = []
+        uses: list[str] = []
         for dev in endpoints:
             if dev.driver is None or dev.driver in VFIO_DRIVERS:
                 continue
@@ -264,7 +267,7 @@ class LeaseManager:
         return ([Held(str(d.addr), d.driver, d.raw.driver_override) for d in endpoints]
                 + [Held(str(d.addr), d.driver, d.raw.driver_override, "bridge") for d in bridges])
 
-    def _grant(self, ctx: LeaseContext, be) -> None:
+    def _grant(self, ctx: LeaseContext, be: Backend) -> None:
         lid = ctx.lease.id
         be.check(ctx)
         for addr in ctx.endpoints:
@@ -301,10 +304,10 @@ class LeaseManager:
         self.journal.done(lid, seq, record)
         self._step("hand-over-done")
 
-    def _undo(self, ctx: LeaseContext, be, reset: bool = False) -> list[str]:
+    def _undo(self, ctx: LeaseContext, be: Backend, reset: bool = False) -> list[str]:
         """take_back every begun hand-over, reset the endpoints if asked, then
         restore every device."""
-        errors = []
+        errors: list[str] = []
         steps = self.journal.steps(ctx.lease.id)
         for st in reversed(steps):
             if st.action == "hand-over":
@@ -335,7 +338,7 @@ class LeaseManager:
                 errors.append(f"{addr}: {e}")
         return errors
 
-    def _reset_endpoints(self, ctx: LeaseContext, held_all) -> None:
+    def _reset_endpoints(self, ctx: LeaseContext, held_all: Iterable[Held]) -> None:
         """The policy's reset on release: each endpoint is reset while the lessee has
         let go and before a host driver sees it again.  A failed reset is logged and
         audited, never a reason to keep a device from its driver."""
@@ -351,7 +354,7 @@ class LeaseManager:
                 log.warning("lease %s: %s was not reset: %s", ctx.lease.id, addr, e)
                 self._audit("reset", None, str(addr), ctx.lease.id, ctx.lease.rule, "failed", str(e))
 
-    def _rollback(self, ctx: LeaseContext, be) -> None:
+    def _rollback(self, ctx: LeaseContext, be: Backend) -> None:
         errors = self._undo(ctx, be)
         if errors:
             # Keep the lease recorded as releasing: reconciliation tries again; no lease is lost.
@@ -369,12 +372,12 @@ class LeaseManager:
             self._audit("release", caller.uid, lease.target, lease.id, lease.rule, "denied")
             raise PermissionDenied(f"lease {lease.id} belongs to uid {lease.uid}")
         with self._group_lock(lease.group):
-            lease = self.journal.lease(lease_id)
-            if lease is None:
+            current = self.journal.lease(lease_id)
+            if current is None:
                 raise NotFound(f"no lease {lease_id!r}")
-            return self._release_locked(lease, reason, caller.uid if caller else None)
+            return self._release_locked(current, reason, caller.uid if caller else None)
 
-    def _release_locked(self, lease: LeaseRow, reason: str, uid=None) -> Ended:
+    def _release_locked(self, lease: LeaseRow, reason: str, uid: int | None = None) -> Ended:
         be = self._backend(lease.backend)
         self.journal.set_state(lease.id, "releasing")
         self._step("releasing")
@@ -488,7 +491,7 @@ class LeaseManager:
                         log.error("ending lease %s: %s", lease.id, e)
         return out
 
-    def _verify(self, lease: LeaseRow, be) -> None:
+    def _verify(self, lease: LeaseRow, be: Backend) -> None:
         """A kept lease: every endpoint still on the backend's driver, the hand-over in place."""
         ctx = self.context(lease)
         for held in self.journal.held(lease.id):

@@ -27,13 +27,14 @@ FALLBACK_CLASSES = {
 
 class PciIds:
     def __init__(self, data: bytes | None | object = _UNSET):
+        # _UNSET: read the system's file on first use; None: there is none.
         self._data = data
 
     @property
     def data(self) -> bytes:
         if self._data is _UNSET:
             self._data = sysfs.read_pci_ids_file()
-        return self._data or b""
+        return self._data if isinstance(self._data, bytes) else b""
 
     def _block(self, start_marker: bytes) -> tuple[int, int] | None:
         """(start, end) of the block that follows a top-level line beginning with the marker."""

@@ -7,13 +7,20 @@ here, so a group reads the same whichever way it was fetched.
 from __future__ import annotations
 
 import textwrap
-from typing import Callable
+from typing import Any, Callable, Iterable
 
+from .address import PciAddress
 from .pciids import PciIds
-from .topology import VFIO_DRIVERS as VFIO_FRIENDLY, Group, Host
+from .state import LeaseRow
+from .topology import VFIO_DRIVERS as VFIO_FRIENDLY, Finding, Group, Host
+
+# A JSON object of the shapes below, as built here or as json.loads gives it back.
+Json = dict[str, Any]
+# The driver a device had before its lease, by address (None: none).
+OriginalDriver = Callable[[PciAddress], str | None]
 
 
-def device_json(host: Host, addr, names: PciIds, original_driver: Callable | None = None) -> dict:
+def device_json(host: Host, addr: PciAddress, names: PciIds, original_driver: OriginalDriver | None = None) -> Json:
     """One device.  `original_driver(addr)`: the driver it had before its lease (the daemon
     knows; offline it is the driver it has)."""
     d = host.devices[addr]
@@ -45,7 +52,7 @@ def device_json(host: Host, addr, names: PciIds, original_driver: Callable | Non
 
 def group_json(host: Host, group: Group, names: PciIds, lease: str | None = None,
                state: str | None = None, lease_owner: int | None = None,
-               original_driver: Callable | None = None) -> dict:
+               original_driver: OriginalDriver | None = None) -> Json:
     """One group: the same object from `vfiod inspect --json` and from the daemon."""
     return {
         "group": group.number,
@@ -61,11 +68,11 @@ def group_json(host: Host, group: Group, names: PciIds, lease: str | None = None
     }
 
 
-def host_json(host: Host, names: PciIds) -> list[dict]:
+def host_json(host: Host, names: PciIds) -> list[Json]:
     return [group_json(host, g, names) for g in host.groups.values()]
 
 
-def render_groups(groups: list[dict], explain: bool = False, width: int = 100) -> str:
+def render_groups(groups: list[Json], explain: bool = False, width: int = 100) -> str:
     """The table a person reads: one block per group, devices indented under it."""
     lines = []
     for g in groups:
@@ -96,7 +103,7 @@ def render_groups(groups: list[dict], explain: bool = False, width: int = 100) -
     return "\n".join(lines).rstrip() + "\n" if lines else ""
 
 
-def explain_text(target: str, g: Group, lease, findings) -> str:
+def explain_text(target: str, g: Group, lease: LeaseRow | None, findings: Iterable[Finding]) -> str:
     """Why group `g` (asked about as `target`) is what it is, what blocks it, who holds it."""
     lines = [f"IOMMU group {g.number}: {', '.join(map(str, g.members))}"]
     if not target.startswith("group:") and len(g.members) > 1:
@@ -122,7 +129,7 @@ STATUS_CLASSES = ((0x02, "Network devices"), (0x01, "Storage devices"), (0x03, "
                   (None, "Other devices"), (0x06, "Bridges and ports"))
 
 
-def status_json(host: Host, names: PciIds, active: Callable) -> dict:
+def status_json(host: Host, names: PciIds, active: Callable[[PciAddress], Iterable[str]]) -> Json:
     """Every PCI device (IOMMU or not), for `vfioctl status`: `active(addr)` says what on
     the host uses it (empty when nothing does)."""
     devices = []
@@ -144,7 +151,14 @@ def status_json(host: Host, names: PciIds, active: Callable) -> dict:
             "devices": devices}
 
 
-def render_status(status: dict) -> str:
+#: How `render_status` splits a section: a label and which devices it takes.
+_DRIVER_KINDS: tuple[tuple[str, Callable[[Json], object]], ...] = (
+    ("using a VFIO driver (vfio-pci, pci-stub)", lambda d: d["vfio"]),
+    ("using a kernel driver", lambda d: d["driver"] and not d["vfio"]),
+    ("with no driver", lambda d: not d["driver"]))
+
+
+def render_status(status: Json) -> str:
     """Like `dpdk-devbind.py --status`: each section split by driver kind, one line a device."""
     out = []
     if not status["iommu"]:
@@ -154,9 +168,7 @@ def render_status(status: dict) -> str:
         devs = [d for d in status["devices"] if d["section"] == title]
         if not devs:
             continue
-        for label, pick in (("using a VFIO driver (vfio-pci, pci-stub)", lambda d: d["vfio"]),
-                            ("using a kernel driver", lambda d: d["driver"] and not d["vfio"]),
-                            ("with no driver", lambda d: not d["driver"])):
+        for label, pick in _DRIVER_KINDS:
             chosen = [d for d in devs if pick(d)]
             if not chosen:
                 continue

@@ -35,12 +35,17 @@ import os
 import sqlite3
 import threading
 import time
+from types import TracebackType
+from typing import Any, Literal, Mapping
 
 import attrs
 
 from .errors import StateError
 
 SCHEMA = 2
+
+# A backend's hand-over record: a JSON object whose keys the backend defines.
+Record = Mapping[str, object]
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -78,7 +83,8 @@ class LeaseRow:
     reset: bool = False     # reset each endpoint before it goes back to the host
 
     @classmethod
-    def from_row(cls, row) -> "LeaseRow":
+    def from_row(cls, row: tuple[Any, ...]) -> "LeaseRow":
+        """From a ``SELECT * FROM leases`` row (sqlite3 gives its values untyped)."""
         return cls(id=row[0], group=row[1], uid=row[2], owner=row[3], backend=row[4], target=row[5],
                    created=row[6], expires=row[7], persistent=bool(row[8]), state=row[9],
                    rule=row[10], memlock=row[11], reset=bool(row[12]))
@@ -99,7 +105,7 @@ class Step:
     seq: int
     action: str
     addr: str | None
-    record: dict
+    record: Record
     status: str
     error: str | None
 
@@ -155,22 +161,9 @@ class Journal:
             raise StateError(f"state file {path} is corrupt (not an SQLite database); "
                              "it was left untouched")
 
-    def tx(self):
-        journal = self
-
-        class _Tx:
-            def __enter__(self_):
-                journal._lock.acquire()
-                journal.db.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self_, et, ev, tb):
-                try:
-                    journal.db.execute("COMMIT" if et is None else "ROLLBACK")
-                finally:
-                    journal._lock.release()
-                return False
-
-        return _Tx()
+    def tx(self) -> _Tx:
+        """``with journal.tx():`` one transaction, committed unless the block raises."""
+        return _Tx(self)
 
     def close(self) -> None:
         with self._lock:
@@ -231,16 +224,16 @@ class Journal:
 
     # ---- steps
 
-    def intent(self, lease_id: str, action: str, addr: str | None, record: dict | None = None) -> int:
+    def intent(self, lease_id: str, action: str, addr: str | None, record: Record | None = None) -> int:
         with self.tx():
             row = self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE lease=?",
                                   (lease_id,)).fetchone()
-            seq = row[0]
+            seq: int = row[0]
             self.db.execute("INSERT INTO steps VALUES(?,?,?,?,?,?,NULL)",
                             (lease_id, seq, action, addr, json.dumps(record or {}), "intent"))
         return seq
 
-    def done(self, lease_id: str, seq: int, record: dict | None = None) -> None:
+    def done(self, lease_id: str, seq: int, record: Record | None = None) -> None:
         with self.tx():
             if record is None:
                 self.db.execute("UPDATE steps SET status='done' WHERE lease=? AND seq=?", (lease_id, seq))
@@ -267,7 +260,28 @@ class Journal:
             self.db.execute("INSERT INTO audit VALUES(?,?,?,?,?,?,?,?)",
                             (time.time(), event, uid, target, lease, rule, outcome, detail))
 
-    def audit_rows(self) -> list[tuple]:
+    def audit_rows(self) -> list[tuple[Any, ...]]:
+        """(event, uid, target, lease, rule, outcome, detail) of every audit record, oldest first."""
         with self._lock:
-            return self.db.execute("SELECT event, uid, target, lease, rule, outcome, detail FROM audit "
-                                   "ORDER BY rowid").fetchall()
+            rows: list[tuple[Any, ...]] = self.db.execute(
+                "SELECT event, uid, target, lease, rule, outcome, detail FROM audit ORDER BY rowid").fetchall()
+        return rows
+
+
+class _Tx:
+    """One journal transaction under the journal's lock (see `Journal.tx`)."""
+
+    def __init__(self, journal: Journal):
+        self.journal = journal
+
+    def __enter__(self) -> None:
+        self.journal._lock.acquire()
+        self.journal.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
+        try:
+            self.journal.db.execute("COMMIT" if et is None else "ROLLBACK")
+        finally:
+            self.journal._lock.release()
+        return False

@@ -22,6 +22,7 @@ as `unknown` rather than guessed at.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 
 import attrs
 
@@ -148,7 +149,7 @@ class Host:
         return cls.from_raw(raws, facts)
 
     @classmethod
-    def scan_groups(cls, reader: k.SysfsReader, groups) -> "Host":
+    def scan_groups(cls, reader: k.SysfsReader, groups: Iterable[int]) -> "Host":
         """A snapshot of just these groups' devices (isolation is explained within them)."""
         return cls.from_raw(reader.scan_groups(groups), reader.facts())
 
@@ -181,7 +182,8 @@ class Host:
         return [self.devices[a] for a in group.members if not self.devices[a].is_bridge]
 
 
-def _make_group(number, addrs, devices, engine) -> Group:
+def _make_group(number: int, addrs: tuple[PciAddress, ...], devices: dict[PciAddress, Device],
+                engine: _Isolation) -> Group:
     endpoints = [devices[a] for a in addrs if not devices[a].is_bridge]
     alone = len(endpoints) == 1
     blockers = tuple((a, b) for a in addrs if (b := devices[a].blocker(alone)))
@@ -206,7 +208,7 @@ class _Isolation:
         self._links_of: dict[PciAddress, list[Link]] = defaultdict(list)
         self.unknown: set[PciAddress] = set()
         self._components: dict[PciAddress, set[PciAddress]] | None = None
-        self._slots: dict[tuple, list[Device]] = defaultdict(list)
+        self._slots: dict[tuple[PciAddress | None, int, int, int], list[Device]] = defaultdict(list)
         for d in devices.values():
             self._slots[(d.raw.parent, d.addr.domain, d.addr.bus, d.addr.slot)].append(d)
         for addr in sorted(devices):
@@ -226,8 +228,8 @@ class _Isolation:
         if ra != rb:
             self.parent[ra] = rb
 
-    def _ancestors(self, dev: Device):
-        seen = set()
+    def _ancestors(self, dev: Device) -> Iterator[Device]:
+        seen: set[PciAddress] = set()
         p = dev.raw.parent
         while p is not None and p in self.devices and p not in seen:
             seen.add(p)
@@ -257,7 +259,7 @@ class _Isolation:
         cfg = dev.raw.config
         if not cfg.ext_known:
             return None
-        if cfg.acs_cap is None:
+        if cfg.acs_cap is None or cfg.acs_ctrl is None:      # read together: both or neither
             return False
         flags = REQ_ACS_FLAGS & (cfg.acs_cap | k.ACS_EC)
         return (cfg.acs_ctrl & flags) == flags
@@ -368,8 +370,8 @@ class _Isolation:
         return " ".join(out)
 
 
-def _join_words(items) -> str:
-    items = [str(i) for i in items]
+def _join_words(things: Iterable[object]) -> str:
+    items = [str(i) for i in things]
     if len(items) <= 1:
         return "".join(items)
     return ", ".join(items[:-1]) + " and " + items[-1]
@@ -381,7 +383,7 @@ def _protected(raws: list[k.RawDevice], facts: k.HostFacts) -> dict[PciAddress, 
     out: dict[PciAddress, str] = {}
     known = {r.addr for r in raws}
 
-    def mark(addr, reason):
+    def mark(addr: PciAddress, reason: str) -> None:
         if addr in known and addr not in out:
             out[addr] = reason
 
@@ -399,7 +401,8 @@ def _protected(raws: list[k.RawDevice], facts: k.HostFacts) -> dict[PciAddress, 
     return out
 
 
-def _findings(devices, groups, facts: k.HostFacts, acs_override: bool) -> tuple[Finding, ...]:
+def _findings(devices: dict[PciAddress, Device], groups: dict[int, Group], facts: k.HostFacts,
+              acs_override: bool) -> tuple[Finding, ...]:
     out = []
     if not groups:
         out.append(Finding("no-iommu", (

@@ -10,20 +10,29 @@ same handler directly, so startup, hotplug and tests share one path.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from typing import TYPE_CHECKING, Callable
 
 from .address import PciAddress
 from .errors import InvalidAddress
+
+if TYPE_CHECKING:
+    import pyudev
 
 log = logging.getLogger("vfiod.udev")
 
 ACTIONS = ("add", "remove", "bind", "unbind", "change", "move")
 
+# Who gets each event, as (action, addr, driver); what it returns is ignored.
+EventHandler = Callable[[str, PciAddress, "str | None"], object]
 
-def parse_event(action: str | None, sys_name: str | None, driver: str | None):
+
+def parse_event(action: str | None, sys_name: str | None,
+                driver: str | None) -> tuple[str, PciAddress, str | None] | None:
     """(action, PciAddress, driver) for a PCI event vfiod cares about, else None."""
-    if action not in ACTIONS or not sys_name:
+    if action is None or action not in ACTIONS or not sys_name:
         return None
     try:
         addr = PciAddress.from_sysfs_name(sys_name)
@@ -32,7 +41,8 @@ def parse_event(action: str | None, sys_name: str | None, driver: str | None):
     return action, addr, driver or None
 
 
-def watch(loop, handler, udev_running: bool | None = None):
+def watch(loop: asyncio.AbstractEventLoop, handler: EventHandler,
+          udev_running: bool | None = None) -> pyudev.Monitor:
     """Feed PCI events to `handler` on `loop`; returns the monitor (keep a reference)."""
     import pyudev
 
@@ -44,7 +54,7 @@ def watch(loop, handler, udev_running: bool | None = None):
         monitor.filter_by(subsystem="pci")
     monitor.start()
 
-    def readable():
+    def readable() -> None:
         while True:
             device = monitor.poll(timeout=0)
             if device is None:

@@ -39,6 +39,9 @@ def test_every_hook_is_documented_in_the_hookspecs_and_readme():
     for h in hooks:
         assert getattr(hookspecs.BackendSpec, h).__doc__
         assert h in README
-    for method in ("check", "bind", "plan_hand_over", "hand_over", "take_back", "unbind", "open_group"):
+    methods = [n for n, v in vars(hookspecs.Backend).items() if callable(v) and not n.startswith("_")]
+    assert {"check", "bind", "plan_hand_over", "hand_over", "take_back", "unbind", "open_group"} <= set(methods)
+    for method in methods:
+        assert getattr(hookspecs.Backend, method).__doc__, f"Backend.{method} has no manual"
         assert re.search(rf"``{method}", hookspecs.__doc__), method
         assert f"`{method}`" in README, method

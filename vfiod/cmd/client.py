@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any, Iterable
 
 from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
@@ -37,14 +38,18 @@ class Client:
         if self.bus:
             self.bus.disconnect()
 
-    async def call(self, path: str, interface: str, member: str, signature: str = "", body=(),
-                   timeout: float | None = None):
+    async def call(self, path: str, interface: str, member: str, signature: str = "",
+                   body: Iterable[object] = (), timeout: float | None = None) -> Message:
+        if self.bus is None:
+            raise errors.BackendFailed("not connected to the bus (connect first)")
         msg = Message(destination=BUS_NAME, path=path, interface=interface, member=member,
                       signature=signature, body=list(body))
         try:
             reply = await asyncio.wait_for(self.bus.call(msg), timeout or self.timeout)
         except asyncio.TimeoutError:
             raise errors.BackendFailed(f"vfiod did not answer {member} within {timeout or self.timeout:g} s") from None
+        if reply is None:          # dbus-next returns none only for calls that want no reply
+            raise errors.BackendFailed(f"vfiod sent no reply to {member}")
         if reply.message_type == MessageType.ERROR:
             text = reply.body[0] if reply.body else reply.error_name
             if reply.error_name in ("org.freedesktop.DBus.Error.ServiceUnknown",
@@ -58,18 +63,19 @@ class Client:
             raise _BY_NAME.get(reply.error_name, errors.VfiodError)(text)
         return reply
 
-    async def managed_objects(self) -> dict:
+    # Property values come as each property's D-Bus type says: they are typed per property.
+    async def managed_objects(self) -> dict[str, dict[str, dict[str, Any]]]:
         reply = await self.call(ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
         return {path: {iface: {k: v.value for k, v in props.items()} for iface, props in ifaces.items()}
                 for path, ifaces in reply.body[0].items()}
 
-    async def properties(self, path: str, interface: str) -> dict:
+    async def properties(self, path: str, interface: str) -> dict[str, Any]:
         reply = await self.call(path, "org.freedesktop.DBus.Properties", "GetAll", "s", [interface])
         return {k: v.value for k, v in reply.body[0].items()}
 
     async def request_lease(self, target: str, backend: str = "", duration: int | None = None,
                             persistent: bool = False, force: bool = False) -> str:
-        options = {}
+        options: dict[str, Variant] = {}
         if duration:
             options["duration"] = Variant("t", duration)
         if persistent:
@@ -77,9 +83,10 @@ class Client:
         if force:
             options["force"] = Variant("b", True)
         reply = await self.call(ROOT, "org.vfiod1.Manager", "RequestLease", "ssa{sv}", [target, backend, options])
-        return reply.body[0]
+        path: str = reply.body[0]
+        return path
 
-    async def lease_call(self, path: str, member: str, signature: str = "", body=()):
+    async def lease_call(self, path: str, member: str, signature: str = "", body: Iterable[object] = ()) -> Message:
         return await self.call(path, "org.vfiod1.Lease", member, signature, body)
 
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ..errors import VfiodError
+
+if TYPE_CHECKING:
+    from ..sysfs import Roots
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -32,11 +36,12 @@ def duration_arg(text: str) -> int:
 
 
 @contextlib.contextmanager
-def host_roots(args):
-    """The roots to read: a simulated host laid out in a temporary tree, or the given ones."""
+def host_roots(args: argparse.Namespace) -> Iterator[Roots]:
+    """The roots to read: a simulated host laid out in a temporary tree, or the given ones
+    (`args` from a parser given `add_root_options`)."""
     from ..sysfs import Roots
 
-    if getattr(args, "simulate", None):
+    if args.simulate:
         from ..sim import hosts
 
         tmp, roots = hosts.build_temporary(args.simulate)
@@ -45,7 +50,7 @@ def host_roots(args):
     else:
         from ..sysfs import SysfsReader
 
-        roots = Roots(sysfs=args.sysfs_root, proc=args.proc_root, dev=getattr(args, "dev_root", "/dev"))
+        roots = Roots(sysfs=args.sysfs_root, proc=args.proc_root, dev=args.dev_root)
         SysfsReader(roots).require_pci()
         yield roots
 
@@ -56,7 +61,7 @@ def add_root_options(p: argparse.ArgumentParser, dev: bool = False, inherit: boo
     `vfiod --simulate gpu inspect` and `vfiod inspect --simulate gpu` read the same host."""
     from ..sim.hosts import DEFAULT, EXAMPLES, topology_arg
 
-    def default(value):
+    def default(value: str | None) -> str | None:
         return argparse.SUPPRESS if inherit else value
 
     p.add_argument("--sysfs-root", default=default("/sys"), metavar="DIR",
@@ -66,6 +71,8 @@ def add_root_options(p: argparse.ArgumentParser, dev: bool = False, inherit: boo
     if dev:
         p.add_argument("--dev-root", default=default("/dev"), metavar="DIR",
                        help="where devtmpfs is mounted (default: /dev)")
+    elif not inherit:
+        p.set_defaults(dev_root="/dev")
     p.add_argument("--simulate", nargs="?", const=DEFAULT, default=default(None), type=topology_arg,
                    metavar="TOPOLOGY",
                    help=f"read a built-in simulated host instead of this machine "
@@ -73,17 +80,20 @@ def add_root_options(p: argparse.ArgumentParser, dev: bool = False, inherit: boo
                         f"a two-socket server of N PCI functions)")
 
 
-def run(parser: argparse.ArgumentParser, argv, command=None) -> int:
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, command: list[str] | None = None) -> int:
+    """Parse `argv` and run the chosen command's ``func(args)``.  `parser` defaults ``func`` and
+    ``run_command`` to None; a command that takes ``-- CMD ARGS`` sets ``run_command`` to a list."""
     args = parser.parse_args(argv)
     if command:
-        if not hasattr(args, "run_command"):
+        if args.run_command is None:
             parser.error("only `vfioctl lease` takes a command after --")
         args.run_command = command
-    if not getattr(args, "func", None):
+    if not args.func:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return args.func(args)
+        rc: int = args.func(args)
+        return rc
     except VfiodError as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return e.exit_code

@@ -11,20 +11,24 @@ import shutil
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Sequence
 
 from .. import __version__
 from ..errors import InvalidArgument, NotFound, VfiodError
-from ..report import render_groups
+from ..report import Json, render_groups
 from .common import Formatter, add_root_options, duration_arg, run
 from .policy import add_policy_commands
+
+if TYPE_CHECKING:
+    from .client import Client
 
 EXIT_OK, EXIT_FAIL, EXIT_DENIED = 0, 1, 3
 
 
-def _run(args, coro_fn) -> int:
+def _run(args: argparse.Namespace, coro_fn: Callable[[Client], Awaitable[int]]) -> int:
     from .client import Client
 
-    async def main():
+    async def main() -> int:
         client = await Client(args.bus, timeout=args.timeout).connect()
         try:
             return await coro_fn(client)
@@ -33,15 +37,16 @@ def _run(args, coro_fn) -> int:
     return asyncio.run(main())
 
 
-async def _groups_json(client, targets=()) -> list[dict]:
+async def _groups_json(client: Client, targets: Iterable[str] = ()) -> list[Json]:
     """The groups `targets` name (every group when none), as the daemon describes them:
     the same objects as `vfiod inspect --json`, plus what the daemon knows (leases)."""
     reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "GroupsJson", "as", [list(targets)])
-    return json.loads(reply.body[0])
+    groups: list[Json] = json.loads(reply.body[0])
+    return groups
 
 
-def cmd_groups(args) -> int:
-    async def go(client):
+def cmd_groups(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
         groups = await _groups_json(client)
         if args.json:
             print(json.dumps(groups, indent=1))
@@ -51,8 +56,8 @@ def cmd_groups(args) -> int:
     return _run(args, go)
 
 
-def cmd_show(args) -> int:
-    async def go(client):
+def cmd_show(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
         group = (await _groups_json(client, [args.target]))[0]
         if args.json:
             print(json.dumps(group, indent=1))
@@ -62,16 +67,16 @@ def cmd_show(args) -> int:
     return _run(args, go)
 
 
-def cmd_explain(args) -> int:
-    async def go(client):
+def cmd_explain(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
         reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "Explain", "s", [args.target])
         print(reply.body[0])
         return EXIT_OK
     return _run(args, go)
 
 
-def cmd_check(args) -> int:
-    async def go(client):
+def cmd_check(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
         reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "CheckAccess", "ss",
                                   [args.target, args.backend or ""])
         allowed, rule, reason = reply.body[0]
@@ -91,7 +96,7 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
-def _time_left(expires: int) -> str:
+def _time_left(expires: float) -> str:
     if not expires:
         return "never"
     from ..policy import format_duration
@@ -99,12 +104,12 @@ def _time_left(expires: int) -> str:
     return "due" if left <= 0 else format_duration(left)
 
 
-def cmd_leases(args) -> int:
+def cmd_leases(args: argparse.Namespace) -> int:
     """Your leases (root: everyone's, or with --all anyone's view of them all)."""
-    async def go(client):
+    async def go(client: Client) -> int:
         manager = await client.properties("/org/vfiod1", "org.vfiod1.Manager")
         mine = os.getuid()
-        rows = []
+        rows: list[Json] = []
         for path in manager.get("Leases", []):
             try:
                 lease = await client.properties(path, "org.vfiod1.Lease")
@@ -136,13 +141,13 @@ def cmd_leases(args) -> int:
     return _run(args, go)
 
 
-def cmd_lease(args) -> int:
+def cmd_lease(args: argparse.Namespace) -> int:
     command = list(args.run_command or [])
     if command and not shutil.which(command[0]):
         # Say so before a whole group is rebound for a command that cannot start.
         raise NotFound(f"no such command: {command[0]!r} (not found or not executable)")
 
-    async def go(client):
+    async def go(client: Client) -> int:
         path = await client.request_lease(args.target, args.backend or "", args.duration, args.persistent, args.force)
         lease_id = path.rsplit("/", 1)[-1]
         props = await client.properties(path, "org.vfiod1.Lease")
@@ -182,9 +187,10 @@ def cmd_lease(args) -> int:
     return _run(args, go)
 
 
-async def _run_with_lease(client, path, props, group, command, pass_fd=False) -> int:
+async def _run_with_lease(client: Client, path: str, props: Json, group: int, command: Sequence[str],
+                          pass_fd: bool = False) -> int:
     env = dict(os.environ)
-    fds = []
+    fds: list[int] = []
     if props["Backend"] == "libvirt":
         env["VFIOD_HOSTDEV_XML"] = (await client.lease_call(path, "HostdevXml")).body[0]
     if props["Backend"] in ("vfio", "libvirt"):
@@ -200,7 +206,7 @@ async def _run_with_lease(client, path, props, group, command, pass_fd=False) ->
     env["VFIOD_LEASE"] = path.rsplit("/", 1)[-1]
     memlock = props.get("Memlock") or 0
 
-    def preexec():
+    def preexec() -> None:
         """In the child: raise RLIMIT_MEMLOCK's soft limit toward the policy's grant (as far
         as the hard limit lets an unprivileged process go)."""
         if not memlock:
@@ -216,16 +222,16 @@ async def _run_with_lease(client, path, props, group, command, pass_fd=False) ->
         os.close(fd)          # the child has it; the group opens once, so do not hold it here
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda s=sig: proc.send_signal(s))
+        loop.add_signal_handler(sig, proc.send_signal, sig)
     rc = await proc.wait()
     return rc if rc >= 0 else 128 - rc
 
 
-def cmd_vfs(args) -> int:
+def cmd_vfs(args: argparse.Namespace) -> int:
     if args.count < 0:
         raise InvalidArgument(f"not a number of VFs: {args.count}")
 
-    async def go(client):
+    async def go(client: Client) -> int:
         before = (await client.call("/org/vfiod1", "org.vfiod1.Manager", "SetVfCount", "su",
                                     [args.target, args.count], timeout=max(args.timeout, 120))).body[0]
         print(f"{args.target}: {before} -> {args.count} VFs")
@@ -236,7 +242,7 @@ def cmd_vfs(args) -> int:
 _LEASE_ID = re.compile(r"[0-9a-f]{16}")
 
 
-async def _leases_to_release(client, args) -> list[str]:
+async def _leases_to_release(client: Client, args: argparse.Namespace) -> list[str]:
     """The lease ids `vfioctl release` means: an id, the lease of a target's group, or --all."""
     if args.all:
         manager = await client.properties("/org/vfiod1", "org.vfiod1.Manager")
@@ -251,8 +257,8 @@ async def _leases_to_release(client, args) -> list[str]:
     return [group["lease"]]
 
 
-def cmd_release(args) -> int:
-    async def go(client):
+def cmd_release(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
         ids = await _leases_to_release(client, args)
         if not ids:
             print("No leases.")
@@ -289,7 +295,7 @@ examples:
 """
 
 
-def show_status(args) -> int:
+def show_status(args: argparse.Namespace) -> int:
     """Every PCI device by class and driver kind (offline: reads sysfs, never writes)."""
     from ..pciids import PciIds
     from ..report import render_status, status_json
@@ -386,7 +392,8 @@ examples:
 }
 
 
-def add_bus_commands(sub, formatter) -> None:
+def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                     formatter: type[argparse.HelpFormatter]) -> None:
     for name, (summary, fn, description) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=description, formatter_class=formatter)
         p.add_argument("--bus", default="system", metavar="system|session|ADDRESS",
@@ -428,6 +435,7 @@ def vfioctl_parser() -> argparse.ArgumentParser:
         description="vfioctl: ask vfiod for IOMMU groups, explanations and leases; check policy files.",
     )
     p.add_argument("--version", action="version", version=f"vfioctl {__version__}")
+    p.set_defaults(func=None, run_command=None)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     add_bus_commands(sub, Formatter)
     st = sub.add_parser("status", help="every PCI device by class and driver, like dpdk-devbind --status (offline)",
@@ -440,7 +448,7 @@ def vfioctl_parser() -> argparse.ArgumentParser:
 
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
     if "--" in argv:                      # vfioctl lease T [options] -- CMD ARGS...

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from .. import policy
 from ..errors import InvalidArgument, PermissionDenied
 from ..policy import DEFAULT_DIR
 from .common import add_root_options, duration_arg, host_roots
+
+if TYPE_CHECKING:
+    from ..topology import Device
 
 POLICY_HELP = """\
 Work with vfiod's policy offline: check the files, and test what a user would
@@ -84,7 +88,8 @@ examples:
 """
 
 
-def add_policy_commands(subparsers, formatter_class) -> None:
+def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+                        formatter_class: type[argparse.HelpFormatter]) -> None:
     """Add ``policy check`` and ``policy test`` to vfioctl's sub-commands."""
 
     p = subparsers.add_parser("policy", help="check policy files; test what a user would get (offline)",
@@ -145,14 +150,14 @@ def _backends() -> tuple[str, ...]:
         return KNOWN_BACKENDS
 
 
-def _load(directory: str):
+def _load(directory: str) -> policy.Policy:
 
     return policy.Policy.load(directory, backends=_backends(), users=policy.system_users())
 
 
 # ---------------------------------------------------------------- check
 
-def cmd_check(args) -> int:
+def cmd_check(args: argparse.Namespace) -> int:
     pol = _load(args.directory)
     out = sys.stdout
     print(f"Policy {args.directory}: {_count(len(pol.files), 'file')}, {_count(len(pol.rules), 'rule')}, "
@@ -190,7 +195,7 @@ def _count(n: int, word: str) -> str:
 
 # ---------------------------------------------------------------- test
 
-def cmd_test(args) -> int:
+def cmd_test(args: argparse.Namespace) -> int:
     from ..sysfs import SysfsReader
     from ..topology import Host
 
@@ -253,7 +258,7 @@ examples:
 """
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
     from ..sysfs import SysfsReader
     from ..topology import Host
 
@@ -270,7 +275,7 @@ def cmd_generate(args) -> int:
     with host_roots(args) as roots:
         host = Host.scan(SysfsReader(roots))
     empty = policy.Policy.empty()
-    devices = []
+    devices: list[Device] = []
     for target in args.targets:
         if target.startswith("name:"):
             raise InvalidArgument(f"{target}: generate names devices of this host (an address or group:N)")
@@ -311,17 +316,17 @@ def _resource_name(target: str) -> str:
     return "dev-" + str(PciAddress.parse(target)).replace(":", "-")
 
 
-def _user(text: str, users) -> tuple[int, str | None]:
+def _user(text: str, users: policy.UserDb) -> tuple[int, str | None]:
     """(uid, name) of a user name or numeric uid; `InvalidArgument` for an unknown name."""
     if text.isdigit():
         uid = int(text)
         if uid > 0xFFFFFFFE:
             raise InvalidArgument(f"not a uid: {text}")
         return uid, users.user_name(uid)
-    uid = users.uid(text)
-    if uid is None:
+    known = users.uid(text)
+    if known is None:
         raise InvalidArgument(f"no user named {text!r} on this system")
-    return uid, text
+    return known, text
 
 
 def _hex(v: int | None) -> str:

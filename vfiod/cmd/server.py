@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Sequence
 
 from .. import __version__
 from .common import EXIT_OK, Formatter, add_root_options, host_roots, run
@@ -32,7 +33,7 @@ examples:
 """
 
 
-def cmd_inspect(args) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
     if args.all:
         from .ctl import show_status
         return show_status(args)
@@ -63,7 +64,7 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
-def cmd_daemon(args) -> int:
+def cmd_daemon(args: argparse.Namespace) -> int:
     import asyncio
 
     from ..daemon import serve
@@ -90,7 +91,7 @@ def vfiod_parser() -> argparse.ArgumentParser:
                    help="where the journal (state.db) lives (default: /var/lib/vfiod)")
     p.add_argument("--sim-dir", metavar="DIR",
                    help="with --simulate: lay the simulated host out here (kept, reused on restart)")
-    p.set_defaults(func=cmd_daemon)
+    p.set_defaults(func=cmd_daemon, run_command=None)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     ins = sub.add_parser("inspect", help="show IOMMU groups, viability and isolation (offline)",
                          description=INSPECT_HELP, formatter_class=Formatter)
@@ -104,5 +105,5 @@ def vfiod_parser() -> argparse.ArgumentParser:
 
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     return run(vfiod_parser(), argv)

@@ -7,6 +7,7 @@ host as last scanned)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -51,7 +52,7 @@ def sd_notify(state: str) -> bool:
     return True
 
 
-def make_kernel(args):
+def make_kernel(args: argparse.Namespace) -> tuple[Kernel, str | None]:
     """The real kernel below the given roots, or a simulated host laid out in --sim-dir."""
     if not args.simulate:
         roots = Roots(args.sysfs_root, args.proc_root, args.dev_root)
@@ -77,12 +78,12 @@ def _is_owner_gone(msg: Message) -> str | None:
     if (msg.message_type == MessageType.SIGNAL and msg.member == "NameOwnerChanged"
             and msg.interface == "org.freedesktop.DBus" and msg.sender == "org.freedesktop.DBus"):
         name, _old, new = msg.body
-        if name.startswith(":") and not new:
+        if isinstance(name, str) and name.startswith(":") and not new:
             return name
     return None
 
 
-async def serve(args) -> int:
+async def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else
                         "%(asctime)s %(name)s: %(message)s")
@@ -109,6 +110,8 @@ async def serve(args) -> int:
     service = Service(kernel, journal, store, backends)
     service.loop = loop
     if sim_dir:       # the simulated kernel sends its uevents straight to the handler
+        from ..sim.kernel import SimKernel
+        assert isinstance(kernel, SimKernel)     # make_kernel made one: there is a sim_dir
         kernel.event_sink = lambda *event: loop.call_soon_threadsafe(service.on_pci_event, *event)
     else:
         from .. import udev
@@ -116,14 +119,15 @@ async def serve(args) -> int:
 
     # Step 3: the bus connection (no name yet: nobody can call before step 6).
     try:
-        bus = await busmod.VfiodBus(negotiate_unix_fd=True, **busmod.bus_args(args.bus)).connect()
+        bus = busmod.VfiodBus(negotiate_unix_fd=True, **busmod.bus_args(args.bus))
+        await bus.connect()
     except Exception as e:      # no bus, a bad address, no session bus, refused authentication
         journal.close()
         raise BackendFailed(f"cannot reach the {args.bus} bus: {str(e).strip() or type(e).__name__}") from None
     service.attach(bus)
     busmod.install_caller_tracking(bus)
 
-    def on_message(msg: Message):
+    def on_message(msg: Message) -> None:
         gone = _is_owner_gone(msg)
         if gone:
             bus.forget_sender(gone)
@@ -140,8 +144,8 @@ async def serve(args) -> int:
         if lease.owner and await service.callers.present(lease.owner):
             alive.add(lease.owner)
     service.manager.owner_alive = lambda lease: lease.owner in alive
-    for e in await service._run(service.manager.reconcile):
-        log.info("lease %s of uid %s ended on start: %s", e.lease.id, e.lease.uid, e.reason)
+    for ended in await service._run(service.manager.reconcile):
+        log.info("lease %s of uid %s ended on start: %s", ended.lease.id, ended.lease.uid, ended.reason)
 
     # Step 5: the boot claims, then the objects.
     await service.apply_claims()
@@ -160,7 +164,7 @@ async def serve(args) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
 
-    def hup():
+    def hup() -> None:
         try:
             store.reload()
             log.info("policy reloaded")
@@ -168,12 +172,12 @@ async def serve(args) -> int:
             log.error("policy reload refused, the last good one stays: %s", e)
     loop.add_signal_handler(signal.SIGHUP, hup)
 
-    async def expire():
+    async def expire() -> None:
         while True:
             await asyncio.sleep(1)
-            ended = await service._run(service.manager.expire_due)
-            if ended:
-                service.refresh_soon([e.lease.group for e in ended])
+            expired = await service._run(service.manager.expire_due)
+            if expired:
+                service.refresh_soon([e.lease.group for e in expired])
     ticker = asyncio.ensure_future(expire())
     watchdog = asyncio.ensure_future(feed_watchdog())
     stopped = asyncio.ensure_future(stop.wait())

@@ -7,15 +7,20 @@ unique name until ``NameOwnerChanged`` says the name is gone."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dbus_next import Message, MessageType
 
 from ..errors import PermissionDenied
 from ..policy import Caller
 
+if TYPE_CHECKING:
+    from ..bus import VfiodBus
+
 
 class Callers:
     def __init__(self) -> None:
-        self.bus = None
+        self.bus: VfiodBus | None = None
         self._cache: dict[str, Caller] = {}
 
     async def of(self, msg: Message | None) -> Caller:
@@ -29,7 +34,7 @@ class Callers:
             destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
             interface="org.freedesktop.DBus", member="GetConnectionCredentials",
             signature="s", body=[msg.sender]))
-        if reply.message_type != MessageType.METHOD_RETURN:
+        if reply is None or reply.message_type != MessageType.METHOD_RETURN:
             raise PermissionDenied(f"cannot tell who {msg.sender} is")
         creds = {k: v.value for k, v in reply.body[0].items()}
         uid = creds.get("UnixUserID")
@@ -47,7 +52,7 @@ class Callers:
         reply = await self.bus.call(Message(
             destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
             interface="org.freedesktop.DBus", member="NameHasOwner", signature="s", body=[name]))
-        return reply.message_type == MessageType.METHOD_RETURN and bool(reply.body[0])
+        return reply is not None and reply.message_type == MessageType.METHOD_RETURN and bool(reply.body[0])
 
     def forget(self, name: str) -> None:
         """`name` left the bus: a new connection may get its name later."""

@@ -25,7 +25,7 @@ class ObjectTree:
         self._groups: dict[int, busmod.GroupInterface] = {}
         self._devices: dict[PciAddress, busmod.DeviceInterface] = {}
         self._leases: dict[str, busmod.LeaseInterface] = {}
-        self._published: dict[int, dict] = {}
+        self._published: dict[int, dict[str, object]] = {}
         self._exported = False
 
     def export_all(self, host: Host, leases: list[LeaseRow]) -> None:

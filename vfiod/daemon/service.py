@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from typing import Callable, Iterable, Mapping, TypeVar, TypeVarTuple
 
 import attrs
+from dbus_next import Message
 
 from .. import bus as busmod
 from .. import report
 from ..address import PciAddress
 from ..errors import BackendFailed, InvalidArgument, PermissionDenied, VfiodError
+from ..hookspecs import Backend
 from ..leases import Ended, LeaseManager
 from ..pciids import PciIds
 from ..policy import Caller, Decision, PolicyStore, format_size
@@ -31,9 +33,12 @@ from .snapshot import Snapshot
 
 log = logging.getLogger("vfiod")
 
+_T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
+
 
 class Service:
-    def __init__(self, kernel: Kernel, journal: Journal, policy_store: PolicyStore, backends: dict):
+    def __init__(self, kernel: Kernel, journal: Journal, policy_store: PolicyStore, backends: dict[str, Backend]):
         self.kernel = kernel
         self.journal = journal
         self.policy_store = policy_store
@@ -45,6 +50,7 @@ class Service:
         self.snapshot = Snapshot(self.manager)
         self.snapshot.on_change = self._changed_in_thread
         self.callers = Callers()
+        self.monitor: object | None = None            # the udev monitor, kept alive with the service
         self.objects = ObjectTree(self)
         self.hotplug = Hotplug(self)
         self._ending: set[str] = set()
@@ -72,7 +78,7 @@ class Service:
     def manager_iface(self) -> busmod.ManagerInterface:
         return self.objects.manager_iface
 
-    async def caller_of(self, msg) -> Caller:
+    async def caller_of(self, msg: Message | None) -> Caller:
         return await self.callers.of(msg)
 
     def on_pci_event(self, action: str, addr: PciAddress, driver: str | None) -> None:
@@ -86,13 +92,13 @@ class Service:
 
     # ------------------------------------------------------------ blocking work
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _run(self, fn: Callable[[*_Args], _T], *args: *_Args) -> _T:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    def refresh(self, groups=None) -> None:
+    def refresh(self, groups: Iterable[int] | None = None) -> None:
         self.snapshot.refresh(groups)
 
-    def refresh_soon(self, groups=None) -> None:
+    def refresh_soon(self, groups: Iterable[int] | None = None) -> None:
         """Refresh after the reply has gone out: callers do not wait for the rescan."""
         asyncio.get_running_loop().run_in_executor(None, self.snapshot.refresh, groups)
 
@@ -120,7 +126,8 @@ class Service:
 
     # ------------------------------------------------------------ the Manager
 
-    async def request(self, caller: Caller, target: str, backend: str, options: dict, owner: str | None = None):
+    async def request(self, caller: Caller, target: str, backend: str, options: Mapping[str, object],
+                      owner: str | None = None) -> LeaseRow:
         if not isinstance(target, str) or len(target) > 256:
             raise InvalidArgument("the target is too long")
         lease = await self._run(self.manager.request, caller, target, backend, options, owner)
@@ -131,7 +138,7 @@ class Service:
             await self._run(self.manager.release, lease.id, None, "disconnected")
             self.refresh_soon([lease.group])
             raise BackendFailed("the caller left the bus before the grant finished; the lease was undone")
-        warnings = []
+        warnings: list[str] = []
         if lease.memlock:
             # The policy's grant goes to the calling process (vfioctl lease -- CMD: CMD inherits it),
             # before the lessee pins any memory.  If it cannot be applied, the caller is told.
@@ -175,7 +182,7 @@ class Service:
         lease = self.manager.lease_for_group(number)
         return report.explain_text(target, g, lease, self.host.findings)
 
-    async def groups_json(self, caller: Caller, targets: list[str]) -> list[dict]:
+    async def groups_json(self, caller: Caller, targets: list[str]) -> list[report.Json]:
         """The groups `targets` name (every group when none), in the one group JSON."""
         if len(targets) > 64:
             raise InvalidArgument(f"at most 64 targets at a time, not {len(targets)}")
@@ -255,7 +262,7 @@ class Service:
         be = self.backends[lease.backend]
         return be.hostdev_xml(self.manager.context(lease, host=self.host))
 
-    async def renew(self, caller: Caller, lease_id: str, seconds: int):
+    async def renew(self, caller: Caller, lease_id: str, seconds: int) -> LeaseRow:
         self._lease_of(caller, lease_id, "renew")
         return await self._run(self.manager.renew, lease_id, caller, int(seconds))
 

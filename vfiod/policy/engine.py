@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import attrs
 
@@ -13,6 +13,9 @@ from .load import Loader, read_directory
 from .model import Refusal, Caller, Claim, DEFAULT_DENY, DEFAULT_DIR, Decision, DeviceDecision, KNOWN_BACKENDS, Resource, Rule, Target, parse_target
 from .units import _short, format_duration
 from .users import UserDb, system_users
+
+if TYPE_CHECKING:
+    from ..topology import Device, Host
 
 
 # ---------------------------------------------------------------- the policy
@@ -60,26 +63,29 @@ class Policy:
 
     # -- targets
 
-    def resolve(self, host, target: str) -> Target:
+    def resolve(self, host: Host, target: str) -> Target:
         """The group and devices `target` names (``0000:04:00.0``, ``04:00.0``, ``group:8``, ``name:RES``).
 
         `InvalidArgument` (or `InvalidAddress`) for text that is none of
         these and for a resource spread over several groups; `NotFound` for
         what is not on this host or not in the policy, and for a resource
         whose hardware changed (saying what changed)."""
-        kind, value = parse_target(target)
-        if kind == "group":
-            g = host.groups.get(value)
+        parsed = parse_target(target)
+        if parsed[0] == "group":
+            number = parsed[1]
+            g = host.groups.get(number)
             if g is None:
-                raise NotFound(f"no IOMMU group {value} on this host")
+                raise NotFound(f"no IOMMU group {number} on this host")
             return Target(group=g.number, addresses=tuple(g.members))
-        if kind == "address":
-            if value not in host.devices:
-                raise NotFound(f"no PCI device {value} on this host")
-            g = host.group_of(value)
+        if parsed[0] == "address":
+            addr = parsed[1]
+            if addr not in host.devices:
+                raise NotFound(f"no PCI device {addr} on this host")
+            g = host.group_of(addr)
             if g is None:
-                raise NotFound(f"{value} is in no IOMMU group (is the IOMMU on?)")
-            return Target(group=g.number, addresses=(value,))
+                raise NotFound(f"{addr} is in no IOMMU group (is the IOMMU on?)")
+            return Target(group=g.number, addresses=(addr,))
+        value = parsed[1]
         res = self.resources.get(value)
         if res is None:
             known = ", ".join(sorted(self.resources)) or "the policy names none"
@@ -104,25 +110,24 @@ class Policy:
         """The devices `target` names by address or resource (none for ``group:N``, an
         unknown resource or a device that is gone); `InvalidArgument`/`InvalidAddress` for
         text that is no target."""
-        kind, value = parse_target(target)
-        if kind == "address":
-            assert isinstance(value, PciAddress)
-            return (value,)
-        if kind == "name":
-            res = self.resources.get(str(value))
+        parsed = parse_target(target)
+        if parsed[0] == "address":
+            return (parsed[1],)
+        if parsed[0] == "name":
+            res = self.resources.get(parsed[1])
             return tuple(d.address for d in res.devices) if res else ()
         return ()
 
     def group_named(self, target: str) -> int | None:
         """N for ``group:N``, else None (`InvalidArgument` for text that is no target)."""
-        kind, value = parse_target(target)
-        return value if kind == "group" and isinstance(value, int) else None
+        parsed = parse_target(target)
+        return parsed[1] if parsed[0] == "group" else None
 
     # -- decisions
 
-    def decide_device(self, dev, caller: Caller) -> tuple[DeviceDecision, Rule | None]:
+    def decide_device(self, dev: Device, caller: Caller) -> tuple[DeviceDecision, Rule | None]:
         """The first rule naming both `dev` and `caller` decides; returns the verdict and that rule."""
-        notes = []
+        notes: list[str] = []
         for rule in self.rules:
             if not rule.covers(caller):
                 continue
@@ -142,8 +147,8 @@ class Policy:
             return DeviceDecision(dev.addr, True, rule.source, f"allowed by rule {rule.source}"), rule
         return DeviceDecision(dev.addr, False, "", "; ".join([DEFAULT_DENY, *notes]), Refusal.NO_RULE), None
 
-    def decide(self, host, caller: Caller, group: int, backend: str = "",
-               options: Mapping | None = None) -> Decision:
+    def decide(self, host: Host, caller: Caller, group: int, backend: str = "",
+               options: Mapping[str, object] | None = None) -> Decision:
         """May `caller` lease IOMMU group `group` with `backend` ("" = the rules' default)?
 
         `options`: ``duration`` (seconds; 0 or absent: none asked for) and
@@ -174,6 +179,7 @@ class Policy:
                 continue
             verdict, rule = self.decide_device(dev, caller)
             if verdict.allowed:
+                assert rule is not None        # an allowing verdict always comes from a rule
                 refusal = _refusal(rule, backend, duration, persistent)
                 if refusal:
                     verdict = DeviceDecision(addr, False, rule.source, refusal, Refusal.TERMS)
@@ -207,16 +213,16 @@ class Policy:
                                             f"({what}); ask for a backend they all allow", devices=devices,
                             refusal=Refusal.NO_BACKEND)
         caps = [r.max_duration for r in rules if r.max_duration]
-        grants = [r.memlock for r in rules]
+        grants = [r.memlock for r in rules if r.memlock]
         return Decision(
             allowed=True, rule=sources, reason=f"group {g.number} allowed by rule {sources} (backend {chosen})",
             backend=chosen, max_duration=min(caps) if caps else None,
             persistent=all(r.persistent for r in rules),
-            memlock=min(grants) if all(grants) else None,
+            memlock=min(grants) if len(grants) == len(rules) else None,
             reset_on_release=any(r.reset_on_release for r in rules), devices=devices)
 
-    def decide_target(self, host, caller: Caller, target: str, backend: str = "",
-                      options: Mapping | None = None) -> tuple[Target, Decision]:
+    def decide_target(self, host: Host, caller: Caller, target: str, backend: str = "",
+                      options: Mapping[str, object] | None = None) -> tuple[Target, Decision]:
         """`resolve`, then `decide` on its group."""
         resolved = self.resolve(host, target)
         return resolved, self.decide(host, caller, resolved.group, backend, options)

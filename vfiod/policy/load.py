@@ -6,7 +6,9 @@ import difflib
 import os
 import re
 import tomllib
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
+
+import attrs
 
 
 from ..address import PciAddress
@@ -29,6 +31,9 @@ TABLES = ("rule", "resource", "claim")
 
 # ---------------------------------------------------------------- reading files
 
+_T = TypeVar("_T")
+
+
 class _Bad(Exception):
     """A problem with one value; `_Table` adds file, line and key."""
 
@@ -41,7 +46,7 @@ class _Bad(Exception):
 class _Table:
     """One ``[[kind]]`` table of one file, for error messages with its file and lines."""
 
-    def __init__(self, path: str, loc: Locator, kind: str, index: int, data: dict):
+    def __init__(self, path: str, loc: Locator, kind: str, index: int, data: dict[str, object]):
         self.path, self.loc, self.kind, self.index, self.data = path, loc, kind, index, data
 
     @property
@@ -55,17 +60,28 @@ class _Table:
     def table_error(self, message: str) -> PolicyError:
         return PolicyError(f"{self.source}: [[{self.kind}]]: {message}")
 
-    def check_keys(self, known: tuple[str, ...]) -> None:
+    def check_keys(self, known: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
         for key in self.data:
             if key not in known:
                 raise self.error(key, "unknown key" + _did_you_mean(key, known))
+        for key in required:
+            if key not in self.data:
+                raise self.table_error(f"missing key '{key}'")
 
-    def get(self, key: str, parse, *args):
-        """`parse(value, *args)` of the key's value; `_Bad` becomes a located PolicyError."""
+    def get(self, key: str, parse: Callable[[object], _T]) -> _T:
+        """`parse(value)` of the key's value; `_Bad` becomes a located PolicyError."""
         try:
-            return parse(self.data[key], *args)
+            return parse(self.data[key])
         except _Bad as e:
             raise self.error(key, e.message, e.element) from None
+
+    def many(self, key: str, item: Callable[[object], _T], what: str) -> tuple[_T, ...]:
+        """The key's value or array of values, each through `item` (see `_one_or_many`)."""
+        return self.get(key, lambda v: _one_or_many(v, item, what))
+
+    def checked(self, key: str, fn: Callable[[object], _T]) -> _T:
+        """`fn(value)` of the key's value, its ValueError a located PolicyError."""
+        return self.get(key, lambda v: _bad(v, fn))
 
 
 def _did_you_mean(key: str, known: tuple[str, ...]) -> str:
@@ -73,7 +89,7 @@ def _did_you_mean(key: str, known: tuple[str, ...]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
 
 
-def _one_or_many(value, item, what: str) -> tuple:
+def _one_or_many(value: object, item: Callable[[object], _T], what: str) -> tuple[_T, ...]:
     """A value or an array of values, each through `item` (whose ValueError becomes `_Bad`)."""
     if isinstance(value, list):
         if not value:
@@ -81,7 +97,7 @@ def _one_or_many(value, item, what: str) -> tuple:
         items = value
     else:
         items = [value]
-    out = []
+    out: list[_T] = []
     for j, v in enumerate(items):
         try:
             out.append(item(v))
@@ -90,7 +106,7 @@ def _one_or_many(value, item, what: str) -> tuple:
     return tuple(out)
 
 
-def _bad(v, fn):
+def _bad(v: object, fn: Callable[[object], _T]) -> _T:
     """`fn(v)` with its ValueError as `_Bad` (for `_Table.get`)."""
     try:
         return fn(v)
@@ -98,25 +114,25 @@ def _bad(v, fn):
         raise _Bad(str(e)) from None
 
 
-def _string(v, what: str) -> str:
+def _string(v: object, what: str) -> str:
     if not isinstance(v, str):
         raise ValueError(f"expected {what}, got {_describe(v)}")
     return v
 
 
-def _text(v) -> str:
+def _text(v: object) -> str:
     if not isinstance(v, str):
         raise _Bad(f"expected a string, got {_describe(v)}")
     return v
 
 
-def _bool(v) -> bool:
+def _bool(v: object) -> bool:
     if not isinstance(v, bool):
         raise _Bad(f"expected true or false, got {_describe(v)}")
     return v
 
 
-def _address(v) -> PciAddress:
+def _address(v: object) -> PciAddress:
     text = _string(v, "a PCI address such as \"0000:04:00.0\"")
     try:
         return PciAddress.parse(text)
@@ -124,7 +140,7 @@ def _address(v) -> PciAddress:
         raise ValueError(str(e)) from None
 
 
-def _iommu_group(v) -> int:
+def _iommu_group(v: object) -> int:
     if isinstance(v, str):
         raise ValueError(f"expected an IOMMU group number, got {_describe(v)} (unix groups go in 'groups')")
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_GROUP:
@@ -132,19 +148,19 @@ def _iommu_group(v) -> int:
     return v
 
 
-def _unix_group_name(v) -> str:
+def _unix_group_name(v: object) -> str:
     if isinstance(v, int) and not isinstance(v, bool):
         raise ValueError(f"expected a unix group name, got {_describe(v)} (IOMMU groups go in 'group')")
     return _string(v, "a unix group name")
 
 
-def _uid(v) -> int:
+def _uid(v: object) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_UID:
         raise ValueError(f"expected a uid (0 or more), got {_describe(v)}")
     return v
 
 
-def _class(v) -> str:
+def _class(v: object) -> str:
     text = _string(v, "a class code prefix such as \"02\" or \"0300\"")
     if not _CLASS.fullmatch(text):
         raise ValueError(f"not a class code prefix: {_short(text)} (2, 4 or 6 hex digits: "
@@ -152,30 +168,44 @@ def _class(v) -> str:
     return text.lower()
 
 
-def _driver(v) -> str:
+def _driver(v: object) -> str:
     text = _string(v, "a driver name")
     if not _DRIVER.fullmatch(text):
         raise ValueError(f"not a driver name: {_short(text)}")
     return text
 
 
-def _resource_name(v) -> str:
+def _resource_name(v: object) -> str:
     text = _string(v, "a resource name")
     if not _NAME.fullmatch(text):
         raise ValueError(f"not a resource name: {_short(text)} (letters, digits, '_', '.', '-'; at most 64)")
     return text
 
 
-def _id_pattern(v) -> IdPattern:
+def _id_pattern(v: object) -> IdPattern:
     return IdPattern.parse(_string(v, "a vendor:device id such as \"8086:10d3\""))
 
 
-def _exact_id(v) -> tuple[int, int]:
+def _exact_id(v: object) -> tuple[int, int]:
     text = _string(v, "a vendor:device id such as \"8086:10d3\"")
     m = _EXACT_ID.fullmatch(text)
     if not m:
         raise ValueError(f"not a vendor:device id: {_short(text)} (4 hex digits each, no wildcards)")
     return int(m.group(1), 16), int(m.group(2), 16)
+
+
+def _ids_of(t: _Table, key: str, names: Iterable[str], lookup: Callable[[str], int | None],
+           what: str) -> list[int]:
+    """The uid or gid `lookup` gives each of `names` (the value of `key`); a located
+    error for a name the system does not know."""
+    ids = []
+    for j, name in enumerate(names):
+        found = lookup(name)
+        if found is None:
+            raise t.error(key, f"no {what} named {_short(name)} on this system",
+                          j if isinstance(t.data[key], list) else None)
+        ids.append(found)
+    return ids
 
 
 def _syntax_error(path: str, text: str, message: str) -> str:
@@ -216,10 +246,11 @@ class Loader:
         if len(content) > MAX_FILE_SIZE:
             raise PolicyError(f"{path}:1: file too large (more than {MAX_FILE_SIZE} bytes)")
         if isinstance(content, bytes):
+            raw = content
             try:
-                content = content.decode("utf-8")
+                content = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                line = content[:e.start].count(b"\n") + 1
+                line = raw[:e.start].count(b"\n") + 1
                 raise PolicyError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
         content = content.removeprefix("\ufeff")
         try:
@@ -268,77 +299,66 @@ class Loader:
     # -- tables
 
     def _rule(self, t: _Table) -> Rule:
+        # Keys are read in this order, so a table with several problems reports the same first one.
         t.check_keys(RULE_KEYS)
-        d, kw = t.data, {"source": t.source}
+        d = t.data
         action = t.get("action", _text) if "action" in d else "allow"
         if action not in ("allow", "deny"):
             raise t.error("action", f"expected \"allow\" or \"deny\", got {_describe(action)}")
-        kw["action"] = action
-        if "comment" in d:
-            kw["comment"] = t.get("comment", _text)
+        comment = t.get("comment", _text) if "comment" in d else ""
         # which devices
-        if "address" in d:
-            kw["addresses"] = frozenset(t.get("address", _one_or_many, _address, "address"))
-        if "group" in d:
-            kw["iommu_groups"] = frozenset(t.get("group", _one_or_many, _iommu_group, "group number"))
-        if "ids" in d:
-            kw["ids"] = tuple(dict.fromkeys(t.get("ids", _one_or_many, _id_pattern, "id")))
-        if "class" in d:
-            kw["classes"] = tuple(dict.fromkeys(t.get("class", _one_or_many, _class, "class")))
-        if "driver" in d:
-            kw["drivers"] = frozenset(t.get("driver", _one_or_many, _driver, "driver"))
-        if "vf_of" in d:
-            kw["vf_of"] = frozenset(t.get("vf_of", _one_or_many, _address, "address"))
+        addresses = frozenset(t.many("address", _address, "address")) if "address" in d else None
+        iommu_groups = frozenset(t.many("group", _iommu_group, "group number")) if "group" in d else None
+        ids = tuple(dict.fromkeys(t.many("ids", _id_pattern, "id"))) if "ids" in d else None
+        classes = tuple(dict.fromkeys(t.many("class", _class, "class"))) if "class" in d else None
+        drivers = frozenset(t.many("driver", _driver, "driver")) if "driver" in d else None
+        vf_of = frozenset(t.many("vf_of", _address, "address")) if "vf_of" in d else None
+        resources: tuple[str, ...] | None = None
         if "resource" in d:
-            names = t.get("resource", _one_or_many, _resource_name, "resource name")
+            names = t.many("resource", _resource_name, "resource name")
             many = isinstance(d["resource"], list)
             for j, name in enumerate(names):
                 self.refs.append((t, "resource", j if many else None, name))
-            kw["resources"] = tuple(dict.fromkeys(names))
+            resources = tuple(dict.fromkeys(names))
         if not any(k in d for k in MATCH_KEYS):
             raise t.table_error("no device matcher: give at least one of " + ", ".join(MATCH_KEYS))
         # who
         uids: set[int] = set()
+        users: tuple[str, ...] = ()
+        user_uids: list[int] = []
         if "users" in d:
-            names = t.get("users", _one_or_many, lambda v: _string(v, "a user name"), "user name")
-            user_uids = []
-            for j, name in enumerate(names):
-                uid = self.users.uid(name)
-                if uid is None:
-                    raise t.error("users", f"no user named {_short(name)} on this system",
-                                  j if isinstance(d["users"], list) else None)
-                user_uids.append(uid)
-            kw["users"], kw["user_uids"] = tuple(dict.fromkeys(names)), tuple(user_uids)
+            names = t.many("users", lambda v: _string(v, "a user name"), "user name")
+            user_uids = _ids_of(t, "users", names, self.users.uid, "user")
+            users = tuple(dict.fromkeys(names))
             uids.update(user_uids)
         if "uids" in d:
-            uids.update(t.get("uids", _one_or_many, _uid, "uid"))
+            uids.update(t.many("uids", _uid, "uid"))
+        unix_groups: tuple[str, ...] = ()
+        gids: set[int] = set()
         if "groups" in d:
-            names = t.get("groups", _one_or_many, _unix_group_name, "group name")
-            gids = set()
-            for j, name in enumerate(names):
-                gid = self.users.gid(name)
-                if gid is None:
-                    raise t.error("groups", f"no group named {_short(name)} on this system",
-                                  j if isinstance(d["groups"], list) else None)
-                gids.add(gid)
-            kw["unix_groups"], kw["gids"] = tuple(dict.fromkeys(names)), frozenset(gids)
-        if "everyone" in d:
-            kw["everyone"] = t.get("everyone", _bool)
-        kw["uids"] = frozenset(uids)
-        if not (uids or kw.get("gids") or kw.get("everyone")):
+            names = t.many("groups", _unix_group_name, "group name")
+            gids.update(_ids_of(t, "groups", names, self.users.gid, "group"))
+            unix_groups = tuple(dict.fromkeys(names))
+        everyone = t.get("everyone", _bool) if "everyone" in d else False
+        if not (uids or gids or everyone):
             if "everyone" in d:
                 raise t.error("everyone", "everyone = false names nobody: give users, uids or groups")
             raise t.table_error("names nobody: give at least one of " + ", ".join(WHO_KEYS))
+        rule = Rule(source=t.source, action=action, comment=comment,
+                    addresses=addresses, iommu_groups=iommu_groups, ids=ids, classes=classes,
+                    drivers=drivers, vf_of=vf_of, resources=resources,
+                    users=users, user_uids=tuple(user_uids), unix_groups=unix_groups,
+                    uids=frozenset(uids), gids=frozenset(gids), everyone=everyone)
         # what it grants
         if action == "deny":
             for key in GRANT_KEYS:
                 if key in d:
                     raise t.error(key, "only allow rules grant anything; remove it from this deny rule")
-            return Rule(**kw)
-        backends = tuple(dict.fromkeys(t.get("backends", _one_or_many, self._backend, "backend"))) \
+            return rule
+        backends = tuple(dict.fromkeys(t.many("backends", self._backend, "backend"))) \
             if "backends" in d else ()
         if "default_backend" in d:
-            default = t.get("default_backend", _bad, self._backend)
+            default = t.checked("default_backend", self._backend)
             if not backends:
                 backends = (default,)
             elif default not in backends:
@@ -347,35 +367,28 @@ class Loader:
         else:
             backends = backends or ("vfio",)
             default = backends[0]
-        kw["backends"], kw["default_backend"] = backends, default
-        if "max_duration" in d:
-            kw["max_duration"] = t.get("max_duration", _bad, parse_duration)
-        if "persistent" in d:
-            kw["persistent"] = t.get("persistent", _bool)
-        if "memlock" in d:
-            kw["memlock"] = t.get("memlock", _bad, parse_size)
-        if "reset_on_release" in d:
-            kw["reset_on_release"] = t.get("reset_on_release", _bool)
-        if "allow_protected" in d:
-            kw["allow_protected"] = t.get("allow_protected", _bool)
-            if kw["allow_protected"] and "address" not in d and "resource" not in d:
-                raise t.error("allow_protected", "a protected device must be named explicitly: "
-                                                 "give the rule an 'address' or 'resource' key")
-        return Rule(**kw)
+        max_duration = t.checked("max_duration", parse_duration) if "max_duration" in d else None
+        persistent = t.get("persistent", _bool) if "persistent" in d else False
+        memlock = t.checked("memlock", parse_size) if "memlock" in d else None
+        reset_on_release = t.get("reset_on_release", _bool) if "reset_on_release" in d else False
+        allow_protected = t.get("allow_protected", _bool) if "allow_protected" in d else False
+        if allow_protected and "address" not in d and "resource" not in d:
+            raise t.error("allow_protected", "a protected device must be named explicitly: "
+                                             "give the rule an 'address' or 'resource' key")
+        return attrs.evolve(rule, backends=backends, default_backend=default, max_duration=max_duration,
+                            persistent=persistent, memlock=memlock, reset_on_release=reset_on_release,
+                            allow_protected=allow_protected)
 
-    def _backend(self, v) -> str:
+    def _backend(self, v: object) -> str:
         text = _string(v, "a backend name")
         if text not in self.backends:
             raise ValueError(f"unknown backend {_short(text)} (known: {', '.join(sorted(self.backends))})")
         return text
 
     def _resource(self, t: _Table) -> None:
-        t.check_keys(RESOURCE_KEYS)
+        t.check_keys(RESOURCE_KEYS, required=("name", "devices"))
         d = t.data
-        for key in ("name", "devices"):
-            if key not in d:
-                raise t.table_error(f"missing key '{key}'")
-        name = t.get("name", _bad, _resource_name)
+        name = t.checked("name", _resource_name)
         if name in self.resources:
             raise t.error("name", f"resource {name!r} is already defined at {self.resources[name].source}")
         comment = t.get("comment", _text) if "comment" in d else ""
@@ -408,18 +421,15 @@ class Loader:
         self.resources[name] = Resource(name=name, devices=tuple(devices), source=t.source, comment=comment)
 
     def _claim(self, t: _Table) -> Claim:
-        t.check_keys(CLAIM_KEYS)
+        t.check_keys(CLAIM_KEYS, required=("target", "user"))
         d = t.data
-        for key in ("target", "user"):
-            if key not in d:
-                raise t.table_error(f"missing key '{key}'")
         target = t.get("target", _text)
         try:
-            kind, value = parse_target(target)
+            parsed = parse_target(target)
         except InvalidArgument as e:
             raise t.error("target", str(e)) from None
-        if kind == "name":
-            self.refs.append((t, "target", None, value))
+        if parsed[0] == "name":
+            self.refs.append((t, "target", None, parsed[1]))
         for c in self.claims:
             if c.target == target:
                 raise t.error("target", f"{target} is already claimed at {c.source}")
@@ -427,7 +437,7 @@ class Loader:
         uid = self.users.uid(user)
         if uid is None:
             raise t.error("user", f"no user named {_short(user)} on this system")
-        backend = t.get("backend", _bad, self._backend) if "backend" in d else ""
+        backend = t.checked("backend", self._backend) if "backend" in d else ""
         comment = t.get("comment", _text) if "comment" in d else ""
         return Claim(target=target, uid=uid, user=user, backend=backend, source=t.source, comment=comment)
 

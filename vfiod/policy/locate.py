@@ -41,7 +41,7 @@ class Locator:
     def line(self, kind: str, index: int, key: str | None = None, element: int | None = None) -> int:
         """The line of `key` (its `element`-th array element) in that table; its header if unknown."""
         if kind == "":
-            pos = self.keys.get(("", 0), {}).get(key)
+            pos = self.keys.get(("", 0), {}).get(key) if key is not None else None
             return pos.line if pos else 1
         pos = self.keys.get((kind, index), {}).get(key) if key is not None else None
         if pos is None:
@@ -109,7 +109,7 @@ class Locator:
                 expect_element = True
             i += 1
 
-    def _header(self, path: tuple[str, ...], double: bool, line: int):
+    def _header(self, path: tuple[str, ...], double: bool, line: int) -> tuple[tuple[str, int], None]:
         """Record a table header; returns the table the following keys belong to, and None."""
         if not path:
             return ("", -1), None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Mapping
+from typing import TYPE_CHECKING, Literal, Mapping
 
 import attrs
 
@@ -12,6 +12,9 @@ from ..address import PciAddress
 from ..errors import InvalidAddress, InvalidArgument
 from .units import _hex4, _short, format_duration, format_size
 from .users import UserDb, system_users
+
+if TYPE_CHECKING:
+    from ..topology import Device, Host
 
 
 DEFAULT_DIR = "/etc/vfiod/policy.d"
@@ -142,7 +145,7 @@ class ResourceDevice:
     def ids(self) -> str:
         return f"{self.vendor:04x}:{self.device:04x}"
 
-    def problem(self, dev) -> str | None:
+    def problem(self, dev: Device | None) -> str | None:
         """What differs between this record and `dev` (a topology.Device or None); None if nothing."""
         if dev is None:
             return f"{self.address} is not on this host (card removed?)"
@@ -176,7 +179,7 @@ class Resource:
     def member(self, addr: PciAddress) -> ResourceDevice | None:
         return next((d for d in self.devices if d.address == addr), None)
 
-    def problems(self, host) -> list[str]:
+    def problems(self, host: Host) -> list[str]:
         """``resource NAME: …`` for every device whose hardware is not what the policy names."""
         out = []
         for d in self.devices:
@@ -236,7 +239,7 @@ class Rule:
         """Does the rule name this caller?"""
         return self.everyone or caller.uid in self.uids or not self.gids.isdisjoint(caller.gids)
 
-    def match(self, dev, resources: Mapping[str, Resource]) -> tuple[bool, str]:
+    def match(self, dev: Device, resources: Mapping[str, Resource]) -> tuple[bool, str]:
         """Does the rule name this device?  Also why a resource it names did not ("" if n/a)."""
         raw = dev.raw
         if self.addresses is not None and dev.addr not in self.addresses:
@@ -325,7 +328,12 @@ class Rule:
 
 
 
-def parse_target(target: str) -> tuple[str, object]:
+# What `parse_target` makes of a target: test ``parsed[0]`` to narrow ``parsed[1]``.
+ParsedTarget = (tuple[Literal["group"], int] | tuple[Literal["name"], str]
+                | tuple[Literal["address"], PciAddress])
+
+
+def parse_target(target: str) -> ParsedTarget:
     """("group", N) | ("name", NAME) | ("address", PciAddress); InvalidArgument/InvalidAddress."""
     if not isinstance(target, str) or not target:
         raise InvalidArgument("empty target (expected 0000:04:00.0, 04:00.0, group:N or name:RESOURCE)")

@@ -65,30 +65,32 @@ class StaticUserDb(UserDb):
     groups: Mapping[str, tuple[int, Iterable[str]]] = attrs.field(factory=dict)
 
     def _entry(self, name: str) -> tuple[int, int] | None:
-        v = self.users.get(name)
-        if v is None:
-            return None
+        return self._ids(name) if name in self.users else None
+
+    def _ids(self, name: str) -> tuple[int, int]:
+        """(uid, primary gid) of a user this database names."""
+        v = self.users[name]
         return (v, v) if isinstance(v, int) else (v[0], v[1])
 
-    def uid(self, name):
+    def uid(self, name: str) -> int | None:
         e = self._entry(name) if isinstance(name, str) else None
         return e[0] if e else None
 
-    def gid(self, name):
+    def gid(self, name: str) -> int | None:
         g = self.groups.get(name) if isinstance(name, str) else None
         return g[0] if g else None
 
-    def user_name(self, uid):
-        return next((n for n in self.users if self._entry(n)[0] == uid), None)
+    def user_name(self, uid: int) -> str | None:
+        return next((n for n in self.users if self._ids(n)[0] == uid), None)
 
-    def group_name(self, gid):
+    def group_name(self, gid: int) -> str | None:
         return next((n for n, (g, _) in self.groups.items() if g == gid), None)
 
-    def groups_of(self, uid):
+    def groups_of(self, uid: int) -> frozenset[int]:
         name = self.user_name(uid)
         if name is None:
             return frozenset()
-        gids = {self._entry(name)[1]}
+        gids = {self._ids(name)[1]}
         gids.update(g for g, members in self.groups.values() if name in members)
         return frozenset(gids)
 

@@ -39,12 +39,17 @@ import os
 import shutil
 import threading
 import time
+from typing import TYPE_CHECKING, Callable
 
 import attrs
 
 from ..address import PciAddress
 from ..sysfs import Kernel, Roots, classify_write
 from ..sysfs.read import _readlink
+
+if TYPE_CHECKING:
+    from ..udev import EventHandler
+    from .hosts.builder import Fn, HostSpec
 
 
 @attrs.define
@@ -62,16 +67,16 @@ class SimKernel(Kernel):
         self.faults: dict[tuple[str, PciAddress], Fault] = {}
         self.writes: list[tuple[str, str]] = []
         self.resets: list[PciAddress] = []
-        self.vf_table: dict[PciAddress, list] = {}    # PF -> the VFs its hardware can show (host table)
+        self.vf_table: dict[PciAddress, list[Fn]] = {}    # PF -> the VFs its hardware can show (host table)
         self.iommu = True
         self.loaded_modules: list[str] = []
-        self.after_write = None          # called with (rel, data) after each write took effect
+        self.after_write: Callable[[str, str], None] | None = None   # called with (rel, data) after each write took effect
         self.write_log: str | None = None  # a file that gets one "path<TAB>data" line per write
-        self.event_sink = None             # called with (action, addr, driver), as a uevent would be
+        self.event_sink: EventHandler | None = None   # called with (action, addr, driver), as a uevent would be
         self._lock = threading.RLock()
 
     @classmethod
-    def for_spec(cls, spec, roots: Roots, **kw) -> "SimKernel":
+    def for_spec(cls, spec: HostSpec, roots: Roots, **kw: float) -> "SimKernel":
         k = cls(roots, {fn.addr: fn.driver for fn in spec.functions}, **kw)
         k.iommu = spec.iommu
         for fn in sorted(spec.functions, key=lambda f: f.addr):
@@ -184,6 +189,8 @@ class SimKernel(Kernel):
         node = self._dev(addr)
         driver = self.driver_of(addr)
         os.unlink(os.path.join(node, "driver"))
+        if driver is None:           # the link was there but named nothing: no back link
+            return
         try:
             os.unlink(os.path.join(self._drv(driver), addr.sysfs_name))
         except FileNotFoundError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from typing import AnyStr
 
 CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -55,6 +56,7 @@ class PrivateBus:
         self.process = subprocess.Popen(
             ["dbus-daemon", f"--config-file={self.config}", "--nofork", "--print-address"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self.process.stdout is not None           # stdout=PIPE
         if not self.process.stdout.readline():
             raise RuntimeError("dbus-daemon did not start")
 
@@ -62,7 +64,7 @@ class PrivateBus:
         stop_process(self.process, 10)
 
 
-def stop_process(process: subprocess.Popen, timeout: float = 60) -> int:
+def stop_process(process: subprocess.Popen[AnyStr], timeout: float = 60) -> int:
     """SIGTERM, wait up to `timeout` seconds, then SIGKILL; the exit status."""
     if process.poll() is None:
         process.terminate()

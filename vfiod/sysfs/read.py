@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from collections.abc import Iterable
 
 import attrs
 
@@ -14,6 +15,9 @@ from .config import ConfigInfo
 
 
 _PCI_DEVICES_DIR = "devices"
+
+# A PF's (vendor, VF device id), so its VFs need not read theirs from sysfs.
+_PfIds = dict[PciAddress, tuple[int, int]]
 
 
 @attrs.frozen
@@ -197,7 +201,7 @@ class SysfsReader:
 
     def scan(self) -> list[RawDevice]:
         addrs, _bad = self.list_addresses()
-        pf_ids: dict = {}
+        pf_ids: _PfIds = {}
         return [self.read_device(a, pf_ids) for a in addrs]
 
     def node_of(self, addr: PciAddress) -> str | None:
@@ -207,7 +211,7 @@ class SysfsReader:
             return None
         return _resolve_rel(self.roots.sysfs, "bus/pci/devices", target)
 
-    def read_device(self, addr: PciAddress, _pf_ids: dict | None = None) -> RawDevice:
+    def read_device(self, addr: PciAddress, _pf_ids: _PfIds | None = None) -> RawDevice:
         """Read one function.  Every attribute is optional: a missing or odd one
         leaves its field unknown and says so in ``problems``."""
         node = self.node_of(addr)
@@ -215,7 +219,7 @@ class SysfsReader:
             dfd = os.open(self._s(node), _DIR_FLAGS) if node else -1
         except OSError:
             dfd = -1
-        if dfd < 0:
+        if node is None or dfd < 0:
             return RawDevice(addr=addr, node=None, parent=None,
                              problems=("sysfs link is missing or dangling",))
         try:
@@ -223,9 +227,9 @@ class SysfsReader:
         finally:
             os.close(dfd)
 
-    def _read_at(self, addr, node, dfd, pf_ids) -> RawDevice:
+    def _read_at(self, addr: PciAddress, node: str, dfd: int, pf_ids: _PfIds | None) -> RawDevice:
         problems: list[str] = []
-        parent = None
+        parent: PciAddress | None = None
         for piece in reversed(node.split("/")[:-1]):
             parent = _addr_or_none(piece)
             if parent:
@@ -241,7 +245,7 @@ class SysfsReader:
                 problems.append(
                     f"only {cfg.length} bytes of config space readable (ACS unknown; run as root)")
 
-        def num(name, base=16):
+        def num(name: str, base: int = 16) -> int | None:
             text = _read_at(dfd, name)
             if text is None:
                 return None
@@ -280,8 +284,8 @@ class SysfsReader:
                 problems.append(f"iommu_group link is odd: {target!r}")
         target = _readlink_at(dfd, "driver")
         driver = os.path.basename(target) if target else None
-        override = _read_at(dfd, "driver_override")
-        override = override.strip().decode("utf-8", "replace") if override else None
+        override_raw = _read_at(dfd, "driver_override")
+        override = override_raw.strip().decode("utf-8", "replace") if override_raw else None
         if override in ("(null)", ""):
             override = None
         reset = _read_at(dfd, "reset_method")
@@ -326,9 +330,9 @@ class SysfsReader:
         except ValueError:
             return None
 
-    def scan_groups(self, groups) -> list[RawDevice]:
+    def scan_groups(self, groups: Iterable[int]) -> list[RawDevice]:
         """Only the members of `groups`: what a lease needs, without a whole-host scan."""
-        pf_ids: dict = {}
+        pf_ids: _PfIds = {}
         addrs = sorted({a for g in groups for a in self.group_members(g)})
         return [self.read_device(a, pf_ids) for a in addrs]
 

@@ -61,7 +61,7 @@ def device_usage(roots: Roots, addr: PciAddress) -> list[str]:
         drm = []
     if drm:
         wanted = {os.path.join("/dev/dri", n) for n in drm}
-        holders = set()
+        openers: set[str] = set()
         try:
             pids = [p for p in os.listdir(roots.proc) if p.isdigit()]
         except OSError:
@@ -74,9 +74,9 @@ def device_usage(roots: Roots, addr: PciAddress) -> list[str]:
                 continue
             for fd in fds:
                 if _readlink(os.path.join(fddir, fd)) in wanted:
-                    holders.add(pid)
+                    openers.add(pid)
                     break
-        if holders:
-            out.append(f"DRM node {', '.join(drm)} is open in process(es) {', '.join(sorted(holders, key=int))}")
+        if openers:
+            out.append(f"DRM node {', '.join(drm)} is open in process(es) {', '.join(sorted(openers, key=int))}")
     return out
 

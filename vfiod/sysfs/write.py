@@ -108,9 +108,9 @@ class Kernel:
 
     def _write(self, rel: str, data: str, what: str) -> None:
         classify_write(rel, data)
-        result: list = []
+        result: list[OSError | None] = []
 
-        def work():
+        def work() -> None:
             try:
                 self._write_file(rel, data)
                 result.append(None)
@@ -123,8 +123,8 @@ class Kernel:
         if not result:
             raise KernelError(f"{what}: the kernel did not answer within {self.write_timeout:g} s "
                                f"(writing {rel}; is a process holding the device?)")
-        if result[0] is not None:
-            e = result[0]
+        e = result[0]
+        if e is not None:
             raise KernelError(f"{what}: the kernel refused (writing {rel}: {e.strerror or e})")
 
     def driver_of(self, addr: PciAddress) -> str | None:
@@ -334,7 +334,8 @@ class Kernel:
             if line.startswith("Max locked memory"):
                 fields = line.split()
                 try:
-                    return tuple(-1 if v == "unlimited" else int(v) for v in fields[3:5])
+                    soft, hard = (-1 if v == "unlimited" else int(v) for v in fields[3:5])
+                    return soft, hard
                 except ValueError:
                     return None
         return None

@@ -12,7 +12,12 @@ import os
 import tempfile
 
 from ...address import PciAddress
-from .builder import Fn, HostSpec, build as build_spec  # noqa: F401  (re-exported)
+from ...sysfs import Roots
+from .builder import Fn, HostSpec, build as build_spec
+
+__all__ = ["BRIDGE", "DEFAULT", "EXAMPLES", "GPU", "ICH10", "SRIOV", "SWITCH", "Fn", "HostSpec",
+           "SERVER_DEFAULT", "SERVER_MAX", "SERVER_MIN", "build", "build_spec", "build_temporary", "server",
+           "spec", "sriov_farm", "topology_arg"]
 
 ICH10 = HostSpec.from_table("ich10", "Intel ICH10 desktop (the RHEL guide's example): "
                             "two NICs behind the ICH10 root ports share group 8", """
@@ -195,12 +200,12 @@ def topology_arg(name: str) -> str:
     return name
 
 
-def build(name: str, root: str):
+def build(name: str, root: str) -> Roots:
     """Lay out the named simulated host below `root`; returns its `Roots`."""
     return build_spec(spec(name), root)
 
 
-def build_temporary(name: str):
+def build_temporary(name: str) -> tuple[tempfile.TemporaryDirectory[str], Roots]:
     """Lay out the named host in a new temporary directory; returns (TemporaryDirectory, Roots)."""
     tmp = tempfile.TemporaryDirectory(prefix=f"vfiod-sim-{name}-")
     return tmp, build(name, os.path.join(tmp.name, "host"))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Callable
 
 import attrs
 
@@ -83,46 +84,47 @@ class Fn:
         addr = PciAddress.parse(f[0])
         parent = None if f[1] == "-" else PciAddress.parse(f[1])
         vendor, device = (int(x, 16) for x in f[2].split(":"))
-        kw: dict = {}
+        fn = cls(
+            addr=addr, parent=parent, vendor=vendor, device=device,
+            class_code=int(f[3], 16), kind=f[4],
+            driver=None if f[5] == "-" else f[5],
+            group=None if f[6] == "-" else int(f[6]),
+        )
         for flag in f[7:]:
             name, _, value = flag.partition("=")
             if name == "mf":
-                kw["multifunction"] = True
+                fn = attrs.evolve(fn, multifunction=True)
             elif name == "acs":
-                kw["acs"] = "on"
+                fn = attrs.evolve(fn, acs="on")
             elif name == "acs-off":
-                kw["acs"] = "off"
+                fn = attrs.evolve(fn, acs="off")
             elif name == "boot_vga":
-                kw["boot_vga"] = True
+                fn = attrs.evolve(fn, boot_vga=True)
             elif name == "net":
-                kw["net"] = value
+                fn = attrs.evolve(fn, net=value)
             elif name == "vf-of":
-                kw["vf_of"] = PciAddress.parse(value)
+                fn = attrs.evolve(fn, vf_of=PciAddress.parse(value))
             elif name == "sriov":
                 total, _, vf_device = value.partition(":")
-                kw["sriov_total"] = int(total)
+                fn = attrs.evolve(fn, sriov_total=int(total))
                 if vf_device:
-                    kw["sriov_vf_device"] = int(vf_device, 16)
+                    fn = attrs.evolve(fn, sriov_vf_device=int(vf_device, 16))
             elif name == "subsys":
-                kw["subsys"] = tuple(int(x, 16) for x in value.split(":"))
+                sub_vendor, sub_device = (int(x, 16) for x in value.split(":"))
+                fn = attrs.evolve(fn, subsys=(sub_vendor, sub_device))
             elif name == "rev":
-                kw["revision"] = int(value, 16)
+                fn = attrs.evolve(fn, revision=int(value, 16))
             elif name == "numa":
-                kw["numa"] = int(value)
+                fn = attrs.evolve(fn, numa=int(value))
             elif name == "reset":
-                kw["reset"] = tuple(value.split(",")) if value else ()
+                fn = attrs.evolve(fn, reset=tuple(value.split(",")) if value else ())
             elif name == "override":
-                kw["override"] = value
+                fn = attrs.evolve(fn, override=value)
             else:
                 raise ValueError(f"unknown flag {flag!r} in {line!r}")
         if f[4] not in KINDS:
             raise ValueError(f"unknown kind {f[4]!r} in {line!r}")
-        return cls(
-            addr=addr, parent=parent, vendor=vendor, device=device,
-            class_code=int(f[3], 16), kind=f[4],
-            driver=None if f[5] == "-" else f[5],
-            group=None if f[6] == "-" else int(f[6]), **kw,
-        )
+        return fn
 
     def config(self) -> bytes:
         """Configuration space as the device would answer a read (4 KiB for PCIe)."""
@@ -142,15 +144,15 @@ class Fn:
             buf[0x34] = 0x40
             buf[0x40], buf[0x41] = k.PCI_CAP_ID_EXP, 0
             struct.pack_into("<H", buf, 0x42, 0x2 | (ptype << 4))
-            caps = []
+            caps: list[tuple[int, bytes]] = []
             if self.acs:
                 ctrl = ACS_FULL if self.acs == "on" else 0
                 caps.append((k.ACS_EXT_CAP_ID, struct.pack("<HH", ACS_FULL, ctrl)))
             if self.sriov_total is not None:
-                body = bytearray(0x3C)
-                struct.pack_into("<H", body, 0x0E - 4, self.sriov_total)          # TotalVFs
-                struct.pack_into("<H", body, k.SRIOV_VF_DID - 4, self.sriov_vf_device)
-                caps.append((k.SRIOV_EXT_CAP_ID, bytes(body)))
+                sriov = bytearray(0x3C)
+                struct.pack_into("<H", sriov, 0x0E - 4, self.sriov_total)          # TotalVFs
+                struct.pack_into("<H", sriov, k.SRIOV_VF_DID - 4, self.sriov_vf_device)
+                caps.append((k.SRIOV_EXT_CAP_ID, bytes(sriov)))
             pos = 0x100
             for i, (cap_id, body) in enumerate(caps):
                 nxt = pos + 0x40 if i + 1 < len(caps) else 0
@@ -173,12 +175,14 @@ class HostSpec:
     iommu: bool = True
 
     @classmethod
-    def from_table(cls, name: str, description: str, table: str, **kw) -> "HostSpec":
+    def from_table(cls, name: str, description: str, table: str, root_disk: PciAddress | None = None,
+                   route_iface: str | None = None) -> "HostSpec":
         fns = tuple(
             Fn.from_line(line) for line in table.splitlines()
             if line.strip() and not line.lstrip().startswith("#")
         )
-        return cls(name=name, description=description, functions=fns, **kw)
+        return cls(name=name, description=description, functions=fns, root_disk=root_disk,
+                   route_iface=route_iface)
 
 
 def _link(path: str, target: str) -> None:
@@ -282,8 +286,8 @@ def add_function(sysd: str, fn: Fn, parent_node: str | None, iommu: bool = True,
     return node
 
 
-def _depth_key(by_addr):
-    def depth(fn):
+def _depth_key(by_addr: dict[PciAddress, Fn]) -> Callable[[Fn], tuple[int, PciAddress]]:
+    def depth(fn: Fn) -> tuple[int, PciAddress]:
         d, p = 0, fn.parent
         while p is not None:
             d += 1
