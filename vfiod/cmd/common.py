@@ -1,8 +1,9 @@
 """What both command lines share: exit codes, root options, simulated hosts, durations, and `run`.
 
-Exit codes (DESIGN §4): 0 success, 1 failure, 2 usage, 3 permission denied,
-4 busy or not viable.  Every `VfiodError` maps to its own code; anything else
-is a bug and is reported in one line, without a traceback.
+`EXIT_CODES` is the one exit-code table of `vfiod` and `vfioctl` (README,
+"Exit codes", shows it and a test keeps the two equal).  Every `VfiodError`
+carries one of these codes; anything else is a bug and is reported in one
+line, without a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,22 @@ import sys
 
 from ..errors import VfiodError
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_OK = 0            # success (check, policy test: allowed)
+EXIT_FAIL = 1          # failure: not found, no daemon or bus, a backend or the kernel failed
+EXIT_USAGE = 2         # usage: bad arguments or target, a broken policy
+EXIT_DENIED = 3        # permission denied: policy, root only, protected, unsafe
+EXIT_BUSY = 4          # busy or not viable: leased, in use, a group VFIO cannot take now
+EXIT_INTERRUPTED = 130  # Ctrl-C before the command finished (128 + SIGINT)
+
+#: (code, meaning): the README's table, in this order.
+EXIT_CODES = (
+    (EXIT_OK, "success; `check` and `policy test`: allowed"),
+    (EXIT_FAIL, "failure: not found, vfiod or the bus unreachable or gone, a backend or the kernel failed"),
+    (EXIT_USAGE, "usage: bad arguments, a malformed target, a broken policy"),
+    (EXIT_DENIED, "permission denied: by policy, root only, protected or unsafe device"),
+    (EXIT_BUSY, "busy or not viable: leased or in use, or a group VFIO cannot take now"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C) before the command finished"),
+)
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -87,12 +103,24 @@ def run(parser: argparse.ArgumentParser, argv, command=None) -> int:
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:      # the reader went away (`vfioctl monitor | head`): nothing more to say
+        _quiet_stdout()
+        return EXIT_OK
     except Exception as e:       # a bug: one line for the person, not a traceback
         print(f"{parser.prog}: internal error: {type(e).__name__}: {e} (a bug in vfiod: please report it)",
               file=sys.stderr)
         return EXIT_FAIL
-    except BrokenPipeError:
-        return EXIT_OK
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush finds no closed pipe."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 

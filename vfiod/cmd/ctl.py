@@ -15,10 +15,8 @@ import time
 from .. import __version__
 from ..errors import InvalidArgument, NotFound, VfiodError
 from ..report import render_groups
-from .common import Formatter, add_root_options, duration_arg, run
+from .common import EXIT_DENIED, EXIT_FAIL, EXIT_OK, Formatter, add_root_options, duration_arg, run
 from .policy import add_policy_commands
-
-EXIT_OK, EXIT_FAIL, EXIT_DENIED = 0, 1, 3
 
 
 def _run(args, coro_fn) -> int:

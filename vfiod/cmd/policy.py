@@ -14,7 +14,7 @@ import sys
 from .. import policy
 from ..errors import InvalidArgument, PermissionDenied
 from ..policy import DEFAULT_DIR
-from .common import add_root_options, duration_arg, host_roots
+from .common import EXIT_DENIED, EXIT_OK, EXIT_USAGE, add_root_options, duration_arg, host_roots
 
 POLICY_HELP = """\
 Work with vfiod's policy offline: check the files, and test what a user would
@@ -128,7 +128,7 @@ def add_policy_commands(subparsers, formatter_class) -> None:
 
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 def _backends() -> tuple[str, ...]:
@@ -181,7 +181,7 @@ def cmd_check(args) -> int:
     if not pol.rules:
         print("\nNo rules: every request is denied.", file=out)
     print("\nThe policy is valid.", file=out)
-    return 0
+    return EXIT_OK
 
 
 def _count(n: int, word: str) -> str:
@@ -227,7 +227,7 @@ def cmd_test(args) -> int:
     print()
     if not decision.allowed:
         print(f"DENIED: {decision.reason}")
-        return PermissionDenied.exit_code
+        return EXIT_DENIED
     grant = [f"backend {decision.backend}"]
     grant.append(f"at most {policy.format_duration(decision.max_duration)}" if decision.max_duration
                  else "no duration cap")
@@ -235,7 +235,7 @@ def cmd_test(args) -> int:
     grant.append(f"RLIMIT_MEMLOCK {policy.format_size(decision.memlock)}" if decision.memlock
                  else "no RLIMIT_MEMLOCK grant")
     print(f"ALLOWED by rule {decision.rule}: {'; '.join(grant)}")
-    return 0
+    return EXIT_OK
 
 
 GENERATE_HELP = """\
@@ -300,7 +300,7 @@ def cmd_generate(args) -> int:
     if any(dev.protected for dev in devices):
         lines.append("allow_protected = true           # " + "; ".join(d.protected for d in devices if d.protected))
     print("\n".join(lines))
-    return 0
+    return EXIT_OK
 
 
 def _resource_name(target: str) -> str:
