@@ -13,6 +13,16 @@ from .pciids import PciIds
 from .topology import VFIO_DRIVERS as VFIO_FRIENDLY, Group, Host
 
 
+#: The version of every JSON document vfiod and vfioctl print (docs/json.md).  It goes up
+#: only when a field is dropped, renamed or changes meaning; new fields keep it.
+JSON_VERSION = 1
+
+
+def envelope(kind: str, **fields) -> dict:
+    """A document: ``{"version": 1, "kind": KIND, ...}`` (docs/json.md lists every kind)."""
+    return {"version": JSON_VERSION, "kind": kind, **fields}
+
+
 def device_json(host: Host, addr, names: PciIds, original_driver: Callable | None = None) -> dict:
     """One device.  `original_driver(addr)`: the driver it had before its lease (the daemon
     knows; offline it is the driver it has)."""

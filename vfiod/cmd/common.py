@@ -113,6 +113,14 @@ def run(parser: argparse.ArgumentParser, argv, command=None) -> int:
         return EXIT_FAIL
 
 
+def print_json(kind: str, **fields) -> None:
+    """One versioned JSON document (docs/json.md): ``{"version": 1, "kind": KIND, ...}``."""
+    import json
+
+    from ..report import envelope
+    print(json.dumps(envelope(kind, **fields), indent=1 if sys.stdout.isatty() else None), flush=True)
+
+
 def _quiet_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's last flush finds no closed pipe."""
     import os

@@ -15,7 +15,8 @@ import time
 from .. import __version__
 from ..errors import InvalidArgument, NotFound, VfiodError
 from ..report import render_groups
-from .common import EXIT_DENIED, EXIT_FAIL, EXIT_OK, Formatter, add_root_options, duration_arg, run
+from .common import (EXIT_DENIED, EXIT_FAIL, EXIT_OK, EXIT_USAGE, Formatter, add_root_options, duration_arg,
+                     print_json, run)
 from .policy import add_policy_commands
 
 
@@ -231,6 +232,33 @@ def cmd_vfs(args) -> int:
     return _run(args, go)
 
 
+def cmd_reload(args) -> int:
+    """Root: ask vfiod to read its policy directory again; say whether it took the new policy."""
+    from ..errors import InvalidArgument as Refused      # a broken policy (PolicyError) travels as this
+    from ..policy import PolicyStore
+
+    async def go(client):
+        try:
+            await client.call("/org/vfiod1", "org.vfiod1.Manager", "ReloadPolicy")
+        except Refused as e:
+            lines = str(e).splitlines()
+            problems = lines[1:] if lines and lines[0].startswith(PolicyStore.REFUSED) else lines
+            if args.json:
+                print_json("reload", taken=False, errors=problems)
+            else:
+                print("vfioctl: the new policy was refused; vfiod keeps the policy it had "
+                      f"({len(problems)} error{'s' if len(problems) != 1 else ''}):", file=sys.stderr)
+                for line in problems:
+                    print(f"  {line}", file=sys.stderr)
+            return EXIT_USAGE
+        if args.json:
+            print_json("reload", taken=True, errors=[])
+        else:
+            print("The new policy is in force.")
+        return EXIT_OK
+    return _run(args, go)
+
+
 _LEASE_ID = re.compile(r"[0-9a-f]{16}")
 
 
@@ -371,6 +399,22 @@ vfiod refuses (exit 4, busy) while the PF or any of its VFs is leased.
 example:
   vfioctl vfs 0000:01:00.0 4
 """),
+    "reload": ("root: reload the policy; say whether it was taken, with every error", cmd_reload, """\
+Ask vfiod (as root) to read its policy directory again, as `systemctl reload
+vfiod` does, and say whether it took the new policy.  A broken policy is
+refused whole: every error of every file is printed (file:line: key: what),
+vfiod keeps the policy it had, and vfioctl exits 2.  Others get "permission
+denied" (exit 3).  `vfioctl policy check DIR` finds the same errors offline.
+
+exit status:
+  0  the new policy is in force
+  2  it was refused (the errors follow); the old one stays
+  3  not root
+
+examples:
+  sudo vfioctl reload
+  sudo vfioctl reload --json
+"""),
     "release": ("release a lease (by id, by target, or --all)", cmd_release, """\
 Release a lease: every device of its group goes back to the driver it had.
 Name the lease by its id, or by a target of its group (an address, group:N or
@@ -393,7 +437,7 @@ def add_bus_commands(sub, formatter) -> None:
                        help="how long to wait for each answer (default 30)")
         if name in ("show", "explain", "check", "lease", "vfs"):
             p.add_argument("target", metavar="TARGET", help="0000:04:00.0, 04:00.0, group:8 or name:RESOURCE")
-        if name in ("groups", "show", "check", "leases"):
+        if name in ("groups", "show", "explain", "check", "leases", "lease", "reload", "release", "vfs"):
             p.add_argument("--json", action="store_true", help="print JSON for scripts")
         if name == "groups":
             p.add_argument("--explain", action="store_true", help="add why each group is what it is")
