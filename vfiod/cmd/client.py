@@ -83,6 +83,35 @@ class Client:
         return await self.call(path, "org.vfiod1.Lease", member, signature, body)
 
 
+def user_name(uid: int) -> str:
+    """The user's name, or the uid as text for a uid without one."""
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def lease_json(props: dict, devices: list[str]) -> dict:
+    """The lease object of docs/json.md from a Lease object's properties and its group's
+    endpoints: what `leases`, `lease` and `monitor` print."""
+    return {
+        "id": props["Id"],
+        "group": int(props["Group"].rsplit("/", 1)[-1]),
+        "owner": props["Owner"],
+        "user": user_name(props["Owner"]),
+        "backend": props["Backend"],
+        "created": props["Created"],
+        "expires": props["Expires"] or None,
+        "persistent": props["Persistent"],
+        "memlock": props.get("Memlock") or None,
+        "reset_on_release": bool(props.get("ResetOnRelease", False)),
+        "warnings": list(props.get("Warnings") or []),
+        "group_path": props.get("GroupPath") or None,
+        "devices": list(devices),
+    }
+
+
 def _why(e: BaseException) -> str:
     """An exception's words, or its kind where it has none."""
     return str(e).strip() or type(e).__name__

@@ -113,12 +113,14 @@ def run(parser: argparse.ArgumentParser, argv, command=None) -> int:
         return EXIT_FAIL
 
 
-def print_json(kind: str, **fields) -> None:
-    """One versioned JSON document (docs/json.md): ``{"version": 1, "kind": KIND, ...}``."""
+def print_json(kind: str, one_line: bool = False, **fields) -> None:
+    """One versioned JSON document (docs/json.md): ``{"version": 1, "kind": KIND, ...}``,
+    indented for a terminal unless `one_line` (a stream of documents, one a line)."""
     import json
 
     from ..report import envelope
-    print(json.dumps(envelope(kind, **fields), indent=1 if sys.stdout.isatty() else None), flush=True)
+    indent = None if one_line or not sys.stdout.isatty() else 1
+    print(json.dumps(envelope(kind, **fields), indent=indent), flush=True)
 
 
 def _quiet_stdout() -> None:

@@ -82,14 +82,6 @@ def cmd_check(args) -> int:
     return _run(args, go)
 
 
-def _user_name(uid: int) -> str:
-    import pwd
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
 def _time_left(expires: int) -> str:
     if not expires:
         return "never"
@@ -98,30 +90,36 @@ def _time_left(expires: int) -> str:
     return "due" if left <= 0 else format_duration(left)
 
 
+async def _lease_objects(client, paths) -> list[dict]:
+    """The lease objects (docs/json.md) of these lease paths; leases that ended meanwhile are left out."""
+    from .client import lease_json
+
+    found = []
+    for path in paths:
+        try:
+            found.append(await client.properties(path, "org.vfiod1.Lease"))
+        except VfiodError:          # ended between the two calls
+            continue
+    if not found:
+        return []
+    groups = {g["group"]: g for g in await _groups_json(
+        client, [f"group:{int(p['Group'].rsplit('/', 1)[-1])}" for p in found])}
+    out = []
+    for props in found:
+        g = groups.get(int(props["Group"].rsplit("/", 1)[-1]))
+        out.append(lease_json(props, [d["address"] for d in g["devices"] if not d["bridge"]] if g else []))
+    return out
+
+
 def cmd_leases(args) -> int:
-    """Your leases (root: everyone's, or with --all anyone's view of them all)."""
+    """Your leases (root: everyone's)."""
     async def go(client):
         manager = await client.properties("/org/vfiod1", "org.vfiod1.Manager")
         mine = os.getuid()
-        rows = []
-        for path in manager.get("Leases", []):
-            try:
-                lease = await client.properties(path, "org.vfiod1.Lease")
-            except VfiodError:          # ended between the two calls
-                continue
-            if not lease or (mine != 0 and lease["Owner"] != mine):
-                continue
-            rows.append({"id": lease["Id"], "group": int(lease["Group"].rsplit("/", 1)[-1]),
-                         "owner": lease["Owner"], "user": _user_name(lease["Owner"]), "backend": lease["Backend"],
-                         "created": lease["Created"], "expires": lease["Expires"],
-                         "persistent": lease["Persistent"], "devices": []})
-        if rows:
-            groups = {g["group"]: g for g in await _groups_json(client, [f"group:{r['group']}" for r in rows])}
-            for r in rows:
-                g = groups.get(r["group"])
-                r["devices"] = [d["address"] for d in g["devices"] if not d["bridge"]] if g else []
+        rows = [r for r in await _lease_objects(client, manager.get("Leases", []))
+                if mine == 0 or r["owner"] == mine]
         if args.json:
-            print(json.dumps(rows, indent=1))
+            print_json("leases", leases=rows)
         elif not rows:
             print("No leases.")
         else:
@@ -133,6 +131,12 @@ def cmd_leases(args) -> int:
                       f"{' '.join(r['devices'])}")
         return EXIT_OK
     return _run(args, go)
+
+
+def cmd_monitor(args) -> int:
+    from .monitor import monitor
+
+    return _run(args, lambda client: monitor(client, args.json))
 
 
 def cmd_lease(args) -> int:
@@ -415,6 +419,21 @@ examples:
   sudo vfioctl reload
   sudo vfioctl reload --json
 """),
+    "monitor": ("print lease, hotplug and tamper events as they happen", cmd_monitor, """\
+Print vfiod's events as they happen, one line each: leases granted and ended
+(with the reason: released, expired, disconnected, removed, tampered, ...),
+groups and devices that change (state, driver, viability), and devices and
+groups that appear or go (hotplug, SR-IOV VFs).  Each line has the time, the
+event, the object and what happened; with --json each event is one JSON
+document on its own line (docs/json.md, kind "event").
+
+It runs until Ctrl-C or SIGTERM (exit 0); if vfiod or the bus goes away it
+says so and exits 1.
+
+examples:
+  vfioctl monitor
+  vfioctl monitor --json | jq -c 'select(.event == "lease-ended")'
+"""),
     "release": ("release a lease (by id, by target, or --all)", cmd_release, """\
 Release a lease: every device of its group goes back to the driver it had.
 Name the lease by its id, or by a target of its group (an address, group:N or
@@ -437,7 +456,8 @@ def add_bus_commands(sub, formatter) -> None:
                        help="how long to wait for each answer (default 30)")
         if name in ("show", "explain", "check", "lease", "vfs"):
             p.add_argument("target", metavar="TARGET", help="0000:04:00.0, 04:00.0, group:8 or name:RESOURCE")
-        if name in ("groups", "show", "explain", "check", "leases", "lease", "reload", "release", "vfs"):
+        if name in ("groups", "show", "explain", "check", "leases", "lease", "reload", "release", "vfs",
+                    "monitor"):
             p.add_argument("--json", action="store_true", help="print JSON for scripts")
         if name == "groups":
             p.add_argument("--explain", action="store_true", help="add why each group is what it is")
