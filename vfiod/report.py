@@ -10,7 +10,7 @@ import textwrap
 from typing import Callable
 
 from .pciids import PciIds
-from .topology import VFIO_DRIVERS as VFIO_FRIENDLY, Group, Host
+from .topology import VFIO_DRIVERS as VFIO_FRIENDLY, Group, Host, protected_code
 
 
 #: The version of every JSON document vfiod and vfioctl print (docs/json.md).  It goes up
@@ -42,7 +42,7 @@ def device_json(host: Host, addr, names: PciIds, original_driver: Callable | Non
         "original_driver": original_driver(addr) if original_driver else r.driver,
         "driver_override": r.driver_override,
         "bridge": d.is_bridge,
-        "protected": d.protected,
+        "protected": reason_json(protected_code(d.protected), d.protected),
         "iommu_group": r.iommu_group,
         "physfn": str(r.physfn) if r.physfn else None,
         "virtfns": [str(v) for v in r.virtfns],
@@ -63,12 +63,23 @@ def group_json(host: Host, group: Group, names: PciIds, lease: str | None = None
         "state": state or group.state,
         "lease": lease,
         "lease_owner": lease_owner,
-        "blockers": [{"device": str(a), "reason": why} for a, why in group.blockers],
+        "blockers": [{"device": str(a), **reason_json(host.devices[a].blocker_code, why)}
+                     for a, why in group.blockers],
         "isolation": group.isolation,
         "isolation_text": group.isolation_text,
-        "protected": [{"device": str(a), "reason": why} for a, why in group.protected],
+        "protected": [{"device": str(a), **reason_json(protected_code(why), why)} for a, why in group.protected],
         "devices": [device_json(host, a, names, original_driver) for a in group.members],
     }
+
+
+def reason_json(code: str | None, text: str) -> dict | None:
+    """A reason as scripts read it: a stable `code` (docs/json.md) and the `text` people read."""
+    return {"code": code, "text": text} if code else None
+
+
+def findings_json(host: Host) -> list[dict]:
+    """What is true of the whole host (no IOMMU, ACS override, ...), as code and text."""
+    return [{"code": f.code, "text": f.text} for f in host.findings]
 
 
 def host_json(host: Host, names: PciIds) -> list[dict]:
@@ -87,7 +98,7 @@ def render_groups(groups: list[dict], explain: bool = False, width: int = 100) -
         if g["isolation"] != "isolated":
             extra.append(f"shared: {g['isolation']}")
         lines.append(f"{head}  ({', '.join(extra)})")
-        blocked = {b["device"]: b["reason"] for b in g["blockers"]}
+        blocked = {b["device"]: b["text"] for b in g["blockers"]}
         for d in g["devices"]:
             ids = f"[{d['vendor'] or '????'}:{d['device'] or '????'}]"
             drv = d["driver"] or "(no driver)"
@@ -95,7 +106,7 @@ def render_groups(groups: list[dict], explain: bool = False, width: int = 100) -
             if d["address"] in blocked:
                 lines.append(f"      blocks VFIO: {blocked[d['address']]}")
             if d["protected"]:
-                lines.append(f"      protected: {d['protected']}")
+                lines.append(f"      protected: {d['protected']['text']}")
             if explain and not d.get("bridge") and "reset_methods" in d:
                 how = ", ".join(d["reset_methods"]) or "none (the kernel knows no way to reset it)"
                 lines.append(f"      reset: {how}")
@@ -143,15 +154,9 @@ def status_json(host: Host, names: PciIds, active: Callable) -> dict:
         section = next((title for code, title in STATUS_CLASSES if code == base),
                        "Bridges and ports" if d.is_bridge else "Other devices")
         uses = list(active(addr))
-        devices.append({
-            "address": str(addr), "section": section, "name": names.describe(r.vendor, r.device),
-            "vendor": f"{r.vendor:04x}" if r.vendor is not None else None,
-            "device": f"{r.device:04x}" if r.device is not None else None,
-            "driver": r.driver, "vfio": r.driver in VFIO_FRIENDLY, "interfaces": list(r.net),
-            "iommu_group": r.iommu_group, "active": bool(uses), "in_use": uses, "protected": d.protected,
-        })
-    return {"version": 1, "iommu": host.iommu_enabled, "findings": [f.text for f in host.findings],
-            "devices": devices}
+        devices.append({**device_json(host, addr, names), "section": section, "vfio": r.driver in VFIO_FRIENDLY,
+                        "active": bool(uses), "in_use": uses})
+    return {"iommu": host.iommu_enabled, "findings": findings_json(host), "devices": devices}
 
 
 def render_status(status: dict) -> str:
@@ -175,15 +180,15 @@ def render_status(status: dict) -> str:
             for d in chosen:
                 ids = d["device"] or "????"
                 parts = [f"{d['address']} '{d['name']} {ids}'"]
-                if d["interfaces"]:
-                    parts.append("if=" + ",".join(d["interfaces"]))
+                if d["net"]:
+                    parts.append("if=" + ",".join(d["net"]))
                 if d["driver"]:
                     parts.append(f"drv={d['driver']}")
                 parts.append(f"group={d['iommu_group'] if d['iommu_group'] is not None else '-'}")
                 if d["active"]:
                     parts.append("*Active*")
                 if d["protected"]:
-                    parts.append(f"(protected: {d['protected']})")
+                    parts.append(f"(protected: {d['protected']['text']})")
                 out.append(" ".join(parts))
             out.append("")
     return "\n".join(out).rstrip() + "\n"

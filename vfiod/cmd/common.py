@@ -124,12 +124,13 @@ def print_json(kind: str, one_line: bool = False, **fields) -> None:
 
 
 def _quiet_stdout() -> None:
-    """Point stdout at /dev/null, so the interpreter's last flush finds no closed pipe."""
+    """Point stdout at a pipe of our own (held open until exit), so the interpreter's last
+    flush of what is still buffered (less than a pipe holds) meets no closed reader."""
     import os
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _read_end, write_end = os.pipe()
+        os.dup2(write_end, sys.stdout.fileno())
+        os.close(write_end)
     except (OSError, ValueError):
         pass
 

@@ -43,7 +43,7 @@ def cmd_groups(args) -> int:
     async def go(client):
         groups = await _groups_json(client)
         if args.json:
-            print(json.dumps(groups, indent=1))
+            print_json("groups", groups=groups)
         else:
             sys.stdout.write(render_groups(groups, explain=args.explain) or "No IOMMU groups.\n")
         return EXIT_OK
@@ -54,7 +54,7 @@ def cmd_show(args) -> int:
     async def go(client):
         group = (await _groups_json(client, [args.target]))[0]
         if args.json:
-            print(json.dumps(group, indent=1))
+            print_json("group", target=args.target, group=group)
         else:
             print(render_groups([group], explain=True), end="")
         return EXIT_OK
@@ -64,7 +64,11 @@ def cmd_show(args) -> int:
 def cmd_explain(args) -> int:
     async def go(client):
         reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "Explain", "s", [args.target])
-        print(reply.body[0])
+        if args.json:
+            group = (await _groups_json(client, [args.target]))[0]
+            print_json("explain", target=args.target, text=reply.body[0], group=group)
+        else:
+            print(reply.body[0])
         return EXIT_OK
     return _run(args, go)
 
@@ -75,7 +79,8 @@ def cmd_check(args) -> int:
                                   [args.target, args.backend or ""])
         allowed, rule, reason = reply.body[0]
         if args.json:
-            print(json.dumps({"allowed": allowed, "rule": rule, "reason": reason}))
+            print_json("check", target=args.target, backend=args.backend or None, allowed=allowed,
+                       rule=rule or None, reason=reason)
         else:
             print(f"{'allowed' if allowed else 'denied'}: {reason}" + (f" ({rule})" if rule and rule not in reason else ""))
         return EXIT_OK if allowed else EXIT_DENIED
@@ -160,13 +165,16 @@ def cmd_lease(args) -> int:
             print(f"vfioctl: lease {lease_id} released; not starting {command[0]} "
                   "(--ignore-memlock starts it anyway)", file=sys.stderr)
             return EXIT_FAIL
+        if args.json:
+            print_json("lease", lease=(await _lease_objects(client, [path]))[0])
         if args.xml:
             print((await client.lease_call(path, "HostdevXml")).body[0])
         try:
             if command:
                 return await _run_with_lease(client, path, props, group, command, args.pass_fd)
             if args.persistent:
-                print(lease_id)
+                if not args.json:
+                    print(lease_id)
                 return EXIT_OK
             print("vfioctl: holding the lease; Ctrl-C (or SIGTERM) releases it", file=sys.stderr)
             stop = asyncio.Event()
@@ -231,7 +239,10 @@ def cmd_vfs(args) -> int:
     async def go(client):
         before = (await client.call("/org/vfiod1", "org.vfiod1.Manager", "SetVfCount", "su",
                                     [args.target, args.count], timeout=max(args.timeout, 120))).body[0]
-        print(f"{args.target}: {before} -> {args.count} VFs")
+        if args.json:
+            print_json("vfs", pf=args.target, before=before, after=args.count)
+        else:
+            print(f"{args.target}: {before} -> {args.count} VFs")
         return EXIT_OK
     return _run(args, go)
 
@@ -284,14 +295,17 @@ async def _leases_to_release(client, args) -> list[str]:
 def cmd_release(args) -> int:
     async def go(client):
         ids = await _leases_to_release(client, args)
-        if not ids:
+        if not ids and not args.json:
             print("No leases.")
         for lease_id in ids:
             try:
                 await client.lease_call(f"/org/vfiod1/lease/{lease_id}", "Release")
             except NotFound:
                 raise NotFound(f"no lease {lease_id} (it ended, or never was)") from None
-            print(f"released {lease_id}")
+            if not args.json:
+                print(f"released {lease_id}")
+        if args.json:
+            print_json("release", released=ids)
         return EXIT_OK
     return _run(args, go)
 
@@ -331,7 +345,7 @@ def show_status(args) -> int:
         host = Host.scan(SysfsReader(roots))
         status = status_json(host, PciIds(), lambda addr: device_usage(roots, addr))
     if args.json:
-        print(json.dumps(status, indent=1))
+        print_json("status", **status)
     else:
         sys.stdout.write(render_status(status))
     return EXIT_OK
@@ -344,7 +358,7 @@ can use it now, what blocks it, and whether it is leased.
 
 examples:
   vfioctl groups
-  vfioctl groups --json | jq '.[] | select(.viable) | .group'
+  vfioctl groups --json | jq '.groups[] | select(.viable) | .group'
 """),
     "show": ("show one group (by device address or group:N)", cmd_show, """\
 Show the IOMMU group of a device (or group:N) with the reason its devices share it.
@@ -458,7 +472,7 @@ def add_bus_commands(sub, formatter) -> None:
             p.add_argument("target", metavar="TARGET", help="0000:04:00.0, 04:00.0, group:8 or name:RESOURCE")
         if name in ("groups", "show", "explain", "check", "leases", "lease", "reload", "release", "vfs",
                     "monitor"):
-            p.add_argument("--json", action="store_true", help="print JSON for scripts")
+            p.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
         if name == "groups":
             p.add_argument("--explain", action="store_true", help="add why each group is what it is")
         if name in ("check", "lease"):
@@ -495,7 +509,7 @@ def vfioctl_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="every PCI device by class and driver, like dpdk-devbind --status (offline)",
                         description=STATUS_HELP, formatter_class=Formatter)
     add_root_options(st)
-    st.add_argument("--json", action="store_true", help="print JSON for scripts")
+    st.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
     st.set_defaults(func=show_status)
     add_policy_commands(sub, Formatter)
     return p

@@ -39,6 +39,7 @@ REASONS = {
     "disconnected": "its owner's bus connection went away",
     "shutdown": "vfiod stopped",
     "owner-gone": "its owner was gone when vfiod started again",
+    "interrupted": "vfiod stopped while granting it; undone when it started again",
     "removed": "a device of its group was removed (hot-unplug or sysfs remove)",
     "tampered": "a device of its group was moved to another driver behind vfiod's back",
 }
