@@ -84,7 +84,9 @@ def _words(value) -> str:
     if isinstance(value, list):
         if not value:
             return "none"
-        return "; ".join(" ".join(map(str, v)) if isinstance(v, list) else str(v) for v in value)
+        if all(isinstance(v, list) for v in value):
+            return "; ".join(" ".join(map(str, v)) for v in value)
+        return ", ".join(map(str, value))
     return str(value)
 
 
