@@ -140,7 +140,9 @@ class Monitor:
                     nxt.cancel()
                 if stopping in done:
                     return EXIT_OK
-                if gone in done and queue.empty():
+                if gone in done:
+                    while not queue.empty():         # what arrived before the connection closed
+                        await self.handle(queue.get_nowait())
                     self.emit("bus-gone", "/", "the bus connection closed")
                     raise BackendFailed("the bus connection closed (the bus daemon stopped?); monitor ends")
         finally:
