@@ -27,7 +27,8 @@ BAD_TARGETS = ["group:99", "name:nope", "../../etc/passwd", "group:\u00b2", "", 
 
 def commands(target):
     return [["groups"], ["show", target], ["explain", target], ["check", target], ["leases"],
-            ["lease", target, "--", "true"], ["release", target], ["release", "--all"], ["vfs", target, "1"]]
+            ["lease", target, "--", "true"], ["release", target], ["release", "--all"], ["vfs", target, "1"],
+            ["reload"], ["check", target, "--json"], ["explain", target, "--json"]]
 
 
 def run(argv, user=None, env=None, prog="vfioctl"):
@@ -60,7 +61,7 @@ def bare_bus():
 @pytest.mark.parametrize("bus", ["unix:path=/nonexistent/bus", "garbage", "session", "bare"])
 def test_every_command_without_a_daemon_says_what_is_wrong(bus, bare_bus):
     address = bare_bus if bus == "bare" else bus
-    for argv in commands("group:99"):
+    for argv in commands("group:99") + [["monitor"], ["monitor", "--json"]]:
         p = check(run([argv[0], "--bus", address, "--timeout", "5", *argv[1:]]), argv)
         assert p.returncode != 0 or argv[0] == "release", (argv, p.stdout, p.stderr)
         assert len(p.stderr.strip().splitlines()) <= 3, p.stderr
