@@ -23,7 +23,7 @@ from dbus_next import Message, MessageType
 
 from ..bus import BUS_NAME, ROOT
 from ..errors import BackendFailed, VfiodError
-from .client import lease_json, user_name
+from .client import lease_json
 from .common import EXIT_OK, print_json
 
 MATCH_RULES = (
@@ -310,4 +310,4 @@ async def monitor(client, as_json: bool) -> int:
     return await Monitor(client, as_json).run()
 
 
-__all__ = ["MATCH_RULES", "Monitor", "REASONS", "monitor", "object_name", "user_name"]
+__all__ = ["MATCH_RULES", "Monitor", "REASONS", "monitor", "object_name"]
