@@ -56,7 +56,7 @@ def main() -> int:
             vfiod = [sys.executable, "-m", "vfiod"]
         vcmd = vfiod + ["inspect", "--json", "--sysfs-root", roots.sysfs, "--proc-root", roots.proc]
         vbest, vmed, vout = time_cmd(vcmd, args.runs)
-        groups = json.loads(vout)
+        groups = json.loads(vout)["groups"]
         ndev = sum(len(g["devices"]) for g in groups)
         print(f"vfiod inspect --json: best {vbest * 1000:.0f} ms, median {vmed * 1000:.0f} ms "
               f"({len(groups)} groups, {ndev} devices)")

@@ -12,12 +12,22 @@ from typing import Any, Callable, Iterable
 from .address import PciAddress
 from .pciids import PciIds
 from .state import LeaseRow
-from .topology import VFIO_DRIVERS as VFIO_FRIENDLY, Finding, Group, Host
+from .topology import VFIO_DRIVERS as VFIO_FRIENDLY, Finding, Group, Host, protected_code
 
 # A JSON object of the shapes below, as built here or as json.loads gives it back.
 Json = dict[str, Any]
 # The driver a device had before its lease, by address (None: none).
 OriginalDriver = Callable[[PciAddress], str | None]
+
+
+#: The version of every JSON document vfiod and vfioctl print (docs/json.md).  It goes up
+#: only when a field is dropped, renamed or changes meaning; new fields keep it.
+JSON_VERSION = 1
+
+
+def envelope(kind: str, **fields: Any) -> Json:
+    """A document: ``{"version": 1, "kind": KIND, ...}`` (docs/json.md lists every kind)."""
+    return {"version": JSON_VERSION, "kind": kind, **fields}
 
 
 def device_json(host: Host, addr: PciAddress, names: PciIds, original_driver: OriginalDriver | None = None) -> Json:
@@ -39,7 +49,7 @@ def device_json(host: Host, addr: PciAddress, names: PciIds, original_driver: Or
         "original_driver": original_driver(addr) if original_driver else r.driver,
         "driver_override": r.driver_override,
         "bridge": d.is_bridge,
-        "protected": d.protected,
+        "protected": reason_json(protected_code(d.protected), d.protected),
         "iommu_group": r.iommu_group,
         "physfn": str(r.physfn) if r.physfn else None,
         "virtfns": [str(v) for v in r.virtfns],
@@ -60,12 +70,24 @@ def group_json(host: Host, group: Group, names: PciIds, lease: str | None = None
         "state": state or group.state,
         "lease": lease,
         "lease_owner": lease_owner,
-        "blockers": [{"device": str(a), "reason": why} for a, why in group.blockers],
+        "blockers": [{"device": str(a), **(reason_json(host.devices[a].blocker_code, why) or {})}
+                     for a, why in group.blockers],
         "isolation": group.isolation,
         "isolation_text": group.isolation_text,
-        "protected": [{"device": str(a), "reason": why} for a, why in group.protected],
+        "protected": [{"device": str(a), **(reason_json(protected_code(why), why) or {})}
+                      for a, why in group.protected],
         "devices": [device_json(host, a, names, original_driver) for a in group.members],
     }
+
+
+def reason_json(code: str | None, text: str) -> Json | None:
+    """A reason as scripts read it: a stable `code` (docs/json.md) and the `text` people read."""
+    return {"code": code, "text": text} if code else None
+
+
+def findings_json(host: Host) -> list[Json]:
+    """What is true of the whole host (no IOMMU, ACS override, ...), as code and text."""
+    return [{"code": f.code, "text": f.text} for f in host.findings]
 
 
 def host_json(host: Host, names: PciIds) -> list[Json]:
@@ -84,7 +106,7 @@ def render_groups(groups: list[Json], explain: bool = False, width: int = 100) -
         if g["isolation"] != "isolated":
             extra.append(f"shared: {g['isolation']}")
         lines.append(f"{head}  ({', '.join(extra)})")
-        blocked = {b["device"]: b["reason"] for b in g["blockers"]}
+        blocked = {b["device"]: b["text"] for b in g["blockers"]}
         for d in g["devices"]:
             ids = f"[{d['vendor'] or '????'}:{d['device'] or '????'}]"
             drv = d["driver"] or "(no driver)"
@@ -92,7 +114,7 @@ def render_groups(groups: list[Json], explain: bool = False, width: int = 100) -
             if d["address"] in blocked:
                 lines.append(f"      blocks VFIO: {blocked[d['address']]}")
             if d["protected"]:
-                lines.append(f"      protected: {d['protected']}")
+                lines.append(f"      protected: {d['protected']['text']}")
             if explain and not d.get("bridge") and "reset_methods" in d:
                 how = ", ".join(d["reset_methods"]) or "none (the kernel knows no way to reset it)"
                 lines.append(f"      reset: {how}")
@@ -140,15 +162,9 @@ def status_json(host: Host, names: PciIds, active: Callable[[PciAddress], Iterab
         section = next((title for code, title in STATUS_CLASSES if code == base),
                        "Bridges and ports" if d.is_bridge else "Other devices")
         uses = list(active(addr))
-        devices.append({
-            "address": str(addr), "section": section, "name": names.describe(r.vendor, r.device),
-            "vendor": f"{r.vendor:04x}" if r.vendor is not None else None,
-            "device": f"{r.device:04x}" if r.device is not None else None,
-            "driver": r.driver, "vfio": r.driver in VFIO_FRIENDLY, "interfaces": list(r.net),
-            "iommu_group": r.iommu_group, "active": bool(uses), "in_use": uses, "protected": d.protected,
-        })
-    return {"version": 1, "iommu": host.iommu_enabled, "findings": [f.text for f in host.findings],
-            "devices": devices}
+        devices.append({**device_json(host, addr, names), "section": section, "vfio": r.driver in VFIO_FRIENDLY,
+                        "active": bool(uses), "in_use": uses})
+    return {"iommu": host.iommu_enabled, "findings": findings_json(host), "devices": devices}
 
 
 #: How `render_status` splits a section: a label and which devices it takes.
@@ -177,15 +193,15 @@ def render_status(status: Json) -> str:
             for d in chosen:
                 ids = d["device"] or "????"
                 parts = [f"{d['address']} '{d['name']} {ids}'"]
-                if d["interfaces"]:
-                    parts.append("if=" + ",".join(d["interfaces"]))
+                if d["net"]:
+                    parts.append("if=" + ",".join(d["net"]))
                 if d["driver"]:
                     parts.append(f"drv={d['driver']}")
                 parts.append(f"group={d['iommu_group'] if d['iommu_group'] is not None else '-'}")
                 if d["active"]:
                     parts.append("*Active*")
                 if d["protected"]:
-                    parts.append(f"(protected: {d['protected']})")
+                    parts.append(f"(protected: {d['protected']['text']})")
                 out.append(" ".join(parts))
             out.append("")
     return "\n".join(out).rstrip() + "\n"

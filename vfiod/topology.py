@@ -86,6 +86,12 @@ class Device:
             return "PCI bridge"
         return "PCI device" if cfg.known else "device"
 
+    @property
+    def blocker_code(self) -> str:
+        """The stable code of `blocker`'s reason (docs/json.md): a bridge or an endpoint on a
+        driver VFIO does not accept."""
+        return "bridge-driver" if self.is_bridge else "host-driver"
+
     def blocker(self, alone: bool = False) -> str | None:
         """Why this device keeps its group from VFIO, with the fix; None if it does not.
 
@@ -379,6 +385,17 @@ def _join_words(things: Iterable[object]) -> str:
 
 # ------------------------------------------------------------------ host needs
 
+#: Why the host needs a device: the stable code (docs/json.md) and the words its reason starts with.
+PROTECTED_REASONS = {"boot-vga": "boot VGA", "root-disk": "root disk", "default-route": "default route NIC"}
+
+
+def protected_code(reason: str) -> str | None:
+    """The code of a `Device.protected` reason; None for no reason."""
+    if not reason:
+        return None
+    return next((code for code, words in PROTECTED_REASONS.items() if reason.startswith(words + ":")), "other")
+
+
 def _protected(raws: list[k.RawDevice], facts: k.HostFacts) -> dict[PciAddress, str]:
     out: dict[PciAddress, str] = {}
     known = {r.addr for r in raws}
@@ -389,15 +406,16 @@ def _protected(raws: list[k.RawDevice], facts: k.HostFacts) -> dict[PciAddress, 
 
     for r in raws:
         if r.boot_vga:
-            mark(r.addr, "boot VGA: the host's console display")
+            mark(r.addr, f"{PROTECTED_REASONS['boot-vga']}: the host's console display")
     for node in facts.root_block_nodes:
         addr = k.pci_ancestor(node)
         if addr:
-            mark(addr, f"root disk: storage controller of the root filesystem ({node.rsplit('/', 1)[-1]})")
+            mark(addr, f"{PROTECTED_REASONS['root-disk']}: storage controller of the root filesystem "
+                       f"({node.rsplit('/', 1)[-1]})")
     for iface, node in facts.default_route_nodes:
         addr = k.pci_ancestor(node)
         if addr:
-            mark(addr, f"default route NIC: carries the host's default route ({iface})")
+            mark(addr, f"{PROTECTED_REASONS['default-route']}: carries the host's default route ({iface})")
     return out
 
 

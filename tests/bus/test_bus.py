@@ -16,7 +16,7 @@ ICH10_GROUP8 = ["0000:04:00.0", "0000:05:00.0"]
 
 
 def test_groups_json_and_explain_as_a_user(world):
-    groups = json.loads(world.ctl("groups", "--json").stdout)
+    groups = json.loads(world.ctl("groups", "--json").stdout)["groups"]
     g8 = next(g for g in groups if g["group"] == 8)
     assert g8["viable"] is False and g8["state"] == "host" and g8["isolation"] == "no-acs-port"
     assert [d["address"] for d in g8["devices"]] == ["0000:00:1c.0", "0000:00:1c.4"] + ICH10_GROUP8
@@ -101,7 +101,7 @@ def test_disconnect_ends_a_non_persistent_lease(world):
     while time.time() < deadline and world.drivers() != before:
         time.sleep(0.1)
     assert world.drivers() == before
-    assert json.loads(world.ctl("leases", "--json").stdout) == []
+    assert json.loads(world.ctl("leases", "--json").stdout)["leases"] == []
 
 
 def test_identity_comes_from_the_bus_not_from_arguments(world):
@@ -151,7 +151,7 @@ def test_sigterm_ends_plain_leases_and_keeps_persistent_ones(world):
     world.stop_daemon(signal.SIGTERM)
     assert world.drivers()["0000:04:00.0"] == "vfio-pci"         # persistent: kept
     world.start_daemon()
-    rows = json.loads(world.ctl("leases", "--json").stdout)
+    rows = json.loads(world.ctl("leases", "--json").stdout)["leases"]
     assert [r["id"] for r in rows] == [lease_id]
     world.ctl("release", lease_id)
     assert world.drivers()["0000:04:00.0"] == "e1000e"
@@ -218,7 +218,7 @@ def test_boot_claims_are_applied_before_ready_and_a_bad_one_does_not_stop_the_re
         assert drivers["0000:04:00.0"] == drivers["0000:05:00.0"] == "vfio-pci"
         st = os.stat(os.path.join(w.tree().dev, "vfio", "8"))
         assert (st.st_uid, st.st_mode & 0o777) == (uid, 0o600)
-        rows = json.loads(w.ctl("leases", "--json").stdout)
+        rows = json.loads(w.ctl("leases", "--json").stdout)["leases"]
         assert [(r["group"], r["owner"], r["persistent"]) for r in rows] == [(8, uid, True)]
         log = w.read_log()
         assert "claim group:7" in log and "not applied" in log          # no rule grants group 7
@@ -226,6 +226,6 @@ def test_boot_claims_are_applied_before_ready_and_a_bad_one_does_not_stop_the_re
         # a restart keeps the claimed lease instead of taking it twice
         w.stop_daemon()
         w.start_daemon()
-        assert [r["id"] for r in json.loads(w.ctl("leases", "--json").stdout)] == [r["id"] for r in rows]
+        assert [r["id"] for r in json.loads(w.ctl("leases", "--json").stdout)["leases"]] == [r["id"] for r in rows]
     finally:
         w.close()

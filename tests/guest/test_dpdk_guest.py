@@ -176,7 +176,7 @@ def test_a_service_started_after_vfiod_runs_testpmd_on_the_claimed_nic(run):
     assert re.search(r"Link status: up", out), out[-4000:]
     # the claim outlives the service, and vfiod's own stop: it is persistent
     assert run["after_service"]["driver"] == "vfio-pci"
-    leases = json.loads(run["leases_after_service"]["stdout"])
+    leases = json.loads(run["leases_after_service"]["stdout"])["leases"]
     assert [(l["owner"], l["persistent"]) for l in leases] == [(run["svc_uid"], True)], leases
     assert run["claim_rc"] == 0
     assert run["after_stop"] == {"driver": "vfio-pci", "node": [run["svc_uid"], "0o600"]}

@@ -45,7 +45,7 @@ def test_check_explain_show_and_lease_by_name_over_the_bus(make_world):
     assert p.stdout.startswith("allowed")
     text = w.ctl("explain", "name:nics").stdout
     assert "IOMMU group 8" in text and "0000:05:00.0" in text
-    shown = json.loads(w.ctl("show", "name:nics", "--json").stdout)
+    shown = json.loads(w.ctl("show", "name:nics", "--json").stdout)["group"]
     assert shown["group"] == 8
     assert [d["address"] for d in shown["devices"]][-2:] == ["0000:04:00.0", "0000:05:00.0"]
     p = w.ctl("lease", "name:nics", "--backend", "pci-stub", "--", "true", check=False)
@@ -58,7 +58,7 @@ def test_a_claim_of_a_named_resource_is_applied_and_a_bad_claim_is_skipped(make_
     w = make_world(policy=CLAIMS)
     drivers = w.drivers()
     assert drivers["0000:04:00.0"] == "pci-stub" and drivers["0000:05:00.0"] == "pci-stub"
-    leases = json.loads(w.ctl("leases", "--json", user=None).stdout)
+    leases = json.loads(w.ctl("leases", "--json", user=None).stdout)["leases"]
     assert [l["group"] for l in leases] == [8]
     log = w.read_log()
     assert "claim group:99" in log and "not applied" in log

@@ -39,7 +39,7 @@ def test_a_client_that_leaves_during_the_grant_leaves_no_lease(make_world):
     assert p.returncode == 0, p.stderr
     deadline = time.time() + 10
     while time.time() < deadline:
-        leases = json.loads(w.ctl("leases", "--json", user=None).stdout)
+        leases = json.loads(w.ctl("leases", "--json", user=None).stdout)["leases"]
         if not leases and w.drivers() == before:
             break
         time.sleep(0.2)

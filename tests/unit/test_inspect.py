@@ -38,7 +38,9 @@ def test_simulated_ich10_table_reads_like_the_guide():
 def test_json_has_the_contract_fields():
     rc, out, _ = run("inspect", "--simulate", "bridge", "--json")
     assert rc == 0
-    groups = json.loads(out)
+    doc = json.loads(out)
+    assert (doc["version"], doc["kind"]) == (1, "groups")
+    groups = doc["groups"]
     assert [g["group"] for g in groups] == [0, 1, 2, 3, 4]
     for g in groups:
         assert {"group", "viable", "state", "lease", "blockers", "isolation", "devices"} <= set(g)
@@ -49,14 +51,15 @@ def test_json_has_the_contract_fields():
     assert [d["address"] for d in g2["devices"]] == ["0000:01:00.0", "0000:02:01.0", "0000:02:02.0"]
     assert g2["devices"][0]["bridge"] is True and g2["devices"][1]["driver"] == "e1000"
     assert g2["devices"][1]["vendor"] == "8086" and g2["devices"][1]["device"] == "100e"
-    assert g2["blockers"][0] == {"device": "0000:02:01.0",
-                                 "reason": "bound to e1000: unbind 0000:02:01.0 from e1000 or lease it too"}
+    assert g2["blockers"][0] == {"device": "0000:02:01.0", "code": "host-driver",
+                                 "text": "bound to e1000: unbind 0000:02:01.0 from e1000 or lease it too"}
 
 
-def test_no_iommu_prints_an_empty_list_and_exits_0(tmp_path):
+def test_no_iommu_prints_no_groups_and_exits_0(tmp_path):
     roots = hosts.build_spec(attrs.evolve(hosts.ICH10, iommu=False), str(tmp_path / "h"))
     rc, out, err = run("inspect", "--json", "--sysfs-root", roots.sysfs, "--proc-root", roots.proc)
-    assert (rc, json.loads(out)) == (0, [])
+    assert (rc, json.loads(out)["groups"]) == (0, [])
+    assert json.loads(out)["findings"][0]["code"] == "no-iommu"
     assert "intel_iommu=on" in err
     rc, out, _ = run("inspect", "--sysfs-root", roots.sysfs, "--proc-root", roots.proc)
     assert rc == 0 and "No IOMMU groups" in out
@@ -70,7 +73,7 @@ def test_a_missing_tree_is_named_and_an_empty_bus_is_no_iommu(tmp_path):
     (tmp_path / "sys/bus/pci/devices").mkdir(parents=True)
     rc, out, err = run("inspect", "--json", "--sysfs-root", str(tmp_path / "sys"),
                        "--proc-root", str(tmp_path / "nothing"))
-    assert (rc, out.strip()) == (0, "[]") and "Traceback" not in err
+    assert (rc, json.loads(out)["groups"]) == (0, []) and "Traceback" not in err
 
 
 def test_broken_tree_degrades_fields_without_traceback(tmp_path):

@@ -13,10 +13,10 @@ from vfiod.sim import hosts
 def test_status_lists_every_device_by_section_and_marks_what_the_host_uses(capsys):
     assert vfioctl_main(["status", "--simulate", "ich10", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["version"] == 1 and status["iommu"] is True
+    assert (status["version"], status["kind"]) == (1, "status") and status["iommu"] is True
     by = {d["address"]: d for d in status["devices"]}
     assert len(by) == len(hosts.ICH10.functions)
-    assert by["0000:00:19.0"]["active"] and by["0000:00:19.0"]["interfaces"] == ["eno1"]
+    assert by["0000:00:19.0"]["active"] and by["0000:00:19.0"]["net"] == ["eno1"]
     assert by["0000:00:1f.2"]["active"] and by["0000:00:1f.2"]["section"] == "Storage devices"
     assert not by["0000:04:00.0"]["active"] and by["0000:04:00.0"]["iommu_group"] == 8
     assert vfioctl_main(["status", "--simulate", "ich10"]) == 0

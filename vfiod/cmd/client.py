@@ -34,6 +34,12 @@ class Client:
                                        "unix:path=/run/dbus/system_bus_socket)") from None
         return self
 
+    def connected(self) -> MessageBus:
+        """The bus connection; `BackendFailed` before `connect`."""
+        if self.bus is None:
+            raise errors.BackendFailed("not connected to the bus (connect first)")
+        return self.bus
+
     def close(self) -> None:
         if self.bus:
             self.bus.disconnect()
@@ -88,6 +94,35 @@ class Client:
 
     async def lease_call(self, path: str, member: str, signature: str = "", body: Iterable[object] = ()) -> Message:
         return await self.call(path, "org.vfiod1.Lease", member, signature, body)
+
+
+def user_name(uid: int) -> str:
+    """The user's name, or the uid as text for a uid without one."""
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def lease_json(props: dict[str, Any], devices: list[str]) -> dict[str, Any]:
+    """The lease object of docs/json.md from a Lease object's properties and its group's
+    endpoints: what `leases`, `lease` and `monitor` print."""
+    return {
+        "id": props["Id"],
+        "group": int(props["Group"].rsplit("/", 1)[-1]),
+        "owner": props["Owner"],
+        "user": user_name(props["Owner"]),
+        "backend": props["Backend"],
+        "created": props["Created"],
+        "expires": props["Expires"] or None,
+        "persistent": props["Persistent"],
+        "memlock": props.get("Memlock") or None,
+        "reset_on_release": bool(props.get("ResetOnRelease", False)),
+        "warnings": list(props.get("Warnings") or []),
+        "group_path": props.get("GroupPath") or None,
+        "devices": list(devices),
+    }
 
 
 def _why(e: BaseException) -> str:

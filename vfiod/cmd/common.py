@@ -1,8 +1,9 @@
 """What both command lines share: exit codes, root options, simulated hosts, durations, and `run`.
 
-Exit codes (DESIGN §4): 0 success, 1 failure, 2 usage, 3 permission denied,
-4 busy or not viable.  Every `VfiodError` maps to its own code; anything else
-is a bug and is reported in one line, without a traceback.
+`EXIT_CODES` is the one exit-code table of `vfiod` and `vfioctl` (README,
+"Exit codes", shows it and a test keeps the two equal).  Every `VfiodError`
+carries one of these codes; anything else is a bug and is reported in one
+line, without a traceback.
 """
 
 from __future__ import annotations
@@ -10,14 +11,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..errors import VfiodError
 
 if TYPE_CHECKING:
     from ..sysfs import Roots
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_OK = 0            # success (check, policy test: allowed)
+EXIT_FAIL = 1          # failure: not found, no daemon or bus, a backend or the kernel failed
+EXIT_USAGE = 2         # usage: bad arguments or target, a broken policy
+EXIT_DENIED = 3        # permission denied: policy, root only, protected, unsafe
+EXIT_BUSY = 4          # busy or not viable: leased, in use, a group VFIO cannot take now
+EXIT_INTERRUPTED = 130  # Ctrl-C before the command finished (128 + SIGINT)
+
+#: (code, meaning): the README's table, in this order.
+EXIT_CODES = (
+    (EXIT_OK, "success; `check` and `policy test`: allowed"),
+    (EXIT_FAIL, "failure: not found, vfiod or the bus unreachable or gone, a backend or the kernel failed"),
+    (EXIT_USAGE, "usage: bad arguments, a malformed target, a broken policy"),
+    (EXIT_DENIED, "permission denied: by policy, root only, protected or unsafe device"),
+    (EXIT_BUSY, "busy or not viable: leased or in use, or a group VFIO cannot take now"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C) before the command finished"),
+)
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -98,12 +114,35 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, command: li
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:      # the reader went away (`vfioctl monitor | head`): nothing more to say
+        _quiet_stdout()
+        return EXIT_OK
     except Exception as e:       # a bug: one line for the person, not a traceback
         print(f"{parser.prog}: internal error: {type(e).__name__}: {e} (a bug in vfiod: please report it)",
               file=sys.stderr)
         return EXIT_FAIL
-    except BrokenPipeError:
-        return EXIT_OK
+
+
+def print_json(kind: str, one_line: bool = False, **fields: Any) -> None:
+    """One versioned JSON document (docs/json.md): ``{"version": 1, "kind": KIND, ...}``,
+    indented for a terminal unless `one_line` (a stream of documents, one a line)."""
+    import json
+
+    from ..report import envelope
+    indent = None if one_line or not sys.stdout.isatty() else 1
+    print(json.dumps(envelope(kind, **fields), indent=indent), flush=True)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at a pipe of our own (held open until exit), so the interpreter's last
+    flush of what is still buffered (less than a pipe holds) meets no closed reader."""
+    import os
+    try:
+        _read_end, write_end = os.pipe()
+        os.dup2(write_end, sys.stdout.fileno())
+        os.close(write_end)
+    except (OSError, ValueError):
+        pass
 
 

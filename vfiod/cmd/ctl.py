@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Sequence
 from .. import __version__
 from ..errors import InvalidArgument, NotFound, VfiodError
 from ..report import Json, render_groups
-from .common import Formatter, add_root_options, duration_arg, run
+from .common import (EXIT_DENIED, EXIT_FAIL, EXIT_OK, EXIT_USAGE, Formatter, add_root_options, duration_arg,
+                     print_json, run)
 from .policy import add_policy_commands
+
 
 if TYPE_CHECKING:
     from .client import Client
-
-EXIT_OK, EXIT_FAIL, EXIT_DENIED = 0, 1, 3
 
 
 def _run(args: argparse.Namespace, coro_fn: Callable[[Client], Awaitable[int]]) -> int:
@@ -49,7 +49,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         groups = await _groups_json(client)
         if args.json:
-            print(json.dumps(groups, indent=1))
+            print_json("groups", groups=groups)
         else:
             sys.stdout.write(render_groups(groups, explain=args.explain) or "No IOMMU groups.\n")
         return EXIT_OK
@@ -60,7 +60,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         group = (await _groups_json(client, [args.target]))[0]
         if args.json:
-            print(json.dumps(group, indent=1))
+            print_json("group", target=args.target, group=group)
         else:
             print(render_groups([group], explain=True), end="")
         return EXIT_OK
@@ -70,7 +70,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "Explain", "s", [args.target])
-        print(reply.body[0])
+        if args.json:
+            group = (await _groups_json(client, [args.target]))[0]
+            print_json("explain", target=args.target, text=reply.body[0], group=group)
+        else:
+            print(reply.body[0])
         return EXIT_OK
     return _run(args, go)
 
@@ -81,7 +85,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                                   [args.target, args.backend or ""])
         allowed, rule, reason = reply.body[0]
         if args.json:
-            print(json.dumps({"allowed": allowed, "rule": rule, "reason": reason}))
+            print_json("check", target=args.target, backend=args.backend or None, allowed=allowed,
+                       rule=rule or None, reason=reason)
         else:
             print(f"{'allowed' if allowed else 'denied'}: {reason}" + (f" ({rule})" if rule and rule not in reason else ""))
         return EXIT_OK if allowed else EXIT_DENIED
@@ -96,7 +101,7 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
-def _time_left(expires: float) -> str:
+def _time_left(expires: int) -> str:
     if not expires:
         return "never"
     from ..policy import format_duration
@@ -104,30 +109,36 @@ def _time_left(expires: float) -> str:
     return "due" if left <= 0 else format_duration(left)
 
 
+async def _lease_objects(client: Client, paths: list[str]) -> list[Json]:
+    """The lease objects (docs/json.md) of these lease paths; leases that ended meanwhile are left out."""
+    from .client import lease_json
+
+    found = []
+    for path in paths:
+        try:
+            found.append(await client.properties(path, "org.vfiod1.Lease"))
+        except VfiodError:          # ended between the two calls
+            continue
+    if not found:
+        return []
+    groups = {g["group"]: g for g in await _groups_json(
+        client, [f"group:{int(p['Group'].rsplit('/', 1)[-1])}" for p in found])}
+    out = []
+    for props in found:
+        g = groups.get(int(props["Group"].rsplit("/", 1)[-1]))
+        out.append(lease_json(props, [d["address"] for d in g["devices"] if not d["bridge"]] if g else []))
+    return out
+
+
 def cmd_leases(args: argparse.Namespace) -> int:
-    """Your leases (root: everyone's, or with --all anyone's view of them all)."""
+    """Your leases (root: everyone's)."""
     async def go(client: Client) -> int:
         manager = await client.properties("/org/vfiod1", "org.vfiod1.Manager")
         mine = os.getuid()
-        rows: list[Json] = []
-        for path in manager.get("Leases", []):
-            try:
-                lease = await client.properties(path, "org.vfiod1.Lease")
-            except VfiodError:          # ended between the two calls
-                continue
-            if not lease or (mine != 0 and lease["Owner"] != mine):
-                continue
-            rows.append({"id": lease["Id"], "group": int(lease["Group"].rsplit("/", 1)[-1]),
-                         "owner": lease["Owner"], "user": _user_name(lease["Owner"]), "backend": lease["Backend"],
-                         "created": lease["Created"], "expires": lease["Expires"],
-                         "persistent": lease["Persistent"], "devices": []})
-        if rows:
-            groups = {g["group"]: g for g in await _groups_json(client, [f"group:{r['group']}" for r in rows])}
-            for r in rows:
-                g = groups.get(r["group"])
-                r["devices"] = [d["address"] for d in g["devices"] if not d["bridge"]] if g else []
+        rows = [r for r in await _lease_objects(client, manager.get("Leases", []))
+                if mine == 0 or r["owner"] == mine]
         if args.json:
-            print(json.dumps(rows, indent=1))
+            print_json("leases", leases=rows)
         elif not rows:
             print("No leases.")
         else:
@@ -139,6 +150,12 @@ def cmd_leases(args: argparse.Namespace) -> int:
                       f"{' '.join(r['devices'])}")
         return EXIT_OK
     return _run(args, go)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from .monitor import monitor
+
+    return _run(args, lambda client: monitor(client, args.json))
 
 
 def cmd_lease(args: argparse.Namespace) -> int:
@@ -162,13 +179,16 @@ def cmd_lease(args: argparse.Namespace) -> int:
             print(f"vfioctl: lease {lease_id} released; not starting {command[0]} "
                   "(--ignore-memlock starts it anyway)", file=sys.stderr)
             return EXIT_FAIL
+        if args.json:
+            print_json("lease", lease=(await _lease_objects(client, [path]))[0])
         if args.xml:
             print((await client.lease_call(path, "HostdevXml")).body[0])
         try:
             if command:
                 return await _run_with_lease(client, path, props, group, command, args.pass_fd)
             if args.persistent:
-                print(lease_id)
+                if not args.json:
+                    print(lease_id)
                 return EXIT_OK
             print("vfioctl: holding the lease; Ctrl-C (or SIGTERM) releases it", file=sys.stderr)
             stop = asyncio.Event()
@@ -234,7 +254,37 @@ def cmd_vfs(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         before = (await client.call("/org/vfiod1", "org.vfiod1.Manager", "SetVfCount", "su",
                                     [args.target, args.count], timeout=max(args.timeout, 120))).body[0]
-        print(f"{args.target}: {before} -> {args.count} VFs")
+        if args.json:
+            print_json("vfs", pf=args.target, before=before, after=args.count)
+        else:
+            print(f"{args.target}: {before} -> {args.count} VFs")
+        return EXIT_OK
+    return _run(args, go)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Root: ask vfiod to read its policy directory again; say whether it took the new policy."""
+    from ..errors import InvalidArgument as Refused      # a broken policy (PolicyError) travels as this
+    from ..policy import PolicyStore
+
+    async def go(client: Client) -> int:
+        try:
+            await client.call("/org/vfiod1", "org.vfiod1.Manager", "ReloadPolicy")
+        except Refused as e:
+            lines = str(e).splitlines()
+            problems = lines[1:] if lines and lines[0].startswith(PolicyStore.REFUSED) else lines
+            if args.json:
+                print_json("reload", taken=False, errors=problems)
+            else:
+                print("vfioctl: the new policy was refused; vfiod keeps the policy it had "
+                      f"({len(problems)} error{'s' if len(problems) != 1 else ''}):", file=sys.stderr)
+                for line in problems:
+                    print(f"  {line}", file=sys.stderr)
+            return EXIT_USAGE
+        if args.json:
+            print_json("reload", taken=True, errors=[])
+        else:
+            print("The new policy is in force.")
         return EXIT_OK
     return _run(args, go)
 
@@ -260,14 +310,17 @@ async def _leases_to_release(client: Client, args: argparse.Namespace) -> list[s
 def cmd_release(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         ids = await _leases_to_release(client, args)
-        if not ids:
+        if not ids and not args.json:
             print("No leases.")
         for lease_id in ids:
             try:
                 await client.lease_call(f"/org/vfiod1/lease/{lease_id}", "Release")
             except NotFound:
                 raise NotFound(f"no lease {lease_id} (it ended, or never was)") from None
-            print(f"released {lease_id}")
+            if not args.json:
+                print(f"released {lease_id}")
+        if args.json:
+            print_json("release", released=ids)
         return EXIT_OK
     return _run(args, go)
 
@@ -307,7 +360,7 @@ def show_status(args: argparse.Namespace) -> int:
         host = Host.scan(SysfsReader(roots))
         status = status_json(host, PciIds(), lambda addr: device_usage(roots, addr))
     if args.json:
-        print(json.dumps(status, indent=1))
+        print_json("status", **status)
     else:
         sys.stdout.write(render_status(status))
     return EXIT_OK
@@ -320,7 +373,7 @@ can use it now, what blocks it, and whether it is leased.
 
 examples:
   vfioctl groups
-  vfioctl groups --json | jq '.[] | select(.viable) | .group'
+  vfioctl groups --json | jq '.groups[] | select(.viable) | .group'
 """),
     "show": ("show one group (by device address or group:N)", cmd_show, """\
 Show the IOMMU group of a device (or group:N) with the reason its devices share it.
@@ -379,6 +432,37 @@ vfiod refuses (exit 4, busy) while the PF or any of its VFs is leased.
 example:
   vfioctl vfs 0000:01:00.0 4
 """),
+    "reload": ("root: reload the policy; say whether it was taken, with every error", cmd_reload, """\
+Ask vfiod (as root) to read its policy directory again, as `systemctl reload
+vfiod` does, and say whether it took the new policy.  A broken policy is
+refused whole: every error of every file is printed (file:line: key: what),
+vfiod keeps the policy it had, and vfioctl exits 2.  Others get "permission
+denied" (exit 3).  `vfioctl policy check DIR` finds the same errors offline.
+
+exit status:
+  0  the new policy is in force
+  2  it was refused (the errors follow); the old one stays
+  3  not root
+
+examples:
+  sudo vfioctl reload
+  sudo vfioctl reload --json
+"""),
+    "monitor": ("print lease, hotplug and tamper events as they happen", cmd_monitor, """\
+Print vfiod's events as they happen, one line each: leases granted and ended
+(with the reason: released, expired, disconnected, removed, tampered, ...),
+groups and devices that change (state, driver, viability), and devices and
+groups that appear or go (hotplug, SR-IOV VFs).  Each line has the time, the
+event, the object and what happened; with --json each event is one JSON
+document on its own line (docs/json.md, kind "event").
+
+It runs until Ctrl-C or SIGTERM (exit 0); if vfiod or the bus goes away it
+says so and exits 1.
+
+examples:
+  vfioctl monitor
+  vfioctl monitor --json | jq -c 'select(.event == "lease-ended")'
+"""),
     "release": ("release a lease (by id, by target, or --all)", cmd_release, """\
 Release a lease: every device of its group goes back to the driver it had.
 Name the lease by its id, or by a target of its group (an address, group:N or
@@ -402,8 +486,9 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                        help="how long to wait for each answer (default 30)")
         if name in ("show", "explain", "check", "lease", "vfs"):
             p.add_argument("target", metavar="TARGET", help="0000:04:00.0, 04:00.0, group:8 or name:RESOURCE")
-        if name in ("groups", "show", "check", "leases"):
-            p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        if name in ("groups", "show", "explain", "check", "leases", "lease", "reload", "release", "vfs",
+                    "monitor"):
+            p.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
         if name == "groups":
             p.add_argument("--explain", action="store_true", help="add why each group is what it is")
         if name in ("check", "lease"):
@@ -441,7 +526,7 @@ def vfioctl_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="every PCI device by class and driver, like dpdk-devbind --status (offline)",
                         description=STATUS_HELP, formatter_class=Formatter)
     add_root_options(st)
-    st.add_argument("--json", action="store_true", help="print JSON for scripts")
+    st.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
     st.set_defaults(func=show_status)
     add_policy_commands(sub, Formatter)
     return p

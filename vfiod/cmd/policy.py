@@ -9,16 +9,17 @@ policy, 3 for a denial).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import TYPE_CHECKING
 
 from .. import policy
-from ..errors import InvalidArgument, PermissionDenied
+from ..errors import InvalidArgument, PermissionDenied, PolicyError
 from ..policy import DEFAULT_DIR
-from .common import add_root_options, duration_arg, host_roots
+from .common import EXIT_DENIED, EXIT_OK, EXIT_USAGE, add_root_options, duration_arg, host_roots, print_json
 
 if TYPE_CHECKING:
-    from ..topology import Device
+    from ..topology import Device, Host
 
 POLICY_HELP = """\
 Work with vfiod's policy offline: check the files, and test what a user would
@@ -101,6 +102,8 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
                            description=CHECK_HELP, formatter_class=formatter_class)
     check.add_argument("directory", nargs="?", default=DEFAULT_DIR, metavar="DIR",
                        help=f"the policy directory (default: {DEFAULT_DIR})")
+    check.add_argument("--json", action="store_true",
+                       help="print JSON for scripts (docs/json.md), errors included")
     check.set_defaults(func=cmd_check)
 
     test = sub.add_parser("test", help="would USER get TARGET? (exit 0 yes, 3 no)",
@@ -114,6 +117,7 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     test.add_argument("--duration", type=duration_arg, default=0, metavar="D",
                       help="ask for a lease this long: 90s, 30m, 8h, 2d, 1h30m (default: none)")
     test.add_argument("--persistent", action="store_true", help="ask for a persistent lease")
+    test.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
     add_root_options(test)
     test.set_defaults(func=cmd_test)
 
@@ -133,7 +137,7 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
 
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 def _backends() -> tuple[str, ...]:
@@ -158,6 +162,8 @@ def _load(directory: str) -> policy.Policy:
 # ---------------------------------------------------------------- check
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if args.json:
+        return _check_json(args.directory)
     pol = _load(args.directory)
     out = sys.stdout
     print(f"Policy {args.directory}: {_count(len(pol.files), 'file')}, {_count(len(pol.rules), 'rule')}, "
@@ -186,7 +192,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not pol.rules:
         print("\nNo rules: every request is denied.", file=out)
     print("\nThe policy is valid.", file=out)
-    return 0
+    return EXIT_OK
+
+
+_ERROR_AT = re.compile(r"(?P<file>[^:\n]+?)(?::(?P<line>\d+))?:\s")
+
+
+def _check_json(directory: str) -> int:
+    """`policy check --json`: the policy as found, or every error (each with its file and line)."""
+    try:
+        pol = _load(directory)
+    except PolicyError as e:
+        errors = []
+        for text in e.message.splitlines():
+            m = _ERROR_AT.match(text)
+            errors.append({"file": m["file"] if m else None,
+                           "line": int(m["line"]) if m and m["line"] else None, "text": text})
+        print_json("policy-check", directory=directory, valid=False, errors=errors, files=[], rules=[],
+                   resources=[], claims=[])
+        return EXIT_USAGE
+    rules = [{"source": r.source, "action": r.action, "comment": r.comment or None,
+              "devices": r.describe_devices(), "who": r.describe_who(),
+              "grants": r.describe_grant() if r.allows else None} for r in pol.rules]
+    resources = [{"name": res.name, "source": res.source, "comment": res.comment or None,
+                  "devices": [d.describe() for d in res.devices]} for res in pol.resources.values()]
+    claims = [{"source": c.source, "target": c.target, "user": c.user, "uid": c.uid, "backend": c.backend or None}
+              for c in pol.claims]
+    print_json("policy-check", directory=directory, valid=True, errors=[], files=list(pol.files), rules=rules,
+               resources=resources, claims=claims)
+    return EXIT_OK
 
 
 def _count(n: int, word: str) -> str:
@@ -208,6 +242,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     options = {"duration": args.duration, "persistent": args.persistent}
     target, decision = pol.decide_target(host, caller, args.target, args.backend, options)
 
+    if args.json:
+        return _test_json(args, host, uid, name, caller, users, target, decision)
     groups = ", ".join(users.group_name(g) or str(g) for g in sorted(caller.gids)) or "none"
     print(f"User {name or '(no such user)'} (uid {uid}; groups: {groups})")
     terms = [f"backend {args.backend or '(the default)'}"]
@@ -232,7 +268,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     print()
     if not decision.allowed:
         print(f"DENIED: {decision.reason}")
-        return PermissionDenied.exit_code
+        return EXIT_DENIED
     grant = [f"backend {decision.backend}"]
     grant.append(f"at most {policy.format_duration(decision.max_duration)}" if decision.max_duration
                  else "no duration cap")
@@ -240,7 +276,31 @@ def cmd_test(args: argparse.Namespace) -> int:
     grant.append(f"RLIMIT_MEMLOCK {policy.format_size(decision.memlock)}" if decision.memlock
                  else "no RLIMIT_MEMLOCK grant")
     print(f"ALLOWED by rule {decision.rule}: {'; '.join(grant)}")
-    return 0
+    return EXIT_OK
+
+
+def _test_json(args: argparse.Namespace, host: Host, uid: int, name: str | None, caller: policy.Caller,
+               users: policy.UserDb, target: policy.Target, decision: policy.Decision) -> int:
+    devices = []
+    for d in decision.devices:
+        dev = host.devices[d.address]
+        verdict = "exempt" if dev.is_bridge else ("allowed" if d.allowed else "denied")
+        devices.append({"address": str(d.address), "ids": f"{_hex(dev.raw.vendor)}:{_hex(dev.raw.device)}",
+                        "driver": dev.driver, "verdict": verdict, "rule": d.rule or None,
+                        "reason": "bridge or port" if dev.is_bridge else d.reason})
+    grant = None
+    if decision.allowed:
+        grant = {"backend": decision.backend, "max_duration": decision.max_duration or None,
+                 "persistent": bool(decision.persistent), "memlock": decision.memlock or None}
+    print_json("policy-test",
+               user={"name": name, "uid": uid,
+                     "groups": [users.group_name(g) or str(g) for g in sorted(caller.gids)]},
+               target=args.target, group=target.group,
+               request={"backend": args.backend or None, "duration": args.duration or None,
+                        "persistent": args.persistent},
+               allowed=decision.allowed, rule=decision.rule or None, reason=decision.reason,
+               devices=devices, grant=grant)
+    return EXIT_OK if decision.allowed else EXIT_DENIED
 
 
 GENERATE_HELP = """\
@@ -305,7 +365,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if any(dev.protected for dev in devices):
         lines.append("allow_protected = true           # " + "; ".join(d.protected for d in devices if d.protected))
     print("\n".join(lines))
-    return 0
+    return EXIT_OK
 
 
 def _resource_name(target: str) -> str:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Sequence
 
 from .. import __version__
-from .common import EXIT_OK, Formatter, add_root_options, host_roots, run
+from .common import EXIT_OK, Formatter, add_root_options, host_roots, print_json, run
 
 
 INSPECT_HELP = """\
@@ -29,7 +28,7 @@ isolation codes (--json "isolation"):
 examples:
   vfiod inspect                     this machine
   vfiod inspect --simulate --explain   the built-in ICH10 host, with reasons
-  vfiod inspect --json | jq '.[] | select(.viable)'
+  vfiod inspect --json | jq '.groups[] | select(.viable)'   (docs/json.md: every field)
 """
 
 
@@ -38,7 +37,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from .ctl import show_status
         return show_status(args)
     from ..pciids import PciIds
-    from ..report import host_json, render_groups
+    from ..report import findings_json, host_json, render_groups
     from ..sysfs import SysfsReader
     from ..topology import Host
 
@@ -48,7 +47,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         for f in host.findings:
             print(f"vfiod: {f.text}", file=sys.stderr)
-        sys.stdout.write(json.dumps(groups, indent=1 if sys.stdout.isatty() else None) + "\n")
+        print_json("groups", groups=groups, findings=findings_json(host))
         return EXIT_OK
     if args.simulate:
         from ..sim.hosts import spec
@@ -96,7 +95,7 @@ def vfiod_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show IOMMU groups, viability and isolation (offline)",
                          description=INSPECT_HELP, formatter_class=Formatter)
     add_root_options(ins, inherit=True)
-    ins.add_argument("--json", action="store_true", help="print a JSON list of groups for scripts")
+    ins.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
     ins.add_argument("--explain", action="store_true", help="add why each group is what it is")
     ins.add_argument("--all", action="store_true",
                      help="every PCI device by class and driver (as vfioctl status), IOMMU or not")

@@ -18,7 +18,7 @@ from dbus_next import Message
 from .. import bus as busmod
 from .. import report
 from ..address import PciAddress
-from ..errors import BackendFailed, InvalidArgument, PermissionDenied, VfiodError
+from ..errors import BackendFailed, InvalidArgument, PermissionDenied, PolicyError, VfiodError
 from ..hookspecs import Backend
 from ..leases import Ended, LeaseManager
 from ..pciids import PciIds
@@ -236,7 +236,15 @@ class Service:
     async def reload_policy(self, caller: Caller) -> None:
         if not caller.is_admin:
             raise PermissionDenied("only root may reload the policy")
-        await self._run(self.policy_store.reload)
+        try:
+            policy = await self._run(self.policy_store.reload)
+        except PolicyError as e:
+            problems = e.message.splitlines()
+            log.error("policy reload by uid %s refused, the policy in force stays: %s", caller.uid,
+                      "; ".join(problems))
+            raise PolicyError(f"{self.policy_store.REFUSED} ({len(problems)} error{'s' if len(problems) != 1 else ''}):\n"
+                              + e.message) from None
+        log.info("policy reloaded by uid %s: %d files, %d rules", caller.uid, len(policy.files), len(policy.rules))
 
     # ------------------------------------------------------------ leases
 

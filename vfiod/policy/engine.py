@@ -246,6 +246,9 @@ class PolicyStore:
     `current` is `Policy.empty()` (deny everything) until the first good load;
     `error` is the message of the last refused load (None after a good one)."""
 
+    #: how a refused reload is said (ReloadPolicy's error: this line, then every error)
+    REFUSED = "the new policy was refused; the policy in force stays"
+
     def __init__(self, directory: str = DEFAULT_DIR, backends: Iterable[str] = KNOWN_BACKENDS,
                  users: UserDb | None = None):
         self.directory = directory

@@ -22,7 +22,7 @@ CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configurat
     <allow user="*"/>
     <deny own="*"/>
     <deny send_type="method_call"/>
-    <allow send_type="signal"/>
+    <allow send_type="signal"/>  <!-- as the system bus: vfiod's signals reach every client -->
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
