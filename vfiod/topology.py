@@ -175,7 +175,7 @@ class Host:
         acs_override = any(w.startswith("pcie_acs_override=") for w in facts.cmdline.split())
         findings = _findings(devices, groups, facts, acs_override)
         return cls(devices=devices, groups=groups, findings=findings,
-                   iommu_enabled=bool(facts.iommu_groups) or bool(groups),
+                   iommu_enabled=facts.iommu_enabled or bool(groups),
                    acs_override=acs_override, noiommu=facts.noiommu)
 
     def group_of(self, addr: PciAddress) -> Group | None:

@@ -116,3 +116,11 @@ def test_the_lease_tests_use_the_real_policy_classes():
     tree = ast.parse(open(os.path.join(ROOT, "tests/sim/leasekit.py")).read())
     defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
     assert not defined & {"Caller", "Target", "Decision", "DeviceDecision", "Policy"}, defined
+
+
+def test_the_built_in_host_names_offered_are_the_tables():
+    from vfiod import sim
+    from vfiod.sim import hosts
+
+    assert tuple(sorted(hosts.EXAMPLES)) == sim.BUILT_IN
+    assert sim.DEFAULT == hosts.DEFAULT

@@ -75,7 +75,7 @@ def add_root_options(p: argparse.ArgumentParser, dev: bool = False, inherit: boo
     """--sysfs-root, --proc-root (--dev-root) and --simulate.  With `inherit` (a sub-command
     whose parent has them too) an option not given keeps the parent's value, so
     `vfiod --simulate gpu inspect` and `vfiod inspect --simulate gpu` read the same host."""
-    from ..sim.hosts import DEFAULT, EXAMPLES, topology_arg
+    from ..sim import BUILT_IN, DEFAULT, topology_arg
 
     def default(value: str | None) -> str | None:
         return argparse.SUPPRESS if inherit else value
@@ -92,7 +92,7 @@ def add_root_options(p: argparse.ArgumentParser, dev: bool = False, inherit: boo
     p.add_argument("--simulate", nargs="?", const=DEFAULT, default=default(None), type=topology_arg,
                    metavar="TOPOLOGY",
                    help=f"read a built-in simulated host instead of this machine "
-                        f"(default {DEFAULT}; one of: {', '.join(sorted(EXAMPLES))}, or server[:N], "
+                        f"(default {DEFAULT}; one of: {', '.join(BUILT_IN)}, or server[:N], "
                         f"a two-socket server of N PCI functions)")
 
 

@@ -157,6 +157,7 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("cannot own %s on the bus (%s): is another vfiod running?", busmod.BUS_NAME, reply)
         return 1
     sd_notify("READY=1")
+    _give_back_free_memory()
     log.info("ready on %s: %d groups, %d leases", args.bus, len(service.host.groups), len(journal.leases()))
 
     # Step 7: serve until SIGTERM; SIGHUP reloads the policy; expiry every second.
@@ -211,6 +212,19 @@ async def serve(args: argparse.Namespace) -> int:
         bus.disconnect()
     journal.close()
     return status
+
+
+def _give_back_free_memory() -> None:
+    """Return the start-up scan's freed heap to the system (glibc keeps it otherwise:
+    about 10 MB on a 4,096-function host)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):       # not glibc: nothing to trim
+        pass
 
 
 def watchdog_interval() -> float | None:

@@ -56,8 +56,8 @@ class Snapshot:
                 g, isolation=prev.isolation, isolation_text=prev.isolation_text, links=prev.links)
         for n in groups:               # devices that left these groups (removed, say)
             members = set(part.groups[n].members) if n in part.groups else set()
-            for a, d in old.devices.items():
-                if d.group == n and a not in members:
+            for a in old.groups[n].members if n in old.groups else ():
+                if a not in members and a not in part.devices:
                     devices.pop(a, None)
             if n not in part.groups:
                 group_map.pop(n, None)

@@ -62,7 +62,7 @@ class RawDevice:
 class HostFacts:
     """Host-wide facts read from sysfs and proc."""
 
-    iommu_groups: tuple[int, ...]
+    iommu_enabled: bool             # the kernel made IOMMU groups
     cmdline: str
     noiommu: bool
     root_block_nodes: tuple[str, ...]    # sysfs node paths of the block devices under "/"
@@ -345,6 +345,15 @@ class SysfsReader:
             return ()
         return tuple(sorted(int(n) for n in names if n.isdigit()))
 
+    def has_iommu_groups(self) -> bool:
+        """Whether there is any IOMMU group, without listing them all (a lease asks on
+        every partial rescan; a server has thousands)."""
+        try:
+            with os.scandir(self._s("kernel/iommu_groups")) as it:
+                return any(e.name.isdigit() for e in it)
+        except OSError:
+            return False
+
     def cmdline(self) -> str:
         return _text(self._p("cmdline")) or ""
 
@@ -415,7 +424,7 @@ class SysfsReader:
 
     def facts(self) -> HostFacts:
         return HostFacts(
-            iommu_groups=self.iommu_groups(), cmdline=self.cmdline(), noiommu=self.noiommu(),
+            iommu_enabled=self.has_iommu_groups(), cmdline=self.cmdline(), noiommu=self.noiommu(),
             root_block_nodes=self.root_block_nodes(), default_route_nodes=self.default_route_nodes(),
         )
 
