@@ -87,6 +87,7 @@ class LeaseManager:
                  on_step: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time,
                  on_ended: Callable[[Ended], None] | None = None):
         self.kernel = kernel
+        self.reader = SysfsReader(kernel.roots)      # one reader: it remembers what cannot change
         self.journal = journal
         self.policy_source = policy_source
         self.backends = backends
@@ -100,10 +101,10 @@ class LeaseManager:
     # ------------------------------------------------------------ helpers
 
     def scan(self) -> Host:
-        return Host.scan(SysfsReader(self.kernel.roots))
+        return Host.scan(self.reader)
 
     def scan_groups(self, groups: Iterable[int]) -> Host:
-        return Host.scan_groups(SysfsReader(self.kernel.roots), groups)
+        return Host.scan_groups(self.reader, groups)
 
     def host_for(self, target: str, policy: Policy) -> Host:
         """A snapshot holding the groups `target` can stand for (not the whole host).
@@ -111,7 +112,7 @@ class LeaseManager:
         The target is parsed by the policy's one grammar (`InvalidArgument` or
         `InvalidAddress` for text that is no target); what it names and is not
         on the host is left for `Policy.resolve` to refuse with its reason."""
-        reader = SysfsReader(self.kernel.roots)
+        reader = self.reader
         groups = {g for addr in policy.addresses_named(target) if (g := reader.group_of(addr)) is not None}
         number = policy.group_named(target)
         if number is not None:
@@ -127,7 +128,7 @@ class LeaseManager:
         return lock is not None and lock.locked()
 
     def group_of(self, addr: PciAddress) -> int | None:
-        return SysfsReader(self.kernel.roots).group_of(addr)
+        return self.reader.group_of(addr)
 
     def _group_lock(self, group: int) -> threading.Lock:
         with self._locks_guard:
@@ -154,7 +155,7 @@ class LeaseManager:
     def context(self, lease: LeaseRow, host: Host | None = None, decision: Decision | None = None) -> LeaseContext:
         held = self.journal.held(lease.id)
         if host is None:
-            host = Host.from_raw([], SysfsReader(self.kernel.roots).facts())
+            host = Host.from_raw([], self.reader.facts())
         return LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in held
                                                          if h.role == "endpoint"),
                             kernel=self.kernel, decision=decision, host=host)
@@ -246,7 +247,7 @@ class LeaseManager:
             raise NotViable(f"group {group} has no endpoint to lease (only bridges and ports)")
         bridges = [host.devices[a] for a in g.members
                    if host.devices[a].is_bridge and host.devices[a].driver not in (None, *BRIDGE_DRIVERS)]
-        reader = SysfsReader(self.kernel.roots)
+        reader = self.reader
         for dev in endpoints:
             # A PF leaves the host only when none of its VFs is leased: its driver
             # manages them, and unbinding it would pull them from their lessees.
@@ -403,7 +404,7 @@ class LeaseManager:
         Returns the count before the change."""
         if not caller.is_admin:
             raise PermissionDenied("only root may change the number of VFs")
-        reader = SysfsReader(self.kernel.roots)
+        reader = self.reader
         if not self.kernel.exists(pf):
             raise NotFound(f"no device {pf}")
         raw = reader.read_device(pf)

@@ -171,6 +171,7 @@ class SysfsReader:
     def __init__(self, roots: Roots | None = None, config_limit: int = 4096):
         self.roots = roots or Roots()
         self.config_limit = config_limit
+        self._iommu_seen = False
 
     def _s(self, rel: str) -> str:
         return os.path.join(self.roots.sysfs, rel)
@@ -347,12 +348,16 @@ class SysfsReader:
 
     def has_iommu_groups(self) -> bool:
         """Whether there is any IOMMU group, without listing them all (a lease asks on
-        every partial rescan; a server has thousands)."""
+        every partial rescan; a server has thousands).  Once seen, the answer stays:
+        the IOMMU is set up at boot and does not go away."""
+        if self._iommu_seen:
+            return True
         try:
             with os.scandir(self._s("kernel/iommu_groups")) as it:
-                return any(e.name.isdigit() for e in it)
+                self._iommu_seen = any(e.name.isdigit() for e in it)
         except OSError:
             return False
+        return self._iommu_seen
 
     def cmdline(self) -> str:
         return _text(self._p("cmdline")) or ""
