@@ -63,24 +63,29 @@ class ObjectTree:
         """On the loop: objects for what came and went, PropertiesChanged for what changed;
         after a partial refresh only the `touched` groups and their devices are compared
         (a burst of hotplug events on a big host does not walk every object each time)."""
-        if self.bus and self._exported:
-            for n in new.groups.keys() - self._groups.keys():
-                self._groups[n] = iface = busmod.GroupInterface(self.service, n)
-                self.bus.export(busmod.group_path(n), iface)
-            for addr in new.devices.keys() - self._devices.keys():
-                self._devices[addr] = dev = busmod.DeviceInterface(self.service, addr)
-                self.bus.export(busmod.device_path(addr), dev)
-            for addr in self._devices.keys() - new.devices.keys():
-                self.bus.unexport(busmod.device_path(addr), self._devices.pop(addr))
-            for n in self._groups.keys() - new.groups.keys():
-                self.bus.unexport(busmod.group_path(n), self._groups.pop(n))
         if touched is None:
-            groups = list(self._groups.items())
-            devices = list(self._devices.items())
+            group_keys: set[int] = new.groups.keys() | self._groups.keys()
+            device_keys: set[PciAddress] = new.devices.keys() | self._devices.keys()
         else:
-            groups = [(n, self._groups[n]) for n in touched if n in self._groups]
-            members = {a for n in touched for h in (old, new) if n in h.groups for a in h.groups[n].members}
-            devices = [(a, self._devices[a]) for a in members if a in self._devices]
+            # a partial refresh changes only these groups and their members (old or new)
+            group_keys = set(touched)
+            device_keys = {a for n in touched for h in (old, new) if n in h.groups for a in h.groups[n].members}
+        if self.bus and self._exported:
+            for n in sorted(group_keys):
+                if n in new.groups and n not in self._groups:
+                    self._groups[n] = iface = busmod.GroupInterface(self.service, n)
+                    self.bus.export(busmod.group_path(n), iface)
+            for addr in sorted(device_keys):
+                if addr in new.devices and addr not in self._devices:
+                    self._devices[addr] = dev = busmod.DeviceInterface(self.service, addr)
+                    self.bus.export(busmod.device_path(addr), dev)
+                elif addr not in new.devices and addr in self._devices:
+                    self.bus.unexport(busmod.device_path(addr), self._devices.pop(addr))
+            for n in sorted(group_keys):
+                if n not in new.groups and n in self._groups:
+                    self.bus.unexport(busmod.group_path(n), self._groups.pop(n))
+        groups = [(n, self._groups[n]) for n in sorted(group_keys) if n in self._groups]
+        devices = [(a, self._devices[a]) for a in sorted(device_keys) if a in self._devices]
         for n, iface in groups:
             g_old, g_new = old.groups.get(n), new.groups.get(n)
             if g_new is None:
