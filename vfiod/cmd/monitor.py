@@ -97,6 +97,11 @@ def _words(value: Any) -> str:
     return str(value)
 
 
+def _device_words(d: Props) -> str:
+    """A device object's name and ids for a person."""
+    return f"{d.get('Name') or 'unknown'} [{d.get('VendorId', 0):04x}:{d.get('DeviceId', 0):04x}]"
+
+
 class Monitor:
     def __init__(self, client: Client, as_json: bool, out: TextIO | None = None):
         self.client = client
@@ -260,8 +265,7 @@ class Monitor:
             return                               # said by LeaseGranted
         if DEVICE_IF in interfaces:
             d = interfaces[DEVICE_IF]
-            text = (f"device added: {d.get('Name', '?')} [{d.get('VendorId', 0):04x}:{d.get('DeviceId', 0):04x}] "
-                    f"in {_words(d.get('Group'))}, driver {_words(d.get('Driver'))}")
+            text = f"device added: {_device_words(d)} in {_words(d.get('Group'))}, driver {_words(d.get('Driver'))}"
         elif GROUP_IF in interfaces:
             g = interfaces[GROUP_IF]
             text = (f"group added: {_words(g.get('Devices'))}, "
@@ -279,8 +283,7 @@ class Monitor:
             return                               # said by LeaseEnded
         if DEVICE_IF in gone:
             d = gone[DEVICE_IF]
-            text = (f"device removed: {d.get('Name') or 'unknown'} "
-                    f"[{d.get('VendorId', 0):04x}:{d.get('DeviceId', 0):04x}], driver {_words(d.get('Driver'))}")
+            text = f"device removed: {_device_words(d)}, driver {_words(d.get('Driver'))}"
         elif GROUP_IF in gone:
             text = "group removed"
         else:
