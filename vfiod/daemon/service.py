@@ -26,6 +26,7 @@ from ..sysfs import Kernel
 from ..topology import Host
 from .callers import Callers
 from .hotplug import Hotplug
+from .notify import sd_notify, status_line
 from .objects import ObjectTree
 from .snapshot import Snapshot
 
@@ -49,6 +50,7 @@ class Service:
         self.hotplug = Hotplug(self)
         self._ending: set[str] = set()
         self._warnings: dict[str, list[str]] = {}     # lease id -> what was promised and not done
+        self._status: str | None = None               # the last STATUS= told to systemd
 
     # ------------------------------------------------------------ wiring
 
@@ -153,6 +155,7 @@ class Service:
         self.refresh_soon([lease.group])
         self.objects.export_lease(lease)
         self.manager_iface.LeaseGranted(busmod.lease_path(lease.id))
+        self.update_status()
         return lease
 
     async def _target_group(self, target: str) -> tuple[Host, int]:
@@ -229,7 +232,30 @@ class Service:
     async def reload_policy(self, caller: Caller) -> None:
         if not caller.is_admin:
             raise PermissionDenied("only root may reload the policy")
-        await self._run(self.policy_store.reload)
+        try:
+            policy = await self._run(self.policy_store.reload)
+        except VfiodError as e:
+            log.error("policy reload refused, the last good one stays: %s", e)
+            raise
+        finally:
+            self.update_status()
+        log.info("policy reloaded: %d files, %d rules", len(policy.files), len(policy.rules))
+
+    # ------------------------------------------------------------ what systemd shows
+
+    def status_text(self) -> str:
+        leases = self.manager.leases()
+        store = self.policy_store
+        files = None if store.current.directory is None else len(store.current.files)
+        return status_line(len(self.host.groups), len(leases), sum(1 for lease in leases if lease.persistent),
+                           files, store.error is not None)
+
+    def update_status(self) -> None:
+        """Tell systemd what the daemon holds (`systemctl status` shows it), when it changed."""
+        text = self.status_text()
+        if text != self._status:
+            self._status = text
+            sd_notify(f"STATUS={text}")
 
     # ------------------------------------------------------------ leases
 
@@ -276,6 +302,7 @@ class Service:
         self._warnings.pop(ended.lease.id, None)
         self.objects.drop_lease(ended.lease.id)
         self.manager_iface.LeaseEnded(busmod.lease_path(ended.lease.id), ended.reason)
+        self.update_status()
 
     # ------------------------------------------------------------ what objects show
 
