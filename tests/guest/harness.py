@@ -49,7 +49,7 @@ How it works
   The guest then powers off (``sync; echo o > /proc/sysrq-trigger``).
 * ``init="systemd"`` (``--init systemd``): stage 1 writes a target and a
   oneshot service to ``/run/systemd/system`` and execs the root's
-  ``/lib/systemd/systemd`` (``systemd.unit=vfiod-guest.target``); the script
+  ``/lib/systemd/systemd systemd.unit=vfiod-guest.target``; the script
   runs as that service once basic.target is up (journald, udevd, the dbus
   socket), so it can install packages and start units on the real system bus.
   The root's timers are masked.  Boot to script: about two minutes under TCG.
@@ -391,9 +391,10 @@ mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null
 [ -e $R/dev/stderr ] || ln -s /proc/self/fd/2 $R/dev/stderr
 hostname vfiod-guest
 ip link set lo up 2>/dev/null
-if grep -q 'vfiod\.init=systemd' /proc/cmdline; then
-    # systemd as PID 1: stage 2 runs as a oneshot service once basic.target (journald,
-    # udevd, the dbus socket) is up; systemd.unit=vfiod-guest.target is on the command line.
+# (/proc has moved to $R/proc by now)
+if grep -q 'vfiod\.init=systemd' $R/proc/cmdline; then
+    # systemd as PID 1: stage 2 runs as a oneshot service of vfiod-guest.target, once
+    # basic.target (journald, udevd, the dbus socket) is up.
     U=$R/run/systemd/system
     mkdir -p $U
     cat > $U/vfiod-guest.target <<'UNIT'
@@ -417,8 +418,9 @@ TimeoutStartSec=infinity
 UNIT
     # the root's daily timers (apt, dpkg backups) must not run into the test's apt
     ln -s /dev/null $U/timers.target
-    log "exec systemd"
-    exec switch_root $R /lib/systemd/systemd
+    echo "vfiod-guest: exec systemd uptime=$(cut -d' ' -f1 $R/proc/uptime)"
+    # the unit as an argument: systemd 252 here does not take systemd.unit= from /proc/cmdline
+    exec switch_root $R /lib/systemd/systemd systemd.unit=vfiod-guest.target
 fi
 exec switch_root $R /bin/sh /run/vfiod-guest/stage2.sh
 fail "switch_root"
@@ -859,7 +861,7 @@ class Guest:
         if self.modules:
             cmdline.append("vfiod.modules=" + ",".join(self.modules))
         if self.init == "systemd":
-            cmdline += ["vfiod.init=systemd", "systemd.unit=vfiod-guest.target"]
+            cmdline.append("vfiod.init=systemd")
         if self.extra_cmdline:
             cmdline.append(self.extra_cmdline)
         return [
