@@ -13,11 +13,14 @@ then one script checks, in order:
 * ``journalctl -u vfiod VFIOD_OUTCOME=granted`` finds the grant with its fields
   (``denied`` the refusal);
 * ``systemctl reload vfiod`` with a broken policy file fails while the service
-  stays active and the last good policy still decides; fixed, the reload works.
+  stays active and the last good policy still decides; fixed, the reload works;
+* a persistent lease survives ``systemctl restart vfiod``, and removing its device
+  (sysfs ``remove``) ends it with reason ``removed``: udev's events reach the unit.
 """
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -65,6 +68,7 @@ cat > /etc/vfiod/policy.d/50-nic.toml <<'EOF'
 address = "0000:01:00.0"
 users = ["vfiotest"]
 backends = ["vfio"]
+persistent = true
 EOF
 
 # Install as an admin would.  The root this guest boots forbids starting services
@@ -124,6 +128,22 @@ rm /etc/vfiod/policy.d/60-broken.toml
 systemctl reload vfiod > $OUT/reload-fixed.txt 2>&1
 echo $? > $OUT/reload-fixed.rc
 systemctl is-active vfiod > $OUT/active-end.txt
+
+# A persistent lease survives `systemctl restart`; removing its device then ends it
+# (the uevent feed reaches the daemon inside the unit).
+as_user $VFIOCTL lease $NIC_ADDR --persistent > $OUT/lease-persistent.txt 2>$OUT/lease-persistent.err \
+    || fail "persistent lease: $(cat $OUT/lease-persistent.err)"
+systemctl restart vfiod || fail "restart"
+as_user $VFIOCTL leases --json > $OUT/leases-after-restart.json 2>&1
+systemctl show -p StatusText --value vfiod > $OUT/status-restart.txt
+echo 1 > /sys/bus/pci/devices/$NIC_ADDR/remove
+for i in $(seq 60); do
+    [ -n "$(journalctl -u vfiod VFIOD_OUTCOME=removed -o cat)" ] && break
+    sleep 1
+done
+journalctl --no-pager -u vfiod VFIOD_OUTCOME=removed -o json > $OUT/removed.json
+as_user $VFIOCTL leases --json > $OUT/leases-after-remove.json 2>&1
+echo 1 > /sys/bus/pci/rescan
 note "script_end_uptime=$(up)"
 exit 0
 """
@@ -197,3 +217,13 @@ def test_a_refused_reload_fails_and_the_service_keeps_the_last_good_policy(run):
     assert "60-broken.toml:2" in journal and "usres" in journal
     assert text(run, "reload-fixed.rc").strip() == "0"
     assert text(run, "active-end.txt").strip() == "active"
+
+
+def test_a_persistent_lease_survives_a_restart_and_a_removed_device_ends_it(run):
+    lease_id = text(run, "lease-persistent.txt").strip()
+    assert re.fullmatch(r"[0-9a-f]{16}", lease_id), text(run, "lease-persistent.err")
+    assert [r["id"] for r in json.loads(text(run, "leases-after-restart.json"))] == [lease_id]
+    assert "1 lease (1 persistent)" in text(run, "status-restart.txt")
+    removed = [json.loads(line) for line in text(run, "removed.json").splitlines()]
+    assert [(r["VFIOD_LEASE"], r["VFIOD_EVENT"]) for r in removed] == [(lease_id, "release")], removed
+    assert json.loads(text(run, "leases-after-remove.json")) == []
