@@ -141,9 +141,16 @@ class LeaseManager:
             raise InvalidArgument(f"unknown backend {name!r} (known: {', '.join(sorted(self.backends))})") from None
 
     def _audit(self, event: str, caller_uid: int | None, target: str | None, lease_id: str | None,
-               rule: str | None, outcome: str, detail: str = "") -> None:
+               rule: str | None, outcome: str, detail: str = "", group: int | None = None) -> None:
+        # The same record three ways: a log line, structured fields for the systemd journal
+        # (``journalctl VFIOD_OUTCOME=denied``; the daemon sends them where journald runs),
+        # and a row of the journal's audit table.
+        fields = {"VFIOD_EVENT": event, "VFIOD_UID": caller_uid, "VFIOD_TARGET": target,
+                  "VFIOD_LEASE": lease_id, "VFIOD_GROUP": group, "VFIOD_RULE": rule,
+                  "VFIOD_OUTCOME": outcome, "VFIOD_DETAIL": detail or None}
         audit_log.info("%s uid=%s target=%s lease=%s rule=%s outcome=%s%s", event, caller_uid, target,
-                       lease_id or "-", rule or "-", outcome, f" detail={detail!r}" if detail else "")
+                       lease_id or "-", rule or "-", outcome, f" detail={detail!r}" if detail else "",
+                       extra={"journal_fields": {k: v for k, v in fields.items() if v is not None}})
         try:
             self.journal.audit(event, caller_uid, target, lease_id, rule, outcome, detail)
         except Exception:          # the audit trail must never turn a success into a failure
@@ -193,12 +200,13 @@ class LeaseManager:
         with self._group_lock(group):
             existing = self.journal.lease_for_group(group)
             if existing is not None:
-                self._audit("request", caller.uid, target, None, None, "busy", existing.id)
+                self._audit("request", caller.uid, target, None, None, "busy", existing.id, group=group)
                 raise Busy(f"IOMMU group {group} is already leased (lease {existing.id}, uid {existing.uid})")
             host = self.scan_groups([group])      # fresh, now that we hold the group
             decision = policy.decide(host, caller, group, backend, options)
             if not decision.allowed:
-                self._audit("request", caller.uid, target, None, decision.rule, "denied", decision.reason)
+                self._audit("request", caller.uid, target, None, decision.rule, "denied", decision.reason,
+                            group=group)
                 if decision.refusal is Refusal.PROTECTED:
                     raise Protected(decision.reason)
                 raise PermissionDenied(decision.reason)
@@ -222,18 +230,18 @@ class LeaseManager:
                 self._grant(ctx, be)
             except VfiodError as e:
                 self._rollback(ctx, be)
-                self._audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", str(e))
+                self._audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", str(e), group=group)
                 raise
             except Exception as e:
                 log.exception("grant of group %s failed", group)
                 self._rollback(ctx, be)
-                self._audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", repr(e))
+                self._audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", repr(e), group=group)
                 raise BackendFailed(f"granting group {group} failed: {e}") from None
             lease = attrs.evolve(lease, state="granted")
             self.journal.set_state(lease.id, "granted")
             self._step("granted")
             self._audit("grant", caller.uid, target, lease.id, decision.rule, "granted",
-                        f"group {group} via {be.name}")
+                        f"group {group} via {be.name}", group=group)
             return lease
 
     def _plan(self, host: Host, group: int, caller: Caller, options: Mapping[str, object]) -> list[Held]:
@@ -353,7 +361,8 @@ class LeaseManager:
                 log.info("lease %s: %s reset (%s)", ctx.lease.id, addr, method)
             except Exception as e:
                 log.warning("lease %s: %s was not reset: %s", ctx.lease.id, addr, e)
-                self._audit("reset", None, str(addr), ctx.lease.id, ctx.lease.rule, "failed", str(e))
+                self._audit("reset", None, str(addr), ctx.lease.id, ctx.lease.rule, "failed", str(e),
+                            group=ctx.lease.group)
 
     def _rollback(self, ctx: LeaseContext, be: Backend) -> None:
         errors = self._undo(ctx, be)
@@ -370,7 +379,7 @@ class LeaseManager:
     def release(self, lease_id: str, caller: Caller | None = None, reason: str = "released") -> Ended:
         lease = self.get(lease_id)
         if caller is not None and not caller.is_admin and caller.uid != lease.uid:
-            self._audit("release", caller.uid, lease.target, lease.id, lease.rule, "denied")
+            self._audit("release", caller.uid, lease.target, lease.id, lease.rule, "denied", group=lease.group)
             raise PermissionDenied(f"lease {lease.id} belongs to uid {lease.uid}")
         with self._group_lock(lease.group):
             current = self.journal.lease(lease_id)
@@ -385,12 +394,13 @@ class LeaseManager:
         ctx = self.context(lease)
         errors = self._undo(ctx, be, reset=lease.reset)
         if errors:
-            self._audit("release", uid, lease.target, lease.id, lease.rule, "incomplete", "; ".join(errors))
+            self._audit("release", uid, lease.target, lease.id, lease.rule, "incomplete", "; ".join(errors),
+                        group=lease.group)
             raise BackendFailed(f"releasing lease {lease.id} left work undone (it stays recorded and "
                                 f"will be retried): {'; '.join(errors)}")
         self.journal.delete(lease.id)
         self._step("released")
-        self._audit("release", uid, lease.target, lease.id, lease.rule, reason)
+        self._audit("release", uid, lease.target, lease.id, lease.rule, reason, group=lease.group)
         ended = Ended(lease=lease, reason=reason)
         self.on_ended(ended)
         return ended
@@ -421,7 +431,8 @@ class LeaseManager:
                 raise Busy(f"{pf} or its VFs are leased ({', '.join(busy)}); release them first")
             before = raw.sriov_numvfs or 0
             self.kernel.set_numvfs(pf, count)
-            self._audit("sriov", caller.uid, str(pf), None, None, "changed", f"{before} -> {count} VFs")
+            self._audit("sriov", caller.uid, str(pf), None, None, "changed", f"{before} -> {count} VFs",
+                        group=group)
             return before
 
     def renew(self, lease_id: str, caller: Caller, seconds: int) -> LeaseRow:
@@ -436,7 +447,8 @@ class LeaseManager:
             raise PermissionDenied(decision.reason)
         expires = self.clock() + seconds
         self.journal.set_expires(lease.id, expires)
-        self._audit("renew", caller.uid, lease.target, lease.id, decision.rule, "renewed", f"{seconds} s")
+        self._audit("renew", caller.uid, lease.target, lease.id, decision.rule, "renewed", f"{seconds} s",
+                        group=lease.group)
         return attrs.evolve(lease, expires=expires)
 
     def expire_due(self) -> list[Ended]:
@@ -475,7 +487,7 @@ class LeaseManager:
                     ctx = self.context(lease)
                     self._rollback(ctx, be)
                     self._audit("reconcile", None, lease.target, lease.id, lease.rule, "rolled-back",
-                                "the grant was interrupted")
+                                "the grant was interrupted", group=lease.group)
                     if self.journal.lease(lease.id) is None:
                         out.append(Ended(lease, "interrupted"))
                 elif lease.state == "releasing":

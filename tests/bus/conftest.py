@@ -44,7 +44,8 @@ def unprivileged_uid():
 class BusWorld:
     """A private system bus, vfiod on a simulated host, and ways to call it as anyone."""
 
-    def __init__(self, topology="ich10", policy=None):
+    def __init__(self, topology="ich10", policy=None, env=None):
+        self.env = env        # the daemon's environment (None: this one)
         self.dir = tempfile.mkdtemp(prefix="vfiod-bus-")
         os.chmod(self.dir, 0o755)
         self.socket = os.path.join(self.dir, "bus")
@@ -70,7 +71,7 @@ class BusWorld:
         self.daemon = subprocess.Popen(
             [os.path.join(VENV_BIN, "vfiod"), "--bus", self.address, "--simulate", self.topology,
              "--sim-dir", self.sim_dir, "--state-dir", self.state_dir, "--policy-dir", self.policy_dir],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.time() + (180 if self.topology.startswith("server") else 30)
         while time.time() < deadline:
             if self.daemon.poll() is not None:

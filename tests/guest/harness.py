@@ -47,6 +47,12 @@ How it works
   stdin ``/dev/null``; stdout+stderr go to ``/out/output.txt`` and the exit
   status to ``/out/rc`` (these three names are not reported in ``files``).
   The guest then powers off (``sync; echo o > /proc/sysrq-trigger``).
+* ``init="systemd"`` (``--init systemd``): stage 1 writes a target and a
+  oneshot service to ``/run/systemd/system`` and execs the root's
+  ``/lib/systemd/systemd systemd.unit=vfiod-guest.target``; the script
+  runs as that service once basic.target is up (journald, udevd, the dbus
+  socket), so it can install packages and start units on the real system bus.
+  The root's timers are masked.  Boot to script: about two minutes under TCG.
 * Modules loaded before the script runs: ``Guest(modules=...)``, default
   ``DEFAULT_MODULES`` (e1000 e1000e nvme vfio-pci vfio_iommu_type1 pci-stub),
   so ``/dev/vfio/vfio`` exists.  Pass ``modules=("e1000", "e1000e", "nvme")``
@@ -54,7 +60,7 @@ How it works
 
 Guest(topology="rootport", *, memory=1024, smp=2, modules=DEFAULT_MODULES,
 extra_qemu_args=(), extra_cmdline="", quiet=True, echo_console=False,
-keep=False).run(script, timeout=300, inputs=None) -> GuestResult.  Each run()
+keep=False, init="busybox").run(script, timeout=300, inputs=None) -> GuestResult.  Each run()
 boots a fresh VM (nothing persists between runs); ``timeout`` excludes the
 one-time kernel/initrd build; GuestTimeout / GuestError (with the console tail)
 are raised when the guest hangs or dies before writing ``/out/rc``.
@@ -385,6 +391,37 @@ mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null
 [ -e $R/dev/stderr ] || ln -s /proc/self/fd/2 $R/dev/stderr
 hostname vfiod-guest
 ip link set lo up 2>/dev/null
+# (/proc has moved to $R/proc by now)
+if grep -q 'vfiod\.init=systemd' $R/proc/cmdline; then
+    # systemd as PID 1: stage 2 runs as a oneshot service of vfiod-guest.target, once
+    # basic.target (journald, udevd, the dbus socket) is up.
+    U=$R/run/systemd/system
+    mkdir -p $U
+    cat > $U/vfiod-guest.target <<'UNIT'
+[Unit]
+Description=vfiod guest test run
+Requires=basic.target vfiod-guest.service
+After=basic.target vfiod-guest.service
+AllowIsolate=yes
+UNIT
+    cat > $U/vfiod-guest.service <<'UNIT'
+[Unit]
+Description=vfiod guest test script
+Wants=dbus.socket systemd-udevd.service
+After=basic.target dbus.socket systemd-udevd.service systemd-udev-trigger.service
+[Service]
+Type=oneshot
+ExecStart=/bin/sh /run/vfiod-guest/stage2.sh
+StandardOutput=journal+console
+StandardError=journal+console
+TimeoutStartSec=infinity
+UNIT
+    # the root's daily timers (apt, dpkg backups) must not run into the test's apt
+    ln -s /dev/null $U/timers.target
+    echo "vfiod-guest: exec systemd uptime=$(cut -d' ' -f1 $R/proc/uptime)"
+    # the unit as an argument: systemd 252 here does not take systemd.unit= from /proc/cmdline
+    exec switch_root $R /lib/systemd/systemd systemd.unit=vfiod-guest.target
+fi
 exec switch_root $R /bin/sh /run/vfiod-guest/stage2.sh
 fail "switch_root"
 """
@@ -800,6 +837,7 @@ class Guest:
         quiet: bool = True,
         echo_console: bool = False,
         keep: bool = False,
+        init: str = "busybox",
     ):
         if topology not in TOPOLOGIES:
             raise ValueError(f"unknown topology {topology!r}; known: {', '.join(TOPOLOGIES)}")
@@ -812,6 +850,9 @@ class Guest:
         self.quiet = quiet
         self.echo_console = echo_console
         self.keep = keep  # keep the run directory (path in result.rundir)
+        if init not in ("busybox", "systemd"):
+            raise ValueError(f"init is busybox or systemd, not {init!r}")
+        self.init = init  # systemd: the root's systemd is PID 1, the script a oneshot service
 
     def command(self, vmlinuz, initrd, rundir: Path, outdir: Path) -> list[str]:
         cmdline = ["console=ttyS0", "panic=-1", "intel_iommu=on", "rdinit=/init"]
@@ -819,6 +860,8 @@ class Guest:
             cmdline.append("quiet")
         if self.modules:
             cmdline.append("vfiod.modules=" + ",".join(self.modules))
+        if self.init == "systemd":
+            cmdline.append("vfiod.init=systemd")
         if self.extra_cmdline:
             cmdline.append(self.extra_cmdline)
         return [
@@ -969,6 +1012,8 @@ def main(argv=None) -> int:
     ap.add_argument("--verbose", action="store_true", help="boot without 'quiet'")
     ap.add_argument("--out", help="copy the files the script wrote to $OUT into this directory")
     ap.add_argument("--prepare", action="store_true", help="only fetch the kernel and build the initrd")
+    ap.add_argument("--init", choices=("busybox", "systemd"), default="busybox",
+                    help="systemd: boot the root's systemd as PID 1 and run the script as a service (~2 min)")
     args = ap.parse_args(argv)
 
     ok, why = guest_available()
@@ -987,7 +1032,7 @@ def main(argv=None) -> int:
     else:
         script = sys.stdin.read()
     modules = DEFAULT_MODULES if args.modules is None else tuple(m for m in args.modules.split(",") if m)
-    g = Guest(args.topology, modules=modules, echo_console=args.console, quiet=not args.verbose)
+    g = Guest(args.topology, modules=modules, echo_console=args.console, quiet=not args.verbose, init=args.init)
     try:
         res = g.run(script, timeout=args.timeout)
     except GuestError as e:

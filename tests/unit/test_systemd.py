@@ -1,6 +1,7 @@
 """The units verify, and the D-Bus policy file is well-formed and the one the bus tests load."""
 
 import os
+import re
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -48,3 +49,66 @@ def test_the_bus_tests_include_this_policy_file():
     assert 'PrivateBus(self.dir, os.path.join(ROOT, "systemd/org.vfiod1.conf"))' in conftest
     from vfiod.sim.privatebus import CONFIG
     assert "<include>{policy}</include>" in CONFIG
+
+
+def _unit_for_analysis(tmp_path):
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    vfiod = os.path.join(ROOT, ".venv/bin/vfiod")
+    if not os.path.exists(vfiod):
+        pytest.skip("no .venv (run scripts/setup)")
+    path = tmp_path / "vfiod.service"
+    path.write_text(open(os.path.join(ROOT, "systemd/vfiod.service")).read().replace("/usr/bin/vfiod", vfiod))
+    return path
+
+
+def _security(path, *extra):
+    return subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", *extra, str(path)],
+                          capture_output=True, text=True, cwd=path.parent)
+
+
+def test_exposure_is_no_worse_than_4_3(tmp_path):
+    path = _unit_for_analysis(tmp_path)
+    p = _security(path)
+    score = re.search(r"Overall exposure level for vfiod.service: ([0-9.]+)", p.stdout)
+    assert score, p.stdout + p.stderr
+    assert float(score.group(1)) <= 4.3, p.stdout
+
+
+def test_the_daemon_sees_the_host_network_namespace_and_the_uevent_feed(tmp_path):
+    """The default-route NIC's protection reads /proc/net/route and /sys/class/net, and
+    uevents are netlink multicasts: none of them reach a private network namespace."""
+    import json
+    path = _unit_for_analysis(tmp_path)
+    p = _security(path, "--json=short")
+    checks = {c["name"]: c for c in json.loads(p.stdout)}
+    assert checks["PrivateNetwork="]["set"] is False
+    assert checks["RestrictAddressFamilies=~AF_NETLINK"]["set"] is False     # netlink stays allowed
+    unit = _directives(open(os.path.join(ROOT, "systemd/vfiod.service")).read())
+    for hides in ("PrivateNetwork", "NetworkNamespacePath", "JoinsNamespaceOf", "PrivateUsers", "ProcSubset",
+                  "ProtectProc"):
+        assert hides not in unit, hides
+    assert "AF_NETLINK" in unit["RestrictAddressFamilies"][0].split()
+
+
+def _directives(text):
+    out = {}
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def test_every_capability_and_relaxation_is_explained_and_reload_validates():
+    text = open(os.path.join(ROOT, "systemd/vfiod.service")).read()
+    unit = _directives(text)
+    comments = "\n".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
+    caps = unit["CapabilityBoundingSet"][0].split()
+    assert caps and all(re.search(rf"#\s+{cap}\s+\S", comments) for cap in caps), caps
+    lines = text.splitlines()
+    for i, line in enumerate(lines):      # each relaxed protection follows a comment saying why
+        if re.match(r"(ProtectKernelTunables|ProtectKernelModules|PrivateDevices)=no", line):
+            assert lines[i - 1].startswith("#") or lines[i - 2].startswith("#"), line
+    # systemctl reload must fail when the policy is refused: a kill -HUP cannot tell
+    assert unit["ExecReload"] == ["/usr/bin/vfiod reload"]

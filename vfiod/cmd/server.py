@@ -71,12 +71,46 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return asyncio.run(serve(args))
 
 
+RELOAD_HELP = """\
+Ask the running daemon to load its policy directory again (the bus call
+ReloadPolicy; root only), and wait for the answer.  A broken policy is refused:
+this command prints every error (file:line: key) and exits non-zero, and the
+daemon goes on deciding by the last good policy.  vfiod.service runs it as
+ExecReload=, so `systemctl reload vfiod` fails visibly when the policy is refused.
+
+exit status: 0 reloaded; 2 the policy was refused; 3 not root; 1 vfiod not running
+or not answering.
+
+examples:
+  vfiod reload
+  systemctl reload vfiod        the same, through systemd
+"""
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """`vfioctl reload`'s work, for ExecReload: the same answer, errors and exit codes."""
+    from .ctl import cmd_reload as reload_over_the_bus
+
+    return reload_over_the_bus(args)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
 def vfiod_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vfiod", formatter_class=Formatter,
         description="vfiod: PCI driver rebinding and VFIO IOMMU-group leasing under admin policy.\n\n"
                     "Without a command it runs the daemon (as root, on the system bus);\n"
-                    "`vfiod inspect` shows the host offline.",
+                    "`vfiod inspect` shows the host offline; `vfiod reload` reloads the\n"
+                    "running daemon's policy.",
         epilog="examples:\n  vfiod --simulate --bus session      the daemon on a simulated ICH10 host\n"
                "  vfiod inspect --explain",
     )
@@ -100,6 +134,14 @@ def vfiod_parser() -> argparse.ArgumentParser:
     ins.add_argument("--all", action="store_true",
                      help="every PCI device by class and driver (as vfioctl status), IOMMU or not")
     ins.set_defaults(func=cmd_inspect)
+    rel = sub.add_parser("reload", help="reload the running daemon's policy; fails if it is refused",
+                         description=RELOAD_HELP, formatter_class=Formatter)
+    rel.add_argument("--bus", default=argparse.SUPPRESS, metavar="system|session|ADDRESS",
+                     help="the bus the daemon serves on (default: system)")
+    rel.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                     help="how long to wait for the daemon's answer (default: 60)")
+    rel.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
+    rel.set_defaults(func=cmd_reload)
     return p
 
 

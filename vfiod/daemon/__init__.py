@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 
@@ -25,6 +24,8 @@ from ..errors import BackendFailed, PermissionDenied, PolicyError, VfiodError
 from ..policy import KNOWN_BACKENDS, PolicyStore
 from ..state import Journal
 from ..sysfs import Kernel, Roots, SysfsReader
+from . import journald
+from .notify import sd_notify
 from .service import Service
 
 __all__ = ["Service", "make_kernel", "sd_notify", "serve"]
@@ -33,23 +34,6 @@ log = logging.getLogger("vfiod")
 
 DEFAULT_POLICY_DIR = "/etc/vfiod/policy.d"
 DEFAULT_STATE_DIR = "/var/lib/vfiod"
-
-
-def sd_notify(state: str) -> bool:
-    """Send `state` to systemd's notify socket, if there is one."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return False
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(path)
-            s.sendall(state.encode())
-    except OSError as e:       # the manager went away: nothing to tell, and no reason to fail
-        log.warning("cannot notify the service manager (%s): %s", state.split("=")[0], e)
-        return False
-    return True
 
 
 def make_kernel(args: argparse.Namespace) -> tuple[Kernel, str | None]:
@@ -87,6 +71,9 @@ async def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else
                         "%(asctime)s %(name)s: %(message)s")
+    # Audit records as structured journal entries where journald runs (the log line elsewhere).
+    root_handlers = logging.getLogger().handlers
+    journald.send_audit_to_journal(logging.getLogger("vfiod.audit"), root_handlers[0] if root_handlers else None)
     loop = asyncio.get_running_loop()
     if not args.simulate and os.geteuid() != 0:
         raise PermissionDenied("vfiod rebinds drivers and must run as root "
@@ -156,6 +143,7 @@ async def serve(args: argparse.Namespace) -> int:
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
         log.error("cannot own %s on the bus (%s): is another vfiod running?", busmod.BUS_NAME, reply)
         return 1
+    service.update_status()
     sd_notify("READY=1")
     _give_back_free_memory()
     log.info("ready on %s: %d groups, %d leases", args.bus, len(service.host.groups), len(journal.leases()))
@@ -167,10 +155,11 @@ async def serve(args: argparse.Namespace) -> int:
 
     def hup() -> None:
         try:
-            store.reload()
-            log.info("policy reloaded")
+            policy = store.reload()
+            log.info("policy reloaded: %d files, %d rules", len(policy.files), len(policy.rules))
         except PolicyError as e:
             log.error("policy reload refused, the last good one stays: %s", e)
+        service.update_status()
     loop.add_signal_handler(signal.SIGHUP, hup)
 
     async def expire() -> None:
@@ -179,6 +168,7 @@ async def serve(args: argparse.Namespace) -> int:
             expired = await service._run(service.manager.expire_due)
             if expired:
                 service.refresh_soon([e.lease.group for e in expired])
+            service.update_status()      # hotplug and rescans change the groups too
     ticker = asyncio.ensure_future(expire())
     watchdog = asyncio.ensure_future(feed_watchdog())
     stopped = asyncio.ensure_future(stop.wait())

@@ -28,6 +28,7 @@ from ..sysfs import Kernel
 from ..topology import Host
 from .callers import Callers
 from .hotplug import Hotplug
+from .notify import sd_notify, status_line
 from .objects import ObjectTree
 from .snapshot import Snapshot
 
@@ -55,6 +56,7 @@ class Service:
         self.hotplug = Hotplug(self)
         self._ending: set[str] = set()
         self._warnings: dict[str, list[str]] = {}     # lease id -> what was promised and not done
+        self._status: str | None = None               # the last STATUS= told to systemd
 
     # ------------------------------------------------------------ wiring
 
@@ -160,6 +162,7 @@ class Service:
         self.refresh_soon([lease.group])
         self.objects.export_lease(lease)
         self.manager_iface.LeaseGranted(busmod.lease_path(lease.id))
+        self.update_status()
         return lease
 
     async def _target_group(self, target: str) -> tuple[Host, int]:
@@ -244,7 +247,25 @@ class Service:
                       "; ".join(problems))
             raise PolicyError(f"{self.policy_store.REFUSED} ({len(problems)} error{'s' if len(problems) != 1 else ''}):\n"
                               + e.message) from None
+        finally:
+            self.update_status()
         log.info("policy reloaded by uid %s: %d files, %d rules", caller.uid, len(policy.files), len(policy.rules))
+
+    # ------------------------------------------------------------ what systemd shows
+
+    def status_text(self) -> str:
+        leases = self.manager.leases()
+        store = self.policy_store
+        files = None if store.current.directory is None else len(store.current.files)
+        return status_line(len(self.host.groups), len(leases), sum(1 for lease in leases if lease.persistent),
+                           files, store.error is not None)
+
+    def update_status(self) -> None:
+        """Tell systemd what the daemon holds (`systemctl status` shows it), when it changed."""
+        text = self.status_text()
+        if text != self._status:
+            self._status = text
+            sd_notify(f"STATUS={text}")
 
     # ------------------------------------------------------------ leases
 
@@ -291,6 +312,7 @@ class Service:
         self._warnings.pop(ended.lease.id, None)
         self.objects.drop_lease(ended.lease.id)
         self.manager_iface.LeaseEnded(busmod.lease_path(ended.lease.id), ended.reason)
+        self.update_status()
 
     # ------------------------------------------------------------ what objects show
 

@@ -1,6 +1,8 @@
 """Admin policy: which IOMMU groups may be leased by whom, with which backend, for how long.
 
-Pure domain code: it reads the policy files and the user and group database,
+This docstring, from "Files" on, is the one description of the policy format:
+``python -m vfiod.cmd.manpage`` makes vfiod.policy(5) from it, and the README
+points here.  Pure domain code: it reads the policy files and the user and group database,
 and judges requests against a `vfiod.topology.Host` snapshot; it never
 touches sysfs, the bus or udev.  Deny by default.
 

@@ -1,0 +1,229 @@
+"""Tier 4 with systemd as PID 1: the Debian package installed as an admin would, the
+shipped unit under real systemd, on the real system bus with udevd, and an
+unprivileged user asking over that bus.  One boot (about two minutes under TCG),
+then one script checks, in order:
+
+* ``apt-get install ./vfiod_*.deb`` starts vfiod.service, which becomes active and
+  shows a STATUS= line;
+* from inside the unit: the daemon's network namespace is the host's, and it sees
+  the default route (``/proc/MAINPID/net/route``);
+* the NIC carrying the default route is refused as protected to a user the policy
+  gives it to; without the route the same user leases it (``vfioctl lease -- CMD``,
+  group node owned by the user) and it goes back to e1000e;
+* ``journalctl -u vfiod VFIOD_OUTCOME=granted`` finds the grant with its fields
+  (``denied`` the refusal);
+* ``systemctl reload vfiod`` with a broken policy file fails while the service
+  stays active and the last good policy still decides; fixed, the reload works;
+* a persistent lease survives ``systemctl restart vfiod``, and removing its device
+  (sysfs ``remove``) ends it with reason ``removed``: udev's events reach the unit.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from .harness import Guest, guest_available
+
+pytestmark = pytest.mark.guest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+SCRIPT = r"""
+set -u
+exec 2>&1
+up() { cut -d' ' -f1 /proc/uptime; }
+note() { echo "$*" >> $OUT/facts.txt; }
+fail() {
+    echo "FAIL: $*"
+    journalctl -b --no-pager -u vfiod > $OUT/vfiod-journal.txt 2>&1
+    systemctl status --no-pager vfiod > $OUT/vfiod-status.txt 2>&1
+    exit 1
+}
+VFIOCTL=/usr/bin/vfioctl           # the package's, not the checkout's (first on PATH here)
+as_user() { runuser -u vfiotest -- "$@"; }
+NIC_ADDR=0000:01:00.0
+
+note "boot_uptime=$(up)"
+for u in dbus.socket systemd-udevd.service systemd-journald.service; do
+    systemctl is-active --quiet $u || fail "$u is not active"
+done
+[ "$(readlink /proc/1/exe)" = /usr/lib/systemd/systemd ] || [ "$(readlink /proc/1/exe)" = /lib/systemd/systemd ] \
+    || fail "PID 1 is $(readlink /proc/1/exe)"
+
+# The NIC with the default route.
+NIC=$(ls /sys/bus/pci/devices/$NIC_ADDR/net)
+ip link set "$NIC" up && ip addr add 192.0.2.2/24 dev "$NIC" && ip route add default via 192.0.2.1 dev "$NIC" onlink \
+    || fail "default route on $NIC"
+note "nic=$NIC"
+
+# The policy gives that NIC to vfiotest: only the protection stands in the way.
+mkdir -p /etc/vfiod/policy.d
+cat > /etc/vfiod/policy.d/50-nic.toml <<'EOF'
+[[rule]]
+address = "0000:01:00.0"
+users = ["vfiotest"]
+backends = ["vfio"]
+persistent = true
+EOF
+
+# Install as an admin would.  The root this guest boots forbids starting services
+# (policy-rc.d, for containers); the guest's copy-on-write overlay drops it.
+rm -f /usr/sbin/policy-rc.d
+# man-db's trigger re-indexes every man page of the root: many minutes under TCG
+rm -f /var/lib/man-db/auto-update
+t0=$(up)
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300 \
+    /out/vfiod.deb > $OUT/apt.log 2>&1 || fail "apt-get install: $(tail -5 $OUT/apt.log)"
+note "apt_seconds=$(echo "$(up) $t0" | awk '{print $1 - $2}')"
+systemctl is-active --quiet vfiod || fail "vfiod.service is not active after apt-get install"
+systemctl is-enabled --quiet vfiod || fail "vfiod.service is not enabled"
+systemctl show -p StatusText --value vfiod > $OUT/status-start.txt
+systemctl show -p NRestarts --value vfiod > $OUT/restarts.txt
+
+# From inside the unit: the daemon's view of the network.
+PID=$(systemctl show -p MainPID --value vfiod)
+[ "$PID" -gt 1 ] || fail "no MainPID"
+[ "$(readlink /proc/$PID/ns/net)" = "$(readlink /proc/1/ns/net)" ] || fail "vfiod is in another network namespace"
+cat /proc/$PID/net/route > $OUT/daemon-route.txt
+awk -v nic="$NIC" '$1 == nic && $2 == "00000000" {found=1} END {exit !found}' /proc/$PID/net/route \
+    || fail "vfiod does not see the default route"
+ls /proc/$PID/root/sys/class/net > $OUT/daemon-class-net.txt
+
+# The default-route NIC is protected, to an unprivileged user on the system bus.
+as_user $VFIOCTL check $NIC_ADDR > $OUT/check-protected.txt 2>&1
+echo $? > $OUT/check-protected.rc
+as_user $VFIOCTL lease $NIC_ADDR -- true > $OUT/lease-protected.txt 2>&1
+echo $? > $OUT/lease-protected.rc
+
+# Without the route (and the link down), the same user leases it.
+ip route del default && ip addr flush dev "$NIC" && ip link set "$NIC" down || fail "route removal"
+as_user $VFIOCTL check $NIC_ADDR > $OUT/check-free.txt 2>&1 || fail "check after the route went: $(cat $OUT/check-free.txt)"
+as_user $VFIOCTL lease $NIC_ADDR -- sh -c \
+    'test -O "$VFIOD_GROUP_PATH" && echo "held group $VFIOD_GROUP at $VFIOD_GROUP_PATH"; \
+     basename "$(readlink /sys/bus/pci/devices/0000:01:00.0/driver)"' > $OUT/lease.txt 2>&1 \
+    || fail "lease: $(cat $OUT/lease.txt)"
+basename "$(readlink /sys/bus/pci/devices/$NIC_ADDR/driver)" > $OUT/driver-after.txt
+
+# The audit records, as structured journal fields.
+sleep 1
+journalctl --no-pager -u vfiod VFIOD_OUTCOME=granted -o json > $OUT/granted.json
+journalctl --no-pager -u vfiod VFIOD_OUTCOME=denied -o json > $OUT/denied.json
+
+# A broken policy: the reload fails, the service stays, the last good policy decides.
+printf '[[rule]]\nusres = ["x"]\n' > /etc/vfiod/policy.d/60-broken.toml
+systemctl reload vfiod > $OUT/reload-broken.txt 2>&1
+echo $? > $OUT/reload-broken.rc
+sleep 1
+systemctl is-active vfiod > $OUT/active-after-broken.txt
+systemctl show -p StatusText --value vfiod > $OUT/status-broken.txt
+as_user $VFIOCTL check $NIC_ADDR > $OUT/check-after-broken.txt 2>&1
+echo $? > $OUT/check-after-broken.rc
+journalctl --no-pager -u vfiod -o short-monotonic > $OUT/vfiod-journal.txt
+rm /etc/vfiod/policy.d/60-broken.toml
+systemctl reload vfiod > $OUT/reload-fixed.txt 2>&1
+echo $? > $OUT/reload-fixed.rc
+systemctl is-active vfiod > $OUT/active-end.txt
+
+# A persistent lease survives `systemctl restart`; removing its device then ends it
+# (the uevent feed reaches the daemon inside the unit).
+as_user $VFIOCTL lease $NIC_ADDR --persistent > $OUT/lease-persistent.txt 2>$OUT/lease-persistent.err \
+    || fail "persistent lease: $(cat $OUT/lease-persistent.err)"
+systemctl restart vfiod || fail "restart"
+as_user $VFIOCTL leases --json > $OUT/leases-after-restart.json 2>&1
+systemctl show -p StatusText --value vfiod > $OUT/status-restart.txt
+echo 1 > /sys/bus/pci/devices/$NIC_ADDR/remove
+for i in $(seq 60); do
+    [ -n "$(journalctl -u vfiod VFIOD_OUTCOME=removed -o cat)" ] && break
+    sleep 1
+done
+journalctl --no-pager -u vfiod VFIOD_OUTCOME=removed -o json > $OUT/removed.json
+as_user $VFIOCTL leases --json > $OUT/leases-after-remove.json 2>&1
+echo 1 > /sys/bus/pci/rescan
+note "script_end_uptime=$(up)"
+exit 0
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    ok, why = guest_available()
+    if not ok:
+        pytest.skip(why)
+    if not shutil.which("dpkg-buildpackage", path=SYSTEM_PATH):
+        pytest.skip("dpkg-buildpackage is not installed (scripts/setup installs the build tools)")
+    out = tmp_path_factory.mktemp("deb")
+    p = subprocess.run(["make", "-s", "deb", f"DEBDIR={out}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    deb = next(out.glob("vfiod_*_all.deb"))
+    g = Guest("rootport", init="systemd", memory=1536)
+    res = g.run(SCRIPT, timeout=1200, inputs={"vfiod.deb": deb.read_bytes()})
+    facts = dict(line.split("=", 1) for line in res.files.get("facts.txt", b"").decode().splitlines()
+                 if "=" in line)
+    print(f"\nsystemd guest: boot to script {res.boot_seconds}s, apt-get install {facts.get('apt_seconds')}s, "
+          f"script {res.script_seconds}s, wall {res.wall_seconds:.0f}s")
+    assert res.returncode == 0, res.output + "\n" + res.files.get("vfiod-journal.txt", b"").decode()[-4000:]
+    return res
+
+
+def text(res, name):
+    return res.files[name].decode()
+
+
+def test_the_package_starts_the_unit_with_a_status_line(run):
+    assert "Setting up vfiod" in text(run, "apt.log")
+    status = text(run, "status-start.txt").strip()
+    assert status.endswith("0 leases (0 persistent), policy: 1 file"), status
+    assert text(run, "restarts.txt").strip() == "0", text(run, "vfiod-journal.txt")
+
+
+def test_the_daemon_sees_the_host_network_and_protects_the_default_route_nic(run):
+    nic = dict(line.split("=", 1) for line in text(run, "facts.txt").splitlines())["nic"]
+    assert nic in text(run, "daemon-class-net.txt").split()
+    assert text(run, "check-protected.rc").strip() == "3"
+    said = text(run, "check-protected.txt")
+    assert "protected" in said.lower() and "default route" in said.lower(), said
+    assert text(run, "lease-protected.rc").strip() == "3", text(run, "lease-protected.txt")
+
+
+def test_an_unprivileged_user_leases_the_nic_over_the_system_bus(run):
+    lease = text(run, "lease.txt")
+    assert "held group" in lease and "\nvfio-pci\n" in lease and "released" in lease, lease
+    assert text(run, "driver-after.txt").strip() == "e1000e"
+
+
+def test_the_journal_has_the_grant_and_the_refusal_as_fields(run):
+    granted = [json.loads(line) for line in text(run, "granted.json").splitlines()]
+    assert len(granted) == 1, granted
+    g = granted[0]
+    assert g["VFIOD_EVENT"] == "grant" and g["VFIOD_TARGET"] == "0000:01:00.0"
+    assert g["VFIOD_UID"] == str(__import__("pwd").getpwnam("vfiotest").pw_uid)
+    assert g["VFIOD_LEASE"] and g["VFIOD_GROUP"].isdigit() and g["_SYSTEMD_UNIT"] == "vfiod.service"
+    denied = [json.loads(line) for line in text(run, "denied.json").splitlines()]
+    assert any(d["VFIOD_EVENT"] == "request" and "protected" in d.get("VFIOD_DETAIL", "").lower() for d in denied)
+
+
+def test_a_refused_reload_fails_and_the_service_keeps_the_last_good_policy(run):
+    assert text(run, "reload-broken.rc").strip() != "0"
+    assert text(run, "active-after-broken.txt").strip() == "active"
+    assert "last reload was refused" in text(run, "status-broken.txt")
+    assert text(run, "check-after-broken.rc").strip() == "0"        # the rule of the last good policy
+    journal = text(run, "vfiod-journal.txt")
+    assert "60-broken.toml:2" in journal and "usres" in journal
+    assert text(run, "reload-fixed.rc").strip() == "0"
+    assert text(run, "active-end.txt").strip() == "active"
+
+
+def test_a_persistent_lease_survives_a_restart_and_a_removed_device_ends_it(run):
+    lease_id = text(run, "lease-persistent.txt").strip()
+    assert re.fullmatch(r"[0-9a-f]{16}", lease_id), text(run, "lease-persistent.err")
+    assert [r["id"] for r in json.loads(text(run, "leases-after-restart.json"))] == [lease_id]
+    assert "1 lease (1 persistent)" in text(run, "status-restart.txt")
+    removed = [json.loads(line) for line in text(run, "removed.json").splitlines()]
+    assert [(r["VFIOD_LEASE"], r["VFIOD_EVENT"]) for r in removed] == [(lease_id, "release")], removed
+    assert json.loads(text(run, "leases-after-remove.json")) == []

@@ -1,0 +1,97 @@
+"""`make deb` builds a Debian package that holds everything an admin needs, with the
+dependencies Debian ships; `make install-data` puts the unit where it runs the programs."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+EXPECTED = [
+    "./usr/bin/vfiod", "./usr/bin/vfioctl",
+    "./lib/systemd/system/vfiod.service",
+    "./usr/share/dbus-1/system.d/org.vfiod1.conf",
+    "./usr/share/dbus-1/system-services/org.vfiod1.service",
+    "./usr/lib/tmpfiles.d/vfiod.conf",
+    "./usr/share/man/man8/vfiod.8.gz", "./usr/share/man/man1/vfioctl.1.gz",
+    "./usr/share/man/man5/vfiod.policy.5.gz",
+    "./usr/share/bash-completion/completions/vfiod", "./usr/share/bash-completion/completions/vfioctl",
+    "./usr/share/doc/vfiod/examples/10-dpdk-nics.toml", "./usr/share/doc/vfiod/examples/40-dpdk-claim.toml",
+    "./usr/share/doc/vfiod/copyright",
+    "./etc/vfiod/policy.d/",
+    "./usr/lib/python3/dist-packages/vfiod/daemon/__init__.py",
+    "./usr/lib/python3/dist-packages/vfiod_plugins/vfio.py",
+    "./usr/lib/python3/dist-packages/vfiod-0.1.0.dist-info/entry_points.txt",
+]
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory):
+    missing = [t for t in ("dpkg-buildpackage", "dh", "pybuild") if not shutil.which(t, path=SYSTEM_PATH)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (Debian: debhelper dh-python pybuild-plugin-pyproject; "
+                    "scripts/setup installs them)")
+    out = tmp_path_factory.mktemp("deb")
+    p = subprocess.run(["make", "-s", "deb", f"DEBDIR={out}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    debs = list(out.glob("vfiod_*_all.deb"))
+    assert len(debs) == 1, debs
+    return debs[0]
+
+
+def test_the_package_holds_the_programs_unit_bus_files_docs_and_completion(deb):
+    listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
+    paths = {line.split()[5] for line in listing.splitlines()}
+    assert not [p for p in EXPECTED if p not in paths], listing
+    assert not [p for p in paths if "/tests/" in p or "__pycache__" in p or p.startswith("./usr/local")]
+
+
+def test_the_package_depends_on_what_debian_ships(deb):
+    info = subprocess.run(["dpkg-deb", "-I", str(deb)], capture_output=True, text=True, check=True).stdout
+    depends = re.search(r"^ Depends: (.*)$", info, flags=re.M).group(1)
+    for pkg in ("python3-attr", "python3-pluggy", "python3-pyudev", "python3-dbus-next", "dbus", "pci.ids"):
+        assert re.search(rf"(^|, ){re.escape(pkg)}\b", depends), (pkg, depends)
+    assert "Architecture: all" in info
+
+
+def test_the_installed_programs_and_backends_work(deb, tmp_path):
+    """Unpacked (not installed): the programs run on Debian's Python and find the
+    built-in backends through their entry points."""
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path)], check=True)
+    unit = (tmp_path / "lib/systemd/system/vfiod.service").read_text()
+    assert "ExecStart=/usr/bin/vfiod --bus system" in unit and "ExecReload=/usr/bin/vfiod reload" in unit
+    assert (tmp_path / "usr/bin/vfiod").read_text().startswith("#!/usr/bin/python3\n")
+    env = {"PATH": SYSTEM_PATH, "PYTHONPATH": str(tmp_path / "usr/lib/python3/dist-packages")}
+    probe = subprocess.run(["/usr/bin/python3", "-c", "import attrs, pluggy, pyudev, dbus_next"], env=env,
+                           capture_output=True)
+    if probe.returncode:
+        pytest.skip("Debian's python3-attr, -pluggy, -pyudev, -dbus-next are not installed here")
+    p = subprocess.run(["/usr/bin/python3", "-c",
+                        "import vfiod; from vfiod.backends import load_backends; "
+                        "print(vfiod.__file__); print(sorted(load_backends()))"],
+                       env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [str(tmp_path / "usr/lib/python3/dist-packages/vfiod/__init__.py"),
+                                     "['libvirt', 'pci-stub', 'vfio']"]
+    for prog, args in (("vfiod", ["inspect", "--simulate", "--json"]), ("vfioctl", ["policy", "check", "--help"])):
+        p = subprocess.run(["/usr/bin/python3", str(tmp_path / "usr/bin" / prog), *args], env=env,
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert p.returncode == 0 and p.stdout, (prog, p.stderr)
+
+
+def test_install_data_puts_the_unit_on_the_programs_path(tmp_path):
+    p = subprocess.run(["make", "-s", "install-data", f"DESTDIR={tmp_path}", "PREFIX=/opt/v",
+                        f"PYTHON={sys.executable}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    unit = (tmp_path / "lib/systemd/system/vfiod.service").read_text()
+    assert "ExecStart=/opt/v/bin/vfiod --bus system" in unit and "ExecReload=/opt/v/bin/vfiod reload" in unit
+    makefile = open(os.path.join(ROOT, "Makefile")).read()
+    # `make install` links the programs into $(PREFIX)/bin, and installs with the dependencies
+    assert "$(DESTDIR)$(PREFIX)/bin/vfiod" in makefile and "--no-deps" not in makefile
+    assert (tmp_path / "opt/v/share/man/man5/vfiod.policy.5").exists()
