@@ -18,13 +18,11 @@ import sys
 from typing import Iterator
 
 from .. import __version__
+from .common import EXIT_CODES
 
 SOURCE = f"vfiod {__version__}"
 
 # What --help does not say, and a man page must.
-EXIT_STATUS = [("0", "success"), ("1", "failure (vfiod not running, a backend or kernel error)"),
-               ("2", "usage, or an invalid argument or policy"), ("3", "permission denied"),
-               ("4", "busy or not viable")]
 FILES = [("/etc/vfiod/policy.d/*.toml", "the policy files, read in name order; see vfiod.policy(5)"),
          ("/var/lib/vfiod/state.db", "vfiod's journal of leases and its audit table (SQLite)"),
          ("/lib/systemd/system/vfiod.service", "the unit; `systemctl reload vfiod` runs `vfiod reload`"),
@@ -163,8 +161,8 @@ def program_page(parser: argparse.ArgumentParser, section: str, summary: str, se
     if parser.epilog:
         out += [".SH EXAMPLES"] + text_blocks(re.sub(r"^examples:\s*\n", "", parser.epilog))
     out += [".SH EXIT STATUS", ".TP"]
-    for i, (code, meaning) in enumerate(EXIT_STATUS):
-        out += ([".TP"] if i else []) + [f"\\fB{code}\\fR", esc(meaning)]
+    for i, (code, meaning) in enumerate(EXIT_CODES):        # the README's table, the same rows
+        out += ([".TP"] if i else []) + [f"\\fB{code}\\fR", esc(meaning.replace("`", ""))]
     out += [".SH FILES"]
     for path, what in FILES:
         out += [".TP", f"\\fI{esc(path)}\\fR", esc(what)]
