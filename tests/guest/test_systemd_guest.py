@@ -109,6 +109,51 @@ as_user $VFIOCTL lease $NIC_ADDR -- sh -c \
     || fail "lease: $(cat $OUT/lease.txt)"
 basename "$(readlink /sys/bus/pci/devices/$NIC_ADDR/driver)" > $OUT/driver-after.txt
 
+# The whole VFIO handshake as the user, in the command vfioctl lease starts.
+cat > /tmp/handshake.py <<'PYEOF'
+import ctypes, fcntl, mmap, os, struct
+IO = lambda n: (ord(";") << 8) | (100 + n)        # _IO(VFIO_TYPE, VFIO_BASE + n)
+GET_API_VERSION, CHECK_EXTENSION, SET_IOMMU, GROUP_GET_STATUS = IO(0), IO(1), IO(2), IO(3)
+GROUP_SET_CONTAINER, GROUP_GET_DEVICE_FD, DEVICE_GET_INFO, IOMMU_MAP_DMA = IO(4), IO(6), IO(7), IO(13)
+TYPE1v2 = 3
+group = os.open(os.environ["VFIOD_GROUP_PATH"], os.O_RDWR)
+argsz, flags = struct.unpack("II", fcntl.ioctl(group, GROUP_GET_STATUS, struct.pack("II", 8, 0)))
+print("viable", flags & 1)
+container = os.open("/dev/vfio/vfio", os.O_RDWR)
+print("api", fcntl.ioctl(container, GET_API_VERSION), "type1v2", fcntl.ioctl(container, CHECK_EXTENSION, TYPE1v2))
+fcntl.ioctl(group, GROUP_SET_CONTAINER, struct.pack("i", container))
+fcntl.ioctl(container, SET_IOMMU, TYPE1v2)
+buf = mmap.mmap(-1, 1 << 20)
+vaddr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+fcntl.ioctl(container, IOMMU_MAP_DMA, bytearray(struct.pack("IIQQQ", 32, 3, vaddr, 0x100000, 1 << 20)))
+print("mapped", 1 << 20)
+for dev in sorted(os.listdir(f"/sys/kernel/iommu_groups/{os.environ['VFIOD_GROUP']}/devices")):
+    fd = fcntl.ioctl(group, GROUP_GET_DEVICE_FD, bytearray(dev.encode() + b"\0"))
+    info = struct.unpack("IIII", fcntl.ioctl(fd, DEVICE_GET_INFO, struct.pack("IIII", 16, 0, 0, 0)))
+    print("device", dev, "fd", fd > 2, "regions", info[2], "irqs", info[3])
+PYEOF
+chmod 644 /tmp/handshake.py
+as_user $VFIOCTL lease $NIC_ADDR -- python3 /tmp/handshake.py > $OUT/handshake.txt 2>&1 \
+    || fail "handshake: $(cat $OUT/handshake.txt)"
+
+# A driver change behind vfiod's back ends the lease (tampered); the NIC goes home.
+as_user $VFIOCTL lease $NIC_ADDR -- sleep 20 > $OUT/lease-tampered.txt 2>&1 &
+for i in $(seq 60); do
+    [ "$(basename "$(readlink /sys/bus/pci/devices/$NIC_ADDR/driver)")" = vfio-pci ] && break
+    sleep 0.5
+done
+sleep 1
+echo $NIC_ADDR > /sys/bus/pci/drivers/vfio-pci/unbind
+echo "" > /sys/bus/pci/devices/$NIC_ADDR/driver_override
+echo $NIC_ADDR > /sys/bus/pci/drivers/e1000e/bind
+for i in $(seq 60); do
+    [ -n "$(journalctl -u vfiod VFIOD_OUTCOME=tampered -o cat)" ] && break
+    sleep 1
+done
+journalctl --no-pager -u vfiod VFIOD_OUTCOME=tampered -o json > $OUT/tampered.json
+wait
+basename "$(readlink /sys/bus/pci/devices/$NIC_ADDR/driver)" > $OUT/driver-after-tamper.txt
+
 # The audit records, as structured journal fields.
 sleep 1
 journalctl --no-pager -u vfiod VFIOD_OUTCOME=granted -o json > $OUT/granted.json
@@ -144,6 +189,23 @@ done
 journalctl --no-pager -u vfiod VFIOD_OUTCOME=removed -o json > $OUT/removed.json
 as_user $VFIOCTL leases --json > $OUT/leases-after-remove.json 2>&1
 echo 1 > /sys/bus/pci/rescan
+for i in $(seq 30); do [ -e /sys/bus/pci/devices/$NIC_ADDR/driver ] && break; sleep 0.5; done
+
+# systemctl stop: a persistent lease stays recorded (and its devices stay on vfio-pci).
+as_user $VFIOCTL lease $NIC_ADDR --persistent > $OUT/lease-kept.txt 2>&1 || fail "lease before stop"
+systemctl stop vfiod || fail "stop"
+basename "$(readlink /sys/bus/pci/devices/$NIC_ADDR/driver)" > $OUT/driver-stopped.txt
+systemctl start vfiod || fail "start after stop"
+as_user $VFIOCTL leases --json > $OUT/leases-after-stop.json 2>&1
+as_user $VFIOCTL release --all > /dev/null 2>&1 || fail "release after stop"
+
+# A boot claim is in place when `systemctl start` returns (Type=notify: ready after claims).
+printf '[[claim]]\ntarget = "0000:01:00.0"\nuser = "vfiotest"\nbackend = "vfio"\n' \
+    > /etc/vfiod/policy.d/40-claim.toml
+systemctl stop vfiod || fail "stop before the claim"
+systemctl start vfiod || fail "start with the claim"
+basename "$(readlink /sys/bus/pci/devices/$NIC_ADDR/driver)" > $OUT/driver-claimed.txt
+as_user $VFIOCTL leases --json > $OUT/leases-claimed.json 2>&1
 note "script_end_uptime=$(up)"
 exit 0
 """
@@ -173,6 +235,13 @@ def run(tmp_path_factory):
 
 def text(res, name):
     return res.files[name].decode()
+
+
+def leases(res, name):
+    """The leases of a `vfioctl leases --json` document (docs/json.md)."""
+    doc = json.loads(text(res, name))
+    assert doc["version"] == 1 and doc["kind"] == "leases", doc
+    return doc["leases"]
 
 
 def test_the_package_starts_the_unit_with_a_status_line(run):
@@ -222,8 +291,29 @@ def test_a_refused_reload_fails_and_the_service_keeps_the_last_good_policy(run):
 def test_a_persistent_lease_survives_a_restart_and_a_removed_device_ends_it(run):
     lease_id = text(run, "lease-persistent.txt").strip()
     assert re.fullmatch(r"[0-9a-f]{16}", lease_id), text(run, "lease-persistent.err")
-    assert [r["id"] for r in json.loads(text(run, "leases-after-restart.json"))] == [lease_id]
+    assert [r["id"] for r in leases(run, "leases-after-restart.json")] == [lease_id]
     assert "1 lease (1 persistent)" in text(run, "status-restart.txt")
     removed = [json.loads(line) for line in text(run, "removed.json").splitlines()]
     assert [(r["VFIOD_LEASE"], r["VFIOD_EVENT"]) for r in removed] == [(lease_id, "release")], removed
-    assert json.loads(text(run, "leases-after-remove.json")) == []
+    assert leases(run, "leases-after-remove.json") == []
+
+
+def test_the_lease_command_does_the_whole_vfio_handshake(run):
+    said = text(run, "handshake.txt")
+    assert "viable 1" in said and "type1v2 1" in said and "mapped 1048576" in said, said
+    assert "device 0000:01:00.0 fd True" in said, said
+
+
+def test_a_driver_change_behind_vfiods_back_ends_the_lease_as_tampered(run):
+    tampered = [json.loads(line) for line in text(run, "tampered.json").splitlines()]
+    assert tampered and tampered[0]["VFIOD_EVENT"] == "release", tampered
+    assert text(run, "driver-after-tamper.txt").strip() == "e1000e"
+
+
+def test_stop_keeps_a_persistent_lease_and_a_boot_claim_is_in_place_when_start_returns(run):
+    kept = text(run, "lease-kept.txt").strip()
+    assert text(run, "driver-stopped.txt").strip() == "vfio-pci"      # persistent: not given back on stop
+    assert [r["id"] for r in leases(run, "leases-after-stop.json")] == [kept]
+    assert text(run, "driver-claimed.txt").strip() == "vfio-pci"
+    claimed = leases(run, "leases-claimed.json")
+    assert len(claimed) == 1 and claimed[0]["persistent"], claimed
