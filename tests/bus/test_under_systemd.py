@@ -66,7 +66,7 @@ def reload(world, user=None):
 def test_ready_and_status_say_what_the_daemon_holds(unit_world):
     world, notify = unit_world
     assert any("READY=1" in m for m in notify.drain())
-    groups = len(json.loads(world.ctl("groups", "--json").stdout))
+    groups = len(json.loads(world.ctl("groups", "--json").stdout)["groups"])
     first = notify.wait_status(lambda s: True)
     assert first == f"{groups} groups, 0 leases (0 persistent), policy: 1 file"
     lease = world.ctl("lease", "group:8", "--persistent").stdout.strip()
@@ -78,7 +78,7 @@ def test_ready_and_status_say_what_the_daemon_holds(unit_world):
 def test_reload_fails_visibly_on_a_refused_policy_and_the_last_good_one_stays(unit_world):
     world, notify = unit_world
     p = reload(world)
-    assert p.returncode == 0 and "reloaded" in p.stdout, p.stderr
+    assert p.returncode == 0 and "new policy is in force" in p.stdout, p.stderr
     assert reload(world, user=TEST_USER).returncode == 3
     with open(os.path.join(world.policy_dir, "60-broken.toml"), "w") as f:
         f.write("[[rule]]\nusres = ['x']\n")
@@ -88,7 +88,7 @@ def test_reload_fails_visibly_on_a_refused_policy_and_the_last_good_one_stays(un
     assert notify.wait_status(lambda s: "last reload was refused" in s)
     assert world.daemon.poll() is None
     assert world.ctl("check", "group:8", check=False).returncode == 0     # the last good policy decides
-    assert "policy reload refused" in world.read_log()
+    assert "policy reload by uid 0 refused" in world.read_log()
     os.unlink(os.path.join(world.policy_dir, "60-broken.toml"))
     assert reload(world).returncode == 0
     assert notify.wait_status(lambda s: "refused" not in s)
