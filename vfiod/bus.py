@@ -468,6 +468,14 @@ class _Interface(ServiceInterface):
                 if prop.access.readable() and not prop.disabled}
 
 
+def _seconds(t: float) -> int:
+    """A time as a D-Bus ``t``: whatever a journal row holds, it marshals."""
+    try:
+        return min(max(int(t), 0), (1 << 64) - 1)
+    except (OverflowError, ValueError):
+        return 0
+
+
 class ManagerInterface(_Interface):
     def __init__(self, service: Service):
         super().__init__("org.vfiod1.Manager")
@@ -662,11 +670,11 @@ class LeaseInterface(_Interface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Created(self) -> "t":
-        return int(self.lease.created)
+        return _seconds(self.lease.created)
 
     @dbus_property(access=PropertyAccess.READ)
     def Expires(self) -> "t":
-        return int(self.lease.expires)
+        return _seconds(self.lease.expires)
 
     @dbus_property(access=PropertyAccess.READ)
     def Persistent(self) -> "b":
@@ -707,7 +715,7 @@ class LeaseInterface(_Interface):
     @edge
     async def Renew(self, caller: Caller, seconds: "t") -> "":
         self.lease = await self.service.renew(caller, self.lease.id, seconds)
-        self.emit_properties_changed({"Expires": int(self.lease.expires)})
+        self.emit_properties_changed({"Expires": _seconds(self.lease.expires)})
 
     @method()
     @edge

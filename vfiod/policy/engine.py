@@ -11,7 +11,7 @@ from ..address import PciAddress
 from ..errors import InvalidArgument, NotFound, PolicyError
 from .load import Loader, read_directory
 from .model import Refusal, Caller, Claim, DEFAULT_DENY, DEFAULT_DIR, Decision, DeviceDecision, KNOWN_BACKENDS, Resource, Rule, Target, parse_target
-from .units import _short, format_duration
+from .units import MAX_LEASE_SECONDS, _short, format_duration
 from .users import UserDb, system_users
 
 if TYPE_CHECKING:
@@ -160,6 +160,9 @@ class Policy:
         duration = options.get("duration") or 0
         if isinstance(duration, bool) or not isinstance(duration, int) or duration < 0:
             raise InvalidArgument(f"duration must be a number of seconds, got {_short(duration)}")
+        if duration > MAX_LEASE_SECONDS:
+            raise InvalidArgument(f"a lease lasts at most {format_duration(MAX_LEASE_SECONDS)} "
+                                  f"({MAX_LEASE_SECONDS} s) at a time, not {_short(duration)} s; renew it later")
         persistent = options.get("persistent", False)
         if not isinstance(persistent, bool):
             raise InvalidArgument(f"persistent must be true or false, got {_short(persistent)}")
