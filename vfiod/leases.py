@@ -44,11 +44,16 @@ from .hookspecs import Backend
 from .errors import (BackendFailed, Busy, InvalidArgument, NotFound, NotViable, PermissionDenied,
                      Protected, VfiodError)
 from .policy import Caller, Decision, Policy, Refusal
-from .state import Held, Journal, LeaseRow
+from .state import Held, Journal, LeaseRow, Record
 from .sysfs import Kernel, SysfsReader
 from .topology import BRIDGE_DRIVERS, VFIO_DRIVERS, Host
 
 log = logging.getLogger("vfiod.leases")
+
+
+def _short(text: str | None, limit: int = 200) -> str:
+    """`text` for a log line: quoted, and cut where a caller sent a lot of it."""
+    return "-" if text is None else repr(text if len(text) <= limit else text[:limit] + "…")
 audit_log = logging.getLogger("vfiod.audit")
 
 
@@ -58,13 +63,22 @@ class LeaseContext:
 
     `decision` is the policy's verdict while a lease is granted, and None when
     the lease is taken from the journal (a release, a restart, a revocation):
-    hooks that run then must not need it."""
+    hooks that run then must not need it.
+
+    `handed_over` is this lease's hand-over record as journaled before (a kept
+    lease whose hand-over is applied again after a restart), None on a first
+    grant.  `container_acl_uids` are the uids for which another lease still
+    holds an ACL entry on the container that vfiod added (the hand-over records
+    of the other leases say so): such an entry is shared, and stays until the
+    last of them ends."""
 
     lease: LeaseRow
     endpoints: tuple[PciAddress, ...]
     kernel: Kernel
     decision: Decision | None
     host: Host
+    handed_over: Record | None = None
+    container_acl_uids: frozenset[int] = frozenset()
 
 
 @attrs.frozen
@@ -141,12 +155,14 @@ class LeaseManager:
 
     def _audit(self, event: str, caller_uid: int | None, target: str | None, lease_id: str | None,
                rule: str | None, outcome: str, detail: str = "") -> None:
-        audit_log.info("%s uid=%s target=%s lease=%s rule=%s outcome=%s%s", event, caller_uid, target,
-                       lease_id or "-", rule or "-", outcome, f" detail={detail!r}" if detail else "")
         try:
-            self.journal.audit(event, caller_uid, target, lease_id, rule, outcome, detail)
-        except Exception:          # the audit trail must never turn a success into a failure
-            log.exception("cannot write the audit record")
+            first = self.journal.audit(event, caller_uid, target, lease_id, rule, outcome, detail)
+        except Exception as e:     # the audit trail must never turn a success into a failure
+            log.error("cannot write the audit record: %s: %s", type(e).__name__, e)
+            first = True
+        if first:                  # a repeated refusal is counted on its first row, and logged once
+            audit_log.info("%s uid=%s target=%s lease=%s rule=%s outcome=%s%s", event, caller_uid, _short(target),
+                           lease_id or "-", rule or "-", outcome, f" detail={_short(detail)}" if detail else "")
 
     def _step(self, name: str) -> None:
         self.on_step(name)
@@ -155,9 +171,25 @@ class LeaseManager:
         held = self.journal.held(lease.id)
         if host is None:
             host = Host.from_raw([], SysfsReader(self.kernel.roots).facts())
+        handed = [s.record for s in self.journal.steps(lease.id) if s.action == "hand-over"]
         return LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in held
                                                          if h.role == "endpoint"),
-                            kernel=self.kernel, decision=decision, host=host)
+                            kernel=self.kernel, decision=decision, host=host,
+                            handed_over=handed[-1] if handed else None,
+                            container_acl_uids=self._container_acl_uids(lease.id))
+
+    def _container_acl_uids(self, lease_id: str) -> frozenset[int]:
+        """The uids whose container ACL entry, added by vfiod, a lease other than
+        `lease_id` holds (its hand-over record, journaled or done, says ``acl``)."""
+        uids = set()
+        for other in self.journal.leases():
+            if other.id == lease_id:
+                continue
+            for st in self.journal.steps(other.id):
+                acl = st.record.get("acl") if st.action == "hand-over" else None
+                if isinstance(acl, int) and not isinstance(acl, bool):
+                    uids.add(acl)
+        return frozenset(uids)
 
     # ------------------------------------------------------------ queries
 
@@ -216,7 +248,8 @@ class LeaseManager:
             self._step("recorded")
             ctx = LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in plan
                                                             if h.role == "endpoint"),
-                               kernel=self.kernel, decision=decision, host=host)
+                               kernel=self.kernel, decision=decision, host=host,
+                               container_acl_uids=self._container_acl_uids(lease.id))
             try:
                 self._grant(ctx, be)
             except VfiodError as e:
@@ -465,31 +498,36 @@ class LeaseManager:
         """Make sysfs and the journal agree again; returns the leases that ended."""
         out = []
         for lease in self.journal.leases():
-            with self._group_lock(lease.group):
-                be = self.backends.get(lease.backend)
-                if be is None:
-                    log.error("lease %s uses backend %s, which is not loaded; kept as is", lease.id, lease.backend)
-                    continue
-                if lease.state == "granting":
-                    ctx = self.context(lease)
-                    self._rollback(ctx, be)
-                    self._audit("reconcile", None, lease.target, lease.id, lease.rule, "rolled-back",
-                                "the grant was interrupted")
-                    if self.journal.lease(lease.id) is None:
-                        out.append(Ended(lease, "interrupted"))
-                elif lease.state == "releasing":
-                    try:
-                        out.append(self._release_locked(lease, "released"))
-                    except VfiodError as e:
-                        log.error("finishing the release of %s: %s", lease.id, e)
-                elif lease.persistent or self.owner_alive(lease):
-                    self._verify(lease, be)
-                else:
-                    try:
-                        out.append(self._release_locked(lease, "owner-gone"))
-                    except VfiodError as e:
-                        log.error("ending lease %s: %s", lease.id, e)
+            try:
+                out.extend(self._reconcile_one(lease))
+            except Exception as e:
+                # One lease that cannot be reconciled must not keep the daemon from serving the rest.
+                log.error("lease %s could not be reconciled (%s: %s); it stays recorded as %s",
+                          lease.id, type(e).__name__, e, lease.state)
         return out
+
+    def _reconcile_one(self, lease: LeaseRow) -> list[Ended]:
+        """Roll back, finish, keep or end one lease of the journal (see `reconcile`)."""
+        with self._group_lock(lease.group):
+            be = self.backends.get(lease.backend)
+            if be is None:
+                log.error("lease %s uses backend %s, which is not loaded; kept as is", lease.id, lease.backend)
+                return []
+            if lease.state == "granting":
+                self._rollback(self.context(lease), be)
+                self._audit("reconcile", None, lease.target, lease.id, lease.rule, "rolled-back",
+                            "the grant was interrupted")
+                return [Ended(lease, "interrupted")] if self.journal.lease(lease.id) is None else []
+            if lease.state != "releasing" and (lease.persistent or self.owner_alive(lease)):
+                self._verify(lease, be)
+                return []
+            reason = "released" if lease.state == "releasing" else "owner-gone"
+            try:
+                return [self._release_locked(lease, reason)]
+            except VfiodError as e:
+                log.error("%s lease %s: %s", "finishing the release of" if reason == "released" else "ending",
+                          lease.id, e)
+                return []
 
     def _verify(self, lease: LeaseRow, be: Backend) -> None:
         """A kept lease: every endpoint still on the backend's driver, the hand-over in place."""

@@ -302,6 +302,18 @@ class Kernel:
     def open_vfio_container(self) -> int:
         return os.open(self.vfio_container_path(), os.O_RDWR | os.O_CLOEXEC)
 
+    def container_acl_needed(self, uid: int) -> bool:
+        """Would `uid` need an ACL entry on /dev/vfio/vfio, having none now?  (False
+        where the node is world read-write or gone, or `uid` has an entry already.)"""
+        from .. import acl
+
+        path = self.vfio_container_path()
+        try:
+            st = os.stat(path)
+            return st.st_mode & 0o006 != 0o006 and acl.user_perm(path, uid) is None
+        except OSError:
+            return False
+
     def container_acl(self, uid: int, grant: bool) -> bool:
         """Add (or remove) a POSIX ACL entry rw for `uid` on /dev/vfio/vfio.
 
