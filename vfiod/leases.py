@@ -410,6 +410,37 @@ class LeaseManager:
                 raise NotFound(f"no lease {lease_id!r}")
             return self._release_locked(current, reason, caller.uid if caller else None)
 
+    # ------------------------------------------------------------ the memlock grant
+
+    def grant_memlock(self, lease: LeaseRow, pid: int) -> tuple[int, int] | None:
+        """Apply the lease's memlock grant to process `pid`, if it runs as the lessee
+        (`PermissionDenied` if not), and record what to restore at release.  Returns
+        the new (soft, hard) limits, or None if the process is gone."""
+        if not lease.memlock:
+            return None
+        got = self.kernel.grant_memlock(pid, lease.memlock, lease.uid)
+        if got is None:
+            return None
+        self.journal.record_grant(lease.id, got.pid, got.start, got.before)
+        self._audit("memlock", lease.uid, lease.target, lease.id, lease.rule, "granted",
+                    f"pid {pid}: {got.before} -> {got.after}")
+        return got.after
+
+    def _restore_memlock(self, lease: LeaseRow) -> None:
+        """Give the process of the lease's memlock grant back its limits, unless another
+        lease still holds a grant for it, or it is gone."""
+        grant = self.journal.grant_of(lease.id)
+        if grant is None:
+            return
+        pid, start, before, shared = grant
+        if shared:
+            return
+        try:
+            if self.kernel.restore_memlock(pid, start, before):
+                log.info("lease %s: RLIMIT_MEMLOCK of pid %s is back to %s", lease.id, pid, before)
+        except VfiodError as e:
+            log.warning("lease %s: %s", lease.id, e)
+
     def _release_locked(self, lease: LeaseRow, reason: str, uid: int | None = None) -> Ended:
         be = self._backend(lease.backend)
         self.journal.set_state(lease.id, "releasing")
@@ -420,6 +451,7 @@ class LeaseManager:
             self._audit("release", uid, lease.target, lease.id, lease.rule, "incomplete", "; ".join(errors))
             raise BackendFailed(f"releasing lease {lease.id} left work undone (it stays recorded and "
                                 f"will be retried): {'; '.join(errors)}")
+        self._restore_memlock(lease)
         self.journal.delete(lease.id)
         self._step("released")
         self._audit("release", uid, lease.target, lease.id, lease.rule, reason)

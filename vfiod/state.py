@@ -32,6 +32,10 @@ disk before the sysfs write it announces).  Schema version 3:
     move ``last`` instead of adding a row.  The table keeps at most
     `MAX_AUDIT_ROWS` rows: past that the oldest refusals go first, and other
     records (grants, releases, rollbacks) only when no refusal is left.
+``grants(lease, pid, start, soft, hard)``
+    the memlock grant of a lease: the process it went to (pid and start time)
+    and its RLIMIT_MEMLOCK before the first grant to that process, restored
+    when the last lease granted to it ends.
 ``quarantine(ts, tbl, lease, data, why)``
     rows found unusable when the journal is opened (an address that does not
     parse, a value of the wrong type, a lease whose device records are gone),
@@ -87,13 +91,17 @@ CREATE TABLE IF NOT EXISTS audit(
     outcome TEXT, detail TEXT, count INTEGER NOT NULL DEFAULT 1, last REAL);
 CREATE TABLE IF NOT EXISTS quarantine(
     ts REAL NOT NULL, tbl TEXT NOT NULL, lease TEXT, data TEXT NOT NULL, why TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS grants(
+    lease TEXT PRIMARY KEY, pid INTEGER NOT NULL, start INTEGER NOT NULL, soft INTEGER NOT NULL,
+    hard INTEGER NOT NULL);
 """
 
 # Columns added after version 1, created where a file lacks them: (table, column, definition).
 _ADDED_COLUMNS = (("leases", "reset", "INTEGER NOT NULL DEFAULT 0"),
                   ("audit", "count", "INTEGER NOT NULL DEFAULT 1"),
                   ("audit", "last", "REAL"))
-_TABLES = ("meta", "leases", "held", "steps", "audit", "quarantine")
+_TABLES = ("meta", "leases", "held", "steps", "audit", "quarantine", "grants")
+_NEW_IN_3 = ("quarantine", "grants")
 _LEASE_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
 _ADDR = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 
@@ -194,7 +202,7 @@ class Journal:
                 if stmt.strip():
                     self.db.execute(stmt)
             for table in _TABLES:
-                if table not in present and not (table == "quarantine" and version < 3):
+                if table not in present and not (table in _NEW_IN_3 and version < 3):
                     log.error("journal %s: table %s was missing; recreated empty", self.path, table)
             for table, column, definition in _ADDED_COLUMNS:
                 columns = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
@@ -289,7 +297,7 @@ class Journal:
 
     def delete(self, lease_id: str) -> None:
         with self.tx():
-            for table, col in (("steps", "lease"), ("held", "lease"), ("leases", "id")):
+            for table, col in (("steps", "lease"), ("held", "lease"), ("grants", "lease"), ("leases", "id")):
                 self.db.execute(f"DELETE FROM {table} WHERE {col}=?", (lease_id,))
 
     def leases(self) -> list[LeaseRow]:
@@ -316,6 +324,28 @@ class Journal:
     def holdings(self) -> dict[str, tuple[LeaseRow, Held]]:
         """Every device some lease holds: its address -> (the lease, what it was before)."""
         return {h.addr: (lease, h) for lease in self.leases() for h in self.held(lease.id)}
+
+    # ---- memlock grants
+
+    def record_grant(self, lease_id: str, pid: int, start: int, before: tuple[int, int]) -> None:
+        """Record a memlock grant; a process granted for another lease already keeps the
+        limits it had before the first grant (those are what its last release restores)."""
+        with self.tx():
+            first = self.db.execute("SELECT soft, hard FROM grants WHERE pid=? AND start=? ORDER BY rowid LIMIT 1",
+                                    (pid, start)).fetchone()
+            soft, hard = (first[0], first[1]) if first else before
+            self.db.execute("INSERT OR REPLACE INTO grants VALUES(?,?,?,?,?)", (lease_id, pid, start, soft, hard))
+
+    def grant_of(self, lease_id: str) -> tuple[int, int, tuple[int, int], bool] | None:
+        """(pid, start, limits before, shared) of the memlock grant of `lease_id`; `shared`:
+        another lease's grant went to the same process."""
+        with self._lock:
+            row = self.db.execute("SELECT pid, start, soft, hard FROM grants WHERE lease=?", (lease_id,)).fetchone()
+            if row is None:
+                return None
+            others = self.db.execute("SELECT COUNT(*) FROM grants WHERE pid=? AND start=? AND lease<>?",
+                                     (row[0], row[1], lease_id)).fetchone()[0]
+        return row[0], row[1], (row[2], row[3]), bool(others)
 
     # ---- steps
 

@@ -154,7 +154,7 @@ class Service:
             why = "vfiod does not know the calling process" if not caller.pid else ""
             if caller.pid:
                 try:
-                    got = self.kernel.grant_memlock(caller.pid, lease.memlock)
+                    got = await self._run(self.manager.grant_memlock, lease, caller.pid)
                     log.info("lease %s: RLIMIT_MEMLOCK of pid %s is now %s", lease.id, caller.pid, got)
                     if got is None:
                         why = f"process {caller.pid} is gone"
