@@ -225,7 +225,9 @@ class LeaseManager:
             existing = self.journal.lease_for_group(group)
             if existing is not None:
                 self._audit("request", caller.uid, target, None, None, "busy", existing.id)
-                raise Busy(f"IOMMU group {group} is already leased (lease {existing.id}, uid {existing.uid})")
+                whose = (f" (lease {existing.id}, uid {existing.uid})" if caller.is_admin or caller.uid == existing.uid
+                         else " by another user")
+                raise Busy(f"IOMMU group {group} is already leased{whose}")
             host = self.scan_groups([group])      # fresh, now that we hold the group
             decision = policy.decide(host, caller, group, backend, options)
             if not decision.allowed:
