@@ -426,7 +426,7 @@ class _SendReply:
             if self.msg.interface == "org.freedesktop.DBus.Properties" and self.msg.body:
                 what = f"{self.msg.member} {'.'.join(str(v) for v in self.msg.body[:2])}"
             key = (self.msg.path or "", what, type(exc).__name__)
-            if key not in self._logged:
+            if key not in self._logged and len(self._logged) < 4096:
                 self._logged.add(key)
                 log.error("internal error in %s of %s: %s: %s", what, self.msg.path, type(exc).__name__, exc)
             reply = Message.new_error(self.msg, BackendFailed.dbus_name,
