@@ -42,8 +42,14 @@ class VfioBackend(BackendBase):
                          "which no policy can make safe; vfiod does not lease noiommu groups")
 
     def plan_hand_over(self, ctx: LeaseContext) -> HandOver:
+        # "acl": the lessee's entry on the container is vfiod's: one it adds now (there is
+        # none yet, so any entry there at take-back is vfiod's), shares with another lease
+        # of the same user, or added before for this lease.  An entry an admin made is not.
+        uid = ctx.lease.uid
+        ours = (uid in ctx.container_acl_uids or _acl_of(ctx.handed_over) == uid
+                or ctx.kernel.container_acl_needed(uid))
         return {"node": ctx.kernel.vfio_group_path(ctx.lease.group),
-                "orig": [0, 0, ROOT_MODE], "uid": ctx.lease.uid, "acl": None}
+                "orig": [0, 0, ROOT_MODE], "uid": uid, "acl": uid if ours else None}
 
     def hand_over(self, ctx: LeaseContext) -> HandOver:
         record = self.plan_hand_over(ctx)
@@ -53,8 +59,10 @@ class VfioBackend(BackendBase):
         owner = ctx.kernel.node_owner(record["node"])
         if owner is None or owner[0] != ctx.lease.uid:
             raise BackendFailed(f"{record['node']} is not owned by uid {ctx.lease.uid} after chown")
-        if ctx.kernel.container_acl(ctx.lease.uid, True):
-            record["acl"] = ctx.lease.uid
+        added = ctx.kernel.container_acl(ctx.lease.uid, True)
+        if not added and record["acl"] is not None and not (
+                ctx.lease.uid in ctx.container_acl_uids or _acl_of(ctx.handed_over) == ctx.lease.uid):
+            record["acl"] = None        # there was an entry after all, and not vfiod's
         return record
 
     def take_back(self, ctx: LeaseContext, record: Record) -> None:
@@ -65,9 +73,11 @@ class VfioBackend(BackendBase):
             uid, gid, mode = (orig if isinstance(orig, list) and len(orig) == 3
                               and all(isinstance(v, int) for v in orig) else [0, 0, ROOT_MODE])
             ctx.kernel.set_node_owner(node, uid, gid, mode)
-        # An ACL entry may exist even if the record did not get to say so.
-        lessee = record.get("uid")
-        ctx.kernel.container_acl(lessee if isinstance(lessee, int) else ctx.lease.uid, False)
+        # The container's ACL entry goes only if vfiod added it and no other lease of
+        # the same user still shares it; an admin's own entry is never touched.
+        lessee = _acl_of(record)
+        if lessee is not None and lessee not in ctx.container_acl_uids:
+            ctx.kernel.container_acl(lessee, False)
 
     def open_group(self, ctx: LeaseContext) -> int:
         try:
@@ -83,6 +93,12 @@ class VfioBackend(BackendBase):
             return ctx.kernel.open_vfio_container()
         except OSError as e:
             raise BackendFailed(f"cannot open /dev/vfio/vfio: {e.strerror}") from None
+
+
+def _acl_of(record: Record | None) -> int | None:
+    """The uid whose container ACL entry `record` says is vfiod's (journal values: checked)."""
+    acl = record.get("acl") if record else None
+    return acl if isinstance(acl, int) and not isinstance(acl, bool) else None
 
 
 @hookimpl

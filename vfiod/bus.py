@@ -46,6 +46,7 @@ import socket
 import struct
 import time
 import weakref
+from types import TracebackType
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterator, Protocol, TypedDict, TypeVar, Unpack
 
 from dbus_next import BusType, Message, MessageFlag, MessageType, Variant
@@ -233,6 +234,7 @@ class VfiodBus(PatientBus):
         self._server: asyncio.Task[None] | None = None
         self._refusals_logged: dict[str, float] = {}
         self._quiet = False
+        self._unreadable: set[str] = set()      # objects GetManagedObjects left out (logged once)
 
     def _create_unmarshaller(self) -> _BoundedUnmarshaller:
         return _BoundedUnmarshaller(self._stream, self._sock if self._negotiate_unix_fd else None)
@@ -316,9 +318,19 @@ class VfiodBus(PatientBus):
             try:
                 result[node] = {iface.name: iface.property_values() for iface in interfaces
                                 if isinstance(iface, _Interface)}
-            except Exception:
-                log.exception("cannot read the properties of %s; left out of GetManagedObjects", node)
+            except Exception as e:
+                if node not in self._unreadable:
+                    self._unreadable.add(node)
+                    log.error("cannot read the properties of %s (%s: %s); left out of GetManagedObjects",
+                              node, type(e).__name__, e)
         send_reply(Message.new_method_return(msg, "a{oa{sa{sv}}}", [result]))
+
+    def _send_reply(self, msg: Message) -> _SendReply:
+        """How every reply of this connection is sent: an error that is not a `DBusError`
+        (a property getter that raised, a value that does not marshal) reaches the
+        client as ``org.vfiod1.Error.BackendFailed`` with no traceback, and is logged
+        once per object and member.  (dbus-next's own sends the traceback.)"""
+        return _SendReply(self, msg)
 
     def _finalize(self, err: Exception | None = None) -> None:
         # The connection is gone: nobody can see objects leave, and dbus-next's unexport
@@ -375,6 +387,56 @@ class VfiodBus(PatientBus):
                     os.close(fd)
                 fut.add_done_callback(close)
         return fut
+
+
+class _SendReply:
+    """dbus-next's reply sender (a context manager with ``send_error``), with named errors."""
+
+    _logged: set[tuple[str, str, str]] = set()
+
+    def __init__(self, bus: VfiodBus, msg: Message):
+        self.bus = bus
+        self.msg = msg
+
+    def __enter__(self) -> _SendReply:
+        return self
+
+    def __call__(self, reply: Message) -> None:
+        if self.msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return
+        try:
+            self.bus.send(reply)
+        except Exception as e:      # the reply does not marshal: say so, by name
+            self.send_error(e)
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        if ev is None or not isinstance(ev, Exception):
+            return False
+        self.send_error(ev)
+        return True
+
+    def send_error(self, exc: Exception) -> None:
+        if isinstance(exc, DBusError):
+            reply = exc._as_message(self.msg)
+        elif isinstance(exc, VfiodError):
+            reply = Message.new_error(self.msg, exc.dbus_name, exc.message)
+        else:
+            what = self.msg.member or "call"
+            if self.msg.interface == "org.freedesktop.DBus.Properties" and self.msg.body:
+                what = f"{self.msg.member} {'.'.join(str(v) for v in self.msg.body[:2])}"
+            key = (self.msg.path or "", what, type(exc).__name__)
+            if key not in self._logged and len(self._logged) < 4096:
+                self._logged.add(key)
+                log.error("internal error in %s of %s: %s: %s", what, self.msg.path, type(exc).__name__, exc)
+            reply = Message.new_error(self.msg, BackendFailed.dbus_name,
+                                      f"internal error in {what} of {self.msg.path}; the daemon log has the details")
+        if self.msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return
+        try:
+            self.bus.send(reply)
+        except Exception:
+            log.error("cannot send the error reply to %s", self.msg.sender)
 
 
 # What dbus-next calls for a method call: the message and how to send the reply.
@@ -466,6 +528,14 @@ class _Interface(ServiceInterface):
         return {prop.name: Variant(prop.signature, prop.prop_getter(self))
                 for prop in ServiceInterface._get_properties(self)
                 if prop.access.readable() and not prop.disabled}
+
+
+def _seconds(t: float) -> int:
+    """A time as a D-Bus ``t``: whatever a journal row holds, it marshals."""
+    try:
+        return min(max(int(t), 0), (1 << 64) - 1)
+    except (OverflowError, ValueError):
+        return 0
 
 
 class ManagerInterface(_Interface):
@@ -662,11 +732,11 @@ class LeaseInterface(_Interface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Created(self) -> "t":
-        return int(self.lease.created)
+        return _seconds(self.lease.created)
 
     @dbus_property(access=PropertyAccess.READ)
     def Expires(self) -> "t":
-        return int(self.lease.expires)
+        return _seconds(self.lease.expires)
 
     @dbus_property(access=PropertyAccess.READ)
     def Persistent(self) -> "b":
@@ -707,7 +777,7 @@ class LeaseInterface(_Interface):
     @edge
     async def Renew(self, caller: Caller, seconds: "t") -> "":
         self.lease = await self.service.renew(caller, self.lease.id, seconds)
-        self.emit_properties_changed({"Expires": int(self.lease.expires)})
+        self.emit_properties_changed({"Expires": _seconds(self.lease.expires)})
 
     @method()
     @edge

@@ -44,11 +44,16 @@ from .hookspecs import Backend
 from .errors import (BackendFailed, Busy, InvalidArgument, NotFound, NotViable, PermissionDenied,
                      Protected, VfiodError)
 from .policy import Caller, Decision, Policy, Refusal
-from .state import Held, Journal, LeaseRow
+from .state import Held, Journal, LeaseRow, Record
 from .sysfs import Kernel, SysfsReader
 from .topology import BRIDGE_DRIVERS, VFIO_DRIVERS, Host
 
 log = logging.getLogger("vfiod.leases")
+
+
+def _short(text: str | None, limit: int = 200) -> str:
+    """`text` for a log line: quoted, and cut where a caller sent a lot of it."""
+    return "-" if text is None else repr(text if len(text) <= limit else text[:limit] + "…")
 audit_log = logging.getLogger("vfiod.audit")
 
 
@@ -58,13 +63,22 @@ class LeaseContext:
 
     `decision` is the policy's verdict while a lease is granted, and None when
     the lease is taken from the journal (a release, a restart, a revocation):
-    hooks that run then must not need it."""
+    hooks that run then must not need it.
+
+    `handed_over` is this lease's hand-over record as journaled before (a kept
+    lease whose hand-over is applied again after a restart), None on a first
+    grant.  `container_acl_uids` are the uids for which another lease still
+    holds an ACL entry on the container that vfiod added (the hand-over records
+    of the other leases say so): such an entry is shared, and stays until the
+    last of them ends."""
 
     lease: LeaseRow
     endpoints: tuple[PciAddress, ...]
     kernel: Kernel
     decision: Decision | None
     host: Host
+    handed_over: Record | None = None
+    container_acl_uids: frozenset[int] = frozenset()
 
 
 @attrs.frozen
@@ -142,19 +156,21 @@ class LeaseManager:
 
     def _audit(self, event: str, caller_uid: int | None, target: str | None, lease_id: str | None,
                rule: str | None, outcome: str, detail: str = "", group: int | None = None) -> None:
-        # The same record three ways: a log line, structured fields for the systemd journal
-        # (``journalctl VFIOD_OUTCOME=denied``; the daemon sends them where journald runs),
-        # and a row of the journal's audit table.
-        fields = {"VFIOD_EVENT": event, "VFIOD_UID": caller_uid, "VFIOD_TARGET": target,
-                  "VFIOD_LEASE": lease_id, "VFIOD_GROUP": group, "VFIOD_RULE": rule,
-                  "VFIOD_OUTCOME": outcome, "VFIOD_DETAIL": detail or None}
-        audit_log.info("%s uid=%s target=%s lease=%s rule=%s outcome=%s%s", event, caller_uid, target,
-                       lease_id or "-", rule or "-", outcome, f" detail={detail!r}" if detail else "",
-                       extra={"journal_fields": {k: v for k, v in fields.items() if v is not None}})
+        # The same record three ways: a row of the journal's audit table (a repeated refusal
+        # counted on its first row), a log line, and structured fields for the systemd journal
+        # (``journalctl VFIOD_OUTCOME=denied``; the daemon sends them where journald runs).
         try:
-            self.journal.audit(event, caller_uid, target, lease_id, rule, outcome, detail)
-        except Exception:          # the audit trail must never turn a success into a failure
-            log.exception("cannot write the audit record")
+            first = self.journal.audit(event, caller_uid, target, lease_id, rule, outcome, detail)
+        except Exception as e:     # the audit trail must never turn a success into a failure
+            log.error("cannot write the audit record: %s: %s", type(e).__name__, e)
+            first = True
+        if first:                  # a repeated refusal is counted on its first row, and logged once
+            fields = {"VFIOD_EVENT": event, "VFIOD_UID": caller_uid, "VFIOD_TARGET": target,
+                      "VFIOD_LEASE": lease_id, "VFIOD_GROUP": group, "VFIOD_RULE": rule,
+                      "VFIOD_OUTCOME": outcome, "VFIOD_DETAIL": detail or None}
+            audit_log.info("%s uid=%s target=%s lease=%s rule=%s outcome=%s%s", event, caller_uid, _short(target),
+                           lease_id or "-", rule or "-", outcome, f" detail={_short(detail)}" if detail else "",
+                           extra={"journal_fields": {k: v for k, v in fields.items() if v is not None}})
 
     def _step(self, name: str) -> None:
         self.on_step(name)
@@ -163,9 +179,25 @@ class LeaseManager:
         held = self.journal.held(lease.id)
         if host is None:
             host = Host.from_raw([], self.reader.facts())
+        handed = [s.record for s in self.journal.steps(lease.id) if s.action == "hand-over"]
         return LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in held
                                                          if h.role == "endpoint"),
-                            kernel=self.kernel, decision=decision, host=host)
+                            kernel=self.kernel, decision=decision, host=host,
+                            handed_over=handed[-1] if handed else None,
+                            container_acl_uids=self._container_acl_uids(lease.id))
+
+    def _container_acl_uids(self, lease_id: str) -> frozenset[int]:
+        """The uids whose container ACL entry, added by vfiod, a lease other than
+        `lease_id` holds (its hand-over record, journaled or done, says ``acl``)."""
+        uids = set()
+        for other in self.journal.leases():
+            if other.id == lease_id:
+                continue
+            for st in self.journal.steps(other.id):
+                acl = st.record.get("acl") if st.action == "hand-over" else None
+                if isinstance(acl, int) and not isinstance(acl, bool):
+                    uids.add(acl)
+        return frozenset(uids)
 
     # ------------------------------------------------------------ queries
 
@@ -201,7 +233,9 @@ class LeaseManager:
             existing = self.journal.lease_for_group(group)
             if existing is not None:
                 self._audit("request", caller.uid, target, None, None, "busy", existing.id, group=group)
-                raise Busy(f"IOMMU group {group} is already leased (lease {existing.id}, uid {existing.uid})")
+                whose = (f" (lease {existing.id}, uid {existing.uid})" if caller.is_admin or caller.uid == existing.uid
+                         else " by another user")
+                raise Busy(f"IOMMU group {group} is already leased{whose}")
             host = self.scan_groups([group])      # fresh, now that we hold the group
             decision = policy.decide(host, caller, group, backend, options)
             if not decision.allowed:
@@ -225,7 +259,8 @@ class LeaseManager:
             self._step("recorded")
             ctx = LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in plan
                                                             if h.role == "endpoint"),
-                               kernel=self.kernel, decision=decision, host=host)
+                               kernel=self.kernel, decision=decision, host=host,
+                               container_acl_uids=self._container_acl_uids(lease.id))
             try:
                 self._grant(ctx, be)
             except VfiodError as e:
@@ -387,6 +422,37 @@ class LeaseManager:
                 raise NotFound(f"no lease {lease_id!r}")
             return self._release_locked(current, reason, caller.uid if caller else None)
 
+    # ------------------------------------------------------------ the memlock grant
+
+    def grant_memlock(self, lease: LeaseRow, pid: int) -> tuple[int, int] | None:
+        """Apply the lease's memlock grant to process `pid`, if it runs as the lessee
+        (`PermissionDenied` if not), and record what to restore at release.  Returns
+        the new (soft, hard) limits, or None if the process is gone."""
+        if not lease.memlock:
+            return None
+        got = self.kernel.grant_memlock(pid, lease.memlock, lease.uid)
+        if got is None:
+            return None
+        self.journal.record_grant(lease.id, got.pid, got.start, got.before)
+        self._audit("memlock", lease.uid, lease.target, lease.id, lease.rule, "granted",
+                    f"pid {pid}: {got.before} -> {got.after}")
+        return got.after
+
+    def _restore_memlock(self, lease: LeaseRow) -> None:
+        """Give the process of the lease's memlock grant back its limits, unless another
+        lease still holds a grant for it, or it is gone."""
+        grant = self.journal.grant_of(lease.id)
+        if grant is None:
+            return
+        pid, start, before, shared = grant
+        if shared:
+            return
+        try:
+            if self.kernel.restore_memlock(pid, start, before):
+                log.info("lease %s: RLIMIT_MEMLOCK of pid %s is back to %s", lease.id, pid, before)
+        except VfiodError as e:
+            log.warning("lease %s: %s", lease.id, e)
+
     def _release_locked(self, lease: LeaseRow, reason: str, uid: int | None = None) -> Ended:
         be = self._backend(lease.backend)
         self.journal.set_state(lease.id, "releasing")
@@ -398,6 +464,7 @@ class LeaseManager:
                         group=lease.group)
             raise BackendFailed(f"releasing lease {lease.id} left work undone (it stays recorded and "
                                 f"will be retried): {'; '.join(errors)}")
+        self._restore_memlock(lease)
         self.journal.delete(lease.id)
         self._step("released")
         self._audit("release", uid, lease.target, lease.id, lease.rule, reason, group=lease.group)
@@ -478,31 +545,36 @@ class LeaseManager:
         """Make sysfs and the journal agree again; returns the leases that ended."""
         out = []
         for lease in self.journal.leases():
-            with self._group_lock(lease.group):
-                be = self.backends.get(lease.backend)
-                if be is None:
-                    log.error("lease %s uses backend %s, which is not loaded; kept as is", lease.id, lease.backend)
-                    continue
-                if lease.state == "granting":
-                    ctx = self.context(lease)
-                    self._rollback(ctx, be)
-                    self._audit("reconcile", None, lease.target, lease.id, lease.rule, "rolled-back",
-                                "the grant was interrupted", group=lease.group)
-                    if self.journal.lease(lease.id) is None:
-                        out.append(Ended(lease, "interrupted"))
-                elif lease.state == "releasing":
-                    try:
-                        out.append(self._release_locked(lease, "released"))
-                    except VfiodError as e:
-                        log.error("finishing the release of %s: %s", lease.id, e)
-                elif lease.persistent or self.owner_alive(lease):
-                    self._verify(lease, be)
-                else:
-                    try:
-                        out.append(self._release_locked(lease, "owner-gone"))
-                    except VfiodError as e:
-                        log.error("ending lease %s: %s", lease.id, e)
+            try:
+                out.extend(self._reconcile_one(lease))
+            except Exception as e:
+                # One lease that cannot be reconciled must not keep the daemon from serving the rest.
+                log.error("lease %s could not be reconciled (%s: %s); it stays recorded as %s",
+                          lease.id, type(e).__name__, e, lease.state)
         return out
+
+    def _reconcile_one(self, lease: LeaseRow) -> list[Ended]:
+        """Roll back, finish, keep or end one lease of the journal (see `reconcile`)."""
+        with self._group_lock(lease.group):
+            be = self.backends.get(lease.backend)
+            if be is None:
+                log.error("lease %s uses backend %s, which is not loaded; kept as is", lease.id, lease.backend)
+                return []
+            if lease.state == "granting":
+                self._rollback(self.context(lease), be)
+                self._audit("reconcile", None, lease.target, lease.id, lease.rule, "rolled-back",
+                            "the grant was interrupted")
+                return [Ended(lease, "interrupted")] if self.journal.lease(lease.id) is None else []
+            if lease.state != "releasing" and (lease.persistent or self.owner_alive(lease)):
+                self._verify(lease, be)
+                return []
+            reason = "released" if lease.state == "releasing" else "owner-gone"
+            try:
+                return [self._release_locked(lease, reason)]
+            except VfiodError as e:
+                log.error("%s lease %s: %s", "finishing the release of" if reason == "released" else "ending",
+                          lease.id, e)
+                return []
 
     def _verify(self, lease: LeaseRow, be: Backend) -> None:
         """A kept lease: every endpoint still on the backend's driver, the hand-over in place."""

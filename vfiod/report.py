@@ -125,8 +125,12 @@ def render_groups(groups: list[Json], explain: bool = False, width: int = 100) -
     return "\n".join(lines).rstrip() + "\n" if lines else ""
 
 
-def explain_text(target: str, g: Group, lease: LeaseRow | None, findings: Iterable[Finding]) -> str:
-    """Why group `g` (asked about as `target`) is what it is, what blocks it, who holds it."""
+def explain_text(target: str, g: Group, lease: LeaseRow | None, findings: Iterable[Finding],
+                 viewer: int | None = None) -> str:
+    """Why group `g` (asked about as `target`) is what it is, what blocks it, who holds it.
+
+    `viewer`: the uid asking (None or 0: an admin, told everything); anyone else is
+    told who holds the lease only when it is their own."""
     lines = [f"IOMMU group {g.number}: {', '.join(map(str, g.members))}"]
     if not target.startswith("group:") and len(g.members) > 1:
         lines.append(f"{target} cannot be leased alone: VFIO hands out whole groups.")
@@ -138,7 +142,9 @@ def explain_text(target: str, g: Group, lease: LeaseRow | None, findings: Iterab
         lines.extend(f"  {a}: {why}" for a, why in g.blockers)
     for a, why in g.protected:
         lines.append(f"Protected: {a} — {why}.")
-    if lease:
+    if lease and viewer not in (None, 0, lease.uid):
+        lines.append("Leased (by another user).")
+    elif lease:
         lines.append(f"Leased to uid {lease.uid} with the {lease.backend} backend (lease {lease.id}).")
     for f in findings:
         lines.append(f"Note: {f.text}")

@@ -1,12 +1,13 @@
 """The journal: one SQLite file that lets vfiod survive its own crash.
 
 File: ``STATE_DIR/state.db`` (WAL, ``synchronous=FULL``: a committed row is on
-disk before the sysfs write it announces).  Schema version 2:
+disk before the sysfs write it announces).  Schema version 3:
 
 ``meta(key, value)``
-    ``schema`` = 2.  A file with a higher number is from a newer vfiod and is
-    refused, untouched; a version 1 file is upgraded in place (version 2 added
-    ``leases.reset``).
+    ``schema`` = 3.  A file with a higher number is from a newer vfiod and is
+    refused, untouched; an older file is upgraded in place (version 2 added
+    ``leases.reset``, version 3 ``audit.count``, ``audit.last`` and ``quarantine``).
+    A table or column that is missing is recreated empty (and logged).
 ``leases(id, grp, uid, owner, backend, target, created, expires, persistent, state, rule, memlock, reset)``
     one row per lease; ``grp`` is UNIQUE (one lease per group).  ``state`` is
     ``granting`` (devices are being moved; a crash here rolls back),
@@ -24,14 +25,30 @@ disk before the sysfs write it announces).  Schema version 2:
     the write, ``done`` after it; an uncommitted step counts as failed.
     ``record`` (JSON) holds what the step needs to be undone, e.g. the
     original owner and mode of /dev/vfio/N.
-``audit(ts, event, uid, target, lease, rule, outcome, detail)``
-    every grant, denial, release and rollback.
+``audit(ts, event, uid, target, lease, rule, outcome, detail, count, last)``
+    every grant, denial, release and rollback.  Refusals (`AGGREGATED`
+    outcomes) of the same event, uid, target and outcome within
+    `AUDIT_WINDOW` seconds of the row's first one add to its ``count`` and
+    move ``last`` instead of adding a row.  The table keeps at most
+    `MAX_AUDIT_ROWS` rows: past that the oldest refusals go first, and other
+    records (grants, releases, rollbacks) only when no refusal is left.
+``grants(lease, pid, start, soft, hard)``
+    the memlock grant of a lease: the process it went to (pid and start time)
+    and its RLIMIT_MEMLOCK before the first grant to that process, restored
+    when the last lease granted to it ends.
+``quarantine(ts, tbl, lease, data, why)``
+    rows found unusable when the journal is opened (an address that does not
+    parse, a value of the wrong type, a lease whose device records are gone),
+    moved here whole (``data``: the row as JSON) and logged once, so that
+    the daemon serves the rest; an admin reads them with ``sqlite3``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -42,7 +59,16 @@ import attrs
 
 from .errors import StateError
 
-SCHEMA = 2
+SCHEMA = 3
+
+log = logging.getLogger("vfiod.state")
+
+#: Audit outcomes that are refusals: repeated ones are counted on one row.
+AGGREGATED = frozenset({"denied", "refused", "busy"})
+#: Seconds during which a repeated refusal adds to its first row's count.
+AUDIT_WINDOW = 600.0
+#: The most audit rows kept (the oldest refusals go first).
+MAX_AUDIT_ROWS = 20_000
 
 # A backend's hand-over record: a JSON object whose keys the backend defines.
 Record = Mapping[str, object]
@@ -62,8 +88,22 @@ CREATE TABLE IF NOT EXISTS steps(
     status TEXT NOT NULL, error TEXT, PRIMARY KEY(lease, seq));
 CREATE TABLE IF NOT EXISTS audit(
     ts REAL NOT NULL, event TEXT NOT NULL, uid INTEGER, target TEXT, lease TEXT, rule TEXT,
-    outcome TEXT, detail TEXT);
+    outcome TEXT, detail TEXT, count INTEGER NOT NULL DEFAULT 1, last REAL);
+CREATE TABLE IF NOT EXISTS quarantine(
+    ts REAL NOT NULL, tbl TEXT NOT NULL, lease TEXT, data TEXT NOT NULL, why TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS grants(
+    lease TEXT PRIMARY KEY, pid INTEGER NOT NULL, start INTEGER NOT NULL, soft INTEGER NOT NULL,
+    hard INTEGER NOT NULL);
 """
+
+# Columns added after version 1, created where a file lacks them: (table, column, definition).
+_ADDED_COLUMNS = (("leases", "reset", "INTEGER NOT NULL DEFAULT 0"),
+                  ("audit", "count", "INTEGER NOT NULL DEFAULT 1"),
+                  ("audit", "last", "REAL"))
+_TABLES = ("meta", "leases", "held", "steps", "audit", "quarantine", "grants")
+_NEW_IN_3 = ("quarantine", "grants")
+_LEASE_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
+_ADDR = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 
 
 @attrs.frozen
@@ -136,10 +176,7 @@ class Journal:
                 if version > SCHEMA:
                     raise StateError(f"state file {path} is from a newer vfiod (schema {version}, "
                                      f"this one knows {SCHEMA}); it was left untouched")
-                if version == 1:
-                    with self.tx():
-                        self.db.execute("ALTER TABLE leases ADD COLUMN reset INTEGER NOT NULL DEFAULT 0")
-                        self.db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA),))
+                self._repair_schema(version)
             else:
                 with self.tx():
                     for stmt in _DDL.strip().split(";"):
@@ -152,6 +189,72 @@ class Journal:
             os.chmod(path, 0o600)
         except OSError:
             pass
+        self._audit_inserts = 0
+        self.quarantined: list[str] = []    # what was moved aside on opening, one line a lease
+        if existed:
+            self.quarantined = self._quarantine_bad_rows()
+
+    def _repair_schema(self, version: int) -> None:
+        """Upgrade an older file in place; recreate (empty) a table or column that is gone."""
+        with self.tx():
+            present = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            for stmt in _DDL.strip().split(";"):
+                if stmt.strip():
+                    self.db.execute(stmt)
+            for table in _TABLES:
+                if table not in present and not (table in _NEW_IN_3 and version < 3):
+                    log.error("journal %s: table %s was missing; recreated empty", self.path, table)
+            for table, column, definition in _ADDED_COLUMNS:
+                columns = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            if version < SCHEMA:
+                self.db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA),))
+
+    def _quarantine_bad_rows(self) -> list[str]:
+        """Move every lease with an unusable row (its own, a device record or a step)
+        aside into ``quarantine``, and orphaned device records and steps too; log each
+        once.  The rest of the journal is served as usual."""
+        bad: dict[str, str] = {}            # lease id -> why
+        with self._lock:
+            leases = self.db.execute("SELECT * FROM leases").fetchall()
+            held = self.db.execute("SELECT * FROM held").fetchall()
+            steps = self.db.execute("SELECT * FROM steps").fetchall()
+        ids = {r[0] for r in leases}
+        endpoints: dict[object, int] = {}
+        for r in held:
+            why = _bad_held(r)
+            if why:
+                bad.setdefault(r[0], f"device record {r[1]!r}: {why}")
+            elif r[5] == "endpoint":
+                endpoints[r[0]] = endpoints.get(r[0], 0) + 1
+        for r in steps:
+            why = _bad_step(r)
+            if why:
+                bad.setdefault(r[0], f"step {r[1]!r}: {why}")
+        for r in leases:
+            why = _bad_lease(r)
+            if why or not endpoints.get(r[0]):
+                bad[r[0]] = why or "no device record (what would a release give back?)"
+        orphans = {r[0] for r in (*held, *steps)} - ids
+        if not bad and not orphans:
+            return []
+        now = time.time()
+        lines = []
+        with self.tx():
+            for lease_id in (*bad, *sorted(orphans, key=repr)):
+                why = bad.get(lease_id, "records of no lease")
+                for table, col in (("leases", "id"), ("held", "lease"), ("steps", "lease")):
+                    rows = self.db.execute(f"SELECT * FROM {table} WHERE {col} IS ?", (lease_id,)).fetchall()
+                    for row in rows:
+                        self.db.execute("INSERT INTO quarantine VALUES(?,?,?,?,?)",
+                                        (now, table, repr(lease_id), json.dumps(row, default=repr), why))
+                    self.db.execute(f"DELETE FROM {table} WHERE {col} IS ?", (lease_id,))
+                line = (f"lease {lease_id!r}: {why}; its rows were moved to the quarantine table "
+                        "(its devices may still be on the lease's driver: check them)")
+                log.error("journal %s: %s", self.path, line)
+                lines.append(line)
+        return lines
 
     @staticmethod
     def _check_header(path: str) -> None:
@@ -194,7 +297,7 @@ class Journal:
 
     def delete(self, lease_id: str) -> None:
         with self.tx():
-            for table, col in (("steps", "lease"), ("held", "lease"), ("leases", "id")):
+            for table, col in (("steps", "lease"), ("held", "lease"), ("grants", "lease"), ("leases", "id")):
                 self.db.execute(f"DELETE FROM {table} WHERE {col}=?", (lease_id,))
 
     def leases(self) -> list[LeaseRow]:
@@ -221,6 +324,28 @@ class Journal:
     def holdings(self) -> dict[str, tuple[LeaseRow, Held]]:
         """Every device some lease holds: its address -> (the lease, what it was before)."""
         return {h.addr: (lease, h) for lease in self.leases() for h in self.held(lease.id)}
+
+    # ---- memlock grants
+
+    def record_grant(self, lease_id: str, pid: int, start: int, before: tuple[int, int]) -> None:
+        """Record a memlock grant; a process granted for another lease already keeps the
+        limits it had before the first grant (those are what its last release restores)."""
+        with self.tx():
+            first = self.db.execute("SELECT soft, hard FROM grants WHERE pid=? AND start=? ORDER BY rowid LIMIT 1",
+                                    (pid, start)).fetchone()
+            soft, hard = (first[0], first[1]) if first else before
+            self.db.execute("INSERT OR REPLACE INTO grants VALUES(?,?,?,?,?)", (lease_id, pid, start, soft, hard))
+
+    def grant_of(self, lease_id: str) -> tuple[int, int, tuple[int, int], bool] | None:
+        """(pid, start, limits before, shared) of the memlock grant of `lease_id`; `shared`:
+        another lease's grant went to the same process."""
+        with self._lock:
+            row = self.db.execute("SELECT pid, start, soft, hard FROM grants WHERE lease=?", (lease_id,)).fetchone()
+            if row is None:
+                return None
+            others = self.db.execute("SELECT COUNT(*) FROM grants WHERE pid=? AND start=? AND lease<>?",
+                                     (row[0], row[1], lease_id)).fetchone()[0]
+        return row[0], row[1], (row[2], row[3]), bool(others)
 
     # ---- steps
 
@@ -255,10 +380,54 @@ class Journal:
     # ---- audit
 
     def audit(self, event: str, uid: int | None, target: str | None, lease: str | None,
-              rule: str | None, outcome: str, detail: str = "") -> None:
+              rule: str | None, outcome: str, detail: str = "") -> bool:
+        """Record one audit event; returns False when it was a repeated refusal, counted on
+        the row of its first (see the module's docstring), True when it has a row of its own."""
+        now = time.time()
         with self.tx():
-            self.db.execute("INSERT INTO audit VALUES(?,?,?,?,?,?,?,?)",
-                            (time.time(), event, uid, target, lease, rule, outcome, detail))
+            if outcome in AGGREGATED:
+                row = self.db.execute(
+                    "SELECT rowid FROM audit WHERE event=? AND uid IS ? AND target IS ? AND outcome=? "
+                    "AND ts>=? ORDER BY rowid DESC LIMIT 1",
+                    (event, uid, target, outcome, now - AUDIT_WINDOW)).fetchone()
+                if row is not None:
+                    self.db.execute("UPDATE audit SET count=count+1, last=?, detail=? WHERE rowid=?",
+                                    (now, detail, row[0]))
+                    return False
+            self.db.execute("INSERT INTO audit VALUES(?,?,?,?,?,?,?,?,1,?)",
+                            (now, event, uid, target, lease, rule, outcome, detail, now))
+            self._audit_inserts += 1
+            if self._audit_inserts % 100 == 1:
+                self._rotate_audit()
+        return True
+
+    def _rotate_audit(self) -> None:
+        """Keep at most MAX_AUDIT_ROWS rows: the oldest refusals go first."""
+        (total,) = self.db.execute("SELECT COUNT(*) FROM audit").fetchone()
+        excess = total - MAX_AUDIT_ROWS
+        if excess <= 0:
+            return
+        marks = ",".join("?" * len(AGGREGATED))
+        cur = self.db.execute(f"DELETE FROM audit WHERE rowid IN (SELECT rowid FROM audit WHERE outcome IN ({marks}) "
+                              "ORDER BY rowid LIMIT ?)", (*sorted(AGGREGATED), excess))
+        excess -= cur.rowcount
+        if excess > 0:
+            self.db.execute("DELETE FROM audit WHERE rowid IN (SELECT rowid FROM audit ORDER BY rowid LIMIT ?)",
+                            (excess,))
+
+    def audit_counts(self) -> list[tuple[Any, ...]]:
+        """(event, uid, target, outcome, count) of every audit row, oldest first."""
+        with self._lock:
+            rows: list[tuple[Any, ...]] = self.db.execute(
+                "SELECT event, uid, target, outcome, count FROM audit ORDER BY rowid").fetchall()
+        return rows
+
+    def quarantine_rows(self) -> list[tuple[Any, ...]]:
+        """(tbl, lease, data, why) of every quarantined row."""
+        with self._lock:
+            rows: list[tuple[Any, ...]] = self.db.execute(
+                "SELECT tbl, lease, data, why FROM quarantine ORDER BY rowid").fetchall()
+        return rows
 
     def audit_rows(self) -> list[tuple[Any, ...]]:
         """(event, uid, target, lease, rule, outcome, detail) of every audit record, oldest first."""
@@ -266,6 +435,55 @@ class Journal:
             rows: list[tuple[Any, ...]] = self.db.execute(
                 "SELECT event, uid, target, lease, rule, outcome, detail FROM audit ORDER BY rowid").fetchall()
         return rows
+
+
+def _is_int(v: object, low: int, high: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _is_time(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e18
+
+
+def _bad_lease(r: tuple[Any, ...]) -> str:
+    """Why a ``leases`` row cannot be used ("" if it can)."""
+    if len(r) != 13:
+        return f"{len(r)} columns"
+    checks = ((isinstance(r[0], str) and _LEASE_ID.fullmatch(r[0]) is not None, "id"),  # its object path
+              (_is_int(r[1], 0, (1 << 31) - 1), "group"), (_is_int(r[2], 0, (1 << 32) - 2), "uid"),
+              (r[3] is None or isinstance(r[3], str), "owner"), (isinstance(r[4], str), "backend"),
+              (isinstance(r[5], str), "target"), (_is_time(r[6]), "created"), (_is_time(r[7]), "expires"),
+              (r[8] in (0, 1), "persistent"), (r[9] in ("granting", "granted", "releasing"), "state"),
+              (r[10] is None or isinstance(r[10], str), "rule"),
+              (r[11] is None or _is_int(r[11], 0, (1 << 63) - 1), "memlock"), (r[12] in (0, 1), "reset"))
+    for column, (ok, what) in enumerate(checks):
+        if not ok:
+            return f"its {what} is not usable ({r[column]!r})"[:300]
+    return ""
+
+
+def _bad_held(r: tuple[Any, ...]) -> str:
+    if not (isinstance(r[2], str) and _ADDR.fullmatch(r[2])):
+        return f"the address {r[2]!r} does not parse"[:300]
+    if not all(v is None or isinstance(v, str) for v in (r[3], r[4])):
+        return "a driver or override that is not text"
+    if r[5] not in ("endpoint", "bridge"):
+        return f"role {r[5]!r}"[:300]
+    return ""
+
+
+def _bad_step(r: tuple[Any, ...]) -> str:
+    if not _is_int(r[1], 1, 1 << 31) or not isinstance(r[2], str) or not isinstance(r[5], str):
+        return "its number, action or status is not usable"
+    if r[3] is not None and not (isinstance(r[3], str) and _ADDR.fullmatch(r[3])):
+        return f"the address {r[3]!r} does not parse"[:300]
+    try:
+        record = json.loads(r[4] or "{}")
+    except (TypeError, ValueError):
+        return "its record is not JSON"
+    if not isinstance(record, dict):
+        return "its record is not a JSON object"
+    return ""
 
 
 class _Tx:

@@ -28,6 +28,8 @@ def test_groups_json_and_explain_as_a_user(world):
 def test_check_access_names_the_rule(world):
     p = world.ctl("check", "0000:04:00.0", check=False)
     assert p.returncode == 0, p.stderr
+    assert "allowed" in p.stdout and ".toml" not in p.stdout     # where the policy says so: root's to know
+    p = world.ctl("check", "0000:00:19.0", check=False, user=None)
     assert "allowed" in p.stdout and "50-test.toml" in p.stdout
     p = world.ctl("check", "group:7", check=False)
     assert p.returncode == 3 and "denied" in p.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Callable, Iterable, Mapping, TypeVar, TypeVarTuple
 
 import attrs
@@ -36,6 +37,14 @@ log = logging.getLogger("vfiod")
 
 _T = TypeVar("_T")
 _Args = TypeVarTuple("_Args")
+
+
+_SOURCE = re.compile(r"(?:rules? )?\S+\.toml:[0-9]+(?:, \S+\.toml:[0-9]+)*")
+
+
+def _hide_sources(text: str) -> str:
+    """`text` without policy file:line references (``rule /etc/…/10-x.toml:7`` → ``a rule``)."""
+    return _SOURCE.sub(lambda m: "a rule" if m.group(0).startswith("rule") else "the policy", text)
 
 
 class Service:
@@ -147,7 +156,7 @@ class Service:
             why = "vfiod does not know the calling process" if not caller.pid else ""
             if caller.pid:
                 try:
-                    got = self.kernel.grant_memlock(caller.pid, lease.memlock)
+                    got = await self._run(self.manager.grant_memlock, lease, caller.pid)
                     log.info("lease %s: RLIMIT_MEMLOCK of pid %s is now %s", lease.id, caller.pid, got)
                     if got is None:
                         why = f"process {caller.pid} is gone"
@@ -183,7 +192,7 @@ class Service:
             host = await self._run(self.manager.scan)     # the topology changed: explain it afresh
             g = host.groups[number]
         lease = self.manager.lease_for_group(number)
-        return report.explain_text(target, g, lease, self.host.findings)
+        return report.explain_text(target, g, lease, self.host.findings, viewer=caller.uid)
 
     async def groups_json(self, caller: Caller, targets: list[str]) -> list[report.Json]:
         """The groups `targets` name (every group when none), in the one group JSON."""
@@ -213,6 +222,9 @@ class Service:
         if d.allowed:
             reset = "; each device is reset before it goes back to the host" if d.reset_on_release else ""
             d = attrs.evolve(d, reason=d.reason + self._memlock_advice(caller, d) + reset)
+        if not caller.is_admin:
+            # Where the policy says so (file:line) is for admins: it maps the policy for anyone.
+            d = attrs.evolve(d, rule="", reason=_hide_sources(d.reason))
         return d
 
     def _memlock_advice(self, caller: Caller, decision: Decision) -> str:

@@ -129,10 +129,10 @@ from .load import CLAIM_KEYS, RESOURCE_KEYS, RULE_KEYS
 from .locate import Locator
 from .model import (DEFAULT_DIR, KNOWN_BACKENDS, Caller, Claim, Decision, DeviceDecision, Refusal, Resource,
                     ResourceDevice, Rule, Target, parse_target)
-from .units import format_duration, format_size, parse_duration, parse_size
+from .units import MAX_LEASE_SECONDS, format_duration, format_size, parse_duration, parse_size
 from .users import StaticUserDb, UserDb, system_users
 
-__all__ = ["CLAIM_KEYS", "DEFAULT_DIR", "KNOWN_BACKENDS", "RESOURCE_KEYS", "RULE_KEYS", "Caller", "Claim",
+__all__ = ["CLAIM_KEYS", "MAX_LEASE_SECONDS", "DEFAULT_DIR", "KNOWN_BACKENDS", "RESOURCE_KEYS", "RULE_KEYS", "Caller", "Claim",
            "Decision", "DeviceDecision", "Locator", "Policy", "PolicyStore", "Refusal", "Resource",
            "ResourceDevice", "Rule", "StaticUserDb", "Target", "UserDb", "format_duration", "format_size",
            "parse_duration", "parse_size", "parse_target", "system_users"]

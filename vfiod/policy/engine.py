@@ -9,9 +9,9 @@ import attrs
 
 from ..address import PciAddress
 from ..errors import InvalidArgument, NotFound, PolicyError
-from .load import Loader, read_directory
+from .load import TRUSTED_OWNERS, Loader, read_directory
 from .model import Refusal, Caller, Claim, DEFAULT_DENY, DEFAULT_DIR, Decision, DeviceDecision, KNOWN_BACKENDS, Resource, Rule, Target, parse_target
-from .units import _short, format_duration
+from .units import MAX_LEASE_SECONDS, _short, format_duration
 from .users import UserDb, system_users
 
 if TYPE_CHECKING:
@@ -35,12 +35,14 @@ class Policy:
 
     @classmethod
     def load(cls, directory: str = DEFAULT_DIR, backends: Iterable[str] = KNOWN_BACKENDS,
-             users: UserDb | None = None) -> "Policy":
+             users: UserDb | None = None, owners: tuple[int, ...] = TRUSTED_OWNERS) -> "Policy":
         """Every ``*.toml`` of `directory`, in name order; `PolicyError` if any is broken.
 
         `backends`: the backend names files may use (plugins add theirs);
-        `users`: the user and group database (default: the system's)."""
-        sources = read_directory(directory)
+        `users`: the user and group database (default: the system's);
+        `owners`: the uids that may own the files and every directory above them
+        (root; see `read_directory`)."""
+        sources = read_directory(directory, owners)
         return attrs.evolve(cls.from_sources(sources, backends=backends, users=users), directory=directory)
 
     @classmethod
@@ -160,6 +162,9 @@ class Policy:
         duration = options.get("duration") or 0
         if isinstance(duration, bool) or not isinstance(duration, int) or duration < 0:
             raise InvalidArgument(f"duration must be a number of seconds, got {_short(duration)}")
+        if duration > MAX_LEASE_SECONDS:
+            raise InvalidArgument(f"a lease lasts at most {format_duration(MAX_LEASE_SECONDS)} "
+                                  f"({MAX_LEASE_SECONDS} s) at a time, not {_short(duration)} s; renew it later")
         persistent = options.get("persistent", False)
         if not isinstance(persistent, bool):
             raise InvalidArgument(f"persistent must be true or false, got {_short(persistent)}")
@@ -250,8 +255,9 @@ class PolicyStore:
     REFUSED = "the new policy was refused; the policy in force stays"
 
     def __init__(self, directory: str = DEFAULT_DIR, backends: Iterable[str] = KNOWN_BACKENDS,
-                 users: UserDb | None = None):
+                 users: UserDb | None = None, owners: tuple[int, ...] = TRUSTED_OWNERS):
         self.directory = directory
+        self.owners = owners
         self.backends = tuple(backends)
         self.users = users
         self.current: Policy = Policy.empty()
@@ -262,7 +268,7 @@ class PolicyStore:
         """Load the directory again; on `PolicyError` re-raise it and keep `current`."""
         with self._lock:
             try:
-                policy = Policy.load(self.directory, backends=self.backends, users=self.users)
+                policy = Policy.load(self.directory, backends=self.backends, users=self.users, owners=self.owners)
             except PolicyError as e:
                 self.error = str(e)
                 raise

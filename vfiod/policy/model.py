@@ -341,7 +341,7 @@ def parse_target(target: str) -> ParsedTarget:
         raise InvalidArgument(f"the target is too long ({len(target)} characters)")
     if target.startswith("group:"):
         number = target[6:]
-        if not re.fullmatch(r"\d{1,10}", number) or int(number) > MAX_GROUP:
+        if not re.fullmatch(r"[0-9]{1,10}", number) or int(number) > MAX_GROUP:
             raise InvalidArgument(f"not an IOMMU group: {_short(target)} (expected group:N, e.g. group:8)")
         return "group", int(number)
     if target.startswith("name:"):

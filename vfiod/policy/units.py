@@ -11,6 +11,9 @@ from datetime import date, datetime, time
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_DURATION = 100 * 366 * 86400
+#: The longest a lease may be asked for or renewed by, whatever the rules say (one year):
+#: longer is refused, so every expiry stays a number clients can read.
+MAX_LEASE_SECONDS = 365 * 86400
 MAX_MEMLOCK = (1 << 63) - 1
 
 _SIZE = re.compile(r"(\d{1,20})\s*([kKmMgGtT]?)(?:i?B)?")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import struct
 from collections.abc import Iterable
 
@@ -372,16 +373,19 @@ class SysfsReader:
             return False
 
     def root_block_nodes(self) -> tuple[str, ...]:
-        """sysfs nodes of the block devices that back "/", following device-mapper slaves."""
-        text = _text(self._p("self/mountinfo")) or ""
-        majmin = None
-        for line in text.splitlines():
-            fields = line.split()
-            if len(fields) > 4 and fields[4] == "/":
-                majmin = fields[2]          # the last mount on "/" wins
-        if not majmin or majmin.startswith("0:"):
+        """sysfs nodes of the block devices that back "/", following device-mapper slaves.
+
+        A root with a real device number is found through ``dev/block/MAJ:MIN``.  One
+        with major 0 (btrfs, ZFS, overlay, …) has no block device of its own: see
+        `mount_block_names`."""
+        mounts = parse_mountinfo(_text(self._p("self/mountinfo")) or "")
+        root = [m for m in mounts if m.point == "/"]
+        if not root:
             return ()
-        out, todo, seen = [], [f"dev/block/{majmin}"], set()
+        mount = root[-1]                    # the last mount on "/" wins
+        first = ([f"dev/block/{mount.majmin}"] if not mount.majmin.startswith("0:") else
+                 [f"class/block/{n}" for n in self.mount_block_names(mount, mounts)])
+        out, todo, seen = [], first, set()
         while todo:
             link = todo.pop()
             if link in seen:
@@ -398,6 +402,55 @@ class SysfsReader:
                     continue
                 todo.extend(f"class/block/{s}" for s in slaves)
         return tuple(out)
+
+    def block_name(self, majmin: str) -> str | None:
+        """The kernel's name (``sda1``) of block device ``MAJ:MIN``, or None."""
+        target = _readlink(self._s(f"dev/block/{majmin}"))
+        return os.path.basename(target) if target else None
+
+    def mount_block_names(self, mount: Mount, mounts: list[Mount], depth: int = 0) -> list[str]:
+        """The block devices (kernel names) that hold `mount`'s filesystem.
+
+        - a real device number (``8:1``): that device;
+        - btrfs (major 0): the source device and every other device of the same
+          filesystem (``/sys/fs/btrfs/UUID/devices/``);
+        - ZFS (major 0, source ``POOL/dataset``): the pool's members, found by the
+          label udev links to them (``/dev/disk/by-label/POOL``, blkid's
+          ``LABEL`` of a ``zfs_member``);
+        - overlay: the filesystems under its ``upperdir`` and ``lowerdir``, in turn;
+        - any other major-0 filesystem whose source is a ``/dev/`` node: that node."""
+        if not mount.majmin.startswith("0:"):
+            name = self.block_name(mount.majmin)
+            return [name] if name else []
+        if depth > 4:
+            return []
+        names: list[str] = []
+        if mount.fstype == "overlay":
+            for key in ("upperdir", "lowerdir"):
+                for path in (mount.options.get(key) or "").split(":"):
+                    under = _mount_of(path, [m for m in mounts if m is not mount]) if path else None
+                    if under is not None:
+                        names.extend(self.mount_block_names(under, mounts, depth + 1))
+        elif mount.fstype == "zfs":
+            pool = mount.source.split("/")[0]
+            target = _readlink(os.path.join(self.roots.dev, "disk/by-label", pool)) if pool else None
+            if target:
+                names.append(os.path.basename(target))
+        elif mount.source.startswith("/dev/"):
+            names.append(os.path.basename(mount.source))
+        if mount.fstype == "btrfs" and names:
+            try:
+                fsids = os.listdir(self._s("fs/btrfs"))
+            except OSError:
+                fsids = []
+            for fsid in fsids:
+                try:
+                    members = os.listdir(self._s(f"fs/btrfs/{fsid}/devices"))
+                except OSError:
+                    continue
+                if names[0] in members:
+                    names.extend(m for m in members if m not in names)
+        return [n for n in dict.fromkeys(names) if "/" not in n and n not in ("", ".", "..")]
 
     def default_route_nodes(self) -> tuple[tuple[str, str], ...]:
         ifaces = []
@@ -432,6 +485,50 @@ class SysfsReader:
             iommu_enabled=self.has_iommu_groups(), cmdline=self.cmdline(), noiommu=self.noiommu(),
             root_block_nodes=self.root_block_nodes(), default_route_nodes=self.default_route_nodes(),
         )
+
+
+@attrs.frozen
+class Mount:
+    """One line of /proc/PID/mountinfo: the device number, where it is mounted, the
+    filesystem type, its source and its super options."""
+
+    majmin: str
+    point: str
+    fstype: str
+    source: str
+    options: dict[str, str]
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """Every mount of a mountinfo text, in order (a line that does not parse is skipped)."""
+    out = []
+    for line in text.splitlines():
+        fields = line.split()
+        try:
+            sep = fields.index("-", 6)
+            fstype, source, opts = fields[sep + 1], fields[sep + 2], fields[sep + 3] if len(fields) > sep + 3 else ""
+        except (ValueError, IndexError):
+            continue
+        options = dict((o.split("=", 1) + [""])[:2] for o in opts.split(",") if o)
+        out.append(Mount(majmin=fields[2], point=_unescape(fields[4]), fstype=fstype, source=_unescape(source),
+                         options={k: _unescape(v) for k, v in options.items()}))
+    return out
+
+
+def _unescape(text: str) -> str:
+    """mountinfo's octal escapes (``\\040`` for a space)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text) if "\\" in text else text
+
+
+def _mount_of(path: str, mounts: list[Mount]) -> Mount | None:
+    """The mount that holds `path` (the last one on the longest matching mount point)."""
+    best: Mount | None = None
+    for m in mounts:
+        point = m.point.rstrip("/") or "/"
+        if path == point or path.startswith(point.rstrip("/") + "/"):
+            if best is None or len(point) >= len(best.point.rstrip("/") or "/"):
+                best = m
+    return best
 
 
 def pci_ancestor(node: str) -> PciAddress | None:

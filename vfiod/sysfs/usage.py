@@ -6,7 +6,7 @@ import os
 
 
 from ..address import PciAddress
-from .read import Roots, _readlink, _text
+from .read import Roots, SysfsReader, _readlink, _text, parse_mountinfo
 
 
 def device_usage(roots: Roots, addr: PciAddress) -> list[str]:
@@ -28,32 +28,7 @@ def device_usage(roots: Roots, addr: PciAddress) -> list[str]:
         if state == "up" and iface in routed:
             out.append(f"network interface {iface} is up with routes")
     # block devices: mounted, swap, or held by MD/LVM/dm
-    majmins = {}
-    for dirpath, dirnames, filenames in os.walk(base):
-        if dirpath.count(os.sep) - base.count(os.sep) > 8:
-            dirnames[:] = []
-            continue
-        dirnames[:] = [d for d in dirnames if d not in ("driver", "subsystem", "firmware_node", "iommu_group", "physfn") and not d.startswith("virtfn")]
-        if "dev" in filenames and os.path.basename(os.path.dirname(dirpath)) in ("block",) or (
-                "dev" in filenames and "partition" in filenames):
-            mm = _text(os.path.join(dirpath, "dev"))
-            if mm:
-                majmins[mm] = os.path.basename(dirpath)
-                try:
-                    holders = os.listdir(os.path.join(dirpath, "holders"))
-                except OSError:
-                    holders = []
-                for h in holders:
-                    out.append(f"block device {os.path.basename(dirpath)} is held by {h} (MD/LVM/device-mapper)")
-    if majmins:
-        for line in (_text(os.path.join(roots.proc, "self/mountinfo")) or "").splitlines():
-            f = line.split()
-            if len(f) > 4 and f[2] in majmins:
-                out.append(f"block device {majmins[f[2]]} is mounted on {f[4]}")
-        for line in (_text(os.path.join(roots.proc, "swaps")) or "").splitlines()[1:]:
-            name = line.split()[0] if line.split() else ""
-            if os.path.basename(name) in majmins.values():
-                out.append(f"block device {os.path.basename(name)} is in use as swap")
+    out.extend(_block_usage(roots, base))
     # DRM nodes held open
     try:
         drm = [n for n in os.listdir(os.path.join(base, "drm")) if n.startswith(("card", "renderD"))]
@@ -80,3 +55,48 @@ def device_usage(roots: Roots, addr: PciAddress) -> list[str]:
             out.append(f"DRM node {', '.join(drm)} is open in process(es) {', '.join(sorted(openers, key=int))}")
     return out
 
+
+
+def _block_usage(roots: Roots, base: str) -> list[str]:
+    """What uses the block devices (disks and partitions) below the PCI device at `base`.
+
+    Each block device the kernel lists in ``class/block`` is below the device if its
+    node's path is: however deep a USB disk's partition sits (controller, root hub,
+    hubs, interface, SCSI host, target, LUN, disk, partition), nothing is missed."""
+    out: list[str] = []
+    node = os.path.realpath(base)
+    blocks: dict[str, str] = {}              # kernel name -> node
+    try:
+        names = sorted(os.listdir(os.path.join(roots.sysfs, "class/block")))
+    except OSError:
+        names = []
+    for name in names:
+        target = os.path.realpath(os.path.join(roots.sysfs, "class/block", name))
+        if target.startswith(node + os.sep):
+            blocks[name] = target
+    if not blocks:
+        return out
+    majmins: dict[str, str] = {}
+    for name, target in blocks.items():
+        mm = _text(os.path.join(target, "dev"))
+        if mm:
+            majmins[mm] = name
+        try:
+            holders = sorted(os.listdir(os.path.join(target, "holders")))
+        except OSError:
+            holders = []
+        for h in holders:
+            out.append(f"block device {name} is held by {h} (MD/LVM/device-mapper)")
+    reader = SysfsReader(roots)
+    mounts = parse_mountinfo(_text(os.path.join(roots.proc, "self/mountinfo")) or "")
+    for m in mounts:
+        # A major-0 filesystem (btrfs, ZFS, overlay) names its devices another way.
+        for name in reader.mount_block_names(m, mounts) if m.majmin not in majmins else [majmins[m.majmin]]:
+            if name in blocks:
+                out.append(f"block device {name} is mounted on {m.point}"
+                           + (f" ({m.fstype})" if m.majmin.startswith("0:") else ""))
+    for line in (_text(os.path.join(roots.proc, "swaps")) or "").splitlines()[1:]:
+        name = line.split()[0] if line.split() else ""
+        if os.path.basename(name) in blocks:
+            out.append(f"block device {os.path.basename(name)} is in use as swap")
+    return list(dict.fromkeys(out))

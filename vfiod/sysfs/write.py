@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import threading
 import time
 
 import attrs
 
 from ..address import PciAddress
-from ..errors import InvalidAddress, InvalidArgument, KernelError
+from ..errors import InvalidAddress, InvalidArgument, KernelError, PermissionDenied
 from .read import Roots, SysfsReader, _int, _readlink, _text
 from .usage import device_usage
 
@@ -302,6 +303,18 @@ class Kernel:
     def open_vfio_container(self) -> int:
         return os.open(self.vfio_container_path(), os.O_RDWR | os.O_CLOEXEC)
 
+    def container_acl_needed(self, uid: int) -> bool:
+        """Would `uid` need an ACL entry on /dev/vfio/vfio, having none now?  (False
+        where the node is world read-write or gone, or `uid` has an entry already.)"""
+        from .. import acl
+
+        path = self.vfio_container_path()
+        try:
+            st = os.stat(path)
+            return st.st_mode & 0o006 != 0o006 and acl.user_perm(path, uid) is None
+        except OSError:
+            return False
+
     def container_acl(self, uid: int, grant: bool) -> bool:
         """Add (or remove) a POSIX ACL entry rw for `uid` on /dev/vfio/vfio.
 
@@ -340,28 +353,66 @@ class Kernel:
                     return None
         return None
 
-    def grant_memlock(self, pid: int, limit: int) -> tuple[int, int] | None:
-        """Raise `pid`'s RLIMIT_MEMLOCK (soft and hard) to at least `limit`; never lowers it.
-        Returns the new (soft, hard), or None if the process is gone."""
+    def grant_memlock(self, pid: int, limit: int, uid: int) -> MemlockGrant | None:
+        """Raise the RLIMIT_MEMLOCK (soft and hard) of process `pid` to at least `limit`
+        (never lowering it), only if that process runs as `uid` (real and effective).
+
+        The process is held through a pidfd while it is checked and changed, so a pid
+        that was reused meanwhile is seen: its /proc entry is read only between
+        opening the pidfd and finding the process still alive through it.  Returns
+        what was done (the limits before, after, and the process's start time, to
+        know it again at release), or None if the process is gone; `PermissionDenied`
+        for a process of another uid."""
         import resource
         inf = resource.RLIM_INFINITY
-        try:
-            cur = resource.prlimit(pid, resource.RLIMIT_MEMLOCK)
-        except ProcessLookupError:
+        pidfd = _pidfd(pid)
+        if pidfd is None:
             return None
-        except OSError as e:
-            raise KernelError(f"cannot read RLIMIT_MEMLOCK of process {pid}: {e.strerror} "
-                               "(vfiod needs CAP_SYS_RESOURCE)") from None
-        soft, hard = cur
-        new = (soft if soft == inf or soft >= limit else limit, hard if hard == inf or hard >= limit else limit)
-        if new != cur:
+        try:
+            who = _process_identity(pid)
+            if who is None or not _alive(pidfd):
+                return None
+            uids, start = who
+            if any(u != uid for u in uids):
+                raise PermissionDenied(f"process {pid} runs as uid {uids[1]}, not as the lessee (uid {uid}): "
+                                       "the memlock grant goes only to the caller's own process")
             try:
-                resource.prlimit(pid, resource.RLIMIT_MEMLOCK, new)
+                cur = resource.prlimit(pid, resource.RLIMIT_MEMLOCK)
+                soft, hard = cur
+                new = (soft if soft == inf or soft >= limit else limit, hard if hard == inf or hard >= limit else limit)
+                if new != cur:
+                    resource.prlimit(pid, resource.RLIMIT_MEMLOCK, new)
             except ProcessLookupError:
                 return None
             except OSError as e:
-                raise KernelError(f"cannot raise RLIMIT_MEMLOCK of process {pid}: {e.strerror}") from None
-        return new
+                raise KernelError(f"cannot raise RLIMIT_MEMLOCK of process {pid}: {e.strerror} "
+                                  "(vfiod needs CAP_SYS_RESOURCE)") from None
+            if not _alive(pidfd):
+                return None
+            return MemlockGrant(pid=pid, start=start, before=(soft, hard), after=new)
+        finally:
+            os.close(pidfd)
+
+    def restore_memlock(self, pid: int, start: int, limits: tuple[int, int]) -> bool:
+        """Set RLIMIT_MEMLOCK of process `pid` back to `limits`, if it is still the process
+        that was granted (same start time, checked through a pidfd); False if it is gone."""
+        import resource
+        pidfd = _pidfd(pid)
+        if pidfd is None:
+            return False
+        try:
+            who = _process_identity(pid)
+            if who is None or who[1] != start or not _alive(pidfd):
+                return False
+            try:
+                resource.prlimit(pid, resource.RLIMIT_MEMLOCK, limits)
+            except ProcessLookupError:
+                return False
+            except OSError as e:
+                raise KernelError(f"cannot restore RLIMIT_MEMLOCK of process {pid}: {e.strerror}") from None
+            return True
+        finally:
+            os.close(pidfd)
 
     # ---- in use
 
@@ -370,3 +421,47 @@ class Kernel:
         return device_usage(self.roots, addr)
 
 
+
+
+@attrs.frozen
+class MemlockGrant:
+    """A memlock grant as applied: the process (pid and start time, in clock ticks after
+    boot: together they name one process) and its (soft, hard) limits before and after."""
+
+    pid: int
+    start: int
+    before: tuple[int, int]
+    after: tuple[int, int]
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (ProcessLookupError, ValueError, OverflowError):
+        return None
+
+
+def _alive(pidfd: int) -> bool:
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _process_identity(pid: int) -> tuple[tuple[int, int, int], int] | None:
+    """(real, effective, saved uid) and start time of process `pid` (the system's /proc:
+    processes are real even on a simulated host), or None if it is gone."""
+    status = _text(f"/proc/{int(pid)}/status")
+    stat = _text(f"/proc/{int(pid)}/stat")
+    if not status or not stat:
+        return None
+    uids = next((line.split()[1:4] for line in status.splitlines() if line.startswith("Uid:")), None)
+    try:
+        start = int(stat.rsplit(")", 1)[1].split()[19])
+        if uids is None or len(uids) != 3:
+            return None
+        real, effective, saved = (int(u) for u in uids)
+    except (IndexError, ValueError):
+        return None
+    return (real, effective, saved), start

@@ -11,6 +11,8 @@ import functools
 import os
 import tempfile
 
+import attrs
+
 from ...address import PciAddress
 from ...sysfs import Roots
 from .builder import Fn, HostSpec, build as build_spec
@@ -174,8 +176,29 @@ def server(functions: int = SERVER_DEFAULT) -> HostSpec:
                     functions=fns, root_disk=PciAddress.parse("0000:01:00.0"), route_iface="eno1")
 
 
+#: What ``HOST+VARIANT`` changes: the root filesystem, or a USB disk (see `HostSpec`).
+VARIANTS = ("btrfs", "zfs", "overlay", "usb")
+
+
 def spec(name: str) -> HostSpec:
-    """The simulated host called `name`: a built-in example, or ``server[:N]``."""
+    """The simulated host called `name`: a built-in example, or ``server[:N]``; each may be
+    followed by ``+btrfs``, ``+zfs`` or ``+overlay`` (the root disk's filesystem) and
+    ``+usb`` (a disk on its first USB controller, its partition mounted)."""
+    if "+" in name:
+        base, *extras = name.split("+")
+        s = spec(base)
+        for extra in extras:
+            if extra == "usb":
+                usb = sorted(fn.addr for fn in s.functions if fn.class_code >> 8 == 0x0C03)
+                if not usb:
+                    raise ValueError(f"simulated host {base!r} has no USB controller for +usb")
+                s = attrs.evolve(s, usb_disk=usb[0])
+            elif extra in VARIANTS and s.root_disk is not None:
+                s = attrs.evolve(s, root_fs=extra)
+            else:
+                raise ValueError(f"unknown variant +{extra} of simulated host {base!r} "
+                                 f"(known: {', '.join('+' + v for v in VARIANTS)}; a root filesystem needs a root disk)")
+        return attrs.evolve(s, name=name)
     if name in EXAMPLES:
         return EXAMPLES[name]
     kind, _, size = name.partition(":")

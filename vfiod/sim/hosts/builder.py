@@ -173,6 +173,12 @@ class HostSpec:
     root_disk: PciAddress | None = None      # storage controller holding "/"
     route_iface: str | None = None           # interface of the default route
     iommu: bool = True
+    #: the filesystem of "/" on the root disk: ext4 (a real device number), or one with
+    #: major 0: btrfs, zfs (pool "rpool"), overlay (upper layer on the disk)
+    root_fs: str = "ext4"
+    #: a USB controller with a disk whose partition is mounted on /media/usb (its node
+    #: sits ten levels below the controller's)
+    usb_disk: PciAddress | None = None
 
     @classmethod
     def from_table(cls, name: str, description: str, table: str, root_disk: PciAddress | None = None,
@@ -237,10 +243,14 @@ def build(spec: HostSpec, root: str) -> k.Roots:
     _write(os.path.join(procd, "cmdline"), spec.cmdline + "\n")
     mountinfo = "21 1 0:20 / /proc rw,nosuid - proc proc rw\n"
     if spec.root_disk is not None:
-        mountinfo = "25 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n" + mountinfo
+        mountinfo = _root_mount(spec.root_fs, sysd, devd) + mountinfo
         _make_disk(sysd, nodes[spec.root_disk])
     else:
         mountinfo = "25 1 0:31 / / rw,relatime - tmpfs rootfs rw\n" + mountinfo
+    if spec.usb_disk is not None:
+        mountinfo += "40 25 8:17 / /media/usb rw,nosuid,nodev - vfat /dev/sdb1 rw\n"
+        _make_disk(sysd, nodes[spec.usb_disk], "usb1/1-1/1-1.2/1-1.2.4/1-1.2.4:1.0/host6/target6:0:0/6:0:0:0",
+                   "sdb", 16)
     _write(os.path.join(procd, "self/mountinfo"), mountinfo)
     route = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
     if spec.route_iface:
@@ -324,13 +334,34 @@ def _write_attrs(fn: Fn, node: str) -> None:
         _write(os.path.join(node, "boot_vga"), "1\n" if fn.boot_vga else "0\n")
 
 
-def _make_disk(sysd: str, controller: str) -> None:
-    disk = os.path.join(controller, "ata1/host0/target0:0:0/0:0:0:0/block/sda")
-    part = os.path.join(disk, "sda1")
+def _root_mount(fs: str, sysd: str, devd: str) -> str:
+    """The mountinfo line(s) of "/" on sda1 as filesystem `fs`, and what the kernel and
+    udev show of it where its device number is 0:N."""
+    if fs == "ext4":
+        return "25 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n"
+    if fs == "btrfs":
+        _link(os.path.join(sysd, "fs/btrfs/5e1f0c8a-1d2b-4c3d-9e4f-a5b6c7d8e9f0/devices/sda1"),
+              os.path.join(sysd, "class/block/sda1"))
+        return "25 1 0:25 /@ / rw,relatime shared:1 - btrfs /dev/sda1 rw,ssd,subvolid=256,subvol=/@\n"
+    if fs == "zfs":
+        _link(os.path.join(devd, "disk/by-label/rpool"), os.path.join(devd, "sda1"))
+        return "25 1 0:25 / / rw,relatime shared:1 - zfs rpool/ROOT/debian rw,xattr,noacl\n"
+    if fs == "overlay":
+        return ("24 1 8:1 / /run/rw rw,relatime - ext4 /dev/sda1 rw\n"
+                "25 1 0:26 / / rw,relatime shared:1 - overlay overlay "
+                "rw,lowerdir=/run/rw/lower,upperdir=/run/rw/upper,workdir=/run/rw/work\n")
+    raise ValueError(f"no simulated root filesystem {fs!r} (ext4, btrfs, zfs, overlay)")
+
+
+def _make_disk(sysd: str, controller: str, path: str = "ata1/host0/target0:0:0/0:0:0:0",
+               name: str = "sda", minor: int = 0) -> None:
+    """A disk `name` with one partition below `controller` (at `path` below it)."""
+    disk = os.path.join(controller, path, "block", name)
+    part = os.path.join(disk, name + "1")
     os.makedirs(part)
-    _write(os.path.join(disk, "dev"), "8:0\n")
-    _write(os.path.join(part, "dev"), "8:1\n")
+    _write(os.path.join(disk, "dev"), f"8:{minor}\n")
+    _write(os.path.join(part, "dev"), f"8:{minor + 1}\n")
     _write(os.path.join(part, "partition"), "1\n")
-    for name, node, majmin in (("sda", disk, "8:0"), ("sda1", part, "8:1")):
-        _link(os.path.join(sysd, "class/block", name), node)
+    for n, node, majmin in ((name, disk, f"8:{minor}"), (name + "1", part, f"8:{minor + 1}")):
+        _link(os.path.join(sysd, "class/block", n), node)
         _link(os.path.join(sysd, "dev/block", majmin), node)
