@@ -16,6 +16,7 @@ import pytest
 
 from vfiod.cmd.common import duration_arg
 from vfiod.policy import parse_duration
+from tests.source import parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -92,7 +93,7 @@ def test_no_import_cycles_not_even_through_function_level_imports():
         mod = _module_of(path)
         package = mod if path.endswith("__init__.py") else mod.rpartition(".")[0]
         deps = set()
-        tree = ast.parse(open(path).read())
+        tree = parse(path)
         typing_only = {id(n) for top in ast.walk(tree) if isinstance(top, ast.If)
                        and getattr(top.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(top)}
         for node in ast.walk(tree):
@@ -131,7 +132,7 @@ def test_no_import_cycles_not_even_through_function_level_imports():
 
 
 def test_the_lease_tests_use_the_real_policy_classes():
-    tree = ast.parse(open(os.path.join(ROOT, "tests/sim/leasekit.py")).read())
+    tree = parse(os.path.join(ROOT, "tests/sim/leasekit.py"))
     defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
     assert not defined & {"Caller", "Target", "Decision", "DeviceDecision", "Policy"}, defined
 

@@ -10,6 +10,7 @@ import re
 
 from vfiod import errors
 from vfiod.cmd import common
+from tests.source import parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,7 +39,7 @@ def test_commands_return_only_named_codes():
         path = os.path.join(ROOT, "vfiod/cmd", module + ".py")
         if not os.path.exists(path):
             continue
-        tree = ast.parse(open(path).read())
+        tree = parse(path)
         for node in ast.walk(tree):
             if isinstance(node, ast.Return) and isinstance(node.value, ast.Constant) \
                     and isinstance(node.value.value, int) and not isinstance(node.value.value, bool):

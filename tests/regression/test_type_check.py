@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from tests.source import parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,7 +35,7 @@ def test_the_bus_module_hides_only_dbus_signatures(tmp_path):
     signature strings (``-> "s"``); no other undefined name may hide behind that."""
     path = os.path.join(ROOT, "vfiod", "bus.py")
     signatures = set()
-    for node in ast.walk(ast.parse(open(path).read())):
+    for node in ast.walk(parse(path)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for ann in [node.returns, *(a.annotation for a in node.args.args)]:
                 if isinstance(ann, ast.Constant) and isinstance(ann.value, str):

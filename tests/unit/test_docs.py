@@ -3,13 +3,14 @@
 import ast
 import os
 import re
+from tests.source import parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 README = open(os.path.join(ROOT, "README.md")).read()
 
 
 def _bus_members():
-    tree = ast.parse(open(os.path.join(ROOT, "vfiod/bus.py")).read())
+    tree = parse(os.path.join(ROOT, "vfiod/bus.py"))
     for cls in tree.body:
         if isinstance(cls, ast.ClassDef) and cls.name.endswith("Interface"):
             for fn in cls.body:

@@ -2,6 +2,7 @@ import ast
 import os
 
 from vfiod.pciids import PciIds
+from tests.source import parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,7 +53,7 @@ FORBIDDEN = {"dbus_next", "dbus_fast", "pyudev"}
 
 
 def _imports(path):
-    tree = ast.parse(open(path).read())
+    tree = parse(path)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             yield from (a.name.split(".")[0] for a in node.names)
@@ -92,7 +93,7 @@ def test_only_the_kernel_edge_opens_files():
             rel = os.path.relpath(path, ROOT)
             if not f.endswith(".py") or rel.startswith(OPENERS):
                 continue
-            tree = ast.parse(open(path).read())
+            tree = parse(path)
             for node in ast.walk(tree):
                 if isinstance(node, ast.Call):
                     fn = node.func

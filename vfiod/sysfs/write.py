@@ -107,8 +107,9 @@ class Kernel:
         finally:
             os.close(fd)
 
-    def _write(self, rel: str, data: str, what: str) -> None:
+    def _write(self, rel: str, data: str, what: str, timeout: float | None = None) -> None:
         classify_write(rel, data)
+        timeout = self.write_timeout if timeout is None else timeout
         result: list[OSError | None] = []
 
         def work() -> None:
@@ -120,9 +121,9 @@ class Kernel:
 
         t = threading.Thread(target=work, name=f"sysfs-write {rel}", daemon=True)
         t.start()
-        t.join(self.write_timeout)
+        t.join(timeout)
         if not result:
-            raise KernelError(f"{what}: the kernel did not answer within {self.write_timeout:g} s "
+            raise KernelError(f"{what}: the kernel did not answer within {timeout:g} s "
                                f"(writing {rel}; is a process holding the device?)")
         e = result[0]
         if e is not None:
@@ -240,9 +241,11 @@ class Kernel:
         if now == count:
             return
         rel = f"bus/pci/devices/{pf.sysfs_name}/sriov_numvfs"
+        # The kernel adds or removes each VF (and its driver) before the write returns:
+        # allow a tenth of a second per VF beyond the usual wait.
         if now and count:
-            self._write(rel, "0", f"{pf}: disabling its {now} VFs")
-        self._write(rel, str(count), f"{pf}: setting {count} VFs")
+            self._write(rel, "0", f"{pf}: disabling its {now} VFs", self.write_timeout + 0.1 * now)
+        self._write(rel, str(count), f"{pf}: setting {count} VFs", self.write_timeout + 0.1 * max(now, count))
 
     def reset_methods(self, addr: PciAddress) -> tuple[str, ...]:
         text = _text(os.path.join(self.roots.sysfs, "bus/pci/devices", addr.sysfs_name, "reset_method"))
