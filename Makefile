@@ -29,6 +29,7 @@ install-data: man
 	install -Dm644 systemd/org.vfiod1.conf $(DESTDIR)$(PREFIX)/share/dbus-1/system.d/org.vfiod1.conf
 	install -Dm644 systemd/org.vfiod1.service $(DESTDIR)$(PREFIX)/share/dbus-1/system-services/org.vfiod1.service
 	install -Dm644 systemd/vfiod-tmpfiles.conf $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/vfiod.conf
+	install -Dm644 systemd/vfiod-modules.conf $(DESTDIR)$(PREFIX)/lib/modules-load.d/vfiod.conf
 	install -Dm644 completion/vfiod $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vfiod
 	ln -sf vfiod $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vfioctl
 	install -Dm644 build/man/vfiod.8 $(DESTDIR)$(PREFIX)/share/man/man8/vfiod.8

@@ -17,7 +17,7 @@ EXPECTED = [
     "./lib/systemd/system/vfiod.service",
     "./usr/share/dbus-1/system.d/org.vfiod1.conf",
     "./usr/share/dbus-1/system-services/org.vfiod1.service",
-    "./usr/lib/tmpfiles.d/vfiod.conf",
+    "./usr/lib/tmpfiles.d/vfiod.conf", "./usr/lib/modules-load.d/vfiod.conf",
     "./usr/share/man/man8/vfiod.8.gz", "./usr/share/man/man1/vfioctl.1.gz",
     "./usr/share/man/man5/vfiod.policy.5.gz",
     "./usr/share/bash-completion/completions/vfiod", "./usr/share/bash-completion/completions/vfioctl",
