@@ -205,6 +205,24 @@ try:
             break
         time.sleep(0.2)
     stamp("hotplug")
+
+    # A client killed (SIGKILL) at many points of its grant leaves no lease behind: a grant
+    # whose caller left the bus before the reply is undone, and the group goes home.
+    orphans = {}
+    for delay in (1.0, 2.0, 3.0, 4.0, 5.0, 6.5, 8.0):
+        try:
+            p = as_user(["vfioctl", "lease", "--bus", ADDR, NICS[0], "--", "sleep", "30"], timeout=delay)
+            killed = False
+        except subprocess.TimeoutExpired:
+            killed = True
+        for _ in range(150):
+            view = bus_view()
+            if not view["leases"] and snap()["drivers"] == res["before"]["drivers"]:
+                break
+            time.sleep(0.2)
+        orphans[str(delay)] = {"killed": killed, "leases": view["leases"], "drivers": snap()["drivers"]}
+    res["orphans"] = orphans
+    stamp("orphans")
 except Exception:
     res["errors"].append(traceback.format_exc())
 finally:
@@ -329,3 +347,11 @@ def test_vfiod_agrees_and_stops_cleanly(guest_run):
     assert r["final"] == {"drivers": BEFORE, "node": None}
     log = r["vfiod_log"]
     assert "Traceback" not in log and "internal error" not in log, log[-6000:]
+
+
+def test_a_client_killed_at_any_point_of_its_grant_leaves_no_lease(guest_run):
+    orphans = guest_run["orphans"]
+    assert any(o["killed"] for o in orphans.values()), orphans
+    for delay, o in orphans.items():
+        assert o["leases"] == [], (delay, o, _context(guest_run))
+        assert o["drivers"] == BEFORE, (delay, o, _context(guest_run))
