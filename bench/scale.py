@@ -42,7 +42,9 @@ VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 from bus import World, summary, timed  # noqa: E402  (bench/bus.py)
 
 POLICY = '[[rule]]\nids = ["8086:1889"]\nuids = [{uid}]\nbackends = ["vfio"]\n'
-SCRATCH = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+# tmpfs when there is room (a 4,096-function tree is ~230 MB of small files)
+SCRATCH = ("/dev/shm" if os.access("/dev/shm", os.W_OK) and shutil.disk_usage("/dev/shm").free > 1 << 30
+           else None)
 
 
 def rss_mb(pid: int) -> float:

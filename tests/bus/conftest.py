@@ -56,7 +56,8 @@ class BusWorld:
             f.write((policy or POLICY).format(user=TEST_USER))
         self.state_dir = os.path.join(self.dir, "state")
         self.sim_dir = os.path.join(self.dir, "sim")
-        if topology.startswith("server") and os.access("/dev/shm", os.W_OK):
+        if (topology.startswith("server") and os.access("/dev/shm", os.W_OK)
+                and shutil.disk_usage("/dev/shm").free > 1 << 30):
             # A server-sized tree is tens of thousands of small files: on tmpfs it is
             # laid out in seconds, on a busy disk it can take a minute.
             self.sim_dir = tempfile.mkdtemp(prefix="vfiod-sim-", dir="/dev/shm")
