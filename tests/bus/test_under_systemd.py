@@ -99,3 +99,40 @@ def test_reload_without_a_daemon_says_so(unit_world):
     world.stop_daemon()
     p = reload(world)
     assert p.returncode == 1 and "not running" in p.stderr
+
+
+def test_the_event_loop_feeds_the_watchdog(tmp_path):
+    """WatchdogSec= in the unit: the loop sends WATCHDOG=1 twice per timeout, so a loop
+    that stops turning gets the daemon restarted."""
+    if not shutil.which("dbus-daemon"):
+        pytest.skip("dbus-daemon is not installed")
+    unprivileged_uid()
+    notify = Notify(str(tmp_path / "notify"))
+    w = BusWorld(env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="400000"))
+    try:
+        time.sleep(2.0)
+        pings = [m for m in notify.drain() if "WATCHDOG=1" in m]
+        assert len(pings) >= 5, notify.messages          # one every 0.2 s
+    finally:
+        w.close()
+
+
+def test_a_lost_bus_connection_ends_the_daemon_with_a_failure_status():
+    """The bus daemon goes away: vfiod exits 1 (so Restart=on-failure starts it again),
+    says why in one line, and leaves its leases in the journal."""
+    if not shutil.which("dbus-daemon"):
+        pytest.skip("dbus-daemon is not installed")
+    unprivileged_uid()
+    w = BusWorld()
+    try:
+        lease = w.ctl("lease", "group:8", "--persistent").stdout.strip()
+        w.bus.process.kill()
+        w.bus.process.wait()
+        assert w.daemon.wait(30) == 1
+        log = w.read_log()
+        assert "lost the" in log and "bus connection" in log and "Traceback" not in log, log
+        import sqlite3
+        db = sqlite3.connect(os.path.join(w.state_dir, "state.db"))
+        assert [r[0] for r in db.execute("SELECT id FROM leases")] == [lease]
+    finally:
+        w.close()
