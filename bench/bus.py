@@ -83,6 +83,15 @@ class World:
         return rc
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident memory, in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def summary(samples: list[float]) -> dict:
     """Milliseconds: median, p10, p90, n."""
     ms = sorted(s * 1000 for s in samples)

@@ -32,6 +32,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bus import rss_mb  # noqa: E402  (bench/bus.py: the standard library only at import)
+
 SERVER = r'''
 import asyncio, os, sys
 lib, n = sys.argv[1], int(sys.argv[2])
@@ -140,14 +143,6 @@ async def main():
 
 asyncio.run(main())
 '''
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def measure(lib: str, functions: int) -> dict:

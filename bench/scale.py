@@ -39,20 +39,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 
-from bus import World, summary, timed  # noqa: E402  (bench/bus.py)
+from bus import World, rss_mb, summary, timed  # noqa: E402  (bench/bus.py)
 
 POLICY = '[[rule]]\nids = ["8086:1889"]\nuids = [{uid}]\nbackends = ["vfio"]\n'
 # tmpfs when there is room (a 4,096-function tree is ~230 MB of small files)
 SCRATCH = ("/dev/shm" if os.access("/dev/shm", os.W_OK) and shutil.disk_usage("/dev/shm").free > 1 << 30
            else None)
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def start(n: int) -> tuple[str, "World", float, float]:

@@ -340,13 +340,6 @@ class SysfsReader:
 
     # ---- host facts
 
-    def iommu_groups(self) -> tuple[int, ...]:
-        try:
-            names = os.listdir(self._s("kernel/iommu_groups"))
-        except OSError:
-            return ()
-        return tuple(sorted(int(n) for n in names if n.isdigit()))
-
     def has_iommu_groups(self) -> bool:
         """Whether there is any IOMMU group, without listing them all (a lease asks on
         every partial rescan; a server has thousands).  Once seen, the answer stays:
