@@ -57,6 +57,7 @@ class Service:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.manager = LeaseManager(kernel, journal, lambda: self.policy_store.current, backends,
                                     on_ended=self._ended_in_thread)
+        self.manager.on_revoking = self._revoking_in_thread
         self.snapshot = Snapshot(self.manager)
         self.snapshot.on_change = self._changed_in_thread
         self.callers = Callers()
@@ -262,6 +263,7 @@ class Service:
         finally:
             self.update_status()
         log.info("policy reloaded by uid %s: %d files, %d rules", caller.uid, len(policy.files), len(policy.rules))
+        await self.revoke_disallowed()
 
     # ------------------------------------------------------------ what systemd shows
 
@@ -315,6 +317,36 @@ class Service:
     def _ended_in_thread(self, ended: Ended) -> None:
         if self.loop:
             self.loop.call_soon_threadsafe(self._ended, ended)
+
+    def _revoking_in_thread(self, lease: LeaseRow) -> None:
+        if self.loop:
+            self.loop.call_soon_threadsafe(self._revoking, lease)
+
+    def _revoking(self, lease: LeaseRow) -> None:
+        self.objects.update_lease(lease)
+        self.manager_iface.LeaseRevoking(busmod.lease_path(lease.id), lease.revoke_reason or "",
+                                         max(0, int(lease.deadline)))
+        self.update_status()
+
+    async def revoke(self, caller: Caller, lease_id: str, reason: str) -> None:
+        """Root: take a lease back through the ladder (`LeaseManager.revoke`)."""
+        if not caller.is_admin:
+            raise PermissionDenied("only root may revoke a lease")
+        lease = self.manager.get(lease_id)
+        await self._run(self.manager.revoke, lease_id, reason or "revoked", caller)
+        self.refresh_soon([lease.group])
+
+    async def turn_ladders(self) -> None:
+        """One turn of the revoke ladder for every lease on it (the daemon's tick)."""
+        ended = await self._run(self.manager.advance_all)
+        if ended:
+            self.refresh_soon([e.lease.group for e in ended])
+
+    async def revoke_disallowed(self) -> None:
+        """After a policy reload: revoke (reason ``policy``) the leases it no longer allows."""
+        got = await self._run(self.manager.revoke_disallowed, self.policy_store.current)
+        if got:
+            self.refresh_soon([g.lease.group for g in got])
 
     def warnings(self, lease_id: str) -> list[str]:
         """What the grant of `lease_id` promised and could not do (the memlock grant, say)."""
