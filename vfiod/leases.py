@@ -658,7 +658,8 @@ class LeaseManager:
         for st in self.journal.steps(lease.id):
             r = st.record
             pid, start, sig, at = r.get("pid"), r.get("start"), r.get("signal"), r.get("at")
-            if (st.action == "end-holder" and isinstance(pid, int) and isinstance(start, int)
+            # Only signals known sent: one whose step was cut short by a crash is sent again.
+            if (st.action == "end-holder" and st.status == "done" and isinstance(pid, int) and isinstance(start, int)
                     and isinstance(sig, str) and isinstance(at, (int, float))):
                 sent.setdefault((pid, start), {})[sig] = float(at)
         now = self.clock()
@@ -834,6 +835,8 @@ class LeaseManager:
                 self._verify(lease, be)
                 return []
             reason = "released" if lease.state == "releasing" else "owner-gone"
+            if lease.state == "releasing" and lease.revoke_reason:      # the ladder's last step
+                reason = lease.revoke_reason if lease.revoke_reason in END_REASONS else "revoked"
             try:
                 ended = self._release_locked(lease, reason)
                 return [ended] if ended else []

@@ -284,3 +284,54 @@ def test_a_lease_stuck_releasing_is_finished_by_the_ladder(kit):
     assert kit.journal.lease(lease.id).state == "revoking"        # never left "releasing"
     assert turn(kit, lease.id).reason == "released"
     assert kit.kernel.driver_of(NIC) == "e1000e"
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _ladder_child(kit, lease_id, crash_at):
+    return subprocess.run([sys.executable, "-m", "tests.sim.revokechild", kit.root, kit.state_path, lease_id,
+                           crash_at], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def _granted_and_held(tmp_path, name):
+    k = Kit(tmp_path / name, spec=SPEC)
+    k.policy = policy()
+    k.manager.kill_after = 0.5
+    k.procs = []
+    lease = k.manager.request(Caller(LESSEE), str(NIC), "vfio", {"persistent": True})
+    p, _ = hold(k, lease, mode="stubborn")
+    return k, lease, p
+
+
+def test_sigkill_of_vfiod_at_each_step_of_the_ladder_then_a_restart_finishes_the_revoke(tmp_path):
+    k, lease, p = _granted_and_held(tmp_path, "dry")
+    try:
+        run = _ladder_child(k, lease.id, "none")
+        assert run.returncode == 0, run.stderr[-2000:]
+    finally:
+        p.kill()
+    points = list(dict.fromkeys(run.stdout.split()))
+    for want in ("revoke", "ask-intent", "ask-done", "end-holder-intent:TERM", "end-holder-done:TERM",
+                 "end-holder-intent:KILL", "end-holder-done:KILL", "releasing", "released"):
+        assert want in points, (want, points)
+    for i, point in enumerate(points):
+        k, lease, p = _granted_and_held(tmp_path, f"case{i}")
+        try:
+            run = _ladder_child(k, lease.id, point)
+            assert run.returncode == -9, (point, run.returncode, run.stderr[-2000:])
+            # The restart: a new manager on the same journal and tree.
+            again = Kit(tmp_path / f"case{i}", spec=SPEC)
+            again.manager.kill_after = 0.5
+            ended = again.manager.reconcile()      # a release cut short is finished here
+            assert [e.reason for e in ended] in ([], ["revoked"]), (point, ended)
+            row = again.journal.lease(lease.id)
+            if row is not None:
+                assert row.state == "revoking", (point, row)
+                assert turn(again, lease.id).reason == "revoked", point
+            assert again.journal.leases() == [], point
+            assert again.kernel.driver_of(NIC) == "e1000e", point
+            assert p.wait(10) in (-signal.SIGKILL, -signal.SIGTERM), point
+        finally:
+            if p.poll() is None:
+                p.kill()
