@@ -501,7 +501,7 @@ def _unwrap_options(options: dict[str, object]) -> dict[str, object]:
     out = {}
     for key, value in options.items():
         out[key] = value.value if isinstance(value, Variant) else value
-    expected = {"duration": int, "persistent": bool, "force": bool}
+    expected = {"duration": int, "persistent": bool, "force": bool, "scope": bool}
     for key, value in out.items():
         want = expected.get(key)
         if want is not None and type(value) is not want:

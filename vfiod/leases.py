@@ -132,6 +132,8 @@ class LeaseManager:
         self._locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self.on_revoking: Callable[[LeaseRow], None] = lambda lease: None
+        # Send a signal to every process of a transient scope (the daemon asks systemd); False if it could not.
+        self.end_scope: Callable[[str, int], bool] = lambda scope, sig: False
         self.kill_after = KILL_AFTER
         self._unbinds: dict[str, list[Unbinding]] = {}     # lease id -> the unbinds the ladder began
         self._told: set[tuple[str, str]] = set()            # (lease id, what) already logged
@@ -243,8 +245,8 @@ class LeaseManager:
                 owner: str | None = None) -> LeaseRow:
         options = dict(options or {})
         for key in options:
-            if key not in ("duration", "persistent", "force"):
-                raise InvalidArgument(f"unknown option {key!r} (known: duration, persistent, force)")
+            if key not in ("duration", "persistent", "force", "scope"):
+                raise InvalidArgument(f"unknown option {key!r} (known: duration, persistent, force, scope)")
         policy = self.policy_source()
         host = self.host_for(target, policy)
         try:
@@ -663,6 +665,8 @@ class LeaseManager:
                     and isinstance(sig, str) and isinstance(at, (int, float))):
                 sent.setdefault((pid, start), {})[sig] = float(at)
         now = self.clock()
+        if lease.scope:
+            self._end_scope(lease, now)
         for h in holders:
             if not h.sure:
                 self._tell_once(lease.id, f"unsure:{h.pid}", logging.WARNING,
@@ -690,6 +694,27 @@ class LeaseManager:
                 log.warning("lease %s: SIG%s to %s (%s)", lease.id, name, h.describe(), lease.revoke_reason)
             self.journal.done(lease.id, seq)
             self._step(f"end-holder-done:{name}")
+
+    def _end_scope(self, lease: LeaseRow, now: float) -> None:
+        """The lessee's command ran in a transient scope (`vfioctl lease -- CMD`): end the
+        whole tree at once, SIGTERM then SIGKILL, as the holders are ended."""
+        sent = {str(st.record.get("signal")): st.record.get("at") for st in self.journal.steps(lease.id)
+                if st.action == "end-scope" and st.status == "done"}
+        at = sent.get("TERM")
+        if "TERM" not in sent:
+            sig, name = signal.SIGTERM, "TERM"
+        elif "KILL" not in sent and isinstance(at, (int, float)) and now - at >= self.kill_after:
+            sig, name = signal.SIGKILL, "KILL"
+        else:
+            return
+        assert lease.scope is not None
+        seq = self.journal.intent(lease.id, "end-scope", None, {"scope": lease.scope, "signal": name, "at": now})
+        if self.end_scope(lease.scope, sig):
+            self._audit("revoke", None, lease.target, lease.id, lease.rule, "ended",
+                        f"SIG{name} to every process of {lease.scope} ({lease.revoke_reason})", group=lease.group)
+            log.warning("lease %s: SIG%s to every process of %s (%s)", lease.id, name, lease.scope,
+                        lease.revoke_reason)
+        self.journal.done(lease.id, seq)
 
     def _finish_revoke(self, lease: LeaseRow, be: Backend) -> Ended | Revoking:
         """Step 4: nobody holds the group: the release completes (a failure is retried)."""

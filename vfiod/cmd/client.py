@@ -80,7 +80,7 @@ class Client:
         return {k: v.value for k, v in reply.body[0].items()}
 
     async def request_lease(self, target: str, backend: str = "", duration: int | None = None,
-                            persistent: bool = False, force: bool = False) -> str:
+                            persistent: bool = False, force: bool = False, scope: bool = False) -> str:
         options: dict[str, Variant] = {}
         if duration:
             options["duration"] = Variant("t", duration)
@@ -88,6 +88,8 @@ class Client:
             options["persistent"] = Variant("b", True)
         if force:
             options["force"] = Variant("b", True)
+        if scope:
+            options["scope"] = Variant("b", True)
         reply = await self.call(ROOT, "org.vfiod1.Manager", "RequestLease", "ssa{sv}", [target, backend, options])
         path: str = reply.body[0]
         return path

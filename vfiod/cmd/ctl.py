@@ -173,7 +173,9 @@ def cmd_lease(args: argparse.Namespace) -> int:
         raise NotFound(f"no such command: {command[0]!r} (not found or not executable)")
 
     async def go(client: Client) -> int:
-        path = await client.request_lease(args.target, args.backend or "", args.duration, args.persistent, args.force)
+        # With a command: where systemd runs, vfiod puts this process (and so CMD) in a scope of its own.
+        path = await client.request_lease(args.target, args.backend or "", args.duration, args.persistent, args.force,
+                                          scope=bool(command))
         lease_id = path.rsplit("/", 1)[-1]
         props = await client.properties(path, "org.vfiod1.Lease")
         group = int(props["Group"].rsplit("/", 1)[-1])
