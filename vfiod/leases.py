@@ -336,8 +336,10 @@ class LeaseManager:
         if uses and not (caller.is_admin and options.get("force")):
             raise Busy("in use on the host: " + "; ".join(uses)
                        + (" (an admin may pass force)" if not caller.is_admin else " (pass force to override)"))
-        return ([Held(str(d.addr), d.driver, d.raw.driver_override) for d in endpoints]
-                + [Held(str(d.addr), d.driver, d.raw.driver_override, "bridge") for d in bridges])
+        # The override as the kernel has it now (the snapshot may not know it: see
+        # SysfsReader._patient_read); no unbind of this group can be under way here.
+        return ([Held(str(d.addr), d.driver, self.kernel.override_of(d.addr)) for d in endpoints]
+                + [Held(str(d.addr), d.driver, self.kernel.override_of(d.addr), "bridge") for d in bridges])
 
     def _grant(self, ctx: LeaseContext, be: Backend) -> None:
         lid = ctx.lease.id

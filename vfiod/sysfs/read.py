@@ -6,6 +6,7 @@ import errno
 import os
 import re
 import struct
+import threading
 from collections.abc import Iterable
 
 import attrs
@@ -173,6 +174,8 @@ class SysfsReader:
         self.roots = roots or Roots()
         self.config_limit = config_limit
         self._iommu_seen = False
+        self._waiting: set[str] = set()            # attribute paths whose read the kernel holds
+        self._waiting_lock = threading.Lock()
 
     def _s(self, rel: str) -> str:
         return os.path.join(self.roots.sysfs, rel)
@@ -286,7 +289,9 @@ class SysfsReader:
                 problems.append(f"iommu_group link is odd: {target!r}")
         target = _readlink_at(dfd, "driver")
         driver = os.path.basename(target) if target else None
-        override_raw = _read_at(dfd, "driver_override")
+        locked = driver == "vfio-pci"          # an unbind from it may hold the device lock for long
+        override_raw = (self._patient_read(addr, "driver_override") if locked
+                        else _read_at(dfd, "driver_override"))
         override = override_raw.strip().decode("utf-8", "replace") if override_raw else None
         if override in ("(null)", ""):
             override = None
@@ -298,7 +303,11 @@ class SysfsReader:
         if physfn is None:
             totalvfs = num("sriov_totalvfs", 10)
             if totalvfs is not None:
-                numvfs = num("sriov_numvfs", 10)
+                text = self._patient_read(addr, "sriov_numvfs") if locked else _read_at(dfd, "sriov_numvfs")
+                try:
+                    numvfs = int(text, 10) if text is not None else None
+                except ValueError:
+                    problems.append("sriov_numvfs unreadable")
                 for i in range(numvfs or 0):
                     t = _readlink_at(dfd, f"virtfn{i}")
                     a = _addr_or_none(os.path.basename(t)) if t else None
@@ -316,6 +325,34 @@ class SysfsReader:
             numa_node=num("numa_node", 10), sriov_totalvfs=totalvfs, sriov_numvfs=numvfs,
             physfn=physfn, virtfns=tuple(sorted(virtfns)), net=net, problems=tuple(problems),
         )
+
+    #: How long a read under the device lock may take before it is left to finish alone.
+    PATIENCE = 1.0
+
+    def _patient_read(self, addr: PciAddress, name: str) -> bytes | None:
+        """Read an attribute the kernel shows under the device lock (``driver_override``,
+        ``sriov_numvfs``) without ever waiting long for it: while an unbind from vfio-pci
+        waits for the device's holders (the revoke ladder's, or one a killed vfiod left
+        behind), the kernel holds the lock and such a read sleeps uninterruptibly until
+        the holders let go.  The read runs in a thread of its own; past `PATIENCE` it is
+        left to finish alone, and until it has, the attribute reads as unknown."""
+        path = os.path.join(self._s("bus/pci/devices"), addr.sysfs_name, name)
+        with self._waiting_lock:
+            if path in self._waiting:
+                return None
+            self._waiting.add(path)
+        box: list[bytes | None] = []
+
+        def work() -> None:
+            try:
+                box.append(_read_at(None, path))
+            finally:
+                with self._waiting_lock:
+                    self._waiting.discard(path)
+        t = threading.Thread(target=work, name=f"read {addr} {name}", daemon=True)
+        t.start()
+        t.join(self.PATIENCE)
+        return box[0] if box else None
 
     def group_members(self, group: int) -> list[PciAddress]:
         """The addresses the kernel lists in IOMMU group `group` (empty if there is none)."""
