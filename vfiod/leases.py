@@ -137,6 +137,7 @@ class LeaseManager:
         self.kill_after = KILL_AFTER
         self._unbinds: dict[str, list[Unbinding]] = {}     # lease id -> the unbinds the ladder began
         self._told: set[tuple[str, str]] = set()            # (lease id, what) already logged
+        self._sync_locked()             # before the first scan: a restart may find unbinds under way
 
     # ------------------------------------------------------------ helpers
 
@@ -507,6 +508,7 @@ class LeaseManager:
                         group=lease.group)
             # Never left "releasing" for good: the ladder tries again every second.
             self.journal.start_revoke(lease.id, reason, self.clock() + lease.grace)
+            self._sync_locked()
             raise BackendFailed(f"releasing lease {lease.id} left work undone (it stays recorded and "
                                 f"will be retried): {'; '.join(errors)}")
         self._restore_memlock(lease)
@@ -564,6 +566,7 @@ class LeaseManager:
         """Steps 1 and 2 of the ladder (the group lock is held)."""
         deadline = self.clock() + lease.grace
         self.journal.start_revoke(lease.id, reason, deadline)
+        self._sync_locked()
         lease = attrs.evolve(lease, state="revoking", revoke_reason=reason, deadline=deadline)
         seq = self.journal.intent(lease.id, "revoke", None, {"reason": reason, "deadline": deadline})
         self.journal.done(lease.id, seq)
@@ -579,6 +582,13 @@ class LeaseManager:
             log.error("lease %s: telling of the revoke failed: %s", lease.id, e)
         self._ask(lease)
         return lease
+
+    def _sync_locked(self) -> None:
+        """Tell the reader which devices the ladder unbinds (their device lock may be held
+        for as long as their holders hold on): every endpoint of a ``revoking`` lease."""
+        self.reader.locked = frozenset(PciAddress.parse(h.addr) for lease in self.journal.leases()
+                                       if lease.state == "revoking"
+                                       for h in self.journal.held(lease.id) if h.role == "endpoint")
 
     def _ask(self, lease: LeaseRow) -> None:
         """Step 2: nobody opens the group again, and each endpoint's unbind begins."""
@@ -727,6 +737,8 @@ class LeaseManager:
         except VfiodError as e:
             self._tell_once(lease.id, f"finish:{e}", logging.ERROR, "lease %s: finishing the revoke: %s", lease.id, e)
             return Revoking(lease, ())
+        finally:
+            self._sync_locked()
         return ended
 
     def revoke_disallowed(self, policy: Policy) -> list[Ended | Revoking]:
@@ -833,6 +845,7 @@ class LeaseManager:
 
     def reconcile(self) -> list[Ended]:
         """Make sysfs and the journal agree again; returns the leases that ended."""
+        self._sync_locked()
         out = []
         for lease in self.journal.leases():
             try:

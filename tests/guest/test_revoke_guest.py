@@ -33,16 +33,43 @@ TESTPMD = ["dpdk-testpmd", "-l", "0-1", "--no-huge", "-m", "128", "--iova-mode=v
            "--total-num-mbufs=2048"]
 
 GUEST_PY = r'''
-import json, os, signal, subprocess, sys, threading, time, traceback
+import json, os, shutil, signal, subprocess, sys, threading, time, traceback
 sys.path.insert(0, os.environ["VFIOD_CHECKOUT"])
 from tests.guest.instack import Stack, driver, ensure_user, group_of, user_env
 from tests.guest.vfioholder import device_fd_holders, gone, hold
 OUT = os.environ["OUT"]
 NIC, PAIR, SPARE, GRACE, TESTPMD = %(nic)r, %(pair)r, %(spare)r, %(grace)d, %(testpmd)r
-res = {"errors": []}
+res = {"errors": [], "complete": False}
 t0 = time.monotonic()
+def save():
+    with open(os.path.join(OUT, "revoke.json"), "w") as f:
+        json.dump(res, f)
 def stamp(name):
     res.setdefault("timings", {})[name] = round(time.monotonic() - t0, 2)
+    save()
+def watch():
+    """Every 5 s: any task in uninterruptible sleep, with its kernel stack (for a failure's story)."""
+    while True:
+        time.sleep(5)
+        seen = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        stat = f.read()
+                    if stat.rsplit(")", 1)[1].split()[0] == "D":
+                        with open(f"/proc/{pid}/task/{tid}/stack") as f:
+                            seen.append(f"{pid}/{tid} {stat.split('(', 1)[1].rsplit(')', 1)[0]}\n{f.read()}")
+            except OSError:
+                pass
+        if seen:
+            with open(os.path.join(OUT, "dstate.txt"), "a") as f:
+                f.write(f"--- {time.monotonic() - t0:.0f} s\n" + "".join(seen))
+        try:
+            shutil.copy("/run/vfiod-revoke/vfiod.log", os.path.join(OUT, "vfiod.log"))
+        except OSError:
+            pass
+threading.Thread(target=watch, daemon=True).start()
 
 ensure_user(1000, "lessee")
 ensure_user(1001, "other")
@@ -62,6 +89,7 @@ rules = (f'[[rule]]\naddress = ["{NIC}", "{SPARE}"]\nuids = [1000]\nbackends = [
          f'max_duration = "1h"\nrevoke_grace = "{GRACE}s"\nmemlock = "512M"\n\n'
          f'[[rule]]\naddress = {json.dumps(PAIR)}\nuids = [1000, 1001]\nbackends = ["vfio"]\npersistent = true\n'
          f'revoke_grace = "{GRACE}s"\n')
+os.environ["PYTHONFAULTHANDLER"] = "1"       # a failure below asks vfiod for its threads' stacks (SIGABRT)
 stack = Stack("/run/vfiod-revoke", {"50-revoke.toml": rules})
 
 def lease(uid, target, *extra):
@@ -71,7 +99,7 @@ def lease(uid, target, *extra):
     return p.stdout.split()[-1]
 
 def revoke(lease_id, *extra):
-    p = stack.vfioctl(0, "revoke", lease_id, "--json", *extra, timeout=120)
+    p = stack.vfioctl(0, "revoke", lease_id, "--json", "--wait", "60", *extra, timeout=120)
     return {"rc": p.returncode, "doc": json.loads(p.stdout) if p.stdout.strip() else None, "stderr": p.stderr}
 
 def until(pred, timeout=60):
@@ -118,8 +146,8 @@ try:
     lid = lease(1000, NIC)
     h = hold(G, NIC, "stubborn", uid=0)
     h.expect("ready")
-    r = revoke(lid, "--reason", "root holds it", "--wait", str(GRACE + 6))
-    leases = json.loads(stack.vfioctl(0, "leases", "--json").stdout)["leases"]
+    r = revoke(lid, "--reason", "root holds it", "--wait", str(GRACE + 6))   # the last --wait counts
+    leases = json.loads(stack.vfioctl(0, "leases", "--json", timeout=60).stdout)["leases"]
     res["root"] = {"revoke": r, "alive_after_grace": h.poll() is None, "leases": leases, "driver": driver(NIC)}
     h.kill()
     res["root"]["ended_after_it_went"] = until(lambda: driver(NIC) == "e1000e", 30)
@@ -224,22 +252,30 @@ try:
     stamp("crash")
 except Exception:
     res["errors"].append(traceback.format_exc())
+    if stack.daemon is not None and stack.daemon.poll() is None:
+        os.kill(stack.daemon.pid, signal.SIGABRT)        # its threads' stacks go to its log
+        time.sleep(2)
 finally:
     stack.close()
     res["vfiod_log"] = stack.read_log()
+    res["complete"] = True
     stamp("done")
-    with open(os.path.join(OUT, "revoke.json"), "w") as f:
-        json.dump(res, f)
 ''' % {"nic": NIC, "pair": PAIR, "spare": SPARE, "grace": GRACE, "testpmd": TESTPMD}
 
 
 @pytest.fixture(scope="module")
 def run():
-    res = Guest(topology="all").run("python3 - <<'EOF'\n" + GUEST_PY + "\nEOF\n", timeout=1500)
-    assert res.returncode == 0 and "revoke.json" in res.files, res.output[-4000:]
+    from tests.guest.harness import GuestTimeout
+    try:
+        res = Guest(topology="all").run("python3 - <<'EOF'\n" + GUEST_PY + "\nEOF\n", timeout=1200)
+    except GuestTimeout as e:
+        raise AssertionError(f"the guest timed out: {e}") from None
+    stuck = res.files.get("dstate.txt", b"").decode()[-6000:]
+    assert res.returncode == 0 and "revoke.json" in res.files, res.output[-4000:] + stuck
     r = json.loads(res.files["revoke.json"])
     r["_wall_seconds"] = res.wall_seconds
-    assert not r["errors"], "\n".join(r["errors"]) + r.get("vfiod_log", "")[-4000:]
+    assert not r["errors"] and r["complete"], ("\n".join(r["errors"]) + r.get("vfiod_log", "")[-4000:] + stuck
+                                               + json.dumps(r.get("timings")))
     return r
 
 

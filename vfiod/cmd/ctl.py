@@ -212,6 +212,8 @@ def cmd_lease(args: argparse.Namespace) -> int:
                 try:
                     await client.lease_call(path, "Release")
                     print(f"vfioctl: lease {lease_id} released", file=sys.stderr)
+                except NotFound:            # vfiod ended it first (revoked, expired, removed)
+                    print(f"vfioctl: lease {lease_id} had already ended", file=sys.stderr)
                 except Exception as e:      # the lease also ends when this connection closes
                     print(f"vfioctl: releasing {lease_id}: {e}", file=sys.stderr)
     return _run(args, go)

@@ -175,6 +175,9 @@ class SysfsReader:
         self.config_limit = config_limit
         self._iommu_seen = False
         self._waiting: set[str] = set()            # attribute paths whose read the kernel holds
+        #: Devices whose unbind is known to wait for holders (the revoke ladder's): their
+        #: attributes under the device lock are not read at all (see `_patient_read`).
+        self.locked: frozenset[PciAddress] = frozenset()
         self._waiting_lock = threading.Lock()
 
     def _s(self, rel: str) -> str:
@@ -289,7 +292,9 @@ class SysfsReader:
                 problems.append(f"iommu_group link is odd: {target!r}")
         target = _readlink_at(dfd, "driver")
         driver = os.path.basename(target) if target else None
-        locked = driver == "vfio-pci"          # an unbind from it may hold the device lock for long
+        # An unbind from vfio-pci may hold the device lock for long; the kernel removes the
+        # driver link first, so a device the ladder unbinds shows no driver meanwhile.
+        locked = driver == "vfio-pci" or addr in self.locked
         override_raw = (self._patient_read(addr, "driver_override") if locked
                         else _read_at(dfd, "driver_override"))
         override = override_raw.strip().decode("utf-8", "replace") if override_raw else None
@@ -334,8 +339,12 @@ class SysfsReader:
         ``sriov_numvfs``) without ever waiting long for it: while an unbind from vfio-pci
         waits for the device's holders (the revoke ladder's, or one a killed vfiod left
         behind), the kernel holds the lock and such a read sleeps uninterruptibly until
-        the holders let go.  The read runs in a thread of its own; past `PATIENCE` it is
-        left to finish alone, and until it has, the attribute reads as unknown."""
+        the holders let go, and a process with such a thread cannot even exit.  So the
+        devices the ladder is unbinding (`locked`) are not read at all; for any other
+        device on vfio-pci the read runs in a thread of its own and, past `PATIENCE`,
+        is left to finish alone; until it has, the attribute reads as unknown."""
+        if addr in self.locked:
+            return None
         path = os.path.join(self._s("bus/pci/devices"), addr.sysfs_name, name)
         with self._waiting_lock:
             if path in self._waiting:
