@@ -493,12 +493,12 @@ def _unwrap_options(options: dict[str, object]) -> dict[str, object]:
     out = {}
     for key, value in options.items():
         out[key] = value.value if isinstance(value, Variant) else value
-    expected = {"duration": int, "persistent": bool, "force": bool}
+    expected = {"duration": int, "persistent": bool, "force": bool, "k8s_namespace": str}
+    words = {int: "a number of seconds", bool: "a boolean", str: "a string"}
     for key, value in out.items():
         want = expected.get(key)
         if want is not None and type(value) is not want:
-            raise InvalidArgument(f"option {key!r} must be {'a number of seconds' if want is int else 'a boolean'}, "
-                                  f"not {type(value).__name__}")
+            raise InvalidArgument(f"option {key!r} must be {words[want]}, not {type(value).__name__}")
     return out
 
 

@@ -219,8 +219,8 @@ class LeaseManager:
                 owner: str | None = None) -> LeaseRow:
         options = dict(options or {})
         for key in options:
-            if key not in ("duration", "persistent", "force"):
-                raise InvalidArgument(f"unknown option {key!r} (known: duration, persistent, force)")
+            if key not in ("duration", "persistent", "force", "k8s_namespace"):
+                raise InvalidArgument(f"unknown option {key!r} (known: duration, persistent, force, k8s_namespace)")
         policy = self.policy_source()
         host = self.host_for(target, policy)
         try:

@@ -150,7 +150,8 @@ class Service:
             self.refresh_soon([lease.group])
             raise BackendFailed("the caller left the bus before the grant finished; the lease was undone")
         warnings: list[str] = []
-        if lease.memlock:
+        # A delegate's lease is for a container not yet started: its grant travels in the CDI spec.
+        if lease.memlock and "k8s_namespace" not in options:
             # The policy's grant goes to the calling process (vfioctl lease -- CMD: CMD inherits it),
             # before the lessee pins any memory.  If it cannot be applied, the caller is told.
             why = "vfiod does not know the calling process" if not caller.pid else ""
