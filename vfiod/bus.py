@@ -567,6 +567,12 @@ class ManagerInterface(_Interface):
 
     @method()
     @edge
+    async def KubernetesAccess(self, caller: Caller, target: "s") -> "(asas)":
+        namespaces, resources = await self.service.kubernetes_access(caller, target)
+        return [namespaces, resources]
+
+    @method()
+    @edge
     async def SetVfCount(self, caller: Caller, pf: "s", count: "u") -> "u":
         return await self.service.set_vf_count(caller, pf, count)
 

@@ -242,6 +242,10 @@ class Service:
                     "a VFIO user that pins memory (DPDK, QEMU) will fail to map DMA beyond it")
         return ""
 
+    async def kubernetes_access(self, caller: Caller, target: str) -> tuple[list[str], list[str]]:
+        host, number = await self._target_group(target)
+        return self.policy_store.current.kubernetes_view(host, caller.uid, number)
+
     async def set_vf_count(self, caller: Caller, pf: str, count: int) -> int:
         addr = PciAddress.parse(pf)
         before = await self._run(self.manager.set_vf_count, caller, addr, count)

@@ -247,6 +247,22 @@ class Policy:
         """The Kubernetes rules that name `delegate_uid` as a delegate, in order."""
         return tuple(r for r in self.rules if r.for_kubernetes and delegate_uid in r.delegate_uids)
 
+    def kubernetes_view(self, host: Host, delegate_uid: int, group: int) -> tuple[list[str], list[str]]:
+        """What a ResourceSlice says of IOMMU group `group`: the namespace patterns of the
+        Kubernetes allow rules naming `delegate_uid` that match every endpoint of the group
+        (a deny rule before them may still refuse a particular namespace: requests are
+        decided one namespace at a time), and the resources with a member in the group."""
+        g = host.groups.get(group)
+        if g is None:
+            raise NotFound(f"no IOMMU group {group} on this host")
+        endpoints = [host.devices[a] for a in g.members if not host.devices[a].is_bridge]
+        patterns: list[str] = []
+        for rule in self.kubernetes_rules(delegate_uid):
+            if rule.allows and endpoints and all(rule.match(d, self.resources)[0] for d in endpoints):
+                patterns.extend(p for p in rule.k8s_namespaces or () if p not in patterns)
+        named = sorted(n for n, r in self.resources.items() if any(r.member(a) for a in g.members))
+        return patterns, named
+
     def decide_target(self, host: Host, caller: Caller, target: str, backend: str = "",
                       options: Mapping[str, object] | None = None) -> tuple[Target, Decision]:
         """`resolve`, then `decide` on its group."""
