@@ -50,7 +50,8 @@ class Answer:
     error: str = ""
 
 
-#: the test suite's fault points: between a step and the next, the driver may stop here
+#: the test suite's fault points (``after-grant``: a lease granted, not yet recorded;
+#: ``after-lease``: every lease recorded, no CDI spec yet): the driver stops dead there
 CRASH_AT = os.environ.get("VFIOD_DRA_CRASH_AT", "")
 
 
@@ -155,7 +156,8 @@ class Driver:
             try:
                 leases[n] = await self.vfiod.request(n, claim.namespace)
             except VfiodError as e:
-                raise ClaimError(f"IOMMU group {n}: {e}") from None
+                raise ClaimError(str(e)) from None     # vfiod names the group
+            _crash_point("after-grant")
             self.checkpoint.put(claim.uid, attrs.evolve(rec, leases={**rec.leases, str(n): leases[n]}))
         return leases
 
