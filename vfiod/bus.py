@@ -609,6 +609,10 @@ class ManagerInterface(_Interface):
     def LeaseEnded(self, lease: str, reason: str) -> "os":
         return [lease, reason]
 
+    @signal()
+    def PolicyReloaded(self, files: int, rules: int) -> "uu":
+        return [files, rules]
+
 
 class GroupInterface(_Interface):
     def __init__(self, service: Service, number: int):

@@ -227,3 +227,59 @@ def test_the_slice_lists_leasable_groups_and_the_policy(stack, api):
     groups = json.loads(world.ctl("groups", "--json").stdout)["groups"]
     protected = {f"group-{g['group']}" for g in groups if any(d["protected"] for d in g["devices"])}
     assert protected and not protected & set(devices)
+
+
+def _wait_for_slice(api, name, pred, timeout):
+    """The first slice written that satisfies `pred`, and when (monotonic); None if none in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with api.lock:
+            hit = next(((t, s) for t, s in api.history if pred(s)), None)
+        if hit:
+            return hit
+        time.sleep(0.02)
+    return None
+
+
+def test_the_slice_follows_a_vf_count_change_and_a_policy_reload_within_2_s(make_world, api):
+    world = make_world(topology="sriov", policy=POLICY + """
+[[rule]]
+vf_of = "0000:01:00.0"
+k8s_namespaces = ["vm-*"]
+k8s_delegates = ["{user}"]
+""")
+    dra = Dra(world, api)
+    name = f"{NODE}-vfiod.io"
+
+    def vfs(s):
+        return sorted(d["attributes"]["resource.kubernetes.io/pciBusID"]["string"] for d in s["spec"]["devices"]
+                      if d["attributes"].get("physfn"))
+    try:
+        dra.kubelet.register()
+        first = _wait_for_slice(api, name, lambda s: vfs(s), 30)
+        assert first, dra.read_log()
+        n = len(vfs(first[1]))
+        assert n > 2 and all(d["attributes"]["namespaces"] == {"string": "vm-*"}
+                             for d in first[1]["spec"]["devices"] if d["attributes"].get("physfn"))
+        seen = len(api.history)
+        t0 = time.monotonic()
+        world.ctl("vfs", "0000:01:00.0", "2", user=None)
+        hit = _wait_for_slice(api, name, lambda s: len(vfs(s)) == 2, 10)
+        assert hit, dra.read_log()
+        assert hit[0] - t0 < 2.0, f"the slice took {hit[0] - t0:.2f} s"
+        assert hit[1]["spec"]["pool"]["generation"] > first[1]["spec"]["pool"]["generation"]
+        assert len(api.history) > seen
+
+        # a reload that takes the VFs away from Kubernetes is in the slice too
+        with open(os.path.join(world.policy_dir, "50-test.toml"), "w") as f:
+            f.write(POLICY.format(user=TEST_USER))
+        t0 = time.monotonic()
+        world.ctl("reload", user=None)
+        hit = _wait_for_slice(api, name, lambda s: any(
+            d["attributes"].get("physfn") and d["attributes"]["kubernetes"] == {"bool": False}
+            for d in s["spec"]["devices"]), 10)
+        assert hit, dra.read_log()
+        assert hit[0] - t0 < 2.0, f"the slice took {hit[0] - t0:.2f} s"
+    finally:
+        dra.stop()
+    assert "Traceback" not in dra.read_log()

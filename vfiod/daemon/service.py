@@ -267,6 +267,7 @@ class Service:
         finally:
             self.update_status()
         log.info("policy reloaded by uid %s: %d files, %d rules", caller.uid, len(policy.files), len(policy.rules))
+        self.manager_iface.PolicyReloaded(len(policy.files), len(policy.rules))
 
     # ------------------------------------------------------------ what systemd shows
 
