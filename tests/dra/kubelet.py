@@ -7,7 +7,11 @@ from __future__ import annotations
 import os
 import time
 
-import grpc
+# The tests start processes (vfioctl, a "container") from the process this kubelet lives
+# in; gRPC's fork handlers abort such a child now and then (ev_epoll1 "Check failed").
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+import grpc  # noqa: E402  (after the variable above)
 
 from vfiod.dra import rpc
 
@@ -19,8 +23,10 @@ class FakeKubelet:
         self.channels: list[grpc.Channel] = []
 
     def _channel(self, path: str) -> grpc.Channel:
-        ch = grpc.insecure_channel(f"unix://{path}")
-        grpc.channel_ready_future(ch).result(timeout=20)
+        # A channel of its own: gRPC otherwise shares connections between channels to the
+        # same socket, and one to a plugin that has gone waits out its reconnect backoff.
+        ch = grpc.insecure_channel(f"unix://{path}", options=[("grpc.use_local_subchannel_pool", 1)])
+        grpc.channel_ready_future(ch).result(timeout=60)
         self.channels.append(ch)
         return ch
 

@@ -298,6 +298,7 @@ def test_the_slice_follows_a_hotplug_removal_within_2_s(run):
 
 def test_latency_figures_are_recorded(run):
     """The figures bench/dra.py prints; each round a real bind and return."""
+    assert isinstance(run["bare"], list), run["bare"]           # else what the client said
     assert len(run["bare"]) == len(run["dra"]) == ROUNDS, run["bare"]
     assert all(r[2] == "" and r[3] == "" for r in run["dra"]), run["dra"]
     print("bare lease/release median", statistics.median(r[0] for r in run["bare"]),
