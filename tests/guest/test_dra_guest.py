@@ -202,12 +202,13 @@ finally:
         res["dra_log"] = ""
     with open(os.path.join(OUT, "dra.json"), "w") as f:
         json.dump(res, f)
-''' % {"nic": NIC, "rounds": ROUNDS, "cuid": CONTAINER_UID}
+'''
 
 
-def run_guest(timeout: float = 1500) -> dict:
+def run_guest(rounds: int = ROUNDS, timeout: float = 1500) -> dict:
     """Boot, run the script, return its results (also bench/dra.py's figures)."""
-    res = Guest(topology="rootport").run("python3 - <<'EOF'\n" + GUEST_PY + "\nEOF\n", timeout=timeout)
+    script = GUEST_PY % {"nic": NIC, "rounds": rounds, "cuid": CONTAINER_UID}
+    res = Guest(topology="rootport").run("python3 - <<'EOF'\n" + script + "\nEOF\n", timeout=timeout)
     assert res.returncode == 0 and "dra.json" in res.files, res.output[-4000:]
     r = json.loads(res.files["dra.json"])
     r["_wall_seconds"] = res.wall_seconds
