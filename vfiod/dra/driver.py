@@ -146,7 +146,8 @@ class Driver:
         return by_request
 
     async def _lease_all(self, claim: ClaimRef, groups: list[int]) -> dict[int, str]:
-        held = await self.vfiod.held()
+        # Leases recorded for this claim before (a spec lost since) are reused if vfiod still has them.
+        held = await self.vfiod.held() if self.checkpoint.claims[claim.uid].leases else {}
         leases: dict[int, str] = {}
         for n in groups:
             rec = self.checkpoint.claims[claim.uid]
@@ -162,7 +163,7 @@ class Driver:
         return leases
 
     async def _endpoints(self, group: int) -> tuple[str, ...]:
-        for g in await self.vfiod.groups():
+        for g in await self.vfiod.groups([f"group:{group}"]):
             if g["group"] == group:
                 return tuple(d["address"] for d in g["devices"] if not d["bridge"])
         raise ClaimError(f"IOMMU group {group} is gone from this node")

@@ -41,9 +41,9 @@ class Vfiod:
     def close(self) -> None:
         self.client.close()
 
-    async def groups(self) -> list[dict[str, Any]]:
-        """Every IOMMU group as vfiod's group JSON (docs/json.md)."""
-        reply = await self.client.call(ROOT, MANAGER, "GroupsJson", "as", [[]])
+    async def groups(self, targets: list[str] | None = None) -> list[dict[str, Any]]:
+        """The IOMMU groups `targets` name (all when None) as vfiod's group JSON (docs/json.md)."""
+        reply = await self.client.call(ROOT, MANAGER, "GroupsJson", "as", [targets or []])
         groups: list[dict[str, Any]] = json.loads(reply.body[0])
         return groups
 
