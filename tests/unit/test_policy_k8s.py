@@ -4,6 +4,8 @@ Host: the ICH10 example; group 8 holds 04:00.0 (8086:10d3) and 05:00.0 (14e4:167
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from vfiod.errors import InvalidArgument, PermissionDenied
@@ -87,3 +89,43 @@ def test_rules_say_who_they_name():
     assert rules[0].describe_who() == "Kubernetes namespace ml-*, gpu through delegate dpdk-svc"
     assert [r.source for r in policy(K8S).kubernetes_rules(990)] == ["p/10-t.toml:2", "p/10-t.toml:10"]
     assert policy(K8S).kubernetes_rules(1000) == ()
+
+
+# ---------------------------------------------------------------- vfioctl policy test / check
+
+def _cli(capsys, monkeypatch, tmp_path, *argv):
+    from vfiod import policy as policy_module
+    from vfiod.cmd.ctl import main as vfioctl_main
+
+    from .policy_corpus.kit import USERS
+
+    monkeypatch.setattr(policy_module, "system_users", lambda: USERS)
+    (tmp_path / "policy.d").mkdir(exist_ok=True)
+    (tmp_path / "policy.d" / "10-t.toml").write_text(K8S)
+    code = vfioctl_main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_policy_test_asks_as_a_delegate_for_a_namespace(capsys, monkeypatch, tmp_path):
+    pdir = str(tmp_path / "policy.d")
+    code, out, err = _cli(capsys, monkeypatch, tmp_path, "policy", "test", "--user", "dpdk-svc", "--policy-dir",
+                          pdir, "--simulate", "ich10", "--persistent", "--k8s-namespace", "ml-train", "group:8")
+    assert code == 0, err
+    assert "for Kubernetes namespace ml-train" in out and f"ALLOWED by rule {pdir}/10-t.toml:2" in out
+    code, out, _ = _cli(capsys, monkeypatch, tmp_path, "policy", "test", "--user", "dpdk-svc", "--policy-dir",
+                        pdir, "--simulate", "ich10", "--k8s-namespace", "web", "group:8")
+    assert code == 3 and f"denied by rule {pdir}/10-t.toml:10 (no other namespace)" in out
+    code, out, err = _cli(capsys, monkeypatch, tmp_path, "policy", "test", "--user", "alice", "--policy-dir",
+                          pdir, "--simulate", "ich10", "--k8s-namespace", "ml-train", "--json", "group:8")
+    assert code == 3 and "uid 1000 may not speak for Kubernetes namespaces" in err and "Traceback" not in err
+    code, out, _ = _cli(capsys, monkeypatch, tmp_path, "policy", "test", "--user", "dpdk-svc", "--policy-dir",
+                        pdir, "--simulate", "ich10", "--k8s-namespace", "ml-a", "--json", "group:8")
+    doc = json.loads(out)
+    assert code == 0 and doc["request"]["k8s_namespace"] == "ml-a" and doc["rule"] == f"{pdir}/10-t.toml:2"
+
+
+def test_policy_check_shows_namespaces_and_delegates(capsys, monkeypatch, tmp_path):
+    code, out, err = _cli(capsys, monkeypatch, tmp_path, "policy", "check", str(tmp_path / "policy.d"))
+    assert code == 0, err
+    assert "who:     Kubernetes namespace ml-*, gpu through delegate dpdk-svc" in out
