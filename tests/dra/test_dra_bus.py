@@ -283,3 +283,20 @@ k8s_delegates = ["{user}"]
     finally:
         dra.stop()
     assert "Traceback" not in dra.read_log()
+
+
+def test_without_vfiod_a_claim_gets_a_plain_error_and_the_driver_keeps_serving(stack, api):
+    world, dra = stack
+    dra.kubelet.register()
+    uid = api.put_claim("ml-train", "nics", allocated(8))
+    world.stop_daemon()
+    try:
+        error, devices = dra.kubelet.prepare(("ml-train", uid, "nics"))[uid]
+        assert devices == [] and "vfiod is not running" in error, error
+        assert dra.kubelet.unprepare(("ml-train", uid, "nics")) == {uid: ""}
+        assert dra.proc.poll() is None and dra.checkpoint() == {}
+    finally:
+        world.start_daemon()
+    error, devices = dra.kubelet.prepare(("ml-train", uid, "nics"))[uid]
+    assert error == "" and devices[0][0] == "group-8"
+    assert dra.kubelet.unprepare(("ml-train", uid, "nics")) == {uid: ""}

@@ -78,7 +78,9 @@ class Driver:
         async with self._lock(claim.uid):
             try:
                 return Answer(devices=await self._prepare(claim))
-            except ClaimError as e:
+            except (ClaimError, VfiodError, KubeError, OSError) as e:
+                # (VfiodError, OSError: the undo of a failed prepare failed too; the next
+                # prepare, unprepare or restart finishes it from the checkpoint)
                 log.warning("claim %s/%s (%s) not prepared: %s", claim.namespace, claim.name, claim.uid, e)
                 return Answer(error=str(e))
 
@@ -184,7 +186,7 @@ class Driver:
         """End the claim's leases, delete its spec, forget it (each part only if there)."""
         cdi.remove_spec(self.cdi_dir, uid)
         rec = self.checkpoint.claims.get(uid)
-        if rec is not None:
+        if rec is not None and rec.leases:
             held = {h.path for h in (await self.vfiod.held()).values()}
             for group, path in sorted(rec.leases.items(), reverse=True):
                 if path in held:
