@@ -15,6 +15,8 @@ import grpc  # noqa: E402  (after the variable above)
 
 from vfiod.dra import rpc
 
+RpcError = grpc.RpcError
+
 
 class FakeKubelet:
     def __init__(self, registry_dir: str):

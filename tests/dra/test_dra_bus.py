@@ -17,7 +17,7 @@ import pytest
 from tests.bus.conftest import TEST_USER, VENV_BIN, unprivileged_uid
 from vfiod.dra import cdi
 
-from .kubelet import FakeKubelet
+from .kubelet import FakeKubelet, RpcError
 from .stubapi import StubApiServer
 
 pytestmark = pytest.mark.bus
@@ -182,7 +182,7 @@ def test_a_crash_between_lease_and_cdi_spec_is_reconciled(make_world, api, point
     try:
         dra.kubelet.register()
         uid = api.put_claim("ml-train", "nics", allocated(8))
-        with pytest.raises(Exception):
+        with pytest.raises(RpcError):           # the driver died mid-call
             dra.kubelet.prepare(("ml-train", uid, "nics"), timeout=60)
         assert dra.proc.wait(30) == 70
         # the crash left a lease held and no spec

@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 
-from ..errors import VfiodError
+from ..errors import NotFound, VfiodError
 from . import DRIVER_NAME, cdi
 from .checkpoint import Checkpoint, ClaimRecord
 from .kube import Kube, KubeError
@@ -183,17 +183,16 @@ class Driver:
             return Answer()
 
     async def _undo(self, uid: str) -> None:
-        """End the claim's leases, delete its spec, forget it (each part only if there)."""
+        """End the claim's leases, delete its spec, forget it (each part only if there).
+        A lease vfiod no longer has (ended by a removal, or by an undo a crash cut short)
+        is already undone."""
         cdi.remove_spec(self.cdi_dir, uid)
         rec = self.checkpoint.claims.get(uid)
-        if rec is not None and rec.leases:
-            held = {h.path for h in (await self.vfiod.held()).values()}
-            for group, path in sorted(rec.leases.items(), reverse=True):
-                if path in held:
-                    await self.vfiod.end(path)
-                rest = {g: p for g, p in rec.leases.items() if g != group}
-                rec = attrs.evolve(rec, leases=rest)
-                self.checkpoint.put(uid, rec)
+        for _group, path in sorted((rec.leases if rec else {}).items(), reverse=True):
+            try:
+                await self.vfiod.end(path)
+            except NotFound:
+                pass
         self.checkpoint.drop(uid)
 
     # ------------------------------------------------------------ after a restart
