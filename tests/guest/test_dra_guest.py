@@ -306,6 +306,7 @@ def test_latency_figures_are_recorded(run):
           statistics.median(r[1] for r in run["bare"]))
     print("prepare/unprepare median", statistics.median(r[0] for r in run["dra"]),
           statistics.median(r[1] for r in run["dra"]))
+    print("slice without the removed NIC after", run["removal_seconds"])
 
 
 def _uid(name: str) -> int:

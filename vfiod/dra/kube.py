@@ -77,11 +77,3 @@ class Kube:
             doc = await self._call(f"creating ResourceSlice {name}", self.objects.create_cluster_custom_object,
                                    GROUP, VERSION, "resourceslices", body)
         return doc
-
-    async def delete_slice(self, name: str) -> None:
-        try:
-            await self._call(f"deleting ResourceSlice {name}", self.objects.delete_cluster_custom_object,
-                             GROUP, VERSION, "resourceslices", name)
-        except KubeError as e:
-            if e.status != 404:
-                raise
