@@ -144,7 +144,12 @@ def test_bad_startup_is_one_line_not_a_traceback(tmp_path):
     p = subprocess.run([os.path.join(ROOT, ".venv/bin/vfiod-dra"), "--kube", str(tmp_path / "no-kubeconfig"),
                         "--bus", "session"], capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, DBUS_SESSION_BUS_ADDRESS=f"unix:path={tmp_path}/none"))
-    assert p.returncode == 1 and "cannot start" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == 1 and "cannot start: no API server configuration from" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    p = subprocess.run([os.path.join(ROOT, ".venv/bin/vfiod-dra"), "--kube", "in-cluster"],
+                       capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")})
+    assert p.returncode == 1 and "cannot start: no API server configuration from 'in-cluster'" in p.stderr, p.stderr
 
 
 def test_the_deploy_files_use_the_commands_options():

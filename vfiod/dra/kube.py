@@ -25,16 +25,21 @@ class Kube:
 
     def __init__(self, where: str = "in-cluster", timeout: float = 10.0):
         from kubernetes import client, config
+        from kubernetes.config.config_exception import ConfigException
 
-        if where == "in-cluster":
-            config.load_incluster_config()
-            api = client.ApiClient()
-        elif where.startswith(("http://", "https://")):
-            conf = client.Configuration()
-            conf.host = where
-            api = client.ApiClient(conf)
-        else:
-            api = config.new_client_from_config(config_file=where)
+        try:
+            if where == "in-cluster":
+                config.load_incluster_config()
+                api = client.ApiClient()
+            elif where.startswith(("http://", "https://")):
+                conf = client.Configuration()
+                conf.host = where
+                api = client.ApiClient(conf)
+            else:
+                api = config.new_client_from_config(config_file=where)
+        except (ConfigException, OSError, ValueError, TypeError) as e:
+            raise KubeError(f"no API server configuration from {where!r} (in-cluster, a kubeconfig file "
+                            f"or a URL): {e}") from None
         self.objects = client.CustomObjectsApi(api)
         self.timeout = timeout
 

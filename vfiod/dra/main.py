@@ -78,16 +78,13 @@ async def run(args: argparse.Namespace) -> int:
     from .slices import Publisher
 
     try:
-        vfiod = await Vfiod(args.bus).connect()
         kube = Kube(args.kube)
+        vfiod = await Vfiod(args.bus).connect()
         driver = Driver(vfiod, kube, args.node, args.state_dir, args.cdi_dir, args.dev_root, args.hook)
         for line in await driver.reconcile():
             print(f"vfiod-dra: reconciled: {line}", flush=True)
     except (VfiodError, KubeError, OSError) as e:
         log.error("cannot start: %s", e)
-        return 1
-    except Exception as e:     # the kubernetes client's config loaders raise their own kinds
-        log.error("cannot start: %s: %s", type(e).__name__, e)
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
