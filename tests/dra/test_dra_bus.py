@@ -300,3 +300,17 @@ def test_without_vfiod_a_claim_gets_a_plain_error_and_the_driver_keeps_serving(s
     error, devices = dra.kubelet.prepare(("ml-train", uid, "nics"))[uid]
     assert error == "" and devices[0][0] == "group-8"
     assert dra.kubelet.unprepare(("ml-train", uid, "nics")) == {uid: ""}
+
+
+def test_the_slice_is_rebuilt_when_vfiod_comes_back(stack, api):
+    world, dra = stack
+    dra.kubelet.register()
+    name = f"{NODE}-vfiod.io"
+    assert _wait_for_slice(api, name, lambda s: True, 30), dra.read_log()
+    world.stop_daemon()
+    with open(os.path.join(world.policy_dir, "50-test.toml"), "w") as f:
+        f.write(POLICY.format(user=TEST_USER).replace('"ml-*"', '"team-*"'))
+    world.start_daemon()
+    hit = _wait_for_slice(api, name, lambda s: any(
+        d["attributes"]["namespaces"] == {"string": "team-*"} for d in s["spec"]["devices"]), 20)
+    assert hit, dra.read_log()

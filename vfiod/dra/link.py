@@ -85,16 +85,20 @@ class Vfiod:
 
     async def watch(self, changed: Callable[[str], None]) -> None:
         """Call `changed(member)` for every signal vfiod sends (objects added and removed,
-        properties changed, leases granted and ended)."""
+        properties changed, leases granted and ended, the policy reloaded) and when vfiod
+        (re)appears on the bus."""
         bus = self.client.connected()
 
         def on_message(msg: Message) -> None:
-            if msg.message_type == MessageType.SIGNAL and (msg.path or "").startswith(ROOT):
+            if msg.message_type != MessageType.SIGNAL:
+                return
+            if (msg.path or "").startswith(ROOT) or (msg.member == "NameOwnerChanged" and msg.body[:1] == [BUS_NAME]):
                 changed(msg.member or "")
         bus.add_message_handler(on_message)
-        rule = f"type='signal',sender='{BUS_NAME}',path_namespace='{ROOT}'"
-        reply = await asyncio.wait_for(bus.call(Message(
-            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
-            member="AddMatch", signature="s", body=[rule])), self.client.timeout)
-        if reply is None or reply.message_type == MessageType.ERROR:
-            raise BackendFailed("the bus refused to pass on vfiod's signals (AddMatch)")
+        for rule in (f"type='signal',sender='{BUS_NAME}',path_namespace='{ROOT}'",
+                     f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'"):
+            reply = await asyncio.wait_for(bus.call(Message(
+                destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
+                member="AddMatch", signature="s", body=[rule])), self.client.timeout)
+            if reply is None or reply.message_type == MessageType.ERROR:
+                raise BackendFailed("the bus refused to pass on vfiod's signals (AddMatch)")
