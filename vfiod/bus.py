@@ -60,7 +60,7 @@ from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
 from . import __version__
 from .address import PciAddress
-from .errors import BackendFailed, InvalidArgument, LimitsExceeded, VfiodError
+from .errors import BackendFailed, InvalidArgument, LimitsExceeded, NotFound, VfiodError
 from .policy import Caller
 from .state import LeaseRow
 
@@ -107,6 +107,14 @@ def group_path(n: int) -> str:
 
 def device_path(addr: PciAddress) -> str:
     return f"{ROOT}/device/{addr.object_name}"
+
+
+def lease_id_of(path: str) -> str:
+    """The lease id of a lease object path (`NotFound` for any other path)."""
+    prefix = lease_path("")
+    if not isinstance(path, str) or not path.startswith(prefix) or not path[len(prefix):]:
+        raise NotFound(f"not a lease: {path!r}")
+    return path[len(prefix):]
 
 
 def lease_path(lease_id: str) -> str:
@@ -493,7 +501,7 @@ def _unwrap_options(options: dict[str, object]) -> dict[str, object]:
     out = {}
     for key, value in options.items():
         out[key] = value.value if isinstance(value, Variant) else value
-    expected = {"duration": int, "persistent": bool, "force": bool, "k8s_namespace": str}
+    expected = {"duration": int, "persistent": bool, "force": bool, "scope": bool, "k8s_namespace": str}
     words = {int: "a number of seconds", bool: "a boolean", str: "a string"}
     for key, value in out.items():
         want = expected.get(key)
@@ -581,6 +589,11 @@ class ManagerInterface(_Interface):
     async def ReloadPolicy(self, caller: Caller) -> "":
         await self.service.reload_policy(caller)
 
+    @method()
+    @edge
+    async def Revoke(self, caller: Caller, lease: "o", reason: "s") -> "":
+        await self.service.revoke(caller, lease_id_of(lease), reason)
+
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> "s":
         return __version__
@@ -608,6 +621,10 @@ class ManagerInterface(_Interface):
     @signal()
     def LeaseEnded(self, lease: str, reason: str) -> "os":
         return [lease, reason]
+
+    @signal()
+    def LeaseRevoking(self, lease: str, reason: str, deadline: int) -> "ost":
+        return [lease, reason, deadline]
 
     @signal()
     def PolicyReloaded(self, files: int, rules: int) -> "uu":
@@ -767,6 +784,18 @@ class LeaseInterface(_Interface):
     @dbus_property(access=PropertyAccess.READ)
     def Warnings(self) -> "as":
         return self.service.warnings(self.lease.id)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> "s":
+        return self.lease.state
+
+    @dbus_property(access=PropertyAccess.READ)
+    def RevokeReason(self) -> "s":
+        return self.lease.revoke_reason or ""
+
+    @dbus_property(access=PropertyAccess.READ)
+    def RevokeDeadline(self) -> "t":
+        return _seconds(self.lease.deadline)
 
     @method()
     @edge

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import signal
 import threading
 import time
 from typing import Callable, Iterable, Mapping
@@ -43,9 +44,11 @@ from .address import PciAddress
 from .hookspecs import Backend
 from .errors import (BackendFailed, Busy, InvalidArgument, NotFound, NotViable, PermissionDenied,
                      Protected, VfiodError)
-from .policy import Caller, Decision, Policy, Refusal
+from .policy import Caller, Decision, Policy, Refusal, format_duration
 from .state import Held, Journal, LeaseRow, Record
 from .sysfs import Kernel, SysfsReader
+from .sysfs.holders import Holder, find_holders, signal_holder
+from .sysfs.write import Unbinding
 from .topology import BRIDGE_DRIVERS, VFIO_DRIVERS, Host
 
 log = logging.getLogger("vfiod.leases")
@@ -89,6 +92,23 @@ class Ended:
     reason: str
 
 
+@attrs.frozen
+class Revoking:
+    """A lease on the revoke ladder, and who still holds its group."""
+
+    lease: LeaseRow
+    holders: tuple[Holder, ...]
+
+
+#: Seconds between the SIGTERM and the SIGKILL of a holder the ladder ends.
+KILL_AFTER = 3.0
+#: Why a lease may end; a revoke for another reason (an admin's words, "policy") ends it as "revoked".
+END_REASONS = ("released", "expired", "disconnected", "owner-gone", "removed", "tampered", "shutdown",
+               "interrupted")
+#: How long a revoked lease whose holders are gone may wait for its unbinds to return.
+_SETTLE = 2.0
+
+
 class LeaseManager:
     """Owns every lease; all methods are thread-safe.
 
@@ -111,6 +131,12 @@ class LeaseManager:
         self.clock = clock
         self._locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self.on_revoking: Callable[[LeaseRow], None] = lambda lease: None
+        # Send a signal to every process of a transient scope (the daemon asks systemd); False if it could not.
+        self.end_scope: Callable[[str, int], bool] = lambda scope, sig: False
+        self.kill_after = KILL_AFTER
+        self._unbinds: dict[str, list[Unbinding]] = {}     # lease id -> the unbinds the ladder began
+        self._told: set[tuple[str, str]] = set()            # (lease id, what) already logged
 
     # ------------------------------------------------------------ helpers
 
@@ -219,8 +245,8 @@ class LeaseManager:
                 owner: str | None = None) -> LeaseRow:
         options = dict(options or {})
         for key in options:
-            if key not in ("duration", "persistent", "force", "k8s_namespace"):
-                raise InvalidArgument(f"unknown option {key!r} (known: duration, persistent, force, k8s_namespace)")
+            if key not in ("duration", "persistent", "force", "scope", "k8s_namespace"):
+                raise InvalidArgument(f"unknown option {key!r} (known: duration, persistent, force, scope, k8s_namespace)")
         policy = self.policy_source()
         host = self.host_for(target, policy)
         try:
@@ -254,7 +280,9 @@ class LeaseManager:
                 id=secrets.token_hex(8), group=group, uid=caller.uid, owner=owner, backend=be.name,
                 target=target, created=now, expires=now + duration if duration else 0.0,
                 persistent=bool(options.get("persistent")), state="granting", rule=decision.rule,
-                memlock=decision.memlock, reset=decision.reset_on_release)
+                memlock=decision.memlock, reset=decision.reset_on_release, grace=float(decision.revoke_grace),
+                on_revoke=decision.on_revoke, revoke_others=decision.revoke_others,
+                cap=now + decision.max_duration if decision.max_duration else 0.0)
             self.journal.create(lease, plan)
             self._step("recorded")
             ctx = LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in plan
@@ -411,7 +439,9 @@ class LeaseManager:
 
     # ------------------------------------------------------------ release
 
-    def release(self, lease_id: str, caller: Caller | None = None, reason: str = "released") -> Ended:
+    def release(self, lease_id: str, caller: Caller | None = None, reason: str = "released") -> Ended | None:
+        """Give the lease's devices back; None when processes still hold them and the
+        revoke ladder took the lease over (it ends later, with `on_ended`)."""
         lease = self.get(lease_id)
         if caller is not None and not caller.is_admin and caller.uid != lease.uid:
             self._audit("release", caller.uid, lease.target, lease.id, lease.rule, "denied", group=lease.group)
@@ -453,8 +483,19 @@ class LeaseManager:
         except VfiodError as e:
             log.warning("lease %s: %s", lease.id, e)
 
-    def _release_locked(self, lease: LeaseRow, reason: str, uid: int | None = None) -> Ended:
+    def _release_locked(self, lease: LeaseRow, reason: str, uid: int | None = None) -> Ended | None:
+        if lease.state == "revoking":
+            return None                     # the ladder has it already
         be = self._backend(lease.backend)
+        holders = self.holders(lease) if be.driver == "vfio-pci" else []
+        if holders:
+            # Processes still hold the group or its devices: an unbind would wait for them
+            # in the kernel, and a group on vfio-pci would stay theirs.  The ladder asks them.
+            self._start_revoke(lease, reason, uid, holders)
+            return None
+        return self._give_back(lease, reason, uid, be)
+
+    def _give_back(self, lease: LeaseRow, reason: str, uid: int | None, be: Backend) -> Ended:
         self.journal.set_state(lease.id, "releasing")
         self._step("releasing")
         ctx = self.context(lease)
@@ -462,6 +503,8 @@ class LeaseManager:
         if errors:
             self._audit("release", uid, lease.target, lease.id, lease.rule, "incomplete", "; ".join(errors),
                         group=lease.group)
+            # Never left "releasing" for good: the ladder tries again every second.
+            self.journal.start_revoke(lease.id, reason, self.clock() + lease.grace)
             raise BackendFailed(f"releasing lease {lease.id} left work undone (it stays recorded and "
                                 f"will be retried): {'; '.join(errors)}")
         self._restore_memlock(lease)
@@ -471,6 +514,239 @@ class LeaseManager:
         ended = Ended(lease=lease, reason=reason)
         self.on_ended(ended)
         return ended
+
+    # ------------------------------------------------------------ the revoke ladder
+
+    def holders(self, lease: LeaseRow) -> list[Holder]:
+        """The processes holding `lease`'s group or its devices open (vfiod excepted)."""
+        endpoints = tuple(PciAddress.parse(h.addr) for h in self.journal.held(lease.id) if h.role == "endpoint")
+        # A [vfio-device] fd the kernel does not name is this lease's for sure only if
+        # its holder's uid holds no other lease through vfio-pci.
+        vfio_uids = {o.uid for o in self.journal.leases() if o.id != lease.id
+                     and (be := self.backends.get(o.backend)) is not None and be.driver == "vfio-pci"}
+        found = find_holders(self.kernel.roots, lease.group, endpoints)
+        return [h if h.sure and not (h.uid in vfio_uids and all(w.startswith("[vfio-device] (") for w in h.what))
+                else attrs.evolve(h, sure=False) for h in found]
+
+    def revoke(self, lease_id: str, reason: str, caller: Caller | None = None) -> Ended | Revoking:
+        """Take a lease back whether or not its holders let go (root, or vfiod itself).
+
+        1. the lease is marked ``revoking`` with its deadline (now + the policy's grace)
+           and `on_revoking` is told (the bus signals ``LeaseRevoking``);
+        2. the holders are asked: the node goes back to root, and each endpoint's unbind
+           begins (the kernel fires the device's request eventfd: QEMU unplugs it from
+           its guest, DPDK runs its removal handling);
+        3. at the deadline, if the policy says ``on_revoke = "kill"``, the holders are
+           ended: SIGTERM, then SIGKILL `kill_after` seconds later (only the lessee's
+           processes unless the policy's ``revoke_others`` allows more);
+        4. once nobody holds the group, the release completes as any release does.
+        Steps 3 and 4 happen in `advance`, which the daemon calls every second; every
+        step is journaled, and a restart resumes the ladder where it was."""
+        if caller is not None and not caller.is_admin:
+            raise PermissionDenied("only root may revoke a lease")
+        if not isinstance(reason, str) or len(reason) > 200 or not reason.isprintable():
+            raise InvalidArgument("a revoke reason is one line of at most 200 printable characters")
+        lease = self.get(lease_id)
+        with self._group_lock(lease.group):
+            current = self.journal.lease(lease_id)
+            if current is None:
+                raise NotFound(f"no lease {lease_id!r}")
+            if current.state == "granting":
+                raise Busy(f"lease {lease_id} is still being granted")
+            if current.state != "revoking":
+                self._start_revoke(current, reason or "revoked", caller.uid if caller else None)
+        return self.advance(lease_id) or Revoking(self.get(lease_id), ())
+
+    def _start_revoke(self, lease: LeaseRow, reason: str, uid: int | None,
+                      holders: list[Holder] | None = None) -> LeaseRow:
+        """Steps 1 and 2 of the ladder (the group lock is held)."""
+        deadline = self.clock() + lease.grace
+        self.journal.start_revoke(lease.id, reason, deadline)
+        lease = attrs.evolve(lease, state="revoking", revoke_reason=reason, deadline=deadline)
+        seq = self.journal.intent(lease.id, "revoke", None, {"reason": reason, "deadline": deadline})
+        self.journal.done(lease.id, seq)
+        self._step("revoke")
+        held = "; ".join(h.describe() for h in holders or [])
+        self._audit("revoke", uid, lease.target, lease.id, lease.rule, "revoking",
+                    f"{reason}; grace {lease.grace:g} s" + (f"; held by {held}" if held else ""), group=lease.group)
+        log.warning("lease %s of uid %s is being revoked (%s): its holders have %g s to let go%s", lease.id,
+                    lease.uid, reason, lease.grace, f" ({held})" if held else "")
+        try:
+            self.on_revoking(lease)
+        except Exception as e:          # telling must never stop the taking
+            log.error("lease %s: telling of the revoke failed: %s", lease.id, e)
+        self._ask(lease)
+        return lease
+
+    def _ask(self, lease: LeaseRow) -> None:
+        """Step 2: nobody opens the group again, and each endpoint's unbind begins."""
+        be = self.backends.get(lease.backend)
+        if be is None:
+            return
+        ctx = self.context(lease)
+        for st in self.journal.steps(lease.id):
+            if st.action == "hand-over":
+                try:
+                    be.take_back(ctx, st.record)
+                except Exception as e:
+                    log.warning("lease %s: taking back the hand-over: %s", lease.id, e)
+        if be.driver != "vfio-pci":
+            return
+        seq = self.journal.intent(lease.id, "ask", None, {"endpoints": [str(a) for a in ctx.endpoints]})
+        self._step("ask-intent")
+        begun = []
+        for addr in ctx.endpoints:
+            if self.kernel.exists(addr) and self.kernel.driver_of(addr) == be.driver:
+                try:
+                    u = self.kernel.start_unbind(addr)
+                except (OSError, VfiodError) as e:
+                    log.error("lease %s: cannot begin unbinding %s: %s", lease.id, addr, e)
+                    continue
+                if u is not None:
+                    begun.append(u)
+        self._unbinds[lease.id] = begun
+        self.journal.done(lease.id, seq)
+        self._step("ask-done")
+
+    def advance(self, lease_id: str) -> Ended | Revoking | None:
+        """One turn of the ladder for a ``revoking`` lease (None if it is not one):
+        end the holders whose grace is over, finish the release once nobody holds it."""
+        lease = self.journal.lease(lease_id)
+        if lease is None or lease.state != "revoking":
+            return None
+        with self._group_lock(lease.group):
+            current = self.journal.lease(lease_id)
+            if current is None or current.state != "revoking":
+                return None
+            lease = current
+            be = self.backends.get(lease.backend)
+            if be is None:
+                return Revoking(lease, ())
+            holders = self.holders(lease) if be.driver == "vfio-pci" else []
+            if not holders:
+                pending = self._unbinds.get(lease.id, [])
+                if all(u.wait(_SETTLE) for u in pending):
+                    return self._finish_revoke(lease, be)
+            elif lease.id not in self._unbinds:
+                self._ask(lease)            # after a restart: ask again
+            if lease.on_revoke == "kill" and self.clock() >= lease.deadline:
+                self._end_holders(lease, holders)
+            return Revoking(lease, tuple(holders))
+
+    def advance_all(self) -> list[Ended]:
+        """One turn of the ladder for every ``revoking`` lease; the leases that ended."""
+        out = []
+        for lease in self.journal.leases():
+            if lease.state != "revoking":
+                continue
+            try:
+                got = self.advance(lease.id)
+            except Exception as e:          # one lease must never stop the others' ladders
+                self._tell_once(lease.id, f"error:{e}", logging.ERROR, "lease %s: the revoke ladder failed: %s: %s",
+                                lease.id, type(e).__name__, e)
+                continue
+            if isinstance(got, Ended):
+                out.append(got)
+        return out
+
+    def _tell_once(self, lease_id: str, what: str, level: int, fmt: str, *args: object) -> None:
+        if (lease_id, what) not in self._told:
+            self._told.add((lease_id, what))
+            log.log(level, fmt, *args)
+
+    def _end_holders(self, lease: LeaseRow, holders: list[Holder]) -> None:
+        """Step 3: SIGTERM each holder the policy lets vfiod end, SIGKILL it `kill_after` later."""
+        sent: dict[tuple[int, int], dict[str, float]] = {}
+        for st in self.journal.steps(lease.id):
+            r = st.record
+            pid, start, sig, at = r.get("pid"), r.get("start"), r.get("signal"), r.get("at")
+            # Only signals known sent: one whose step was cut short by a crash is sent again.
+            if (st.action == "end-holder" and st.status == "done" and isinstance(pid, int) and isinstance(start, int)
+                    and isinstance(sig, str) and isinstance(at, (int, float))):
+                sent.setdefault((pid, start), {})[sig] = float(at)
+        now = self.clock()
+        if lease.scope:
+            self._end_scope(lease, now)
+        for h in holders:
+            if not h.sure:
+                self._tell_once(lease.id, f"unsure:{h.pid}", logging.WARNING,
+                                "lease %s: %s; this kernel does not say which device it is and uid %s holds another "
+                                "VFIO lease, so vfiod does not end it", lease.id, h.describe(), h.uid)
+                continue
+            if h.uid != lease.uid and not lease.revoke_others:
+                self._tell_once(lease.id, f"other:{h.pid}", logging.WARNING,
+                                "lease %s: %s; the policy lets vfiod end only the lessee's (uid %s) processes, "
+                                "so the revoke waits for it", lease.id, h.describe(), lease.uid)
+                continue
+            done = sent.get((h.pid, h.start), {})
+            if "TERM" not in done:
+                sig, name = signal.SIGTERM, "TERM"
+            elif "KILL" not in done and now - done["TERM"] >= self.kill_after:
+                sig, name = signal.SIGKILL, "KILL"
+            else:
+                continue
+            seq = self.journal.intent(lease.id, "end-holder", None, {
+                "pid": h.pid, "start": h.start, "uid": h.uid, "comm": h.comm, "signal": name, "at": now})
+            self._step(f"end-holder-intent:{name}")
+            if signal_holder(h, sig):
+                self._audit("revoke", None, lease.target, lease.id, lease.rule, "ended",
+                            f"SIG{name} to {h.describe()} ({lease.revoke_reason})", group=lease.group)
+                log.warning("lease %s: SIG%s to %s (%s)", lease.id, name, h.describe(), lease.revoke_reason)
+            self.journal.done(lease.id, seq)
+            self._step(f"end-holder-done:{name}")
+
+    def _end_scope(self, lease: LeaseRow, now: float) -> None:
+        """The lessee's command ran in a transient scope (`vfioctl lease -- CMD`): end the
+        whole tree at once, SIGTERM then SIGKILL, as the holders are ended."""
+        sent = {str(st.record.get("signal")): st.record.get("at") for st in self.journal.steps(lease.id)
+                if st.action == "end-scope" and st.status == "done"}
+        at = sent.get("TERM")
+        if "TERM" not in sent:
+            sig, name = signal.SIGTERM, "TERM"
+        elif "KILL" not in sent and isinstance(at, (int, float)) and now - at >= self.kill_after:
+            sig, name = signal.SIGKILL, "KILL"
+        else:
+            return
+        assert lease.scope is not None
+        seq = self.journal.intent(lease.id, "end-scope", None, {"scope": lease.scope, "signal": name, "at": now})
+        if self.end_scope(lease.scope, sig):
+            self._audit("revoke", None, lease.target, lease.id, lease.rule, "ended",
+                        f"SIG{name} to every process of {lease.scope} ({lease.revoke_reason})", group=lease.group)
+            log.warning("lease %s: SIG%s to every process of %s (%s)", lease.id, name, lease.scope,
+                        lease.revoke_reason)
+        self.journal.done(lease.id, seq)
+
+    def _finish_revoke(self, lease: LeaseRow, be: Backend) -> Ended | Revoking:
+        """Step 4: nobody holds the group: the release completes (a failure is retried)."""
+        reason = lease.revoke_reason or "revoked"
+        self._unbinds.pop(lease.id, None)
+        try:
+            ended = self._give_back(lease, reason if reason in END_REASONS else "revoked", None, be)
+        except VfiodError as e:
+            self._tell_once(lease.id, f"finish:{e}", logging.ERROR, "lease %s: finishing the revoke: %s", lease.id, e)
+            return Revoking(lease, ())
+        return ended
+
+    def revoke_disallowed(self, policy: Policy) -> list[Ended | Revoking]:
+        """Revoke (reason ``policy``) every granted lease `policy` no longer allows."""
+        out: list[Ended | Revoking] = []
+        for lease in self.journal.leases():
+            if lease.state != "granted":
+                continue
+            try:
+                decision = policy.decide(self.scan_groups([lease.group]), Caller.from_uid(lease.uid), lease.group,
+                                         lease.backend, {"persistent": lease.persistent})
+            except VfiodError as e:
+                decision = Decision(False, "", str(e))
+            if decision.allowed:
+                continue
+            log.warning("lease %s of uid %s: the policy no longer allows it (%s)", lease.id, lease.uid,
+                        decision.reason)
+            try:
+                out.append(self.revoke(lease.id, "policy"))
+            except VfiodError as e:
+                log.error("revoking lease %s: %s", lease.id, e)
+        return out
 
     # ------------------------------------------------------------ SR-IOV
 
@@ -512,7 +788,13 @@ class LeaseManager:
                                                {"duration": seconds, "persistent": lease.persistent})
         if not decision.allowed:
             raise PermissionDenied(decision.reason)
+        if lease.state != "granted":
+            raise Busy(f"lease {lease.id} is {lease.state}; it cannot be renewed")
         expires = self.clock() + seconds
+        if lease.cap and expires > lease.cap + 0.5:
+            left = max(0, int(lease.cap - self.clock()))
+            raise PermissionDenied(f"the policy caps lease {lease.id} at {format_duration(int(lease.cap - lease.created))} "
+                                   f"in all (rule {lease.rule}): it ends in {left} s; renew for at most {left} s")
         self.journal.set_expires(lease.id, expires)
         self._audit("renew", caller.uid, lease.target, lease.id, decision.rule, "renewed", f"{seconds} s",
                         group=lease.group)
@@ -524,9 +806,12 @@ class LeaseManager:
         for lease in self.journal.leases():
             if lease.state == "granted" and lease.expires and lease.expires <= now:
                 try:
-                    out.append(self.release(lease.id, reason="expired"))
+                    ended = self.release(lease.id, reason="expired")
                 except VfiodError as e:
                     log.error("expiring lease %s: %s", lease.id, e)
+                    continue
+                if ended is not None:
+                    out.append(ended)
         return out
 
     def end_owned_by(self, owner: str, reason: str = "disconnected") -> list[Ended]:
@@ -534,9 +819,12 @@ class LeaseManager:
         for lease in self.journal.leases():
             if lease.owner == owner and not lease.persistent and lease.state == "granted":
                 try:
-                    out.append(self.release(lease.id, reason=reason))
+                    ended = self.release(lease.id, reason=reason)
                 except VfiodError as e:
                     log.error("ending lease %s of %s: %s", lease.id, owner, e)
+                    continue
+                if ended is not None:
+                    out.append(ended)
         return out
 
     # ------------------------------------------------------------ after a crash
@@ -565,12 +853,18 @@ class LeaseManager:
                 self._audit("reconcile", None, lease.target, lease.id, lease.rule, "rolled-back",
                             "the grant was interrupted")
                 return [Ended(lease, "interrupted")] if self.journal.lease(lease.id) is None else []
+            if lease.state == "revoking":
+                log.info("lease %s: the revoke ladder (%s) goes on", lease.id, lease.revoke_reason)
+                return []
             if lease.state != "releasing" and (lease.persistent or self.owner_alive(lease)):
                 self._verify(lease, be)
                 return []
             reason = "released" if lease.state == "releasing" else "owner-gone"
+            if lease.state == "releasing" and lease.revoke_reason:      # the ladder's last step
+                reason = lease.revoke_reason if lease.revoke_reason in END_REASONS else "revoked"
             try:
-                return [self._release_locked(lease, reason)]
+                ended = self._release_locked(lease, reason)
+                return [ended] if ended else []
             except VfiodError as e:
                 log.error("%s lease %s: %s", "finishing the release of" if reason == "released" else "ending",
                           lease.id, e)

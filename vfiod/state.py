@@ -1,20 +1,28 @@
 """The journal: one SQLite file that lets vfiod survive its own crash.
 
 File: ``STATE_DIR/state.db`` (WAL, ``synchronous=FULL``: a committed row is on
-disk before the sysfs write it announces).  Schema version 3:
+disk before the sysfs write it announces).  Schema version 4:
 
 ``meta(key, value)``
     ``schema`` = 3.  A file with a higher number is from a newer vfiod and is
     refused, untouched; an older file is upgraded in place (version 2 added
-    ``leases.reset``, version 3 ``audit.count``, ``audit.last`` and ``quarantine``).
+    ``leases.reset``, version 3 ``audit.count``, ``audit.last`` and ``quarantine``,
+    version 4 the revoke columns of ``leases``).
     A table or column that is missing is recreated empty (and logged).
-``leases(id, grp, uid, owner, backend, target, created, expires, persistent, state, rule, memlock, reset)``
+``leases(id, grp, uid, owner, backend, target, created, expires, persistent, state, rule, memlock, reset,
+revoke_reason, deadline, grace, on_revoke, revoke_others, cap, scope)``
     one row per lease; ``grp`` is UNIQUE (one lease per group).  ``state`` is
     ``granting`` (devices are being moved; a crash here rolls back),
-    ``granted`` (handed over), or ``releasing`` (being returned; a crash here
-    finishes the return).  ``owner`` is the bus name of the lessee.
-    ``reset`` is 1 when the policy asks for a function reset of each endpoint
-    before it goes back to its host driver.
+    ``granted`` (handed over), ``revoking`` (taken back from holders that may
+    not let go: the revoke ladder, which a restart resumes), or ``releasing``
+    (being returned; a crash here finishes the return).  ``owner`` is the bus
+    name of the lessee.  ``reset`` is 1 when the policy asks for a function
+    reset of each endpoint before it goes back to its host driver.
+    ``revoke_reason`` and ``deadline`` are set when the ladder starts (why,
+    and when the grace ends); ``grace``, ``on_revoke`` and ``revoke_others``
+    are the policy's revoke terms at the grant; ``cap`` is when the rule's
+    ``max_duration`` ends the lease whatever its renewals (0: no cap);
+    ``scope`` the transient systemd scope of the lessee's command, if any.
 ``held(lease, pos, addr, driver, override, role)``
     each device's original driver and driver_override, written before the
     first sysfs write of the lease: the truth a release restores.  ``role``
@@ -59,7 +67,7 @@ import attrs
 
 from .errors import StateError
 
-SCHEMA = 3
+SCHEMA = 4
 
 log = logging.getLogger("vfiod.state")
 
@@ -79,7 +87,9 @@ CREATE TABLE IF NOT EXISTS leases(
     id TEXT PRIMARY KEY, grp INTEGER NOT NULL UNIQUE, uid INTEGER NOT NULL, owner TEXT,
     backend TEXT NOT NULL, target TEXT NOT NULL, created REAL NOT NULL, expires REAL NOT NULL,
     persistent INTEGER NOT NULL, state TEXT NOT NULL, rule TEXT, memlock INTEGER,
-    reset INTEGER NOT NULL DEFAULT 0);
+    reset INTEGER NOT NULL DEFAULT 0, revoke_reason TEXT, deadline REAL NOT NULL DEFAULT 0,
+    grace REAL NOT NULL DEFAULT 30, on_revoke TEXT NOT NULL DEFAULT 'kill',
+    revoke_others INTEGER NOT NULL DEFAULT 0, cap REAL NOT NULL DEFAULT 0, scope TEXT);
 CREATE TABLE IF NOT EXISTS held(
     lease TEXT NOT NULL, pos INTEGER NOT NULL, addr TEXT NOT NULL, driver TEXT, override TEXT,
     role TEXT NOT NULL DEFAULT 'endpoint', PRIMARY KEY(lease, pos));
@@ -99,7 +109,12 @@ CREATE TABLE IF NOT EXISTS grants(
 # Columns added after version 1, created where a file lacks them: (table, column, definition).
 _ADDED_COLUMNS = (("leases", "reset", "INTEGER NOT NULL DEFAULT 0"),
                   ("audit", "count", "INTEGER NOT NULL DEFAULT 1"),
-                  ("audit", "last", "REAL"))
+                  ("audit", "last", "REAL"),
+                  ("leases", "revoke_reason", "TEXT"), ("leases", "deadline", "REAL NOT NULL DEFAULT 0"),
+                  ("leases", "grace", "REAL NOT NULL DEFAULT 30"),
+                  ("leases", "on_revoke", "TEXT NOT NULL DEFAULT 'kill'"),
+                  ("leases", "revoke_others", "INTEGER NOT NULL DEFAULT 0"),
+                  ("leases", "cap", "REAL NOT NULL DEFAULT 0"), ("leases", "scope", "TEXT"))
 _TABLES = ("meta", "leases", "held", "steps", "audit", "quarantine", "grants")
 _NEW_IN_3 = ("quarantine", "grants")
 _LEASE_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
@@ -121,13 +136,22 @@ class LeaseRow:
     rule: str | None
     memlock: int | None
     reset: bool = False     # reset each endpoint before it goes back to the host
+    revoke_reason: str | None = None   # why the revoke ladder runs (None: it does not)
+    deadline: float = 0.0              # when the ladder's grace ends
+    grace: float = 30.0                # the policy's revoke terms, recorded at the grant
+    on_revoke: str = "kill"
+    revoke_others: bool = False
+    cap: float = 0.0                   # the rule's max_duration ends the lease here (0: no cap)
+    scope: str | None = None           # the transient scope of the lessee's command
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> "LeaseRow":
         """From a ``SELECT * FROM leases`` row (sqlite3 gives its values untyped)."""
         return cls(id=row[0], group=row[1], uid=row[2], owner=row[3], backend=row[4], target=row[5],
                    created=row[6], expires=row[7], persistent=bool(row[8]), state=row[9],
-                   rule=row[10], memlock=row[11], reset=bool(row[12]))
+                   rule=row[10], memlock=row[11], reset=bool(row[12]), revoke_reason=row[13],
+                   deadline=row[14], grace=row[15], on_revoke=row[16], revoke_others=bool(row[17]),
+                   cap=row[18], scope=row[19])
 
 
 @attrs.frozen
@@ -276,16 +300,27 @@ class Journal:
 
     def create(self, lease: LeaseRow, held: list[Held]) -> None:
         with self.tx():
-            self.db.execute("INSERT INTO leases VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)", (
+            self.db.execute("INSERT INTO leases VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
                 lease.id, lease.group, lease.uid, lease.owner, lease.backend, lease.target,
                 lease.created, lease.expires, int(lease.persistent), lease.state, lease.rule,
-                lease.memlock, int(lease.reset)))
+                lease.memlock, int(lease.reset), lease.revoke_reason, lease.deadline, lease.grace,
+                lease.on_revoke, int(lease.revoke_others), lease.cap, lease.scope))
             self.db.executemany("INSERT INTO held VALUES(?,?,?,?,?,?)", [
                 (lease.id, i, h.addr, h.driver, h.override, h.role) for i, h in enumerate(held)])
 
     def set_state(self, lease_id: str, state: str) -> None:
         with self.tx():
             self.db.execute("UPDATE leases SET state=? WHERE id=?", (state, lease_id))
+
+    def start_revoke(self, lease_id: str, reason: str, deadline: float) -> None:
+        """The revoke ladder starts: state ``revoking``, why, and when the grace ends."""
+        with self.tx():
+            self.db.execute("UPDATE leases SET state='revoking', revoke_reason=?, deadline=? WHERE id=?",
+                            (reason, deadline, lease_id))
+
+    def set_scope(self, lease_id: str, scope: str | None) -> None:
+        with self.tx():
+            self.db.execute("UPDATE leases SET scope=? WHERE id=?", (scope, lease_id))
 
     def set_expires(self, lease_id: str, expires: float) -> None:
         with self.tx():
@@ -447,15 +482,18 @@ def _is_time(v: object) -> bool:
 
 def _bad_lease(r: tuple[Any, ...]) -> str:
     """Why a ``leases`` row cannot be used ("" if it can)."""
-    if len(r) != 13:
+    if len(r) != 20:
         return f"{len(r)} columns"
     checks = ((isinstance(r[0], str) and _LEASE_ID.fullmatch(r[0]) is not None, "id"),  # its object path
               (_is_int(r[1], 0, (1 << 31) - 1), "group"), (_is_int(r[2], 0, (1 << 32) - 2), "uid"),
               (r[3] is None or isinstance(r[3], str), "owner"), (isinstance(r[4], str), "backend"),
               (isinstance(r[5], str), "target"), (_is_time(r[6]), "created"), (_is_time(r[7]), "expires"),
-              (r[8] in (0, 1), "persistent"), (r[9] in ("granting", "granted", "releasing"), "state"),
+              (r[8] in (0, 1), "persistent"), (r[9] in ("granting", "granted", "revoking", "releasing"), "state"),
               (r[10] is None or isinstance(r[10], str), "rule"),
-              (r[11] is None or _is_int(r[11], 0, (1 << 63) - 1), "memlock"), (r[12] in (0, 1), "reset"))
+              (r[11] is None or _is_int(r[11], 0, (1 << 63) - 1), "memlock"), (r[12] in (0, 1), "reset"),
+              (r[13] is None or isinstance(r[13], str), "revoke reason"), (_is_time(r[14]), "deadline"),
+              (_is_time(r[15]), "grace"), (r[16] in ("kill", "wait"), "on_revoke"), (r[17] in (0, 1), "revoke_others"),
+              (_is_time(r[18]), "cap"), (r[19] is None or isinstance(r[19], str), "scope"))
     for column, (ok, what) in enumerate(checks):
         if not ok:
             return f"its {what} is not usable ({r[column]!r})"[:300]

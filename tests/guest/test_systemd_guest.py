@@ -14,6 +14,9 @@ then one script checks, in order:
   (``denied`` the refusal);
 * ``systemctl reload vfiod`` with a broken policy file fails while the service
   stays active and the last good policy still decides; fixed, the reload works;
+* ``vfioctl revoke`` of a lease whose holder keeps its group, container and device
+  fd ends the holder after the grace and brings the NIC home (the sandbox lets
+  vfiod see and signal it);
 * a persistent lease survives ``systemctl restart vfiod``, and removing its device
   (sysfs ``remove``) ends it with reason ``removed``: udev's events reach the unit.
 """
@@ -69,6 +72,7 @@ address = "0000:01:00.0"
 users = ["vfiotest"]
 backends = ["vfio"]
 persistent = true
+revoke_grace = "2s"
 EOF
 
 # Install as an admin would.  The root this guest boots forbids starting services
@@ -135,6 +139,38 @@ PYEOF
 chmod 644 /tmp/handshake.py
 as_user $VFIOCTL lease $NIC_ADDR -- python3 /tmp/handshake.py > $OUT/handshake.txt 2>&1 \
     || fail "handshake: $(cat $OUT/handshake.txt)"
+
+# A revoke under the shipped unit: its sandbox must let vfiod read another user's
+# /proc/PID/fd, signal that process and run the unbind in a child of its own.
+sed -e 's|^for dev in .*|dev = os.listdir(f"/sys/kernel/iommu_groups/{os.environ[\x27VFIOD_GROUP\x27]}/devices")[0]|' \
+    -e 's|^    fd = fcntl|fd = fcntl|' -e '/^    info = /,$d' /tmp/handshake.py > /tmp/holdfast.py
+printf 'print("holding", flush=True)\nimport time\ntime.sleep(300)\n' >> /tmp/holdfast.py
+chmod 644 /tmp/holdfast.py
+as_user $VFIOCTL lease $NIC_ADDR --persistent > $OUT/revoke-lease.txt 2>&1 || fail "lease to revoke: $(cat $OUT/revoke-lease.txt)"
+GROUP=$(basename "$(readlink /sys/bus/pci/devices/$NIC_ADDR/iommu_group)")
+VFIOD_GROUP=$GROUP VFIOD_GROUP_PATH=/dev/vfio/$GROUP as_user env VFIOD_GROUP=$GROUP VFIOD_GROUP_PATH=/dev/vfio/$GROUP \
+    python3 /tmp/holdfast.py > $OUT/holdfast.txt 2>&1 &
+HOLDER=$!
+for i in $(seq 120); do grep -q holding $OUT/holdfast.txt && break; sleep 0.5; done
+grep -q holding $OUT/holdfast.txt || fail "the holder did not start: $(cat $OUT/holdfast.txt)"
+$VFIOCTL revoke $NIC_ADDR --reason "under the unit" --json > $OUT/revoke.json 2> $OUT/revoke.err
+echo $? > $OUT/revoke.rc
+wait $HOLDER
+echo $? > $OUT/holder.rc
+basename "$(readlink /sys/bus/pci/devices/$NIC_ADDR/driver)" > $OUT/driver-after-revoke.txt
+journalctl --no-pager -u vfiod VFIOD_EVENT=revoke -o json > $OUT/revoke-journal.json
+
+# `vfioctl lease -- CMD` runs in a transient scope: the revoke ends CMD's whole tree,
+# the `sleep` that holds nothing included.
+as_user $VFIOCTL lease $NIC_ADDR -- sh -c 'python3 /tmp/holdfast.py & exec sleep 301' > $OUT/scope-lease.txt 2>&1 &
+for i in $(seq 120); do grep -q holding $OUT/scope-lease.txt && break; sleep 0.5; done
+systemctl list-units --all --no-legend 'vfiod-lease-*' > $OUT/scope-units.txt
+$VFIOCTL revoke $NIC_ADDR --reason "scope" --json > $OUT/revoke-scope.json 2> $OUT/revoke-scope.err
+echo $? > $OUT/revoke-scope.rc
+wait
+sleep 1
+pgrep -f "sleep 301" > $OUT/scope-left.txt
+journalctl --no-pager -u vfiod VFIOD_EVENT=revoke -o cat > $OUT/revoke-scope-journal.txt
 
 # A driver change behind vfiod's back ends the lease (tampered); the NIC goes home.
 as_user $VFIOCTL lease $NIC_ADDR -- sleep 20 > $OUT/lease-tampered.txt 2>&1 &
@@ -268,7 +304,7 @@ def test_an_unprivileged_user_leases_the_nic_over_the_system_bus(run):
 
 def test_the_journal_has_the_grant_and_the_refusal_as_fields(run):
     granted = [json.loads(line) for line in text(run, "granted.json").splitlines()]
-    assert len(granted) == 3, granted            # the lease, the handshake's and the tampered one
+    assert len(granted) == 5, granted            # the lease, the handshake's, two revoked, the tampered one
     g = granted[0]
     assert g["VFIOD_EVENT"] == "grant" and g["VFIOD_TARGET"] == "0000:01:00.0"
     assert g["VFIOD_UID"] == str(__import__("pwd").getpwnam("vfiotest").pw_uid)
@@ -302,6 +338,27 @@ def test_the_lease_command_does_the_whole_vfio_handshake(run):
     said = text(run, "handshake.txt")
     assert "viable 1" in said and "type1v2 1" in said and "mapped 1048576" in said, said
     assert "device 0000:01:00.0 fd True" in said, said
+
+
+def test_a_revoke_under_the_shipped_unit_ends_the_holder_and_brings_the_nic_home(run):
+    assert text(run, "revoke.rc").strip() == "0", text(run, "revoke.err")
+    doc = json.loads(text(run, "revoke.json"))
+    assert doc["ended"] and doc["reason"] == "under the unit", doc
+    assert 2 <= doc["seconds"] < 2 + 10, doc                # the grace, then SIGTERM
+    assert text(run, "holder.rc").strip() == "143", text(run, "holdfast.txt")
+    assert text(run, "driver-after-revoke.txt").strip() == "e1000e"
+    records = [json.loads(line) for line in text(run, "revoke-journal.json").splitlines()]
+    assert [r["VFIOD_OUTCOME"] for r in records] == ["revoking", "ended"], records
+    assert "SIGTERM to pid" in records[1]["VFIOD_DETAIL"]
+
+
+def test_the_command_of_vfioctl_lease_runs_in_a_scope_that_the_revoke_ends_whole(run):
+    assert "vfiod-lease-" in text(run, "scope-units.txt"), text(run, "scope-lease.txt")
+    assert text(run, "revoke-scope.rc").strip() == "0", text(run, "revoke-scope.err")
+    assert json.loads(text(run, "revoke-scope.json"))["ended"]
+    assert "sending SIGTERM to sh" in text(run, "scope-lease.txt")
+    assert text(run, "scope-left.txt").strip() == ""        # the sleep, holding nothing, went too
+    assert "SIGTERM to every process of vfiod-lease-" in text(run, "revoke-scope-journal.txt")
 
 
 def test_a_driver_change_behind_vfiods_back_ends_the_lease_as_tampered(run):

@@ -36,6 +36,7 @@ async def until(pred, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
+            import faulthandler, sys; faulthandler.dump_traceback(sys.stderr, all_threads=True)
             raise AssertionError("timed out")
         await asyncio.sleep(0.01)
 

@@ -37,7 +37,7 @@ def complete():
 
 def test_commands_and_options(complete):
     assert complete("vfioctl ") == sorted(["groups", "show", "explain", "check", "leases", "lease", "vfs",
-                                           "reload", "monitor", "release", "status", "policy"])
+                                           "reload", "monitor", "release", "revoke", "status", "policy"])
     assert complete("vfioctl le") == ["lease", "leases"]
     assert complete("vfioctl policy ") == ["check", "generate", "test"]
     assert complete("vfioctl lease --p") == ["--pass-fd", "--persistent"]

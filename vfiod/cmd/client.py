@@ -80,7 +80,7 @@ class Client:
         return {k: v.value for k, v in reply.body[0].items()}
 
     async def request_lease(self, target: str, backend: str = "", duration: int | None = None,
-                            persistent: bool = False, force: bool = False) -> str:
+                            persistent: bool = False, force: bool = False, scope: bool = False) -> str:
         options: dict[str, Variant] = {}
         if duration:
             options["duration"] = Variant("t", duration)
@@ -88,12 +88,49 @@ class Client:
             options["persistent"] = Variant("b", True)
         if force:
             options["force"] = Variant("b", True)
+        if scope:
+            options["scope"] = Variant("b", True)
         reply = await self.call(ROOT, "org.vfiod1.Manager", "RequestLease", "ssa{sv}", [target, backend, options])
         path: str = reply.body[0]
         return path
 
     async def lease_call(self, path: str, member: str, signature: str = "", body: Iterable[object] = ()) -> Message:
         return await self.call(path, "org.vfiod1.Lease", member, signature, body)
+
+    async def bus_call(self, member: str, signature: str, body: list[Any]) -> Message:
+        """A call to the bus daemon itself (AddMatch, GetNameOwner, ...)."""
+        msg = Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                      interface="org.freedesktop.DBus", member=member, signature=signature, body=body)
+        try:
+            answer = await asyncio.wait_for(self.connected().call(msg), self.timeout)
+        except asyncio.TimeoutError:
+            raise errors.BackendFailed(f"the bus did not answer {member} within {self.timeout:g} s") from None
+        if answer is None:
+            raise errors.BackendFailed(f"the bus sent no reply to {member}")
+        if answer.message_type == MessageType.ERROR:
+            raise errors.VfiodError(f"{member}: {answer.body[0] if answer.body else answer.error_name}")
+        return answer
+
+    async def lease_signals(self, path: str) -> asyncio.Queue[tuple[str, list[Any]]]:
+        """From now on, (member, body) of each ``LeaseRevoking`` and ``LeaseEnded`` of
+        the lease at `path`, in the order they come."""
+        queue: asyncio.Queue[tuple[str, list[Any]]] = asyncio.Queue()
+
+        def collect(msg: Message) -> None:
+            if (msg.message_type == MessageType.SIGNAL and msg.sender is not None
+                    and msg.interface == "org.vfiod1.Manager" and msg.member in LEASE_SIGNALS
+                    and msg.body and msg.body[0] == path):
+                queue.put_nowait((msg.member, list(msg.body)))
+            return None
+        self.connected().add_message_handler(collect)
+        for member in LEASE_SIGNALS:
+            await self.bus_call("AddMatch", "s", [f"type='signal',sender='{BUS_NAME}',path='{ROOT}',"
+                                                  f"interface='org.vfiod1.Manager',member='{member}'"])
+        return queue
+
+
+#: The Manager's signals about one lease's end (`Client.lease_signals`).
+LEASE_SIGNALS = ("LeaseRevoking", "LeaseEnded")
 
 
 def user_name(uid: int) -> str:
@@ -122,6 +159,9 @@ def lease_json(props: dict[str, Any], devices: list[str]) -> dict[str, Any]:
         "warnings": list(props.get("Warnings") or []),
         "group_path": props.get("GroupPath") or None,
         "devices": list(devices),
+        "state": props.get("State") or "granted",
+        "revoke_reason": props.get("RevokeReason") or None,
+        "revoke_deadline": props.get("RevokeDeadline") or None,
     }
 
 

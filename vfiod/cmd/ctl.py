@@ -11,7 +11,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
 
 from .. import __version__
 from ..errors import InvalidArgument, NotFound, VfiodError
@@ -143,13 +143,21 @@ def cmd_leases(args: argparse.Namespace) -> int:
             print("No leases.")
         else:
             print(f"{'LEASE':<17} {'GROUP':>5} {'USER':<12} {'BACKEND':<8} {'OUTLIVES CLIENT':<15} "
-                  f"{'TIME LEFT':<10} DEVICES")
+                  f"{'TIME LEFT':<10} {'STATE':<22} DEVICES")
             for r in rows:
                 print(f"{r['id']:<17} {r['group']:>5} {r['user'][:12]:<12} {r['backend']:<8} "
                       f"{'yes' if r['persistent'] else 'no':<15} {_time_left(r['expires']):<10} "
-                      f"{' '.join(r['devices'])}")
+                      f"{_state_words(r):<22} {' '.join(r['devices'])}")
         return EXIT_OK
     return _run(args, go)
+
+
+def _state_words(lease: Json) -> str:
+    """``granted``, or ``revoking (12s left)`` / ``revoking (grace over)``."""
+    if lease["state"] != "revoking":
+        return str(lease["state"])
+    left = int((lease["revoke_deadline"] or 0) - time.time())
+    return f"revoking ({left}s left)" if left > 0 else "revoking (grace over)"
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
@@ -165,7 +173,9 @@ def cmd_lease(args: argparse.Namespace) -> int:
         raise NotFound(f"no such command: {command[0]!r} (not found or not executable)")
 
     async def go(client: Client) -> int:
-        path = await client.request_lease(args.target, args.backend or "", args.duration, args.persistent, args.force)
+        # With a command: where systemd runs, vfiod puts this process (and so CMD) in a scope of its own.
+        path = await client.request_lease(args.target, args.backend or "", args.duration, args.persistent, args.force,
+                                          scope=bool(command))
         lease_id = path.rsplit("/", 1)[-1]
         props = await client.properties(path, "org.vfiod1.Lease")
         group = int(props["Group"].rsplit("/", 1)[-1])
@@ -237,14 +247,35 @@ async def _run_with_lease(client: Client, path: str, props: Json, group: int, co
         if soft != resource.RLIM_INFINITY and soft < want:
             resource.setrlimit(resource.RLIMIT_MEMLOCK, (want, hard))
 
+    told = await client.lease_signals(path)
     proc = await asyncio.create_subprocess_exec(*command, env=env, pass_fds=fds, preexec_fn=preexec)
     for fd in fds:
         os.close(fd)          # the child has it; the group opens once, so do not hold it here
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, proc.send_signal, sig)
-    rc = await proc.wait()
+    watcher = asyncio.ensure_future(_tell_command_of_revoke(told, proc, command[0]))
+    try:
+        rc = await proc.wait()
+    finally:
+        watcher.cancel()
     return rc if rc >= 0 else 128 - rc
+
+
+async def _tell_command_of_revoke(told: asyncio.Queue[tuple[str, list[Any]]], proc: asyncio.subprocess.Process,
+                                  name: str) -> None:
+    """When vfiod begins revoking the lease, say so and send CMD SIGTERM: the first rung
+    of the ladder is CMD's own chance to let go in order."""
+    while True:
+        member, body = await told.get()
+        if member != "LeaseRevoking":
+            continue
+        left = max(0, int(body[2] - time.time()))
+        print(f"vfioctl: vfiod is revoking the lease ({body[1]}); sending SIGTERM to {name} (pid {proc.pid}): "
+              f"it has {left} s to let go of the devices", file=sys.stderr, flush=True)
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        return
 
 
 def cmd_vfs(args: argparse.Namespace) -> int:
@@ -313,16 +344,73 @@ def cmd_release(args: argparse.Namespace) -> int:
         if not ids and not args.json:
             print("No leases.")
         for lease_id in ids:
+            path = f"/org/vfiod1/lease/{lease_id}"
             try:
-                await client.lease_call(f"/org/vfiod1/lease/{lease_id}", "Release")
+                await client.lease_call(path, "Release")
             except NotFound:
                 raise NotFound(f"no lease {lease_id} (it ended, or never was)") from None
-            if not args.json:
+            try:
+                after = await client.properties(path, "org.vfiod1.Lease")
+            except VfiodError:
+                after = {}                    # ended: the usual case
+            if after.get("State") == "revoking" and not args.json:
+                left = max(0, int(after.get("RevokeDeadline", 0) - time.time()))
+                print(f"lease {lease_id}: processes still hold its group; vfiod is revoking it (they have "
+                      f"{left} s to let go, then the policy says what happens: `vfioctl leases` shows it)",
+                      file=sys.stderr)
+            elif not args.json:
                 print(f"released {lease_id}")
         if args.json:
             print_json("release", released=ids)
         return EXIT_OK
     return _run(args, go)
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    """Root: take a lease back through the revoke ladder; wait for its end unless --no-wait."""
+    async def go(client: Client) -> int:
+        args.all = False
+        (lease_id,) = await _leases_to_release(client, args)
+        path = f"/org/vfiod1/lease/{lease_id}"
+        told = await client.lease_signals(path)
+        start = time.monotonic()
+        try:
+            await client.call("/org/vfiod1", "org.vfiod1.Manager", "Revoke", "os", [path, args.reason])
+        except NotFound:
+            raise NotFound(f"no lease {lease_id} (it ended, or never was)") from None
+        ended = await _wait_for_end(client, path, told, args, lease_id) if not args.no_wait else False
+        seconds = round(time.monotonic() - start, 2)
+        if args.json:
+            print_json("revoke", lease=lease_id, reason=args.reason, ended=ended, seconds=seconds)
+        elif ended:
+            print(f"revoked {lease_id} in {seconds:g} s: its devices are back on their drivers")
+        elif not args.no_wait:
+            print(f"vfioctl: lease {lease_id} is still being revoked after {seconds:g} s "
+                  "(`vfioctl leases` shows it)", file=sys.stderr)
+        return EXIT_OK if ended or args.no_wait else EXIT_FAIL
+    return _run(args, go)
+
+
+async def _wait_for_end(client: Client, path: str, told: asyncio.Queue[tuple[str, list[Any]]],
+                        args: argparse.Namespace, lease_id: str) -> bool:
+    """Until the lease ends (True) or --wait seconds pass (False), saying what vfiod says."""
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        try:
+            member, body = await asyncio.wait_for(told.get(), min(1.0, max(0.01, deadline - time.monotonic())))
+        except asyncio.TimeoutError:
+            try:                                 # a signal missed: ask the object itself
+                await client.properties(path, "org.vfiod1.Lease")
+            except NotFound:
+                return True
+            continue
+        if member == "LeaseEnded":
+            return True
+        if not args.json:
+            left = max(0, int(body[2] - time.time()))
+            print(f"vfioctl: revoking {lease_id} ({body[1]}): its holders have {left} s to let go",
+                  file=sys.stderr, flush=True)
+    return False
 
 
 def _positive_seconds(text: str) -> float:
@@ -472,6 +560,25 @@ examples:
   vfioctl release 3f2a9c0d1e4b5a69
   vfioctl release 0000:04:00.0
   vfioctl release --all
+
+A lease whose group is still held open (a process kept a group or device fd)
+is not left half-released: vfiod revokes it instead (see `vfioctl revoke`).
+"""),
+    "revoke": ("root: take a lease back, whether or not its holders let go", cmd_revoke, """Revoke a lease (root only): vfiod signals LeaseRevoking (vfioctl lease -- CMD
+passes it on to CMD as SIGTERM), takes /dev/vfio/N back and begins unbinding
+each device, which makes the kernel ask the holders (the device's request
+eventfd: QEMU unplugs it from its guest, DPDK runs its removal handling).
+Holders that have not let go when the policy's revoke_grace ends are ended
+(on_revoke = "kill": SIGTERM, SIGKILL 3 s later; only the lessee's processes
+unless revoke_others = true) or waited for (on_revoke = "wait"); then every
+device goes back to its driver and the lease ends as "revoked".  vfioctl
+waits for that (at most --wait seconds) unless --no-wait; exit 1 if the lease
+had not ended by then.  Name the lease by its id or by a target of its group.
+
+examples:
+  vfioctl revoke 3f2a9c0d1e4b5a69 --reason "maintenance at 14:00"
+  vfioctl revoke 0000:04:00.0
+  vfioctl revoke name:gpu --no-wait --json
 """),
 }
 
@@ -487,7 +594,7 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         if name in ("show", "explain", "check", "lease", "vfs"):
             p.add_argument("target", metavar="TARGET", help="0000:04:00.0, 04:00.0, group:8 or name:RESOURCE")
         if name in ("groups", "show", "explain", "check", "leases", "lease", "reload", "release", "vfs",
-                    "monitor"):
+                    "monitor", "revoke"):
             p.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
         if name == "groups":
             p.add_argument("--explain", action="store_true", help="add why each group is what it is")
@@ -511,6 +618,12 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
             p.add_argument("--all", action="store_true", help="every lease you may release (root: all)")
         if name == "vfs":
             p.add_argument("count", type=int, metavar="COUNT")
+        if name == "revoke":
+            p.add_argument("lease", metavar="ID|TARGET")
+            p.add_argument("--reason", default="revoked", help="why (LeaseRevoking and the audit record say it)")
+            p.add_argument("--no-wait", action="store_true", help="return once the revoke has begun")
+            p.add_argument("--wait", type=_positive_seconds, default=600.0, metavar="SECONDS",
+                           help="how long to wait for the lease to end (default 600)")
         p.set_defaults(func=fn)
 
 

@@ -1,8 +1,8 @@
 """`vfioctl monitor`: vfiod's events as they happen, one line each (like `udisksctl monitor`).
 
 It subscribes (bus match rules) to every signal org.vfiod1 sends under
-/org/vfiod1 — `LeaseGranted`, `LeaseEnded` (with its reason: released,
-expired, removed, tampered, ...), `PropertiesChanged` of groups, devices and
+/org/vfiod1 — `LeaseGranted`, `LeaseRevoking`, `LeaseEnded` (with its reason:
+released, expired, removed, tampered, revoked, ...), `PropertiesChanged` of groups, devices and
 leases, `InterfacesAdded`/`InterfacesRemoved` (devices and groups that come
 and go: hotplug, SR-IOV VFs) — and to `NameOwnerChanged` of org.vfiod1, so
 it knows when vfiod leaves the bus.  It starts from `GetManagedObjects`, so
@@ -43,6 +43,7 @@ REASONS = {
     "interrupted": "vfiod stopped while granting it; undone when it started again",
     "removed": "a device of its group was removed (hot-unplug or sysfs remove)",
     "tampered": "a device of its group was moved to another driver behind vfiod's back",
+    "revoked": "root took it back, or the policy no longer allows it",
 }
 
 GROUP_IF, DEVICE_IF, LEASE_IF, MANAGER_IF = ("org.vfiod1.Group", "org.vfiod1.Device", "org.vfiod1.Lease",
@@ -123,9 +124,9 @@ class Monitor:
             return None
         bus.add_message_handler(collect)
         for rule in MATCH_RULES:
-            await self._bus_call("AddMatch", "s", [rule])
+            await self.client.bus_call("AddMatch", "s", [rule])
         try:
-            self.owner = (await self._bus_call("GetNameOwner", "s", [BUS_NAME])).body[0]
+            self.owner = (await self.client.bus_call("GetNameOwner", "s", [BUS_NAME])).body[0]
         except VfiodError:
             raise BackendFailed("vfiod is not running (no org.vfiod1 on the bus)") from None
         self.objects = {path: {i: _unvariant(p) for i, p in ifaces.items()}
@@ -163,20 +164,6 @@ class Monitor:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
 
-    async def _bus_call(self, member: str, signature: str, body: list[Any]) -> Message:
-        msg = Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                      interface="org.freedesktop.DBus", member=member, signature=signature, body=body)
-        try:
-            answer = await asyncio.wait_for(self.client.connected().call(msg), self.client.timeout)
-        except asyncio.TimeoutError:
-            raise BackendFailed(f"the bus did not answer {member} within {self.client.timeout:g} s") from None
-        if answer is None:
-            raise BackendFailed(f"the bus sent no reply to {member}")
-        reply = answer
-        if reply.message_type == MessageType.ERROR:
-            raise VfiodError(f"{member}: {reply.body[0] if reply.body else reply.error_name}")
-        return reply
-
     # ------------------------------------------------------------ one signal
 
     async def handle(self, msg: Message) -> None:
@@ -192,6 +179,8 @@ class Monitor:
             await self.granted(body[0])
         elif msg.interface == MANAGER_IF and member == "LeaseEnded":
             self.ended(body[0], body[1])
+        elif msg.interface == MANAGER_IF and member == "LeaseRevoking":
+            self.revoking(body[0], body[1], body[2])
         elif msg.interface == PROPS_IF and member == "PropertiesChanged":
             self.changed(msg.path, body[0], body[1])
         elif msg.interface == OM_IF and member == "InterfacesAdded":
@@ -228,6 +217,15 @@ class Monitor:
         self.emit("lease-ended", path, f"lease{whose} on group {lease.get('group', '?')} ended, {reason}: {why}{back}",
                   lease=lease, reason=reason)
 
+    def revoking(self, path: str, reason: str, deadline: int) -> None:
+        props = self.leases.setdefault(path, {})
+        props.update({"State": "revoking", "RevokeReason": reason, "RevokeDeadline": deadline})
+        lease = self.lease(path, props)
+        whose = f" of {lease['user']}" if "user" in lease else ""
+        left = max(0, int(deadline - time.time()))
+        self.emit("lease-revoking", path, f"lease{whose} on group {lease.get('group', '?')} is being revoked "
+                  f"({reason}): its holders have {left} s to let go", lease=lease, reason=reason, deadline=deadline)
+
     def changed(self, path: str, interface: str, changed: Props) -> None:
         before = self.objects.setdefault(path, {}).setdefault(interface, {})
         if interface == MANAGER_IF and set(changed) <= {"Leases"}:
@@ -235,6 +233,9 @@ class Monitor:
             return
         if interface == LEASE_IF and path in self.leases:
             self.leases[path].update(changed)
+            if set(changed) <= {"State", "RevokeReason", "RevokeDeadline"}:
+                before.update(changed)           # said by LeaseRevoking
+                return
         new = {k: v for k, v in changed.items() if k not in before or before[k] != v}
         previous = {k: before.get(k) for k in new}
         before.update(changed)

@@ -283,6 +283,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     grant.append("persistent leases allowed" if decision.persistent else "no persistent leases")
     grant.append(f"RLIMIT_MEMLOCK {policy.format_size(decision.memlock)}" if decision.memlock
                  else "no RLIMIT_MEMLOCK grant")
+    grant.append(policy.revoke_terms(decision.revoke_grace, decision.on_revoke, decision.revoke_others))
     print(f"ALLOWED by rule {decision.rule}: {'; '.join(grant)}")
     return EXIT_OK
 
@@ -299,7 +300,9 @@ def _test_json(args: argparse.Namespace, host: Host, uid: int, name: str | None,
     grant = None
     if decision.allowed:
         grant = {"backend": decision.backend, "max_duration": decision.max_duration or None,
-                 "persistent": bool(decision.persistent), "memlock": decision.memlock or None}
+                 "persistent": bool(decision.persistent), "memlock": decision.memlock or None,
+                 "revoke_grace": decision.revoke_grace, "on_revoke": decision.on_revoke,
+                 "revoke_others": decision.revoke_others}
     print_json("policy-test",
                user={"name": name, "uid": uid,
                      "groups": [users.group_name(g) or str(g) for g in sorted(caller.gids)]},

@@ -160,7 +160,10 @@ async def serve(args: argparse.Namespace) -> int:
             service.manager_iface.PolicyReloaded(len(policy.files), len(policy.rules))
         except PolicyError as e:
             log.error("policy reload refused, the last good one stays: %s", e)
-        service.update_status()
+            return
+        finally:
+            service.update_status()
+        asyncio.ensure_future(service.revoke_disallowed())
     loop.add_signal_handler(signal.SIGHUP, hup)
 
     async def expire() -> None:
@@ -169,6 +172,7 @@ async def serve(args: argparse.Namespace) -> int:
             expired = await service._run(service.manager.expire_due)
             if expired:
                 service.refresh_soon([e.lease.group for e in expired])
+            await service.turn_ladders()
             service.update_status()      # hotplug and rescans change the groups too
     ticker = asyncio.ensure_future(expire())
     watchdog = asyncio.ensure_future(feed_watchdog())
@@ -200,9 +204,35 @@ async def serve(args: argparse.Namespace) -> int:
                     await service._run(service.manager.release, lease.id, None, "shutdown")
                 except VfiodError as e:
                     log.error("ending lease %s on shutdown: %s", lease.id, e)
+        await _finish_ladders(service)
         bus.disconnect()
     journal.close()
     return status
+
+
+#: The longest a stopping vfiod runs the revoke ladder of its leases (systemd's stop timeout is 90 s).
+SHUTDOWN_LADDER = 45.0
+
+
+async def _finish_ladders(service: Service) -> None:
+    """On stop: turn the revoke ladder until every lease on it ended, or until its holders'
+    grace and the SIGKILL after it are over (capped at `SHUTDOWN_LADDER`); what is left
+    stays ``revoking`` in the journal, and the next start resumes it."""
+    manager = service.manager
+    waiting = [lease for lease in manager.leases() if lease.state == "revoking"]
+    if not waiting:
+        return
+    until = min(max(lease.deadline for lease in waiting) + manager.kill_after + 2.0,
+                manager.clock() + SHUTDOWN_LADDER)
+    log.info("stopping: %d lease(s) on the revoke ladder; waiting for them up to %.0f s", len(waiting),
+             max(0.0, until - manager.clock()))
+    while manager.clock() < until and any(lease.state == "revoking" for lease in manager.leases()):
+        await service._run(manager.advance_all)
+        await asyncio.sleep(0.5)
+    for lease in manager.leases():
+        if lease.state == "revoking":
+            log.warning("lease %s stays on the revoke ladder (%s); the next start goes on with it", lease.id,
+                        lease.revoke_reason)
 
 
 def _give_back_free_memory() -> None:

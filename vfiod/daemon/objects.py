@@ -53,6 +53,15 @@ class ObjectTree:
         self.bus.export(busmod.lease_path(lease.id), iface)
         self.manager_iface.emit_properties_changed({"Leases": self.manager_iface.Leases})
 
+    def update_lease(self, lease: LeaseRow) -> None:
+        """The lease's row changed (the revoke ladder began): its object says so."""
+        iface = self._leases.get(lease.id)
+        if iface is None:
+            return
+        iface.lease = lease
+        iface.emit_properties_changed({"State": lease.state, "RevokeReason": lease.revoke_reason or "",
+                                       "RevokeDeadline": max(0, int(lease.deadline))})
+
     def drop_lease(self, lease_id: str) -> None:
         iface = self._leases.pop(lease_id, None)
         if iface is not None and self.bus:

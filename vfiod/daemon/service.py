@@ -14,7 +14,7 @@ import re
 from typing import Callable, Iterable, Mapping, TypeVar, TypeVarTuple
 
 import attrs
-from dbus_next import Message
+from dbus_next import Message, MessageType, Variant
 
 from .. import bus as busmod
 from .. import report
@@ -39,6 +39,7 @@ _T = TypeVar("_T")
 _Args = TypeVarTuple("_Args")
 
 
+SYSTEMD = "org.freedesktop.systemd1"
 _SOURCE = re.compile(r"(?:rules? )?\S+\.toml:[0-9]+(?:, \S+\.toml:[0-9]+)*")
 
 
@@ -57,6 +58,8 @@ class Service:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.manager = LeaseManager(kernel, journal, lambda: self.policy_store.current, backends,
                                     on_ended=self._ended_in_thread)
+        self.manager.on_revoking = self._revoking_in_thread
+        self.manager.end_scope = self._end_scope_in_thread
         self.snapshot = Snapshot(self.manager)
         self.snapshot.on_change = self._changed_in_thread
         self.callers = Callers()
@@ -168,6 +171,8 @@ class Service:
                           format_size(lease.memlock), why)
                 warnings.append(f"memlock: the policy's RLIMIT_MEMLOCK grant of {format_size(lease.memlock)} "
                                 f"was not applied: {why}")
+        if options.get("scope") and caller.pid:
+            await self._confine(lease, caller.pid)
         self._warnings[lease.id] = warnings
         self.refresh_soon([lease.group])
         self.objects.export_lease(lease)
@@ -268,6 +273,7 @@ class Service:
             self.update_status()
         log.info("policy reloaded by uid %s: %d files, %d rules", caller.uid, len(policy.files), len(policy.rules))
         self.manager_iface.PolicyReloaded(len(policy.files), len(policy.rules))
+        await self.revoke_disallowed()
 
     # ------------------------------------------------------------ what systemd shows
 
@@ -321,6 +327,77 @@ class Service:
     def _ended_in_thread(self, ended: Ended) -> None:
         if self.loop:
             self.loop.call_soon_threadsafe(self._ended, ended)
+
+    def _revoking_in_thread(self, lease: LeaseRow) -> None:
+        if self.loop:
+            self.loop.call_soon_threadsafe(self._revoking, lease)
+
+    def _revoking(self, lease: LeaseRow) -> None:
+        self.objects.update_lease(lease)
+        self.manager_iface.LeaseRevoking(busmod.lease_path(lease.id), lease.revoke_reason or "",
+                                         max(0, int(lease.deadline)))
+        self.update_status()
+
+    # ------------------------------------------------------------ transient scopes (systemd)
+
+    async def _systemd(self, member: str, signature: str, body: list[object]) -> bool:
+        """Call systemd's Manager on vfiod's bus; False where there is no systemd (or it said no)."""
+        if self.bus is None:
+            return False
+        msg = Message(destination=SYSTEMD, path="/org/freedesktop/systemd1", interface=SYSTEMD + ".Manager",
+                      member=member, signature=signature, body=body)
+        try:
+            reply = await asyncio.wait_for(self.bus.call(msg), 10)
+        except (asyncio.TimeoutError, OSError) as e:
+            log.info("systemd did not answer %s: %s", member, e)
+            return False
+        if reply is None or reply.message_type == MessageType.ERROR:
+            why = (reply.body[0] if reply and reply.body else reply.error_name if reply else "no reply")
+            log.info("systemd refused %s: %s", member, why)
+            return False
+        return True
+
+    async def _confine(self, lease: LeaseRow, pid: int) -> None:
+        """Where systemd runs: move the caller (vfioctl lease -- CMD, before it starts CMD) into
+        a transient scope of its own, so the revoke ladder can end the whole tree at once."""
+        scope = f"vfiod-lease-{lease.id}.scope"
+        if await self._systemd("StartTransientUnit", "ssa(sv)a(sa(sv))", [
+                scope, "fail", [["PIDs", Variant("au", [pid])],
+                                ["Description", Variant("s", f"vfiod lease {lease.id} of uid {lease.uid}")],
+                                ["CollectMode", Variant("s", "inactive-or-failed")]], []]):
+            await self._run(self.journal.set_scope, lease.id, scope)
+            log.info("lease %s: pid %s runs in %s", lease.id, pid, scope)
+
+    def _end_scope_in_thread(self, scope: str, sig: int) -> bool:
+        loop = self.loop
+        if loop is None:
+            return False
+        fut = asyncio.run_coroutine_threadsafe(self._systemd("KillUnit", "ssi", [scope, "all", int(sig)]), loop)
+        try:
+            return fut.result(15)
+        except Exception as e:
+            log.error("ending %s: %s", scope, e)
+            return False
+
+    async def revoke(self, caller: Caller, lease_id: str, reason: str) -> None:
+        """Root: take a lease back through the ladder (`LeaseManager.revoke`)."""
+        if not caller.is_admin:
+            raise PermissionDenied("only root may revoke a lease")
+        lease = self.manager.get(lease_id)
+        await self._run(self.manager.revoke, lease_id, reason or "revoked", caller)
+        self.refresh_soon([lease.group])
+
+    async def turn_ladders(self) -> None:
+        """One turn of the revoke ladder for every lease on it (the daemon's tick)."""
+        ended = await self._run(self.manager.advance_all)
+        if ended:
+            self.refresh_soon([e.lease.group for e in ended])
+
+    async def revoke_disallowed(self) -> None:
+        """After a policy reload: revoke (reason ``policy``) the leases it no longer allows."""
+        got = await self._run(self.manager.revoke_disallowed, self.policy_store.current)
+        if got:
+            self.refresh_soon([g.lease.group for g in got])
 
     def warnings(self, lease_id: str) -> list[str]:
         """What the grant of `lease_id` promised and could not do (the memlock grant, say)."""

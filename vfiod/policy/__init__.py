@@ -67,6 +67,9 @@ too.  Every list-valued key also takes a single value::
                                   # (powers of 1024); default: none
     allow_protected = false       # see "Protected devices"
     reset_on_release = false      # reset each endpoint (BDF/reset) before it goes back to the host
+    revoke_grace = "30s"          # a revoked or expired lease's holders get this long to let go
+    on_revoke = "kill"            # then: "kill" (SIGTERM, then SIGKILL) or "wait" for them
+    revoke_others = false         # may the ladder end processes of other uids (root's too)?
 
 A group's decision combines the rules that decided its endpoints:
 
@@ -84,6 +87,10 @@ A group's decision combines the rules that decided its endpoints:
   its admin agreed to for its devices.
 * ``reset_on_release`` holds if any deciding rule asks for it: it protects
   the host, so one rule's request is enough.
+* The revoke terms protect the host too: the shortest ``revoke_grace`` (30 s
+  where none is set), ``on_revoke = "wait"`` only if every deciding rule says
+  so, and ``revoke_others`` only if every deciding rule allows it.  The
+  terms are recorded with the lease when it is granted.
 
 Kubernetes namespaces
 =====================
@@ -149,12 +156,12 @@ from __future__ import annotations
 from .engine import Policy, PolicyStore
 from .load import CLAIM_KEYS, RESOURCE_KEYS, RULE_KEYS
 from .locate import Locator
-from .model import (DEFAULT_DIR, KNOWN_BACKENDS, Caller, Claim, Decision, DeviceDecision, Refusal, Resource,
-                    ResourceDevice, Rule, Target, parse_target)
+from .model import (DEFAULT_DIR, DEFAULT_REVOKE_GRACE, KNOWN_BACKENDS, ON_REVOKE, Caller, Claim, Decision, DeviceDecision, Refusal, Resource,
+                    ResourceDevice, Rule, Target, parse_target, revoke_terms)
 from .units import MAX_LEASE_SECONDS, format_duration, format_size, parse_duration, parse_size
 from .users import StaticUserDb, UserDb, system_users
 
-__all__ = ["CLAIM_KEYS", "MAX_LEASE_SECONDS", "DEFAULT_DIR", "KNOWN_BACKENDS", "RESOURCE_KEYS", "RULE_KEYS", "Caller", "Claim",
+__all__ = ["DEFAULT_REVOKE_GRACE", "ON_REVOKE", "revoke_terms", "CLAIM_KEYS", "MAX_LEASE_SECONDS", "DEFAULT_DIR", "KNOWN_BACKENDS", "RESOURCE_KEYS", "RULE_KEYS", "Caller", "Claim",
            "Decision", "DeviceDecision", "Locator", "Policy", "PolicyStore", "Refusal", "Resource",
            "ResourceDevice", "Rule", "StaticUserDb", "Target", "UserDb", "format_duration", "format_size",
            "parse_duration", "parse_size", "parse_target", "system_users"]

@@ -10,7 +10,7 @@ import attrs
 from ..address import PciAddress
 from ..errors import InvalidArgument, NotFound, PermissionDenied, PolicyError
 from .load import TRUSTED_OWNERS, Loader, read_directory
-from .model import K8S_NAMESPACE, Refusal, Caller, Claim, DEFAULT_DENY, DEFAULT_DIR, Decision, DeviceDecision, KNOWN_BACKENDS, Resource, Rule, Target, parse_target
+from .model import K8S_NAMESPACE, Refusal, Caller, Claim, DEFAULT_DENY, DEFAULT_REVOKE_GRACE, DEFAULT_DIR, Decision, DeviceDecision, KNOWN_BACKENDS, Resource, Rule, Target, parse_target
 from .units import MAX_LEASE_SECONDS, _short, format_duration
 from .users import UserDb, system_users
 
@@ -229,7 +229,12 @@ class Policy:
             backend=chosen, max_duration=min(caps) if caps else None,
             persistent=all(r.persistent for r in rules),
             memlock=min(grants) if len(grants) == len(rules) else None,
-            reset_on_release=any(r.reset_on_release for r in rules), devices=devices)
+            reset_on_release=any(r.reset_on_release for r in rules), devices=devices,
+            # The revoke terms most protective of the host: the shortest grace, "wait"
+            # only if every rule says so, other uids' processes only if every rule allows it.
+            revoke_grace=min((r.revoke_grace for r in rules if r.revoke_grace), default=DEFAULT_REVOKE_GRACE),
+            on_revoke="wait" if all(r.on_revoke == "wait" for r in rules) else "kill",
+            revoke_others=all(r.revoke_others for r in rules))
 
     def delegate(self, caller: Caller, namespace: object) -> Caller:
         """`caller` speaking for Kubernetes namespace `namespace` (the ``k8s_namespace``

@@ -16,7 +16,7 @@ import attrs
 from ..address import PciAddress
 from ..errors import InvalidAddress, InvalidArgument, PolicyError
 from .locate import Locator
-from .model import K8S_NAMESPACE_PATTERN, Claim, IdPattern, MAX_FILE_SIZE, MAX_GROUP, MAX_UID, Resource, ResourceDevice, Rule, _CLASS, _DRIVER, _EXACT_ID, _NAME, parse_target
+from .model import K8S_NAMESPACE_PATTERN, ON_REVOKE, Claim, IdPattern, MAX_FILE_SIZE, MAX_GROUP, MAX_UID, Resource, ResourceDevice, Rule, _CLASS, _DRIVER, _EXACT_ID, _NAME, parse_target
 from .units import _describe, _short, parse_duration, parse_size
 from .users import UserDb
 
@@ -25,7 +25,7 @@ MATCH_KEYS = ("address", "group", "ids", "class", "driver", "vf_of", "resource")
 WHO_KEYS = ("users", "uids", "groups", "everyone")
 K8S_KEYS = ("k8s_namespaces", "k8s_delegates")
 GRANT_KEYS = ("backends", "default_backend", "max_duration", "persistent", "memlock", "allow_protected",
-              "reset_on_release")
+              "reset_on_release", "revoke_grace", "on_revoke", "revoke_others")
 RULE_KEYS = ("action", "comment") + MATCH_KEYS + WHO_KEYS + K8S_KEYS + GRANT_KEYS
 RESOURCE_KEYS = ("name", "comment", "devices")
 RESOURCE_DEVICE_KEYS = ("address", "ids", "subsystem")
@@ -132,6 +132,13 @@ def _text(v: object) -> str:
 def _bool(v: object) -> bool:
     if not isinstance(v, bool):
         raise _Bad(f"expected true or false, got {_describe(v)}")
+    return v
+
+
+def _on_revoke(v: object) -> str:
+    if v not in ON_REVOKE:
+        raise ValueError(f"expected one of {', '.join(map(repr, ON_REVOKE))}, got {_describe(v)}")
+    assert isinstance(v, str)
     return v
 
 
@@ -391,12 +398,16 @@ class Loader:
         memlock = t.checked("memlock", parse_size) if "memlock" in d else None
         reset_on_release = t.get("reset_on_release", _bool) if "reset_on_release" in d else False
         allow_protected = t.get("allow_protected", _bool) if "allow_protected" in d else False
+        revoke_grace = t.checked("revoke_grace", parse_duration) if "revoke_grace" in d else None
+        on_revoke = t.checked("on_revoke", _on_revoke) if "on_revoke" in d else None
+        revoke_others = t.get("revoke_others", _bool) if "revoke_others" in d else False
         if allow_protected and "address" not in d and "resource" not in d:
             raise t.error("allow_protected", "a protected device must be named explicitly: "
                                              "give the rule an 'address' or 'resource' key")
         return attrs.evolve(rule, backends=backends, default_backend=default, max_duration=max_duration,
                             persistent=persistent, memlock=memlock, reset_on_release=reset_on_release,
-                            allow_protected=allow_protected)
+                            allow_protected=allow_protected, revoke_grace=revoke_grace, on_revoke=on_revoke,
+                            revoke_others=revoke_others)
 
     def _k8s_who(self, t: _Table) -> tuple[tuple[str, ...], tuple[str, ...], frozenset[int]] | None:
         """(namespace patterns, delegate names, delegate uids) of a Kubernetes rule; None for others."""

@@ -24,6 +24,10 @@ KNOWN_BACKENDS = ("vfio", "libvirt", "pci-stub")
 MAX_FILE_SIZE = 1 << 20
 MAX_TARGET_LEN = 256
 DEFAULT_DENY = "no rule matched (deny by default)"
+#: What a revoked lease's holders face once the grace is over: ended, or waited for.
+ON_REVOKE = ("kill", "wait")
+#: The grace a revoked lease's holders get when no rule sets ``revoke_grace`` (seconds).
+DEFAULT_REVOKE_GRACE = 30
 
 MAX_UID = (1 << 32) - 2
 MAX_GROUP = (1 << 31) - 1
@@ -102,6 +106,9 @@ class Decision:
     reset_on_release: bool = False
     devices: tuple[DeviceDecision, ...] = ()
     refusal: Refusal | None = None                # None when allowed
+    revoke_grace: int = DEFAULT_REVOKE_GRACE      # the revoke ladder's terms (see `Rule`)
+    on_revoke: str = "kill"
+    revoke_others: bool = False
 
 
 @attrs.frozen
@@ -237,6 +244,12 @@ class Rule:
     memlock: int | None = None
     allow_protected: bool = False
     reset_on_release: bool = False
+    # The revoke ladder: how long holders of a revoked lease get to let go (None: the
+    # default), then whether they are ended ("kill") or waited for ("wait"), and whether
+    # processes of other uids than the lessee's (root's included) may be ended too.
+    revoke_grace: int | None = None
+    on_revoke: str | None = None
+    revoke_others: bool = False
     # A Kubernetes rule names namespaces and the delegates that may speak for them, not users.
     k8s_namespaces: tuple[str, ...] | None = None   # glob patterns, as written
     k8s_delegates: tuple[str, ...] = ()             # as written, for people
@@ -352,8 +365,17 @@ class Rule:
             parts.append("the protected devices it names")
         if self.reset_on_release:
             parts.append("reset on release")
+        if self.revoke_grace or self.on_revoke or self.revoke_others:
+            parts.append(revoke_terms(self.revoke_grace or DEFAULT_REVOKE_GRACE, self.on_revoke or "kill",
+                                      self.revoke_others))
         return "; ".join(parts)
 
+
+def revoke_terms(grace: int, on_revoke: str, others: bool) -> str:
+    """The revoke ladder's terms for people: ``revoke: 30s grace, then end the lessee's holders``."""
+    then = ("wait for the holders" if on_revoke == "wait" else
+            "end the holders, whoever runs them" if others else "end the lessee's holders")
+    return f"revoke: {format_duration(grace)} grace, then {then}"
 
 
 # What `parse_target` makes of a target: test ``parsed[0]`` to narrow ``parsed[1]``.

@@ -23,6 +23,11 @@ tests).  The plan — each file it watches and what a write to it does:
     driver in the host table), if any.  Binding vfio-pci creates
     ``/dev/vfio/N`` (root, 0600) when it is the group's first member there.
 
+Holders: as in the kernel, an unbind from vfio-pci waits while a process
+holds the device's group open (here: any fd on the fake ``/dev/vfio/N``, found
+in the system's ``/proc``, as the revoke ladder finds it); the kernel's request
+to the holder has no counterpart.  `start_unbind` writes from a thread.
+
 Fault injection is data: ``sim.inject(op, addr, fault)`` with op one of
 ``override``, ``unbind``, ``probe``, ``reset`` and a `Fault`: ``error`` (the write fails
 with EIO), ``block`` (the write hangs for `delay` seconds, so the caller's
@@ -45,6 +50,7 @@ import attrs
 
 from ..address import PciAddress
 from ..sysfs import Kernel, Roots, classify_write
+from ..sysfs.write import ThreadUnbind, Unbinding
 from ..sysfs.read import _readlink
 
 if TYPE_CHECKING:
@@ -74,6 +80,7 @@ class SimKernel(Kernel):
         self.write_log: str | None = None  # a file that gets one "path<TAB>data" line per write
         self.event_sink: EventHandler | None = None   # called with (action, addr, driver), as a uevent would be
         self._lock = threading.RLock()
+        self.holders_block = True          # an unbind from vfio-pci waits for the group's holders
 
     @classmethod
     def for_spec(cls, spec: HostSpec, roots: Roots, **kw: float) -> "SimKernel":
@@ -131,6 +138,8 @@ class SimKernel(Kernel):
                 time.sleep(fault.delay)
                 if fault.kind == "block":
                     raise OSError(errno.EINTR, "interrupted after blocking (injected)")
+        if op == "unbind" and parts[3] == "vfio-pci" and self.holders_block:
+            self._wait_for_holders(addr)
         with self._lock:
             if not os.path.isdir(os.path.join(self.roots.sysfs, "bus/pci/devices", addr.sysfs_name)):
                 raise OSError(errno.ENODEV, "No such device")
@@ -157,6 +166,21 @@ class SimKernel(Kernel):
                 target = override if override is not None else self.native.get(addr)
                 if target and os.path.isdir(self._drv(target)):
                     self._bind(addr, target)
+
+    def _wait_for_holders(self, addr: PciAddress) -> None:
+        from ..sysfs.holders import find_holders
+
+        group = self._group(addr)
+        while group is not None and find_holders(self.roots, group, (addr,)):
+            time.sleep(0.05)
+
+    def start_unbind(self, addr: PciAddress) -> Unbinding | None:
+        drv = self.driver_of(addr)
+        if drv is None:
+            return None
+        rel = f"bus/pci/drivers/{drv}/unbind"
+        classify_write(rel, addr.sysfs_name)
+        return ThreadUnbind(lambda: self._write_file(rel, addr.sysfs_name))
 
     def _event(self, action: str, addr: PciAddress, driver: str | None) -> None:
         if self.event_sink:

@@ -7,6 +7,10 @@ import re
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import subprocess
 
 import attrs
 
@@ -169,6 +173,28 @@ class Kernel:
             return
         self._write(f"bus/pci/drivers/{_check_driver_name(drv)}/unbind", addr.sysfs_name,
                     f"{addr}: unbinding from {drv}")
+
+    def start_unbind(self, addr: PciAddress) -> Unbinding | None:
+        """Begin unbinding `addr` from its driver without waiting for it (None: it has none).
+
+        The revoke ladder's way of asking a VFIO device's holders to let go: the
+        kernel's unbind from vfio-pci fires the device's request eventfd and then
+        waits, uninterruptibly, until every fd of the device is closed.  So the
+        write runs in a child process of its own (``sh``), not in vfiod: a vfiod
+        that is killed meanwhile exits at once and drops its bus connection, and
+        the write completes whenever the holders let go."""
+        import subprocess
+
+        drv = self.driver_of(addr)
+        if drv is None:
+            return None
+        rel = f"bus/pci/drivers/{_check_driver_name(drv)}/unbind"
+        classify_write(rel, addr.sysfs_name)
+        proc = subprocess.Popen(["/bin/sh", "-c", 'printf %s "$1" > "$2"', "vfiod-unbind", addr.sysfs_name,
+                                 os.path.join(self.roots.sysfs, rel)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                close_fds=True, start_new_session=True)
+        return _ChildUnbind(proc)
 
     def probe(self, addr: PciAddress) -> None:
         self._write("bus/pci/drivers_probe", addr.sysfs_name, f"{addr}: probing")
@@ -424,6 +450,44 @@ class Kernel:
         return device_usage(self.roots, addr)
 
 
+
+
+class Unbinding:
+    """An unbind under way (`Kernel.start_unbind`)."""
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds; True once the write has returned."""
+        raise NotImplementedError
+
+
+class _ChildUnbind(Unbinding):
+    def __init__(self, proc: subprocess.Popen[bytes]):
+        self.proc = proc
+
+    def wait(self, timeout: float) -> bool:
+        import subprocess
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+
+class ThreadUnbind(Unbinding):
+    """An unbind written by a thread (the simulated kernel's, which has no child to spare)."""
+
+    def __init__(self, write: Callable[[], None]):
+        def run() -> None:
+            try:
+                write()
+            except Exception:          # the ladder reads the outcome from sysfs, not from here
+                pass
+        self.thread = threading.Thread(target=run, name="unbind", daemon=True)
+        self.thread.start()
+
+    def wait(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
 
 
 @attrs.frozen
