@@ -314,3 +314,26 @@ def test_the_slice_is_rebuilt_when_vfiod_comes_back(stack, api):
     hit = _wait_for_slice(api, name, lambda s: any(
         d["attributes"]["namespaces"] == {"string": "team-*"} for d in s["spec"]["devices"]), 20)
     assert hit, dra.read_log()
+
+
+def test_a_policy_reload_judges_a_claims_lease_for_its_namespace(stack, api):
+    """vfiod keeps the namespace with the lease: a reload that still allows the namespace
+    keeps the lease; one that no longer does revokes it, and the devices go home."""
+    world, dra = stack
+    before = world.drivers()
+    dra.kubelet.register()
+    uid = api.put_claim("ml-train", "nics", allocated(8))
+    assert dra.kubelet.prepare(("ml-train", uid, "nics"))[uid][0] == ""
+    (lease,) = leases_of(world)
+    world.ctl("reload", user=None)
+    time.sleep(1.0)
+    assert [x["id"] for x in leases_of(world)] == [lease["id"]]
+    with open(os.path.join(world.policy_dir, "50-test.toml"), "w") as f:
+        f.write(POLICY.format(user=TEST_USER).replace('"ml-*"', '"team-*"'))
+    world.ctl("reload", user=None)
+    deadline = time.monotonic() + 30
+    while leases_of(world) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leases_of(world) == [] and world.drivers() == before
+    # the kubelet's unprepare then finds nothing left to end
+    assert dra.kubelet.unprepare(("ml-train", uid, "nics")) == {uid: ""}
