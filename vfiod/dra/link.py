@@ -63,8 +63,9 @@ class Vfiod:
     async def end(self, path: str) -> None:
         """End a lease: every device of its group goes back to its driver.
 
-        The one place a lease ends; vfiod's Release returns the devices once their
-        holders let go (a revoke that signals holders would go here)."""
+        The one place a lease ends.  Release is the owner's call (Revoke is root's);
+        if processes still hold the group, vfiod runs its revoke ladder on them
+        (reason ``released``: signalled, a grace, then ended) before the return."""
         await self.client.call(path, LEASE, "Release")
 
     async def held(self) -> dict[int, HeldLease]:
