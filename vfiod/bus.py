@@ -501,12 +501,12 @@ def _unwrap_options(options: dict[str, object]) -> dict[str, object]:
     out = {}
     for key, value in options.items():
         out[key] = value.value if isinstance(value, Variant) else value
-    expected = {"duration": int, "persistent": bool, "force": bool, "scope": bool}
+    expected = {"duration": int, "persistent": bool, "force": bool, "scope": bool, "k8s_namespace": str}
+    words = {int: "a number of seconds", bool: "a boolean", str: "a string"}
     for key, value in out.items():
         want = expected.get(key)
         if want is not None and type(value) is not want:
-            raise InvalidArgument(f"option {key!r} must be {'a number of seconds' if want is int else 'a boolean'}, "
-                                  f"not {type(value).__name__}")
+            raise InvalidArgument(f"option {key!r} must be {words[want]}, not {type(value).__name__}")
     return out
 
 
@@ -575,6 +575,12 @@ class ManagerInterface(_Interface):
 
     @method()
     @edge
+    async def KubernetesAccess(self, caller: Caller, target: "s") -> "(asas)":
+        namespaces, resources = await self.service.kubernetes_access(caller, target)
+        return [namespaces, resources]
+
+    @method()
+    @edge
     async def SetVfCount(self, caller: Caller, pf: "s", count: "u") -> "u":
         return await self.service.set_vf_count(caller, pf, count)
 
@@ -619,6 +625,10 @@ class ManagerInterface(_Interface):
     @signal()
     def LeaseRevoking(self, lease: str, reason: str, deadline: int) -> "ost":
         return [lease, reason, deadline]
+
+    @signal()
+    def PolicyReloaded(self, files: int, rules: int) -> "uu":
+        return [files, rules]
 
 
 class GroupInterface(_Interface):

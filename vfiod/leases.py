@@ -246,8 +246,8 @@ class LeaseManager:
                 owner: str | None = None) -> LeaseRow:
         options = dict(options or {})
         for key in options:
-            if key not in ("duration", "persistent", "force", "scope"):
-                raise InvalidArgument(f"unknown option {key!r} (known: duration, persistent, force, scope)")
+            if key not in ("duration", "persistent", "force", "scope", "k8s_namespace"):
+                raise InvalidArgument(f"unknown option {key!r} (known: duration, persistent, force, scope, k8s_namespace)")
         policy = self.policy_source()
         host = self.host_for(target, policy)
         try:
@@ -283,7 +283,8 @@ class LeaseManager:
                 persistent=bool(options.get("persistent")), state="granting", rule=decision.rule,
                 memlock=decision.memlock, reset=decision.reset_on_release, grace=float(decision.revoke_grace),
                 on_revoke=decision.on_revoke, revoke_others=decision.revoke_others,
-                cap=now + decision.max_duration if decision.max_duration else 0.0)
+                cap=now + decision.max_duration if decision.max_duration else 0.0,
+                k8s_namespace=_namespace(options))
             self.journal.create(lease, plan)
             self._step("recorded")
             ctx = LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in plan
@@ -749,7 +750,7 @@ class LeaseManager:
                 continue
             try:
                 decision = policy.decide(self.scan_groups([lease.group]), Caller.from_uid(lease.uid), lease.group,
-                                         lease.backend, {"persistent": lease.persistent})
+                                         lease.backend, _terms(lease))
             except VfiodError as e:
                 decision = Decision(False, "", str(e))
             if decision.allowed:
@@ -799,7 +800,7 @@ class LeaseManager:
         if not isinstance(seconds, int) or seconds <= 0:
             raise InvalidArgument("renew takes a positive number of seconds")
         decision = self.policy_source().decide(self.scan_groups([lease.group]), caller, lease.group, lease.backend,
-                                               {"duration": seconds, "persistent": lease.persistent})
+                                               {"duration": seconds, **_terms(lease)})
         if not decision.allowed:
             raise PermissionDenied(decision.reason)
         if lease.state != "granted":
@@ -907,3 +908,17 @@ class LeaseManager:
         elif steps:
             record = be.hand_over(ctx) or steps[-1].record     # idempotent: re-apply ownership
             self.journal.done(lease.id, steps[-1].seq, record)
+
+
+def _namespace(options: Mapping[str, object]) -> str | None:
+    """The Kubernetes namespace a request was made for (`Policy.decide` checked it)."""
+    ns = options.get("k8s_namespace")
+    return ns if isinstance(ns, str) else None
+
+
+def _terms(lease: LeaseRow) -> dict[str, object]:
+    """The options a lease is judged on again (a renewal, a policy reload): as it was granted."""
+    terms: dict[str, object] = {"persistent": lease.persistent}
+    if lease.k8s_namespace is not None:
+        terms["k8s_namespace"] = lease.k8s_namespace
+    return terms

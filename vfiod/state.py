@@ -1,16 +1,16 @@
 """The journal: one SQLite file that lets vfiod survive its own crash.
 
 File: ``STATE_DIR/state.db`` (WAL, ``synchronous=FULL``: a committed row is on
-disk before the sysfs write it announces).  Schema version 4:
+disk before the sysfs write it announces).  Schema version 5:
 
 ``meta(key, value)``
     ``schema`` = 3.  A file with a higher number is from a newer vfiod and is
     refused, untouched; an older file is upgraded in place (version 2 added
     ``leases.reset``, version 3 ``audit.count``, ``audit.last`` and ``quarantine``,
-    version 4 the revoke columns of ``leases``).
+    version 4 the revoke columns of ``leases``, version 5 ``leases.k8s_namespace``).
     A table or column that is missing is recreated empty (and logged).
 ``leases(id, grp, uid, owner, backend, target, created, expires, persistent, state, rule, memlock, reset,
-revoke_reason, deadline, grace, on_revoke, revoke_others, cap, scope)``
+revoke_reason, deadline, grace, on_revoke, revoke_others, cap, scope, k8s_namespace)``
     one row per lease; ``grp`` is UNIQUE (one lease per group).  ``state`` is
     ``granting`` (devices are being moved; a crash here rolls back),
     ``granted`` (handed over), ``revoking`` (taken back from holders that may
@@ -22,7 +22,9 @@ revoke_reason, deadline, grace, on_revoke, revoke_others, cap, scope)``
     and when the grace ends); ``grace``, ``on_revoke`` and ``revoke_others``
     are the policy's revoke terms at the grant; ``cap`` is when the rule's
     ``max_duration`` ends the lease whatever its renewals (0: no cap);
-    ``scope`` the transient systemd scope of the lessee's command, if any.
+    ``scope`` the transient systemd scope of the lessee's command, if any;
+    ``k8s_namespace`` the Kubernetes namespace a delegate leased it for (NULL: none),
+    so that a renewal or a policy reload judges it as it was granted.
 ``held(lease, pos, addr, driver, override, role)``
     each device's original driver and driver_override, written before the
     first sysfs write of the lease: the truth a release restores.  ``role``
@@ -67,7 +69,7 @@ import attrs
 
 from .errors import StateError
 
-SCHEMA = 4
+SCHEMA = 5
 
 log = logging.getLogger("vfiod.state")
 
@@ -89,7 +91,7 @@ CREATE TABLE IF NOT EXISTS leases(
     persistent INTEGER NOT NULL, state TEXT NOT NULL, rule TEXT, memlock INTEGER,
     reset INTEGER NOT NULL DEFAULT 0, revoke_reason TEXT, deadline REAL NOT NULL DEFAULT 0,
     grace REAL NOT NULL DEFAULT 30, on_revoke TEXT NOT NULL DEFAULT 'kill',
-    revoke_others INTEGER NOT NULL DEFAULT 0, cap REAL NOT NULL DEFAULT 0, scope TEXT);
+    revoke_others INTEGER NOT NULL DEFAULT 0, cap REAL NOT NULL DEFAULT 0, scope TEXT, k8s_namespace TEXT);
 CREATE TABLE IF NOT EXISTS held(
     lease TEXT NOT NULL, pos INTEGER NOT NULL, addr TEXT NOT NULL, driver TEXT, override TEXT,
     role TEXT NOT NULL DEFAULT 'endpoint', PRIMARY KEY(lease, pos));
@@ -114,7 +116,8 @@ _ADDED_COLUMNS = (("leases", "reset", "INTEGER NOT NULL DEFAULT 0"),
                   ("leases", "grace", "REAL NOT NULL DEFAULT 30"),
                   ("leases", "on_revoke", "TEXT NOT NULL DEFAULT 'kill'"),
                   ("leases", "revoke_others", "INTEGER NOT NULL DEFAULT 0"),
-                  ("leases", "cap", "REAL NOT NULL DEFAULT 0"), ("leases", "scope", "TEXT"))
+                  ("leases", "cap", "REAL NOT NULL DEFAULT 0"), ("leases", "scope", "TEXT"),
+                  ("leases", "k8s_namespace", "TEXT"))
 _TABLES = ("meta", "leases", "held", "steps", "audit", "quarantine", "grants")
 _NEW_IN_3 = ("quarantine", "grants")
 _LEASE_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
@@ -143,6 +146,7 @@ class LeaseRow:
     revoke_others: bool = False
     cap: float = 0.0                   # the rule's max_duration ends the lease here (0: no cap)
     scope: str | None = None           # the transient scope of the lessee's command
+    k8s_namespace: str | None = None   # the Kubernetes namespace a delegate leased it for
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> "LeaseRow":
@@ -151,7 +155,7 @@ class LeaseRow:
                    created=row[6], expires=row[7], persistent=bool(row[8]), state=row[9],
                    rule=row[10], memlock=row[11], reset=bool(row[12]), revoke_reason=row[13],
                    deadline=row[14], grace=row[15], on_revoke=row[16], revoke_others=bool(row[17]),
-                   cap=row[18], scope=row[19])
+                   cap=row[18], scope=row[19], k8s_namespace=row[20])
 
 
 @attrs.frozen
@@ -300,11 +304,11 @@ class Journal:
 
     def create(self, lease: LeaseRow, held: list[Held]) -> None:
         with self.tx():
-            self.db.execute("INSERT INTO leases VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
+            self.db.execute("INSERT INTO leases VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
                 lease.id, lease.group, lease.uid, lease.owner, lease.backend, lease.target,
                 lease.created, lease.expires, int(lease.persistent), lease.state, lease.rule,
                 lease.memlock, int(lease.reset), lease.revoke_reason, lease.deadline, lease.grace,
-                lease.on_revoke, int(lease.revoke_others), lease.cap, lease.scope))
+                lease.on_revoke, int(lease.revoke_others), lease.cap, lease.scope, lease.k8s_namespace))
             self.db.executemany("INSERT INTO held VALUES(?,?,?,?,?,?)", [
                 (lease.id, i, h.addr, h.driver, h.override, h.role) for i, h in enumerate(held)])
 
@@ -482,7 +486,7 @@ def _is_time(v: object) -> bool:
 
 def _bad_lease(r: tuple[Any, ...]) -> str:
     """Why a ``leases`` row cannot be used ("" if it can)."""
-    if len(r) != 20:
+    if len(r) != 21:
         return f"{len(r)} columns"
     checks = ((isinstance(r[0], str) and _LEASE_ID.fullmatch(r[0]) is not None, "id"),  # its object path
               (_is_int(r[1], 0, (1 << 31) - 1), "group"), (_is_int(r[2], 0, (1 << 32) - 2), "uid"),
@@ -493,7 +497,8 @@ def _bad_lease(r: tuple[Any, ...]) -> str:
               (r[11] is None or _is_int(r[11], 0, (1 << 63) - 1), "memlock"), (r[12] in (0, 1), "reset"),
               (r[13] is None or isinstance(r[13], str), "revoke reason"), (_is_time(r[14]), "deadline"),
               (_is_time(r[15]), "grace"), (r[16] in ("kill", "wait"), "on_revoke"), (r[17] in (0, 1), "revoke_others"),
-              (_is_time(r[18]), "cap"), (r[19] is None or isinstance(r[19], str), "scope"))
+              (_is_time(r[18]), "cap"), (r[19] is None or isinstance(r[19], str), "scope"),
+              (r[20] is None or isinstance(r[20], str), "k8s namespace"))
     for column, (ok, what) in enumerate(checks):
         if not ok:
             return f"its {what} is not usable ({r[column]!r})"[:300]

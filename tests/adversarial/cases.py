@@ -79,6 +79,10 @@ HOSTILE_OPTIONS: list[tuple[str, dict[str, Variant]]] = [
     ("huge-key", {BIG: Variant("b", True)}),
     ("many-keys", {f"k{i}": Variant("u", i) for i in range(20_000)}),
     ("huge-value", {"duration": Variant("s", BIG)}),
+    ("k8s-namespace-int", {"k8s_namespace": Variant("u", 1)}),
+    ("k8s-namespace-path", {"k8s_namespace": Variant("s", "../../etc")}),
+    ("k8s-namespace-glob", {"k8s_namespace": Variant("s", "*")}),
+    ("k8s-namespace-huge", {"k8s_namespace": Variant("s", BIG)}),
 ]
 
 
@@ -89,6 +93,7 @@ def _manager_cases() -> list[Case]:
         cases.append(Case(f"Explain target {name}", "Explain", "s", [target], BAD_TARGET))
         cases.append(Case(f"CheckAccess target {name}", "CheckAccess", "ss", [target, ""], BAD_TARGET))
         cases.append(Case(f"GroupsJson target {name}", "GroupsJson", "as", [[target]], BAD_TARGET))
+        cases.append(Case(f"KubernetesAccess target {name}", "KubernetesAccess", "s", [target], BAD_TARGET))
     for name, backend in HOSTILE_BACKENDS:
         # group 3: allowed to the test user, and free (group 4 is the user's own lease)
         cases.append(Case(f"RequestLease backend {name}", "RequestLease", "ssa{sv}", ["group:3", backend, {}],
@@ -103,6 +108,9 @@ def _manager_cases() -> list[Case]:
         Case("RequestLease another user's group", "RequestLease", "ssa{sv}", ["group:8", "vfio", {}], (BUSY, DENIED)),
         Case("RequestLease own group again", "RequestLease", "ssa{sv}", ["group:4", "vfio", {}], (BUSY,)),
         Case("RequestLease a group not allowed", "RequestLease", "ssa{sv}", ["group:1", "", {}], (DENIED,)),
+        Case("RequestLease for a namespace, no delegate", "RequestLease", "ssa{sv}",
+             ["group:3", "vfio", {"k8s_namespace": Variant("s", "ml-a")}], (DENIED,)),
+        Case("KubernetesAccess, no delegate", "KubernetesAccess", "s", ["group:3"], ("ok",)),
         Case("RequestLease wrong signature", "RequestLease", "s", ["group:4"], NO_SUCH_THING + (INVALID_SIGNATURE,)),
         Case("RequestLease wrong types", "RequestLease", "uua{sv}", [1, 2, {}], NO_SUCH_THING + (INVALID_SIGNATURE,)),
         Case("GroupsJson 65 targets", "GroupsJson", "as", [["group:4"] * 65], (INVALID,)),

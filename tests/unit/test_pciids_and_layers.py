@@ -80,8 +80,10 @@ def test_domain_modules_import_neither_bus_nor_udev():
 
 
 #: Where vfiod opens files: the kernel edge, the simulation, the journal, policy files,
-#: and the man page generator (a build step that writes its pages).
-OPENERS = ("vfiod/sysfs/", "vfiod/sim/", "vfiod/state.py", "vfiod/policy/load.py", "vfiod/cmd/manpage.py")
+#: the man page generator (a build step that writes its pages), and vfiod-dra's own
+#: files (its checkpoint and the CDI specs it writes; it never opens the host's sysfs).
+OPENERS = ("vfiod/sysfs/", "vfiod/sim/", "vfiod/state.py", "vfiod/policy/load.py", "vfiod/cmd/manpage.py",
+           "vfiod/dra/checkpoint.py", "vfiod/dra/cdi.py")
 
 
 def test_only_the_kernel_edge_opens_files():

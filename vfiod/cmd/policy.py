@@ -118,6 +118,8 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     test.add_argument("--duration", type=duration_arg, default=0, metavar="D",
                       help="ask for a lease this long: 90s, 30m, 8h, 2d, 1h30m (default: none)")
     test.add_argument("--persistent", action="store_true", help="ask for a persistent lease")
+    test.add_argument("--k8s-namespace", default=None, metavar="NS",
+                      help="ask as a delegate (USER) speaking for this Kubernetes namespace, as vfiod-dra does")
     test.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
     add_root_options(test)
     test.set_defaults(func=cmd_test)
@@ -241,7 +243,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     pol = _load(args.policy_dir)
     with host_roots(args) as roots:
         host = Host.scan(SysfsReader(roots))
-    options = {"duration": args.duration, "persistent": args.persistent}
+    options: dict[str, object] = {"duration": args.duration, "persistent": args.persistent}
+    if args.k8s_namespace is not None:
+        options["k8s_namespace"] = args.k8s_namespace
     target, decision = pol.decide_target(host, caller, args.target, args.backend, options)
 
     if args.json:
@@ -253,6 +257,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         terms.append(f"for {policy.format_duration(args.duration)}")
     if args.persistent:
         terms.append("persistent")
+    if args.k8s_namespace is not None:
+        terms.append(f"for Kubernetes namespace {args.k8s_namespace}")
     members = host.groups[target.group].members
     print(f"Target {args.target}: IOMMU group {target.group} ({_count(len(members), 'device')}); "
           f"asking for {', '.join(terms)}")
@@ -302,7 +308,7 @@ def _test_json(args: argparse.Namespace, host: Host, uid: int, name: str | None,
                      "groups": [users.group_name(g) or str(g) for g in sorted(caller.gids)]},
                target=args.target, group=target.group,
                request={"backend": args.backend or None, "duration": args.duration or None,
-                        "persistent": args.persistent},
+                        "persistent": args.persistent, "k8s_namespace": args.k8s_namespace},
                allowed=decision.allowed, rule=decision.rule or None, reason=decision.reason,
                devices=devices, grant=grant)
     return EXIT_OK if decision.allowed else EXIT_DENIED

@@ -157,6 +157,7 @@ async def serve(args: argparse.Namespace) -> int:
         try:
             policy = store.reload()
             log.info("policy reloaded: %d files, %d rules", len(policy.files), len(policy.rules))
+            service.manager_iface.PolicyReloaded(len(policy.files), len(policy.rules))
         except PolicyError as e:
             log.error("policy reload refused, the last good one stays: %s", e)
             return

@@ -153,7 +153,8 @@ class Service:
             self.refresh_soon([lease.group])
             raise BackendFailed("the caller left the bus before the grant finished; the lease was undone")
         warnings: list[str] = []
-        if lease.memlock:
+        # A delegate's lease is for a container not yet started: its grant travels in the CDI spec.
+        if lease.memlock and "k8s_namespace" not in options:
             # The policy's grant goes to the calling process (vfioctl lease -- CMD: CMD inherits it),
             # before the lessee pins any memory.  If it cannot be applied, the caller is told.
             why = "vfiod does not know the calling process" if not caller.pid else ""
@@ -246,6 +247,10 @@ class Service:
                     "a VFIO user that pins memory (DPDK, QEMU) will fail to map DMA beyond it")
         return ""
 
+    async def kubernetes_access(self, caller: Caller, target: str) -> tuple[list[str], list[str]]:
+        host, number = await self._target_group(target)
+        return self.policy_store.current.kubernetes_view(host, caller.uid, number)
+
     async def set_vf_count(self, caller: Caller, pf: str, count: int) -> int:
         addr = PciAddress.parse(pf)
         before = await self._run(self.manager.set_vf_count, caller, addr, count)
@@ -267,6 +272,7 @@ class Service:
         finally:
             self.update_status()
         log.info("policy reloaded by uid %s: %d files, %d rules", caller.uid, len(policy.files), len(policy.rules))
+        self.manager_iface.PolicyReloaded(len(policy.files), len(policy.rules))
         await self.revoke_disallowed()
 
     # ------------------------------------------------------------ what systemd shows

@@ -52,6 +52,10 @@ too.  Every list-valued key also takes a single value::
     groups = ["dpdk"]             # unix group names (must exist): primary or supplementary
     everyone = true
 
+    # Or who, for Kubernetes (see "Kubernetes namespaces"; not with the keys above).
+    k8s_namespaces = ["ml-*"]     # namespace names or globs ("*", "?")
+    k8s_delegates = ["vfiod-dra"] # the users (must exist) that may speak for them
+
     # What an allow rule grants (these keys are errors in a deny rule).
     backends = ["vfio", "libvirt"]  # known: vfio, libvirt, pci-stub (+ plugins); default ["vfio"],
                                     # or [default_backend] when only that is given
@@ -87,6 +91,24 @@ A group's decision combines the rules that decided its endpoints:
   where none is set), ``on_revoke = "wait"`` only if every deciding rule says
   so, and ``revoke_others`` only if every deciding rule allows it.  The
   terms are recorded with the lease when it is granted.
+
+Kubernetes namespaces
+=====================
+
+vfiod-dra, the Kubernetes node driver, asks for leases as its own user on
+behalf of a pod's namespace: the request carries the option ``k8s_namespace``.
+vfiod accepts that option only from a user some rule names in
+``k8s_delegates``; from anyone else the request is refused whatever the
+namespace.  A namespaced request is decided by the Kubernetes rules alone
+(those with ``k8s_namespaces``) that name both the delegate and a pattern
+matching the namespace, in the usual order, and no rule means no; a request
+without the option is decided by the other rules alone, so a rule for the
+delegate's own user never lets a namespace in, nor the reverse.  A deny rule
+with ``k8s_namespaces = ["*"]`` after the allow rules names itself in every
+refusal a namespace gets.  ``vfioctl policy test --user vfiod-dra
+--k8s-namespace NS TARGET`` shows the decision.  The memlock grant of such a
+lease is not applied to the delegate's process: vfiod-dra passes it on to the
+container (see the README's "Kubernetes" section).
 
 Protected devices
 =================

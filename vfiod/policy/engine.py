@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 import attrs
 
 from ..address import PciAddress
-from ..errors import InvalidArgument, NotFound, PolicyError
+from ..errors import InvalidArgument, NotFound, PermissionDenied, PolicyError
 from .load import TRUSTED_OWNERS, Loader, read_directory
-from .model import Refusal, Caller, Claim, DEFAULT_DENY, DEFAULT_REVOKE_GRACE, DEFAULT_DIR, Decision, DeviceDecision, KNOWN_BACKENDS, Resource, Rule, Target, parse_target
+from .model import K8S_NAMESPACE, Refusal, Caller, Claim, DEFAULT_DENY, DEFAULT_REVOKE_GRACE, DEFAULT_DIR, Decision, DeviceDecision, KNOWN_BACKENDS, Resource, Rule, Target, parse_target
 from .units import MAX_LEASE_SECONDS, _short, format_duration
 from .users import UserDb, system_users
 
@@ -147,7 +147,10 @@ class Policy:
                     f"protected ({dev.protected}): rule {rule.source} would have to name it by address "
                     "or resource and set allow_protected = true"), Refusal.PROTECTED), rule
             return DeviceDecision(dev.addr, True, rule.source, f"allowed by rule {rule.source}"), rule
-        return DeviceDecision(dev.addr, False, "", "; ".join([DEFAULT_DENY, *notes]), Refusal.NO_RULE), None
+        deny = DEFAULT_DENY
+        if caller.k8s_namespace is not None:
+            deny = f"no rule matched Kubernetes namespace {caller.k8s_namespace} (deny by default)"
+        return DeviceDecision(dev.addr, False, "", "; ".join([deny, *notes]), Refusal.NO_RULE), None
 
     def decide(self, host: Host, caller: Caller, group: int, backend: str = "",
                options: Mapping[str, object] | None = None) -> Decision:
@@ -170,6 +173,8 @@ class Policy:
             raise InvalidArgument(f"persistent must be true or false, got {_short(persistent)}")
         if not isinstance(backend, str) or (backend and backend not in self.backends):
             raise InvalidArgument(f"unknown backend {_short(backend)} (known: {', '.join(sorted(self.backends))})")
+        if "k8s_namespace" in options:
+            caller = self.delegate(caller, options["k8s_namespace"])
         g = host.groups.get(group)
         if g is None:
             raise NotFound(f"no IOMMU group {group} on this host")
@@ -230,6 +235,38 @@ class Policy:
             revoke_grace=min((r.revoke_grace for r in rules if r.revoke_grace), default=DEFAULT_REVOKE_GRACE),
             on_revoke="wait" if all(r.on_revoke == "wait" for r in rules) else "kill",
             revoke_others=all(r.revoke_others for r in rules))
+
+    def delegate(self, caller: Caller, namespace: object) -> Caller:
+        """`caller` speaking for Kubernetes namespace `namespace` (the ``k8s_namespace``
+        request option).  `InvalidArgument` for a malformed namespace, `PermissionDenied`
+        unless some rule names the caller in its ``k8s_delegates``: only a delegate of the
+        policy may speak for a namespace, whatever the namespace is."""
+        if not isinstance(namespace, str) or not K8S_NAMESPACE.fullmatch(namespace):
+            raise InvalidArgument(f"k8s_namespace must be a Kubernetes namespace name, got {_short(namespace)}")
+        if not any(caller.uid in r.delegate_uids for r in self.rules):
+            raise PermissionDenied(f"uid {caller.uid} may not speak for Kubernetes namespaces: "
+                                   "no rule of the policy names it in k8s_delegates")
+        return attrs.evolve(caller, k8s_namespace=namespace)
+
+    def kubernetes_rules(self, delegate_uid: int) -> tuple[Rule, ...]:
+        """The Kubernetes rules that name `delegate_uid` as a delegate, in order."""
+        return tuple(r for r in self.rules if r.for_kubernetes and delegate_uid in r.delegate_uids)
+
+    def kubernetes_view(self, host: Host, delegate_uid: int, group: int) -> tuple[list[str], list[str]]:
+        """What a ResourceSlice says of IOMMU group `group`: the namespace patterns of the
+        Kubernetes allow rules naming `delegate_uid` that match every endpoint of the group
+        (a deny rule before them may still refuse a particular namespace: requests are
+        decided one namespace at a time), and the resources with a member in the group."""
+        g = host.groups.get(group)
+        if g is None:
+            raise NotFound(f"no IOMMU group {group} on this host")
+        endpoints = [host.devices[a] for a in g.members if not host.devices[a].is_bridge]
+        patterns: list[str] = []
+        for rule in self.kubernetes_rules(delegate_uid):
+            if rule.allows and endpoints and all(rule.match(d, self.resources)[0] for d in endpoints):
+                patterns.extend(p for p in rule.k8s_namespaces or () if p not in patterns)
+        named = sorted(n for n, r in self.resources.items() if any(r.member(a) for a in g.members))
+        return patterns, named
 
     def decide_target(self, host: Host, caller: Caller, target: str, backend: str = "",
                       options: Mapping[str, object] | None = None) -> tuple[Target, Decision]:

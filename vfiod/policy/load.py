@@ -16,16 +16,17 @@ import attrs
 from ..address import PciAddress
 from ..errors import InvalidAddress, InvalidArgument, PolicyError
 from .locate import Locator
-from .model import ON_REVOKE, Claim, IdPattern, MAX_FILE_SIZE, MAX_GROUP, MAX_UID, Resource, ResourceDevice, Rule, _CLASS, _DRIVER, _EXACT_ID, _NAME, parse_target
+from .model import K8S_NAMESPACE_PATTERN, ON_REVOKE, Claim, IdPattern, MAX_FILE_SIZE, MAX_GROUP, MAX_UID, Resource, ResourceDevice, Rule, _CLASS, _DRIVER, _EXACT_ID, _NAME, parse_target
 from .units import _describe, _short, parse_duration, parse_size
 from .users import UserDb
 
 
 MATCH_KEYS = ("address", "group", "ids", "class", "driver", "vf_of", "resource")
 WHO_KEYS = ("users", "uids", "groups", "everyone")
+K8S_KEYS = ("k8s_namespaces", "k8s_delegates")
 GRANT_KEYS = ("backends", "default_backend", "max_duration", "persistent", "memlock", "allow_protected",
               "reset_on_release", "revoke_grace", "on_revoke", "revoke_others")
-RULE_KEYS = ("action", "comment") + MATCH_KEYS + WHO_KEYS + GRANT_KEYS
+RULE_KEYS = ("action", "comment") + MATCH_KEYS + WHO_KEYS + K8S_KEYS + GRANT_KEYS
 RESOURCE_KEYS = ("name", "comment", "devices")
 RESOURCE_DEVICE_KEYS = ("address", "ids", "subsystem")
 CLAIM_KEYS = ("target", "user", "backend", "comment")
@@ -167,6 +168,14 @@ def _uid(v: object) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_UID:
         raise ValueError(f"expected a uid (0 or more), got {_describe(v)}")
     return v
+
+
+def _namespace_pattern(v: object) -> str:
+    text = _string(v, "a Kubernetes namespace or a pattern such as \"ml-*\"")
+    if not K8S_NAMESPACE_PATTERN.fullmatch(text):
+        raise ValueError(f"not a Kubernetes namespace pattern: {_short(text)} "
+                   "(lower-case letters, digits, '-', and the globs '*' and '?')")
+    return text
 
 
 def _class(v: object) -> str:
@@ -349,7 +358,13 @@ class Loader:
             gids.update(_ids_of(t, "groups", names, self.users.gid, "group"))
             unix_groups = tuple(dict.fromkeys(names))
         everyone = t.get("everyone", _bool) if "everyone" in d else False
-        if not (uids or gids or everyone):
+        k8s = self._k8s_who(t)
+        if k8s is not None:
+            if uids or gids or "everyone" in d:
+                key = next(k for k in WHO_KEYS if k in d)
+                raise t.error(key, "a Kubernetes rule names namespaces and delegates, not users: "
+                                   "put the users in a rule of their own")
+        elif not (uids or gids or everyone):
             if "everyone" in d:
                 raise t.error("everyone", "everyone = false names nobody: give users, uids or groups")
             raise t.table_error("names nobody: give at least one of " + ", ".join(WHO_KEYS))
@@ -358,6 +373,8 @@ class Loader:
                     drivers=drivers, vf_of=vf_of, resources=resources,
                     users=users, user_uids=tuple(user_uids), unix_groups=unix_groups,
                     uids=frozenset(uids), gids=frozenset(gids), everyone=everyone)
+        if k8s is not None:
+            rule = attrs.evolve(rule, k8s_namespaces=k8s[0], k8s_delegates=k8s[1], delegate_uids=k8s[2])
         # what it grants
         if action == "deny":
             for key in GRANT_KEYS:
@@ -391,6 +408,21 @@ class Loader:
                             persistent=persistent, memlock=memlock, reset_on_release=reset_on_release,
                             allow_protected=allow_protected, revoke_grace=revoke_grace, on_revoke=on_revoke,
                             revoke_others=revoke_others)
+
+    def _k8s_who(self, t: _Table) -> tuple[tuple[str, ...], tuple[str, ...], frozenset[int]] | None:
+        """(namespace patterns, delegate names, delegate uids) of a Kubernetes rule; None for others."""
+        d = t.data
+        if "k8s_namespaces" not in d:
+            if "k8s_delegates" in d:
+                raise t.error("k8s_delegates", "delegates speak for namespaces: give k8s_namespaces too")
+            return None
+        patterns = tuple(dict.fromkeys(t.many("k8s_namespaces", _namespace_pattern, "namespace pattern")))
+        if "k8s_delegates" not in d:
+            raise t.table_error("k8s_namespaces needs k8s_delegates: the users (such as the one vfiod-dra runs as) "
+                                "that may speak for those namespaces")
+        names = t.many("k8s_delegates", lambda v: _string(v, "a user name"), "user name")
+        delegate_uids = _ids_of(t, "k8s_delegates", names, self.users.uid, "user")
+        return patterns, tuple(dict.fromkeys(names)), frozenset(delegate_uids)
 
     def _backend(self, v: object) -> str:
         text = _string(v, "a backend name")

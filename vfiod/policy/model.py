@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import fnmatch
 import re
 from typing import TYPE_CHECKING, Literal, Mapping
 
@@ -36,6 +37,9 @@ _EXACT_ID = re.compile(r"([0-9a-fA-F]{4}):([0-9a-fA-F]{4})")
 _CLASS = re.compile(r"[0-9a-fA-F]{2}(?:[0-9a-fA-F]{2}){0,2}")
 _DRIVER = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: a Kubernetes namespace (an RFC 1123 label) and a pattern of them (``*`` and ``?`` globs)
+K8S_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+K8S_NAMESPACE_PATTERN = re.compile(r"[-a-z0-9*?]{1,63}")
 
 # ---------------------------------------------------------------- value objects
 
@@ -46,6 +50,9 @@ class Caller:
     uid: int
     gids: frozenset[int] = frozenset()
     pid: int | None = None
+    #: the Kubernetes namespace a delegate speaks for (request option ``k8s_namespace``);
+    #: set only after `Policy.decide` checked that the policy names `uid` as a delegate
+    k8s_namespace: str | None = None
 
     @classmethod
     def from_uid(cls, uid: int, users: UserDb | None = None) -> "Caller":
@@ -243,14 +250,32 @@ class Rule:
     revoke_grace: int | None = None
     on_revoke: str | None = None
     revoke_others: bool = False
+    # A Kubernetes rule names namespaces and the delegates that may speak for them, not users.
+    k8s_namespaces: tuple[str, ...] | None = None   # glob patterns, as written
+    k8s_delegates: tuple[str, ...] = ()             # as written, for people
+    delegate_uids: frozenset[int] = frozenset()
 
     @property
     def allows(self) -> bool:
         return self.action == "allow"
 
+    @property
+    def for_kubernetes(self) -> bool:
+        return self.k8s_namespaces is not None
+
     def covers(self, caller: Caller) -> bool:
-        """Does the rule name this caller?"""
+        """Does the rule name this caller?  A request made for a Kubernetes namespace is
+        covered only by Kubernetes rules naming both the namespace and the delegate; any
+        other request only by the other rules."""
+        if caller.k8s_namespace is not None:
+            return self.for_kubernetes and caller.uid in self.delegate_uids and \
+                self.names_namespace(caller.k8s_namespace)
+        if self.for_kubernetes:
+            return False
         return self.everyone or caller.uid in self.uids or not self.gids.isdisjoint(caller.gids)
+
+    def names_namespace(self, namespace: str) -> bool:
+        return any(fnmatch.fnmatchcase(namespace, p) for p in self.k8s_namespaces or ())
 
     def match(self, dev: Device, resources: Mapping[str, Resource]) -> tuple[bool, str]:
         """Does the rule name this device?  Also why a resource it names did not ("" if n/a)."""
@@ -312,6 +337,9 @@ class Rule:
         return "; ".join(parts)
 
     def describe_who(self) -> str:
+        if self.for_kubernetes:
+            return (f"Kubernetes namespace {', '.join(self.k8s_namespaces or ())} "
+                    f"through delegate {', '.join(self.k8s_delegates)}")
         if self.everyone:
             return "everyone"
         parts = []

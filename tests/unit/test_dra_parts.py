@@ -1,0 +1,178 @@
+"""vfiod-dra's parts without a bus: CDI specs, the checkpoint, the slice's devices, the
+memlock hook, the command line, and the deploy/ files."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+import yaml
+
+from vfiod.dra import cdi, slices
+from vfiod.dra.checkpoint import Checkpoint, ClaimRecord
+from vfiod.dra.main import parser
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+UID = "5f0c1a9e-7d2b-4c11-9a3e-0123456789ab"
+
+
+def schema():
+    with open(cdi.SCHEMA) as f:
+        return json.load(f)
+
+
+def test_a_spec_validates_and_carries_the_env_of_kubevirt_and_the_sriov_plugin(tmp_path):
+    spec = cdi.build_spec(UID, {"nic": [cdi.GroupGrant(8, ("0000:04:00.0", "0000:05:00.0"), 1 << 30)],
+                                "gpu-2": [cdi.GroupGrant(3, ("0000:01:00.0",), 1 << 20)]},
+                          dev_root=str(tmp_path), hook="/usr/bin/vfiod-dra")
+    jsonschema.validate(spec, schema())
+    assert [d["name"] for d in spec["devices"]] == [f"{UID}-group-3", f"{UID}-group-8"]
+    env = dict(e.split("=", 1) for e in spec["containerEdits"]["env"])
+    assert env["PCI_RESOURCE_VFIOD_IO_NIC"] == env["PCIDEVICE_VFIOD_IO_NIC"] == "0000:04:00.0,0000:05:00.0"
+    assert env["PCI_RESOURCE_VFIOD_IO_GPU_2"] == "0000:01:00.0"
+    assert env["VFIOD_IOMMU_GROUPS"] == "3,8" and env["VFIOD_MEMLOCK"] == str((1 << 30) + (1 << 20))
+    assert spec["containerEdits"]["hooks"][0]["args"] == ["vfiod-dra", "memlock-hook", str((1 << 30) + (1 << 20))]
+    assert cdi.device_id(UID, 8) == f"vfiod.io/group={UID}-group-8"
+
+
+def test_without_a_grant_for_every_group_there_is_no_memlock_edit(tmp_path):
+    spec = cdi.build_spec(UID, {"nic": [cdi.GroupGrant(8, ("0000:04:00.0",), None),
+                                        cdi.GroupGrant(9, ("0000:06:00.0",), 1 << 20)]},
+                          dev_root=str(tmp_path), hook="/usr/bin/vfiod-dra")
+    jsonschema.validate(spec, schema())
+    assert "hooks" not in spec["containerEdits"]
+    assert not any(e.startswith("VFIOD_MEMLOCK=") for e in spec["containerEdits"]["env"])
+
+
+def test_the_schema_refuses_what_a_runtime_would(tmp_path):
+    good = cdi.build_spec(UID, {"nic": [cdi.GroupGrant(8, ("0000:04:00.0",))]}, dev_root=str(tmp_path))
+    for bad in (dict(good, cdiVersion="1.0"), dict(good, kind="no-slash"), dict(good, devices=[]),
+                dict(good, extra=1),
+                dict(good, containerEdits={"deviceNodes": [{"path": "dev/vfio/vfio"}]}),
+                dict(good, containerEdits={"env": ["1X=y"]})):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema())
+
+
+def test_specs_are_written_whole_and_strays_removed(tmp_path):
+    d = str(tmp_path / "cdi")
+    spec = cdi.build_spec(UID, {"nic": [cdi.GroupGrant(8, ("0000:04:00.0",))]}, dev_root=str(tmp_path))
+    path = cdi.write_spec(d, UID, spec)
+    assert os.stat(path).st_mode & 0o777 == 0o644 and cdi.read_spec(d, UID) == spec
+    cdi.write_spec(d, "other", spec)
+    open(os.path.join(d, "vfiod.io-half.json.tmp"), "w").close()
+    open(os.path.join(d, "nvidia.com-gpu.json"), "w").close()          # another driver's
+    assert cdi.remove_strays(d, [UID]) == ["other"]
+    assert sorted(os.listdir(d)) == ["nvidia.com-gpu.json", f"vfiod.io-{UID}.json"]
+    assert cdi.remove_spec(d, UID) and not cdi.remove_spec(d, UID)
+
+
+def _has_cap_sys_resource() -> bool:
+    with open("/proc/self/status") as f:
+        eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    return bool(eff & (1 << 24))                # CAP_SYS_RESOURCE
+
+
+def test_a_bad_oci_state_is_said_in_one_line():
+    for bad in ("", "[]", '{"pid": "1"}', "{}"):
+        p = subprocess.run([os.path.join(ROOT, ".venv/bin/vfiod-dra"), "memlock-hook", "1"], input=bad,
+                           capture_output=True, text=True)
+        assert p.returncode == 1 and "vfiod-dra memlock-hook:" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_memlock_hook_raises_the_limit_of_the_process_the_state_names():
+    # (the guest tier runs the hook for real, as a runtime would)
+    if not _has_cap_sys_resource():
+        pytest.skip("raising another process's hard limit needs CAP_SYS_RESOURCE, which this process lacks")
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_MEMLOCK, (1 << 20, 1 << 20)))
+    try:
+        p = subprocess.run([os.path.join(ROOT, ".venv/bin/vfiod-dra"), "memlock-hook", str(64 << 20)],
+                           input=json.dumps({"pid": child.pid, "status": "created"}), capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        assert resource.prlimit(child.pid, resource.RLIMIT_MEMLOCK) == (64 << 20, 64 << 20)
+        # never lowered
+        cdi.memlock_hook(1 << 20, {"pid": child.pid})
+        assert resource.prlimit(child.pid, resource.RLIMIT_MEMLOCK) == (64 << 20, 64 << 20)
+    finally:
+        child.communicate(b"")
+
+
+def test_the_checkpoint_round_trips_and_a_damaged_one_is_set_aside(tmp_path):
+    cp = Checkpoint(str(tmp_path))
+    cp.put(UID, ClaimRecord("ml-a", "nics", "preparing", {"8": "/org/vfiod1/lease/ab"}))
+    again = Checkpoint(str(tmp_path)).load()
+    assert again.claims == {UID: ClaimRecord("ml-a", "nics", "preparing", {"8": "/org/vfiod1/lease/ab"})}
+    assert os.stat(cp.path).st_mode & 0o777 == 0o600
+    for text in ("{", '{"version": 2, "claims": {}}', '{"version": 1, "claims": {"x": {"state": "odd"}}}'):
+        with open(cp.path, "w") as f:
+            f.write(text)
+        broken = Checkpoint(str(tmp_path)).load()
+        assert broken.claims == {} and broken.damaged and os.path.exists(cp.path + ".damaged")
+
+
+def test_the_slice_device_of_a_group():
+    group = {"group": 8, "devices": [
+        {"address": "0000:00:1c.0", "bridge": True, "protected": None},
+        {"address": "0000:04:00.0", "bridge": False, "protected": None, "vendor": "8086", "device": "10d3",
+         "class": "020000"},
+        {"address": "0000:05:00.0", "bridge": False, "protected": None, "vendor": "14e4", "device": "167b",
+         "class": "020000"}]}
+    dev = slices.group_device(group, ["ml-*"], ["fast-nic"])
+    assert dev["name"] == "group-8"
+    a = dev["attributes"]
+    assert a["resource.kubernetes.io/pciBusID"] == {"string": "0000:04:00.0"}
+    assert a["members"] == {"string": "0000:04:00.0,0000:05:00.0"} and a["endpoints"] == {"int": 2}
+    assert a["kubernetes"] == {"bool": True} and a["resources"] == {"string": "fast-nic"}
+    assert all(len(k.rsplit("/", 1)[-1]) <= 32 for k in a)       # attribute names' length limit
+    protected = dict(group, devices=[dict(group["devices"][1], protected={"code": "root-disk"})])
+    assert slices.group_device(protected, [], []) is None
+    assert slices.group_device(dict(group, devices=group["devices"][:1]), [], []) is None
+    assert slices.slice_name("Node_A") == "node-a-vfiod.io"
+
+
+def test_bad_startup_is_one_line_not_a_traceback(tmp_path):
+    p = subprocess.run([os.path.join(ROOT, ".venv/bin/vfiod-dra"), "--bus", f"unix:path={tmp_path}/none",
+                        "--kube", "http://127.0.0.1:1", "--state-dir", str(tmp_path / "s")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "cannot start" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = subprocess.run([os.path.join(ROOT, ".venv/bin/vfiod-dra"), "--kube", str(tmp_path / "no-kubeconfig"),
+                        "--bus", "session"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, DBUS_SESSION_BUS_ADDRESS=f"unix:path={tmp_path}/none"))
+    assert p.returncode == 1 and "cannot start: no API server configuration from" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    p = subprocess.run([os.path.join(ROOT, ".venv/bin/vfiod-dra"), "--kube", "in-cluster"],
+                       capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")})
+    assert p.returncode == 1 and "cannot start: no API server configuration from 'in-cluster'" in p.stderr, p.stderr
+
+
+def test_the_deploy_files_use_the_commands_options():
+    with open(os.path.join(ROOT, "deploy/vfiod-dra-daemonset.yaml")) as f:
+        docs = list(yaml.safe_load_all(f))
+    ds = next(d for d in docs if d["kind"] == "DaemonSet")
+    (container,) = ds["spec"]["template"]["spec"]["containers"]
+    parser().parse_args(container["command"][1:])
+    rules = next(d for d in docs if d["kind"] == "ClusterRole")["rules"]
+    assert {r["resources"][0]: set(r["verbs"]) for r in rules} == {
+        "resourceclaims": {"get"}, "resourceslices": {"get", "create", "update", "delete"}}
+    with open(os.path.join(ROOT, "deploy/vfiod-dra.service")) as f:
+        exec_start = next(line for line in f if line.startswith("ExecStart="))
+    parser().parse_args(exec_start.split()[1:])
+    with open(os.path.join(ROOT, "deploy/example-claim.yaml")) as f:
+        kinds = [d["kind"] for d in yaml.safe_load_all(f)]
+    assert kinds == ["DeviceClass", "ResourceClaimTemplate", "Pod"]
+
+
+def test_the_example_policy_loads():
+    from vfiod.policy import Policy, StaticUserDb
+
+    with open(os.path.join(ROOT, "deploy/policy-kubernetes.toml"), "rb") as f:
+        pol = Policy.from_sources([("60-kubernetes.toml", f.read())], users=StaticUserDb(users={"vfiod-dra": 990}))
+    assert [r.k8s_namespaces for r in pol.rules] == [("ml-*",), ("*",)]
+    assert all(r.delegate_uids == {990} for r in pol.rules)

@@ -1,0 +1,220 @@
+"""Preparing and unpreparing claims: the steps, the checkpoint, and reconciling after a restart.
+
+Prepare, for one claim (each step is recorded before the next):
+
+1. Read the claim from the API server; keep the allocation results of this
+   driver and this node's pool (``group-N`` devices).
+2. Record the claim as ``preparing``.
+3. For each group: ask vfiod for a persistent vfio lease on behalf of the claim's
+   namespace (vfiod's policy decides), and record it.
+4. Write the CDI spec.
+5. Record the claim as ``prepared``, with the answer for the kubelet.
+
+A failure undoes steps 3–4 in reverse and answers with the error for that claim
+alone.  Asking again for a prepared claim returns the recorded answer.
+Unprepare ends the claim's leases, deletes its spec and forgets it; an unknown
+claim is already unprepared."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import attrs
+
+from ..errors import NotFound, VfiodError
+from . import DRIVER_NAME, cdi
+from .checkpoint import Checkpoint, ClaimRecord
+from .kube import Kube, KubeError
+from .link import Vfiod
+
+log = logging.getLogger("vfiod-dra")
+
+
+class ClaimError(Exception):
+    """Why one claim could not be prepared or unprepared: the kubelet's per-claim error."""
+
+
+@attrs.frozen
+class ClaimRef:
+    namespace: str
+    uid: str
+    name: str
+
+
+@attrs.frozen
+class Answer:
+    devices: tuple[dict[str, Any], ...] = ()
+    error: str = ""
+
+
+#: the test suite's fault points (``after-grant``: a lease granted, not yet recorded;
+#: ``after-lease``: every lease recorded, no CDI spec yet): the driver stops dead there
+CRASH_AT = os.environ.get("VFIOD_DRA_CRASH_AT", "")
+
+
+def _crash_point(name: str) -> None:
+    if CRASH_AT == name:
+        log.warning("stopping at %s (VFIOD_DRA_CRASH_AT)", name)
+        os._exit(70)
+
+
+class Driver:
+    def __init__(self, vfiod: Vfiod, kube: Kube, node: str, state_dir: str, cdi_dir: str = cdi.DEFAULT_DIR,
+                 dev_root: str = "/dev", hook: str | None = None):
+        self.vfiod, self.kube, self.node = vfiod, kube, node
+        self.cdi_dir, self.dev_root, self.hook = cdi_dir, dev_root, hook
+        self.checkpoint = Checkpoint(state_dir).load()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, uid: str) -> asyncio.Lock:
+        return self._locks.setdefault(uid, asyncio.Lock())
+
+    # ------------------------------------------------------------ prepare
+
+    async def prepare(self, claim: ClaimRef) -> Answer:
+        async with self._lock(claim.uid):
+            try:
+                return Answer(devices=await self._prepare(claim))
+            except (ClaimError, VfiodError, KubeError, OSError) as e:
+                # (VfiodError, OSError: the undo of a failed prepare failed too; the next
+                # prepare, unprepare or restart finishes it from the checkpoint)
+                log.warning("claim %s/%s (%s) not prepared: %s", claim.namespace, claim.name, claim.uid, e)
+                return Answer(error=str(e))
+
+    async def _prepare(self, claim: ClaimRef) -> tuple[dict[str, Any], ...]:
+        rec = self.checkpoint.claims.get(claim.uid)
+        if rec is not None and rec.state == "prepared" and cdi.read_spec(self.cdi_dir, claim.uid) is not None:
+            return rec.devices
+        # Step 1: the allocation.
+        by_request = await self._allocation(claim)
+        groups = sorted({n for ns in by_request.values() for n in ns})
+        # Step 2.
+        self.checkpoint.put(claim.uid, ClaimRecord(claim.namespace, claim.name, "preparing",
+                                                   dict(rec.leases) if rec else {}))
+        try:
+            # Step 3: a lease per group.
+            leases = await self._lease_all(claim, groups)
+            _crash_point("after-lease")
+            # Step 4: the spec.
+            grants = {}
+            for n in groups:
+                g = await self._endpoints(n)
+                grants[n] = cdi.GroupGrant(n, g, await self.vfiod.lease_memlock(leases[n]))
+            spec = cdi.build_spec(claim.uid, {r: [grants[n] for n in ns] for r, ns in by_request.items()},
+                                  self.dev_root, self.hook)
+            cdi.write_spec(self.cdi_dir, claim.uid, spec)
+        except (ClaimError, VfiodError, KubeError, OSError) as e:
+            await self._undo(claim.uid)
+            if isinstance(e, ClaimError):
+                raise
+            raise ClaimError(str(e)) from None
+        # Step 5.
+        devices = tuple({"request_names": sorted(r for r, ns in by_request.items() if n in ns),
+                         "pool_name": self.node, "device_name": f"group-{n}",
+                         "cdi_device_ids": [cdi.device_id(claim.uid, n)]} for n in groups)
+        self.checkpoint.put(claim.uid, ClaimRecord(claim.namespace, claim.name, "prepared",
+                                                   {str(n): leases[n] for n in groups}, devices))
+        log.info("claim %s/%s (%s) prepared: groups %s", claim.namespace, claim.name, claim.uid,
+                 ", ".join(map(str, groups)))
+        return devices
+
+    async def _allocation(self, claim: ClaimRef) -> dict[str, list[int]]:
+        """Request name → the group numbers this driver and node were allocated for it."""
+        try:
+            doc = await self.kube.get_claim(claim.namespace, claim.name)
+        except KubeError as e:
+            raise ClaimError(str(e)) from None
+        uid = (doc.get("metadata") or {}).get("uid")
+        if uid != claim.uid:
+            raise ClaimError(f"ResourceClaim {claim.namespace}/{claim.name} has uid {uid}, "
+                             f"not {claim.uid}: it was deleted and made again")
+        results = (((doc.get("status") or {}).get("allocation") or {}).get("devices") or {}).get("results") or []
+        by_request: dict[str, list[int]] = {}
+        for r in results:
+            if r.get("driver") != DRIVER_NAME or r.get("pool") != self.node:
+                continue
+            device = str(r.get("device", ""))
+            number = device[len("group-"):]
+            if not device.startswith("group-") or not number.isdigit():
+                raise ClaimError(f"ResourceClaim {claim.namespace}/{claim.name}: {DRIVER_NAME} has no "
+                                 f"device {device!r} (its devices are group-N)")
+            by_request.setdefault(str(r.get("request", "")), []).append(int(number))
+        if not by_request:
+            raise ClaimError(f"ResourceClaim {claim.namespace}/{claim.name} has no allocation for "
+                             f"{DRIVER_NAME} on node {self.node}")
+        return by_request
+
+    async def _lease_all(self, claim: ClaimRef, groups: list[int]) -> dict[int, str]:
+        # Leases recorded for this claim before (a spec lost since) are reused if vfiod still has them.
+        held = await self.vfiod.held() if self.checkpoint.claims[claim.uid].leases else {}
+        leases: dict[int, str] = {}
+        for n in groups:
+            rec = self.checkpoint.claims[claim.uid]
+            if str(n) in rec.leases and n in held and held[n].path == rec.leases[str(n)]:
+                leases[n] = rec.leases[str(n)]      # taken before a crash: still ours
+                continue
+            try:
+                leases[n] = await self.vfiod.request(n, claim.namespace)
+            except VfiodError as e:
+                raise ClaimError(str(e)) from None     # vfiod names the group
+            _crash_point("after-grant")
+            self.checkpoint.put(claim.uid, attrs.evolve(rec, leases={**rec.leases, str(n): leases[n]}))
+        return leases
+
+    async def _endpoints(self, group: int) -> tuple[str, ...]:
+        for g in await self.vfiod.groups([f"group:{group}"]):
+            if g["group"] == group:
+                return tuple(d["address"] for d in g["devices"] if not d["bridge"])
+        raise ClaimError(f"IOMMU group {group} is gone from this node")
+
+    # ------------------------------------------------------------ unprepare
+
+    async def unprepare(self, claim: ClaimRef) -> Answer:
+        async with self._lock(claim.uid):
+            try:
+                await self._undo(claim.uid)
+            except (VfiodError, OSError) as e:
+                log.warning("claim %s/%s (%s) not unprepared: %s", claim.namespace, claim.name, claim.uid, e)
+                return Answer(error=str(e))
+            log.info("claim %s/%s (%s) unprepared", claim.namespace, claim.name, claim.uid)
+            return Answer()
+
+    async def _undo(self, uid: str) -> None:
+        """End the claim's leases, delete its spec, forget it (each part only if there).
+        A lease vfiod no longer has (ended by a removal, or by an undo a crash cut short)
+        is already undone."""
+        cdi.remove_spec(self.cdi_dir, uid)
+        rec = self.checkpoint.claims.get(uid)
+        for _group, path in sorted((rec.leases if rec else {}).items(), reverse=True):
+            try:
+                await self.vfiod.end(path)
+            except NotFound:
+                pass
+        self.checkpoint.drop(uid)
+
+    # ------------------------------------------------------------ after a restart
+
+    async def reconcile(self) -> list[str]:
+        """Finish what a crash left: unprepare ``preparing`` claims, end leases no record names,
+        delete specs of claims not prepared.  Returns what was done, in words."""
+        done = []
+        if self.checkpoint.damaged:
+            done.append(f"checkpoint unreadable, set aside: {self.checkpoint.damaged}")
+        for uid, rec in list(self.checkpoint.claims.items()):
+            if rec.state == "preparing":
+                await self._undo(uid)
+                done.append(f"claim {rec.namespace}/{rec.name} ({uid}) was half prepared: undone")
+        known = {p for r in self.checkpoint.claims.values() for p in r.leases.values()}
+        for held in (await self.vfiod.held()).values():
+            if held.path not in known:
+                await self.vfiod.end(held.path)
+                done.append(f"lease {held.path} (group {held.group}) named by no claim: ended")
+        for uid in cdi.remove_strays(self.cdi_dir, [u for u, r in self.checkpoint.claims.items()
+                                                    if r.state == "prepared"]):
+            done.append(f"CDI spec of claim {uid} with no prepared claim: deleted")
+        for line in done:
+            log.warning("reconciled: %s", line)
+        return done

@@ -1,0 +1,105 @@
+"""vfiod-dra's side of vfiod's bus: the few calls it makes, and vfiod's signals.
+
+The driver runs as its own user (the policy's ``k8s_delegates``): every lease
+that user holds in vfiod is the driver's, which is what lets a restart find
+leases no checkpoint record names."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any, Callable
+
+import attrs
+from dbus_next import Message, MessageType, Variant
+
+from ..bus import BUS_NAME, ROOT
+from ..cmd.client import Client
+from ..errors import BackendFailed
+
+MANAGER = "org.vfiod1.Manager"
+LEASE = "org.vfiod1.Lease"
+
+
+@attrs.frozen
+class HeldLease:
+    path: str
+    group: int
+    memlock: int | None
+
+
+class Vfiod:
+    def __init__(self, bus: str = "system", timeout: float = 60.0):
+        self.client = Client(bus, timeout)
+        self.uid = os.getuid()
+
+    async def connect(self) -> "Vfiod":
+        await self.client.connect()
+        return self
+
+    def close(self) -> None:
+        self.client.close()
+
+    async def groups(self, targets: list[str] | None = None) -> list[dict[str, Any]]:
+        """The IOMMU groups `targets` name (all when None) as vfiod's group JSON (docs/json.md)."""
+        reply = await self.client.call(ROOT, MANAGER, "GroupsJson", "as", [targets or []])
+        groups: list[dict[str, Any]] = json.loads(reply.body[0])
+        return groups
+
+    async def kubernetes_access(self, group: int) -> tuple[list[str], list[str]]:
+        reply = await self.client.call(ROOT, MANAGER, "KubernetesAccess", "s", [f"group:{group}"])
+        namespaces, resources = reply.body[0]
+        return list(namespaces), list(resources)
+
+    async def request(self, group: int, namespace: str) -> str:
+        """A persistent vfio lease of `group` for Kubernetes namespace `namespace`; its path.
+        vfiod's errors (`PermissionDenied` naming the rule, `Busy`, …) pass through."""
+        options = {"persistent": Variant("b", True), "k8s_namespace": Variant("s", namespace)}
+        reply = await self.client.call(ROOT, MANAGER, "RequestLease", "ssa{sv}", [f"group:{group}", "vfio", options])
+        path: str = reply.body[0]
+        return path
+
+    async def end(self, path: str) -> None:
+        """End a lease: every device of its group goes back to its driver.
+
+        The one place a lease ends.  Release is the owner's call (Revoke is root's);
+        if processes still hold the group, vfiod runs its revoke ladder on them
+        (reason ``released``: signalled, a grace, then ended) before the return."""
+        await self.client.call(path, LEASE, "Release")
+
+    async def held(self) -> dict[int, HeldLease]:
+        """The leases this user holds, by group."""
+        objects = await self.client.managed_objects()
+        out = {}
+        for path, ifaces in objects.items():
+            props = ifaces.get(LEASE)
+            if props is None or props.get("Owner") != self.uid:
+                continue
+            group = int(str(props["Group"]).rsplit("/", 1)[-1])
+            out[group] = HeldLease(path, group, int(props.get("Memlock") or 0) or None)
+        return out
+
+    async def lease_memlock(self, path: str) -> int | None:
+        props = await self.client.properties(path, LEASE)
+        return int(props.get("Memlock") or 0) or None
+
+    async def watch(self, changed: Callable[[str], None]) -> None:
+        """Call `changed(member)` for every signal vfiod sends (objects added and removed,
+        properties changed, leases granted and ended, the policy reloaded) and when vfiod
+        (re)appears on the bus."""
+        bus = self.client.connected()
+
+        def on_message(msg: Message) -> None:
+            if msg.message_type != MessageType.SIGNAL:
+                return
+            if (msg.path or "").startswith(ROOT) or (msg.member == "NameOwnerChanged" and msg.body[:1] == [BUS_NAME]):
+                changed(msg.member or "")
+        bus.add_message_handler(on_message)
+        for rule in (f"type='signal',sender='{BUS_NAME}',path_namespace='{ROOT}'",
+                     f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'"):
+            reply = await asyncio.wait_for(bus.call(Message(
+                destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
+                member="AddMatch", signature="s", body=[rule])), self.client.timeout)
+            if reply is None or reply.message_type == MessageType.ERROR:
+                raise BackendFailed("the bus refused to pass on vfiod's signals (AddMatch)")
