@@ -78,10 +78,12 @@ def kit(tmp_path):
     procs: list[subprocess.Popen[str]] = []
     k.procs = procs
     yield k
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    for p in procs:                     # each holder leads its own session: its children go too
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
 
 
 def hold(kit, lease, uid=LESSEE, mode="plain"):
@@ -89,7 +91,7 @@ def hold(kit, lease, uid=LESSEE, mode="plain"):
     The node is opened here and the fd handed down: the test's tree is root's alone."""
     fd = os.open(kit.kernel.vfio_group_path(lease.group), os.O_RDWR)
     p = subprocess.Popen([sys.executable, "-c", HOLDER, str(fd), mode], user=uid, group=uid, extra_groups=[],
-                         stdout=subprocess.PIPE, text=True, pass_fds=(fd,), cwd="/")
+                         stdout=subprocess.PIPE, text=True, pass_fds=(fd,), cwd="/", start_new_session=True)
     os.close(fd)
     kit.procs.append(p)
     lines = [p.stdout.readline().strip()]
