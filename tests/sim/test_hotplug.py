@@ -1,6 +1,8 @@
 """Hotplug on the simulated kernel: removed and tampered leased devices, and event bursts."""
 
 import asyncio
+import faulthandler
+import sys
 import time
 
 import pytest
@@ -36,7 +38,7 @@ async def until(pred, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
-            import faulthandler, sys; faulthandler.dump_traceback(sys.stderr, all_threads=True)
+            faulthandler.dump_traceback(sys.stderr, all_threads=True)     # what each thread was doing
             raise AssertionError("timed out")
         await asyncio.sleep(0.01)
 

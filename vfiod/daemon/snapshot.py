@@ -54,10 +54,13 @@ class Snapshot:
             prev = old.groups.get(n)
             group_map[n] = g if prev is None else attrs.evolve(
                 g, isolation=prev.isolation, isolation_text=prev.isolation_text, links=prev.links)
-        for n in groups:               # devices that left these groups (removed, say)
-            members = set(part.groups[n].members) if n in part.groups else set()
+        # Devices that left these groups (removed, say).  One read while it was being removed
+        # may come back half-read, in no group at all: it goes too (a full scan finds it again
+        # if it is still there), or no later partial refresh of its group would drop it.
+        rescanned = {a for g in part.groups.values() for a in g.members}
+        for n in groups:
             for a in old.groups[n].members if n in old.groups else ():
-                if a not in members and a not in part.devices:
+                if a not in rescanned:
                     devices.pop(a, None)
             if n not in part.groups:
                 group_map.pop(n, None)
