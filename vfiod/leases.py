@@ -527,11 +527,9 @@ class LeaseManager:
         endpoints = tuple(PciAddress.parse(h.addr) for h in self.journal.held(lease.id) if h.role == "endpoint")
         # A [vfio-device] fd the kernel does not name is this lease's for sure only if
         # its holder's uid holds no other lease through vfio-pci.
-        vfio_uids = {o.uid for o in self.journal.leases() if o.id != lease.id
-                     and (be := self.backends.get(o.backend)) is not None and be.driver == "vfio-pci"}
-        found = find_holders(self.kernel.roots, lease.group, endpoints)
-        return [h if h.sure and not (h.uid in vfio_uids and all(w.startswith("[vfio-device] (") for w in h.what))
-                else attrs.evolve(h, sure=False) for h in found]
+        vfio_uids = frozenset(o.uid for o in self.journal.leases() if o.id != lease.id
+                              and (be := self.backends.get(o.backend)) is not None and be.driver == "vfio-pci")
+        return find_holders(self.kernel.roots, lease.group, endpoints, unsure_uids=vfio_uids)
 
     def revoke(self, lease_id: str, reason: str, caller: Caller | None = None) -> Ended | Revoking:
         """Take a lease back whether or not its holders let go (root, or vfiod itself).
@@ -691,13 +689,10 @@ class LeaseManager:
                                 "lease %s: %s; the policy lets vfiod end only the lessee's (uid %s) processes, "
                                 "so the revoke waits for it", lease.id, h.describe(), lease.uid)
                 continue
-            done = sent.get((h.pid, h.start), {})
-            if "TERM" not in done:
-                sig, name = signal.SIGTERM, "TERM"
-            elif "KILL" not in done and now - done["TERM"] >= self.kill_after:
-                sig, name = signal.SIGKILL, "KILL"
-            else:
+            nxt = self._next_signal(sent.get((h.pid, h.start), {}), now)
+            if nxt is None:
                 continue
+            sig, name = nxt
             seq = self.journal.intent(lease.id, "end-holder", None, {
                 "pid": h.pid, "start": h.start, "uid": h.uid, "comm": h.comm, "signal": name, "at": now})
             self._step(f"end-holder-intent:{name}")
@@ -708,18 +703,25 @@ class LeaseManager:
             self.journal.done(lease.id, seq)
             self._step(f"end-holder-done:{name}")
 
+    def _next_signal(self, sent: Mapping[str, float], now: float) -> tuple[int, str] | None:
+        """What the ladder sends next to a holder (or a scope) that got the signals `sent`
+        (name -> when): SIGTERM first, SIGKILL `kill_after` seconds later, then nothing."""
+        if "TERM" not in sent:
+            return signal.SIGTERM, "TERM"
+        if "KILL" not in sent and now - sent["TERM"] >= self.kill_after:
+            return signal.SIGKILL, "KILL"
+        return None
+
     def _end_scope(self, lease: LeaseRow, now: float) -> None:
         """The lessee's command ran in a transient scope (`vfioctl lease -- CMD`): end the
         whole tree at once, SIGTERM then SIGKILL, as the holders are ended."""
-        sent = {str(st.record.get("signal")): st.record.get("at") for st in self.journal.steps(lease.id)
-                if st.action == "end-scope" and st.status == "done"}
-        at = sent.get("TERM")
-        if "TERM" not in sent:
-            sig, name = signal.SIGTERM, "TERM"
-        elif "KILL" not in sent and isinstance(at, (int, float)) and now - at >= self.kill_after:
-            sig, name = signal.SIGKILL, "KILL"
-        else:
+        sent = {str(st.record.get("signal")): float(at) for st in self.journal.steps(lease.id)
+                if st.action == "end-scope" and st.status == "done"
+                and isinstance(at := st.record.get("at"), (int, float))}
+        nxt = self._next_signal(sent, now)
+        if nxt is None:
             return
+        sig, name = nxt
         assert lease.scope is not None
         seq = self.journal.intent(lease.id, "end-scope", None, {"scope": lease.scope, "signal": name, "at": now})
         if self.end_scope(lease.scope, sig):

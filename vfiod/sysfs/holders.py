@@ -75,12 +75,12 @@ def _syspath_of(pid: str, fd: str) -> str | None:
 
 
 def find_holders(roots: Roots, group: int, addrs: tuple[PciAddress, ...],
-                 unnamed_ok: bool = True) -> list[Holder]:
+                 unsure_uids: frozenset[int] = frozenset()) -> list[Holder]:
     """Every process that holds group `group` or a device of `addrs` open (vfiod excepted).
 
-    `unnamed_ok`: may a ``[vfio-device]`` fd the kernel does not name count as
-    this group's for sure (True when its holder's uid has no other VFIO lease:
-    the caller knows)."""
+    `unsure_uids`: the uids that hold another VFIO lease; a process of theirs
+    that holds only ``[vfio-device]`` fds the kernel does not name may be that
+    lease's, so it is not `Holder.sure` (the caller knows the leases)."""
     node = os.path.join(roots.dev, "vfio", str(int(group)))
     wanted = {node, node + " (deleted)"}
     cdevs, names = _device_names(roots, addrs)
@@ -118,7 +118,7 @@ def find_holders(roots: Roots, group: int, addrs: tuple[PciAddress, ...],
         if who is None:
             continue
         comm = (_text(f"/proc/{pid}/comm") or "?").strip()
-        sure = unnamed_ok or any(w != _UNNAMED for w in what)
+        sure = who[0][0] not in unsure_uids or any(w != _UNNAMED for w in what)
         out.append(Holder(pid=int(pid), start=who[1], uid=who[0][0], comm=comm,
                           what=tuple(dict.fromkeys(what)), sure=sure))
     return sorted(out, key=lambda h: h.pid)
