@@ -142,6 +142,22 @@ try:
     h.kill()
     stamp("pass")
 
+    # 3b. The same, while the lessee holds another VFIO lease: on 6.1 the bare device fd does
+    # not say which device it is, so it may be that lease's: it is left alone.
+    other_lid = lease(1000, SPARE)
+    lid = lease(1000, NIC)
+    h = hold(G, NIC, "pass")
+    child = int(h.expect("child").split()[1])
+    h.expect("ready")
+    r = revoke(lid, "--reason", "ambiguous", "--wait", str(GRACE + 5))
+    res["ambiguous"] = {"revoke": r, "child_alive": not gone(child)}
+    os.kill(child, signal.SIGKILL)
+    res["ambiguous"]["ended_after_it_went"] = until(lambda: driver(NIC) == "e1000e", 30)
+    h.kill()
+    stack.vfioctl(1000, "release", other_lid, timeout=120)
+    res["ambiguous"]["spare_back"] = until(lambda: driver(SPARE) == "e1000e", 30)
+    stamp("ambiguous")
+
     # 4. Root's own process holding the lessee's group is never ended (no revoke_others).
     lid = lease(1000, NIC)
     h = hold(G, NIC, "stubborn", uid=0)
@@ -302,6 +318,14 @@ def test_a_device_fd_passed_over_scm_rights_is_found_in_the_child(run):
     assert p["revoke"]["doc"]["ended"] and p["child_gone"] is True, p
     assert p["sender_alive"] is True                        # it held nothing any more: left alone
     assert p["driver"] == "e1000e"
+
+
+def test_a_bare_device_fd_of_a_uid_with_another_vfio_lease_is_not_ended(run):
+    a = run["ambiguous"]
+    assert a["revoke"]["rc"] == 1 and a["revoke"]["doc"]["ended"] is False, a
+    assert a["child_alive"] is True
+    assert a["ended_after_it_went"] is True and a["spare_back"] is True
+    assert "this kernel does not say which device it is and uid 1000 holds another VFIO lease" in run["vfiod_log"]
 
 
 def test_roots_process_is_never_ended_unless_the_policy_says_so(run):
