@@ -126,7 +126,7 @@ def test_a_4096_function_server_starts_answers_and_sends_a_burst_of_signals_whol
 FLOOD = r'''
 import asyncio, os, sys, time
 from dbus_next import Message, Variant
-from vfiod.bus import PatientBus as MessageBus   # dbus-next's own writer gives up on a full socket
+from vfiod.wire import PatientBus as MessageBus   # dbus-next's own writer gives up on a full socket
 
 SECONDS = float(sys.argv[1])
 

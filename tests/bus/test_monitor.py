@@ -105,7 +105,8 @@ def test_removed_and_tampered_leases_are_said():
     if not os.path.exists("/usr/bin/dbus-daemon"):
         pytest.skip("dbus-daemon is not installed")
     uid = unprivileged_uid()
-    from vfiod import bus as busmod
+    from vfiod.daemon import connection as busmod
+    from vfiod import wire
     from vfiod.address import PciAddress
     from vfiod.backends import load_backends
     from vfiod.daemon import Service
@@ -143,7 +144,7 @@ def test_removed_and_tampered_leases_are_said():
                 listening.set()
         bus.add_message_handler(seen)
         service.export_all()
-        await bus.request_name(busmod.BUS_NAME)
+        await bus.request_name(wire.BUS_NAME)
         mon = await asyncio.create_subprocess_exec(VFIOCTL, "monitor", "--json", "--bus", pbus.address,
                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, user=TEST_USER)
         try:

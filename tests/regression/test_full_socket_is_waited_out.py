@@ -4,7 +4,7 @@ dbus-next's writer took ``EAGAIN`` from ``send`` for a lost connection: a host o
 128 PCI functions or more killed vfiod before it owned its name (exporting the
 objects queued more than the socket buffer holds), and 128 pipelined
 ``GetManagedObjects`` from one unprivileged client left it alive, unexported and
-deaf.  The writer of `vfiod.bus` waits for the socket instead; every byte arrives,
+deaf.  The writer of `vfiod.wire.transport` waits for the socket instead; every byte arrives,
 in order, fds included."""
 
 import array
@@ -16,7 +16,7 @@ import pytest
 from dbus_next import Message
 from dbus_next.aio.message_bus import _MessageWriter
 
-from vfiod.bus import _PatientWriter
+from vfiod.wire.transport import _PatientWriter
 
 
 class _Bus:

@@ -48,7 +48,7 @@ def test_lease_times_always_marshal():
     """A journal row written before the ceiling (an expiry past 2**64) still shows."""
     from dbus_next import Message, Variant
 
-    from vfiod.bus import LeaseInterface
+    from vfiod.daemon.interfaces import LeaseInterface
     from vfiod.state import LeaseRow
 
     row = LeaseRow(id="a" * 16, group=8, uid=1000, owner=None, backend="vfio", target="group:8",

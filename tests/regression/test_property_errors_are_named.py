@@ -12,7 +12,8 @@ from dbus_next import Message, MessageType
 from dbus_next.message_bus import BaseMessageBus
 
 from vfiod.address import PciAddress
-from vfiod.bus import DeviceInterface, ManagerInterface, VfiodBus
+from vfiod.daemon.connection import VfiodBus
+from vfiod.daemon.interfaces import DeviceInterface, ManagerInterface
 
 DEV = "/org/vfiod1/device/0000_04_00_0"
 

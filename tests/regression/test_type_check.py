@@ -31,20 +31,20 @@ def test_mypy_strict_finds_nothing(tmp_path):
 
 
 def test_the_bus_module_hides_only_dbus_signatures(tmp_path):
-    """pyproject.toml lets vfiod/bus.py use undefined names (name-defined) for dbus-next's
+    """pyproject.toml lets vfiod/daemon/interfaces.py use undefined names (name-defined) for dbus-next's
     signature strings (``-> "s"``); no other undefined name may hide behind that."""
-    path = os.path.join(ROOT, "vfiod", "bus.py")
+    path = os.path.join(ROOT, "vfiod", "daemon", "interfaces.py")
     signatures = set()
     for node in ast.walk(parse(path)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for ann in [node.returns, *(a.annotation for a in node.args.args)]:
                 if isinstance(ann, ast.Constant) and isinstance(ann.value, str):
                     signatures |= {ann.value, ann.value.strip("()")}      # mypy reads "(bss)" as bss
-    proc = _mypy(tmp_path, "--config-file", os.devnull, "--follow-imports", "silent", "vfiod/bus.py")
+    proc = _mypy(tmp_path, "--config-file", os.devnull, "--follow-imports", "silent", "vfiod/daemon/interfaces.py")
     names = set(re.findall(r'Name "([^"]+)" is not defined', proc.stdout))
     assert names, proc.stdout + proc.stderr        # the check itself still sees them
     odd = sorted(names - signatures)
-    assert not odd, f"undefined names in vfiod/bus.py that are no D-Bus signature: {odd}"
+    assert not odd, f"undefined names in vfiod/daemon/interfaces.py that are no D-Bus signature: {odd}"
 
 
 def test_every_builtin_backend_is_a_backend_and_others_are_refused():

@@ -10,7 +10,7 @@ README = open(os.path.join(ROOT, "README.md")).read()
 
 
 def _bus_members():
-    tree = parse(os.path.join(ROOT, "vfiod/bus.py"))
+    tree = parse(os.path.join(ROOT, "vfiod/daemon/interfaces.py"))
     for cls in tree.body:
         if isinstance(cls, ast.ClassDef) and cls.name.endswith("Interface"):
             for fn in cls.body:

@@ -9,7 +9,7 @@ from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
 from .. import errors
-from ..bus import BUS_NAME, ROOT, PatientBus, bus_args
+from ..wire import BUS_NAME, ROOT, PatientBus, bus_args
 
 DEFAULT_TIMEOUT = 30.0
 _BY_NAME = {cls.dbus_name: cls for cls in errors.ALL_ERRORS if cls.dbus_name.startswith("org.vfiod1.")}

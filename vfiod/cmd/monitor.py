@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from dbus_next import Message, MessageType
 
-from ..bus import BUS_NAME, ROOT
+from ..wire import BUS_NAME, ROOT
 from ..errors import BackendFailed, VfiodError
 from .client import lease_json
 from .common import EXIT_OK, print_json

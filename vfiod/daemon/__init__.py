@@ -18,7 +18,8 @@ import tempfile
 from dbus_next import Message, MessageType
 from dbus_next.constants import RequestNameReply
 
-from .. import bus as busmod
+from ..wire import BUS_NAME, bus_args
+from .connection import VfiodBus, install_caller_tracking
 from ..backends import load_backends
 from ..errors import BackendFailed, PermissionDenied, PolicyError, VfiodError
 from ..policy import KNOWN_BACKENDS, PolicyStore
@@ -106,13 +107,13 @@ async def serve(args: argparse.Namespace) -> int:
 
     # Step 3: the bus connection (no name yet: nobody can call before step 6).
     try:
-        bus = busmod.VfiodBus(negotiate_unix_fd=True, **busmod.bus_args(args.bus))
+        bus = VfiodBus(negotiate_unix_fd=True, **bus_args(args.bus))
         await bus.connect()
     except Exception as e:      # no bus, a bad address, no session bus, refused authentication
         journal.close()
         raise BackendFailed(f"cannot reach the {args.bus} bus: {str(e).strip() or type(e).__name__}") from None
     service.attach(bus)
-    busmod.install_caller_tracking(bus)
+    install_caller_tracking(bus)
 
     def on_message(msg: Message) -> None:
         gone = _is_owner_gone(msg)
@@ -139,9 +140,9 @@ async def serve(args: argparse.Namespace) -> int:
     service.export_all()
 
     # Step 6: the name, then tell systemd.
-    reply = await bus.request_name(busmod.BUS_NAME)
+    reply = await bus.request_name(BUS_NAME)
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-        log.error("cannot own %s on the bus (%s): is another vfiod running?", busmod.BUS_NAME, reply)
+        log.error("cannot own %s on the bus (%s): is another vfiod running?", BUS_NAME, reply)
         return 1
     service.update_status()
     sd_notify("READY=1")
@@ -153,18 +154,12 @@ async def serve(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
 
-    def hup() -> None:
+    async def hup() -> None:
         try:
-            policy = store.reload()
-            log.info("policy reloaded: %d files, %d rules", len(policy.files), len(policy.rules))
-            service.manager_iface.PolicyReloaded(len(policy.files), len(policy.rules))
-        except PolicyError as e:
-            log.error("policy reload refused, the last good one stays: %s", e)
-            return
-        finally:
-            service.update_status()
-        asyncio.ensure_future(service.revoke_disallowed())
-    loop.add_signal_handler(signal.SIGHUP, hup)
+            await service.reload_policy(None)
+        except PolicyError:
+            pass            # said in the log; the last good policy stays
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(hup()) and None)
 
     async def expire() -> None:
         while True:

@@ -1,6 +1,6 @@
 """Who is calling: the uid, groups and pid the bus gives for a message's sender.
 
-`@method()` handlers never see their message: `vfiod.bus` keeps the current
+`@method()` handlers never see their message: `vfiod.daemon.connection` keeps the current
 METHOD_CALL in a ContextVar, and `Callers.of` asks the bus daemon
 (``GetConnectionCredentials``) about its sender once, caching the answer per
 unique name until ``NameOwnerChanged`` says the name is gone."""
@@ -15,7 +15,7 @@ from ..errors import PermissionDenied
 from ..policy import Caller
 
 if TYPE_CHECKING:
-    from ..bus import VfiodBus
+    from .connection import VfiodBus
 
 
 class Callers:

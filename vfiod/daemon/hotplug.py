@@ -8,13 +8,12 @@ refreshed for the touched groups only, once per burst of events."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Callable, Iterable
 
 from ..address import PciAddress
+from ..leases import LeaseManager
 from ..state import Held, LeaseRow
-
-if TYPE_CHECKING:
-    from .service import Service
+from .snapshot import Snapshot
 
 
 class Hotplug:
@@ -22,19 +21,24 @@ class Hotplug:
     #: unbinds first, so a removed device must not be mistaken for a tampered one
     TAMPER_GRACE = 0.25
 
-    def __init__(self, service: Service) -> None:
-        self.service = service
+    def __init__(self, manager: LeaseManager, snapshot: Snapshot,
+                 end_soon: Callable[[LeaseRow, str, str], None], is_ending: Callable[[str], bool],
+                 refresh_soon: Callable[[Iterable[int]], None]) -> None:
+        self.manager = manager
+        self.snapshot = snapshot
+        self.end_soon = end_soon            # end a lease in a worker (removed, tampered)
+        self.is_ending = is_ending          # is that lease being ended already?
+        self.refresh_soon = refresh_soon
         self._dirty: set[int] = set()
 
     def on_event(self, action: str, addr: PciAddress, driver: str | None) -> None:
         """One PCI uevent, on the loop."""
-        s = self.service
-        s.snapshot.scans["events"] += 1
-        lease, held = s.journal.holdings().get(str(addr), (None, None))
+        self.snapshot.scans["events"] += 1
+        lease, held = self.manager.journal.holdings().get(str(addr), (None, None))
         group = lease.group if lease else self._group_of(addr)
         if lease is not None and held is not None and self._watched(lease):
-            if action == "remove" or not s.kernel.exists(addr):
-                s.end_soon(lease, "removed", f"{addr} was removed")
+            if action == "remove" or not self.manager.kernel.exists(addr):
+                self.end_soon(lease, "removed", f"{addr} was removed")
             elif action in ("bind", "unbind"):
                 asyncio.get_running_loop().call_later(self.TAMPER_GRACE, self._judge_driver_change,
                                                       lease.id, addr, held)
@@ -45,31 +49,30 @@ class Hotplug:
 
     def _watched(self, lease: LeaseRow) -> bool:
         """A granted lease that vfiod is not itself ending or moving."""
-        s = self.service
-        return lease.state == "granted" and not s.is_ending(lease.id) and not s.manager.is_busy(lease.group)
+        return lease.state == "granted" and not self.is_ending(lease.id) and not self.manager.is_busy(lease.group)
 
     def _judge_driver_change(self, lease_id: str, addr: PciAddress, held: Held) -> None:
-        s = self.service
-        lease = s.journal.lease(lease_id)
+        m = self.manager
+        lease = m.journal.lease(lease_id)
         if lease is None or not self._watched(lease):
             return
-        if not s.kernel.exists(addr):
-            s.end_soon(lease, "removed", f"{addr} was removed")
+        if not m.kernel.exists(addr):
+            self.end_soon(lease, "removed", f"{addr} was removed")
             return
-        backend = s.backends.get(lease.backend)
+        backend = m.backends.get(lease.backend)
         want = None if held.role == "bridge" or backend is None else backend.driver
-        have = s.kernel.driver_of(addr)
+        have = m.kernel.driver_of(addr)
         if have != want:
-            s.end_soon(lease, "tampered",
+            self.end_soon(lease, "tampered",
                        f"{addr} moved to {have or 'no driver'} behind vfiod's back (lease keeps it on "
                        f"{want or 'no driver'})")
 
     def _flush(self) -> None:
         groups, self._dirty = sorted(self._dirty), set()
-        self.service.refresh_soon(groups)
+        self.refresh_soon(groups)
 
     def _group_of(self, addr: PciAddress) -> int | None:
-        dev = self.service.host.devices.get(addr)
+        dev = self.snapshot.host.devices.get(addr)
         if dev is not None and dev.group is not None:
             return dev.group
-        return self.service.manager.group_of(addr)
+        return self.manager.group_of(addr)

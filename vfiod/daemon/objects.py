@@ -2,29 +2,30 @@
 a Lease object per lease, kept in step with the snapshot.
 
 `publish(old, new)` exports objects for devices and groups that came, drops
-those that went, and sends PropertiesChanged for what changed, and only that."""
+those that went, and sends PropertiesChanged for what changed, and only that.
+The tree also sends the Manager's signals (`lease_granted`, `lease_revoking`,
+`lease_ended`, `policy_reloaded`): every object path is made here."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from .. import bus as busmod
+from ..wire import ROOT, device_path, group_path, lease_path
+from .connection import VfiodBus
+from .interfaces import Backing, DeviceInterface, GroupInterface, LeaseInterface, ManagerInterface
 from ..address import PciAddress
+from ..leases import Ended
 from ..state import LeaseRow
 from ..topology import Host
 
-if TYPE_CHECKING:
-    from .service import Service
 
 
 class ObjectTree:
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Backing) -> None:
         self.service = service
-        self.bus: busmod.VfiodBus | None = None
-        self.manager_iface = busmod.ManagerInterface(service)
-        self._groups: dict[int, busmod.GroupInterface] = {}
-        self._devices: dict[PciAddress, busmod.DeviceInterface] = {}
-        self._leases: dict[str, busmod.LeaseInterface] = {}
+        self.bus: VfiodBus | None = None
+        self.manager_iface = ManagerInterface(service)
+        self._groups: dict[int, GroupInterface] = {}
+        self._devices: dict[PciAddress, DeviceInterface] = {}
+        self._leases: dict[str, LeaseInterface] = {}
         self._published: dict[int, dict[str, object]] = {}
         self._exported = False
 
@@ -32,13 +33,13 @@ class ObjectTree:
         assert self.bus is not None
         self._exported = True
         with self.bus.quiet_exports():
-            self.bus.export(busmod.ROOT, self.manager_iface)
+            self.bus.export(ROOT, self.manager_iface)
             for n in host.groups:
-                self._groups[n] = iface = busmod.GroupInterface(self.service, n)
-                self.bus.export(busmod.group_path(n), iface)
+                self._groups[n] = iface = GroupInterface(self.service, n)
+                self.bus.export(group_path(n), iface)
             for addr in host.devices:
-                self._devices[addr] = dev = busmod.DeviceInterface(self.service, addr)
-                self.bus.export(busmod.device_path(addr), dev)
+                self._devices[addr] = dev = DeviceInterface(self.service, addr)
+                self.bus.export(device_path(addr), dev)
             for lease in leases:
                 self.export_lease(lease)
 
@@ -48,9 +49,9 @@ class ObjectTree:
     def export_lease(self, lease: LeaseRow) -> None:
         if lease.id in self._leases or not self.bus:
             return
-        iface = busmod.LeaseInterface(self.service, lease)
+        iface = LeaseInterface(self.service, lease)
         self._leases[lease.id] = iface
-        self.bus.export(busmod.lease_path(lease.id), iface)
+        self.bus.export(lease_path(lease.id), iface)
         self.manager_iface.emit_properties_changed({"Leases": self.manager_iface.Leases})
 
     def update_lease(self, lease: LeaseRow) -> None:
@@ -65,7 +66,7 @@ class ObjectTree:
     def drop_lease(self, lease_id: str) -> None:
         iface = self._leases.pop(lease_id, None)
         if iface is not None and self.bus:
-            self.bus.unexport(busmod.lease_path(lease_id), iface)
+            self.bus.unexport(lease_path(lease_id), iface)
             self.manager_iface.emit_properties_changed({"Leases": self.manager_iface.Leases})
 
     def publish(self, old: Host, new: Host, touched: list[int] | None = None) -> None:
@@ -82,17 +83,17 @@ class ObjectTree:
         if self.bus and self._exported:
             for n in sorted(group_keys):
                 if n in new.groups and n not in self._groups:
-                    self._groups[n] = iface = busmod.GroupInterface(self.service, n)
-                    self.bus.export(busmod.group_path(n), iface)
+                    self._groups[n] = iface = GroupInterface(self.service, n)
+                    self.bus.export(group_path(n), iface)
             for addr in sorted(device_keys):
                 if addr in new.devices and addr not in self._devices:
-                    self._devices[addr] = dev = busmod.DeviceInterface(self.service, addr)
-                    self.bus.export(busmod.device_path(addr), dev)
+                    self._devices[addr] = dev = DeviceInterface(self.service, addr)
+                    self.bus.export(device_path(addr), dev)
                 elif addr not in new.devices and addr in self._devices:
-                    self.bus.unexport(busmod.device_path(addr), self._devices.pop(addr))
+                    self.bus.unexport(device_path(addr), self._devices.pop(addr))
             for n in sorted(group_keys):
                 if n not in new.groups and n in self._groups:
-                    self.bus.unexport(busmod.group_path(n), self._groups.pop(n))
+                    self.bus.unexport(group_path(n), self._groups.pop(n))
         groups = [(n, self._groups[n]) for n in sorted(group_keys) if n in self._groups]
         devices = [(a, self._devices[a]) for a in sorted(device_keys) if a in self._devices]
         for n, iface in groups:
@@ -113,3 +114,20 @@ class ObjectTree:
             if d_new is not None and (d_old is None or d_old.driver != d_new.driver):
                 dev.emit_properties_changed({"Driver": d_new.driver or "",
                                              "OriginalDriver": self.service.original_driver(addr) or ""})
+
+    # ------------------------------------------------------------ the Manager's signals
+
+    def lease_granted(self, lease: LeaseRow) -> None:
+        self.export_lease(lease)
+        self.manager_iface.LeaseGranted(lease_path(lease.id))
+
+    def lease_revoking(self, lease: LeaseRow) -> None:
+        self.update_lease(lease)
+        self.manager_iface.LeaseRevoking(lease_path(lease.id), lease.revoke_reason or "", max(0, int(lease.deadline)))
+
+    def lease_ended(self, ended: Ended) -> None:
+        self.drop_lease(ended.lease.id)
+        self.manager_iface.LeaseEnded(lease_path(ended.lease.id), ended.reason)
+
+    def policy_reloaded(self, files: int, rules: int) -> None:
+        self.manager_iface.PolicyReloaded(files, rules)

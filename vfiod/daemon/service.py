@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Mapping, TypeVar, TypeVarTuple
 import attrs
 from dbus_next import Message, MessageType, Variant
 
-from .. import bus as busmod
+from .connection import VfiodBus
 from .. import report
 from ..address import PciAddress
 from ..errors import BackendFailed, InvalidArgument, PermissionDenied, PolicyError, VfiodError
@@ -65,19 +65,19 @@ class Service:
         self.callers = Callers()
         self.monitor: object | None = None            # the udev monitor, kept alive with the service
         self.objects = ObjectTree(self)
-        self.hotplug = Hotplug(self)
+        self.hotplug = Hotplug(self.manager, self.snapshot, self.end_soon, self.is_ending, self.refresh_soon)
         self._ending: set[str] = set()
         self._warnings: dict[str, list[str]] = {}     # lease id -> what was promised and not done
         self._status: str | None = None               # the last STATUS= told to systemd
 
     # ------------------------------------------------------------ wiring
 
-    def attach(self, bus: busmod.VfiodBus) -> None:
+    def attach(self, bus: VfiodBus) -> None:
         self.callers.bus = bus
         self.objects.bus = bus
 
     @property
-    def bus(self) -> busmod.VfiodBus | None:
+    def bus(self) -> VfiodBus | None:
         return self.objects.bus
 
     @property
@@ -87,10 +87,6 @@ class Service:
     @property
     def scans(self) -> dict[str, int]:
         return self.snapshot.scans
-
-    @property
-    def manager_iface(self) -> busmod.ManagerInterface:
-        return self.objects.manager_iface
 
     async def caller_of(self, msg: Message | None) -> Caller:
         return await self.callers.of(msg)
@@ -175,8 +171,7 @@ class Service:
             await self._confine(lease, caller.pid)
         self._warnings[lease.id] = warnings
         self.refresh_soon([lease.group])
-        self.objects.export_lease(lease)
-        self.manager_iface.LeaseGranted(busmod.lease_path(lease.id))
+        self.objects.lease_granted(lease)
         self.update_status()
         return lease
 
@@ -258,21 +253,24 @@ class Service:
         self.refresh_soon()              # VFs come and go with their groups
         return before
 
-    async def reload_policy(self, caller: Caller) -> None:
-        if not caller.is_admin:
+    async def reload_policy(self, caller: Caller | None) -> None:
+        """Load the policy directory again: ReloadPolicy (root only), or SIGHUP (`caller`
+        None).  A refused policy raises `PolicyError` with every error, and the policy in
+        force stays; an accepted one revokes (reason ``policy``) the leases it no longer allows."""
+        if caller is not None and not caller.is_admin:
             raise PermissionDenied("only root may reload the policy")
+        who = "SIGHUP" if caller is None else f"uid {caller.uid}"
         try:
             policy = await self._run(self.policy_store.reload)
         except PolicyError as e:
             problems = e.message.splitlines()
-            log.error("policy reload by uid %s refused, the policy in force stays: %s", caller.uid,
-                      "; ".join(problems))
+            log.error("policy reload by %s refused, the policy in force stays: %s", who, "; ".join(problems))
             raise PolicyError(f"{self.policy_store.REFUSED} ({len(problems)} error{'s' if len(problems) != 1 else ''}):\n"
                               + e.message) from None
         finally:
             self.update_status()
-        log.info("policy reloaded by uid %s: %d files, %d rules", caller.uid, len(policy.files), len(policy.rules))
-        self.manager_iface.PolicyReloaded(len(policy.files), len(policy.rules))
+        log.info("policy reloaded by %s: %d files, %d rules", who, len(policy.files), len(policy.rules))
+        self.objects.policy_reloaded(len(policy.files), len(policy.rules))
         await self.revoke_disallowed()
 
     # ------------------------------------------------------------ what systemd shows
@@ -333,9 +331,7 @@ class Service:
             self.loop.call_soon_threadsafe(self._revoking, lease)
 
     def _revoking(self, lease: LeaseRow) -> None:
-        self.objects.update_lease(lease)
-        self.manager_iface.LeaseRevoking(busmod.lease_path(lease.id), lease.revoke_reason or "",
-                                         max(0, int(lease.deadline)))
+        self.objects.lease_revoking(lease)
         self.update_status()
 
     # ------------------------------------------------------------ transient scopes (systemd)
@@ -405,8 +401,7 @@ class Service:
 
     def _ended(self, ended: Ended) -> None:
         self._warnings.pop(ended.lease.id, None)
-        self.objects.drop_lease(ended.lease.id)
-        self.manager_iface.LeaseEnded(busmod.lease_path(ended.lease.id), ended.reason)
+        self.objects.lease_ended(ended)
         self.update_status()
 
     # ------------------------------------------------------------ what objects show

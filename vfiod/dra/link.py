@@ -14,7 +14,7 @@ from typing import Any, Callable
 import attrs
 from dbus_next import Message, MessageType, Variant
 
-from ..bus import BUS_NAME, ROOT
+from ..wire import BUS_NAME, ROOT
 from ..cmd.client import Client
 from ..errors import BackendFailed
 

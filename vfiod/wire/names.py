@@ -1,0 +1,60 @@
+"""The names every side of org.vfiod1 shares: the bus name, object paths, bus addresses.
+
+Used by the daemon, `vfioctl`, `vfioctl monitor` and vfiod-dra alike; it imports
+nothing of the daemon."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+from dbus_next import BusType
+
+from ..address import PciAddress
+from ..errors import NotFound
+
+BUS_NAME = "org.vfiod1"
+ROOT = "/org/vfiod1"
+
+
+class BusArgs(TypedDict, total=False):
+    """Where a MessageBus connects: a well-known bus or an address."""
+
+    bus_type: BusType
+    bus_address: str
+
+
+def bus_args(spec: str) -> BusArgs:
+    """MessageBus arguments for ``system``, ``session`` or a bus address."""
+    if spec == "system":
+        return {"bus_type": BusType.SYSTEM}
+    if spec == "session":
+        return {"bus_type": BusType.SESSION}
+    return {"bus_address": spec}
+
+
+def group_path(n: int) -> str:
+    return f"{ROOT}/group/{int(n)}"
+
+
+def device_path(addr: PciAddress) -> str:
+    return f"{ROOT}/device/{addr.object_name}"
+
+
+def lease_id_of(path: str) -> str:
+    """The lease id of a lease object path (`NotFound` for any other path)."""
+    prefix = lease_path("")
+    if not isinstance(path, str) or not path.startswith(prefix) or not path[len(prefix):]:
+        raise NotFound(f"not a lease: {path!r}")
+    return path[len(prefix):]
+
+
+def lease_path(lease_id: str) -> str:
+    return f"{ROOT}/lease/{lease_id}"
+
+
+
+def lease_group(path: str) -> int | None:
+    """The IOMMU group number of a group object path (``/org/vfiod1/group/N``), None for any other."""
+    prefix = group_path(0)[:-1]
+    tail = path[len(prefix):] if isinstance(path, str) and path.startswith(prefix) else ""
+    return int(tail) if tail.isascii() and tail.isdigit() and len(tail) <= 9 else None
