@@ -8,7 +8,7 @@ Printed in one run:
   ``org.freedesktop.DBus.Peer.Ping`` to org.vfiod1 (median of N calls);
 * (b) the same for what ``vfioctl`` asks (``GetManagedObjects`` as ``vfioctl
   groups``/``leases`` read it, ``CheckAccess`` and ``Explain``), through
-  ``vfiod.cmd.client.Client`` like vfioctl, each as a ratio to the ping
+  ``vfiod.client.Client`` like vfioctl, each as a ratio to the ping
   (target <= 3x);
 * (c) with ``--guest``: in the QEMU guest on the real kernel (``bridge``
   topology), vfiod on the guest's real sysfs behind a private bus, a full
@@ -116,7 +116,7 @@ LOCAL_POLICY = '[[rule]]\ngroup = [8]\nuids = [{uid}]\nbackends = ["vfio", "pci-
 
 
 def local(pings: int, queries: int) -> dict:
-    from vfiod.cmd.client import Client
+    from vfiod.client import Client
 
     if not shutil.which("dbus-daemon"):
         return {"skipped": "dbus-daemon is not installed"}
@@ -173,7 +173,7 @@ try:
     bb = importlib.util.module_from_spec(spec); spec.loader.exec_module(bb)
     spec = importlib.util.spec_from_file_location("bench_lease", ROOT + "/bench/lease.py")
     bl = importlib.util.module_from_spec(spec); spec.loader.exec_module(bl)
-    from vfiod.cmd.client import Client
+    from vfiod.client import Client
     from vfiod.sysfs import Kernel, Roots, SysfsReader
     from vfiod.topology import Host
 

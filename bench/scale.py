@@ -63,7 +63,7 @@ def start(n: int) -> tuple[str, "World", float, float]:
 
 
 def one_size(n: int, base: "World") -> dict:
-    from vfiod.cmd.client import Client
+    from vfiod.client import Client
 
     tmp, world, layout, ready = start(n)
     try:

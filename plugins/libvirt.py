@@ -40,7 +40,7 @@ from .vfio import VfioBackend
 if TYPE_CHECKING:
     import libvirt                      # the binding ships no types: its classes name what is meant
 
-    from vfiod.leases import LeaseContext
+    from vfiod.hookspecs import LeaseContext
     from vfiod.state import Held
 
 log = logging.getLogger("vfiod.libvirt")

@@ -17,7 +17,7 @@ from vfiod.errors import BackendFailed, Busy, Unsafe
 from vfiod.hookspecs import Register, hookimpl
 
 if TYPE_CHECKING:
-    from vfiod.leases import LeaseContext
+    from vfiod.hookspecs import LeaseContext
     from vfiod.state import Record
 
 ROOT_MODE = 0o600
@@ -35,6 +35,7 @@ class HandOver(TypedDict):
 class VfioBackend(BackendBase):
     name = "vfio"
     driver = "vfio-pci"
+    uses_vfio = True
 
     def check(self, ctx: LeaseContext) -> None:
         if ctx.host.noiommu:

@@ -13,7 +13,7 @@ from .hookspecs import Backend
 
 if TYPE_CHECKING:
     from .address import PciAddress
-    from .leases import LeaseContext
+    from .hookspecs import LeaseContext
     from .state import Held, Record
 
 BUILTIN = ("vfiod_plugins.vfio", "vfiod_plugins.pci_stub", "vfiod_plugins.libvirt")
@@ -26,6 +26,7 @@ class BackendBase:
 
     name = ""
     driver = ""
+    uses_vfio = False
 
     def check(self, ctx: LeaseContext) -> None:
         pass

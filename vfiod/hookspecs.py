@@ -26,24 +26,50 @@ one of its members.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
+import attrs
 import pluggy
 
-if TYPE_CHECKING:
-    from .address import PciAddress
-    from .leases import LeaseContext
-    from .state import Held, Record
+from .address import PciAddress
+from .policy import Decision
+from .state import Held, LeaseRow, Record
+from .sysfs import Kernel
+from .topology import Host
 
 hookspec = pluggy.HookspecMarker("vfiod")
 hookimpl = pluggy.HookimplMarker("vfiod")
+
+
+@attrs.frozen
+class LeaseContext:
+    """What a backend hook is told about the lease it works on.
+
+    `decision` is the policy's verdict while a lease is granted, and None when
+    the lease is taken from the journal (a release, a restart, a revocation):
+    hooks that run then must not need it.
+
+    `handed_over` is this lease's hand-over record as journaled before (a kept
+    lease whose hand-over is applied again after a restart), None on a first
+    grant.  `container_acl_uids` are the uids for which another lease still
+    holds an ACL entry on the container that vfiod added (the hand-over records
+    of the other leases say so): such an entry is shared, and stays until the
+    last of them ends."""
+
+    lease: LeaseRow
+    endpoints: tuple[PciAddress, ...]
+    kernel: Kernel
+    decision: Decision | None
+    host: Host
+    handed_over: Record | None = None
+    container_acl_uids: frozenset[int] = frozenset()
 
 
 @runtime_checkable
 class Backend(Protocol):
     """One way of handing a leased IOMMU group to its lessee.
 
-    Every method gets ``ctx``, a `vfiod.leases.LeaseContext`:
+    Every method gets ``ctx``, a `LeaseContext`:
 
     ``ctx.lease``
         the journal's row (`vfiod.state.LeaseRow`): ``id``, ``group``,
@@ -74,6 +100,10 @@ class Backend(Protocol):
     name: str
     #: The kernel driver every endpoint of the group is bound to while leased.
     driver: str
+    #: The lessee uses the group through VFIO (its endpoints sit on vfio-pci): processes
+    #: may hold the group or its devices open, and a lease ends only once they let go
+    #: (the revoke ladder asks them, then ends them).  False: nothing can hold it.
+    uses_vfio: bool
 
     def check(self, ctx: LeaseContext) -> None:
         """Refuse a request before any device is touched: raise `Unsafe`,

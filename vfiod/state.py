@@ -4,7 +4,7 @@ File: ``STATE_DIR/state.db`` (WAL, ``synchronous=FULL``: a committed row is on
 disk before the sysfs write it announces).  Schema version 5:
 
 ``meta(key, value)``
-    ``schema`` = 3.  A file with a higher number is from a newer vfiod and is
+    ``schema`` = 5.  A file with a higher number is from a newer vfiod and is
     refused, untouched; an older file is upgraded in place (version 2 added
     ``leases.reset``, version 3 ``audit.count``, ``audit.last`` and ``quarantine``,
     version 4 the revoke columns of ``leases``, version 5 ``leases.k8s_namespace``).
@@ -67,7 +67,9 @@ from typing import Any, Literal, Mapping
 
 import attrs
 
+from .address import PciAddress
 from .errors import StateError
+from .terms import LeaseTerms
 
 SCHEMA = 5
 
@@ -148,14 +150,20 @@ class LeaseRow:
     scope: str | None = None           # the transient scope of the lessee's command
     k8s_namespace: str | None = None   # the Kubernetes namespace a delegate leased it for
 
+    @property
+    def terms(self) -> LeaseTerms:
+        """The request's terms a renewal or a policy reload judges the lease by again."""
+        return LeaseTerms(persistent=self.persistent, k8s_namespace=self.k8s_namespace)
+
     @classmethod
-    def from_row(cls, row: tuple[Any, ...]) -> "LeaseRow":
-        """From a ``SELECT * FROM leases`` row (sqlite3 gives its values untyped)."""
-        return cls(id=row[0], group=row[1], uid=row[2], owner=row[3], backend=row[4], target=row[5],
-                   created=row[6], expires=row[7], persistent=bool(row[8]), state=row[9],
-                   rule=row[10], memlock=row[11], reset=bool(row[12]), revoke_reason=row[13],
-                   deadline=row[14], grace=row[15], on_revoke=row[16], revoke_others=bool(row[17]),
-                   cap=row[18], scope=row[19], k8s_namespace=row[20])
+    def from_row(cls, row: Mapping[str, Any]) -> "LeaseRow":
+        """From a row of ``leases`` by column name (sqlite3 gives its values untyped)."""
+        return cls(id=row["id"], group=row["grp"], uid=row["uid"], owner=row["owner"], backend=row["backend"],
+                   target=row["target"], created=row["created"], expires=row["expires"],
+                   persistent=bool(row["persistent"]), state=row["state"], rule=row["rule"], memlock=row["memlock"],
+                   reset=bool(row["reset"]), revoke_reason=row["revoke_reason"], deadline=row["deadline"],
+                   grace=row["grace"], on_revoke=row["on_revoke"], revoke_others=bool(row["revoke_others"]),
+                   cap=row["cap"], scope=row["scope"], k8s_namespace=row["k8s_namespace"])
 
 
 @attrs.frozen
@@ -166,6 +174,11 @@ class Held:
     driver: str | None
     override: str | None
     role: str = "endpoint"
+
+    @property
+    def address(self) -> PciAddress:
+        """`addr` as the `PciAddress` it is (the journal checked it parses when it was opened)."""
+        return PciAddress.parse(self.addr)
 
 
 @attrs.frozen
@@ -339,20 +352,23 @@ class Journal:
             for table, col in (("steps", "lease"), ("held", "lease"), ("grants", "lease"), ("leases", "id")):
                 self.db.execute(f"DELETE FROM {table} WHERE {col}=?", (lease_id,))
 
-    def leases(self) -> list[LeaseRow]:
+    def _lease_rows(self, where: str = "", args: tuple[object, ...] = ()) -> list[LeaseRow]:
         with self._lock:
-            rows = self.db.execute("SELECT * FROM leases ORDER BY created, id").fetchall()
-        return [LeaseRow.from_row(r) for r in rows]
+            cur = self.db.execute(f"SELECT * FROM leases {where}", args)
+            names = [d[0] for d in cur.description]
+            rows = cur.fetchall()
+        return [LeaseRow.from_row(dict(zip(names, r))) for r in rows]
+
+    def leases(self) -> list[LeaseRow]:
+        return self._lease_rows("ORDER BY created, id")
 
     def lease(self, lease_id: str) -> LeaseRow | None:
-        with self._lock:
-            row = self.db.execute("SELECT * FROM leases WHERE id=?", (lease_id,)).fetchone()
-        return LeaseRow.from_row(row) if row else None
+        found = self._lease_rows("WHERE id=?", (lease_id,))
+        return found[0] if found else None
 
     def lease_for_group(self, group: int) -> LeaseRow | None:
-        with self._lock:
-            row = self.db.execute("SELECT * FROM leases WHERE grp=?", (group,)).fetchone()
-        return LeaseRow.from_row(row) if row else None
+        found = self._lease_rows("WHERE grp=?", (group,))
+        return found[0] if found else None
 
     def held(self, lease_id: str) -> list[Held]:
         with self._lock:

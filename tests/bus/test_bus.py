@@ -73,7 +73,7 @@ def test_command_exit_status_is_passed_on(world):
 def test_release_by_another_user_is_denied(world):
     lease = world.python(
         "import asyncio,os\n"
-        "from vfiod.cmd.client import Client\n"
+        "from vfiod.client import Client\n"
         "async def m():\n"
         "  c=await Client(os.environ['VFIOD_BUS']).connect()\n"
         "  print(await c.request_lease('group:8', persistent=True))\n"
@@ -111,7 +111,7 @@ def test_identity_comes_from_the_bus_not_from_arguments(world):
     p = world.python(
         "import asyncio,os\n"
         "from dbus_next import Variant\n"
-        "from vfiod.cmd.client import Client\n"
+        "from vfiod.client import Client\n"
         "async def m():\n"
         "  c=await Client(os.environ['VFIOD_BUS']).connect()\n"
         "  r=await c.call('/org/vfiod1','org.vfiod1.Manager','RequestLease','ssa{sv}',"
@@ -127,7 +127,7 @@ def test_identity_comes_from_the_bus_not_from_arguments(world):
 def test_reload_policy_is_admin_only_and_a_broken_one_is_refused(world):
     p = world.python(
         "import asyncio,os\n"
-        "from vfiod.cmd.client import Client\n"
+        "from vfiod.client import Client\n"
         "async def m():\n"
         "  c=await Client(os.environ['VFIOD_BUS']).connect()\n"
         "  await c.call('/org/vfiod1','org.vfiod1.Manager','ReloadPolicy')\n"
@@ -137,7 +137,7 @@ def test_reload_policy_is_admin_only_and_a_broken_one_is_refused(world):
         f.write("[[rule]]\nusres = ['x']\n")
     p = world.python((
         "import asyncio,os\n"
-        "from vfiod.cmd.client import Client\n"
+        "from vfiod.client import Client\n"
         "async def m():\n"
         "  c=await Client(os.environ['VFIOD_BUS']).connect()\n"
         "  await c.call('/org/vfiod1','org.vfiod1.Manager','ReloadPolicy')\n"

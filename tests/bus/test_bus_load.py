@@ -10,7 +10,7 @@ pytestmark = pytest.mark.bus
 
 CONCURRENT = r'''
 import asyncio, os, sys, collections
-from vfiod.cmd.client import Client
+from vfiod.client import Client
 from vfiod import errors
 
 async def one():

@@ -37,7 +37,7 @@ def node(group: int):
 def managed_objects(address: str = "system") -> dict:
     """vfiod's whole object tree over the bus: path -> interface -> properties."""
     import asyncio
-    from vfiod.cmd.client import Client
+    from vfiod.client import Client
 
     async def view():
         c = await Client(address, timeout=30).connect()

@@ -90,7 +90,7 @@ def slice_groups():
 BARE = r"""
 import asyncio, json, sys, time
 sys.path.insert(0, %%r)
-from vfiod.cmd.client import Client
+from vfiod.client import Client
 async def main():
     c = await Client(%%r, timeout=120).connect()
     out = []

@@ -7,7 +7,7 @@ that user was deleted too."""
 
 import os
 
-from vfiod import acl
+from vfiod.sysfs import acl
 
 from tests.sim.leasekit import Caller, Kit
 

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from vfiod import acl
+from vfiod.sysfs import acl
 from vfiod.sim import hosts
 from vfiod.address import PciAddress
 from vfiod.errors import Busy, KernelError, PermissionDenied, InvalidArgument, NotFound, StateError

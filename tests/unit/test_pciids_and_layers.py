@@ -47,7 +47,7 @@ def test_pci_ids_is_not_read_until_a_name_is_asked_for():
 
 
 #: The domain: it imports neither the bus nor udev (the layers of README's architecture).
-DOMAIN = ("topology.py", "policy", "leases.py", "state.py", "address.py", "report.py", "backends.py",
+DOMAIN = ("topology.py", "policy", "leases", "terms.py", "state.py", "address.py", "report.py", "backends.py",
           "hookspecs.py", "sysfs")
 FORBIDDEN = {"dbus_next", "dbus_fast", "pyudev"}
 

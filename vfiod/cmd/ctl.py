@@ -15,18 +15,20 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
 
 from .. import __version__
 from ..errors import InvalidArgument, NotFound, VfiodError
+from ..wire import group_number, lease_id_of
 from ..report import Json, render_groups
 from .common import (EXIT_DENIED, EXIT_FAIL, EXIT_OK, EXIT_USAGE, Formatter, add_root_options, duration_arg,
                      print_json, run)
+from .helptext import HELP
 from .policy import add_policy_commands
 
 
 if TYPE_CHECKING:
-    from .client import Client
+    from ..client import Client
 
 
 def _run(args: argparse.Namespace, coro_fn: Callable[[Client], Awaitable[int]]) -> int:
-    from .client import Client
+    from ..client import Client
 
     async def main() -> int:
         client = await Client(args.bus, timeout=args.timeout).connect()
@@ -111,7 +113,7 @@ def _time_left(expires: int) -> str:
 
 async def _lease_objects(client: Client, paths: list[str]) -> list[Json]:
     """The lease objects (docs/json.md) of these lease paths; leases that ended meanwhile are left out."""
-    from .client import lease_json
+    from ..client import lease_json
 
     found = []
     for path in paths:
@@ -125,7 +127,7 @@ async def _lease_objects(client: Client, paths: list[str]) -> list[Json]:
         client, [f"group:{int(p['Group'].rsplit('/', 1)[-1])}" for p in found])}
     out = []
     for props in found:
-        g = groups.get(int(props["Group"].rsplit("/", 1)[-1]))
+        g = groups.get(group_number(props["Group"]))
         out.append(lease_json(props, [d["address"] for d in g["devices"] if not d["bridge"]] if g else []))
     return out
 
@@ -176,9 +178,9 @@ def cmd_lease(args: argparse.Namespace) -> int:
         # With a command: where systemd runs, vfiod puts this process (and so CMD) in a scope of its own.
         path = await client.request_lease(args.target, args.backend or "", args.duration, args.persistent, args.force,
                                           scope=bool(command))
-        lease_id = path.rsplit("/", 1)[-1]
+        lease_id = lease_id_of(path)
         props = await client.properties(path, "org.vfiod1.Lease")
-        group = int(props["Group"].rsplit("/", 1)[-1])
+        group = group_number(props["Group"])
         print(f"vfioctl: lease {lease_id}: IOMMU group {group} via the {props['Backend']} backend", file=sys.stderr)
         warnings = props.get("Warnings") or []
         for w in warnings:
@@ -235,7 +237,7 @@ async def _run_with_lease(client: Client, path: str, props: Json, group: int, co
             env["VFIOD_GROUP_FD"] = str(fd)
         env["VFIOD_GROUP"] = str(group)
         env["VFIOD_GROUP_PATH"] = props.get("GroupPath") or f"/dev/vfio/{group}"
-    env["VFIOD_LEASE"] = path.rsplit("/", 1)[-1]
+    env["VFIOD_LEASE"] = lease_id_of(path)
     memlock = props.get("Memlock") or 0
 
     def preexec() -> None:
@@ -329,7 +331,7 @@ async def _leases_to_release(client: Client, args: argparse.Namespace) -> list[s
     """The lease ids `vfioctl release` means: an id, the lease of a target's group, or --all."""
     if args.all:
         manager = await client.properties("/org/vfiod1", "org.vfiod1.Manager")
-        return [path.rsplit("/", 1)[-1] for path in manager.get("Leases", [])]
+        return [lease_id_of(path) for path in manager.get("Leases", [])]
     if not args.lease:
         raise InvalidArgument("name a lease id, a target (address, group:N, name:RESOURCE) or --all")
     if _LEASE_ID.fullmatch(args.lease):
@@ -456,133 +458,20 @@ def show_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {
-    "groups": ("list every IOMMU group with its devices, viability and state", cmd_groups, """\
-List every IOMMU group vfiod sees, with its devices and drivers, whether VFIO
-can use it now, what blocks it, and whether it is leased.
-
-examples:
-  vfioctl groups
-  vfioctl groups --json | jq '.groups[] | select(.viable) | .group'
-"""),
-    "show": ("show one group (by device address or group:N)", cmd_show, """\
-Show the IOMMU group of a device (or group:N) with the reason its devices share it.
-
-example:
-  vfioctl show 0000:04:00.0
-"""),
-    "explain": ("explain in plain words why a group is what it is", cmd_explain, """\
-Ask vfiod why a device's IOMMU group holds what it holds, what keeps it from
-VFIO right now, and who holds it.
-
-example:
-  vfioctl explain 04:00.0
-"""),
-    "check": ("would I get this device? (policy, for the calling user)", cmd_check, """\
-Ask whether the calling user may lease the device's group, and under which rule.
-Exits 0 when allowed, 3 when denied.
-
-example:
-  vfioctl check 0000:04:00.0 --backend vfio
-"""),
-    "leases": ("list leases", cmd_leases, """\
-List the leases vfiod holds (yours, or all of them for root).
-
-example:
-  vfioctl leases --json
-"""),
-    "lease": ("lease a device's whole group; optionally run a command while holding it", cmd_lease, """\
-usage: vfioctl lease TARGET [options] [-- CMD ARGS...]
-
-Lease the IOMMU group of a device (or group:N, or name:RESOURCE).  vfiod binds
-every endpoint of the group to the backend's driver and hands it to you; the
-lease ends (and every device goes back to its driver) when you release it,
-when it expires, or when vfioctl exits — unless it is --persistent.
-
-With a command after --, vfioctl holds the lease while the command runs, tells
-it the group in VFIOD_GROUP and VFIOD_GROUP_PATH (vfio and libvirt backends:
-/dev/vfio/N, owned by you, which DPDK and QEMU open by path) and, with the
-libvirt backend, the hostdev XML in VFIOD_HOSTDEV_XML, applies the policy's
-RLIMIT_MEMLOCK grant, releases the lease when it exits and exits with its
-status.  With --pass-fd the command also gets the open group in VFIOD_GROUP_FD;
-the kernel lets a group be open only once, so a command given the fd cannot
-open /dev/vfio/N again.
-
-examples:
-  vfioctl lease 0000:04:00.0 -- dpdk-testpmd -a 0000:04:00.0 -- -i
-  vfioctl lease 0000:04:00.0 --pass-fd -- my-vfio-tool
-  vfioctl lease group:8 --duration 2h --persistent
-  vfioctl lease name:gpu --backend libvirt --xml
-"""),
-    "vfs": ("root: set an SR-IOV PF's number of VFs (refused while it or its VFs are leased)", cmd_vfs, """\
-Set how many VFs an SR-IOV physical function shows (its sriov_numvfs).  The
-kernel changes a non-zero count only through 0, which removes every VF, so
-vfiod refuses (exit 4, busy) while the PF or any of its VFs is leased.
-
-example:
-  vfioctl vfs 0000:01:00.0 4
-"""),
-    "reload": ("root: reload the policy; say whether it was taken, with every error", cmd_reload, """\
-Ask vfiod (as root) to read its policy directory again, as `systemctl reload
-vfiod` does, and say whether it took the new policy.  A broken policy is
-refused whole: every error of every file is printed (file:line: key: what),
-vfiod keeps the policy it had, and vfioctl exits 2.  Others get "permission
-denied" (exit 3).  `vfioctl policy check DIR` finds the same errors offline.
-
-exit status:
-  0  the new policy is in force
-  2  it was refused (the errors follow); the old one stays
-  3  not root
-
-examples:
-  sudo vfioctl reload
-  sudo vfioctl reload --json
-"""),
-    "monitor": ("print lease, hotplug and tamper events as they happen", cmd_monitor, """\
-Print vfiod's events as they happen, one line each: leases granted and ended
-(with the reason: released, expired, disconnected, removed, tampered, ...),
-groups and devices that change (state, driver, viability), and devices and
-groups that appear or go (hotplug, SR-IOV VFs).  Each line has the time, the
-event, the object and what happened; with --json each event is one JSON
-document on its own line (docs/json.md, kind "event").
-
-It runs until Ctrl-C or SIGTERM (exit 0); if vfiod or the bus goes away it
-says so and exits 1.
-
-examples:
-  vfioctl monitor
-  vfioctl monitor --json | jq -c 'select(.event == "lease-ended")'
-"""),
-    "release": ("release a lease (by id, by target, or --all)", cmd_release, """\
-Release a lease: every device of its group goes back to the driver it had.
-Name the lease by its id, or by a target of its group (an address, group:N or
-name:RESOURCE); --all releases every lease you may release (root: everyone's).
-
-examples:
-  vfioctl release 3f2a9c0d1e4b5a69
-  vfioctl release 0000:04:00.0
-  vfioctl release --all
-
-A lease whose group is still held open (a process kept a group or device fd)
-is not left half-released: vfiod revokes it instead (see `vfioctl revoke`).
-"""),
-    "revoke": ("root: take a lease back, whether or not its holders let go", cmd_revoke, """Revoke a lease (root only): vfiod signals LeaseRevoking (vfioctl lease -- CMD
-passes it on to CMD as SIGTERM), takes /dev/vfio/N back and begins unbinding
-each device, which makes the kernel ask the holders (the device's request
-eventfd: QEMU unplugs it from its guest, DPDK runs its removal handling).
-Holders that have not let go when the policy's revoke_grace ends are ended
-(on_revoke = "kill": SIGTERM, SIGKILL 3 s later; only the lessee's processes
-unless revoke_others = true) or waited for (on_revoke = "wait"); then every
-device goes back to its driver and the lease ends as "revoked".  vfioctl
-waits for that (at most --wait seconds) unless --no-wait; exit 1 if the lease
-had not ended by then.  Name the lease by its id or by a target of its group.
-
-examples:
-  vfioctl revoke 3f2a9c0d1e4b5a69 --reason "maintenance at 14:00"
-  vfioctl revoke 0000:04:00.0
-  vfioctl revoke name:gpu --no-wait --json
-"""),
+_FUNCTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "groups": cmd_groups,
+    "show": cmd_show,
+    "explain": cmd_explain,
+    "check": cmd_check,
+    "leases": cmd_leases,
+    "lease": cmd_lease,
+    "vfs": cmd_vfs,
+    "reload": cmd_reload,
+    "monitor": cmd_monitor,
+    "release": cmd_release,
+    "revoke": cmd_revoke,
 }
+COMMANDS = {name: (summary, _FUNCTIONS[name], description) for name, (summary, description) in HELP.items()}
 
 
 def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from dbus_next import Message, MessageType
 
-from ..wire import BUS_NAME, ROOT
+from ..wire import BUS_NAME, ROOT, lease_id_of
 from ..errors import BackendFailed, VfiodError
-from .client import lease_json
+from ..client import lease_json
 from .common import EXIT_OK, print_json
 
 MATCH_RULES = (
@@ -51,7 +51,7 @@ GROUP_IF, DEVICE_IF, LEASE_IF, MANAGER_IF = ("org.vfiod1.Group", "org.vfiod1.Dev
 OM_IF, PROPS_IF = "org.freedesktop.DBus.ObjectManager", "org.freedesktop.DBus.Properties"
 
 if TYPE_CHECKING:
-    from .client import Client
+    from ..client import Client
 
 #: A D-Bus object's properties, unwrapped to plain values.
 Props = dict[str, Any]
@@ -296,7 +296,7 @@ class Monitor:
     def lease(self, path: str, props: Props) -> Props:
         """The lease object (docs/json.md) from what is known of it; `id` at least."""
         if "Id" not in props or "Group" not in props:
-            return {"id": path.rsplit("/", 1)[-1]}
+            return {"id": lease_id_of(path)}
         group_path = props.get("Group", "/")
         g = self.objects.get(group_path, {}).get(GROUP_IF, {})
         endpoints = [a for a in g.get("Devices", [])

@@ -26,6 +26,7 @@ from ..policy import KNOWN_BACKENDS, PolicyStore
 from ..state import Journal
 from ..sysfs import Kernel, Roots, SysfsReader
 from . import journald
+from .claims import apply_claims
 from .notify import sd_notify
 from .service import Service
 
@@ -136,7 +137,7 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("lease %s of uid %s ended on start: %s", ended.lease.id, ended.lease.uid, ended.reason)
 
     # Step 5: the boot claims, then the objects.
-    await service.apply_claims()
+    await apply_claims(service.manager, store, service.snapshot)
     service.export_all()
 
     # Step 6: the name, then tell systemd.
@@ -201,6 +202,7 @@ async def serve(args: argparse.Namespace) -> int:
                     log.error("ending lease %s on shutdown: %s", lease.id, e)
         await _finish_ladders(service)
         bus.disconnect()
+    service.stop()
     journal.close()
     return status
 

@@ -25,13 +25,14 @@ from ..address import PciAddress
 from ..errors import BackendFailed, InvalidArgument, VfiodError
 from ..leases import LeaseManager
 from ..pciids import PciIds
-from ..policy import Caller, Decision
-from ..report import Json
+from ..policy import Caller
 from ..state import LeaseRow
+from ..terms import LeaseTerms
 from ..sysfs import Kernel
 from ..topology import Host
 from ..wire.names import device_path, group_path, lease_id_of, lease_path
 from .connection import ExportedInterface, current_message, current_sender
+from .queries import Queries
 
 if TYPE_CHECKING:
     from ..topology import Device, Group
@@ -45,22 +46,17 @@ class Backing(Protocol):
     kernel: Kernel
     names: PciIds
     manager: LeaseManager
+    queries: Queries
 
     @property
     def host(self) -> Host: ...
     async def caller_of(self, msg: Message | None) -> Caller: ...
-    async def request(self, caller: Caller, target: str, backend: str, options: dict[str, object],
+    async def request(self, caller: Caller, target: str, backend: str, terms: LeaseTerms,
                       owner: str | None = None) -> LeaseRow: ...
-    async def groups_json(self, caller: Caller, targets: list[str]) -> list[Json]: ...
-    async def explain(self, caller: Caller, target: str) -> str: ...
-    async def check(self, caller: Caller, target: str, backend: str) -> Decision: ...
-    async def kubernetes_access(self, caller: Caller, target: str) -> tuple[list[str], list[str]]: ...
     async def set_vf_count(self, caller: Caller, pf: str, count: int) -> int: ...
     async def reload_policy(self, caller: Caller) -> None: ...
     async def revoke(self, caller: Caller, lease_id: str, reason: str) -> None: ...
     def exported_leases(self) -> list[str]: ...
-    def group_state(self, n: int) -> str: ...
-    def original_driver(self, addr: PciAddress) -> str | None: ...
     def warnings(self, lease_id: str) -> list[str]: ...
     def keep_fd_for_send(self, fd: int) -> int: ...
     async def open_fd(self, caller: Caller, lease_id: str, which: str) -> int: ...
@@ -106,17 +102,16 @@ def _strip_caller(fn: Callable[..., object]) -> inspect.Signature:
     return sig.replace(parameters=params)
 
 
-def _unwrap_options(options: dict[str, object]) -> dict[str, object]:
+def _terms(options: dict[str, object]) -> LeaseTerms:
+    """A request's ``a{sv}`` options as `LeaseTerms`: each value must have its option's type."""
     out = {}
     for key, value in options.items():
         out[key] = value.value if isinstance(value, Variant) else value
-    expected = {"duration": int, "persistent": bool, "force": bool, "scope": bool, "k8s_namespace": str}
-    words = {int: "a number of seconds", bool: "a boolean", str: "a string"}
     for key, value in out.items():
-        want = expected.get(key)
-        if want is not None and type(value) is not want:
-            raise InvalidArgument(f"option {key!r} must be {words[want]}, not {type(value).__name__}")
-    return out
+        want = LeaseTerms.OPTIONS.get(key)
+        if want is not None and type(value) is not want[0]:
+            raise InvalidArgument(f"option {key!r} must be {want[1]}, not {type(value).__name__}")
+    return LeaseTerms.from_options(out)
 
 
 def _seconds(t: float) -> int:
@@ -135,29 +130,29 @@ class ManagerInterface(ExportedInterface):
     @method()
     @edge
     async def RequestLease(self, caller: Caller, target: "s", backend: "s", options: "a{sv}") -> "o":
-        lease = await self.service.request(caller, target, backend, _unwrap_options(options), current_sender())
+        lease = await self.service.request(caller, target, backend, _terms(options), current_sender())
         return lease_path(lease.id)
 
     @method()
     @edge
     async def GroupsJson(self, caller: Caller, targets: "as") -> "s":
-        return json.dumps(await self.service.groups_json(caller, list(targets)))
+        return json.dumps(await self.service.queries.groups_json(caller, list(targets)))
 
     @method()
     @edge
     async def Explain(self, caller: Caller, target: "s") -> "s":
-        return await self.service.explain(caller, target)
+        return await self.service.queries.explain(caller, target)
 
     @method()
     @edge
     async def CheckAccess(self, caller: Caller, target: "s", backend: "s") -> "(bss)":
-        d = await self.service.check(caller, target, backend)
+        d = await self.service.queries.check(caller, target, backend)
         return [d.allowed, d.rule or "", d.reason]
 
     @method()
     @edge
     async def KubernetesAccess(self, caller: Caller, target: "s") -> "(asas)":
-        namespaces, resources = await self.service.kubernetes_access(caller, target)
+        namespaces, resources = await self.service.queries.kubernetes_access(caller, target)
         return [namespaces, resources]
 
     @method()
@@ -239,7 +234,7 @@ class GroupInterface(ExportedInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def State(self) -> "s":
-        return self.service.group_state(self.number)
+        return self.service.queries.group_state(self.number)
 
     @dbus_property(access=PropertyAccess.READ)
     def Lease(self) -> "o":
@@ -291,7 +286,7 @@ class DeviceInterface(ExportedInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def OriginalDriver(self) -> "s":
-        return self.service.original_driver(self.addr) or ""
+        return self.service.queries.original_driver(self.addr) or ""
 
     @dbus_property(access=PropertyAccess.READ)
     def Group(self) -> "o":

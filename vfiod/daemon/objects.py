@@ -28,6 +28,7 @@ class ObjectTree:
         self._leases: dict[str, LeaseInterface] = {}
         self._published: dict[int, dict[str, object]] = {}
         self._exported = False
+        self.stopped = False            # the daemon stopped: what workers still finish is not shown
 
     def export_all(self, host: Host, leases: list[LeaseRow]) -> None:
         assert self.bus is not None
@@ -73,6 +74,8 @@ class ObjectTree:
         """On the loop: objects for what came and went, PropertiesChanged for what changed;
         after a partial refresh only the `touched` groups and their devices are compared
         (a burst of hotplug events on a big host does not walk every object each time)."""
+        if self.stopped:
+            return
         if touched is None:
             group_keys: set[int] = new.groups.keys() | self._groups.keys()
             device_keys: set[PciAddress] = new.devices.keys() | self._devices.keys()
@@ -100,7 +103,7 @@ class ObjectTree:
             g_old, g_new = old.groups.get(n), new.groups.get(n)
             if g_new is None:
                 continue
-            changed = {"State": self.service.group_state(n), "Lease": iface.Lease}
+            changed = {"State": self.service.queries.group_state(n), "Lease": iface.Lease}
             if g_old is None or g_old.viable != g_new.viable:
                 changed["Viable"] = g_new.viable
             if g_old is None or g_old.blockers != g_new.blockers:
@@ -113,7 +116,7 @@ class ObjectTree:
             d_old, d_new = old.devices.get(addr), new.devices.get(addr)
             if d_new is not None and (d_old is None or d_old.driver != d_new.driver):
                 dev.emit_properties_changed({"Driver": d_new.driver or "",
-                                             "OriginalDriver": self.service.original_driver(addr) or ""})
+                                             "OriginalDriver": self.service.queries.original_driver(addr) or ""})
 
     # ------------------------------------------------------------ the Manager's signals
 

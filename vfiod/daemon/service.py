@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from typing import Callable, Iterable, Mapping, TypeVar, TypeVarTuple
 
-import attrs
-from dbus_next import Message, MessageType, Variant
+from dbus_next import Message
 
 from .connection import VfiodBus
-from .. import report
+from .queries import Queries
+from .scopes import Scopes
 from ..address import PciAddress
 from ..errors import BackendFailed, InvalidArgument, PermissionDenied, PolicyError, VfiodError
 from ..hookspecs import Backend
 from ..leases import Ended, LeaseManager
 from ..pciids import PciIds
-from ..policy import Caller, Decision, PolicyStore, format_size
+from ..policy import Caller, PolicyStore, format_size
 from ..state import Journal, LeaseRow
+from ..terms import LeaseTerms
 from ..sysfs import Kernel
 from ..topology import Host
 from .callers import Callers
@@ -40,14 +40,6 @@ _Args = TypeVarTuple("_Args")
 
 
 SYSTEMD = "org.freedesktop.systemd1"
-_SOURCE = re.compile(r"(?:rules? )?\S+\.toml:[0-9]+(?:, \S+\.toml:[0-9]+)*")
-
-
-def _hide_sources(text: str) -> str:
-    """`text` without policy file:line references (``rule /etc/…/10-x.toml:7`` → ``a rule``)."""
-    return _SOURCE.sub(lambda m: "a rule" if m.group(0).startswith("rule") else "the policy", text)
-
-
 class Service:
     def __init__(self, kernel: Kernel, journal: Journal, policy_store: PolicyStore, backends: dict[str, Backend]):
         self.kernel = kernel
@@ -57,11 +49,13 @@ class Service:
         self.names = PciIds()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.manager = LeaseManager(kernel, journal, lambda: self.policy_store.current, backends,
-                                    on_ended=self._ended_in_thread)
-        self.manager.on_revoking = self._revoking_in_thread
-        self.manager.end_scope = self._end_scope_in_thread
+                                    on_ended=self._on_loop(self._ended))
+        self.manager.on_revoking = self._on_loop(self._revoking)
+        self.scopes = Scopes(lambda: self.bus, lambda: self.loop)
+        self.manager.end_scope = self.scopes.end_in_thread
         self.snapshot = Snapshot(self.manager)
         self.snapshot.on_change = self._changed_in_thread
+        self.queries = Queries(self.manager, policy_store, self.snapshot, self.names)
         self.callers = Callers()
         self.monitor: object | None = None            # the udev monitor, kept alive with the service
         self.objects = ObjectTree(self)
@@ -116,6 +110,11 @@ class Service:
         if self.loop:
             self.loop.call_soon_threadsafe(self.objects.publish, old, new, groups)
 
+    def stop(self) -> None:
+        """The daemon stops: nothing the workers still finish reaches the bus or the journal."""
+        self.loop = None
+        self.objects.stopped = True
+
     def is_ending(self, lease_id: str) -> bool:
         return lease_id in self._ending
 
@@ -136,11 +135,12 @@ class Service:
 
     # ------------------------------------------------------------ the Manager
 
-    async def request(self, caller: Caller, target: str, backend: str, options: Mapping[str, object],
+    async def request(self, caller: Caller, target: str, backend: str, options: LeaseTerms | Mapping[str, object],
                       owner: str | None = None) -> LeaseRow:
         if not isinstance(target, str) or len(target) > 256:
             raise InvalidArgument("the target is too long")
-        lease = await self._run(self.manager.request, caller, target, backend, options, owner)
+        terms = LeaseTerms.from_options(options)
+        lease = await self._run(self.manager.request, caller, target, backend, terms, owner)
         if owner and not lease.persistent and not await self.callers.present(owner):
             # The caller left while the grant ran: its disconnect found nothing to end yet,
             # so end the lease now rather than leave it held for nobody.
@@ -150,7 +150,7 @@ class Service:
             raise BackendFailed("the caller left the bus before the grant finished; the lease was undone")
         warnings: list[str] = []
         # A delegate's lease is for a container not yet started: its grant travels in the CDI spec.
-        if lease.memlock and "k8s_namespace" not in options:
+        if lease.memlock and terms.k8s_namespace is None:
             # The policy's grant goes to the calling process (vfioctl lease -- CMD: CMD inherits it),
             # before the lessee pins any memory.  If it cannot be applied, the caller is told.
             why = "vfiod does not know the calling process" if not caller.pid else ""
@@ -167,84 +167,15 @@ class Service:
                           format_size(lease.memlock), why)
                 warnings.append(f"memlock: the policy's RLIMIT_MEMLOCK grant of {format_size(lease.memlock)} "
                                 f"was not applied: {why}")
-        if options.get("scope") and caller.pid:
-            await self._confine(lease, caller.pid)
+        if terms.scope and caller.pid:
+            scope = await self.scopes.confine(lease, caller.pid)
+            if scope:
+                await self._run(self.journal.set_scope, lease.id, scope)
         self._warnings[lease.id] = warnings
         self.refresh_soon([lease.group])
         self.objects.lease_granted(lease)
         self.update_status()
         return lease
-
-    async def _target_group(self, target: str) -> tuple[Host, int]:
-        """A fresh snapshot of the group `target` names (any target form), and its number."""
-        policy = self.policy_store.current
-        host = await self._run(self.manager.host_for, target, policy)
-        return host, policy.resolve(host, target).group
-
-    async def explain(self, caller: Caller, target: str) -> str:
-        # Drivers and blockers fresh from the target's group; why the group is shared
-        # from the last whole scan (it needs the bridges above, in other groups).
-        host, number = await self._target_group(target)
-        g = host.groups[number]
-        whole = self.host.groups.get(number)
-        if whole is not None and whole.members == g.members:
-            g = attrs.evolve(g, isolation=whole.isolation, isolation_text=whole.isolation_text)
-        else:
-            host = await self._run(self.manager.scan)     # the topology changed: explain it afresh
-            g = host.groups[number]
-        lease = self.manager.lease_for_group(number)
-        return report.explain_text(target, g, lease, self.host.findings, viewer=caller.uid)
-
-    async def groups_json(self, caller: Caller, targets: list[str]) -> list[report.Json]:
-        """The groups `targets` name (every group when none), in the one group JSON."""
-        if len(targets) > 64:
-            raise InvalidArgument(f"at most 64 targets at a time, not {len(targets)}")
-        numbers: list[int] | None = None
-        if targets:
-            numbers = []
-            for t in targets:
-                _, n = await self._target_group(t)
-                numbers.append(n)
-        host = self.host
-        out = []
-        for n in (numbers if numbers is not None else sorted(host.groups)):
-            g = host.groups.get(n)
-            if g is None:
-                continue
-            lease = self.manager.lease_for_group(n)
-            out.append(report.group_json(host, g, self.names, lease=lease.id if lease else None,
-                                         state=self.group_state(n), lease_owner=lease.uid if lease else None,
-                                         original_driver=self.original_driver))
-        return out
-
-    async def check(self, caller: Caller, target: str, backend: str) -> Decision:
-        host, number = await self._target_group(target)
-        d = self.policy_store.current.decide(host, caller, number, backend, {})
-        if d.allowed:
-            reset = "; each device is reset before it goes back to the host" if d.reset_on_release else ""
-            d = attrs.evolve(d, reason=d.reason + self._memlock_advice(caller, d) + reset)
-        if not caller.is_admin:
-            # Where the policy says so (file:line) is for admins: it maps the policy for anyone.
-            d = attrs.evolve(d, rule="", reason=_hide_sources(d.reason))
-        return d
-
-    def _memlock_advice(self, caller: Caller, decision: Decision) -> str:
-        """What the lease will do to the caller's locked-memory limit, said before it matters:
-        VFIO pins every page the lessee maps for DMA, and fails (DPDK: "DMA remapping failed")
-        once RLIMIT_MEMLOCK is exhausted."""
-        cur = self.kernel.memlock_of(caller.pid) if caller.pid else None
-        have = "unknown" if cur is None else ("unlimited" if cur[0] < 0 else format_size(cur[0]))
-        if decision.memlock:
-            return (f"; the lease raises RLIMIT_MEMLOCK of your process to {format_size(decision.memlock)} "
-                    f"(now {have})")
-        if cur is not None and 0 <= cur[0] < (256 << 20):
-            return (f"; warning: no memlock grant in the policy and your RLIMIT_MEMLOCK is {have}: "
-                    "a VFIO user that pins memory (DPDK, QEMU) will fail to map DMA beyond it")
-        return ""
-
-    async def kubernetes_access(self, caller: Caller, target: str) -> tuple[list[str], list[str]]:
-        host, number = await self._target_group(target)
-        return self.policy_store.current.kubernetes_view(host, caller.uid, number)
 
     async def set_vf_count(self, caller: Caller, pf: str, count: int) -> int:
         addr = PciAddress.parse(pf)
@@ -291,14 +222,8 @@ class Service:
 
     # ------------------------------------------------------------ leases
 
-    def _lease_of(self, caller: Caller, lease_id: str, action: str) -> LeaseRow:
-        lease = self.manager.get(lease_id)
-        if not caller.is_admin and caller.uid != lease.uid:
-            raise PermissionDenied(f"lease {lease.id} belongs to uid {lease.uid}; you may not {action} it")
-        return lease
-
     async def open_fd(self, caller: Caller, lease_id: str, which: str) -> int:
-        lease = self._lease_of(caller, lease_id, "open")
+        lease = self.manager.owned(lease_id, caller, "open")
         be = self.backends[lease.backend]
         ctx = self.manager.context(lease, host=self.host)
         return be.open_group(ctx) if which == "group" else be.open_container(ctx)
@@ -309,79 +234,33 @@ class Service:
         return fd
 
     async def hostdev_xml(self, caller: Caller, lease_id: str) -> str:
-        lease = self._lease_of(caller, lease_id, "read")
+        lease = self.manager.owned(lease_id, caller, "read")
         be = self.backends[lease.backend]
         return be.hostdev_xml(self.manager.context(lease, host=self.host))
 
     async def renew(self, caller: Caller, lease_id: str, seconds: int) -> LeaseRow:
-        self._lease_of(caller, lease_id, "renew")
         return await self._run(self.manager.renew, lease_id, caller, int(seconds))
 
     async def release(self, caller: Caller, lease_id: str) -> None:
-        lease = self._lease_of(caller, lease_id, "release")
+        lease = self.manager.get(lease_id)
         await self._run(self.manager.release, lease_id, caller)
         self.refresh_soon([lease.group])
 
-    def _ended_in_thread(self, ended: Ended) -> None:
-        if self.loop:
-            self.loop.call_soon_threadsafe(self._ended, ended)
-
-    def _revoking_in_thread(self, lease: LeaseRow) -> None:
-        if self.loop:
-            self.loop.call_soon_threadsafe(self._revoking, lease)
+    def _on_loop(self, fn: Callable[[_T], None]) -> Callable[[_T], None]:
+        """`fn`, called from a worker thread, run on the event loop (not once the daemon stopped)."""
+        def call(arg: _T) -> None:
+            if self.loop:
+                self.loop.call_soon_threadsafe(fn, arg)
+        return call
 
     def _revoking(self, lease: LeaseRow) -> None:
         self.objects.lease_revoking(lease)
         self.update_status()
 
-    # ------------------------------------------------------------ transient scopes (systemd)
-
-    async def _systemd(self, member: str, signature: str, body: list[object]) -> bool:
-        """Call systemd's Manager on vfiod's bus; False where there is no systemd (or it said no)."""
-        if self.bus is None:
-            return False
-        msg = Message(destination=SYSTEMD, path="/org/freedesktop/systemd1", interface=SYSTEMD + ".Manager",
-                      member=member, signature=signature, body=body)
-        try:
-            reply = await asyncio.wait_for(self.bus.call(msg), 10)
-        except (asyncio.TimeoutError, OSError) as e:
-            log.info("systemd did not answer %s: %s", member, e)
-            return False
-        if reply is None or reply.message_type == MessageType.ERROR:
-            why = (reply.body[0] if reply and reply.body else reply.error_name if reply else "no reply")
-            log.info("systemd refused %s: %s", member, why)
-            return False
-        return True
-
-    async def _confine(self, lease: LeaseRow, pid: int) -> None:
-        """Where systemd runs: move the caller (vfioctl lease -- CMD, before it starts CMD) into
-        a transient scope of its own, so the revoke ladder can end the whole tree at once."""
-        scope = f"vfiod-lease-{lease.id}.scope"
-        if await self._systemd("StartTransientUnit", "ssa(sv)a(sa(sv))", [
-                scope, "fail", [["PIDs", Variant("au", [pid])],
-                                ["Description", Variant("s", f"vfiod lease {lease.id} of uid {lease.uid}")],
-                                ["CollectMode", Variant("s", "inactive-or-failed")]], []]):
-            await self._run(self.journal.set_scope, lease.id, scope)
-            log.info("lease %s: pid %s runs in %s", lease.id, pid, scope)
-
-    def _end_scope_in_thread(self, scope: str, sig: int) -> bool:
-        loop = self.loop
-        if loop is None:
-            return False
-        fut = asyncio.run_coroutine_threadsafe(self._systemd("KillUnit", "ssi", [scope, "all", int(sig)]), loop)
-        try:
-            return fut.result(15)
-        except Exception as e:
-            log.error("ending %s: %s", scope, e)
-            return False
-
     async def revoke(self, caller: Caller, lease_id: str, reason: str) -> None:
-        """Root: take a lease back through the ladder (`LeaseManager.revoke`)."""
-        if not caller.is_admin:
-            raise PermissionDenied("only root may revoke a lease")
-        lease = self.manager.get(lease_id)
-        await self._run(self.manager.revoke, lease_id, reason or "revoked", caller)
-        self.refresh_soon([lease.group])
+        """Root: take a lease back through the ladder (`LeaseManager.revoke` checks who asks)."""
+        got = await self._run(self.manager.revoke, lease_id, reason or "revoked", caller)
+        self.refresh_soon([got.lease.group])
 
     async def turn_ladders(self) -> None:
         """One turn of the revoke ladder for every lease on it (the daemon's tick)."""
@@ -404,25 +283,6 @@ class Service:
         self.objects.lease_ended(ended)
         self.update_status()
 
-    # ------------------------------------------------------------ what objects show
-
-    def group_state(self, n: int) -> str:
-        if self.manager.lease_for_group(n):
-            return "leased"
-        g = self.host.groups.get(n)
-        return g.state if g else "gone"
-
-    def original_driver(self, addr: PciAddress) -> str | None:
-        dev = self.host.devices.get(addr)
-        if dev is None or dev.group is None:
-            return None
-        lease = self.manager.lease_for_group(dev.group)
-        if lease:
-            for h in self.journal.held(lease.id):
-                if h.addr == str(addr):
-                    return h.driver
-        return dev.driver
-
     # ------------------------------------------------------------ bus events
 
     async def owner_gone(self, name: str) -> None:
@@ -431,25 +291,3 @@ class Service:
         ended = await self._run(self.manager.end_owned_by, name)
         if ended:
             self.refresh_soon([e.lease.group for e in ended])
-
-    async def apply_claims(self) -> None:
-        """The policy's boot claims, as persistent leases; one that fails is logged and skipped."""
-        for claim in self.policy_store.current.claims:
-            caller = Caller.from_uid(claim.uid)
-            try:
-                existing = [lease for lease in self.manager.leases()
-                            if lease.target == claim.target and lease.uid == claim.uid]
-                if existing:
-                    log.info("claim %s for uid %s: already held (lease %s)", claim.target, claim.uid,
-                             existing[0].id)
-                    continue
-                lease = await self._run(self.manager.request, caller, claim.target, claim.backend,
-                                        {"persistent": True}, None)
-                log.info("claim %s for %s applied: lease %s", claim.target, claim.user, lease.id)
-            except VfiodError as e:
-                log.error("claim %s for %s (%s) not applied: %s", claim.target, claim.user, claim.source, e)
-            except Exception:
-                # A claim must never keep the daemon from starting: log it and go on.
-                log.exception("claim %s for %s (%s) not applied: internal error", claim.target, claim.user,
-                              claim.source)
-        await self._run(self.snapshot.refresh)

@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 
-from ..errors import NotFound, VfiodError
+from ..client import NotFound, VfiodError
 from . import DRIVER_NAME, cdi
 from .checkpoint import Checkpoint, ClaimRecord
 from .kube import Kube, KubeError

@@ -6,17 +6,14 @@ leases no checkpoint record names."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from typing import Any, Callable
 
 import attrs
-from dbus_next import Message, MessageType, Variant
 
-from ..wire import BUS_NAME, ROOT
-from ..cmd.client import Client
-from ..errors import BackendFailed
+from ..client import Client
+from ..wire import ROOT, group_number
 
 MANAGER = "org.vfiod1.Manager"
 LEASE = "org.vfiod1.Lease"
@@ -55,10 +52,7 @@ class Vfiod:
     async def request(self, group: int, namespace: str) -> str:
         """A persistent vfio lease of `group` for Kubernetes namespace `namespace`; its path.
         vfiod's errors (`PermissionDenied` naming the rule, `Busy`, …) pass through."""
-        options = {"persistent": Variant("b", True), "k8s_namespace": Variant("s", namespace)}
-        reply = await self.client.call(ROOT, MANAGER, "RequestLease", "ssa{sv}", [f"group:{group}", "vfio", options])
-        path: str = reply.body[0]
-        return path
+        return await self.client.request_lease(f"group:{group}", "vfio", persistent=True, k8s_namespace=namespace)
 
     async def end(self, path: str) -> None:
         """End a lease: every device of its group goes back to its driver.
@@ -76,7 +70,7 @@ class Vfiod:
             props = ifaces.get(LEASE)
             if props is None or props.get("Owner") != self.uid:
                 continue
-            group = int(str(props["Group"]).rsplit("/", 1)[-1])
+            group = group_number(str(props["Group"]))
             out[group] = HeldLease(path, group, int(props.get("Memlock") or 0) or None)
         return out
 
@@ -88,18 +82,4 @@ class Vfiod:
         """Call `changed(member)` for every signal vfiod sends (objects added and removed,
         properties changed, leases granted and ended, the policy reloaded) and when vfiod
         (re)appears on the bus."""
-        bus = self.client.connected()
-
-        def on_message(msg: Message) -> None:
-            if msg.message_type != MessageType.SIGNAL:
-                return
-            if (msg.path or "").startswith(ROOT) or (msg.member == "NameOwnerChanged" and msg.body[:1] == [BUS_NAME]):
-                changed(msg.member or "")
-        bus.add_message_handler(on_message)
-        for rule in (f"type='signal',sender='{BUS_NAME}',path_namespace='{ROOT}'",
-                     f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'"):
-            reply = await asyncio.wait_for(bus.call(Message(
-                destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
-                member="AddMatch", signature="s", body=[rule])), self.client.timeout)
-            if reply is None or reply.message_type == MessageType.ERROR:
-                raise BackendFailed("the bus refused to pass on vfiod's signals (AddMatch)")
+        await self.client.watch(changed)

@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 
-from ..errors import VfiodError
+from ..client import VfiodError
 from . import cdi
 from .plugin import PLUGIN_DIR, REGISTRY_DIR, registration_socket, plugin_socket
 

@@ -17,7 +17,7 @@ import logging
 import re
 from typing import Any
 
-from ..errors import VfiodError
+from ..client import VfiodError
 from . import DRIVER_NAME
 from .kube import Kube, KubeError
 from .link import Vfiod

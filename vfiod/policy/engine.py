@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from ..terms import LeaseTerms
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 import attrs
@@ -153,28 +154,23 @@ class Policy:
         return DeviceDecision(dev.addr, False, "", "; ".join([deny, *notes]), Refusal.NO_RULE), None
 
     def decide(self, host: Host, caller: Caller, group: int, backend: str = "",
-               options: Mapping[str, object] | None = None) -> Decision:
+               options: LeaseTerms | Mapping[str, object] | None = None) -> Decision:
         """May `caller` lease IOMMU group `group` with `backend` ("" = the rules' default)?
 
-        `options`: ``duration`` (seconds; 0 or absent: none asked for) and
-        ``persistent`` (bool); other keys are not the policy's business.
-        `InvalidArgument` for an unknown backend or malformed options,
+        `options`: the request's `LeaseTerms` (or the options they are made from):
+        the duration asked for, persistence, and the Kubernetes namespace a delegate
+        speaks for.  `InvalidArgument` for an unknown backend or malformed options,
         `NotFound` for a group that is not there; every other "no" is a
         `Decision` with a reason."""
-        options = options or {}
-        duration = options.get("duration") or 0
-        if isinstance(duration, bool) or not isinstance(duration, int) or duration < 0:
-            raise InvalidArgument(f"duration must be a number of seconds, got {_short(duration)}")
+        terms = LeaseTerms.from_options(options)
+        duration, persistent = terms.duration, terms.persistent
         if duration > MAX_LEASE_SECONDS:
             raise InvalidArgument(f"a lease lasts at most {format_duration(MAX_LEASE_SECONDS)} "
                                   f"({MAX_LEASE_SECONDS} s) at a time, not {_short(duration)} s; renew it later")
-        persistent = options.get("persistent", False)
-        if not isinstance(persistent, bool):
-            raise InvalidArgument(f"persistent must be true or false, got {_short(persistent)}")
         if not isinstance(backend, str) or (backend and backend not in self.backends):
             raise InvalidArgument(f"unknown backend {_short(backend)} (known: {', '.join(sorted(self.backends))})")
-        if "k8s_namespace" in options:
-            caller = self.delegate(caller, options["k8s_namespace"])
+        if terms.k8s_namespace is not None:
+            caller = self.delegate(caller, terms.k8s_namespace)
         g = host.groups.get(group)
         if g is None:
             raise NotFound(f"no IOMMU group {group} on this host")
@@ -269,7 +265,7 @@ class Policy:
         return patterns, named
 
     def decide_target(self, host: Host, caller: Caller, target: str, backend: str = "",
-                      options: Mapping[str, object] | None = None) -> tuple[Target, Decision]:
+                      options: LeaseTerms | Mapping[str, object] | None = None) -> tuple[Target, Decision]:
         """`resolve`, then `decide` on its group."""
         resolved = self.resolve(host, target)
         return resolved, self.decide(host, caller, resolved.group, backend, options)

@@ -168,10 +168,8 @@ class SimKernel(Kernel):
                     self._bind(addr, target)
 
     def _wait_for_holders(self, addr: PciAddress) -> None:
-        from ..sysfs.holders import find_holders
-
         group = self._group(addr)
-        while group is not None and find_holders(self.roots, group, (addr,)):
+        while group is not None and self.holders(group, (addr,)):
             time.sleep(0.05)
 
     def start_unbind(self, addr: PciAddress) -> Unbinding | None:

@@ -16,12 +16,16 @@ Layout read (as the kernel lays it out)::
     .../BDF/{sriov_totalvfs,sriov_numvfs,virtfnN,physfn}, .../BDF/net/IFNAME
     SYSFS/kernel/iommu_groups/N/devices/BDF
     PROC/cmdline, PROC/self/mountinfo, PROC/net/route, PROC/net/ipv6_route
+
+Processes (`procs`) are read from the system's /proc on every host: they are real
+even where the host is simulated.
 """
 from .config import *  # noqa: F401,F403  (PCIe and capability constants)
 from .config import ConfigInfo
 from .read import HostFacts, RawDevice, Roots, SysfsReader, pci_ancestor, read_pci_ids_file
+from .procs import Holder, MemlockGrant
 from .usage import device_usage
-from .write import NO_DRIVER, VFIO_DRIVERS, WRITABLE, Kernel, Writable, classify_write
+from .write import NO_DRIVER, VFIO_DRIVERS, WRITABLE, Kernel, Unbinding, Writable, classify_write
 
-__all__ = ["ConfigInfo", "HostFacts", "Kernel", "NO_DRIVER", "RawDevice", "Roots", "SysfsReader", "VFIO_DRIVERS",
+__all__ = ["ConfigInfo", "Holder", "HostFacts", "Kernel", "MemlockGrant", "NO_DRIVER", "RawDevice", "Roots", "SysfsReader", "Unbinding", "VFIO_DRIVERS",
            "WRITABLE", "Writable", "classify_write", "device_usage", "pci_ancestor", "read_pci_ids_file"]

@@ -6,6 +6,7 @@ import os
 
 
 from ..address import PciAddress
+from .procs import open_files
 from .read import Roots, SysfsReader, _readlink, _text, parse_mountinfo
 
 
@@ -36,21 +37,7 @@ def device_usage(roots: Roots, addr: PciAddress) -> list[str]:
         drm = []
     if drm:
         wanted = {os.path.join("/dev/dri", n) for n in drm}
-        openers: set[str] = set()
-        try:
-            pids = [p for p in os.listdir(roots.proc) if p.isdigit()]
-        except OSError:
-            pids = []
-        for pid in pids:
-            fddir = os.path.join(roots.proc, pid, "fd")
-            try:
-                fds = os.listdir(fddir)
-            except OSError:
-                continue
-            for fd in fds:
-                if _readlink(os.path.join(fddir, fd)) in wanted:
-                    openers.add(pid)
-                    break
+        openers = {str(pid) for pid, _fd, _link in open_files(wanted.__contains__)}
         if openers:
             out.append(f"DRM node {', '.join(drm)} is open in process(es) {', '.join(sorted(openers, key=int))}")
     return out

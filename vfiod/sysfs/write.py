@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import threading
 import time
 from typing import TYPE_CHECKING, Callable
@@ -15,8 +14,10 @@ if TYPE_CHECKING:
 import attrs
 
 from ..address import PciAddress
-from ..errors import InvalidAddress, InvalidArgument, KernelError, PermissionDenied
+from ..errors import InvalidAddress, InvalidArgument, KernelError
 from .read import Roots, SysfsReader, _int, _readlink, _text
+from .acl import set_user as acl_set_user, user_perm as acl_user_perm
+from .procs import Holder, MemlockGrant, find_holders, grant_memlock, memlock_of, restore_memlock, signal_holder
 from .usage import device_usage
 
 
@@ -335,12 +336,11 @@ class Kernel:
     def container_acl_needed(self, uid: int) -> bool:
         """Would `uid` need an ACL entry on /dev/vfio/vfio, having none now?  (False
         where the node is world read-write or gone, or `uid` has an entry already.)"""
-        from .. import acl
 
         path = self.vfio_container_path()
         try:
             st = os.stat(path)
-            return st.st_mode & 0o006 != 0o006 and acl.user_perm(path, uid) is None
+            return st.st_mode & 0o006 != 0o006 and acl_user_perm(path, uid) is None
         except OSError:
             return False
 
@@ -349,7 +349,6 @@ class Kernel:
 
         Only where the node is not already world read-write (systemd >= 254
         makes it 0600).  Returns whether an entry was added/removed."""
-        from .. import acl
 
         path = self.vfio_container_path()
         try:
@@ -359,89 +358,28 @@ class Kernel:
         if grant and st.st_mode & 0o006 == 0o006:
             return False
         try:
-            return acl.set_user(path, uid, 0o6 if grant else None)
+            return acl_set_user(path, uid, 0o6 if grant else None)
         except OSError as e:
             raise KernelError(f"cannot set an ACL on {path}: {e.strerror}") from None
 
-    # ---- the lessee's process
+    # ---- processes (`vfiod.sysfs.procs`: the system's /proc, real even on a simulated host)
 
     def memlock_of(self, pid: int) -> tuple[int, int] | None:
-        """(soft, hard) RLIMIT_MEMLOCK of `pid` (-1: unlimited), or None if it is gone.
-
-        From /proc/PID/limits, which anyone may read (prlimit on another user's
-        process needs CAP_SYS_RESOURCE).  Processes are real even when the host
-        is simulated, so this is the system's /proc, not the proc root."""
-        text = _text(f"/proc/{int(pid)}/limits")
-        for line in (text or "").splitlines():
-            if line.startswith("Max locked memory"):
-                fields = line.split()
-                try:
-                    soft, hard = (-1 if v == "unlimited" else int(v) for v in fields[3:5])
-                    return soft, hard
-                except ValueError:
-                    return None
-        return None
+        return memlock_of(pid)
 
     def grant_memlock(self, pid: int, limit: int, uid: int) -> MemlockGrant | None:
-        """Raise the RLIMIT_MEMLOCK (soft and hard) of process `pid` to at least `limit`
-        (never lowering it), only if that process runs as `uid` (real and effective).
-
-        The process is held through a pidfd while it is checked and changed, so a pid
-        that was reused meanwhile is seen: its /proc entry is read only between
-        opening the pidfd and finding the process still alive through it.  Returns
-        what was done (the limits before, after, and the process's start time, to
-        know it again at release), or None if the process is gone; `PermissionDenied`
-        for a process of another uid."""
-        import resource
-        inf = resource.RLIM_INFINITY
-        pidfd = _pidfd(pid)
-        if pidfd is None:
-            return None
-        try:
-            who = _process_identity(pid)
-            if who is None or not _alive(pidfd):
-                return None
-            uids, start = who
-            if any(u != uid for u in uids):
-                raise PermissionDenied(f"process {pid} runs as uid {uids[1]}, not as the lessee (uid {uid}): "
-                                       "the memlock grant goes only to the caller's own process")
-            try:
-                cur = resource.prlimit(pid, resource.RLIMIT_MEMLOCK)
-                soft, hard = cur
-                new = (soft if soft == inf or soft >= limit else limit, hard if hard == inf or hard >= limit else limit)
-                if new != cur:
-                    resource.prlimit(pid, resource.RLIMIT_MEMLOCK, new)
-            except ProcessLookupError:
-                return None
-            except OSError as e:
-                raise KernelError(f"cannot raise RLIMIT_MEMLOCK of process {pid}: {e.strerror} "
-                                  "(vfiod needs CAP_SYS_RESOURCE)") from None
-            if not _alive(pidfd):
-                return None
-            return MemlockGrant(pid=pid, start=start, before=(soft, hard), after=new)
-        finally:
-            os.close(pidfd)
+        return grant_memlock(pid, limit, uid)
 
     def restore_memlock(self, pid: int, start: int, limits: tuple[int, int]) -> bool:
-        """Set RLIMIT_MEMLOCK of process `pid` back to `limits`, if it is still the process
-        that was granted (same start time, checked through a pidfd); False if it is gone."""
-        import resource
-        pidfd = _pidfd(pid)
-        if pidfd is None:
-            return False
-        try:
-            who = _process_identity(pid)
-            if who is None or who[1] != start or not _alive(pidfd):
-                return False
-            try:
-                resource.prlimit(pid, resource.RLIMIT_MEMLOCK, limits)
-            except ProcessLookupError:
-                return False
-            except OSError as e:
-                raise KernelError(f"cannot restore RLIMIT_MEMLOCK of process {pid}: {e.strerror}") from None
-            return True
-        finally:
-            os.close(pidfd)
+        return restore_memlock(pid, start, limits)
+
+    def holders(self, group: int, addrs: tuple[PciAddress, ...],
+                unsure_uids: frozenset[int] = frozenset()) -> list[Holder]:
+        """Who holds VFIO group `group` or a device of `addrs` open (`vfiod.sysfs.procs.find_holders`)."""
+        return find_holders(self.roots, group, addrs, unsure_uids)
+
+    def signal_holder(self, holder: Holder, sig: int) -> bool:
+        return signal_holder(holder, sig)
 
     # ---- in use
 
@@ -488,47 +426,3 @@ class ThreadUnbind(Unbinding):
     def wait(self, timeout: float) -> bool:
         self.thread.join(timeout)
         return not self.thread.is_alive()
-
-
-@attrs.frozen
-class MemlockGrant:
-    """A memlock grant as applied: the process (pid and start time, in clock ticks after
-    boot: together they name one process) and its (soft, hard) limits before and after."""
-
-    pid: int
-    start: int
-    before: tuple[int, int]
-    after: tuple[int, int]
-
-
-def _pidfd(pid: int) -> int | None:
-    try:
-        return os.pidfd_open(pid)
-    except (ProcessLookupError, ValueError, OverflowError):
-        return None
-
-
-def _alive(pidfd: int) -> bool:
-    try:
-        signal.pidfd_send_signal(pidfd, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def _process_identity(pid: int) -> tuple[tuple[int, int, int], int] | None:
-    """(real, effective, saved uid) and start time of process `pid` (the system's /proc:
-    processes are real even on a simulated host), or None if it is gone."""
-    status = _text(f"/proc/{int(pid)}/status")
-    stat = _text(f"/proc/{int(pid)}/stat")
-    if not status or not stat:
-        return None
-    uids = next((line.split()[1:4] for line in status.splitlines() if line.startswith("Uid:")), None)
-    try:
-        start = int(stat.rsplit(")", 1)[1].split()[19])
-        if uids is None or len(uids) != 3:
-            return None
-        real, effective, saved = (int(u) for u in uids)
-    except (IndexError, ValueError):
-        return None
-    return (real, effective, saved), start

@@ -53,8 +53,11 @@ def lease_path(lease_id: str) -> str:
 
 
 
-def lease_group(path: str) -> int | None:
-    """The IOMMU group number of a group object path (``/org/vfiod1/group/N``), None for any other."""
+def group_number(path: str) -> int:
+    """The IOMMU group number of a group object path (``/org/vfiod1/group/N``);
+    `NotFound` for any other path."""
     prefix = group_path(0)[:-1]
     tail = path[len(prefix):] if isinstance(path, str) and path.startswith(prefix) else ""
-    return int(tail) if tail.isascii() and tail.isdigit() and len(tail) <= 9 else None
+    if not (tail.isascii() and tail.isdigit() and len(tail) <= 9):
+        raise NotFound(f"not an IOMMU group: {path!r}")
+    return int(tail)

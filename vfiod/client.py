@@ -1,15 +1,20 @@
-"""`vfioctl`'s side of the bus: calls with timeouts, errors mapped back to `VfiodError`."""
+"""The client library of org.vfiod1: calls with timeouts, errors mapped back to `VfiodError`.
+
+`vfioctl`, `vfioctl monitor` and vfiod-dra all talk to vfiod through `Client`;
+every option of RequestLease is a typed parameter of `Client.request_lease`.
+The errors its calls raise are re-exported here (`errors`, `VfiodError`, …)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
-from .. import errors
-from ..wire import BUS_NAME, ROOT, PatientBus, bus_args
+from . import errors
+from .errors import BackendFailed, NotFound, PermissionDenied, VfiodError
+from .wire import BUS_NAME, ROOT, PatientBus, bus_args, group_number, lease_id_of, lease_path
 
 DEFAULT_TIMEOUT = 30.0
 _BY_NAME = {cls.dbus_name: cls for cls in errors.ALL_ERRORS if cls.dbus_name.startswith("org.vfiod1.")}
@@ -80,7 +85,10 @@ class Client:
         return {k: v.value for k, v in reply.body[0].items()}
 
     async def request_lease(self, target: str, backend: str = "", duration: int | None = None,
-                            persistent: bool = False, force: bool = False, scope: bool = False) -> str:
+                            persistent: bool = False, force: bool = False, scope: bool = False,
+                            k8s_namespace: str | None = None) -> str:
+        """RequestLease; the new lease's object path.  `k8s_namespace`: the Kubernetes
+        namespace a delegate leases for (the policy's ``k8s_delegates``)."""
         options: dict[str, Variant] = {}
         if duration:
             options["duration"] = Variant("t", duration)
@@ -90,6 +98,8 @@ class Client:
             options["force"] = Variant("b", True)
         if scope:
             options["scope"] = Variant("b", True)
+        if k8s_namespace is not None:
+            options["k8s_namespace"] = Variant("s", k8s_namespace)
         reply = await self.call(ROOT, "org.vfiod1.Manager", "RequestLease", "ssa{sv}", [target, backend, options])
         path: str = reply.body[0]
         return path
@@ -128,6 +138,23 @@ class Client:
                                                   f"interface='org.vfiod1.Manager',member='{member}'"])
         return queue
 
+    async def watch(self, changed: Callable[[str], None]) -> None:
+        """Call `changed(member)` for every signal vfiod sends (objects added and removed,
+        properties changed, leases granted, revoking and ended, the policy reloaded), and
+        with ``NameOwnerChanged`` when vfiod comes or goes on the bus."""
+        def on_message(msg: Message) -> None:
+            if msg.message_type != MessageType.SIGNAL:
+                return
+            if (msg.path or "").startswith(ROOT) or (msg.member == "NameOwnerChanged" and msg.body[:1] == [BUS_NAME]):
+                changed(msg.member or "")
+        self.connected().add_message_handler(on_message)
+        for rule in (f"type='signal',sender='{BUS_NAME}',path_namespace='{ROOT}'",
+                     f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'"):
+            try:
+                await self.bus_call("AddMatch", "s", [rule])
+            except VfiodError:
+                raise BackendFailed("the bus refused to pass on vfiod's signals (AddMatch)") from None
+
 
 #: The Manager's signals about one lease's end (`Client.lease_signals`).
 LEASE_SIGNALS = ("LeaseRevoking", "LeaseEnded")
@@ -147,7 +174,7 @@ def lease_json(props: dict[str, Any], devices: list[str]) -> dict[str, Any]:
     endpoints: what `leases`, `lease` and `monitor` print."""
     return {
         "id": props["Id"],
-        "group": int(props["Group"].rsplit("/", 1)[-1]),
+        "group": group_number(props["Group"]),
         "owner": props["Owner"],
         "user": user_name(props["Owner"]),
         "backend": props["Backend"],
@@ -163,6 +190,10 @@ def lease_json(props: dict[str, Any], devices: list[str]) -> dict[str, Any]:
         "revoke_reason": props.get("RevokeReason") or None,
         "revoke_deadline": props.get("RevokeDeadline") or None,
     }
+
+
+__all__ = ["DEFAULT_TIMEOUT", "LEASE_SIGNALS", "BackendFailed", "Client", "NotFound", "PermissionDenied",
+           "VfiodError", "errors", "group_number", "lease_id_of", "lease_json", "lease_path", "user_name"]
 
 
 def _why(e: BaseException) -> str:

@@ -1,0 +1,137 @@
+"""What callers ask that changes nothing: explain, check, the groups' JSON, what an
+object shows.  Each answer reads the kernel fresh for the group asked about, and
+the last whole scan (`Snapshot`) for what needs the whole host."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Callable, TypeVar, TypeVarTuple
+
+import attrs
+
+from .. import report
+from ..address import PciAddress
+from ..errors import InvalidArgument
+from ..leases import LeaseManager
+from ..pciids import PciIds
+from ..policy import Caller, Decision, PolicyStore, format_size
+from ..topology import Host
+from .snapshot import Snapshot
+
+_SOURCE = re.compile(r"(?:rules? )?\S+\.toml:[0-9]+(?:, \S+\.toml:[0-9]+)*")
+
+
+def _hide_sources(text: str) -> str:
+    """`text` without policy file:line references (``rule /etc/…/10-x.toml:7`` → ``a rule``)."""
+    return _SOURCE.sub(lambda m: "a rule" if m.group(0).startswith("rule") else "the policy", text)
+
+_T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
+
+
+class Queries:
+    def __init__(self, manager: LeaseManager, policy_store: PolicyStore, snapshot: Snapshot, names: PciIds) -> None:
+        self.manager = manager
+        self.policy_store = policy_store
+        self.snapshot = snapshot
+        self.names = names
+        self.kernel = manager.kernel
+        self.journal = manager.journal
+
+    @property
+    def host(self) -> Host:
+        return self.snapshot.host
+
+    async def _run(self, fn: Callable[[*_Args], _T], *args: *_Args) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def _target_group(self, target: str) -> tuple[Host, int]:
+        """A fresh snapshot of the group `target` names (any target form), and its number."""
+        policy = self.policy_store.current
+        host = await self._run(self.manager.host_for, target, policy)
+        return host, policy.resolve(host, target).group
+
+    async def explain(self, caller: Caller, target: str) -> str:
+        # Drivers and blockers fresh from the target's group; why the group is shared
+        # from the last whole scan (it needs the bridges above, in other groups).
+        host, number = await self._target_group(target)
+        g = host.groups[number]
+        whole = self.host.groups.get(number)
+        if whole is not None and whole.members == g.members:
+            g = attrs.evolve(g, isolation=whole.isolation, isolation_text=whole.isolation_text)
+        else:
+            host = await self._run(self.manager.scan)     # the topology changed: explain it afresh
+            g = host.groups[number]
+        lease = self.manager.lease_for_group(number)
+        return report.explain_text(target, g, lease, self.host.findings, viewer=caller.uid)
+
+    async def groups_json(self, caller: Caller, targets: list[str]) -> list[report.Json]:
+        """The groups `targets` name (every group when none), in the one group JSON."""
+        if len(targets) > 64:
+            raise InvalidArgument(f"at most 64 targets at a time, not {len(targets)}")
+        numbers: list[int] | None = None
+        if targets:
+            numbers = []
+            for t in targets:
+                _, n = await self._target_group(t)
+                numbers.append(n)
+        host = self.host
+        out = []
+        for n in (numbers if numbers is not None else sorted(host.groups)):
+            g = host.groups.get(n)
+            if g is None:
+                continue
+            lease = self.manager.lease_for_group(n)
+            out.append(report.group_json(host, g, self.names, lease=lease.id if lease else None,
+                                         state=self.group_state(n), lease_owner=lease.uid if lease else None,
+                                         original_driver=self.original_driver))
+        return out
+
+    async def check(self, caller: Caller, target: str, backend: str) -> Decision:
+        host, number = await self._target_group(target)
+        d = self.policy_store.current.decide(host, caller, number, backend, {})
+        if d.allowed:
+            reset = "; each device is reset before it goes back to the host" if d.reset_on_release else ""
+            d = attrs.evolve(d, reason=d.reason + self._memlock_advice(caller, d) + reset)
+        if not caller.is_admin:
+            # Where the policy says so (file:line) is for admins: it maps the policy for anyone.
+            d = attrs.evolve(d, rule="", reason=_hide_sources(d.reason))
+        return d
+
+    def _memlock_advice(self, caller: Caller, decision: Decision) -> str:
+        """What the lease will do to the caller's locked-memory limit, said before it matters:
+        VFIO pins every page the lessee maps for DMA, and fails (DPDK: "DMA remapping failed")
+        once RLIMIT_MEMLOCK is exhausted."""
+        cur = self.kernel.memlock_of(caller.pid) if caller.pid else None
+        have = "unknown" if cur is None else ("unlimited" if cur[0] < 0 else format_size(cur[0]))
+        if decision.memlock:
+            return (f"; the lease raises RLIMIT_MEMLOCK of your process to {format_size(decision.memlock)} "
+                    f"(now {have})")
+        if cur is not None and 0 <= cur[0] < (256 << 20):
+            return (f"; warning: no memlock grant in the policy and your RLIMIT_MEMLOCK is {have}: "
+                    "a VFIO user that pins memory (DPDK, QEMU) will fail to map DMA beyond it")
+        return ""
+
+    async def kubernetes_access(self, caller: Caller, target: str) -> tuple[list[str], list[str]]:
+        host, number = await self._target_group(target)
+        return self.policy_store.current.kubernetes_view(host, caller.uid, number)
+
+    # ------------------------------------------------------------ what objects show
+
+    def group_state(self, n: int) -> str:
+        if self.manager.lease_for_group(n):
+            return "leased"
+        g = self.host.groups.get(n)
+        return g.state if g else "gone"
+
+    def original_driver(self, addr: PciAddress) -> str | None:
+        dev = self.host.devices.get(addr)
+        if dev is None or dev.group is None:
+            return None
+        lease = self.manager.lease_for_group(dev.group)
+        if lease:
+            for h in self.journal.held(lease.id):
+                if h.addr == str(addr):
+                    return h.driver
+        return dev.driver

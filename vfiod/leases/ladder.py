@@ -1,0 +1,289 @@
+"""The revoke ladder: how a lease whose group processes may still hold comes to an end.
+
+1. **Tell.** The lease is marked ``revoking`` with its deadline (now + the policy's
+   grace) and `on_revoking` is told (the bus signals ``LeaseRevoking``).
+2. **Ask.** The node goes back to root, and each endpoint's unbind begins (the
+   kernel fires the device's request eventfd: QEMU unplugs it from its guest,
+   DPDK runs its removal handling).
+3. **End.** At the deadline, if the policy says ``on_revoke = "kill"``, the holders
+   are ended: SIGTERM, then SIGKILL `kill_after` seconds later (only the lessee's
+   processes unless the policy's ``revoke_others`` allows more).
+4. **Give back.** Once nobody holds the group, the release completes as any release does.
+
+Steps 3 and 4 happen in `Ladder.advance`, which the daemon calls every second;
+every step is journaled, and a restart resumes the ladder where it was."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Mapping
+
+import attrs
+
+from ..errors import Busy, InvalidArgument, NotFound, PermissionDenied, VfiodError
+from ..hookspecs import Backend
+from ..policy import Caller, Decision, Policy
+from ..state import LeaseRow
+from ..sysfs import Holder, Unbinding
+from .core import END_REASONS, Ended, LeaseCore, Revoking
+from .moves import Moves
+
+log = logging.getLogger("vfiod.leases")
+
+#: How long a revoked lease whose holders are gone may wait for its unbinds to return.
+_SETTLE = 2.0
+
+
+class Ladder:
+    def __init__(self, core: LeaseCore, moves: Moves) -> None:
+        self.core = core
+        self.moves = moves
+        self._unbinds: dict[str, list[Unbinding]] = {}     # lease id -> the unbinds the ladder began
+        self._told: set[tuple[str, str]] = set()            # (lease id, what) already logged
+
+    def holders(self, lease: LeaseRow) -> list[Holder]:
+        """The processes holding `lease`'s group or its devices open (vfiod excepted)."""
+        core = self.core
+        # A [vfio-device] fd the kernel does not name is this lease's for sure only if
+        # its holder's uid holds no other lease through VFIO.
+        vfio_uids = frozenset(o.uid for o in core.journal.leases() if o.id != lease.id
+                              and (be := core.backends.get(o.backend)) is not None and be.uses_vfio)
+        return core.kernel.holders(lease.group, core.endpoints(lease.id), unsure_uids=vfio_uids)
+
+    def release(self, lease: LeaseRow, reason: str, uid: int | None = None) -> Ended | None:
+        """End a lease (its group lock is held): at once if nobody holds its group, else
+        through the ladder (None: it ends later, with `on_ended`)."""
+        if lease.state == "revoking":
+            return None                     # the ladder has it already
+        be = self.core.backend(lease.backend)
+        holders = self.holders(lease) if be.uses_vfio else []
+        if holders:
+            # Processes still hold the group or its devices: an unbind would wait for them
+            # in the kernel, and a group on vfio-pci would stay theirs.  The ladder asks them.
+            self._start(lease, reason, uid, holders)
+            return None
+        return self.moves.give_back(lease, reason, uid, be)
+
+    def revoke(self, lease_id: str, reason: str, caller: Caller | None = None) -> Ended | Revoking:
+        """Take a lease back whether or not its holders let go (root, or vfiod itself)."""
+        core = self.core
+        if caller is not None and not caller.is_admin:
+            raise PermissionDenied("only root may revoke a lease")
+        if not isinstance(reason, str) or len(reason) > 200 or not reason.isprintable():
+            raise InvalidArgument("a revoke reason is one line of at most 200 printable characters")
+        lease = core.journal.lease(lease_id) if isinstance(lease_id, str) else None
+        if lease is None:
+            raise NotFound(f"no lease {lease_id!r}")
+        with core.group_lock(lease.group):
+            current = core.journal.lease(lease_id)
+            if current is None:
+                raise NotFound(f"no lease {lease_id!r}")
+            if current.state == "granting":
+                raise Busy(f"lease {lease_id} is still being granted")
+            if current.state != "revoking":
+                self._start(current, reason or "revoked", caller.uid if caller else None)
+        got = self.advance(lease_id)
+        if got is not None:
+            return got
+        now = core.journal.lease(lease_id)
+        if now is None:
+            raise NotFound(f"no lease {lease_id!r}")
+        return Revoking(now, ())
+
+    def _start(self, lease: LeaseRow, reason: str, uid: int | None, holders: list[Holder] | None = None) -> LeaseRow:
+        """Steps 1 and 2 (the group lock is held)."""
+        core = self.core
+        deadline = core.clock() + lease.grace
+        core.journal.start_revoke(lease.id, reason, deadline)
+        core.sync_locked()
+        lease = attrs.evolve(lease, state="revoking", revoke_reason=reason, deadline=deadline)
+        seq = core.journal.intent(lease.id, "revoke", None, {"reason": reason, "deadline": deadline})
+        core.journal.done(lease.id, seq)
+        core.on_step("revoke")
+        held = "; ".join(h.describe() for h in holders or [])
+        core.audit("revoke", uid, lease.target, lease.id, lease.rule, "revoking",
+                   f"{reason}; grace {lease.grace:g} s" + (f"; held by {held}" if held else ""), group=lease.group)
+        log.warning("lease %s of uid %s is being revoked (%s): its holders have %g s to let go%s", lease.id,
+                    lease.uid, reason, lease.grace, f" ({held})" if held else "")
+        try:
+            core.on_revoking(lease)
+        except Exception as e:          # telling must never stop the taking
+            log.error("lease %s: telling of the revoke failed: %s", lease.id, e)
+        self._ask(lease)
+        return lease
+
+    def _ask(self, lease: LeaseRow) -> None:
+        """Step 2: nobody opens the group again, and each endpoint's unbind begins."""
+        core = self.core
+        be = core.backends.get(lease.backend)
+        if be is None:
+            return
+        ctx = core.context(lease)
+        for st in core.journal.steps(lease.id):
+            if st.action == "hand-over":
+                try:
+                    be.take_back(ctx, st.record)
+                except Exception as e:
+                    log.warning("lease %s: taking back the hand-over: %s", lease.id, e)
+        if not be.uses_vfio:
+            return
+        begun = []
+        with core.step(lease.id, "ask", None, {"endpoints": [str(a) for a in ctx.endpoints]}):
+            for addr in ctx.endpoints:
+                if core.kernel.exists(addr) and core.kernel.driver_of(addr) == be.driver:
+                    try:
+                        u = core.kernel.start_unbind(addr)
+                    except (OSError, VfiodError) as e:
+                        log.error("lease %s: cannot begin unbinding %s: %s", lease.id, addr, e)
+                        continue
+                    if u is not None:
+                        begun.append(u)
+            self._unbinds[lease.id] = begun
+
+    def advance(self, lease_id: str) -> Ended | Revoking | None:
+        """One turn of the ladder for a ``revoking`` lease (None if it is not one):
+        end the holders whose grace is over, finish the release once nobody holds it."""
+        core = self.core
+        lease = core.journal.lease(lease_id)
+        if lease is None or lease.state != "revoking":
+            return None
+        with core.group_lock(lease.group):
+            current = core.journal.lease(lease_id)
+            if current is None or current.state != "revoking":
+                return None
+            lease = current
+            be = core.backends.get(lease.backend)
+            if be is None:
+                return Revoking(lease, ())
+            holders = self.holders(lease) if be.uses_vfio else []
+            if not holders:
+                pending = self._unbinds.get(lease.id, [])
+                if all(u.wait(_SETTLE) for u in pending):
+                    return self._finish(lease, be)
+            elif lease.id not in self._unbinds:
+                self._ask(lease)            # after a restart: ask again
+            if lease.on_revoke == "kill" and core.clock() >= lease.deadline:
+                self._end_holders(lease, holders)
+            return Revoking(lease, tuple(holders))
+
+    def advance_all(self) -> list[Ended]:
+        """One turn of the ladder for every ``revoking`` lease; the leases that ended."""
+        out = []
+        for lease in self.core.journal.leases():
+            if lease.state != "revoking":
+                continue
+            try:
+                got = self.advance(lease.id)
+            except Exception as e:          # one lease must never stop the others' ladders
+                self._tell_once(lease.id, f"error:{e}", logging.ERROR, "lease %s: the revoke ladder failed: %s: %s",
+                                lease.id, type(e).__name__, e)
+                continue
+            if isinstance(got, Ended):
+                out.append(got)
+        return out
+
+    def _tell_once(self, lease_id: str, what: str, level: int, fmt: str, *args: object) -> None:
+        if (lease_id, what) not in self._told:
+            self._told.add((lease_id, what))
+            log.log(level, fmt, *args)
+
+    def _end_holders(self, lease: LeaseRow, holders: list[Holder]) -> None:
+        """Step 3: SIGTERM each holder the policy lets vfiod end, SIGKILL it `kill_after` later."""
+        core = self.core
+        sent: dict[tuple[int, int], dict[str, float]] = {}
+        for st in core.journal.steps(lease.id):
+            r = st.record
+            pid, start, sig, at = r.get("pid"), r.get("start"), r.get("signal"), r.get("at")
+            # Only signals known sent: one whose step was cut short by a crash is sent again.
+            if (st.action == "end-holder" and st.status == "done" and isinstance(pid, int) and isinstance(start, int)
+                    and isinstance(sig, str) and isinstance(at, (int, float))):
+                sent.setdefault((pid, start), {})[sig] = float(at)
+        now = core.clock()
+        if lease.scope:
+            self._end_scope(lease, now)
+        for h in holders:
+            if not h.sure:
+                self._tell_once(lease.id, f"unsure:{h.pid}", logging.WARNING,
+                                "lease %s: %s; this kernel does not say which device it is and uid %s holds another "
+                                "VFIO lease, so vfiod does not end it", lease.id, h.describe(), h.uid)
+                continue
+            if h.uid != lease.uid and not lease.revoke_others:
+                self._tell_once(lease.id, f"other:{h.pid}", logging.WARNING,
+                                "lease %s: %s; the policy lets vfiod end only the lessee's (uid %s) processes, "
+                                "so the revoke waits for it", lease.id, h.describe(), lease.uid)
+                continue
+            nxt = self._next_signal(sent.get((h.pid, h.start), {}), now)
+            if nxt is None:
+                continue
+            sig, name = nxt
+            with core.step(lease.id, "end-holder", None, {"pid": h.pid, "start": h.start, "uid": h.uid,
+                                                          "comm": h.comm, "signal": name, "at": now},
+                           f"end-holder:{name}"):
+                if core.kernel.signal_holder(h, sig):
+                    core.audit("revoke", None, lease.target, lease.id, lease.rule, "ended",
+                               f"SIG{name} to {h.describe()} ({lease.revoke_reason})", group=lease.group)
+                    log.warning("lease %s: SIG%s to %s (%s)", lease.id, name, h.describe(), lease.revoke_reason)
+
+    def _next_signal(self, sent: Mapping[str, float], now: float) -> tuple[int, str] | None:
+        """What the ladder sends next to a holder (or a scope) that got the signals `sent`
+        (name -> when): SIGTERM first, SIGKILL `kill_after` seconds later, then nothing."""
+        if "TERM" not in sent:
+            return signal.SIGTERM, "TERM"
+        if "KILL" not in sent and now - sent["TERM"] >= self.core.kill_after:
+            return signal.SIGKILL, "KILL"
+        return None
+
+    def _end_scope(self, lease: LeaseRow, now: float) -> None:
+        """The lessee's command ran in a transient scope (`vfioctl lease -- CMD`): end the
+        whole tree at once, SIGTERM then SIGKILL, as the holders are ended."""
+        core = self.core
+        sent = {str(st.record.get("signal")): float(at) for st in core.journal.steps(lease.id)
+                if st.action == "end-scope" and st.status == "done"
+                and isinstance(at := st.record.get("at"), (int, float))}
+        nxt = self._next_signal(sent, now)
+        if nxt is None or lease.scope is None:
+            return
+        sig, name = nxt
+        seq = core.journal.intent(lease.id, "end-scope", None, {"scope": lease.scope, "signal": name, "at": now})
+        if core.end_scope(lease.scope, sig):
+            core.audit("revoke", None, lease.target, lease.id, lease.rule, "ended",
+                       f"SIG{name} to every process of {lease.scope} ({lease.revoke_reason})", group=lease.group)
+            log.warning("lease %s: SIG%s to every process of %s (%s)", lease.id, name, lease.scope,
+                        lease.revoke_reason)
+        core.journal.done(lease.id, seq)
+
+    def _finish(self, lease: LeaseRow, be: Backend) -> Ended | Revoking:
+        """Step 4: nobody holds the group: the release completes (a failure is retried)."""
+        reason = lease.revoke_reason or "revoked"
+        self._unbinds.pop(lease.id, None)
+        try:
+            ended = self.moves.give_back(lease, reason if reason in END_REASONS else "revoked", None, be)
+        except VfiodError as e:
+            self._tell_once(lease.id, f"finish:{e}", logging.ERROR, "lease %s: finishing the revoke: %s", lease.id, e)
+            return Revoking(lease, ())
+        finally:
+            self.core.sync_locked()
+        return ended
+
+    def revoke_disallowed(self, policy: Policy) -> list[Ended | Revoking]:
+        """Revoke (reason ``policy``) every granted lease `policy` no longer allows."""
+        core = self.core
+        out: list[Ended | Revoking] = []
+        for lease in core.journal.leases():
+            if lease.state != "granted":
+                continue
+            try:
+                decision = policy.decide(core.scan_groups([lease.group]), Caller.from_uid(lease.uid), lease.group,
+                                         lease.backend, lease.terms)
+            except VfiodError as e:
+                decision = Decision(False, "", str(e))
+            if decision.allowed:
+                continue
+            log.warning("lease %s of uid %s: the policy no longer allows it (%s)", lease.id, lease.uid,
+                        decision.reason)
+            try:
+                out.append(self.revoke(lease.id, "policy"))
+            except VfiodError as e:
+                log.error("revoking lease %s: %s", lease.id, e)
+        return out

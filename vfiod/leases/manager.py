@@ -1,0 +1,277 @@
+"""`LeaseManager`: the lifecycle of a lease, from the request to its end.
+
+Granting, step by step:
+
+1. Resolve the target to a group; ask the policy (`PermissionDenied`,
+   `Protected`); plan: the endpoints, and the group's bridges that sit on a
+   driver VFIO refuses (shpchp: the kernel then calls the group not viable),
+   which are held unbound; endpoints in use on the host are `Busy` unless an
+   admin passes ``force``.
+2. Record the lease (state ``granting``) with every endpoint's original
+   driver and driver_override.
+3. Move the devices (`moves.Moves.grant`: check, bind, detach, hand over).
+4. State ``granted``.
+
+Any failure rolls back in reverse; the error names the device, the step and the
+kernel's message.  A lease ends by `release` (its owner or root), `renew`'s
+cap, expiry, its owner leaving the bus, a revoke, or a policy that no longer
+allows it: each goes through `ladder.Ladder`, which gives the devices back at
+once when nobody holds the group and asks, then ends, the holders otherwise.
+`reconcile` makes the journal and the kernel agree on start."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Callable, Mapping
+
+import attrs
+
+from ..address import PciAddress
+from ..errors import BackendFailed, Busy, InvalidArgument, NotFound, NotViable, PermissionDenied, Protected, VfiodError
+from ..hookspecs import Backend
+from ..policy import Caller, Policy, Refusal, format_duration
+from ..state import Held, Journal, LeaseRow
+from ..sysfs import Holder, Kernel
+from ..terms import LeaseTerms
+from ..topology import BRIDGE_DRIVERS, VFIO_DRIVERS, Host
+from .core import Ended, LeaseCore, Revoking
+from .ladder import Ladder
+from .memlock import MemlockGrants
+from .moves import Moves
+from .reconcile import reconcile
+from .sriov import set_vf_count
+
+log = logging.getLogger("vfiod.leases")
+
+
+class LeaseManager(LeaseCore):
+    """Owns every lease; all methods are thread-safe (see `LeaseCore`)."""
+
+    def __init__(self, kernel: Kernel, journal: Journal, policy_source: Callable[[], Policy],
+                 backends: dict[str, Backend], owner_alive: Callable[[LeaseRow], bool] | None = None,
+                 on_step: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time,
+                 on_ended: Callable[[Ended], None] | None = None):
+        super().__init__(kernel, journal, policy_source, backends, owner_alive, on_step, clock, on_ended)
+        self.memlock = MemlockGrants(self)
+        self.moves = Moves(self, self.memlock.restore)
+        self.ladder = Ladder(self, self.moves)
+        self.sync_locked()             # before the first scan: a restart may find unbinds under way
+
+    # ------------------------------------------------------------ queries
+
+    def leases(self) -> list[LeaseRow]:
+        return self.journal.leases()
+
+    def get(self, lease_id: str) -> LeaseRow:
+        lease = self.journal.lease(lease_id) if isinstance(lease_id, str) else None
+        if lease is None:
+            raise NotFound(f"no lease {lease_id!r}")
+        return lease
+
+    def owned(self, lease_id: str, caller: Caller, action: str) -> LeaseRow:
+        """The lease, if `caller` may `action` it (its lessee, or root): the one rights check."""
+        lease = self.get(lease_id)
+        if not caller.is_admin and caller.uid != lease.uid:
+            if action == "release":
+                self.audit("release", caller.uid, lease.target, lease.id, lease.rule, "denied", group=lease.group)
+            raise PermissionDenied(f"lease {lease.id} belongs to uid {lease.uid}; you may not {action} it")
+        return lease
+
+    def lease_for_group(self, group: int) -> LeaseRow | None:
+        return self.journal.lease_for_group(group)
+
+    def host_for(self, target: str, policy: Policy) -> Host:
+        """A snapshot holding the groups `target` can stand for (not the whole host).
+
+        The target is parsed by the policy's one grammar (`InvalidArgument` or
+        `InvalidAddress` for text that is no target); what it names and is not
+        on the host is left for `Policy.resolve` to refuse with its reason."""
+        reader = self.reader
+        groups = {g for addr in policy.addresses_named(target) if (g := reader.group_of(addr)) is not None}
+        number = policy.group_named(target)
+        if number is not None:
+            groups.add(number)
+        if not groups:
+            return Host.from_raw([], reader.facts())
+        return Host.scan_groups(reader, groups)
+
+    def holders(self, lease: LeaseRow) -> list[Holder]:
+        return self.ladder.holders(lease)
+
+    # ------------------------------------------------------------ grant
+
+    def request(self, caller: Caller, target: str, backend: str = "",
+                options: LeaseTerms | Mapping[str, object] | None = None, owner: str | None = None) -> LeaseRow:
+        terms = LeaseTerms.from_options(options)
+        policy = self.policy_source()
+        host = self.host_for(target, policy)
+        try:
+            resolved = policy.resolve(host, target)
+        except VfiodError as e:
+            self.audit("request", caller.uid, target, None, None, "refused", str(e))
+            raise
+        group = resolved.group
+        with self.group_lock(group):
+            existing = self.journal.lease_for_group(group)
+            if existing is not None:
+                self.audit("request", caller.uid, target, None, None, "busy", existing.id, group=group)
+                whose = (f" (lease {existing.id}, uid {existing.uid})" if caller.is_admin or caller.uid == existing.uid
+                         else " by another user")
+                raise Busy(f"IOMMU group {group} is already leased{whose}")
+            host = self.scan_groups([group])      # fresh, now that we hold the group
+            decision = policy.decide(host, caller, group, backend, terms)
+            if not decision.allowed:
+                self.audit("request", caller.uid, target, None, decision.rule, "denied", decision.reason, group=group)
+                if decision.refusal is Refusal.PROTECTED:
+                    raise Protected(decision.reason)
+                raise PermissionDenied(decision.reason)
+            be = self.backend(decision.backend or backend)
+            plan = self._plan(host, group, caller, terms)
+            now = self.clock()
+            # A lease asked for no duration still ends at the rule's cap, if it has one.
+            duration = terms.duration or int(decision.max_duration or 0)
+            lease = LeaseRow(
+                id=secrets.token_hex(8), group=group, uid=caller.uid, owner=owner, backend=be.name,
+                target=target, created=now, expires=now + duration if duration else 0.0,
+                persistent=terms.persistent, state="granting", rule=decision.rule,
+                memlock=decision.memlock, reset=decision.reset_on_release, grace=float(decision.revoke_grace),
+                on_revoke=decision.on_revoke, revoke_others=decision.revoke_others,
+                cap=now + decision.max_duration if decision.max_duration else 0.0,
+                k8s_namespace=terms.k8s_namespace)
+            self.journal.create(lease, plan)
+            self.on_step("recorded")
+            ctx = self.context(lease, host, decision)
+            try:
+                self.moves.grant(ctx, be)
+            except VfiodError as e:
+                self.moves.rollback(ctx, be)
+                self.audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", str(e), group=group)
+                raise
+            except Exception as e:
+                log.exception("grant of group %s failed", group)
+                self.moves.rollback(ctx, be)
+                self.audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", repr(e), group=group)
+                raise BackendFailed(f"granting group {group} failed: {e}") from None
+            lease = attrs.evolve(lease, state="granted")
+            self.journal.set_state(lease.id, "granted")
+            self.on_step("granted")
+            self.audit("grant", caller.uid, target, lease.id, decision.rule, "granted", f"group {group} via {be.name}",
+                       group=group)
+            return lease
+
+    def _plan(self, host: Host, group: int, caller: Caller, terms: LeaseTerms) -> list[Held]:
+        """What the lease will hold: every endpoint, then every bridge of the group on a driver
+        VFIO refuses (shpchp, say), which is held unbound for the lease."""
+        g = host.groups.get(group)
+        if g is None:
+            raise NotFound(f"no IOMMU group {group}")
+        endpoints = host.endpoints(g)
+        if not endpoints:
+            raise NotViable(f"group {group} has no endpoint to lease (only bridges and ports)")
+        bridges = [host.devices[a] for a in g.members
+                   if host.devices[a].is_bridge and host.devices[a].driver not in (None, *BRIDGE_DRIVERS)]
+        reader = self.reader
+        for dev in endpoints:
+            # A PF leaves the host only when none of its VFs is leased: its driver
+            # manages them, and unbinding it would pull them from their lessees.
+            vf_leases = {lease.id for vf in dev.raw.virtfns
+                         if (vg := reader.group_of(vf)) is not None and vg != group
+                         and (lease := self.journal.lease_for_group(vg)) is not None}
+            if vf_leases:
+                raise Busy(f"{dev.addr} is an SR-IOV PF whose VFs are leased ({', '.join(sorted(vf_leases))}); "
+                           "release them first")
+        uses: list[str] = []
+        for dev in endpoints:
+            if dev.driver is None or dev.driver in VFIO_DRIVERS:
+                continue
+            uses.extend(f"{dev.addr}: {u}" for u in self.kernel.usage(dev.addr))
+        if uses and not (caller.is_admin and terms.force):
+            raise Busy("in use on the host: " + "; ".join(uses)
+                       + (" (an admin may pass force)" if not caller.is_admin else " (pass force to override)"))
+        # The override as the kernel has it now (the snapshot may not know it: see
+        # SysfsReader._patient_read); no unbind of this group can be under way here.
+        return ([Held(str(d.addr), d.driver, self.kernel.override_of(d.addr)) for d in endpoints]
+                + [Held(str(d.addr), d.driver, self.kernel.override_of(d.addr), "bridge") for d in bridges])
+
+    def grant_memlock(self, lease: LeaseRow, pid: int) -> tuple[int, int] | None:
+        return self.memlock.grant(lease, pid)
+
+    # ------------------------------------------------------------ the end of a lease
+
+    def release(self, lease_id: str, caller: Caller | None = None, reason: str = "released") -> Ended | None:
+        """Give the lease's devices back; None when processes still hold them and the
+        revoke ladder took the lease over (it ends later, with `on_ended`)."""
+        lease = self.owned(lease_id, caller, "release") if caller is not None else self.get(lease_id)
+        with self.group_lock(lease.group):
+            current = self.journal.lease(lease_id)
+            if current is None:
+                raise NotFound(f"no lease {lease_id!r}")
+            return self.ladder.release(current, reason, caller.uid if caller else None)
+
+    def renew(self, lease_id: str, caller: Caller, seconds: int) -> LeaseRow:
+        lease = self.owned(lease_id, caller, "renew")
+        if not isinstance(seconds, int) or seconds <= 0:
+            raise InvalidArgument("renew takes a positive number of seconds")
+        decision = self.policy_source().decide(self.scan_groups([lease.group]), caller, lease.group, lease.backend,
+                                               attrs.evolve(lease.terms, duration=seconds))
+        if not decision.allowed:
+            raise PermissionDenied(decision.reason)
+        if lease.state != "granted":
+            raise Busy(f"lease {lease.id} is {lease.state}; it cannot be renewed")
+        expires = self.clock() + seconds
+        if lease.cap and expires > lease.cap + 0.5:
+            left = max(0, int(lease.cap - self.clock()))
+            raise PermissionDenied(f"the policy caps lease {lease.id} at {format_duration(int(lease.cap - lease.created))} "
+                                   f"in all (rule {lease.rule}): it ends in {left} s; renew for at most {left} s")
+        self.journal.set_expires(lease.id, expires)
+        self.audit("renew", caller.uid, lease.target, lease.id, decision.rule, "renewed", f"{seconds} s",
+                   group=lease.group)
+        return attrs.evolve(lease, expires=expires)
+
+    def _end_each(self, leases: list[LeaseRow], reason: str, what: str) -> list[Ended]:
+        out = []
+        for lease in leases:
+            try:
+                ended = self.release(lease.id, reason=reason)
+            except VfiodError as e:
+                log.error("%s lease %s: %s", what, lease.id, e)
+                continue
+            if ended is not None:
+                out.append(ended)
+        return out
+
+    def expire_due(self) -> list[Ended]:
+        now = self.clock()
+        return self._end_each([lease for lease in self.journal.leases()
+                               if lease.state == "granted" and lease.expires and lease.expires <= now],
+                              "expired", "expiring")
+
+    def end_owned_by(self, owner: str, reason: str = "disconnected") -> list[Ended]:
+        return self._end_each([lease for lease in self.journal.leases()
+                               if lease.owner == owner and not lease.persistent and lease.state == "granted"],
+                              reason, f"ending (owner {owner})")
+
+    def revoke(self, lease_id: str, reason: str, caller: Caller | None = None) -> Ended | Revoking:
+        """Take a lease back whether or not its holders let go (root, or vfiod itself):
+        the revoke ladder (`vfiod.leases.ladder`)."""
+        return self.ladder.revoke(lease_id, reason, caller)
+
+    def advance(self, lease_id: str) -> Ended | Revoking | None:
+        return self.ladder.advance(lease_id)
+
+    def advance_all(self) -> list[Ended]:
+        return self.ladder.advance_all()
+
+    def revoke_disallowed(self, policy: Policy) -> list[Ended | Revoking]:
+        return self.ladder.revoke_disallowed(policy)
+
+    def reconcile(self) -> list[Ended]:
+        """Make sysfs and the journal agree again; returns the leases that ended."""
+        return reconcile(self, self.moves, self.ladder)
+
+    # ------------------------------------------------------------ SR-IOV
+
+    def set_vf_count(self, caller: Caller, pf: PciAddress, count: int) -> int:
+        return set_vf_count(self, caller, pf, count)
