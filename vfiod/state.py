@@ -68,6 +68,7 @@ from typing import Any, Literal, Mapping
 import attrs
 
 from .errors import StateError
+from .statedir import describe_host
 
 SCHEMA = 5
 
@@ -179,7 +180,10 @@ class Step:
 
 
 class Journal:
-    def __init__(self, path: str):
+    def __init__(self, path: str, host: str | None = None):
+        """Open (or create) the journal at `path`.  With `host` (see `vfiod.statedir`), a
+        journal recorded for another host is refused untouched, and one that names no
+        host yet is recorded as this host's."""
         self.path = path
         self._lock = threading.RLock()
         d = os.path.dirname(os.path.abspath(path))
@@ -204,6 +208,8 @@ class Journal:
                 if version > SCHEMA:
                     raise StateError(f"state file {path} is from a newer vfiod (schema {version}, "
                                      f"this one knows {SCHEMA}); it was left untouched")
+                if host is not None:
+                    self._check_host(host)
                 self._repair_schema(version)
             else:
                 with self.tx():
@@ -211,6 +217,9 @@ class Journal:
                         if stmt.strip():
                             self.db.execute(stmt)
                     self.db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA),))
+            if host is not None:
+                with self.tx():
+                    self.db.execute("INSERT OR IGNORE INTO meta VALUES('host', ?)", (host,))
         except sqlite3.DatabaseError as e:
             raise StateError(f"state file {path} cannot be used: {e}; it was left untouched") from None
         try:
@@ -221,6 +230,24 @@ class Journal:
         self.quarantined: list[str] = []    # what was moved aside on opening, one line a lease
         if existed:
             self.quarantined = self._quarantine_bad_rows()
+
+    def _check_host(self, host: str) -> None:
+        row = self.db.execute("SELECT value FROM meta WHERE key='host'").fetchone()
+        if row is not None and row[0] != host:
+            self.db.close()
+            raise StateError(f"state file {self.path} describes {describe_host(str(row[0]))}, and this is "
+                             f"{describe_host(host)}; it was left untouched (its leases name another "
+                             "host's devices: give this host a state directory of its own)")
+
+    def meta(self, key: str) -> str | None:
+        """A value of the ``meta`` table (None: not recorded)."""
+        with self._lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.tx():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
 
     def _repair_schema(self, version: int) -> None:
         """Upgrade an older file in place; recreate (empty) a table or column that is gone."""

@@ -111,19 +111,25 @@ def vfiod_parser() -> argparse.ArgumentParser:
                     "Without a command it runs the daemon (as root, on the system bus);\n"
                     "`vfiod inspect` shows the host offline; `vfiod reload` reloads the\n"
                     "running daemon's policy.",
-        epilog="examples:\n  vfiod --simulate --bus session      the daemon on a simulated ICH10 host\n"
+        epilog="examples:\n"
+               "  vfiod --simulate --bus session --sim-dir /tmp/sim\n"
+               "        the daemon on a simulated ICH10 host; its journal in /tmp/sim/state, its policy\n"
+               "        files in /tmp/sim/policy.d (nothing of this machine's vfiod is read or written)\n"
                "  vfiod inspect --explain",
     )
     p.add_argument("--version", action="version", version=f"vfiod {__version__}")
     p.add_argument("--bus", default="system", metavar="system|session|ADDRESS",
                    help="the bus to serve on (default: system)")
     add_root_options(p, dev=True)
-    p.add_argument("--policy-dir", default="/etc/vfiod/policy.d", metavar="DIR",
-                   help="policy files, read in name order (default: /etc/vfiod/policy.d)")
-    p.add_argument("--state-dir", default="/var/lib/vfiod", metavar="DIR",
-                   help="where the journal (state.db) lives (default: /var/lib/vfiod)")
+    p.add_argument("--policy-dir", default=None, metavar="DIR",
+                   help="policy files, read in name order (default: /etc/vfiod/policy.d; "
+                        "with --simulate: SIM_DIR/policy.d)")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where the journal (state.db) lives, locked by one daemon at a time "
+                        "(default: /var/lib/vfiod; with --simulate: SIM_DIR/state)")
     p.add_argument("--sim-dir", metavar="DIR",
-                   help="with --simulate: lay the simulated host out here (kept, reused on restart)")
+                   help="with --simulate: lay the simulated host out here (kept, reused on restart with "
+                        "the same topology only; default: a new temporary directory)")
     p.set_defaults(func=cmd_daemon, run_command=None)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     ins = sub.add_parser("inspect", help="show IOMMU groups, viability and isolation (offline)",
