@@ -42,6 +42,7 @@ import attrs
 
 from .address import PciAddress
 from .hookspecs import Backend
+from .identity import record as record_identity
 from .errors import (BackendFailed, Busy, InvalidArgument, NotFound, NotViable, PermissionDenied,
                      Protected, VfiodError)
 from .policy import Caller, Decision, Policy, Refusal, format_duration
@@ -286,6 +287,7 @@ class LeaseManager:
                 cap=now + decision.max_duration if decision.max_duration else 0.0,
                 k8s_namespace=_namespace(options))
             self.journal.create(lease, plan)
+            record_identity(self, lease, host, plan)      # which devices these are (vfiod.identity)
             self._step("recorded")
             ctx = LeaseContext(lease=lease, endpoints=tuple(PciAddress.parse(h.addr) for h in plan
                                                             if h.role == "endpoint"),

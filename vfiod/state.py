@@ -1,14 +1,18 @@
 """The journal: one SQLite file that lets vfiod survive its own crash.
 
 File: ``STATE_DIR/state.db`` (WAL, ``synchronous=FULL``: a committed row is on
-disk before the sysfs write it announces).  Schema version 5:
+disk before the sysfs write it announces).  Schema version 6:
 
 ``meta(key, value)``
-    ``schema`` = 3.  A file with a higher number is from a newer vfiod and is
+    ``schema`` = 6.  A file with a higher number is from a newer vfiod and is
     refused, untouched; an older file is upgraded in place (version 2 added
     ``leases.reset``, version 3 ``audit.count``, ``audit.last`` and ``quarantine``,
-    version 4 the revoke columns of ``leases``, version 5 ``leases.k8s_namespace``).
+    version 4 the revoke columns of ``leases``, version 5 ``leases.k8s_namespace``,
+    version 6 ``identity`` and ``membership``).
     A table or column that is missing is recreated empty (and logged).
+    ``host`` names the host the journal describes (`vfiod.statedir`): a journal of
+    another host is refused, untouched.  ``boot_id`` is the kernel's boot id when
+    the daemon last reconciled the journal with the kernel (`vfiod.identity`).
 ``leases(id, grp, uid, owner, backend, target, created, expires, persistent, state, rule, memlock, reset,
 revoke_reason, deadline, grace, on_revoke, revoke_others, cap, scope, k8s_namespace)``
     one row per lease; ``grp`` is UNIQUE (one lease per group).  ``state`` is
@@ -46,6 +50,13 @@ revoke_reason, deadline, grace, on_revoke, revoke_others, cap, scope, k8s_namesp
     the memlock grant of a lease: the process it went to (pid and start time)
     and its RLIMIT_MEMLOCK before the first grant to that process, restored
     when the last lease granted to it ends.
+``identity(lease, addr, data)``
+    what identified each held device when it was leased (JSON: ids, subsystem
+    ids, class, Device Serial Number): at start and when a device is added, a
+    device that is not the one recorded ends the lease and is left alone
+    (`vfiod.identity`).  A lease from before version 6 has no rows here.
+``membership(lease, grp, members)``
+    the addresses the kernel listed in the lease's IOMMU group at the grant (JSON).
 ``quarantine(ts, tbl, lease, data, why)``
     rows found unusable when the journal is opened (an address that does not
     parse, a value of the wrong type, a lease whose device records are gone),
@@ -70,7 +81,7 @@ import attrs
 from .errors import StateError
 from .statedir import describe_host
 
-SCHEMA = 5
+SCHEMA = 6
 
 log = logging.getLogger("vfiod.state")
 
@@ -104,6 +115,9 @@ CREATE TABLE IF NOT EXISTS audit(
     outcome TEXT, detail TEXT, count INTEGER NOT NULL DEFAULT 1, last REAL);
 CREATE TABLE IF NOT EXISTS quarantine(
     ts REAL NOT NULL, tbl TEXT NOT NULL, lease TEXT, data TEXT NOT NULL, why TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS identity(
+    lease TEXT NOT NULL, addr TEXT NOT NULL, data TEXT NOT NULL, PRIMARY KEY(lease, addr));
+CREATE TABLE IF NOT EXISTS membership(lease TEXT PRIMARY KEY, grp INTEGER NOT NULL, members TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS grants(
     lease TEXT PRIMARY KEY, pid INTEGER NOT NULL, start INTEGER NOT NULL, soft INTEGER NOT NULL,
     hard INTEGER NOT NULL);
@@ -119,8 +133,8 @@ _ADDED_COLUMNS = (("leases", "reset", "INTEGER NOT NULL DEFAULT 0"),
                   ("leases", "revoke_others", "INTEGER NOT NULL DEFAULT 0"),
                   ("leases", "cap", "REAL NOT NULL DEFAULT 0"), ("leases", "scope", "TEXT"),
                   ("leases", "k8s_namespace", "TEXT"))
-_TABLES = ("meta", "leases", "held", "steps", "audit", "quarantine", "grants")
-_NEW_IN_3 = ("quarantine", "grants")
+_TABLES = ("meta", "leases", "held", "steps", "audit", "quarantine", "grants", "identity", "membership")
+_NEW_IN = {"quarantine": 3, "grants": 3, "identity": 6, "membership": 6}   # tables added after version 1
 _LEASE_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
 _ADDR = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 
@@ -257,7 +271,7 @@ class Journal:
                 if stmt.strip():
                     self.db.execute(stmt)
             for table in _TABLES:
-                if table not in present and not (table in _NEW_IN_3 and version < 3):
+                if table not in present and version >= _NEW_IN.get(table, 1):
                     log.error("journal %s: table %s was missing; recreated empty", self.path, table)
             for table, column, definition in _ADDED_COLUMNS:
                 columns = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
@@ -363,7 +377,8 @@ class Journal:
 
     def delete(self, lease_id: str) -> None:
         with self.tx():
-            for table, col in (("steps", "lease"), ("held", "lease"), ("grants", "lease"), ("leases", "id")):
+            for table, col in (("steps", "lease"), ("held", "lease"), ("grants", "lease"), ("identity", "lease"),
+                               ("membership", "lease"), ("leases", "id")):
                 self.db.execute(f"DELETE FROM {table} WHERE {col}=?", (lease_id,))
 
     def leases(self) -> list[LeaseRow]:
@@ -390,6 +405,31 @@ class Journal:
     def holdings(self) -> dict[str, tuple[LeaseRow, Held]]:
         """Every device some lease holds: its address -> (the lease, what it was before)."""
         return {h.addr: (lease, h) for lease in self.leases() for h in self.held(lease.id)}
+
+    # ---- what the held devices were (`vfiod.identity`)
+
+    def record_identity(self, lease_id: str, group: int, members: list[str], devices: Mapping[str, str]) -> None:
+        """Record the group's membership and each held device's identity (JSON text)."""
+        with self.tx():
+            self.db.execute("INSERT OR REPLACE INTO membership VALUES(?,?,?)", (lease_id, group, json.dumps(members)))
+            self.db.executemany("INSERT OR REPLACE INTO identity VALUES(?,?,?)",
+                                [(lease_id, addr, data) for addr, data in devices.items()])
+
+    def identity_of(self, lease_id: str) -> tuple[list[str], dict[str, str]] | None:
+        """(members, address -> identity JSON) as recorded at the grant; None where none was
+        (a lease from before schema 6)."""
+        with self._lock:
+            row = self.db.execute("SELECT members FROM membership WHERE lease=?", (lease_id,)).fetchone()
+            rows = self.db.execute("SELECT addr, data FROM identity WHERE lease=?", (lease_id,)).fetchall()
+        if row is None:
+            return None
+        try:
+            members = json.loads(row[0])
+        except (TypeError, ValueError):
+            members = None
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            members = []             # unreadable: no membership matches it, so the lease ends
+        return members, {str(a): str(d) for a, d in rows}
 
     # ---- memlock grants
 

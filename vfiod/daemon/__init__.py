@@ -20,6 +20,7 @@ from dbus_next.constants import RequestNameReply
 
 from .. import bus as busmod
 from ..backends import load_backends
+from ..verify import reconcile_at_start
 from ..errors import BackendFailed, InvalidArgument, PermissionDenied, PolicyError, VfiodError
 from ..policy import KNOWN_BACKENDS, PolicyStore
 from ..state import Journal
@@ -171,7 +172,8 @@ async def _serve(args: argparse.Namespace, host: str) -> int:
         if lease.owner and await service.callers.present(lease.owner):
             alive.add(lease.owner)
     service.manager.owner_alive = lambda lease: lease.owner in alive
-    for ended in await service._run(service.manager.reconcile):
+    # Each lease is judged against the devices there now first (vfiod.identity).
+    for ended in await service._run(reconcile_at_start, service.manager):
         log.info("lease %s of uid %s ended on start: %s", ended.lease.id, ended.lease.uid, ended.reason)
 
     # Step 5: the boot claims, then the objects.

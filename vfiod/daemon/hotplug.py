@@ -2,19 +2,25 @@
 
 A leased device that goes away ends its lease (``removed``); a leased device
 that changes driver while vfiod is not moving it ends its lease (``tampered``),
-which puts the group back as it was before the lease.  The snapshot is
+which puts the group back as it was before the lease.  A device added at a held
+address, or changing driver, is first judged as at start (`vfiod.identity`): one
+that is not the device leased ends the lease as ``replaced`` and is not touched.  The snapshot is
 refreshed for the touched groups only, once per burst of events."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
+from .. import identity, verify
 from ..address import PciAddress
 from ..state import Held, LeaseRow
 
 if TYPE_CHECKING:
     from .service import Service
+
+log = logging.getLogger("vfiod")
 
 
 class Hotplug:
@@ -35,6 +41,8 @@ class Hotplug:
         if lease is not None and held is not None and self._watched(lease):
             if action == "remove" or not s.kernel.exists(addr):
                 s.end_soon(lease, "removed", f"{addr} was removed")
+            elif action == "add":
+                self._judge_identity(lease)
             elif action in ("bind", "unbind"):
                 asyncio.get_running_loop().call_later(self.TAMPER_GRACE, self._judge_driver_change,
                                                       lease.id, addr, held)
@@ -56,6 +64,8 @@ class Hotplug:
         if not s.kernel.exists(addr):
             s.end_soon(lease, "removed", f"{addr} was removed")
             return
+        if self._judge_identity(lease):
+            return
         backend = s.backends.get(lease.backend)
         want = None if held.role == "bridge" or backend is None else backend.driver
         have = s.kernel.driver_of(addr)
@@ -63,6 +73,26 @@ class Hotplug:
             s.end_soon(lease, "tampered",
                        f"{addr} moved to {have or 'no driver'} behind vfiod's back (lease keeps it on "
                        f"{want or 'no driver'})")
+
+    def _judge_identity(self, lease: LeaseRow) -> bool:
+        """Are the lease's devices still the ones it holds?  If not, it ends hands off (the
+        new device is not touched), in a worker; True then."""
+        s = self.service
+        verdict = identity.judge(s.manager, lease)
+        if verdict is None:
+            return False
+        s._ending.add(lease.id)
+
+        def end() -> None:
+            try:
+                verify.check(s.manager, lease.id, None, "hotplug")
+            except Exception as e:
+                log.error("ending lease %s (%s): %s: %s", lease.id, verdict.reason, type(e).__name__, e)
+            finally:
+                s._ending.discard(lease.id)
+            s.snapshot.refresh([lease.group])
+        asyncio.get_running_loop().run_in_executor(None, end)
+        return True
 
     def _flush(self) -> None:
         groups, self._dirty = sorted(self._dirty), set()
