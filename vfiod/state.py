@@ -371,6 +371,11 @@ class Journal:
         with self.tx():
             self.db.execute("UPDATE leases SET expires=? WHERE id=?", (expires, lease_id))
 
+    def set_cap(self, lease_id: str, cap: float, expires: float) -> None:
+        """A reloaded policy's cap (`vfiod.caps`), and the expiry it moves."""
+        with self.tx():
+            self.db.execute("UPDATE leases SET cap=?, expires=? WHERE id=?", (cap, expires, lease_id))
+
     def set_owner(self, lease_id: str, owner: str | None) -> None:
         with self.tx():
             self.db.execute("UPDATE leases SET owner=? WHERE id=?", (owner, lease_id))

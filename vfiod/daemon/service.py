@@ -19,6 +19,7 @@ from dbus_next import Message, MessageType, Variant
 from .. import bus as busmod
 from .. import report
 from ..address import PciAddress
+from ..caps import apply_caps
 from ..errors import BackendFailed, InvalidArgument, PermissionDenied, PolicyError, VfiodError
 from ..hookspecs import Backend
 from ..leases import Ended, LeaseManager
@@ -394,8 +395,10 @@ class Service:
             self.refresh_soon([e.lease.group for e in ended])
 
     async def revoke_disallowed(self) -> None:
-        """After a policy reload: revoke (reason ``policy``) the leases it no longer allows."""
+        """After a policy reload: revoke (reason ``policy``) the leases it no longer allows, and
+        apply its caps to the rest (`vfiod.caps`)."""
         got = await self._run(self.manager.revoke_disallowed, self.policy_store.current)
+        got += await self._run(apply_caps, self.manager, self.policy_store.current)     # vfiod.caps
         if got:
             self.refresh_soon([g.lease.group for g in got])
 
