@@ -138,3 +138,34 @@ def test_a_sim_dir_from_before_the_name_was_recorded_is_checked_against_the_tabl
     w.start_daemon()                               # ich10's table matches its tree
     with open(os.path.join(w.sim_dir, "topology")) as f:
         assert f.read().strip() == "ich10"
+
+
+def end_leases(w):
+    return subprocess.run([VFIOD, "--simulate", w.topology, "--sim-dir", w.sim_dir, "--state-dir", w.state_dir,
+                           "end-leases"], capture_output=True, text=True, timeout=120)
+
+
+def test_end_leases_gives_every_device_back_persistent_leases_too(make_world):
+    w = make_world()
+    before = w.drivers()
+    w.ctl("lease", "group:8", "--persistent")
+    assert w.drivers()["0000:04:00.0"] == "vfio-pci"
+    # Refused while a daemon serves the directory.
+    p = end_leases(w)
+    assert f"pid {w.daemon.pid}" in one_error_line(p)
+    assert w.drivers()["0000:04:00.0"] == "vfio-pci"
+    w.stop_daemon()
+    assert w.drivers()["0000:04:00.0"] == "vfio-pci"      # a persistent lease outlives the daemon
+    mark = len(w.writes())
+    p = end_leases(w)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "1 lease(s) ended" in p.stdout
+    assert w.drivers() == before
+    assert ["bus/pci/drivers/vfio-pci/unbind", "0000:04:00.0"] in w.writes()[mark:]
+    # Nothing left to end: the journal holds no lease.
+    assert "0 lease(s) ended" in end_leases(w).stdout
+    import sqlite3
+    db = sqlite3.connect(os.path.join(w.state_dir, "state.db"))
+    assert db.execute("SELECT COUNT(*) FROM leases").fetchone() == (0,)
+    assert [r[0] for r in db.execute("SELECT outcome FROM audit WHERE event='release'")] == ["released"]
+    db.close()

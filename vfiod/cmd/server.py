@@ -94,6 +94,28 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return reload_over_the_bus(args)
 
 
+END_HELP = """\
+End every lease recorded in the state directory, persistent ones and boot claims
+too, and give every device back to the driver it had (a device that is no longer
+the one leased is left alone).  Runs without a daemon and refuses while a vfiod
+serves the directory: stop vfiod.service first.  The package runs it when vfiod is
+removed, so that no device is left on vfio-pci.  A lease whose holders keep its
+group goes through the revoke ladder (its grace, then SIGTERM and SIGKILL).
+
+exit status: 0 every lease ended (or there was none); 1 some lease is left, or
+a vfiod runs on the directory.
+
+examples:
+  systemctl stop vfiod && vfiod end-leases
+"""
+
+
+def cmd_end_leases(args: argparse.Namespace) -> int:
+    from ..daemon.endall import end_all
+
+    return end_all(args)
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -140,6 +162,10 @@ def vfiod_parser() -> argparse.ArgumentParser:
     ins.add_argument("--all", action="store_true",
                      help="every PCI device by class and driver (as vfioctl status), IOMMU or not")
     ins.set_defaults(func=cmd_inspect)
+    end = sub.add_parser("end-leases", help="end every lease, persistent ones too, with vfiod stopped",
+                         description=END_HELP, formatter_class=Formatter)
+    add_root_options(end, inherit=True)
+    end.set_defaults(func=cmd_end_leases)
     rel = sub.add_parser("reload", help="reload the running daemon's policy; fails if it is refused",
                          description=RELOAD_HELP, formatter_class=Formatter)
     rel.add_argument("--bus", default=argparse.SUPPRESS, metavar="system|session|ADDRESS",
