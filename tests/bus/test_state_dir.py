@@ -159,11 +159,11 @@ def test_end_leases_gives_every_device_back_persistent_leases_too(make_world):
     mark = len(w.writes())
     p = end_leases(w)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "1 lease(s) ended" in p.stdout
+    assert "1 lease(s) ended" in p.stderr
     assert w.drivers() == before
     assert ["bus/pci/drivers/vfio-pci/unbind", "0000:04:00.0"] in w.writes()[mark:]
     # Nothing left to end: the journal holds no lease.
-    assert "0 lease(s) ended" in end_leases(w).stdout
+    assert "0 lease(s) ended" in end_leases(w).stderr
     import sqlite3
     db = sqlite3.connect(os.path.join(w.state_dir, "state.db"))
     assert db.execute("SELECT COUNT(*) FROM leases").fetchone() == (0,)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 
 from ..backends import load_backends
@@ -32,10 +33,10 @@ LIMIT = 80.0
 def end_all(args: argparse.Namespace, machine_id: str = MACHINE_ID) -> int:
     from . import make_kernel, resolve_dirs
 
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     resolve_dirs(args)
     if not os.path.exists(os.path.join(args.state_dir, "state.db")):
-        print(f"vfiod: no journal in {args.state_dir}: no lease to end")
+        log.info("no journal in %s: no lease to end", args.state_dir)
         return 0
     lock = StateDirLock.acquire(args.state_dir)
     try:
@@ -70,5 +71,5 @@ def _end(manager: LeaseManager) -> int:
     for lease in left:
         log.error("lease %s of uid %s (group %s) could not be ended: it stays %s in the journal",
                   lease.id, lease.uid, lease.group, lease.state)
-    print(f"vfiod: {ended} lease(s) ended" + (f", {len(left)} left (see above)" if left else ""))
+    log.info("%d lease(s) ended%s", ended, f", {len(left)} left (see above)" if left else "")
     return 1 if left else 0
