@@ -1,14 +1,18 @@
 """The journal: one SQLite file that lets vfiod survive its own crash.
 
 File: ``STATE_DIR/state.db`` (WAL, ``synchronous=FULL``: a committed row is on
-disk before the sysfs write it announces).  Schema version 5:
+disk before the sysfs write it announces).  Schema version 6:
 
 ``meta(key, value)``
-    ``schema`` = 5.  A file with a higher number is from a newer vfiod and is
+    ``schema`` = 6.  A file with a higher number is from a newer vfiod and is
     refused, untouched; an older file is upgraded in place (version 2 added
     ``leases.reset``, version 3 ``audit.count``, ``audit.last`` and ``quarantine``,
-    version 4 the revoke columns of ``leases``, version 5 ``leases.k8s_namespace``).
+    version 4 the revoke columns of ``leases``, version 5 ``leases.k8s_namespace``,
+    version 6 ``identity`` and ``membership``).
     A table or column that is missing is recreated empty (and logged).
+    ``host`` names the host the journal describes (`vfiod.statedir`): a journal of
+    another host is refused, untouched.  ``boot_id`` is the kernel's boot id when
+    the daemon last reconciled the journal with the kernel (`vfiod.leases.identity`).
 ``leases(id, grp, uid, owner, backend, target, created, expires, persistent, state, rule, memlock, reset,
 revoke_reason, deadline, grace, on_revoke, revoke_others, cap, scope, k8s_namespace)``
     one row per lease; ``grp`` is UNIQUE (one lease per group).  ``state`` is
@@ -46,6 +50,13 @@ revoke_reason, deadline, grace, on_revoke, revoke_others, cap, scope, k8s_namesp
     the memlock grant of a lease: the process it went to (pid and start time)
     and its RLIMIT_MEMLOCK before the first grant to that process, restored
     when the last lease granted to it ends.
+``identity(lease, addr, data)``
+    what identified each held device when it was leased (JSON: ids, subsystem
+    ids, class, Device Serial Number): at start and when a device is added, a
+    device that is not the one recorded ends the lease and is left alone
+    (`vfiod.leases.identity`).  A lease from before version 6 has no rows here.
+``membership(lease, grp, members)``
+    the addresses the kernel listed in the lease's IOMMU group at the grant (JSON).
 ``quarantine(ts, tbl, lease, data, why)``
     rows found unusable when the journal is opened (an address that does not
     parse, a value of the wrong type, a lease whose device records are gone),
@@ -69,9 +80,11 @@ import attrs
 
 from .address import PciAddress
 from .errors import StateError
+from .quarantine import quarantine_bad_rows
+from .statedir import describe_host
 from .terms import LeaseTerms
 
-SCHEMA = 5
+SCHEMA = 6
 
 log = logging.getLogger("vfiod.state")
 
@@ -105,6 +118,9 @@ CREATE TABLE IF NOT EXISTS audit(
     outcome TEXT, detail TEXT, count INTEGER NOT NULL DEFAULT 1, last REAL);
 CREATE TABLE IF NOT EXISTS quarantine(
     ts REAL NOT NULL, tbl TEXT NOT NULL, lease TEXT, data TEXT NOT NULL, why TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS identity(
+    lease TEXT NOT NULL, addr TEXT NOT NULL, data TEXT NOT NULL, PRIMARY KEY(lease, addr));
+CREATE TABLE IF NOT EXISTS membership(lease TEXT PRIMARY KEY, grp INTEGER NOT NULL, members TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS grants(
     lease TEXT PRIMARY KEY, pid INTEGER NOT NULL, start INTEGER NOT NULL, soft INTEGER NOT NULL,
     hard INTEGER NOT NULL);
@@ -120,10 +136,8 @@ _ADDED_COLUMNS = (("leases", "reset", "INTEGER NOT NULL DEFAULT 0"),
                   ("leases", "revoke_others", "INTEGER NOT NULL DEFAULT 0"),
                   ("leases", "cap", "REAL NOT NULL DEFAULT 0"), ("leases", "scope", "TEXT"),
                   ("leases", "k8s_namespace", "TEXT"))
-_TABLES = ("meta", "leases", "held", "steps", "audit", "quarantine", "grants")
-_NEW_IN_3 = ("quarantine", "grants")
-_LEASE_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
-_ADDR = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+_TABLES = ("meta", "leases", "held", "steps", "audit", "quarantine", "grants", "identity", "membership")
+_NEW_IN = {"quarantine": 3, "grants": 3, "identity": 6, "membership": 6}   # tables added after version 1
 
 
 @attrs.frozen
@@ -192,7 +206,10 @@ class Step:
 
 
 class Journal:
-    def __init__(self, path: str):
+    def __init__(self, path: str, host: str | None = None):
+        """Open (or create) the journal at `path`.  With `host` (see `vfiod.statedir`), a
+        journal recorded for another host is refused untouched, and one that names no
+        host yet is recorded as this host's."""
         self.path = path
         self._lock = threading.RLock()
         d = os.path.dirname(os.path.abspath(path))
@@ -217,6 +234,8 @@ class Journal:
                 if version > SCHEMA:
                     raise StateError(f"state file {path} is from a newer vfiod (schema {version}, "
                                      f"this one knows {SCHEMA}); it was left untouched")
+                if host is not None:
+                    self._check_host(host)
                 self._repair_schema(version)
             else:
                 with self.tx():
@@ -224,6 +243,9 @@ class Journal:
                         if stmt.strip():
                             self.db.execute(stmt)
                     self.db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA),))
+            if host is not None:
+                with self.tx():
+                    self.db.execute("INSERT OR IGNORE INTO meta VALUES('host', ?)", (host,))
         except sqlite3.DatabaseError as e:
             raise StateError(f"state file {path} cannot be used: {e}; it was left untouched") from None
         try:
@@ -233,7 +255,25 @@ class Journal:
         self._audit_inserts = 0
         self.quarantined: list[str] = []    # what was moved aside on opening, one line a lease
         if existed:
-            self.quarantined = self._quarantine_bad_rows()
+            self.quarantined = quarantine_bad_rows(self)
+
+    def _check_host(self, host: str) -> None:
+        row = self.db.execute("SELECT value FROM meta WHERE key='host'").fetchone()
+        if row is not None and row[0] != host:
+            self.db.close()
+            raise StateError(f"state file {self.path} describes {describe_host(str(row[0]))}, and this is "
+                             f"{describe_host(host)}; it was left untouched (its leases name another "
+                             "host's devices: give this host a state directory of its own)")
+
+    def meta(self, key: str) -> str | None:
+        """A value of the ``meta`` table (None: not recorded)."""
+        with self._lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.tx():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
 
     def _repair_schema(self, version: int) -> None:
         """Upgrade an older file in place; recreate (empty) a table or column that is gone."""
@@ -243,7 +283,7 @@ class Journal:
                 if stmt.strip():
                     self.db.execute(stmt)
             for table in _TABLES:
-                if table not in present and not (table in _NEW_IN_3 and version < 3):
+                if table not in present and version >= _NEW_IN.get(table, 1):
                     log.error("journal %s: table %s was missing; recreated empty", self.path, table)
             for table, column, definition in _ADDED_COLUMNS:
                 columns = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
@@ -251,51 +291,6 @@ class Journal:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
             if version < SCHEMA:
                 self.db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA),))
-
-    def _quarantine_bad_rows(self) -> list[str]:
-        """Move every lease with an unusable row (its own, a device record or a step)
-        aside into ``quarantine``, and orphaned device records and steps too; log each
-        once.  The rest of the journal is served as usual."""
-        bad: dict[str, str] = {}            # lease id -> why
-        with self._lock:
-            leases = self.db.execute("SELECT * FROM leases").fetchall()
-            held = self.db.execute("SELECT * FROM held").fetchall()
-            steps = self.db.execute("SELECT * FROM steps").fetchall()
-        ids = {r[0] for r in leases}
-        endpoints: dict[object, int] = {}
-        for r in held:
-            why = _bad_held(r)
-            if why:
-                bad.setdefault(r[0], f"device record {r[1]!r}: {why}")
-            elif r[5] == "endpoint":
-                endpoints[r[0]] = endpoints.get(r[0], 0) + 1
-        for r in steps:
-            why = _bad_step(r)
-            if why:
-                bad.setdefault(r[0], f"step {r[1]!r}: {why}")
-        for r in leases:
-            why = _bad_lease(r)
-            if why or not endpoints.get(r[0]):
-                bad[r[0]] = why or "no device record (what would a release give back?)"
-        orphans = {r[0] for r in (*held, *steps)} - ids
-        if not bad and not orphans:
-            return []
-        now = time.time()
-        lines = []
-        with self.tx():
-            for lease_id in (*bad, *sorted(orphans, key=repr)):
-                why = bad.get(lease_id, "records of no lease")
-                for table, col in (("leases", "id"), ("held", "lease"), ("steps", "lease")):
-                    rows = self.db.execute(f"SELECT * FROM {table} WHERE {col} IS ?", (lease_id,)).fetchall()
-                    for row in rows:
-                        self.db.execute("INSERT INTO quarantine VALUES(?,?,?,?,?)",
-                                        (now, table, repr(lease_id), json.dumps(row, default=repr), why))
-                    self.db.execute(f"DELETE FROM {table} WHERE {col} IS ?", (lease_id,))
-                line = (f"lease {lease_id!r}: {why}; its rows were moved to the quarantine table "
-                        "(its devices may still be on the lease's driver: check them)")
-                log.error("journal %s: %s", self.path, line)
-                lines.append(line)
-        return lines
 
     @staticmethod
     def _check_header(path: str) -> None:
@@ -343,13 +338,19 @@ class Journal:
         with self.tx():
             self.db.execute("UPDATE leases SET expires=? WHERE id=?", (expires, lease_id))
 
+    def set_cap(self, lease_id: str, cap: float, expires: float) -> None:
+        """A reloaded policy's cap (`vfiod.leases.caps`), and the expiry it moves."""
+        with self.tx():
+            self.db.execute("UPDATE leases SET cap=?, expires=? WHERE id=?", (cap, expires, lease_id))
+
     def set_owner(self, lease_id: str, owner: str | None) -> None:
         with self.tx():
             self.db.execute("UPDATE leases SET owner=? WHERE id=?", (owner, lease_id))
 
     def delete(self, lease_id: str) -> None:
         with self.tx():
-            for table, col in (("steps", "lease"), ("held", "lease"), ("grants", "lease"), ("leases", "id")):
+            for table, col in (("steps", "lease"), ("held", "lease"), ("grants", "lease"), ("identity", "lease"),
+                               ("membership", "lease"), ("leases", "id")):
                 self.db.execute(f"DELETE FROM {table} WHERE {col}=?", (lease_id,))
 
     def _lease_rows(self, where: str = "", args: tuple[object, ...] = ()) -> list[LeaseRow]:
@@ -379,6 +380,31 @@ class Journal:
     def holdings(self) -> dict[str, tuple[LeaseRow, Held]]:
         """Every device some lease holds: its address -> (the lease, what it was before)."""
         return {h.addr: (lease, h) for lease in self.leases() for h in self.held(lease.id)}
+
+    # ---- what the held devices were (`vfiod.leases.identity`)
+
+    def record_identity(self, lease_id: str, group: int, members: list[str], devices: Mapping[str, str]) -> None:
+        """Record the group's membership and each held device's identity (JSON text)."""
+        with self.tx():
+            self.db.execute("INSERT OR REPLACE INTO membership VALUES(?,?,?)", (lease_id, group, json.dumps(members)))
+            self.db.executemany("INSERT OR REPLACE INTO identity VALUES(?,?,?)",
+                                [(lease_id, addr, data) for addr, data in devices.items()])
+
+    def identity_of(self, lease_id: str) -> tuple[list[str], dict[str, str]] | None:
+        """(members, address -> identity JSON) as recorded at the grant; None where none was
+        (a lease from before schema 6)."""
+        with self._lock:
+            row = self.db.execute("SELECT members FROM membership WHERE lease=?", (lease_id,)).fetchone()
+            rows = self.db.execute("SELECT addr, data FROM identity WHERE lease=?", (lease_id,)).fetchall()
+        if row is None:
+            return None
+        try:
+            members = json.loads(row[0])
+        except (TypeError, ValueError):
+            members = None
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            members = []             # unreadable: no membership matches it, so the lease ends
+        return members, {str(a): str(d) for a, d in rows}
 
     # ---- memlock grants
 
@@ -490,59 +516,6 @@ class Journal:
             rows: list[tuple[Any, ...]] = self.db.execute(
                 "SELECT event, uid, target, lease, rule, outcome, detail FROM audit ORDER BY rowid").fetchall()
         return rows
-
-
-def _is_int(v: object, low: int, high: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
-
-
-def _is_time(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e18
-
-
-def _bad_lease(r: tuple[Any, ...]) -> str:
-    """Why a ``leases`` row cannot be used ("" if it can)."""
-    if len(r) != 21:
-        return f"{len(r)} columns"
-    checks = ((isinstance(r[0], str) and _LEASE_ID.fullmatch(r[0]) is not None, "id"),  # its object path
-              (_is_int(r[1], 0, (1 << 31) - 1), "group"), (_is_int(r[2], 0, (1 << 32) - 2), "uid"),
-              (r[3] is None or isinstance(r[3], str), "owner"), (isinstance(r[4], str), "backend"),
-              (isinstance(r[5], str), "target"), (_is_time(r[6]), "created"), (_is_time(r[7]), "expires"),
-              (r[8] in (0, 1), "persistent"), (r[9] in ("granting", "granted", "revoking", "releasing"), "state"),
-              (r[10] is None or isinstance(r[10], str), "rule"),
-              (r[11] is None or _is_int(r[11], 0, (1 << 63) - 1), "memlock"), (r[12] in (0, 1), "reset"),
-              (r[13] is None or isinstance(r[13], str), "revoke reason"), (_is_time(r[14]), "deadline"),
-              (_is_time(r[15]), "grace"), (r[16] in ("kill", "wait"), "on_revoke"), (r[17] in (0, 1), "revoke_others"),
-              (_is_time(r[18]), "cap"), (r[19] is None or isinstance(r[19], str), "scope"),
-              (r[20] is None or isinstance(r[20], str), "k8s namespace"))
-    for column, (ok, what) in enumerate(checks):
-        if not ok:
-            return f"its {what} is not usable ({r[column]!r})"[:300]
-    return ""
-
-
-def _bad_held(r: tuple[Any, ...]) -> str:
-    if not (isinstance(r[2], str) and _ADDR.fullmatch(r[2])):
-        return f"the address {r[2]!r} does not parse"[:300]
-    if not all(v is None or isinstance(v, str) for v in (r[3], r[4])):
-        return "a driver or override that is not text"
-    if r[5] not in ("endpoint", "bridge"):
-        return f"role {r[5]!r}"[:300]
-    return ""
-
-
-def _bad_step(r: tuple[Any, ...]) -> str:
-    if not _is_int(r[1], 1, 1 << 31) or not isinstance(r[2], str) or not isinstance(r[5], str):
-        return "its number, action or status is not usable"
-    if r[3] is not None and not (isinstance(r[3], str) and _ADDR.fullmatch(r[3])):
-        return f"the address {r[3]!r} does not parse"[:300]
-    try:
-        record = json.loads(r[4] or "{}")
-    except (TypeError, ValueError):
-        return "its record is not JSON"
-    if not isinstance(record, dict):
-        return "its record is not a JSON object"
-    return ""
 
 
 class _Tx:

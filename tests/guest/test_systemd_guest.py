@@ -18,7 +18,9 @@ then one script checks, in order:
   fd ends the holder after the grace and brings the NIC home (the sandbox lets
   vfiod see and signal it);
 * a persistent lease survives ``systemctl restart vfiod``, and removing its device
-  (sysfs ``remove``) ends it with reason ``removed``: udev's events reach the unit.
+  (sysfs ``remove``) ends it with reason ``removed``: udev's events reach the unit;
+* an upgrade keeps a boot claim's lease; ``apt-get remove`` ends it (no device is
+  left on vfio-pci) and ``apt-get purge`` leaves nothing under ``/var/lib/vfiod``.
 """
 
 import json
@@ -242,6 +244,22 @@ systemctl stop vfiod || fail "stop before the claim"
 systemctl start vfiod || fail "start with the claim"
 basename "$(readlink /sys/bus/pci/devices/$NIC_ADDR/driver)" > $OUT/driver-claimed.txt
 as_user $VFIOCTL leases --json > $OUT/leases-claimed.json 2>&1
+
+# An upgrade (the same version again) keeps the leases: the claim's NIC stays on vfio-pci.
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall --no-install-recommends \
+    -o DPkg::Lock::Timeout=300 /out/vfiod.deb > $OUT/apt-reinstall.log 2>&1 \
+    || fail "apt-get install --reinstall: $(tail -5 $OUT/apt-reinstall.log)"
+basename "$(readlink /sys/bus/pci/devices/$NIC_ADDR/driver)" > $OUT/driver-after-upgrade.txt
+as_user $VFIOCTL leases --json > $OUT/leases-after-upgrade.json 2>&1
+# Removing the package ends every lease, the claim's persistent one too: no device on vfio-pci.
+DEBIAN_FRONTEND=noninteractive apt-get remove -y -q -o DPkg::Lock::Timeout=300 vfiod > $OUT/apt-remove.log 2>&1 \
+    || fail "apt-get remove: $(tail -5 $OUT/apt-remove.log)"
+basename "$(readlink /sys/bus/pci/devices/$NIC_ADDR/driver)" > $OUT/driver-after-remove.txt
+ls /sys/bus/pci/drivers/vfio-pci | grep -c '^0000:' > $OUT/vfio-after-remove.txt
+DEBIAN_FRONTEND=noninteractive apt-get purge -y -q -o DPkg::Lock::Timeout=300 vfiod > $OUT/apt-purge.log 2>&1 \
+    || fail "apt-get purge: $(tail -5 $OUT/apt-purge.log)"
+find /var/lib/vfiod > $OUT/varlib-after-purge.txt 2>&1
+ls /sys/bus/pci/drivers/vfio-pci | grep -c '^0000:' > $OUT/vfio-after-purge.txt
 note "script_end_uptime=$(up)"
 exit 0
 """
@@ -374,3 +392,14 @@ def test_stop_keeps_a_persistent_lease_and_a_boot_claim_is_in_place_when_start_r
     assert text(run, "driver-claimed.txt").strip() == "vfio-pci"
     claimed = leases(run, "leases-claimed.json")
     assert len(claimed) == 1 and claimed[0]["persistent"], claimed
+
+
+def test_an_upgrade_keeps_leases_removal_ends_them_and_purge_leaves_nothing(run):
+    claimed = leases(run, "leases-claimed.json")
+    assert text(run, "driver-after-upgrade.txt").strip() == "vfio-pci", text(run, "apt-reinstall.log")
+    assert [r["id"] for r in leases(run, "leases-after-upgrade.json")] == [claimed[0]["id"]]
+    assert "lease(s) ended" in text(run, "apt-remove.log"), text(run, "apt-remove.log")
+    assert text(run, "driver-after-remove.txt").strip() == "e1000e", text(run, "apt-remove.log")
+    assert text(run, "vfio-after-remove.txt").strip() == "0"
+    assert text(run, "vfio-after-purge.txt").strip() == "0"
+    assert "No such file or directory" in text(run, "varlib-after-purge.txt"), text(run, "varlib-after-purge.txt")

@@ -42,7 +42,7 @@ def test_commands_and_options(complete):
     assert complete("vfioctl policy ") == ["check", "generate", "test"]
     assert complete("vfioctl lease --p") == ["--pass-fd", "--persistent"]
     assert complete("vfioctl lease --backend ") == ["libvirt", "pci-stub", "vfio"]
-    assert complete("vfiod ") == ["inspect", "reload"]
+    assert complete("vfiod ") == ["end-leases", "inspect", "reload"]
     assert complete("vfiod inspect --simulate ") == sorted([*hosts.EXAMPLES, "server:"])
     assert complete("vfiod reload --") == ["--bus", "--help", "--json", "--timeout"]
     assert "root" in complete("vfioctl policy test --user ro")

@@ -43,6 +43,12 @@ REASONS = {
     "interrupted": "vfiod stopped while granting it; undone when it started again",
     "removed": "a device of its group was removed (hot-unplug or sysfs remove)",
     "tampered": "a device of its group was moved to another driver behind vfiod's back",
+    "replaced": "another device sits at a held address; vfiod left it as it is",
+    "group-changed": "its IOMMU group's members are not the ones granted",
+    "unverified": "journaled before identities were recorded, and its devices were no longer where it put them",
+    "denied": "after a reboot, the policy no longer allows binding it again",
+    "protected": "after a reboot, a device of its group is one the host needs",
+    "in-use": "after a reboot, the host uses a device of its group",
     "revoked": "root took it back, or the policy no longer allows it",
 }
 

@@ -94,6 +94,28 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return reload_over_the_bus(args)
 
 
+END_HELP = """\
+End every lease recorded in the state directory, persistent ones and boot claims
+too, and give every device back to the driver it had (a device that is no longer
+the one leased is left alone).  Runs without a daemon and refuses while a vfiod
+serves the directory: stop vfiod.service first.  The package runs it when vfiod is
+removed, so that no device is left on vfio-pci.  A lease whose holders keep its
+group goes through the revoke ladder (its grace, then SIGTERM and SIGKILL).
+
+exit status: 0 every lease ended (or there was none); 1 some lease is left, or
+a vfiod runs on the directory.
+
+examples:
+  systemctl stop vfiod && vfiod end-leases
+"""
+
+
+def cmd_end_leases(args: argparse.Namespace) -> int:
+    from ..daemon.endall import end_all
+
+    return end_all(args)
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -111,19 +133,25 @@ def vfiod_parser() -> argparse.ArgumentParser:
                     "Without a command it runs the daemon (as root, on the system bus);\n"
                     "`vfiod inspect` shows the host offline; `vfiod reload` reloads the\n"
                     "running daemon's policy.",
-        epilog="examples:\n  vfiod --simulate --bus session      the daemon on a simulated ICH10 host\n"
+        epilog="examples:\n"
+               "  vfiod --simulate --bus session --sim-dir /tmp/sim\n"
+               "        the daemon on a simulated ICH10 host; its journal in /tmp/sim/state, its policy\n"
+               "        files in /tmp/sim/policy.d (nothing of this machine's vfiod is read or written)\n"
                "  vfiod inspect --explain",
     )
     p.add_argument("--version", action="version", version=f"vfiod {__version__}")
     p.add_argument("--bus", default="system", metavar="system|session|ADDRESS",
                    help="the bus to serve on (default: system)")
     add_root_options(p, dev=True)
-    p.add_argument("--policy-dir", default="/etc/vfiod/policy.d", metavar="DIR",
-                   help="policy files, read in name order (default: /etc/vfiod/policy.d)")
-    p.add_argument("--state-dir", default="/var/lib/vfiod", metavar="DIR",
-                   help="where the journal (state.db) lives (default: /var/lib/vfiod)")
+    p.add_argument("--policy-dir", default=None, metavar="DIR",
+                   help="policy files, read in name order (default: /etc/vfiod/policy.d; "
+                        "with --simulate: SIM_DIR/policy.d)")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where the journal (state.db) lives, locked by one daemon at a time "
+                        "(default: /var/lib/vfiod; with --simulate: SIM_DIR/state)")
     p.add_argument("--sim-dir", metavar="DIR",
-                   help="with --simulate: lay the simulated host out here (kept, reused on restart)")
+                   help="with --simulate: lay the simulated host out here (kept, reused on restart with "
+                        "the same topology only; default: a new temporary directory)")
     p.set_defaults(func=cmd_daemon, run_command=None)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     ins = sub.add_parser("inspect", help="show IOMMU groups, viability and isolation (offline)",
@@ -134,6 +162,10 @@ def vfiod_parser() -> argparse.ArgumentParser:
     ins.add_argument("--all", action="store_true",
                      help="every PCI device by class and driver (as vfioctl status), IOMMU or not")
     ins.set_defaults(func=cmd_inspect)
+    end = sub.add_parser("end-leases", help="end every lease, persistent ones too, with vfiod stopped",
+                         description=END_HELP, formatter_class=Formatter)
+    add_root_options(end, inherit=True)
+    end.set_defaults(func=cmd_end_leases)
     rel = sub.add_parser("reload", help="reload the running daemon's policy; fails if it is refused",
                          description=RELOAD_HELP, formatter_class=Formatter)
     rel.add_argument("--bus", default=argparse.SUPPRESS, metavar="system|session|ADDRESS",

@@ -21,9 +21,11 @@ from dbus_next.constants import RequestNameReply
 from ..wire import BUS_NAME, bus_args
 from .connection import VfiodBus, install_caller_tracking
 from ..backends import load_backends
-from ..errors import BackendFailed, PermissionDenied, PolicyError, VfiodError
+from ..leases.verify import reconcile_at_start
+from ..errors import BackendFailed, InvalidArgument, PermissionDenied, PolicyError, VfiodError
 from ..policy import KNOWN_BACKENDS, PolicyStore
 from ..state import Journal
+from ..statedir import MACHINE_ID, StateDirLock, machine_host, simulated_host
 from ..sysfs import Kernel, Roots, SysfsReader
 from . import journald
 from .claims import apply_claims
@@ -38,17 +40,40 @@ DEFAULT_POLICY_DIR = "/etc/vfiod/policy.d"
 DEFAULT_STATE_DIR = "/var/lib/vfiod"
 
 
+def resolve_dirs(args: argparse.Namespace) -> None:
+    """Fill in the directories not given.  A simulation never defaults to the production
+    ones: its state and policy directories live in its --sim-dir (a new temporary one
+    if none is given), and it refuses the production state directory even when named."""
+    if not args.simulate:
+        args.state_dir = args.state_dir or DEFAULT_STATE_DIR
+        args.policy_dir = args.policy_dir or DEFAULT_POLICY_DIR
+        return
+    production = os.path.realpath(DEFAULT_STATE_DIR)
+    for given in (args.state_dir, args.sim_dir):
+        if given is not None and os.path.commonpath((os.path.realpath(given), production)) == production:
+            raise InvalidArgument(f"a simulated host never uses {DEFAULT_STATE_DIR} (the journal of this "
+                                  f"machine's leases), and {given} is there: give another directory")
+    args.sim_dir = os.path.abspath(args.sim_dir or tempfile.mkdtemp(prefix="vfiod-sim-"))
+    if args.state_dir is None:
+        args.state_dir = os.path.join(args.sim_dir, "state")
+    if args.policy_dir is None:
+        args.policy_dir = os.path.join(args.sim_dir, "policy.d")
+        os.makedirs(args.policy_dir, mode=0o755, exist_ok=True)
+
+
 def make_kernel(args: argparse.Namespace) -> tuple[Kernel, str | None]:
-    """The real kernel below the given roots, or a simulated host laid out in --sim-dir."""
+    """The real kernel below the given roots, or a simulated host laid out in --sim-dir
+    (`resolve_dirs` chose it)."""
     if not args.simulate:
         roots = Roots(args.sysfs_root, args.proc_root, args.dev_root)
         SysfsReader(roots).require_pci()
         return Kernel(roots), None
-    from ..sim import hosts
+    from ..sim import hosts, simdir
     from ..sim.kernel import SimKernel
 
     spec = hosts.spec(args.simulate)
-    sim_dir = args.sim_dir or tempfile.mkdtemp(prefix="vfiod-sim-")
+    sim_dir = args.sim_dir
+    simdir.claim(sim_dir, spec)
     root = os.path.join(sim_dir, "host")
     if os.path.isdir(root):
         roots = Roots(os.path.join(root, "sys"), os.path.join(root, "proc"), os.path.join(root, "dev"))
@@ -69,17 +94,33 @@ def _is_owner_gone(msg: Message) -> str | None:
     return None
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(args: argparse.Namespace, machine_id: str = MACHINE_ID) -> int:
+    """Run the daemon: the directories, the state directory's lock (one daemon per
+    journal), then `_serve`.  `machine_id` is the file that names this machine."""
+    _setup_logging()
+    if not args.simulate and os.geteuid() != 0:
+        raise PermissionDenied("vfiod rebinds drivers and must run as root "
+                               "(--simulate runs it on a simulated host instead)")
+    resolve_dirs(args)
+    lock = StateDirLock.acquire(args.state_dir)
+    try:
+        host = simulated_host(args.simulate, args.sim_dir) if args.simulate else machine_host(machine_id)
+        return await _serve(args, host)
+    finally:
+        lock.release()
+
+
+def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else
                         "%(asctime)s %(name)s: %(message)s")
     # Audit records as structured journal entries where journald runs (the log line elsewhere).
     root_handlers = logging.getLogger().handlers
     journald.send_audit_to_journal(logging.getLogger("vfiod.audit"), root_handlers[0] if root_handlers else None)
+
+
+async def _serve(args: argparse.Namespace, host: str) -> int:
     loop = asyncio.get_running_loop()
-    if not args.simulate and os.geteuid() != 0:
-        raise PermissionDenied("vfiod rebinds drivers and must run as root "
-                               "(--simulate runs it on a simulated host instead)")
 
     # Step 1: the kernel (real, or a simulated host), the backends and the policy.
     kernel, sim_dir = make_kernel(args)
@@ -95,7 +136,7 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("policy not loaded, denying every request until it is fixed: %s", e)
 
     # Step 2: the journal, the service and its event feed.
-    journal = Journal(os.path.join(args.state_dir, "state.db"))
+    journal = Journal(os.path.join(args.state_dir, "state.db"), host=host)
     service = Service(kernel, journal, store, backends)
     service.loop = loop
     if sim_dir:       # the simulated kernel sends its uevents straight to the handler
@@ -133,7 +174,8 @@ async def serve(args: argparse.Namespace) -> int:
         if lease.owner and await service.callers.present(lease.owner):
             alive.add(lease.owner)
     service.manager.owner_alive = lambda lease: lease.owner in alive
-    for ended in await service._run(service.manager.reconcile):
+    # Each lease is judged against the devices there now first (vfiod.leases.identity).
+    for ended in await service._run(reconcile_at_start, service.manager):
         log.info("lease %s of uid %s ended on start: %s", ended.lease.id, ended.lease.uid, ended.reason)
 
     # Step 5: the boot claims, then the objects.

@@ -2,18 +2,24 @@
 
 A leased device that goes away ends its lease (``removed``); a leased device
 that changes driver while vfiod is not moving it ends its lease (``tampered``),
-which puts the group back as it was before the lease.  The snapshot is
+which puts the group back as it was before the lease.  A device added at a held
+address, or changing driver, is first judged as at start (`vfiod.leases.identity`): one
+that is not the device leased ends the lease as ``replaced`` and is not touched.  The snapshot is
 refreshed for the touched groups only, once per burst of events."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Callable, Iterable
 
+from ..leases import identity, verify
 from ..address import PciAddress
 from ..leases import LeaseManager
 from ..state import Held, LeaseRow
 from .snapshot import Snapshot
+
+log = logging.getLogger("vfiod")
 
 
 class Hotplug:
@@ -22,11 +28,12 @@ class Hotplug:
     TAMPER_GRACE = 0.25
 
     def __init__(self, manager: LeaseManager, snapshot: Snapshot,
-                 end_soon: Callable[[LeaseRow, str, str], None], is_ending: Callable[[str], bool],
+                 end_soon: Callable[[LeaseRow, str, str, Callable[[], object] | None], None],
+                 is_ending: Callable[[str], bool],
                  refresh_soon: Callable[[Iterable[int]], None]) -> None:
         self.manager = manager
         self.snapshot = snapshot
-        self.end_soon = end_soon            # end a lease in a worker (removed, tampered)
+        self.end_soon = end_soon            # end a lease in a worker (removed, tampered, replaced)
         self.is_ending = is_ending          # is that lease being ended already?
         self.refresh_soon = refresh_soon
         self._dirty: set[int] = set()
@@ -38,7 +45,9 @@ class Hotplug:
         group = lease.group if lease else self._group_of(addr)
         if lease is not None and held is not None and self._watched(lease):
             if action == "remove" or not self.manager.kernel.exists(addr):
-                self.end_soon(lease, "removed", f"{addr} was removed")
+                self.end_soon(lease, "removed", f"{addr} was removed", None)
+            elif action == "add":
+                self._judge_identity(lease)
             elif action in ("bind", "unbind"):
                 asyncio.get_running_loop().call_later(self.TAMPER_GRACE, self._judge_driver_change,
                                                       lease.id, addr, held)
@@ -57,15 +66,27 @@ class Hotplug:
         if lease is None or not self._watched(lease):
             return
         if not m.kernel.exists(addr):
-            self.end_soon(lease, "removed", f"{addr} was removed")
+            self.end_soon(lease, "removed", f"{addr} was removed", None)
+            return
+        if self._judge_identity(lease):
             return
         backend = m.backends.get(lease.backend)
         want = None if held.role == "bridge" or backend is None else backend.driver
         have = m.kernel.driver_of(addr)
         if have != want:
             self.end_soon(lease, "tampered",
-                       f"{addr} moved to {have or 'no driver'} behind vfiod's back (lease keeps it on "
-                       f"{want or 'no driver'})")
+                          f"{addr} moved to {have or 'no driver'} behind vfiod's back (lease keeps it on "
+                          f"{want or 'no driver'})", None)
+
+    def _judge_identity(self, lease: LeaseRow) -> bool:
+        """Are the lease's devices still the ones it holds?  If not, it ends hands off (the
+        new device is not touched), in a worker; True then."""
+        verdict = identity.judge(self.manager, lease)
+        if verdict is None:
+            return False
+        self.end_soon(lease, verdict.reason, verdict.why,
+                      lambda: verify.check(self.manager, lease.id, None, "hotplug"))
+        return True
 
     def _flush(self) -> None:
         groups, self._dirty = sorted(self._dirty), set()

@@ -18,6 +18,7 @@ from .connection import VfiodBus
 from .queries import Queries
 from .scopes import Scopes
 from ..address import PciAddress
+from ..leases.caps import apply_caps
 from ..errors import BackendFailed, InvalidArgument, PermissionDenied, PolicyError, VfiodError
 from ..hookspecs import Backend
 from ..leases import Ended, LeaseManager
@@ -118,16 +119,20 @@ class Service:
     def is_ending(self, lease_id: str) -> bool:
         return lease_id in self._ending
 
-    def end_soon(self, lease: LeaseRow, reason: str, why: str) -> None:
-        """End `lease` in a worker (hotplug: removed, tampered), then refresh its group."""
+    def end_soon(self, lease: LeaseRow, reason: str, why: str, work: Callable[[], object] | None = None) -> None:
+        """End `lease` in a worker (hotplug: removed, tampered, replaced), by `work` or else
+        by a release, then refresh its group."""
         self._ending.add(lease.id)
         log.warning("lease %s of uid %s ends (%s): %s", lease.id, lease.uid, reason, why)
 
         def end() -> None:
             try:
-                self.manager.release(lease.id, None, reason)
-            except VfiodError as e:
-                log.error("ending lease %s (%s): %s", lease.id, reason, e)
+                if work is None:
+                    self.manager.release(lease.id, None, reason)
+                else:
+                    work()
+            except Exception as e:          # one lease's end must never stop the loop
+                log.error("ending lease %s (%s): %s: %s", lease.id, reason, type(e).__name__, e)
             finally:
                 self._ending.discard(lease.id)
             self.snapshot.refresh([lease.group])
@@ -269,8 +274,10 @@ class Service:
             self.refresh_soon([e.lease.group for e in ended])
 
     async def revoke_disallowed(self) -> None:
-        """After a policy reload: revoke (reason ``policy``) the leases it no longer allows."""
+        """After a policy reload: revoke (reason ``policy``) the leases it no longer allows, and
+        apply its caps to the rest (`vfiod.leases.caps`)."""
         got = await self._run(self.manager.revoke_disallowed, self.policy_store.current)
+        got += await self._run(apply_caps, self.manager, self.policy_store.current)     # vfiod.leases.caps
         if got:
             self.refresh_soon([g.lease.group for g in got])
 

@@ -37,6 +37,7 @@ from ..sysfs import Holder, Kernel
 from ..terms import LeaseTerms
 from ..topology import BRIDGE_DRIVERS, VFIO_DRIVERS, Host
 from .core import Ended, LeaseCore, Revoking
+from .identity import record as record_identity
 from .ladder import Ladder
 from .memlock import MemlockGrants
 from .moves import Moves
@@ -141,6 +142,7 @@ class LeaseManager(LeaseCore):
                 cap=now + decision.max_duration if decision.max_duration else 0.0,
                 k8s_namespace=terms.k8s_namespace)
             self.journal.create(lease, plan)
+            record_identity(self, lease, host, plan)
             self.on_step("recorded")
             ctx = self.context(lease, host, decision)
             try:

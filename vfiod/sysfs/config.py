@@ -32,6 +32,7 @@ PCIE_TYPE_NAMES = {
 ACS_SV, ACS_TB, ACS_RR, ACS_CR, ACS_UF, ACS_EC, ACS_DT = (1 << i for i in range(7))
 ACS_EXT_CAP_ID = 0x000D
 SRIOV_EXT_CAP_ID = 0x0010
+DSN_EXT_CAP_ID = 0x0003    # Device Serial Number: a 64-bit serial, unique per device
 SRIOV_VF_DID = 0x1A      # VF Device ID, in the SR-IOV capability
 PCI_CAP_ID_EXP = 0x10
 
@@ -48,6 +49,7 @@ class ConfigInfo:
     acs_cap: int | None = None       # None: no ACS capability (or unknown, see `ext_known`)
     acs_ctrl: int | None = None
     sriov_vf_device: int | None = None   # device id of this PF's VFs
+    serial: int | None = None        # the Device Serial Number (None: none, or see `ext_known`)
     known: bool = False              # standard capability list was readable
     ext_known: bool = False          # extended space (>= 0x100) was readable
 
@@ -77,7 +79,7 @@ class ConfigInfo:
                         pcie_type = (struct.unpack_from("<H", data, ptr + 2)[0] >> 4) & 0xF
                         break
                     ptr = nxt
-        acs_cap = acs_ctrl = vf_device = None
+        acs_cap = acs_ctrl = vf_device = serial = None
         ext_known = False
         if pcie_type is not None and n >= 0x104:
             ext_known = True
@@ -90,12 +92,15 @@ class ConfigInfo:
                 cap_id = header & 0xFFFF
                 if cap_id == ACS_EXT_CAP_ID:
                     acs_cap, acs_ctrl = struct.unpack_from("<HH", data, pos + 4)
+                elif cap_id == DSN_EXT_CAP_ID and pos + 12 <= n:
+                    serial = struct.unpack_from("<Q", data, pos + 4)[0]
                 elif cap_id == SRIOV_EXT_CAP_ID and pos + SRIOV_VF_DID + 2 <= n:
                     vf_device = struct.unpack_from("<H", data, pos + SRIOV_VF_DID)[0]
                 pos = (header >> 20) & 0xFFC
         return cls(
             length=n, header_type=header_type, multifunction=multifunction,
             pcie_type=pcie_type, is_pcie=(pcie_type is not None) if known else None,
-            acs_cap=acs_cap, acs_ctrl=acs_ctrl, sriov_vf_device=vf_device, known=known, ext_known=ext_known,
+            acs_cap=acs_cap, acs_ctrl=acs_ctrl, sriov_vf_device=vf_device, serial=serial, known=known,
+            ext_known=ext_known,
         )
 

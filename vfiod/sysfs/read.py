@@ -402,6 +402,10 @@ class SysfsReader:
     def cmdline(self) -> str:
         return _text(self._p("cmdline")) or ""
 
+    def boot_id(self) -> str | None:
+        """The kernel's id of this boot (a new one at every boot; None where unreadable)."""
+        return _text(self._p("sys/kernel/random/boot_id")) or None
+
     def noiommu(self) -> bool:
         flag = _text(self._s("module/vfio/parameters/enable_unsafe_noiommu_mode"))
         if flag == "Y":

@@ -20,13 +20,14 @@ Flags: ``mf`` (multifunction bit), ``acs`` (ACS capability, fully enabled),
 ``acs-off`` (ACS capability present but disabled), ``boot_vga``,
 ``net=IF`` (a network interface), ``vf-of=ADDR`` (an SR-IOV VF of that PF),
 ``sriov=TOTAL:VFDEVICE`` (a PF and its VFs' device id), ``subsys=VVVV:DDDD``, ``rev=NN``, ``numa=N``,
-``reset=m1,m2``, ``override=DRIVER``.
+``reset=m1,m2``, ``override=DRIVER``, ``serial=HEX`` (a Device Serial Number capability).
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import uuid
 from typing import Callable
 
 import attrs
@@ -75,6 +76,7 @@ class Fn:
     numa: int = -1
     reset: tuple[str, ...] = ("bus",)
     override: str | None = None
+    serial: int | None = None       # the Device Serial Number (extended capability 0x0003)
 
     @classmethod
     def from_line(cls, line: str) -> "Fn":
@@ -120,6 +122,8 @@ class Fn:
                 fn = attrs.evolve(fn, reset=tuple(value.split(",")) if value else ())
             elif name == "override":
                 fn = attrs.evolve(fn, override=value)
+            elif name == "serial":
+                fn = attrs.evolve(fn, serial=int(value, 16))
             else:
                 raise ValueError(f"unknown flag {flag!r} in {line!r}")
         if f[4] not in KINDS:
@@ -153,6 +157,8 @@ class Fn:
                 struct.pack_into("<H", sriov, 0x0E - 4, self.sriov_total)          # TotalVFs
                 struct.pack_into("<H", sriov, k.SRIOV_VF_DID - 4, self.sriov_vf_device)
                 caps.append((k.SRIOV_EXT_CAP_ID, bytes(sriov)))
+            if self.serial is not None:
+                caps.append((k.DSN_EXT_CAP_ID, struct.pack("<Q", self.serial)))
             pos = 0x100
             for i, (cap_id, body) in enumerate(caps):
                 nxt = pos + 0x40 if i + 1 < len(caps) else 0
@@ -241,6 +247,8 @@ def build(spec: HostSpec, root: str) -> k.Roots:
             os.chmod(node, 0o600)
 
     _write(os.path.join(procd, "cmdline"), spec.cmdline + "\n")
+    os.makedirs(os.path.join(procd, "sys/kernel/random"), exist_ok=True)
+    _write(os.path.join(procd, "sys/kernel/random/boot_id"), f"{uuid.uuid4()}\n")    # a new boot per layout
     mountinfo = "21 1 0:20 / /proc rw,nosuid - proc proc rw\n"
     if spec.root_disk is not None:
         mountinfo = _root_mount(spec.root_fs, sysd, devd) + mountinfo
