@@ -77,8 +77,12 @@ class Dra:
             return f.read()
 
     def checkpoint(self):
-        with open(os.path.join(self.dir, "state", "checkpoint.json")) as f:
-            return json.load(f)["claims"]
+        """The checkpoint's claims ({} before the first claim is recorded)."""
+        try:
+            with open(os.path.join(self.dir, "state", "checkpoint.json")) as f:
+                return json.load(f)["claims"]
+        except FileNotFoundError:
+            return {}
 
     def stop(self):
         self.kubelet.close()
@@ -169,6 +173,22 @@ def test_a_denied_namespace_gets_its_own_error_naming_the_rule(stack, api):
                                              "device": "gpu-0"}])
     error, _ = dra.kubelet.prepare(("ml-x", other, "other"))[other]
     assert "has no allocation for vfiod.io on node node-a" in error
+
+
+@pytest.mark.parametrize("device", ["group-\u00b2", "group-\u0668"])
+def test_a_device_name_with_digits_other_than_ascii_is_refused_and_nothing_is_leased(stack, api, device):
+    """``group-²`` (which str.isdigit takes and int refuses) and ``group-٨`` (Arabic-Indic
+    eight, which int reads as 8): neither is a name this driver publishes, so the claim
+    gets a plain error naming the device and no group is leased."""
+    world, dra = stack
+    before = world.drivers()
+    dra.kubelet.register()
+    uid = api.put_claim("ml-train", "nics", [{"request": "nic", "driver": "vfiod.io", "pool": NODE,
+                                              "device": device}])
+    error, devices = dra.kubelet.prepare(("ml-train", uid, "nics"))[uid]
+    assert devices == [] and f"has no device {device!r}" in error and "ASCII digits" in error, error
+    assert world.drivers() == before and leases_of(world) == [] and dra.checkpoint() == {}
+    assert cdi.spec_claims(dra.cdi_dir) == []
 
 
 @pytest.mark.parametrize("point, reconciled", [

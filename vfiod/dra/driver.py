@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from typing import Any
 
 import attrs
@@ -31,6 +32,19 @@ from .kube import Kube, KubeError
 from .link import Vfiod
 
 log = logging.getLogger("vfiod-dra")
+
+
+_DEVICE_NAME = re.compile(r"group-(0|[1-9][0-9]{0,5})")
+
+
+def parse_device_name(device: str) -> int | None:
+    """The IOMMU group number of a slice device name ``group-N``; None for anything else.
+
+    Only ASCII digits, as this driver writes them: ``str.isdigit`` and ``int`` also take
+    superscripts (``²``, which ``int`` then refuses) and other scripts' digits (``٨`` is 8),
+    so a name no slice of this driver lists could otherwise name a group."""
+    m = _DEVICE_NAME.fullmatch(device)
+    return int(m.group(1)) if m else None
 
 
 class ClaimError(Exception):
@@ -137,11 +151,11 @@ class Driver:
             if r.get("driver") != DRIVER_NAME or r.get("pool") != self.node:
                 continue
             device = str(r.get("device", ""))
-            number = device[len("group-"):]
-            if not device.startswith("group-") or not number.isdigit():
+            number = parse_device_name(device)
+            if number is None:
                 raise ClaimError(f"ResourceClaim {claim.namespace}/{claim.name}: {DRIVER_NAME} has no "
-                                 f"device {device!r} (its devices are group-N)")
-            by_request.setdefault(str(r.get("request", "")), []).append(int(number))
+                                 f"device {device!r} (its devices are group-N, N in ASCII digits)")
+            by_request.setdefault(str(r.get("request", "")), []).append(number)
         if not by_request:
             raise ClaimError(f"ResourceClaim {claim.namespace}/{claim.name} has no allocation for "
                              f"{DRIVER_NAME} on node {self.node}")
