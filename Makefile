@@ -11,6 +11,7 @@ PYTHON ?= /usr/bin/python3
 VENV ?= $(PREFIX)/lib/vfiod
 # systemd's unit directory for packages (Debian 12: /lib, merged with /usr/lib)
 UNITDIR ?= /lib/systemd/system
+GENERATORDIR ?= /lib/systemd/system-generators
 DEBDIR ?= ..
 
 install: install-data
@@ -26,6 +27,7 @@ install: install-data
 install-data: man
 	install -Dm644 systemd/vfiod.service $(DESTDIR)$(UNITDIR)/vfiod.service
 	sed -i 's|/usr/bin/vfiod|$(PREFIX)/bin/vfiod|g' $(DESTDIR)$(UNITDIR)/vfiod.service
+	install -Dm755 systemd/vfiod-sysfs-generator $(DESTDIR)$(GENERATORDIR)/vfiod-sysfs-generator
 	install -Dm644 systemd/org.vfiod1.conf $(DESTDIR)$(PREFIX)/share/dbus-1/system.d/org.vfiod1.conf
 	install -Dm644 systemd/org.vfiod1.service $(DESTDIR)$(PREFIX)/share/dbus-1/system-services/org.vfiod1.service
 	install -Dm644 systemd/vfiod-tmpfiles.conf $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/vfiod.conf

@@ -48,27 +48,35 @@ def allocated(*groups, request="nic"):
 
 
 class Dra:
-    """vfiod-dra as a process of the delegate user, with its own directories."""
+    """vfiod-dra as a process of the delegate user, with its own directories, and its
+    spec writer (``vfiod-dra cdi-writer``) as root beside it."""
 
     def __init__(self, world, api, **env):
         self.world, self.api = world, api
         self.dir = os.path.join(world.dir, "dra")
-        for sub in ("registry", "plugin", "state", "cdi"):
+        for sub in ("registry", "plugin", "state", "requests"):
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
         uid = unprivileged_uid()
         for dirpath, dirnames, _ in os.walk(self.dir):
             os.chown(dirpath, uid, uid)
-        self.cdi_dir = os.path.join(self.dir, "cdi")
-        self.proc = None
+        self.cdi_dir = os.path.join(self.dir, "cdi")          # root's, as /var/run/cdi is
+        os.makedirs(self.cdi_dir, mode=0o755, exist_ok=True)
+        self.requests_dir = os.path.join(self.dir, "requests")
+        self.proc = self.writer = None
         self.start(**env)
 
     def start(self, **env):
         self.log = open(os.path.join(self.dir, "dra.log"), "a")
         d = self.dir
+        dirs = ["--bus", self.world.address, "--cdi-dir", self.cdi_dir, "--cdi-requests", self.requests_dir]
+        self.wlog = open(os.path.join(self.dir, "writer.log"), "a")
+        self.writer = subprocess.Popen(
+            [os.path.join(VENV_BIN, "vfiod-dra"), *dirs, "--dev-root", self.world.tree().dev,
+             "cdi-writer", "--delegate", TEST_USER], stdout=self.wlog, stderr=subprocess.STDOUT, cwd=d)
         self.proc = subprocess.Popen(
-            [os.path.join(VENV_BIN, "vfiod-dra"), "--node", NODE, "--bus", self.world.address,
+            [os.path.join(VENV_BIN, "vfiod-dra"), "--node", NODE, *dirs,
              "--kube", self.api.url, "--registry-dir", f"{d}/registry", "--plugin-dir", f"{d}/plugin",
-             "--state-dir", f"{d}/state", "--cdi-dir", self.cdi_dir, "--dev-root", self.world.tree().dev],
+             "--state-dir", f"{d}/state"],
             stdout=self.log, stderr=subprocess.STDOUT, user=TEST_USER, cwd=d, env=dict(os.environ, **env))
         self.kubelet = FakeKubelet(f"{d}/registry")
 
@@ -76,16 +84,26 @@ class Dra:
         with open(os.path.join(self.dir, "dra.log")) as f:
             return f.read()
 
+    def writer_log(self):
+        with open(os.path.join(self.dir, "writer.log")) as f:
+            return f.read()
+
     def checkpoint(self):
-        with open(os.path.join(self.dir, "state", "checkpoint.json")) as f:
-            return json.load(f)["claims"]
+        """The checkpoint's claims ({} before the first claim is recorded)."""
+        try:
+            with open(os.path.join(self.dir, "state", "checkpoint.json")) as f:
+                return json.load(f)["claims"]
+        except FileNotFoundError:
+            return {}
 
     def stop(self):
         self.kubelet.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
+        for p in (self.proc, self.writer):
+            if p.poll() is None:
+                p.terminate()
+                p.wait(30)
         self.log.close()
+        self.wlog.close()
 
 
 @pytest.fixture
@@ -104,11 +122,20 @@ def stack(make_world, api):
     finally:
         dra.stop()
         assert "Traceback" not in dra.read_log(), dra.read_log()
+        assert "Traceback" not in dra.writer_log(), dra.writer_log()
 
 
 def schema():
     with open(cdi.SCHEMA) as f:
         return json.load(f)
+
+
+def spec_gone(dra, uid, timeout=10):
+    """The writer deletes a withdrawn claim's spec: True once it is gone."""
+    deadline = time.monotonic() + timeout
+    while cdi.read_spec(dra.cdi_dir, uid) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return cdi.read_spec(dra.cdi_dir, uid) is None
 
 
 def leases_of(world):
@@ -146,7 +173,7 @@ def test_register_prepare_twice_unprepare(stack, api):
 
     assert dra.kubelet.unprepare(("ml-train", uid, "nics")) == {uid: ""}
     assert world.drivers() == before and leases_of(world) == []
-    assert cdi.read_spec(dra.cdi_dir, uid) is None and dra.checkpoint() == {}
+    assert spec_gone(dra, uid) and dra.checkpoint() == {}
     # unpreparing what is not prepared is no error
     assert dra.kubelet.unprepare(("ml-train", uid, "nics")) == {uid: ""}
 
@@ -169,6 +196,22 @@ def test_a_denied_namespace_gets_its_own_error_naming_the_rule(stack, api):
                                              "device": "gpu-0"}])
     error, _ = dra.kubelet.prepare(("ml-x", other, "other"))[other]
     assert "has no allocation for vfiod.io on node node-a" in error
+
+
+@pytest.mark.parametrize("device", ["group-\u00b2", "group-\u0668"])
+def test_a_device_name_with_digits_other_than_ascii_is_refused_and_nothing_is_leased(stack, api, device):
+    """``group-²`` (which str.isdigit takes and int refuses) and ``group-٨`` (Arabic-Indic
+    eight, which int reads as 8): neither is a name this driver publishes, so the claim
+    gets a plain error naming the device and no group is leased."""
+    world, dra = stack
+    before = world.drivers()
+    dra.kubelet.register()
+    uid = api.put_claim("ml-train", "nics", [{"request": "nic", "driver": "vfiod.io", "pool": NODE,
+                                              "device": device}])
+    error, devices = dra.kubelet.prepare(("ml-train", uid, "nics"))[uid]
+    assert devices == [] and f"has no device {device!r}" in error and "ASCII digits" in error, error
+    assert world.drivers() == before and leases_of(world) == [] and dra.checkpoint() == {}
+    assert cdi.spec_claims(dra.cdi_dir) == []
 
 
 @pytest.mark.parametrize("point, reconciled", [
@@ -335,5 +378,65 @@ def test_a_policy_reload_judges_a_claims_lease_for_its_namespace(stack, api):
     while leases_of(world) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert leases_of(world) == [] and world.drivers() == before
+    # the writer deletes the spec of a lease that ended: no container started from now
+    # on gets a copy of a node the delegate no longer leases
+    assert spec_gone(dra, uid), dra.writer_log()
     # the kubelet's unprepare then finds nothing left to end
     assert dra.kubelet.unprepare(("ml-train", uid, "nics")) == {uid: ""}
+
+
+def _forge(dra, uid, doc):
+    """A request written in the delegate's directory, as a compromised vfiod-dra could."""
+    path = cdi.request_path(dra.requests_dir, uid)
+    with open(path, "w") as f:
+        f.write(doc if isinstance(doc, str) else json.dumps(doc))
+    return path
+
+
+def _wait_log(dra, text, timeout=10):
+    deadline = time.monotonic() + timeout
+    while text not in dra.writer_log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return text in dra.writer_log()
+
+
+def test_the_spec_writer_writes_no_spec_for_a_group_the_delegate_does_not_lease(make_world, api):
+    """A container's copy of /dev/vfio/N is open to the pod's user: a request for a group
+    vfiod-dra's user does not lease (here: nobody does; then root does) gets no spec."""
+    world = make_world(policy=POLICY + '[[rule]]\ngroup = [8]\nusers = ["root"]\npersistent = true\n')
+    dra = Dra(world, api)
+    try:
+        uid = "0c4f6d3a-0000-4000-8000-0000000000aa"
+        _forge(dra, uid, {"claim": uid, "requests": {"nic": [8]}})
+        assert _wait_log(dra, f"no CDI spec for claim {uid}: IOMMU group 8 is not leased by uid"), \
+            dra.writer_log()
+        world.ctl("lease", "group:8", "--persistent", user=None)          # root's lease, not the delegate's
+        assert [x["owner"] for x in leases_of(world)] == [0]
+        time.sleep(1.0)
+        assert cdi.spec_claims(dra.cdi_dir) == [], dra.writer_log()
+        assert dra.writer.poll() is None
+    finally:
+        dra.stop()
+    assert "Traceback" not in dra.writer_log()
+
+
+@pytest.mark.parametrize("doc, why", [
+    ("{not json", "is not JSON"),
+    ({"claim": "UID", "requests": {"nic": [8]}, "hooks": [{"path": "/bin/sh"}]}, "not a spec request"),
+    ({"claim": "0c4f6d3a-0000-4000-8000-0000000000bb", "requests": {"nic": [8]}}, "its file name claim"),
+    ({"claim": "UID", "requests": {"nic": ["8"]}}, "not a list of IOMMU group numbers"),
+    ({"claim": "UID", "requests": {"NIC/../x": [8]}}, "not a request name"),
+])
+def test_the_spec_writer_refuses_a_request_it_did_not_ask_for_by_name(stack, api, doc, why):
+    """Anything but exactly what vfiod-dra writes is refused with the reason, logged once,
+    and writes nothing; the writer keeps serving (the fixture checks its log for tracebacks)."""
+    world, dra = stack
+    uid = "0c4f6d3a-0000-4000-8000-0000000000cc"
+    if isinstance(doc, dict):
+        doc = json.loads(json.dumps(doc).replace('"UID"', json.dumps(uid)))
+    _forge(dra, uid, doc)
+    assert _wait_log(dra, f"no CDI spec for claim {uid}: "), dra.writer_log()
+    assert why in dra.writer_log(), dra.writer_log()
+    time.sleep(0.5)
+    assert dra.writer_log().count(f"no CDI spec for claim {uid}: ") == 1, dra.writer_log()
+    assert cdi.spec_claims(dra.cdi_dir) == [] and dra.writer.poll() is None

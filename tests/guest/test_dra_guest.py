@@ -2,8 +2,9 @@
 alone in its group) handed to a "container" through a DRA claim.
 
 One boot.  Inside the guest, one root python3 process runs a private bus and vfiod
-(tests/guest/instack.py), a stub API server (tests/dra/stubapi.py) and vfiod-dra as
-the ``vfiotest`` user, the delegate the policy names; a fake kubelet
+(tests/guest/instack.py), a stub API server (tests/dra/stubapi.py), vfiod-dra as
+the ``vfiotest`` user, the delegate the policy names, and its spec writer
+(``vfiod-dra cdi-writer``) as root, the only one who writes the CDI directory; a fake kubelet
 (tests/dra/kubelet.py) registers it and calls it.  In order:
 
 1. a bare vfiod lease and release of the group by uid 1000 (its own user rule),
@@ -61,17 +62,37 @@ policy = {"50-k8s.toml":
 stack = Stack("/run/vfiod-dra-test", policy)
 api = StubApiServer()
 DIR = "/run/dra"
-for sub in ("registry", "plugin", "state", "cdi"):
+for sub in ("registry", "plugin", "state", "requests"):
     os.makedirs(f"{DIR}/{sub}", exist_ok=True)
     os.chown(f"{DIR}/{sub}", dra_user.pw_uid, dra_user.pw_gid)
-CDI = f"{DIR}/cdi"
+CDI = f"{DIR}/cdi"                 # root's, as /var/run/cdi: the spec writer's
+os.makedirs(CDI, mode=0o755, exist_ok=True)
+REQUESTS = f"{DIR}/requests"
 procs = []
+
+def start_writer():
+    log = open(f"{DIR}/writer.log", "a")
+    p = subprocess.Popen(["vfiod-dra", "--bus", stack.address, "--cdi-dir", CDI, "--cdi-requests", REQUESTS,
+                          "cdi-writer", "--delegate", "vfiotest"],
+                         stdout=log, stderr=subprocess.STDOUT, cwd="/tmp")
+    procs.append(p)
+    return p
+
+def specs(settle=10.0):
+    """The spec files, once the writer has caught up with the requests (or after `settle` s)."""
+    deadline = time.monotonic() + settle
+    while time.monotonic() < deadline:
+        want = sorted(n for n in os.listdir(REQUESTS) if n.endswith(".json"))
+        if sorted(os.listdir(CDI)) == want:
+            break
+        time.sleep(0.05)
+    return sorted(os.listdir(CDI))
 
 def start_dra(**env):
     log = open(f"{DIR}/dra.log", "a")
     p = subprocess.Popen(["vfiod-dra", "--node", NODE, "--bus", stack.address, "--kube", api.url,
                           "--registry-dir", f"{DIR}/registry", "--plugin-dir", f"{DIR}/plugin",
-                          "--state-dir", f"{DIR}/state", "--cdi-dir", CDI],
+                          "--state-dir", f"{DIR}/state", "--cdi-dir", CDI, "--cdi-requests", REQUESTS],
                          stdout=log, stderr=subprocess.STDOUT, user=dra_user.pw_uid, group=dra_user.pw_gid,
                          extra_groups=[], env=dict(os.environ, **env), cwd="/tmp")
     procs.append(p)
@@ -107,6 +128,7 @@ asyncio.run(main())
 try:
     res["before"] = driver(NIC)
     stack.start()
+    start_writer()
     dra, kubelet, info = start_dra()
     res["info"] = {"type": info.type, "name": info.name, "versions": list(info.supported_versions),
                    "endpoint": info.endpoint}
@@ -144,12 +166,12 @@ try:
 
     # 3. unprepare
     res["unprepare"] = kubelet.unprepare(c)[c[1]]
-    res["unprepared"] = {"driver": driver(NIC), "node": node(GROUP), "specs": sorted(os.listdir(CDI))}
+    res["unprepared"] = {"driver": driver(NIC), "node": node(GROUP), "specs": specs()}
 
     # 4. a namespace the policy refuses
     w = claim("web", "nics")
     res["denied"] = kubelet.prepare(w)[w[1]]
-    res["after_denied"] = {"driver": driver(NIC), "specs": sorted(os.listdir(CDI)),
+    res["after_denied"] = {"driver": driver(NIC), "specs": specs(),
                            "leases": record(stack.vfioctl(0, "leases", "--json", timeout=120))}
 
     # 5. killed between the lease and the CDI spec, restarted
@@ -163,11 +185,11 @@ try:
     except Exception as e:
         res["crash_prepare"] = type(e).__name__
     res["crash_rc"] = dra.wait(60)
-    res["crashed"] = {"driver": driver(NIC), "specs": sorted(os.listdir(CDI)),
+    res["crashed"] = {"driver": driver(NIC), "specs": specs(),
                       "leases": record(stack.vfioctl(0, "leases", "--json", timeout=120))}
     kubelet.close()
     dra, kubelet, _ = start_dra()
-    res["reconciled"] = {"driver": driver(NIC), "specs": sorted(os.listdir(CDI)),
+    res["reconciled"] = {"driver": driver(NIC), "specs": specs(),
                          "leases": record(stack.vfioctl(0, "leases", "--json", timeout=120))}
 
     # 6. hotplug removal
@@ -196,10 +218,11 @@ finally:
     stack.close()
     api.close()
     res["vfiod_log"] = stack.read_log()
-    try:
-        res["dra_log"] = open(f"{DIR}/dra.log").read()
-    except OSError:
-        res["dra_log"] = ""
+    for name in ("dra", "writer"):
+        try:
+            res[f"{name}_log"] = open(f"{DIR}/{name}.log").read()
+        except OSError:
+            res[f"{name}_log"] = ""
     with open(os.path.join(OUT, "dra.json"), "w") as f:
         json.dump(res, f)
 '''
@@ -295,6 +318,7 @@ def test_the_slice_follows_a_hotplug_removal_within_2_s(run):
     assert run["removal_seconds"] is not None and run["removal_seconds"] < 2.0, run["removal_seconds"]
     assert run["dra_rc"] == 0
     assert "Traceback" not in run["dra_log"] and "Traceback" not in run["vfiod_log"]
+    assert "Traceback" not in run["writer_log"] and "spec written" in run["writer_log"], run["writer_log"]
 
 
 def test_latency_figures_are_recorded(run):

@@ -100,6 +100,35 @@ awk -v nic="$NIC" '$1 == nic && $2 == "00000000" {found=1} END {exit !found}' /p
     || fail "vfiod does not see the default route"
 ls /proc/$PID/root/sys/class/net > $OUT/daemon-class-net.txt
 
+# The sandbox of the running daemon: its seccomp mode, capabilities and mounts, and the
+# drop-in the package's generator wrote (this host's PCI root buses).
+grep -E '^(Seccomp|NoNewPrivs|CapBnd|CapEff|CapPrm):' /proc/$PID/status > $OUT/daemon-status.txt
+cat /proc/$PID/mountinfo > $OUT/daemon-mountinfo.txt
+cat /run/systemd/generator/vfiod.service.d/50-pci-sysfs.conf > $OUT/generator-dropin.txt 2>&1
+# ... and tried: a victim process of another user, and a probe that systemd runs from
+# this unit (a drop-in adding only ExecStartPost=, so the probe gets the unit's own
+# capabilities, system call filter, mounts and NoNewPrivileges).
+PROBE=$VFIOD_CHECKOUT/tests/guest/sandbox_probe.py
+as_user python3 $PROBE victim > $OUT/victim.txt 2>&1 &
+for i in $(seq 60); do [ -s $OUT/victim.txt ] && break; sleep 0.5; done
+read VPID VADDR VLEN < $OUT/victim.txt || fail "the victim did not start: $(cat $OUT/victim.txt)"
+mkdir -p /run/systemd/system/vfiod.service.d
+printf '[Service]\nExecStartPost=-/usr/bin/python3 %s probe %s %s %s %s\n' $PROBE $VPID $VADDR $VLEN $NIC_ADDR \
+    > /run/systemd/system/vfiod.service.d/90-probe.conf
+systemctl daemon-reload
+systemctl restart vfiod || fail "restart with the probe"
+for i in $(seq 30); do
+    journalctl --no-pager -u vfiod -o cat | sed -n 's/^vfiod-sandbox-probe: //p' | tail -1 > $OUT/probe.json
+    [ -s $OUT/probe.json ] && break
+    sleep 0.5
+done
+kill -USR1 $VPID
+wait
+rm /run/systemd/system/vfiod.service.d/90-probe.conf
+systemctl daemon-reload
+systemctl restart vfiod || fail "restart after the probe"
+PID=$(systemctl show -p MainPID --value vfiod)
+
 # The default-route NIC is protected, to an unprivileged user on the system bus.
 as_user $VFIOCTL check $NIC_ADDR > $OUT/check-protected.txt 2>&1
 echo $? > $OUT/check-protected.rc
@@ -312,6 +341,75 @@ def test_the_daemon_sees_the_host_network_and_protects_the_default_route_nic(run
     said = text(run, "check-protected.txt")
     assert "protected" in said.lower() and "default route" in said.lower(), said
     assert text(run, "lease-protected.rc").strip() == "3", text(run, "lease-protected.txt")
+
+
+CAPS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_KILL": 5, "CAP_SYS_MODULE": 16,
+        "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24}
+
+
+def _unit_caps():
+    text = open(os.path.join(ROOT, "systemd/vfiod.service")).read()
+    names = re.search(r"^CapabilityBoundingSet=(.*)$", text, flags=re.M).group(1).split()
+    return sum(1 << CAPS[n] for n in names)
+
+
+def _mounts(res):
+    """Mount point → its per-mount options, from the daemon's /proc/PID/mountinfo."""
+    out = {}
+    for line in text(res, "daemon-mountinfo.txt").splitlines():
+        fields = line.split()
+        out[fields[4]] = fields[5].split(",")
+    return out
+
+
+def test_the_running_daemon_has_the_units_filter_capabilities_and_read_only_proc_and_sys(run):
+    """Read from the running daemon (/proc/MAINPID/status and mountinfo): the seccomp
+    filter is on, it cannot gain privileges, it holds exactly the unit's bounding set,
+    /proc and /sys are read-only mounts in its namespace and only the sysfs paths
+    rebinding writes (the drivers, drivers_probe, the PCI root bus the generator
+    found) are read-write."""
+    status = dict(line.split(":", 1) for line in text(run, "daemon-status.txt").splitlines())
+    assert status["Seccomp"].strip() == "2" and status["NoNewPrivs"].strip() == "1", status
+    assert int(status["CapBnd"], 16) == _unit_caps() == int(status["CapEff"], 16), status
+    assert "ReadWritePaths=-/sys/devices/pci0000:00" in text(run, "generator-dropin.txt").splitlines()
+    mounts = _mounts(run)
+    for ro in ("/proc", "/proc/sys", "/sys"):
+        assert "ro" in mounts[ro], (ro, mounts.get(ro))
+    for rw in ("/sys/bus/pci/drivers", "/sys/bus/pci/drivers_probe", "/sys/devices/pci0000:00"):
+        assert "rw" in mounts[rw], (rw, mounts.get(rw))
+
+
+def test_a_probe_in_the_units_sandbox_cannot_reach_another_process_or_the_kernels_tunables(run):
+    """Run by systemd from the unit itself (a drop-in adds only ExecStartPost=), so it
+    has exactly the daemon's capabilities (CAP_SYS_PTRACE among them), filter and mounts:
+    process_vm_writev/readv and kcmp on another user's process are refused by the filter
+    (EPERM), its /proc/PID/mem and /proc/sys cannot be opened for writing (EROFS), nor
+    can /sys outside the PCI paths; the files rebinding writes still open for writing.
+    The victim's buffer is unchanged afterwards."""
+    probe = json.loads(text(run, "probe.json"))
+    assert probe["process_vm_writev"] == "EPERM" and probe["process_vm_readv"] == "EPERM", probe
+    assert probe["kcmp"] == "EPERM", probe
+    assert probe["proc_pid_mem"] == "EROFS", probe
+    assert probe["proc_sys"] == "EROFS", probe
+    for key in ("sys_kernel", "sys_devices_system", "sys_bus_pci_rescan"):
+        assert probe[key] == "EROFS", (key, probe)
+    for key in ("driver_override", "reset", "unbind", "drivers_probe"):
+        assert probe[key] == "ok", (key, probe)
+    victim = text(run, "victim.txt").splitlines()
+    assert victim[-1].startswith("buffer untouched"), victim
+
+
+@pytest.mark.xfail(strict=True, reason="known hole: with CAP_SYS_PTRACE, /proc/PID/root of a host process "
+                   "leads into the host's mount namespace, where /proc and /sys are writable; the unit's "
+                   "read-only mounts do not reach there (a fix needs Landlock or no CAP_SYS_PTRACE)")
+def test_the_unit_cannot_write_through_another_namespaces_root(run):
+    """/proc/1/root leads into PID 1's mount namespace, where /proc and /sys are
+    writable: the unit's read-only mounts must hold there too.  They do not yet (the
+    probe wrote the victim's memory through /proc/1/root/proc/PID/mem): strict, so this
+    fails as soon as the hole is closed and the marker must go."""
+    probe = json.loads(text(run, "probe.json"))
+    for key in ("proc_1_root_proc_pid_mem", "proc_1_root_proc_sys", "proc_1_root_sys_bus_pci_rescan"):
+        assert probe[key] != "ok" and not probe[key].startswith("opened"), (key, probe)
 
 
 def test_an_unprivileged_user_leases_the_nic_over_the_system_bus(run):

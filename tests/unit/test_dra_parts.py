@@ -156,17 +156,80 @@ def test_the_deploy_files_use_the_commands_options():
     with open(os.path.join(ROOT, "deploy/vfiod-dra-daemonset.yaml")) as f:
         docs = list(yaml.safe_load_all(f))
     ds = next(d for d in docs if d["kind"] == "DaemonSet")
-    (container,) = ds["spec"]["template"]["spec"]["containers"]
-    parser().parse_args(container["command"][1:])
+    containers = {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
+    assert set(containers) == {"vfiod-dra", "cdi-writer"}
+    for c in containers.values():
+        parser().parse_args(c["command"][1:])
     rules = next(d for d in docs if d["kind"] == "ClusterRole")["rules"]
     assert {r["resources"][0]: set(r["verbs"]) for r in rules} == {
-        "resourceclaims": {"get"}, "resourceslices": {"get", "create", "update", "delete"}}
-    with open(os.path.join(ROOT, "deploy/vfiod-dra.service")) as f:
-        exec_start = next(line for line in f if line.startswith("ExecStart="))
-    parser().parse_args(exec_start.split()[1:])
+        "resourceclaims": {"get"}, "resourceslices": {"get", "create", "update"}}
+    for name in ("vfiod-dra.service", "vfiod-dra-cdi-writer.service"):
+        with open(os.path.join(ROOT, "deploy", name)) as f:
+            exec_start = next(line for line in f if line.startswith("ExecStart="))
+        parser().parse_args(exec_start.split()[1:])
     with open(os.path.join(ROOT, "deploy/example-claim.yaml")) as f:
         kinds = [d["kind"] for d in yaml.safe_load_all(f)]
     assert kinds == ["DeviceClass", "ResourceClaimTemplate", "Pod"]
+
+
+def _mounts(container, volumes):
+    """mountPath → (host path, read-only) of a container's hostPath mounts."""
+    return {m["mountPath"]: (volumes[m["name"]]["hostPath"]["path"], bool(m.get("readOnly")))
+            for m in container.get("volumeMounts", [])}
+
+
+def test_the_driver_writes_neither_the_cdi_directory_nor_the_shared_plugin_registry():
+    """The driver's user gets no write access to /var/run/cdi (specs' hooks run as root)
+    nor to the kubelet's registry (the other plugins' sockets), in either deployment: only
+    to directories of its own; its specs are the root-owned writer's."""
+    with open(os.path.join(ROOT, "deploy/vfiod-dra-daemonset.yaml")) as f:
+        docs = list(yaml.safe_load_all(f))
+    ds = next(d for d in docs if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in ds["volumes"]}
+    text = open(os.path.join(ROOT, "deploy/vfiod-dra-daemonset.yaml")).read()
+    assert "setfacl" not in text
+    for c in ds["initContainers"] + ds["containers"]:
+        for path, (host, read_only) in _mounts(c, volumes).items():
+            assert host != "/var/lib/kubelet/plugins_registry", (c["name"], path)
+            if host == "/var/run/cdi" and not read_only:
+                assert c["name"] == "cdi-writer", c["name"]
+    writer = next(c for c in ds["containers"] if c["name"] == "cdi-writer")
+    assert writer["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    unit = open(os.path.join(ROOT, "deploy/vfiod-dra.service")).read()
+    assert "setfacl" not in unit and "/var/run/cdi" not in unit and "/run/cdi" not in unit.replace(
+        "/run/vfiod-dra/cdi-requests", "")
+    rw = [line.split("=", 1)[1].split() for line in unit.splitlines() if line.startswith("ReadWritePaths=")]
+    assert "/var/lib/kubelet/plugins_registry" not in sum(rw, [])
+    args = parser().parse_args(next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+                               .split()[1:])
+    assert args.registry_dir == "/var/lib/kubelet/plugins_registry/vfiod.io"
+    assert parser().parse_args([]).registry_dir == "/var/lib/kubelet/plugins_registry/vfiod.io"
+
+
+def test_the_admission_policy_holds_the_drivers_slice_writes_to_its_node_and_driver():
+    """RBAC cannot name a field; the ValidatingAdmissionPolicy binds every slice write of
+    the driver's service account to the node in its token and to driver vfiod.io.  (Its
+    CEL is checked by the API server, not here: this checks that it applies to the
+    service account the DaemonSet runs as, to every write, and compares those fields.)"""
+    with open(os.path.join(ROOT, "deploy/vfiod-dra-daemonset.yaml")) as f:
+        docs = list(yaml.safe_load_all(f))
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]
+    ds = next(d for d in docs if d["kind"] == "DaemonSet")
+    assert ds["spec"]["template"]["spec"]["serviceAccountName"] == sa["name"]
+    vap = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicy")
+    binding = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == vap["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert vap["spec"]["failurePolicy"] == "Fail"
+    (rule,) = vap["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == ["resourceslices"] and set(rule["operations"]) == {"CREATE", "UPDATE", "DELETE"}
+    (cond,) = vap["spec"]["matchConditions"]
+    assert f'"system:serviceaccount:{sa["namespace"]}:{sa["name"]}"' in cond["expression"]
+    variables = {v["name"]: v["expression"] for v in vap["spec"]["variables"]}
+    assert "authentication.kubernetes.io/node-name" in variables["node"]
+    assert "oldObject" in variables["slice"]
+    checks = " ".join(v["expression"] for v in vap["spec"]["validations"])
+    assert "spec.?nodeName" in checks and "variables.node" in checks and "spec.driver == 'vfiod.io'" in checks
 
 
 def test_the_example_policy_loads():

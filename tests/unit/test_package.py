@@ -14,7 +14,7 @@ SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 EXPECTED = [
     "./usr/bin/vfiod", "./usr/bin/vfioctl",
-    "./lib/systemd/system/vfiod.service",
+    "./lib/systemd/system/vfiod.service", "./lib/systemd/system-generators/vfiod-sysfs-generator",
     "./usr/share/dbus-1/system.d/org.vfiod1.conf",
     "./usr/share/dbus-1/system-services/org.vfiod1.service",
     "./usr/lib/tmpfiles.d/vfiod.conf", "./usr/lib/modules-load.d/vfiod.conf",

@@ -112,3 +112,40 @@ def test_every_capability_and_relaxation_is_explained_and_reload_validates():
             assert lines[i - 1].startswith("#") or lines[i - 2].startswith("#"), line
     # systemctl reload must fail when the policy is refused: a kill -HUP cannot tell
     assert unit["ExecReload"] == ["/usr/bin/vfiod reload"]
+
+
+def _link_device(sysfs, addr, path):
+    os.makedirs(sysfs / "devices" / path, exist_ok=True)
+    (sysfs / "bus/pci/devices").mkdir(parents=True, exist_ok=True)
+    os.symlink(f"../../../devices/{path}", sysfs / "bus/pci/devices" / addr)
+
+
+def test_the_generator_opens_exactly_this_hosts_pci_root_buses(tmp_path):
+    """vfiod.service leaves /sys read-only; the generator's drop-in names each PCI root
+    bus directory (an x86 root bus, a VMD domain below it, a root bus below a platform
+    device), once, and nothing else below /sys."""
+    sysfs = tmp_path / "sys"
+    _link_device(sysfs, "0000:00:02.0", "pci0000:00/0000:00:02.0")
+    _link_device(sysfs, "0000:01:00.0", "pci0000:00/0000:00:02.0/0000:01:00.0")
+    _link_device(sysfs, "10000:e0:01.0", "pci0000:00/0000:00:0e.0/pci10000:e0/10000:e0:01.0")
+    _link_device(sysfs, "0000:80:00.0", "pci0000:80/0000:80:00.0")
+    _link_device(sysfs, "0001:00:00.0", "platform/soc/1f00000.pcie/pci0001:00/0001:00:00.0")
+    os.makedirs(sysfs / "devices/system/cpu")
+    out = tmp_path / "generator"
+    p = subprocess.run([os.path.join(ROOT, "systemd/vfiod-sysfs-generator"), str(out), str(out), str(out)],
+                       env={"PATH": "/usr/bin:/bin", "VFIOD_SYSFS": str(sysfs)}, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert os.listdir(out / "vfiod.service.d") == ["50-pci-sysfs.conf"]
+    dropin = (out / "vfiod.service.d/50-pci-sysfs.conf").read_text()
+    lines = [line for line in dropin.splitlines() if not line.startswith("#")]
+    assert lines == ["[Service]", "ReadWritePaths=-/sys/devices/pci0000:00", "ReadWritePaths=-/sys/devices/pci0000:80",
+                     "ReadWritePaths=-/sys/devices/platform/soc/1f00000.pcie/pci0001:00"], dropin
+
+
+def test_the_unit_keeps_proc_and_sys_read_only_and_filters_the_cross_process_calls():
+    unit = _directives(open(os.path.join(ROOT, "systemd/vfiod.service")).read())
+    assert unit["ProtectKernelTunables"] == ["yes"] and unit["ReadOnlyPaths"] == ["/proc"]
+    rw = " ".join(unit["ReadWritePaths"]).split()
+    assert sorted(rw) == ["/dev/vfio", "/sys/bus/pci/drivers", "/sys/bus/pci/drivers_probe"], rw
+    denied = " ".join(v[1:] for v in unit["SystemCallFilter"] if v.startswith("~")).split()
+    assert {"process_vm_readv", "process_vm_writev", "@debug"} <= set(denied), denied

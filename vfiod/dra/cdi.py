@@ -11,7 +11,16 @@ process's RLIMIT_MEMLOCK; see `memlock_hook`).  ``cdi-spec.schema.json`` is the
 JSON Schema of what is written here.
 
 Specs are written to a temporary name and renamed, so a runtime never reads half
-a spec, and a crash leaves at most a temporary file that `remove_strays` clears."""
+a spec, and a crash leaves at most a temporary file that `remove_strays` clears.
+
+Who writes them: a CDI spec is root's word to the runtime (its hooks run as root,
+its device nodes and mounts go into the container), so the spec directories
+(``/etc/cdi``, ``/var/run/cdi``; runtimes read the files directly in them, not
+in subdirectories) stay root's.  vfiod-dra, unprivileged, writes a *request* per
+claim in its own directory (``vfiod.io-CLAIMUID.json``: the claim and, by request
+name, its groups); the spec writer (``vfiod-dra cdi-writer``, root, `cdiwriter`)
+builds each spec from vfiod's own answers, for groups vfiod says vfiod-dra's user
+leases, and nothing else."""
 
 from __future__ import annotations
 
@@ -28,6 +37,8 @@ from . import DRIVER_NAME
 CDI_VERSION = "0.6.0"
 KIND = f"{DRIVER_NAME}/group"
 DEFAULT_DIR = "/var/run/cdi"
+#: where vfiod-dra puts its requests for the spec writer
+DEFAULT_REQUESTS_DIR = "/run/vfiod-dra/cdi-requests"
 SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cdi-spec.schema.json")
 #: the container's view of a VFIO node: its own copy, readable by whatever uid the pod runs as
 CONTAINER_MODE = 0o666
@@ -178,3 +189,123 @@ def memlock_hook(limit: int, state: Mapping[str, Any]) -> tuple[int, int]:
     new_soft = soft if soft == inf or soft >= limit else limit
     resource.prlimit(pid, resource.RLIMIT_MEMLOCK, (new_soft, new_hard))
     return new_soft, new_hard
+
+
+# ------------------------------------------------------------ requests for the spec writer
+
+
+class RequestError(ValueError):
+    """A request file that is not one vfiod-dra writes; the message says what is wrong."""
+
+
+#: a claim's uid as Kubernetes makes them (a UUID; anything of these characters is taken)
+_CLAIM_UID = re.compile(r"[0-9a-z][0-9a-z-]{0,62}")
+#: a request name of a ResourceClaim: a DNS label
+_REQUEST_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+#: at most this many groups in one claim
+MAX_GROUPS = 64
+
+
+@attrs.frozen
+class SpecRequest:
+    """What vfiod-dra asks the spec writer for: claim `claim`'s groups, by request name."""
+
+    claim: str
+    requests: Mapping[str, tuple[int, ...]]
+
+    @property
+    def groups(self) -> list[int]:
+        return sorted({n for ns in self.requests.values() for n in ns})
+
+
+def request_path(requests_dir: str, claim_uid: str) -> str:
+    return os.path.join(requests_dir, f"{_PREFIX}{claim_uid}.json")
+
+
+def write_request(requests_dir: str, claim_uid: str, by_request: Mapping[str, Sequence[int]]) -> str:
+    """Write the request atomically (0644: the spec writer reads it); returns its path."""
+    req = check_request({"claim": claim_uid, "requests": {r: list(ns) for r, ns in by_request.items()}})
+    path = request_path(requests_dir, claim_uid)
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"claim": req.claim, "requests": {r: list(ns) for r, ns in req.requests.items()}}, f,
+                  sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def check_request(doc: Any, claim_uid: str | None = None) -> SpecRequest:
+    """`doc` as a `SpecRequest`, if it is exactly what vfiod-dra writes (and names
+    `claim_uid`, where given); `RequestError` otherwise."""
+    if not isinstance(doc, dict) or set(doc) != {"claim", "requests"}:
+        raise RequestError("not a spec request (an object of 'claim' and 'requests')")
+    claim, requests = doc["claim"], doc["requests"]
+    if not isinstance(claim, str) or not _CLAIM_UID.fullmatch(claim):
+        raise RequestError(f"not a claim uid: {claim!r}")
+    if claim_uid is not None and claim != claim_uid:
+        raise RequestError(f"the request names claim {claim}, its file name claim {claim_uid}")
+    if not isinstance(requests, dict) or not requests:
+        raise RequestError("'requests' names no request")
+    out: dict[str, tuple[int, ...]] = {}
+    for name, groups in requests.items():
+        if not _REQUEST_NAME.fullmatch(name):
+            raise RequestError(f"not a request name: {name!r}")
+        if (not isinstance(groups, list) or not groups
+                or not all(type(n) is int and 0 <= n < 1_000_000 for n in groups)):
+            raise RequestError(f"request {name}: not a list of IOMMU group numbers: {groups!r}")
+        out[name] = tuple(groups)
+    if len({n for ns in out.values() for n in ns}) > MAX_GROUPS:
+        raise RequestError(f"more than {MAX_GROUPS} groups")
+    return SpecRequest(claim, out)
+
+
+def read_request(requests_dir: str, claim_uid: str) -> SpecRequest:
+    """The request for `claim_uid`: `RequestError` if it is unreadable or not one vfiod-dra
+    writes, `FileNotFoundError` if there is none."""
+    path = request_path(requests_dir, claim_uid)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise RequestError(f"cannot read {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise RequestError(f"{path} is not a regular file")
+        data = f.read(64 * 1024 + 1)
+    if len(data) > 64 * 1024:
+        raise RequestError(f"{path} is larger than 64 KiB")
+    try:
+        doc = json.loads(data.decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise RequestError(f"{path} is not JSON: {e}") from None
+    return check_request(doc, claim_uid)
+
+
+def remove_request(requests_dir: str, claim_uid: str) -> bool:
+    try:
+        os.unlink(request_path(requests_dir, claim_uid))
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def listing(directory: str) -> tuple[tuple[str, int, int], ...]:
+    """What is in `directory` (name, modification time, inode of each entry): it differs
+    whenever a request is written, replaced or withdrawn."""
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return ()
+    out = []
+    for name in names:
+        try:
+            st = os.lstat(os.path.join(directory, name))
+        except FileNotFoundError:
+            continue
+        out.append((name, st.st_mtime_ns, st.st_ino))
+    return tuple(out)

@@ -7,19 +7,21 @@ Prepare, for one claim (each step is recorded before the next):
 2. Record the claim as ``preparing``.
 3. For each group: ask vfiod for a persistent vfio lease on behalf of the claim's
    namespace (vfiod's policy decides), and record it.
-4. Write the CDI spec.
+4. Ask for the CDI spec: write the claim's request for the spec writer (root; see
+   `cdiwriter`) and wait until the spec is in the runtime's directory.
 5. Record the claim as ``prepared``, with the answer for the kubelet.
 
 A failure undoes steps 3–4 in reverse and answers with the error for that claim
 alone.  Asking again for a prepared claim returns the recorded answer.
-Unprepare ends the claim's leases, deletes its spec and forgets it; an unknown
-claim is already unprepared."""
+Unprepare ends the claim's leases, withdraws its request (the writer deletes the
+spec) and forgets it; an unknown claim is already unprepared."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import re
 from typing import Any
 
 import attrs
@@ -31,6 +33,19 @@ from .kube import Kube, KubeError
 from .link import Vfiod
 
 log = logging.getLogger("vfiod-dra")
+
+
+_DEVICE_NAME = re.compile(r"group-(0|[1-9][0-9]{0,5})")
+
+
+def parse_device_name(device: str) -> int | None:
+    """The IOMMU group number of a slice device name ``group-N``; None for anything else.
+
+    Only ASCII digits, as this driver writes them: ``str.isdigit`` and ``int`` also take
+    superscripts (``²``, which ``int`` then refuses) and other scripts' digits (``٨`` is 8),
+    so a name no slice of this driver lists could otherwise name a group."""
+    m = _DEVICE_NAME.fullmatch(device)
+    return int(m.group(1)) if m else None
 
 
 class ClaimError(Exception):
@@ -55,6 +70,10 @@ class Answer:
 CRASH_AT = os.environ.get("VFIOD_DRA_CRASH_AT", "")
 
 
+#: how long a prepare waits for the spec writer
+SPEC_TIMEOUT = 10.0
+
+
 def _crash_point(name: str) -> None:
     if CRASH_AT == name:
         log.warning("stopping at %s (VFIOD_DRA_CRASH_AT)", name)
@@ -63,9 +82,9 @@ def _crash_point(name: str) -> None:
 
 class Driver:
     def __init__(self, vfiod: Vfiod, kube: Kube, node: str, state_dir: str, cdi_dir: str = cdi.DEFAULT_DIR,
-                 dev_root: str = "/dev", hook: str | None = None):
+                 requests_dir: str = cdi.DEFAULT_REQUESTS_DIR, spec_timeout: float = SPEC_TIMEOUT):
         self.vfiod, self.kube, self.node = vfiod, kube, node
-        self.cdi_dir, self.dev_root, self.hook = cdi_dir, dev_root, hook
+        self.cdi_dir, self.requests_dir, self.spec_timeout = cdi_dir, requests_dir, spec_timeout
         self.checkpoint = Checkpoint(state_dir).load()
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -86,7 +105,9 @@ class Driver:
 
     async def _prepare(self, claim: ClaimRef) -> tuple[dict[str, Any], ...]:
         rec = self.checkpoint.claims.get(claim.uid)
-        if rec is not None and rec.state == "prepared" and cdi.read_spec(self.cdi_dir, claim.uid) is not None:
+        if (rec is not None and rec.state == "prepared"
+                and os.path.exists(cdi.request_path(self.requests_dir, claim.uid))
+                and self._has_spec(claim.uid, [int(n) for n in rec.leases])):
             return rec.devices
         # Step 1: the allocation.
         by_request = await self._allocation(claim)
@@ -98,14 +119,9 @@ class Driver:
             # Step 3: a lease per group.
             leases = await self._lease_all(claim, groups)
             _crash_point("after-lease")
-            # Step 4: the spec.
-            grants = {}
-            for n in groups:
-                g = await self._endpoints(n)
-                grants[n] = cdi.GroupGrant(n, g, await self.vfiod.lease_memlock(leases[n]))
-            spec = cdi.build_spec(claim.uid, {r: [grants[n] for n in ns] for r, ns in by_request.items()},
-                                  self.dev_root, self.hook)
-            cdi.write_spec(self.cdi_dir, claim.uid, spec)
+            # Step 4: the spec, from the writer.
+            cdi.write_request(self.requests_dir, claim.uid, by_request)
+            await self._wait_spec(claim.uid, groups)
         except (ClaimError, VfiodError, KubeError, OSError) as e:
             await self._undo(claim.uid)
             if isinstance(e, ClaimError):
@@ -137,11 +153,11 @@ class Driver:
             if r.get("driver") != DRIVER_NAME or r.get("pool") != self.node:
                 continue
             device = str(r.get("device", ""))
-            number = device[len("group-"):]
-            if not device.startswith("group-") or not number.isdigit():
+            number = parse_device_name(device)
+            if number is None:
                 raise ClaimError(f"ResourceClaim {claim.namespace}/{claim.name}: {DRIVER_NAME} has no "
-                                 f"device {device!r} (its devices are group-N)")
-            by_request.setdefault(str(r.get("request", "")), []).append(int(number))
+                                 f"device {device!r} (its devices are group-N, N in ASCII digits)")
+            by_request.setdefault(str(r.get("request", "")), []).append(number)
         if not by_request:
             raise ClaimError(f"ResourceClaim {claim.namespace}/{claim.name} has no allocation for "
                              f"{DRIVER_NAME} on node {self.node}")
@@ -164,11 +180,19 @@ class Driver:
             self.checkpoint.put(claim.uid, attrs.evolve(rec, leases={**rec.leases, str(n): leases[n]}))
         return leases
 
-    async def _endpoints(self, group: int) -> tuple[str, ...]:
-        for g in await self.vfiod.groups([f"group:{group}"]):
-            if g["group"] == group:
-                return tuple(d["address"] for d in g["devices"] if not d["bridge"])
-        raise ClaimError(f"IOMMU group {group} is gone from this node")
+    def _has_spec(self, uid: str, groups: list[int]) -> bool:
+        spec = cdi.read_spec(self.cdi_dir, uid)
+        return spec is not None and sorted(d.get("name") for d in spec.get("devices", [])) == sorted(
+            cdi.device_name(uid, n) for n in groups)
+
+    async def _wait_spec(self, uid: str, groups: list[int]) -> None:
+        deadline = asyncio.get_running_loop().time() + self.spec_timeout
+        while not self._has_spec(uid, groups):
+            if asyncio.get_running_loop().time() >= deadline:
+                raise ClaimError(f"no CDI spec for claim {uid} in {self.cdi_dir} after {self.spec_timeout:g} s: "
+                                 f"the spec writer (vfiod-dra cdi-writer, as root) did not write it; "
+                                 f"its log says why")
+            await asyncio.sleep(0.02)
 
     # ------------------------------------------------------------ unprepare
 
@@ -183,10 +207,10 @@ class Driver:
             return Answer()
 
     async def _undo(self, uid: str) -> None:
-        """End the claim's leases, delete its spec, forget it (each part only if there).
+        """End the claim's leases, withdraw its spec request, forget it (each part only if there).
         A lease vfiod no longer has (ended by a removal, or by an undo a crash cut short)
         is already undone."""
-        cdi.remove_spec(self.cdi_dir, uid)
+        cdi.remove_request(self.requests_dir, uid)
         rec = self.checkpoint.claims.get(uid)
         for _group, path in sorted((rec.leases if rec else {}).items(), reverse=True):
             try:
@@ -212,9 +236,9 @@ class Driver:
             if held.path not in known:
                 await self.vfiod.end(held.path)
                 done.append(f"lease {held.path} (group {held.group}) named by no claim: ended")
-        for uid in cdi.remove_strays(self.cdi_dir, [u for u, r in self.checkpoint.claims.items()
-                                                    if r.state == "prepared"]):
-            done.append(f"CDI spec of claim {uid} with no prepared claim: deleted")
+        for uid in cdi.remove_strays(self.requests_dir, [u for u, r in self.checkpoint.claims.items()
+                                                         if r.state == "prepared"]):
+            done.append(f"CDI spec request of claim {uid} with no prepared claim: withdrawn")
         for line in done:
             log.warning("reconciled: %s", line)
         return done

@@ -18,7 +18,10 @@ from .driver import ClaimRef, Driver
 
 log = logging.getLogger("vfiod-dra")
 
-REGISTRY_DIR = "/var/lib/kubelet/plugins_registry"
+#: the registration socket's directory: the driver's own, in the kubelet's registry (the
+#: kubelet watches the registry's subdirectories too), so that the driver needs no write
+#: access to the registry, where the other plugins' sockets are
+REGISTRY_DIR = f"/var/lib/kubelet/plugins_registry/{DRIVER_NAME}"
 PLUGIN_DIR = f"/var/lib/kubelet/plugins/{DRIVER_NAME}"
 
 
