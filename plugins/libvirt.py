@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     import libvirt                      # the binding ships no types: its classes name what is meant
 
     from vfiod.hookspecs import LeaseContext
-    from vfiod.state import Held
+    from vfiod.state import HeldDevice
 
 log = logging.getLogger("vfiod.libvirt")
 
@@ -171,7 +171,7 @@ class LibvirtBackend(VfioBackend):
         if have != self.driver:
             raise BackendFailed(f"libvirt detached {addr}, but it is on {have or 'no driver'}, not {self.driver}")
 
-    def unbind(self, ctx: LeaseContext, addr: PciAddress, held: Held) -> None:
+    def unbind(self, ctx: LeaseContext, addr: PciAddress, held: HeldDevice) -> None:
         libvirt = self._libvirt()
         if ctx.kernel.driver_of(addr) == self.driver:
             try:

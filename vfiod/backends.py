@@ -14,7 +14,7 @@ from .hookspecs import Backend
 if TYPE_CHECKING:
     from .address import PciAddress
     from .hookspecs import LeaseContext
-    from .state import Held, Record
+    from .state import HeldDevice, Record
 
 BUILTIN = ("vfiod_plugins.vfio", "vfiod_plugins.pci_stub", "vfiod_plugins.libvirt")
 ENTRY_POINT_GROUP = "vfiod.backends"
@@ -35,7 +35,7 @@ class BackendBase:
         ctx.kernel.load_driver(self.driver)
         ctx.kernel.bind(addr, self.driver)
 
-    def unbind(self, ctx: LeaseContext, addr: PciAddress, held: Held) -> None:
+    def unbind(self, ctx: LeaseContext, addr: PciAddress, held: HeldDevice) -> None:
         ctx.kernel.restore(addr, held.driver, held.override)
 
     def plan_hand_over(self, ctx: LeaseContext) -> Record:

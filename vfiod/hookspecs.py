@@ -33,7 +33,7 @@ import pluggy
 
 from .address import PciAddress
 from .policy import Decision
-from .state import Held, LeaseRow, Record
+from .state import HeldDevice, LeaseRow, Record
 from .sysfs import Kernel
 from .topology import Host
 
@@ -119,7 +119,7 @@ class Backend(Protocol):
         called again on start for a kept lease whose endpoint is on another
         driver."""
 
-    def unbind(self, ctx: LeaseContext, addr: PciAddress, held: Held) -> None:
+    def unbind(self, ctx: LeaseContext, addr: PciAddress, held: HeldDevice) -> None:
         """Return an endpoint to ``held.driver`` and ``held.override`` (the
         journal's record of the device before the lease).
 

@@ -181,7 +181,7 @@ class LeaseRow:
 
 
 @attrs.frozen
-class Held:
+class HeldDevice:
     """What a device was before the lease: its original driver and override."""
 
     addr: str
@@ -310,7 +310,7 @@ class Journal:
 
     # ---- leases
 
-    def create(self, lease: LeaseRow, held: list[Held]) -> None:
+    def create(self, lease: LeaseRow, held: list[HeldDevice]) -> None:
         with self.tx():
             self.db.execute("INSERT INTO leases VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
                 lease.id, lease.group, lease.uid, lease.owner, lease.backend, lease.target,
@@ -371,13 +371,13 @@ class Journal:
         found = self._lease_rows("WHERE grp=?", (group,))
         return found[0] if found else None
 
-    def held(self, lease_id: str) -> list[Held]:
+    def held(self, lease_id: str) -> list[HeldDevice]:
         with self._lock:
             rows = self.db.execute("SELECT addr, driver, override, role FROM held WHERE lease=? ORDER BY pos",
                                    (lease_id,)).fetchall()
-        return [Held(*r) for r in rows]
+        return [HeldDevice(*r) for r in rows]
 
-    def holdings(self) -> dict[str, tuple[LeaseRow, Held]]:
+    def holdings(self) -> dict[str, tuple[LeaseRow, HeldDevice]]:
         """Every device some lease holds: its address -> (the lease, what it was before)."""
         return {h.addr: (lease, h) for lease in self.leases() for h in self.held(lease.id)}
 

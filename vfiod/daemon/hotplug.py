@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 from ..leases import identity, verify
 from ..address import PciAddress
 from ..leases import LeaseManager
-from ..state import Held, LeaseRow
+from ..state import HeldDevice, LeaseRow
 from .snapshot import Snapshot
 
 log = logging.getLogger("vfiod")
@@ -60,7 +60,7 @@ class Hotplug:
         """A granted lease that vfiod is not itself ending or moving."""
         return lease.state == "granted" and not self.is_ending(lease.id) and not self.manager.is_busy(lease.group)
 
-    def _judge_driver_change(self, lease_id: str, addr: PciAddress, held: Held) -> None:
+    def _judge_driver_change(self, lease_id: str, addr: PciAddress, held: HeldDevice) -> None:
         m = self.manager
         lease = m.journal.lease(lease_id)
         if lease is None or not self._watched(lease):

@@ -2,7 +2,7 @@
 
 Pure domain code (no bus, no udev).  The names used throughout: ``addr`` is a
 `PciAddress` (a key), ``device`` a `topology.Device` (a snapshot), ``held``
-a `state.Held` (the journal's record of a device before the lease), ``holder``
+a `state.HeldDevice` (the journal's record of a device before the lease), ``holder``
 a `sysfs.Holder` (a process that has the group or a device open).
 
 The rooms, one job each:

@@ -17,7 +17,7 @@ import attrs
 
 from ..address import PciAddress
 from ..hookspecs import Backend
-from ..state import Held, LeaseRow
+from ..state import HeldDevice, LeaseRow
 from ..sysfs import NO_DRIVER, RawDevice
 from ..topology import Host
 from .core import LeaseCore
@@ -80,7 +80,7 @@ class Verdict:
     verified: frozenset[str] = frozenset()
 
 
-def record(core: LeaseCore, lease: LeaseRow, host: Host, held: list[Held]) -> None:
+def record(core: LeaseCore, lease: LeaseRow, host: Host, held: list[HeldDevice]) -> None:
     """Journal the group's members and each held device's identity, from the grant's fresh scan."""
     group = host.groups.get(lease.group)
     members = sorted(str(a) for a in (group.members if group else ()))
@@ -89,7 +89,7 @@ def record(core: LeaseCore, lease: LeaseRow, host: Host, held: list[Held]) -> No
     core.journal.record_identity(lease.id, lease.group, members, devices)
 
 
-def on_lease_driver(core: LeaseCore, held: Held, be: Backend | None) -> bool:
+def on_lease_driver(core: LeaseCore, held: HeldDevice, be: Backend | None) -> bool:
     """Is the held device where the lease keeps it (an endpoint on the backend's driver,
     a bridge on no driver with the override that keeps it so)?"""
     addr = PciAddress.parse(held.addr)
@@ -139,7 +139,7 @@ def judge(core: LeaseCore, lease: LeaseRow) -> Verdict | None:
     return Verdict(first.reason, "; ".join(p.why for p in problems), frozenset(verified))
 
 
-def _judge_unrecorded(core: LeaseCore, lease: LeaseRow, held: list[Held]) -> Verdict | None:
+def _judge_unrecorded(core: LeaseCore, lease: LeaseRow, held: list[HeldDevice]) -> Verdict | None:
     """A lease journaled before identities were: kept (and recorded now) only while the kernel
     still has every device where the lease put it; a lease being granted or given back is
     left to the reconciliation, which undoes it as before."""

@@ -32,7 +32,7 @@ from ..address import PciAddress
 from ..errors import BackendFailed, Busy, InvalidArgument, NotFound, NotViable, PermissionDenied, Protected, VfiodError
 from ..hookspecs import Backend
 from ..policy import Caller, Policy, Refusal, format_duration
-from ..state import Held, Journal, LeaseRow
+from ..state import HeldDevice, Journal, LeaseRow
 from ..sysfs import Holder, Kernel
 from ..terms import LeaseTerms
 from ..topology import BRIDGE_DRIVERS, VFIO_DRIVERS, Host
@@ -163,7 +163,7 @@ class LeaseManager(LeaseCore):
                        group=group)
             return lease
 
-    def _plan(self, host: Host, group: int, caller: Caller, terms: LeaseTerms) -> list[Held]:
+    def _plan(self, host: Host, group: int, caller: Caller, terms: LeaseTerms) -> list[HeldDevice]:
         """What the lease will hold: every endpoint, then every bridge of the group on a driver
         VFIO refuses (shpchp, say), which is held unbound for the lease."""
         g = host.groups.get(group)
@@ -194,8 +194,8 @@ class LeaseManager(LeaseCore):
                        + (" (an admin may pass force)" if not caller.is_admin else " (pass force to override)"))
         # The override as the kernel has it now (the snapshot may not know it: see
         # SysfsReader._patient_read); no unbind of this group can be under way here.
-        return ([Held(str(d.addr), d.driver, self.kernel.override_of(d.addr)) for d in endpoints]
-                + [Held(str(d.addr), d.driver, self.kernel.override_of(d.addr), "bridge") for d in bridges])
+        return ([HeldDevice(str(d.addr), d.driver, self.kernel.override_of(d.addr)) for d in endpoints]
+                + [HeldDevice(str(d.addr), d.driver, self.kernel.override_of(d.addr), "bridge") for d in bridges])
 
     def grant_memlock(self, lease: LeaseRow, pid: int) -> tuple[int, int] | None:
         return self.memlock.grant(lease, pid)

@@ -19,7 +19,7 @@ from typing import Callable
 
 from ..errors import BackendFailed
 from ..hookspecs import Backend, LeaseContext
-from ..state import Held, LeaseRow
+from ..state import HeldDevice, LeaseRow
 from .core import Ended, LeaseCore
 
 log = logging.getLogger("vfiod.leases")
@@ -79,7 +79,7 @@ class Moves:
                 errors.append(f"{addr}: {e}")
         return errors
 
-    def _reset_endpoints(self, ctx: LeaseContext, held_all: list[Held]) -> None:
+    def _reset_endpoints(self, ctx: LeaseContext, held_all: list[HeldDevice]) -> None:
         """The policy's reset on release: each endpoint is reset while the lessee has
         let go and before a host driver sees it again.  A failed reset is logged and
         audited, never a reason to keep a device from its driver."""
