@@ -29,6 +29,17 @@ How it works
   (default ``/var/cache/vfiod-guest``, falling back to ``~/.cache/vfiod-guest``
   when that is not writable) under ``kernels/<kver>/``.  Once a kernel is
   cached it is reused (no apt access); ``VFIOD_GUEST_KVER`` pins a version.
+* Other kernels: ``Guest(kernel="6.12")`` boots the newest Debian kernel of
+  that series the apt sources offer (``linux-image-amd64`` of that version's
+  dependency: bookworm-backports' on Debian 12), cached under
+  ``kernels-6.12/<kver>/`` so that it never becomes the default kernel.  Its
+  compressed modules (``.ko.xz``) are unpacked into the initrd.
+* QEMU: this machine's, unless ``Guest(qemu=(8, 0))`` needs a newer one (the
+  ``sriov`` topology's igb): then Debian's newer build from the apt sources
+  (bookworm-backports' QEMU 10 on Debian 12) with its SeaBIOS, fetched with
+  ``apt-get download`` into ``qemu/<version>/`` and run from there with ``-L``;
+  nothing is installed.  ``guest_available(kernel=..., qemu=...)`` says whether
+  either can be had.
 * Initrd: built in pure Python (newc cpio, uncompressed) from static busybox
   and the modules needed to mount the root (virtio_pci, 9pnet_virtio, 9p,
   overlay) plus the device/VFIO modules (e1000, e1000e, nvme, vfio-pci,
@@ -53,7 +64,8 @@ How it works
   and ``VFIOD_CHECKOUT`` (this checkout's path, the same in the guest),
   stdin ``/dev/null``; stdout+stderr go to ``/out/output.txt`` and the exit
   status to ``/out/rc`` (these three names are not reported in ``files``).
-  The guest then powers off (``sync; echo o > /proc/sysrq-trigger``).
+  The guest then powers off (``sync; echo o > /proc/sysrq-trigger``); a guest
+  that has reported its status but not powered off 30 s later is stopped.
 * ``init="systemd"`` (``--init systemd``): stage 1 writes a target and a
   oneshot service to ``/run/systemd/system`` and execs the root's
   ``/lib/systemd/systemd systemd.unit=vfiod-guest.target``; the script
@@ -67,7 +79,8 @@ How it works
 
 Guest(topology="rootport", *, memory=1024, smp=2, modules=DEFAULT_MODULES,
 extra_qemu_args=(), extra_cmdline="", quiet=True, echo_console=False,
-keep=False, init="busybox", root_layers=()).run(script, timeout=300, inputs=None) -> GuestResult.  Each run()
+keep=False, init="busybox", root_layers=(), kernel=None, qemu=None).run(script, timeout=300,
+inputs=None) -> GuestResult.  Each run()
 boots a fresh VM (nothing persists between runs); ``timeout`` excludes the
 one-time kernel/initrd build; GuestTimeout / GuestError (with the console tail)
 are raised when the guest hangs or dies before writing ``/out/rc``.
@@ -893,7 +906,13 @@ def _ensure_initrd(cache: Path, kver: str, kdir: Path, log) -> Path:
             for rel in mods:
                 dst = stage / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(kroot / rel, dst)
+                if rel.endswith(".ko.xz"):
+                    # Debian's 6.12 compresses its modules; busybox's insmod hands
+                    # them to the kernel as they are, which wants an ELF file.
+                    import lzma
+                    dst.with_suffix("").write_bytes(lzma.decompress((kroot / rel).read_bytes()))
+                else:
+                    shutil.copy2(kroot / rel, dst)
             for meta in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
                 src = kroot / "lib/modules" / kver / meta
                 if src.exists():
@@ -1105,16 +1124,13 @@ class Guest:
             if self.echo_console:
                 tailer = threading.Thread(target=_tail, args=(console_path, stop), daemon=True)
                 tailer.start()
+            qemu_log = rundir / "qemu.log"
             try:
-                proc = subprocess.run(
-                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, **qemu_env},
-                )
-                qemu_out = proc.stdout.decode(errors="replace")
-                timed_out = False
-            except subprocess.TimeoutExpired as e:
-                qemu_out = (e.stdout or b"").decode(errors="replace")
-                timed_out = True
+                with open(qemu_log, "wb") as log_f:
+                    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f,
+                                            stderr=subprocess.STDOUT, env={**os.environ, **qemu_env})
+                    timed_out = _wait_for_guest(proc, outdir / _RC, time.monotonic() + timeout)
+                qemu_out = _read_text(qemu_log)
             finally:
                 stop.set()
                 if tailer:
@@ -1151,6 +1167,29 @@ class Guest:
         finally:
             if not self.keep:
                 shutil.rmtree(rundir, ignore_errors=True)
+
+
+#: Seconds a guest may take to power off once its script has reported its status.
+POWEROFF_GRACE = 30.0
+
+
+def _wait_for_guest(proc: subprocess.Popen, rc_file: Path, deadline: float) -> bool:
+    """Wait for QEMU to exit; True if the deadline passed first (QEMU is then killed).
+
+    A guest whose script has written its status but that does not power off (Debian's
+    6.12 can block in a device's shutdown after sysrq-o) is stopped after
+    POWEROFF_GRACE seconds: its results are all in the out share by then."""
+    done_at = None
+    while proc.poll() is None:
+        now = time.monotonic()
+        if done_at is None and rc_file.exists():
+            done_at = now
+        if now > deadline or (done_at is not None and now - done_at > POWEROFF_GRACE):
+            proc.kill()
+            proc.wait()
+            return done_at is None
+        time.sleep(0.25)
+    return False
 
 
 def _read_text(path: Path) -> str:
