@@ -141,11 +141,11 @@ def test_dbus_next_does_not_warn_where_typing_deprecates_it():
     """Python 3.13 and 3.14: typing's own warns at every call; vfiod's replaces it, and its members
     still get no_type_check's mark."""
     p = _python("import typing, warnings\n"
+                "from vfiod import pycompat\n"
                 "def deprecated(d):\n"
                 "    warnings.warn('no_type_check_decorator is deprecated', DeprecationWarning, 2)\n"
                 "    return d\n"
                 "typing.no_type_check_decorator = deprecated\n"
-                "from vfiod import pycompat\n"
                 "assert pycompat.install(version=(3, 13))\n" + DBUS_CLASS +
                 "assert Iface.Ping.__no_type_check__ is True\n", "-W", "error")
     assert (p.returncode, p.stdout, p.stderr) == (0, "ok\n", "")
