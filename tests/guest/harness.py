@@ -29,6 +29,17 @@ How it works
   (default ``/var/cache/vfiod-guest``, falling back to ``~/.cache/vfiod-guest``
   when that is not writable) under ``kernels/<kver>/``.  Once a kernel is
   cached it is reused (no apt access); ``VFIOD_GUEST_KVER`` pins a version.
+* Other kernels: ``Guest(kernel="6.12")`` boots the newest Debian kernel of
+  that series the apt sources offer (``linux-image-amd64`` of that version's
+  dependency: bookworm-backports' on Debian 12), cached under
+  ``kernels-6.12/<kver>/`` so that it never becomes the default kernel.  Its
+  compressed modules (``.ko.xz``) are unpacked into the initrd.
+* QEMU: this machine's, unless ``Guest(qemu=(8, 0))`` needs a newer one (the
+  ``sriov`` topology's igb): then Debian's newer build from the apt sources
+  (bookworm-backports' QEMU 10 on Debian 12) with its SeaBIOS, fetched with
+  ``apt-get download`` into ``qemu/<version>/`` and run from there with ``-L``;
+  nothing is installed.  ``guest_available(kernel=..., qemu=...)`` says whether
+  either can be had.
 * Initrd: built in pure Python (newc cpio, uncompressed) from static busybox
   and the modules needed to mount the root (virtio_pci, 9pnet_virtio, 9p,
   overlay) plus the device/VFIO modules (e1000, e1000e, nvme, vfio-pci,
@@ -40,13 +51,21 @@ How it works
   ``modprobe`` of any module works inside.  ``/proc``, ``/sys``, ``/dev``
   (devtmpfs), ``/dev/pts``, ``/dev/shm``, ``/tmp``, ``/run`` and
   ``/sys/fs/cgroup`` are the guest's own.  Nothing touches the host's /sys.
+* Known state: whatever this machine has installed, each guest starts without
+  vfiod: stage 1 purges a ``vfiod`` package of the root in the guest's overlay
+  (``dpkg --purge``, before any init runs; the version purged is in
+  ``/run/vfiod-guest/purged-host-vfiod``) and removes ``/etc/vfiod`` and
+  ``/var/lib/vfiod``.  ``Guest(root_layers=[DIR, ...])`` lays directories of
+  this machine read-only over the root (9p shares at 00:16.0 and up, the last
+  on top): tests use it to give the guest a root on which vfiod is installed.
 * Output: a second, read-write 9p share mounted at ``/out`` (``$OUT``).  The
   script is ``/out/script.sh`` run by ``/bin/sh`` with ``HOME=/root``,
   ``PATH=CHECKOUT/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin``
   and ``VFIOD_CHECKOUT`` (this checkout's path, the same in the guest),
   stdin ``/dev/null``; stdout+stderr go to ``/out/output.txt`` and the exit
   status to ``/out/rc`` (these three names are not reported in ``files``).
-  The guest then powers off (``sync; echo o > /proc/sysrq-trigger``).
+  The guest then powers off (``sync; echo o > /proc/sysrq-trigger``); a guest
+  that has reported its status but not powered off 30 s later is stopped.
 * ``init="systemd"`` (``--init systemd``): stage 1 writes a target and a
   oneshot service to ``/run/systemd/system`` and execs the root's
   ``/lib/systemd/systemd systemd.unit=vfiod-guest.target``; the script
@@ -60,7 +79,8 @@ How it works
 
 Guest(topology="rootport", *, memory=1024, smp=2, modules=DEFAULT_MODULES,
 extra_qemu_args=(), extra_cmdline="", quiet=True, echo_console=False,
-keep=False, init="busybox").run(script, timeout=300, inputs=None) -> GuestResult.  Each run()
+keep=False, init="busybox", root_layers=(), kernel=None, qemu=None).run(script, timeout=300,
+inputs=None) -> GuestResult.  Each run()
 boots a fresh VM (nothing persists between runs); ``timeout`` excludes the
 one-time kernel/initrd build; GuestTimeout / GuestError (with the console tail)
 are raised when the guest hangs or dies before writing ``/out/rc``.
@@ -140,6 +160,11 @@ memberships, not numbers.  Measured (address, vendor:device, group, driver)::
     0000:06:01.0  xio3130-downstream 2              group 13  pcieport  \ one group
     0000:08:00.0  e1000e                            group 13  e1000e    /
 
+  sriov (QEMU >= 8 only; not part of ``all``):
+    0000:00:06.0  1b36:000c  pcie-root-port rp5     alone     pcieport
+    0000:01:00.0  8086:10c9  igb (82576 PF)         alone     igb       (VFs 8086:10ca at
+                  01:10.0, 01:10.2, ... once sriov_numvfs is written; see test_sriov_guest)
+
 Why: QEMU 7.2's pcie-root-port has ACS, so every root port is alone and
 isolates its subtree.  Its xio3130-downstream ports have no ACS, so each
 downstream port shares a group with the device below it; the x3130 upstream
@@ -192,7 +217,7 @@ __all__ = [
     "DEFAULT_MODULES",
 ]
 
-HARNESS_VERSION = "1"
+HARNESS_VERSION = "2"
 QEMU = "qemu-system-x86_64"
 KERNEL_META_PACKAGE = "linux-image-amd64"
 
@@ -291,11 +316,20 @@ def _switch(ctx):
     ]
 
 
+def _sriov(ctx):
+    # QEMU >= 8's emulated Intel 82576 (8086:10c9, up to 7 VFs 8086:10ca): Guest(qemu=(8, 0))
+    return [
+        "-device", "pcie-root-port,id=rp5,chassis=1,slot=107,bus=pcie.0,addr=0x6",
+        "-device", "igb,id=rp5_nic,bus=rp5,addr=0x0,romfile=,mac=52:54:00:00:05:00",
+    ]
+
+
 _PARTS = {
     "rootport": _rootport,
     "bridge": _bridge,
     "multifunction": _multifunction,
     "switch": _switch,
+    "sriov": _sriov,
 }
 
 #: topology name -> list of parts (see module docstring for addresses).
@@ -306,6 +340,8 @@ TOPOLOGIES: dict[str, tuple[str, ...]] = {
     "multifunction": ("multifunction",),
     "switch": ("switch",),
     "all": ("rootport", "bridge", "multifunction", "switch"),
+    # needs QEMU >= 8 (Guest(qemu=(8, 0)) takes bookworm-backports' on Debian 12)
+    "sriov": ("sriov",),
 }
 
 
@@ -348,7 +384,18 @@ log "boot modules loaded"
 mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose hostroot /mnt/lower || fail "mount hostroot"
 mount -t tmpfs -o mode=0755 rw /mnt/rw || fail "mount tmpfs"
 mkdir -p /mnt/rw/upper /mnt/rw/work
-mount -t overlay -o lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work overlay /newroot \
+# Guest(root_layers=...): read-only directories of the host laid over its root, the last on top.
+LOWER=/mnt/lower
+NLAYERS=$(sed -n 's/.*vfiod\.layers=\([0-9]*\).*/\1/p' /proc/cmdline)
+i=0
+while [ "$i" -lt "${NLAYERS:-0}" ]; do
+    mkdir -p /mnt/layer$i
+    mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose layer$i /mnt/layer$i \
+        || fail "mount layer$i"
+    LOWER=/mnt/layer$i:$LOWER
+    i=$((i + 1))
+done
+mount -t overlay -o lowerdir=$LOWER,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work overlay /newroot \
     || fail "mount overlay"
 R=/newroot
 mkdir -p $R/out $R/proc $R/sys $R/dev $R/tmp $R/run $R/root
@@ -391,6 +438,22 @@ mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null
 [ -e $R/dev/stderr ] || ln -s /proc/self/fd/2 $R/dev/stderr
 hostname vfiod-guest
 ip link set lo up 2>/dev/null
+# Every guest starts from the same state whatever this machine has installed: a vfiod
+# package of the root is purged in the guest's copy (its maintainer scripts run, with no
+# init up yet), and vfiod's policy and journal directories go too.  The host is untouched.
+if [ -e $R/var/lib/dpkg/info/vfiod.list ]; then
+    V=$(sed -n '/^Package: vfiod$/,/^$/s/^Version: //p' $R/var/lib/dpkg/status)
+    if chroot $R /usr/bin/dpkg --purge --no-triggers vfiod > $R/run/vfiod-guest/purge.log 2>&1; then
+        echo "$V" > $R/run/vfiod-guest/purged-host-vfiod
+        echo "vfiod-guest: purged the root's vfiod $V"
+    else
+        echo "vfiod-guest: FATAL: dpkg --purge vfiod: $(tail -3 $R/run/vfiod-guest/purge.log)"
+        sync
+        echo o > $R/proc/sysrq-trigger
+        sleep 60
+    fi
+fi
+rm -rf $R/etc/vfiod $R/var/lib/vfiod
 # (/proc has moved to $R/proc by now)
 if grep -q 'vfiod\.init=systemd' $R/proc/cmdline; then
     # systemd as PID 1: stage 2 runs as a oneshot service of vfiod-guest.target, once
@@ -491,24 +554,44 @@ def _version_key(v: str):
     return [int(x) if x.isdigit() else x for x in re.split(r"[.-]", v)]
 
 
-def _cached_kvers(cache: Path) -> list[str]:
-    kdir = cache / "kernels"
+def _kernels_dir(cache: Path, series: str | None = None) -> Path:
+    """Where kernels live: the default kernel in kernels/, a kernel asked for by its
+    series (Guest(kernel="6.12")) in kernels-SERIES/, so it never becomes the default."""
+    return cache / (f"kernels-{series}" if series else "kernels")
+
+
+def _cached_kvers(cache: Path, series: str | None = None) -> list[str]:
+    kdir = _kernels_dir(cache, series)
     if not kdir.is_dir():
         return []
     vers = [p.name for p in kdir.iterdir() if (p / ".complete").exists()]
     return sorted(vers, key=_version_key)
 
 
-def _apt_kver() -> str:
-    """Kernel version linux-image-amd64 depends on, from the local apt lists."""
-    out = _run(["apt-cache", "depends", KERNEL_META_PACKAGE]).stdout
+def _apt_kver(series: str | None = None) -> str:
+    """Kernel version linux-image-amd64 depends on, from the local apt lists: the
+    candidate's, or with series ("6.12") the newest linux-image-amd64 of that series
+    any source offers (bookworm-backports for 6.12 on Debian 12)."""
+    spec = KERNEL_META_PACKAGE
+    if series:
+        vers = [line.split("|")[1].strip() for line in
+                _run(["apt-cache", "madison", KERNEL_META_PACKAGE]).stdout.splitlines() if "|" in line]
+        vers = [v for v in vers if v.startswith(series + ".")]
+        if not vers:
+            raise GuestError(f"no {KERNEL_META_PACKAGE} of Linux {series} in the apt sources "
+                             "(Debian 12: scripts/setup adds bookworm-backports)")
+        spec = f"{KERNEL_META_PACKAGE}={vers[0]}"         # madison lists the newest first
+    out = _run(["apt-cache", "depends", spec]).stdout
     m = re.search(r"Depends:\s*linux-image-(\S+-amd64)\b", out)
     if not m:
         raise GuestError(f"cannot find the kernel of {KERNEL_META_PACKAGE} in:\n{out}")
     return m.group(1)
 
 
-def _choose_kver(cache: Path) -> str:
+def _choose_kver(cache: Path, series: str | None = None) -> str:
+    if series:
+        cached = _cached_kvers(cache, series)
+        return cached[-1] if cached else _apt_kver(series)
     pinned = os.environ.get("VFIOD_GUEST_KVER")
     if pinned:
         return pinned
@@ -533,9 +616,9 @@ class _Lock:
         self.f.close()
 
 
-def _ensure_kernel(cache: Path, kver: str, log) -> Path:
+def _ensure_kernel(cache: Path, kver: str, log, series: str | None = None) -> Path:
     """Download + extract linux-image-<kver>; return its dir (vmlinuz, root/)."""
-    kdir = cache / "kernels" / kver
+    kdir = _kernels_dir(cache, series) / kver
     if (kdir / ".complete").exists():
         return kdir
     with _Lock(cache / ".lock"):
@@ -611,6 +694,87 @@ def _ensure_vmlinux(cache: Path, kdir: Path, kver: str) -> Path | None:
         tmp.write_bytes(elf)
         os.replace(tmp, out)
     return out
+
+
+def _qemu_version(binary: str) -> tuple[int, int]:
+    m = re.search(r"version (\d+)\.(\d+)", _run([binary, "--version"]).stdout)
+    if not m:
+        raise GuestError(f"cannot tell the version of {binary}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _upstream(version: str) -> tuple[int, int]:
+    """(major, minor) of a Debian version such as 1:10.0.2+ds-2~bpo12+1."""
+    m = re.match(r"(?:\d+:)?(\d+)\.(\d+)", version)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _qemu_dir(cache: Path, version: str) -> Path:
+    return cache / "qemu" / re.sub(r"[^A-Za-z0-9.+~-]", "_", version)
+
+
+def _qemu_source(need: tuple[int, int]) -> str | None:
+    """None when this machine's QEMU is at least `need`; else the Debian version of
+    qemu-system-x86 to take from the apt sources (a cached copy first)."""
+    if shutil.which(QEMU) and _qemu_version(QEMU) >= need:
+        return None
+    qdir = cache_dir() / "qemu"
+    if qdir.is_dir():
+        for d in sorted(qdir.iterdir(), key=lambda p: _version_key(p.name), reverse=True):
+            if (d / ".complete").exists() and _upstream((d / ".complete").read_text().strip()) >= need:
+                return (d / ".complete").read_text().strip()
+    if shutil.which("apt-cache"):
+        for line in _run(["apt-cache", "madison", "qemu-system-x86"]).stdout.splitlines():
+            version = line.split("|")[1].strip() if "|" in line else ""
+            if _upstream(version) >= need:
+                return version
+    raise GuestError(f"QEMU {need[0]}.{need[1]} or newer is needed and neither this machine nor its apt "
+                     "sources have it (Debian 12: scripts/setup adds bookworm-backports, which has QEMU 10)")
+
+
+def qemu_binary(need: tuple[int, int] | None = None, log=None) -> tuple[str, list[str], dict[str, str]]:
+    """(binary, extra arguments, extra environment) of a QEMU of at least `need`.
+
+    This machine's QEMU when it is new enough.  Otherwise Debian's newer build from
+    the apt sources (bookworm-backports' 10.0 on Debian 12), fetched with
+    ``apt-get download`` and unpacked into the cache (``qemu/VERSION/``) with the
+    SeaBIOS it needs, never installed: the system keeps its own QEMU."""
+    if need is None:
+        return QEMU, [], {}
+    version = _qemu_source(need)
+    if version is None:
+        return QEMU, [], {}
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    cache = cache_dir()
+    qdir = _qemu_dir(cache, version)
+    if not (qdir / ".complete").exists():
+        with _Lock(cache / ".lock"):
+            if not (qdir / ".complete").exists():
+                log(f"vfiod-guest: fetching QEMU {version} into {qdir}")
+                tmp = Path(tempfile.mkdtemp(prefix=".qemu-", dir=cache))
+                try:
+                    seabios = _run(["apt-cache", "madison", "seabios"]).stdout.split("|")[1].strip()
+                    pkgs = [f"qemu-system-x86={version}", f"qemu-system-data={version}",
+                            f"qemu-system-common={version}", f"seabios={seabios}"]
+                    os.chmod(tmp, 0o755)
+                    _run(["apt-get", "download", *pkgs], cwd=tmp)
+                    for deb in sorted(tmp.glob("*.deb")):
+                        _run(["dpkg-deb", "-x", str(deb), str(tmp / "root")])
+                        deb.unlink()
+                    if _qemu_version(str(tmp / "root/usr/bin/qemu-system-x86_64")) < need:
+                        raise GuestError(f"QEMU {version} from apt is older than {need}")
+                    (tmp / ".complete").write_text(version + "\n")
+                    if qdir.exists():
+                        shutil.rmtree(qdir)
+                    qdir.parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(tmp, qdir)
+                finally:
+                    if tmp.exists():
+                        shutil.rmtree(tmp, ignore_errors=True)
+    root = qdir / "root"
+    return (str(root / "usr/bin/qemu-system-x86_64"),
+            ["-L", str(root / "usr/share/qemu"), "-L", str(root / "usr/share/seabios")],
+            {"QEMU_MODULE_DIR": str(root / "usr/lib/x86_64-linux-gnu/qemu")})
 
 
 def _find_busybox() -> Path:
@@ -742,7 +906,13 @@ def _ensure_initrd(cache: Path, kver: str, kdir: Path, log) -> Path:
             for rel in mods:
                 dst = stage / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(kroot / rel, dst)
+                if rel.endswith(".ko.xz"):
+                    # Debian's 6.12 compresses its modules; busybox's insmod hands
+                    # them to the kernel as they are, which wants an ELF file.
+                    import lzma
+                    dst.with_suffix("").write_bytes(lzma.decompress((kroot / rel).read_bytes()))
+                else:
+                    shutil.copy2(kroot / rel, dst)
             for meta in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
                 src = kroot / "lib/modules" / kver / meta
                 if src.exists():
@@ -769,27 +939,46 @@ def _ensure_initrd(cache: Path, kver: str, kdir: Path, log) -> Path:
     return out
 
 
-def prepare(log=None) -> tuple[Path, Path, str]:
+def prepare(log=None, kernel: str | None = None) -> tuple[Path, Path, str]:
     """Make sure kernel and initrd are cached; return (kernel, initrd, kver).
 
     kernel is the uncompressed PVH-bootable vmlinux when possible, else vmlinuz.
+    The kernel argument names a series ("6.12") instead of the default kernel.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    kver = _choose_kver(cache)
-    kdir = _ensure_kernel(cache, kver, log)
+    kver = _choose_kver(cache, kernel)
+    kdir = _ensure_kernel(cache, kver, log, kernel)
     initrd = _ensure_initrd(cache, kver, kdir, log)
     kernel = _ensure_vmlinux(cache, kdir, kver) or kdir / "vmlinuz"
     return kernel, initrd, kver
 
 
-def guest_available() -> tuple[bool, str]:
-    """(True, "") if a guest can be booted here, else (False, reason)."""
+def guest_available(kernel: str | None = None, qemu: tuple[int, int] | None = None) -> tuple[bool, str]:
+    """(True, "") if a guest can be booted here, else (False, reason).
+
+    kernel: a kernel series ("6.12") the guest needs; qemu: the QEMU version it
+    needs at least, e.g. (8, 0) for the igb NIC (see qemu_binary)."""
     if os.environ.get("VFIOD_GUEST", "").lower() in ("0", "no", "off", "false"):
         return False, "guest tests disabled by VFIOD_GUEST=0"
     if not shutil.which(QEMU):
         return False, f"{QEMU} not found (apt-get install qemu-system-x86)"
+    if kernel or qemu:
+        ok, why = guest_available()
+        if not ok:
+            return ok, why
+        if kernel and not _cached_kvers(cache_dir(), kernel):
+            try:
+                _apt_kver(kernel)
+            except GuestError as e:
+                return False, f"no Linux {kernel} for the guest: {e}"
+        if qemu:
+            try:
+                _qemu_source(qemu)
+            except GuestError as e:
+                return False, str(e)
+        return True, ""
     try:
         _find_busybox()
     except GuestError as e:
@@ -838,6 +1027,9 @@ class Guest:
         echo_console: bool = False,
         keep: bool = False,
         init: str = "busybox",
+        root_layers=(),
+        kernel: str | None = None,
+        qemu: tuple[int, int] | None = None,
     ):
         if topology not in TOPOLOGIES:
             raise ValueError(f"unknown topology {topology!r}; known: {', '.join(TOPOLOGIES)}")
@@ -853,8 +1045,14 @@ class Guest:
         if init not in ("busybox", "systemd"):
             raise ValueError(f"init is busybox or systemd, not {init!r}")
         self.init = init  # systemd: the root's systemd is PID 1, the script a oneshot service
+        self.kernel = kernel  # a kernel series ("6.12"); None: the default kernel
+        self.qemu = qemu  # the QEMU version needed at least ((8, 0) for igb); None: this machine's
+        # directories of this machine laid read-only over the guest's root, the last on top
+        self.root_layers = [str(Path(d).resolve()) for d in root_layers]
+        if len(self.root_layers) > 4:
+            raise ValueError("at most 4 root layers")
 
-    def command(self, vmlinuz, initrd, rundir: Path, outdir: Path) -> list[str]:
+    def command(self, vmlinuz, initrd, rundir: Path, outdir: Path, qemu=(QEMU, [])) -> list[str]:
         # no_timer_check: under TCG on a busy host the IO-APIC timer test at boot can fail and
         # panic ("timer doesn't work through Interrupt-remapped IO-APIC"); the guest needs no such check.
         cmdline = ["console=ttyS0", "panic=-1", "intel_iommu=on", "rdinit=/init", "no_timer_check"]
@@ -864,10 +1062,16 @@ class Guest:
             cmdline.append("vfiod.modules=" + ",".join(self.modules))
         if self.init == "systemd":
             cmdline.append("vfiod.init=systemd")
+        if self.root_layers:
+            cmdline.append(f"vfiod.layers={len(self.root_layers)}")
         if self.extra_cmdline:
             cmdline.append(self.extra_cmdline)
+        layers = []
+        for i, d in enumerate(self.root_layers):
+            layers += ["-fsdev", f"local,id=fslayer{i},path={d},security_model=none,readonly=on,multidevs=remap",
+                       "-device", f"virtio-9p-pci,fsdev=fslayer{i},mount_tag=layer{i},bus=pcie.0,addr={0x16 + i:#x}"]
         return [
-            QEMU,
+            qemu[0], *qemu[1],
             "-machine", "q35,kernel-irqchip=split",
             "-accel", "tcg",
             "-cpu", "max",
@@ -887,6 +1091,7 @@ class Guest:
             "-device", "virtio-9p-pci,fsdev=fsroot,mount_tag=hostroot,bus=pcie.0,addr=0x1a",
             "-fsdev", f"local,id=fsout,path={outdir},security_model=none",
             "-device", "virtio-9p-pci,fsdev=fsout,mount_tag=out,bus=pcie.0,addr=0x1b",
+            *layers,
             "-kernel", str(vmlinuz),
             "-initrd", str(initrd),
             "-append", " ".join(cmdline),
@@ -903,7 +1108,8 @@ class Guest:
         (build time excluded), GuestError if it died without an exit status.
         """
         t0 = time.monotonic()
-        vmlinuz, initrd, _ = prepare()
+        vmlinuz, initrd, _ = prepare(kernel=self.kernel)
+        binary, qemu_args, qemu_env = qemu_binary(self.qemu)
         rundir = Path(tempfile.mkdtemp(prefix="vfiod-guest-"))
         outdir = rundir / "out"
         outdir.mkdir()
@@ -913,23 +1119,20 @@ class Guest:
                 p = outdir / name
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.write_bytes(data)
-            cmd = self.command(vmlinuz, initrd, rundir, outdir)
+            cmd = self.command(vmlinuz, initrd, rundir, outdir, (binary, qemu_args))
             console_path = rundir / "console.log"
             stop = threading.Event()
             tailer = None
             if self.echo_console:
                 tailer = threading.Thread(target=_tail, args=(console_path, stop), daemon=True)
                 tailer.start()
+            qemu_log = rundir / "qemu.log"
             try:
-                proc = subprocess.run(
-                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT, timeout=timeout,
-                )
-                qemu_out = proc.stdout.decode(errors="replace")
-                timed_out = False
-            except subprocess.TimeoutExpired as e:
-                qemu_out = (e.stdout or b"").decode(errors="replace")
-                timed_out = True
+                with open(qemu_log, "wb") as log_f:
+                    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f,
+                                            stderr=subprocess.STDOUT, env={**os.environ, **qemu_env})
+                    timed_out = _wait_for_guest(proc, outdir / _RC, time.monotonic() + timeout)
+                qemu_out = _read_text(qemu_log)
             finally:
                 stop.set()
                 if tailer:
@@ -966,6 +1169,29 @@ class Guest:
         finally:
             if not self.keep:
                 shutil.rmtree(rundir, ignore_errors=True)
+
+
+#: Seconds a guest may take to power off once its script has reported its status.
+POWEROFF_GRACE = 30.0
+
+
+def _wait_for_guest(proc: subprocess.Popen, rc_file: Path, deadline: float) -> bool:
+    """Wait for QEMU to exit; True if the deadline passed first (QEMU is then killed).
+
+    A guest whose script has written its status but that does not power off (Debian's
+    6.12 can block in a device's shutdown after sysrq-o) is stopped after
+    POWEROFF_GRACE seconds: its results are all in the out share by then."""
+    done_at = None
+    while proc.poll() is None:
+        now = time.monotonic()
+        if done_at is None and rc_file.exists():
+            done_at = now
+        if now > deadline or (done_at is not None and now - done_at > POWEROFF_GRACE):
+            proc.kill()
+            proc.wait()
+            return done_at is None
+        time.sleep(0.25)
+    return False
 
 
 def _read_text(path: Path) -> str:

@@ -149,8 +149,12 @@ try:
     h = hold(G, NIC, "pass")
     child = int(h.expect("child").split()[1])
     h.expect("ready")
+    named = []
+    for fd in os.listdir(f"/proc/{child}/fd"):
+        with open(f"/proc/{child}/fdinfo/{fd}") as f:
+            named.append("vfio-device-syspath:" in f.read())
     r = revoke(lid, "--reason", "ambiguous", "--wait", str(GRACE + 5))
-    res["ambiguous"] = {"revoke": r, "child_alive": not gone(child)}
+    res["ambiguous"] = {"revoke": r, "child_alive": not gone(child), "kernel_names_it": any(named)}
     os.kill(child, signal.SIGKILL)
     res["ambiguous"]["ended_after_it_went"] = until(lambda: driver(NIC) == "e1000e", 30)
     h.kill()
@@ -322,6 +326,9 @@ def test_a_device_fd_passed_over_scm_rights_is_found_in_the_child(run):
 
 def test_a_bare_device_fd_of_a_uid_with_another_vfio_lease_is_not_ended(run):
     a = run["ambiguous"]
+    if a["kernel_names_it"]:
+        pytest.skip("this guest kernel names a [vfio-device] fd's device in fdinfo (Linux 6.12 does): "
+                    "test_kernel_matrix_guest tests that branch")
     assert a["revoke"]["rc"] == 1 and a["revoke"]["doc"]["ended"] is False, a
     assert a["child_alive"] is True
     assert a["ended_after_it_went"] is True and a["spare_back"] is True

@@ -24,10 +24,7 @@ then one script checks, in order:
 """
 
 import json
-import os
 import re
-import shutil
-import subprocess
 
 import pytest
 
@@ -35,8 +32,6 @@ from .harness import Guest, guest_available
 
 pytestmark = pytest.mark.guest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 SCRIPT = r"""
 set -u
@@ -54,6 +49,8 @@ as_user() { runuser -u vfiotest -- "$@"; }
 NIC_ADDR=0000:01:00.0
 
 note "boot_uptime=$(up)"
+note "purged_host_vfiod=$(cat /run/vfiod-guest/purged-host-vfiod 2>/dev/null)"
+note "vfiod_before_install=$(dpkg-query -W -f='${db:Status-Status}' vfiod 2>/dev/null)"
 for u in dbus.socket systemd-udevd.service systemd-journald.service; do
     systemctl is-active --quiet $u || fail "$u is not active"
 done
@@ -295,18 +292,14 @@ exit 0
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(vfiod_deb, host_with_vfiod):
     ok, why = guest_available()
     if not ok:
         pytest.skip(why)
-    if not shutil.which("dpkg-buildpackage", path=SYSTEM_PATH):
-        pytest.skip("dpkg-buildpackage is not installed (scripts/setup installs the build tools)")
-    out = tmp_path_factory.mktemp("deb")
-    p = subprocess.run(["make", "-s", "deb", f"DEBDIR={out}"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    deb = next(out.glob("vfiod_*_all.deb"))
-    g = Guest("rootport", init="systemd", memory=1536)
+    deb = vfiod_deb
+    # Booted over a root on which vfiod is already installed, enabled, with a policy and a
+    # journal (conftest.host_with_vfiod): the guest must start without them all the same.
+    g = Guest("rootport", init="systemd", memory=1536, root_layers=[host_with_vfiod])
     res = g.run(SCRIPT, timeout=1200, inputs={"vfiod.deb": deb.read_bytes()})
     facts = dict(line.split("=", 1) for line in res.files.get("facts.txt", b"").decode().splitlines()
                  if "=" in line)
@@ -325,6 +318,12 @@ def leases(res, name):
     doc = json.loads(text(res, name))
     assert doc["version"] == 1 and doc["kind"] == "leases", doc
     return doc["leases"]
+
+
+def test_the_host_s_installed_vfiod_is_not_in_the_guest_before_the_install(run):
+    facts = dict(line.split("=", 1) for line in text(run, "facts.txt").splitlines())
+    assert facts["purged_host_vfiod"] == "0.1.0", facts
+    assert facts["vfiod_before_install"] != "installed", facts
 
 
 def test_the_package_starts_the_unit_with_a_status_line(run):

@@ -66,7 +66,8 @@ def test_the_installed_programs_and_backends_work(deb, tmp_path):
     subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path)], check=True)
     unit = (tmp_path / "lib/systemd/system/vfiod.service").read_text()
     assert "ExecStart=/usr/bin/vfiod --bus system" in unit and "ExecReload=/usr/bin/vfiod reload" in unit
-    assert (tmp_path / "usr/bin/vfiod").read_text().startswith("#!/usr/bin/python3\n")
+    # dh-python writes "#!/usr/bin/python3" on Debian 12, "#! /usr/bin/python3" on Debian 13
+    assert re.match(r"#! ?/usr/bin/python3\n", (tmp_path / "usr/bin/vfiod").read_text())
     env = {"PATH": SYSTEM_PATH, "PYTHONPATH": str(tmp_path / "usr/lib/python3/dist-packages")}
     probe = subprocess.run(["/usr/bin/python3", "-c", "import attrs, pluggy, pyudev, dbus_next"], env=env,
                            capture_output=True)
@@ -83,6 +84,7 @@ def test_the_installed_programs_and_backends_work(deb, tmp_path):
         p = subprocess.run(["/usr/bin/python3", str(tmp_path / "usr/bin" / prog), *args], env=env,
                            capture_output=True, text=True, cwd=tmp_path)
         assert p.returncode == 0 and p.stdout, (prog, p.stderr)
+        assert "Warning" not in p.stderr, (prog, p.stderr)
 
 
 def test_install_data_puts_the_unit_on_the_programs_path(tmp_path):
@@ -95,3 +97,64 @@ def test_install_data_puts_the_unit_on_the_programs_path(tmp_path):
     # `make install` links the programs into $(PREFIX)/bin, and installs with the dependencies
     assert "$(DESTDIR)$(PREFIX)/bin/vfiod" in makefile and "--no-deps" not in makefile
     assert (tmp_path / "opt/v/share/man/man5/vfiod.policy.5").exists()
+
+
+# dbus-next calls typing.no_type_check_decorator for every D-Bus member a class
+# declares: deprecated (warning at each call) from Python 3.13, gone in 3.15.
+DBUS_CLASS = """
+import typing
+from dbus_next.service import ServiceInterface, dbus_property, method, signal
+class Iface(ServiceInterface):
+    @method()
+    def Ping(self, what: "s") -> "s":
+        return what
+    @dbus_property()
+    def Name(self) -> "s":
+        return "x"
+    @Name.setter
+    def Name(self, value: "s"):
+        pass
+    @signal()
+    def Changed(self) -> "s":
+        return "y"
+iface = Iface("org.example.I")
+assert [m.name for m in ServiceInterface._get_methods(iface)] == ["Ping"]
+assert typing.no_type_check_decorator.__module__ == "vfiod.pycompat", typing.no_type_check_decorator
+print("ok")
+"""
+
+
+def _python(code, *flags):
+    return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+
+
+def test_dbus_next_still_imports_where_typing_lost_no_type_check_decorator():
+    """Python 3.15: typing has no no_type_check_decorator; importing vfiod first puts one back."""
+    p = _python("import typing\ndel typing.no_type_check_decorator\nimport vfiod\n" + DBUS_CLASS, "-W", "error")
+    assert (p.returncode, p.stdout, p.stderr) == (0, "ok\n", "")
+    bare = _python("import typing\ndel typing.no_type_check_decorator\nimport dbus_next.service")
+    assert bare.returncode == 1 and "ImportError" in bare.stderr  # what vfiod would hit without it
+
+
+def test_dbus_next_does_not_warn_where_typing_deprecates_it():
+    """Python 3.13 and 3.14: typing's own warns at every call; vfiod's replaces it, and its members
+    still get no_type_check's mark."""
+    p = _python("import typing, warnings\n"
+                "from vfiod import pycompat\n"
+                "def deprecated(d):\n"
+                "    warnings.warn('no_type_check_decorator is deprecated', DeprecationWarning, 2)\n"
+                "    return d\n"
+                "typing.no_type_check_decorator = deprecated\n"
+                "assert pycompat.install(version=(3, 13))\n" + DBUS_CLASS +
+                "assert Iface.Ping.__no_type_check__ is True\n", "-W", "error")
+    assert (p.returncode, p.stdout, p.stderr) == (0, "ok\n", "")
+
+
+def test_this_python_runs_vfiod_and_dbus_next_without_a_warning():
+    p = _python("import vfiod, vfiod.bus\n" + DBUS_CLASS.replace("assert typing.no_type_check_decorator", "#"),
+                "-W", "error")
+    assert (p.returncode, p.stdout, p.stderr) == (0, "ok\n", "")
+    if sys.version_info < (3, 13):
+        from vfiod import pycompat
+        assert pycompat.install() is False  # older Pythons keep typing's own
