@@ -152,7 +152,7 @@ def test_dbus_next_does_not_warn_where_typing_deprecates_it():
 
 
 def test_this_python_runs_vfiod_and_dbus_next_without_a_warning():
-    p = _python("import vfiod, vfiod.bus\n" + DBUS_CLASS.replace("assert typing.no_type_check_decorator", "#"),
+    p = _python("import vfiod, vfiod.daemon.interfaces\n" + DBUS_CLASS.replace("assert typing.no_type_check_decorator", "#"),
                 "-W", "error")
     assert (p.returncode, p.stdout, p.stderr) == (0, "ok\n", "")
     if sys.version_info < (3, 13):
