@@ -285,6 +285,7 @@ ls /sys/bus/pci/drivers/vfio-pci | grep -c '^0000:' > $OUT/vfio-after-remove.txt
 DEBIAN_FRONTEND=noninteractive apt-get purge -y -q -o DPkg::Lock::Timeout=300 vfiod > $OUT/apt-purge.log 2>&1 \
     || fail "apt-get purge: $(tail -5 $OUT/apt-purge.log)"
 find /var/lib/vfiod > $OUT/varlib-after-purge.txt 2>&1
+find /usr/lib/python3/dist-packages/vfiod > $OUT/pylib-after-remove.txt 2>&1
 ls /sys/bus/pci/drivers/vfio-pci | grep -c '^0000:' > $OUT/vfio-after-purge.txt
 note "script_end_uptime=$(up)"
 exit 0
@@ -500,3 +501,5 @@ def test_an_upgrade_keeps_leases_removal_ends_them_and_purge_leaves_nothing(run)
     assert text(run, "vfio-after-remove.txt").strip() == "0"
     assert text(run, "vfio-after-purge.txt").strip() == "0"
     assert "No such file or directory" in text(run, "varlib-after-purge.txt"), text(run, "varlib-after-purge.txt")
+    # the removal's own end-leases run leaves no bytecode behind the package
+    assert "No such file or directory" in text(run, "pylib-after-remove.txt"), text(run, "pylib-after-remove.txt")
