@@ -115,7 +115,9 @@ async def serve(args: argparse.Namespace) -> int:
         raise BackendFailed(f"cannot reach the {args.bus} bus: {str(e).strip() or type(e).__name__}") from None
     service.attach(bus)
     install_caller_tracking(bus)
-    await service.protect_bus_daemon()
+    bus_daemon = await service.callers.bus_daemon_pid()
+    if bus_daemon is not None:
+        service.manager.protected_pids.add(bus_daemon)
 
     def on_message(msg: Message) -> None:
         gone = _is_owner_gone(msg)

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 from dbus_next import Message, MessageType
 
-from ..errors import PermissionDenied
+from ..errors import PermissionDenied, VfiodError
 from ..policy import Caller
-from ..sysfs.procs import boottime
+from ..sysfs.procs import Proven, boottime, open_pidfd, prove_process
 
 if TYPE_CHECKING:
     from .connection import VfiodBus
@@ -79,6 +79,35 @@ class Callers:
         for fd in received:
             os.close(fd)
         return creds, pidfd
+
+    def prove(self, caller: Caller, sent: int | None) -> tuple[int | None, Proven | None, str]:
+        """The caller's process, proven: the bus's ``ProcessFD`` where it gives one, else the
+        pidfd the caller `sent` (request option ``pidfd``), else a pidfd opened for the bus's
+        pid; it must run as the caller's uid and have started before its connection first
+        called.  (pidfd, the proof, "") or (pidfd or None, None, why not); a pidfd that is
+        neither the caller's cached one nor `sent` was opened here, for the caller to close."""
+        pidfd = caller.pidfd if caller.pidfd is not None else sent
+        if pidfd is None and caller.pid:
+            pidfd = open_pidfd(caller.pid)
+            if pidfd is None:
+                return None, None, f"process {caller.pid} is gone"
+        if pidfd is None:
+            return None, None, "vfiod does not know the calling process"
+        try:
+            return pidfd, prove_process(pidfd, caller.uid, caller.since), ""
+        except VfiodError as e:
+            return pidfd, None, str(e)
+
+    async def bus_daemon_pid(self) -> int | None:
+        """The bus daemon's own pid (never a holder vfiod ends: an fd may sit in a message it queues)."""
+        try:
+            creds, pidfd = await self.credentials("org.freedesktop.DBus")
+        except VfiodError:
+            return None
+        if pidfd is not None:
+            os.close(pidfd)
+        pid = creds.get("ProcessID")
+        return pid if isinstance(pid, int) else None
 
     async def present(self, name: str) -> bool:
         """Is the unique name `name` still on the bus?"""

@@ -104,17 +104,15 @@ def _strip_caller(fn: Callable[..., object]) -> inspect.Signature:
 
 def _terms(options: dict[str, object], fds: list[int] | None = None) -> LeaseTerms:
     """A request's ``a{sv}`` options as `LeaseTerms`: each value must have its option's type;
-    ``pidfd`` is an ``h`` whose index names one of the fds `fds` the message carried."""
+    ``pidfd`` is an ``h``: one of the fds `fds` the message carried (dbus-next has put the
+    fd itself in place of its index)."""
     out = {}
     for key, value in options.items():
         out[key] = value.value if isinstance(value, Variant) else value
     if "pidfd" in out:
         sent = options["pidfd"]
-        index = out["pidfd"]
-        if not isinstance(sent, Variant) or sent.signature != "h" or not isinstance(index, int) \
-                or not 0 <= index < len(fds or []):
+        if not isinstance(sent, Variant) or sent.signature != "h" or out["pidfd"] not in (fds or []):
             raise InvalidArgument("option 'pidfd' must be a file descriptor the call carries (D-Bus type h)")
-        out["pidfd"] = (fds or [])[index]
     for key, value in out.items():
         want = LeaseTerms.OPTIONS.get(key)
         if want is not None and type(value) is not want[0]:

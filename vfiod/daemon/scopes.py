@@ -20,7 +20,8 @@ from dbus_next import Message, MessageType, Variant
 
 from ..errors import PermissionDenied
 from ..state import LeaseRow
-from ..sysfs.procs import Proven, still
+from ..sysfs import Holder
+from ..sysfs.procs import Proven, describe_process, still
 from .connection import VfiodBus
 
 log = logging.getLogger("vfiod")
@@ -104,14 +105,16 @@ class Scopes:
             return frozenset()
         return frozenset(int(row[1]) for row in reply.body[0] if len(row) >= 2 and isinstance(row[1], int))
 
-    def pids_in_thread(self, scope: str) -> frozenset[int]:
-        """From a worker: `pids` (none where there is no loop or no answer)."""
+    def members_in_thread(self, scope: str) -> list[Holder]:
+        """From a worker: the processes of `scope` as they are now (none where there is no
+        loop or no answer)."""
         loop = self.loop()
         if loop is None:
-            return frozenset()
+            return []
         fut = asyncio.run_coroutine_threadsafe(self.pids(scope), loop)
         try:
-            return fut.result(15)
+            pids = fut.result(15)
         except Exception as e:
             log.error("the processes of %s: %s", scope, e)
-            return frozenset()
+            return []
+        return [h for pid in sorted(pids) if (h := describe_process(pid, f"a member of {scope}")) is not None]

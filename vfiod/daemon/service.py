@@ -27,7 +27,7 @@ from ..policy import Caller, PolicyStore, format_size
 from ..state import Journal, LeaseRow
 from ..terms import LeaseTerms
 from ..sysfs import Kernel
-from ..sysfs.procs import Proven, open_pidfd, prove_process, still
+from ..sysfs.procs import Proven, still
 from ..topology import Host
 from .callers import Callers
 from .hotplug import Hotplug
@@ -54,7 +54,7 @@ class Service:
                                     on_ended=self._on_loop(self._ended))
         self.manager.on_revoking = self._on_loop(self._revoking)
         self.scopes = Scopes(lambda: self.bus, lambda: self.loop)
-        self.manager.scope_pids = self.scopes.pids_in_thread
+        self.manager.scope_members = self.scopes.members_in_thread
         self.snapshot = Snapshot(self.manager)
         self.snapshot.on_change = self._changed_in_thread
         self.queries = Queries(self.manager, policy_store, self.snapshot, self.names)
@@ -144,7 +144,7 @@ class Service:
         terms = LeaseTerms.from_options(options)
         # The caller's process, proven now (a scope or a memlock grant acts on it): a process
         # vfiod cannot prove is the caller's own is never moved, raised or signalled.
-        pidfd, proven, unproven = self._prove(caller, terms)
+        pidfd, proven, unproven = self.callers.prove(caller, terms.pidfd)
         try:
             if terms.scope and proven is None and unproven:
                 self.manager.audit("request", caller.uid, target, None, None, "refused", unproven)
@@ -177,23 +177,6 @@ class Service:
         self.update_status()
         return lease
 
-    def _prove(self, caller: Caller, terms: LeaseTerms) -> tuple[int | None, Proven | None, str]:
-        """The caller's process, proven: the bus's ``ProcessFD`` where it gives one, else the
-        pidfd the caller sent (option ``pidfd``), else a pidfd opened for the bus's pid; it
-        must run as the caller's uid and have started before its connection first called.
-        (pidfd, the proof, "") or (pidfd or None, None, why not)."""
-        pidfd = caller.pidfd if caller.pidfd is not None else terms.pidfd
-        if pidfd is None and caller.pid:
-            pidfd = open_pidfd(caller.pid)
-            if pidfd is None:
-                return None, None, f"process {caller.pid} is gone"
-        if pidfd is None:
-            return None, None, "vfiod does not know the calling process"
-        try:
-            return pidfd, prove_process(pidfd, caller.uid, caller.since), ""
-        except VfiodError as e:
-            return pidfd, None, str(e)
-
     async def _grant_memlock(self, lease: LeaseRow, terms: LeaseTerms, pidfd: int | None, proven: Proven | None,
                              unproven: str) -> list[str]:
         """The policy's memlock grant, to the caller's proven process (vfioctl lease -- CMD: CMD
@@ -214,18 +197,6 @@ class Service:
             return []
         log.error("lease %s: the memlock grant of %s was not applied: %s", lease.id, format_size(lease.memlock), why)
         return [f"memlock: the policy's RLIMIT_MEMLOCK grant of {format_size(lease.memlock)} was not applied: {why}"]
-
-    async def protect_bus_daemon(self) -> None:
-        """The bus daemon is never a holder vfiod ends (an fd may sit in a message it queues)."""
-        try:
-            creds, pidfd = await self.callers.credentials("org.freedesktop.DBus")
-        except VfiodError:
-            return
-        if pidfd is not None:
-            os.close(pidfd)
-        pid = creds.get("ProcessID")
-        if isinstance(pid, int):
-            self.manager.protected_pids.add(pid)
 
     async def set_vf_count(self, caller: Caller, pf: str, count: int) -> int:
         addr = PciAddress.parse(pf)

@@ -79,8 +79,9 @@ class LeaseCore:
         self.on_step = on_step or (lambda name: None)
         self.on_ended = on_ended or (lambda ended: None)
         self.on_revoking: Callable[[LeaseRow], None] = lambda lease: None
-        # The processes of a lease's transient scope (the daemon asks systemd; none where it cannot).
-        self.scope_pids: Callable[[str], frozenset[int]] = lambda scope: frozenset()
+        # The processes of a lease's transient scope, as they are now (the daemon asks systemd;
+        # none where it cannot).
+        self.scope_members: Callable[[str], list[Holder]] = lambda scope: []
         # Processes the ladder never signals, whatever they hold: vfiod, and the bus daemon (the daemon adds it).
         self.protected_pids: set[int] = {os.getpid()}
         self.clock = clock

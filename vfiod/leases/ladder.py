@@ -38,7 +38,7 @@ from ..errors import Busy, InvalidArgument, NotFound, PermissionDenied, VfiodErr
 from ..hookspecs import Backend
 from ..policy import Caller, Decision, Policy
 from ..state import LeaseRow
-from ..sysfs import USER_UIDS, GroupHeld, Holder, Search, Unbinding
+from ..sysfs import USER_UIDS, GroupClaim, GroupHeld, Holder, Search, Unbinding
 from .core import END_REASONS, Ended, LeaseCore, Revoking
 from .moves import Moves
 
@@ -58,7 +58,7 @@ class Ladder:
         self._told: set[tuple[str, str]] = set()            # (lease id, what) already logged
         self._searches: dict[str, tuple[float, Search]] = {}  # lease id -> (when, the last search)
         self.waiting: dict[str, str] = {}                   # lease id -> why its revoke has not ended yet
-        self._claims: dict[str, int | None] = {}            # lease id -> vfiod's own fd of its group node
+        self._claims: dict[str, GroupClaim | None] = {}     # lease id -> vfiod's own file of its group node
 
     def search(self, lease: LeaseRow, fresh: bool = False) -> Search:
         """The candidate processes holding `lease`'s group or its devices (vfiod excepted):
@@ -73,7 +73,7 @@ class Ladder:
         # its holder's uid holds no other lease through VFIO.
         vfio_uids = frozenset(o.uid for o in core.journal.leases() if o.id != lease.id
                               and (be := core.backends.get(o.backend)) is not None and be.uses_vfio)
-        pids = core.scope_pids(lease.scope) if lease.scope else frozenset()
+        pids = frozenset(m.pid for m in core.scope_members(lease.scope)) if lease.scope else frozenset()
         found = core.kernel.holders(lease.group, core.endpoints(lease.id),
                                     None if lease.revoke_others else frozenset({lease.uid}), pids, lease.uid,
                                     vfio_uids)
@@ -234,7 +234,9 @@ class Ladder:
         return None
 
     def _unclaim(self, lease: LeaseRow) -> None:
-        self.core.kernel.unclaim_group(lease.group, self._claims.pop(lease.id, None))
+        claim = self._claims.pop(lease.id, None)
+        if claim is not None:
+            claim.close()
 
     def _tell_waiting(self, lease: LeaseRow, holders: list[Holder], pending: list[Unbinding],
                       busy: str | None) -> None:
@@ -361,10 +363,7 @@ class Ladder:
         sig, name = nxt
         seq = core.journal.intent(lease.id, "end-scope", None, {"scope": lease.scope, "signal": name, "at": now})
         ended = []
-        for pid in sorted(core.scope_pids(lease.scope)):
-            member = core.kernel.process(pid, f"a member of {lease.scope}")
-            if member is None:
-                continue
+        for member in core.scope_members(lease.scope):
             spared = self._spared(lease, member)
             if spared:
                 self._tell_once(lease.id, f"spared:{member.pid}:{member.start}", logging.WARNING, "lease %s: %s; %s",

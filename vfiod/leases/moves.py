@@ -20,7 +20,7 @@ from typing import Callable
 from ..errors import BackendFailed, Busy
 from ..hookspecs import Backend, LeaseContext
 from ..state import Held, LeaseRow
-from ..sysfs import GroupHeld
+from ..sysfs import GroupClaim, GroupHeld
 from .core import Ended, LeaseCore
 
 log = logging.getLogger("vfiod.leases")
@@ -53,9 +53,10 @@ class Moves:
             with core.step(lid, "hand-over", None, record, "hand-over", f"hand over group {ctx.lease.group}") as step:
                 step.record = be.hand_over(ctx) or record
         finally:
-            core.kernel.unclaim_group(ctx.lease.group, claim)
+            if claim is not None:
+                claim.close()
 
-    def _claim(self, ctx: LeaseContext) -> int | None:
+    def _claim(self, ctx: LeaseContext) -> GroupClaim | None:
         group = ctx.lease.group
         try:
             return self.core.kernel.claim_group(group)

@@ -62,7 +62,7 @@ import attrs
 
 from ..address import PciAddress
 from ..sysfs import Kernel, Roots, classify_write
-from ..sysfs.write import ThreadUnbind, Unbinding
+from ..sysfs.write import GroupClaim, ThreadUnbind, Unbinding
 from ..sysfs.procs import open_files
 from ..sysfs.read import _readlink
 
@@ -203,16 +203,15 @@ class SimKernel(Kernel):
             raise OSError(errno.EBUSY, "Device or resource busy")
         return super().open_vfio_group(group)
 
-    def claim_group(self, group: int) -> int | None:
-        fd = super().claim_group(group)
-        if fd is not None:
+    def claim_group(self, group: int) -> GroupClaim | None:
+        claim = super().claim_group(group)
+        if claim is not None:
             self.claimed[group] += 1
-        return fd
 
-    def unclaim_group(self, group: int, fd: int | None) -> None:
-        if fd is not None:
-            self.claimed[group] -= 1
-        super().unclaim_group(group, fd)
+            def let_go() -> None:
+                self.claimed[group] -= 1
+            claim.on_close = let_go
+        return claim
 
     def start_unbind(self, addr: PciAddress) -> Unbinding | None:
         drv = self.driver_of(addr)

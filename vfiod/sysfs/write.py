@@ -18,8 +18,7 @@ from ..address import PciAddress
 from ..errors import InvalidAddress, InvalidArgument, KernelError
 from .read import Roots, SysfsReader, _int, _readlink, _text
 from .acl import set_user as acl_set_user, user_perm as acl_user_perm
-from .procs import (Holder, MemlockGrant, Search, describe_process, find_holders, grant_memlock, memlock_of,
-                    restore_memlock, signal_holder)
+from .procs import Holder, MemlockGrant, Search, find_holders, grant_memlock, restore_memlock, signal_holder
 from .usage import device_usage
 
 
@@ -332,7 +331,7 @@ class Kernel:
     def open_vfio_group(self, group: int) -> int:
         return os.open(self.vfio_group_path(group), os.O_RDWR | os.O_CLOEXEC)
 
-    def claim_group(self, group: int) -> int | None:
+    def claim_group(self, group: int) -> GroupClaim | None:
         """Open the group's node for vfiod itself: the kernel's proof that no file of the
         group exists anywhere (the legacy node opens once at a time: a file in a process,
         in flight over SCM_RIGHTS or queued in another daemon's message makes the open
@@ -340,23 +339,11 @@ class Kernel:
         where there is no node (no member on vfio-pci: no group to hold);
         `GroupHeld` with the kernel's word otherwise."""
         try:
-            return self.open_vfio_group(group)
+            return GroupClaim(self.open_vfio_group(group))
         except FileNotFoundError:
             return None
         except OSError as e:
             raise GroupHeld(group, e) from None
-
-    def unclaim_group(self, group: int, fd: int | None) -> None:
-        if fd is not None:
-            os.close(fd)
-
-    def group_busy(self, group: int) -> str | None:
-        """None if the kernel says nobody holds group `group` (`claim_group`), else its words."""
-        try:
-            self.unclaim_group(group, self.claim_group(group))
-        except GroupHeld as e:
-            return e.words
-        return None
 
     def open_vfio_container(self) -> int:
         return os.open(self.vfio_container_path(), os.O_RDWR | os.O_CLOEXEC)
@@ -392,9 +379,6 @@ class Kernel:
 
     # ---- processes (`vfiod.sysfs.procs`: the system's /proc, real even on a simulated host)
 
-    def memlock_of(self, pid: int) -> tuple[int, int] | None:
-        return memlock_of(pid)
-
     def grant_memlock(self, pid: int, limit: int, uid: int, start: int | None = None) -> MemlockGrant | None:
         return grant_memlock(pid, limit, uid, start)
 
@@ -408,9 +392,6 @@ class Kernel:
         (`vfiod.sysfs.procs.find_holders`: the processes of `uids`, and `pids`)."""
         return find_holders(self.roots, group, addrs, uids, pids, owner, unsure_uids)
 
-    def process(self, pid: int, what: str) -> Holder | None:
-        return describe_process(pid, what)
-
     def signal_holder(self, holder: Holder, sig: int) -> bool:
         return signal_holder(holder, sig)
 
@@ -421,6 +402,22 @@ class Kernel:
         return device_usage(self.roots, addr)
 
 
+
+
+class GroupClaim:
+    """vfiod's own open file of a group's node (`Kernel.claim_group`): while it is open,
+    nobody else can open the node; `close` lets it go (`on_close` is told)."""
+
+    def __init__(self, fd: int, on_close: Callable[[], None] | None = None):
+        self.fd = fd
+        self.on_close = on_close
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            if self.on_close is not None:
+                self.on_close()
 
 
 class GroupHeld(KernelError):
