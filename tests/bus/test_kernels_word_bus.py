@@ -92,3 +92,79 @@ def test_vfioctl_proves_its_own_process_with_a_pidfd(world):
     r = world.ctl("lease", "group:8", "--", "/bin/true")
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in world.read_log()
+
+
+# A connection that never reads: it says its unique name and stops itself.
+DEAF = r"""
+import asyncio, os, signal
+from dbus_next.aio import MessageBus
+async def main():
+    bus = await MessageBus(bus_address=os.environ["VFIOD_BUS"], negotiate_unix_fd=True).connect()
+    print(bus.unique_name, flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+asyncio.run(main())
+"""
+
+# The lessee: leases group:8, opens it, fills the deaf connection's socket with signals and
+# then sends it the group fd in one more, which the bus daemon keeps queued; closes its own.
+PARK = r"""
+import asyncio, os, sys
+from dbus_next import Message, MessageType
+from vfiod.client import Client
+async def main():
+    c = await Client(os.environ["VFIOD_BUS"], timeout=30).connect()
+    path = await c.request_lease("group:8", "", persistent=True)
+    reply = await c.lease_call(path, "OpenGroup")
+    fd = reply.unix_fds[reply.body[0]] if reply.unix_fds else reply.body[0]
+    for _ in range(64):
+        await c.connected().send(Message(message_type=MessageType.SIGNAL, destination=sys.argv[1], path="/x",
+                                         interface="x.y", member="Fill", signature="s", body=["x" * 65536]))
+    await c.connected().send(Message(message_type=MessageType.SIGNAL, destination=sys.argv[1], path="/x",
+                                     interface="x.y", member="Fd", signature="h", body=[0], unix_fds=[fd]))
+    os.close(fd)
+    await asyncio.sleep(1)
+    print("parked", path.rsplit("/", 1)[-1], flush=True)
+    sys.stdin.readline()
+asyncio.run(main())
+"""
+
+
+def test_an_fd_queued_in_the_bus_daemon_neither_kills_the_bus_nor_hangs_the_revoke_silently(make_world):
+    from .conftest import POLICY
+    world = make_world(policy=POLICY.replace('max_duration = "8h"',
+                                             'max_duration = "8h"\nrevoke_grace = "1s"\nrevoke_others = true'))
+    env = dict(os.environ, VFIOD_BUS=world.address, PYTHONPATH=ROOT)
+    py = os.path.join(VENV_BIN, "python")
+    deaf = subprocess.Popen([py, "-c", DEAF], stdout=subprocess.PIPE, text=True, user=TEST_USER, env=env,
+                            cwd=world.dir, start_new_session=True)
+    park = None
+    try:
+        name = deaf.stdout.readline().strip()
+        park = subprocess.Popen([py, "-c", PARK, name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                user=TEST_USER, env=env, cwd=world.dir, start_new_session=True)
+        line = park.stdout.readline()
+        assert line.startswith("parked"), line
+        lease_id = line.split()[1]
+        r = world.ctl("release", lease_id)
+        assert "vfiod is revoking it" in r.stdout + r.stderr
+        time.sleep(4)                                  # the grace (1 s) is long over
+        leases = json.loads(world.ctl("leases", "--json", user=None).stdout)["leases"]
+        assert [x["state"] for x in leases] == ["revoking"], leases
+        waits = leases[0]["revoke_waiting"] or ""
+        assert "the bus daemon, which vfiod never ends" in waits, waits
+        assert world.bus.process.poll() is None        # the bus lives; vfiod still answers
+        assert "vfio-pci" in world.drivers().values()
+        os.kill(deaf.pid, signal.SIGKILL)              # its queue goes, and the fd with it
+        deaf.wait()
+        deadline = time.monotonic() + 30
+        while "vfio-pci" in world.drivers().values() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "vfio-pci" not in world.drivers().values()
+        assert json.loads(world.ctl("leases", "--json", user=None).stdout)["leases"] == []
+        log = world.read_log()
+        assert "the revoke waits" in log and "SIGTERM to" not in log and "Traceback" not in log
+    finally:
+        for p in (deaf, park):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
