@@ -335,9 +335,11 @@ class Ladder:
         if h.pid == 1 or h.pid in core.protected_pids:
             return ("it is PID 1, vfiod or the bus daemon, which vfiod never ends (an fd queued in a message "
                     "stays there until its receiver reads it or leaves the bus)")
+        uids = set(h.uids or (h.uid,))
+        if uids == {lease.uid} and lease.uid in USER_UIDS:
+            return None                 # a person's own process, wherever it runs
         if h.system_service:
             return f"it runs as a system service ({h.cgroup}), which vfiod never ends"
-        uids = set(h.uids or (h.uid,))
         if uids == {lease.uid}:
             return None
         if not lease.revoke_others:
