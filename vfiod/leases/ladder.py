@@ -336,12 +336,12 @@ class Ladder:
             return ("it is PID 1, vfiod or the bus daemon, which vfiod never ends (an fd queued in a message "
                     "stays there until its receiver reads it or leaves the bus)")
         uids = set(h.uids or (h.uid,))
-        if uids == {lease.uid} and lease.uid in USER_UIDS:
-            return None                 # a person's own process, wherever it runs
+        if uids == {lease.uid} and lease.uid != 0:
+            return None                 # the lessee's own (the policy named its uid), wherever it runs
         if h.system_service:
             return f"it runs as a system service ({h.cgroup}), which vfiod never ends"
         if uids == {lease.uid}:
-            return None
+            return None                 # root's own lease: root's processes outside system services
         if not lease.revoke_others:
             return (f"the policy lets vfiod end only the lessee's (uid {lease.uid}) processes, "
                     "so the revoke waits for it")
