@@ -50,11 +50,12 @@ class Client:
             self.bus.disconnect()
 
     async def call(self, path: str, interface: str, member: str, signature: str = "",
-                   body: Iterable[object] = (), timeout: float | None = None) -> Message:
+                   body: Iterable[object] = (), timeout: float | None = None,
+                   unix_fds: Iterable[int] = ()) -> Message:
         if self.bus is None:
             raise errors.BackendFailed("not connected to the bus (connect first)")
         msg = Message(destination=BUS_NAME, path=path, interface=interface, member=member,
-                      signature=signature, body=list(body))
+                      signature=signature, body=list(body), unix_fds=list(unix_fds))
         try:
             reply = await asyncio.wait_for(self.bus.call(msg), timeout or self.timeout)
         except asyncio.TimeoutError:
@@ -86,10 +87,13 @@ class Client:
 
     async def request_lease(self, target: str, backend: str = "", duration: int | None = None,
                             persistent: bool = False, force: bool = False, scope: bool = False,
-                            k8s_namespace: str | None = None) -> str:
+                            k8s_namespace: str | None = None, pidfd: int | None = None) -> str:
         """RequestLease; the new lease's object path.  `k8s_namespace`: the Kubernetes
-        namespace a delegate leases for (the policy's ``k8s_delegates``)."""
+        namespace a delegate leases for (the policy's ``k8s_delegates``).  `pidfd`: a pidfd
+        of the process a scope or memlock grant is for (this one: `own_pidfd`), which vfiod
+        checks is the caller's own; sent with the call, still the caller's to close."""
         options: dict[str, Variant] = {}
+        fds = []
         if duration:
             options["duration"] = Variant("t", duration)
         if persistent:
@@ -100,7 +104,11 @@ class Client:
             options["scope"] = Variant("b", True)
         if k8s_namespace is not None:
             options["k8s_namespace"] = Variant("s", k8s_namespace)
-        reply = await self.call(ROOT, "org.vfiod1.Manager", "RequestLease", "ssa{sv}", [target, backend, options])
+        if pidfd is not None:
+            options["pidfd"] = Variant("h", 0)        # the index of the fd the message carries
+            fds.append(pidfd)
+        reply = await self.call(ROOT, "org.vfiod1.Manager", "RequestLease", "ssa{sv}", [target, backend, options],
+                                unix_fds=fds)
         path: str = reply.body[0]
         return path
 
@@ -156,6 +164,16 @@ class Client:
                 raise BackendFailed("the bus refused to pass on vfiod's signals (AddMatch)") from None
 
 
+def own_pidfd() -> int | None:
+    """A pidfd of this process, to prove to vfiod which process is its own (None where the
+    kernel has no pidfds)."""
+    import os
+    try:
+        return os.pidfd_open(os.getpid())
+    except (OSError, AttributeError):
+        return None
+
+
 #: The Manager's signals about one lease's end (`Client.lease_signals`).
 LEASE_SIGNALS = ("LeaseRevoking", "LeaseEnded")
 
@@ -189,11 +207,13 @@ def lease_json(props: dict[str, Any], devices: list[str]) -> dict[str, Any]:
         "state": props.get("State") or "granted",
         "revoke_reason": props.get("RevokeReason") or None,
         "revoke_deadline": props.get("RevokeDeadline") or None,
+        "revoke_waiting": props.get("RevokeWaiting") or None,
     }
 
 
 __all__ = ["DEFAULT_TIMEOUT", "LEASE_SIGNALS", "BackendFailed", "Client", "NotFound", "PermissionDenied",
-           "VfiodError", "errors", "group_number", "lease_id_of", "lease_json", "lease_path", "user_name"]
+           "VfiodError", "errors", "group_number", "lease_id_of", "lease_json", "lease_path", "own_pidfd",
+           "user_name"]
 
 
 def _why(e: BaseException) -> str:

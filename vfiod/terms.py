@@ -32,11 +32,15 @@ class LeaseTerms:
     scope: bool = False
     #: The Kubernetes namespace a delegate leases for (the policy's ``k8s_delegates``).
     k8s_namespace: str | None = None
+    #: The caller's own process, as a pidfd it sent (D-Bus ``h``), for its scope and
+    #: memlock grant where the bus gives no ``ProcessFD``; checked, never trusted (an
+    #: fd of vfiod's, valid for the request only, never kept with the lease).
+    pidfd: int | None = attrs.field(default=None, eq=False, repr=False)
 
     #: Each option: its Python type, and how a person says it.
     OPTIONS: ClassVar[dict[str, tuple[type, str]]] = {
         "duration": (int, "a number of seconds"), "persistent": (bool, "a boolean"), "force": (bool, "a boolean"),
-        "scope": (bool, "a boolean"), "k8s_namespace": (str, "a string")}
+        "scope": (bool, "a boolean"), "k8s_namespace": (str, "a string"), "pidfd": (int, "a pidfd (D-Bus type h)")}
 
     @classmethod
     def from_options(cls, options: Mapping[str, object] | LeaseTerms | None) -> LeaseTerms:
@@ -58,6 +62,10 @@ class LeaseTerms:
         namespace = options.get("k8s_namespace")
         if "k8s_namespace" in options and not isinstance(namespace, str):
             raise InvalidArgument(f"k8s_namespace must be a Kubernetes namespace name, got {_short(namespace)}")
+        pidfd = options.get("pidfd")
+        if "pidfd" in options and (isinstance(pidfd, bool) or not isinstance(pidfd, int) or pidfd < 0):
+            raise InvalidArgument(f"pidfd must be a file descriptor (D-Bus type h), got {_short(pidfd)}")
         return cls(duration=duration, persistent=bool(options.get("persistent", False)),
                    force=bool(options.get("force", False)), scope=bool(options.get("scope", False)),
-                   k8s_namespace=namespace if isinstance(namespace, str) else None)
+                   k8s_namespace=namespace if isinstance(namespace, str) else None,
+                   pidfd=pidfd if isinstance(pidfd, int) else None)

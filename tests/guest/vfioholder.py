@@ -11,6 +11,10 @@ Modes:
   ``deaf``      the same, ignoring SIGTERM (only SIGKILL ends it);
   ``pass``      hands the device fd to a child over SCM_RIGHTS, closes its own
                 fds and lives on; the child holds the bare ``[vfio-device]`` fd.
+  ``fly-group`` opens only the group, sends the fd to itself over a socketpair
+                without receiving it and closes its own: the file is in flight,
+                in no process's fd table; SIGUSR1 makes it receive and close it;
+  ``fly-device`` the same with the device fd (group and container closed).
 """
 
 from __future__ import annotations
@@ -100,10 +104,16 @@ def hold(group: int, device: str, mode: str, uid: int = 1000) -> Holder:
             os.setgid(uid)
             os.setuid(uid)
         g = os.open(f"/dev/vfio/{group}", os.O_RDWR)
+        if mode == "fly-group":
+            _fly(g, say, device)
         c = os.open("/dev/vfio/vfio", os.O_RDWR)
         fcntl.ioctl(g, GROUP_SET_CONTAINER, struct.pack("i", c))
         fcntl.ioctl(c, SET_IOMMU, TYPE1V2)
         d = fcntl.ioctl(g, GROUP_GET_DEVICE_FD, bytearray(device.encode() + b"\0"))
+        if mode == "fly-device":
+            os.close(g)
+            os.close(c)
+            _fly(d, say)
         if mode == "deaf":
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if mode == "coop":
@@ -139,6 +149,33 @@ def hold(group: int, device: str, mode: str, uid: int = 1000) -> Holder:
         say(f"error {e!r}")
     finally:
         os._exit(0)
+
+
+def _fly(fd: int, say, device: str | None = None) -> None:
+    """Send `fd` over a socketpair to this process without receiving it, close our copy, and
+    wait; on SIGUSR1 receive it (a group fd: try to get `device` through it, as a stale fd
+    would reach a later lessee's device), close it and say so (then sleep on)."""
+    a, b = socket.socketpair()
+    socket.send_fds(a, [b"x"], [fd])
+    os.close(fd)
+    got = []
+    signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+    say("ready")
+    while not got:
+        time.sleep(0.05)
+    _, fds, _, _ = socket.recv_fds(b, 1, 1)
+    reached = "-"
+    if device is not None:
+        try:
+            os.close(fcntl.ioctl(fds[0], GROUP_GET_DEVICE_FD, bytearray(device.encode() + b"\0")))
+            reached = "reached"
+        except OSError as e:
+            reached = f"refused:{e.errno}"
+    for f in fds:
+        os.close(f)
+    say(f"landed {reached}")
+    while True:
+        time.sleep(1)
 
 
 def device_fd_holders() -> list[int]:

@@ -51,10 +51,12 @@ if sys.argv[2] == "pass":
         _, fds, _, _ = socket.recv_fds(b, 1, 1)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("child", os.getpid(), flush=True)
+        b.send(b"k")                    # the parent speaks after: the two lines never mix
         while True:
             time.sleep(1)
     socket.send_fds(a, [b"x"], [fd])
     os.close(fd)
+    a.recv(1)
 print("holding", flush=True)
 while True:
     time.sleep(1)

@@ -150,6 +150,8 @@ def cmd_leases(args: argparse.Namespace) -> int:
                 print(f"{r['id']:<17} {r['group']:>5} {r['user'][:12]:<12} {r['backend']:<8} "
                       f"{'yes' if r['persistent'] else 'no':<15} {_time_left(r['expires']):<10} "
                       f"{_state_words(r):<22} {' '.join(r['devices'])}")
+                if r.get("revoke_waiting"):
+                    print(f"{'':<17} waits for: {r['revoke_waiting']}")
         return EXIT_OK
     return _run(args, go)
 
@@ -175,9 +177,16 @@ def cmd_lease(args: argparse.Namespace) -> int:
         raise NotFound(f"no such command: {command[0]!r} (not found or not executable)")
 
     async def go(client: Client) -> int:
-        # With a command: where systemd runs, vfiod puts this process (and so CMD) in a scope of its own.
-        path = await client.request_lease(args.target, args.backend or "", args.duration, args.persistent, args.force,
-                                          scope=bool(command))
+        # With a command: where systemd runs, vfiod puts this process (and so CMD) in a scope of its own;
+        # this process's pidfd tells vfiod which process that is (a pid alone could be another's).
+        from ..client import own_pidfd
+        pidfd = own_pidfd()
+        try:
+            path = await client.request_lease(args.target, args.backend or "", args.duration, args.persistent,
+                                              args.force, scope=bool(command), pidfd=pidfd)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
         lease_id = lease_id_of(path)
         props = await client.properties(path, "org.vfiod1.Lease")
         group = group_number(props["Group"])
@@ -389,8 +398,13 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         elif ended:
             print(f"revoked {lease_id} in {seconds:g} s: its devices are back on their drivers")
         elif not args.no_wait:
+            waits = ""
+            try:
+                waits = (await client.properties(path, "org.vfiod1.Lease")).get("RevokeWaiting") or ""
+            except VfiodError:
+                pass
             print(f"vfioctl: lease {lease_id} is still being revoked after {seconds:g} s "
-                  "(`vfioctl leases` shows it)", file=sys.stderr)
+                  f"(`vfioctl leases` shows it){'; it waits for: ' + waits if waits else ''}", file=sys.stderr)
         return EXIT_OK if ended or args.no_wait else EXIT_FAIL
     return _run(args, go)
 

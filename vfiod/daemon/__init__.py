@@ -156,6 +156,9 @@ async def _serve(args: argparse.Namespace, host: str) -> int:
         raise BackendFailed(f"cannot reach the {args.bus} bus: {str(e).strip() or type(e).__name__}") from None
     service.attach(bus)
     install_caller_tracking(bus)
+    bus_daemon = await service.callers.bus_daemon_pid()
+    if bus_daemon is not None:
+        service.manager.protected_pids.add(bus_daemon)
 
     def on_message(msg: Message) -> None:
         gone = _is_owner_gone(msg)

@@ -111,6 +111,7 @@ class VfiodBus(PatientBus):
             self._work.set()
 
     def _refuse(self, msg: Message, why: str) -> None:
+        _close_received(msg)
         if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             self.send(Message.new_error(msg, LimitsExceeded.dbus_name, why))
         now = time.monotonic()
@@ -210,6 +211,7 @@ class VfiodBus(PatientBus):
                         reply = Message.new_error(msg, BackendFailed.dbus_name,
                                                   f"internal error in {method.name}; the daemon log has the details")
                     send_reply(reply)
+                    _close_received(msg)
 
                 args = ServiceInterface._msg_body_to_args(msg)
                 self._running[sender] += 1
@@ -322,6 +324,17 @@ class ExportedInterface(ServiceInterface):
                 for prop in ServiceInterface._get_properties(self)
                 if prop.access.readable() and not prop.disabled}
 
+
+
+def _close_received(msg: Message) -> None:
+    """The fds a call carried are vfiod's to close once the call is done (a pidfd the caller
+    sent, say): none is kept beyond its call."""
+    for fd in msg.unix_fds or ():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    msg.unix_fds = []
 
 
 def current_message() -> Message | None:

@@ -102,11 +102,17 @@ def _strip_caller(fn: Callable[..., object]) -> inspect.Signature:
     return sig.replace(parameters=params)
 
 
-def _terms(options: dict[str, object]) -> LeaseTerms:
-    """A request's ``a{sv}`` options as `LeaseTerms`: each value must have its option's type."""
+def _terms(options: dict[str, object], fds: list[int] | None = None) -> LeaseTerms:
+    """A request's ``a{sv}`` options as `LeaseTerms`: each value must have its option's type;
+    ``pidfd`` is an ``h``: one of the fds `fds` the message carried (dbus-next has put the
+    fd itself in place of its index)."""
     out = {}
     for key, value in options.items():
         out[key] = value.value if isinstance(value, Variant) else value
+    if "pidfd" in out:
+        sent = options["pidfd"]
+        if not isinstance(sent, Variant) or sent.signature != "h" or out["pidfd"] not in (fds or []):
+            raise InvalidArgument("option 'pidfd' must be a file descriptor the call carries (D-Bus type h)")
     for key, value in out.items():
         want = LeaseTerms.OPTIONS.get(key)
         if want is not None and type(value) is not want[0]:
@@ -130,7 +136,9 @@ class ManagerInterface(ExportedInterface):
     @method()
     @edge
     async def RequestLease(self, caller: Caller, target: "s", backend: "s", options: "a{sv}") -> "o":
-        lease = await self.service.request(caller, target, backend, _terms(options), current_sender())
+        msg = current_message()
+        terms = _terms(options, list(msg.unix_fds) if msg is not None else [])
+        lease = await self.service.request(caller, target, backend, terms, current_sender())
         return lease_path(lease.id)
 
     @method()
@@ -372,6 +380,12 @@ class LeaseInterface(ExportedInterface):
     @dbus_property(access=PropertyAccess.READ)
     def RevokeDeadline(self) -> "t":
         return _seconds(self.lease.deadline)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def RevokeWaiting(self) -> "s":
+        """While ``revoking``: what the revoke waits for, as vfiod last found it (holders, and
+        what it will not end; or the kernel's word on a holder it cannot find)."""
+        return self.service.manager.revoke_waiting(self.lease.id) if self.lease.state == "revoking" else ""
 
     @method()
     @edge

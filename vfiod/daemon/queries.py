@@ -16,6 +16,7 @@ from ..errors import InvalidArgument
 from ..leases import LeaseManager
 from ..pciids import PciIds
 from ..policy import Caller, Decision, PolicyStore, format_size
+from ..sysfs.procs import memlock_of
 from ..topology import Host
 from .snapshot import Snapshot
 
@@ -103,7 +104,7 @@ class Queries:
         """What the lease will do to the caller's locked-memory limit, said before it matters:
         VFIO pins every page the lessee maps for DMA, and fails (DPDK: "DMA remapping failed")
         once RLIMIT_MEMLOCK is exhausted."""
-        cur = self.kernel.memlock_of(caller.pid) if caller.pid else None
+        cur = memlock_of(caller.pid) if caller.pid else None
         have = "unknown" if cur is None else ("unlimited" if cur[0] < 0 else format_size(cur[0]))
         if decision.memlock:
             return (f"; the lease raises RLIMIT_MEMLOCK of your process to {format_size(decision.memlock)} "

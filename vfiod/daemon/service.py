@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Callable, Iterable, Mapping, TypeVar, TypeVarTuple
 
 from dbus_next import Message
@@ -27,6 +28,7 @@ from ..policy import Caller, PolicyStore, format_size
 from ..state import Journal, LeaseRow
 from ..terms import LeaseTerms
 from ..sysfs import Kernel
+from ..sysfs.procs import Proven, still
 from ..topology import Host
 from .callers import Callers
 from .hotplug import Hotplug
@@ -53,7 +55,7 @@ class Service:
                                     on_ended=self._on_loop(self._ended))
         self.manager.on_revoking = self._on_loop(self._revoking)
         self.scopes = Scopes(lambda: self.bus, lambda: self.loop)
-        self.manager.end_scope = self.scopes.end_in_thread
+        self.manager.scope_members = self.scopes.members_in_thread
         self.snapshot = Snapshot(self.manager)
         self.snapshot.on_change = self._changed_in_thread
         self.queries = Queries(self.manager, policy_store, self.snapshot, self.names)
@@ -145,42 +147,61 @@ class Service:
         if not isinstance(target, str) or len(target) > 256:
             raise InvalidArgument("the target is too long")
         terms = LeaseTerms.from_options(options)
-        lease = await self._run(self.manager.request, caller, target, backend, terms, owner)
-        if owner and not lease.persistent and not await self.callers.present(owner):
-            # The caller left while the grant ran: its disconnect found nothing to end yet,
-            # so end the lease now rather than leave it held for nobody.
-            log.warning("lease %s: uid %s left the bus before the grant finished; undoing it", lease.id, caller.uid)
-            await self._run(self.manager.release, lease.id, None, "disconnected")
-            self.refresh_soon([lease.group])
-            raise BackendFailed("the caller left the bus before the grant finished; the lease was undone")
-        warnings: list[str] = []
-        # A delegate's lease is for a container not yet started: its grant travels in the CDI spec.
-        if lease.memlock and terms.k8s_namespace is None:
-            # The policy's grant goes to the calling process (vfioctl lease -- CMD: CMD inherits it),
-            # before the lessee pins any memory.  If it cannot be applied, the caller is told.
-            why = "vfiod does not know the calling process" if not caller.pid else ""
-            if caller.pid:
+        # The caller's process, proven now (a scope or a memlock grant acts on it): a process
+        # vfiod cannot prove is the caller's own is never moved, raised or signalled.
+        pidfd, proven, unproven = self.callers.prove(caller, terms.pidfd)
+        try:
+            if terms.scope and proven is None and unproven:
+                self.manager.audit("request", caller.uid, target, None, None, "refused", unproven)
+                raise PermissionDenied(f"vfiod cannot run the caller in a scope: {unproven}")
+            lease = await self._run(self.manager.request, caller, target, backend, terms, owner)
+            if owner and not lease.persistent and not await self.callers.present(owner):
+                # The caller left while the grant ran: its disconnect found nothing to end yet,
+                # so end the lease now rather than leave it held for nobody.
+                log.warning("lease %s: uid %s left the bus before the grant finished; undoing it", lease.id,
+                            caller.uid)
+                await self._run(self.manager.release, lease.id, None, "disconnected")
+                self.refresh_soon([lease.group])
+                raise BackendFailed("the caller left the bus before the grant finished; the lease was undone")
+            warnings = await self._grant_memlock(lease, terms, pidfd, proven, unproven)
+            if terms.scope and pidfd is not None and proven is not None:
                 try:
-                    got = await self._run(self.manager.grant_memlock, lease, caller.pid)
-                    log.info("lease %s: RLIMIT_MEMLOCK of pid %s is now %s", lease.id, caller.pid, got)
-                    if got is None:
-                        why = f"process {caller.pid} is gone"
-                except VfiodError as e:
-                    why = str(e)
-            if why:
-                log.error("lease %s: the memlock grant of %s was not applied: %s", lease.id,
-                          format_size(lease.memlock), why)
-                warnings.append(f"memlock: the policy's RLIMIT_MEMLOCK grant of {format_size(lease.memlock)} "
-                                f"was not applied: {why}")
-        if terms.scope and caller.pid:
-            scope = await self.scopes.confine(lease, caller.pid)
-            if scope:
-                await self._run(self.journal.set_scope, lease.id, scope)
+                    scope = await self.scopes.confine(lease, pidfd, proven)
+                except VfiodError:
+                    await self._run(self.manager.release, lease.id, None, "released")
+                    self.refresh_soon([lease.group])
+                    raise
+                if scope:
+                    await self._run(self.journal.set_scope, lease.id, scope)
+        finally:
+            if pidfd is not None and pidfd not in (caller.pidfd, terms.pidfd):
+                os.close(pidfd)            # opened here; the bus's and the caller's are closed by their owners
         self._warnings[lease.id] = warnings
         self.refresh_soon([lease.group])
         self.objects.lease_granted(lease)
         self.update_status()
         return lease
+
+    async def _grant_memlock(self, lease: LeaseRow, terms: LeaseTerms, pidfd: int | None, proven: Proven | None,
+                             unproven: str) -> list[str]:
+        """The policy's memlock grant, to the caller's proven process (vfioctl lease -- CMD: CMD
+        inherits it), before the lessee pins any memory; what was not done, for the caller."""
+        # A delegate's lease is for a container not yet started: its grant travels in the CDI spec.
+        if not lease.memlock or terms.k8s_namespace is not None:
+            return []
+        why = unproven
+        if proven is not None and pidfd is not None:
+            try:
+                got = await self._run(self.manager.grant_memlock, lease, proven.pid, proven.start)
+                log.info("lease %s: RLIMIT_MEMLOCK of pid %s is now %s", lease.id, proven.pid, got)
+                if got is None or not still(pidfd, proven):
+                    why = f"process {proven.pid} is gone"
+            except VfiodError as e:
+                why = str(e)
+        if not why:
+            return []
+        log.error("lease %s: the memlock grant of %s was not applied: %s", lease.id, format_size(lease.memlock), why)
+        return [f"memlock: the policy's RLIMIT_MEMLOCK grant of {format_size(lease.memlock)} was not applied: {why}"]
 
     async def set_vf_count(self, caller: Caller, pf: str, count: int) -> int:
         addr = PciAddress.parse(pf)

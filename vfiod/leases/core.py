@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from typing import Callable, Iterable, Iterator
@@ -78,8 +79,11 @@ class LeaseCore:
         self.on_step = on_step or (lambda name: None)
         self.on_ended = on_ended or (lambda ended: None)
         self.on_revoking: Callable[[LeaseRow], None] = lambda lease: None
-        # Send a signal to every process of a transient scope (the daemon asks systemd); False if it could not.
-        self.end_scope: Callable[[str, int], bool] = lambda scope, sig: False
+        # The processes of a lease's transient scope, as they are now (the daemon asks systemd;
+        # none where it cannot).
+        self.scope_members: Callable[[str], list[Holder]] = lambda scope: []
+        # Processes the ladder never signals, whatever they hold: vfiod, and the bus daemon (the daemon adds it).
+        self.protected_pids: set[int] = {os.getpid()}
         self.clock = clock
         self.kill_after = KILL_AFTER
         self.audit = Audit(journal)

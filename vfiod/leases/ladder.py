@@ -6,9 +6,21 @@
    kernel fires the device's request eventfd: QEMU unplugs it from its guest,
    DPDK runs its removal handling).
 3. **End.** At the deadline, if the policy says ``on_revoke = "kill"``, the holders
-   are ended: SIGTERM, then SIGKILL `kill_after` seconds later (only the lessee's
-   processes unless the policy's ``revoke_others`` allows more).
-4. **Give back.** Once nobody holds the group, the release completes as any release does.
+   are ended: SIGTERM, then SIGKILL `kill_after` seconds later.  Only the lease's
+   own: the members of its scope and the processes found holding its group that
+   run as the lessee (other users' too where the policy's ``revoke_others`` says
+   so); never PID 1, the bus daemon, a system service or a system user's process,
+   nor a process whose bare 6.1 ``[vfio-device]`` fd may be another lease's.
+4. **Give back.** Once the kernel says nobody holds the group (its single-open
+   node opens, every unbind the ladder began returned), the release completes as
+   any release does.  A holder vfiod cannot find (an fd in flight over
+   SCM_RIGHTS, queued in another daemon's message, or in a process it does not
+   search) keeps the lease ``revoking``, and `waiting` says so.
+
+The holder search (`search`) reads only candidate processes (the lessee's, the
+scope's; every process only where ``revoke_others`` is set), at most once a
+`SEARCH_EVERY` seconds per lease, and never under the group lock.  It serves to
+find whom to signal and to tell the admin; what ends the ladder is the kernel's word.
 
 Steps 3 and 4 happen in `Ladder.advance`, which the daemon calls every second;
 every step is journaled, and a restart resumes the ladder where it was."""
@@ -17,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from typing import Mapping
 
 import attrs
@@ -25,7 +38,7 @@ from ..errors import Busy, InvalidArgument, NotFound, PermissionDenied, VfiodErr
 from ..hookspecs import Backend
 from ..policy import Caller, Decision, Policy
 from ..state import LeaseRow
-from ..sysfs import Holder, Unbinding
+from ..sysfs import USER_UIDS, GroupClaim, GroupHeld, Holder, Search, Unbinding
 from .core import END_REASONS, Ended, LeaseCore, Revoking
 from .moves import Moves
 
@@ -33,6 +46,8 @@ log = logging.getLogger("vfiod.leases")
 
 #: How long a revoked lease whose holders are gone may wait for its unbinds to return.
 _SETTLE = 2.0
+#: The least time between two holder searches of one lease (the ladder turns every second).
+SEARCH_EVERY = 1.0
 
 
 class Ladder:
@@ -41,29 +56,56 @@ class Ladder:
         self.moves = moves
         self._unbinds: dict[str, list[Unbinding]] = {}     # lease id -> the unbinds the ladder began
         self._told: set[tuple[str, str]] = set()            # (lease id, what) already logged
+        self._searches: dict[str, tuple[float, Search]] = {}  # lease id -> (when, the last search)
+        self.waiting: dict[str, str] = {}                   # lease id -> why its revoke has not ended yet
+        self._claims: dict[str, GroupClaim | None] = {}     # lease id -> vfiod's own file of its group node
 
-    def holders(self, lease: LeaseRow) -> list[Holder]:
-        """The processes holding `lease`'s group or its devices open (vfiod excepted)."""
+    def search(self, lease: LeaseRow, fresh: bool = False) -> Search:
+        """The candidate processes holding `lease`'s group or its devices (vfiod excepted):
+        the lessee's and its scope's (everyone's where ``revoke_others`` allows ending them).
+        Reused for `SEARCH_EVERY` seconds unless `fresh`; call it without the group lock."""
         core = self.core
+        now = time.monotonic()
+        last = self._searches.get(lease.id)
+        if last is not None and not fresh and now - last[0] < SEARCH_EVERY:
+            return last[1]
         # A [vfio-device] fd the kernel does not name is this lease's for sure only if
         # its holder's uid holds no other lease through VFIO.
         vfio_uids = frozenset(o.uid for o in core.journal.leases() if o.id != lease.id
                               and (be := core.backends.get(o.backend)) is not None and be.uses_vfio)
-        return core.kernel.holders(lease.group, core.endpoints(lease.id), unsure_uids=vfio_uids)
+        pids = frozenset(m.pid for m in core.scope_members(lease.scope)) if lease.scope else frozenset()
+        found = core.kernel.holders(lease.group, core.endpoints(lease.id),
+                                    None if lease.revoke_others else frozenset({lease.uid}), pids, lease.uid,
+                                    vfio_uids)
+        self._searches[lease.id] = (now, found)
+        return found
+
+    def holders(self, lease: LeaseRow) -> list[Holder]:
+        """The candidate processes holding `lease`'s group or its devices open (a fresh search)."""
+        return self.search(lease, fresh=True).holders
 
     def release(self, lease: LeaseRow, reason: str, uid: int | None = None) -> Ended | None:
-        """End a lease (its group lock is held): at once if nobody holds its group, else
-        through the ladder (None: it ends later, with `on_ended`)."""
+        """End a lease (its group lock is held; `search` ran just before, without it): at once
+        if the kernel says nobody holds its group, else through the ladder (None: it ends
+        later, with `on_ended`)."""
         if lease.state == "revoking":
             return None                     # the ladder has it already
         be = self.core.backend(lease.backend)
-        holders = self.holders(lease) if be.uses_vfio else []
-        if holders:
-            # Processes still hold the group or its devices: an unbind would wait for them
-            # in the kernel, and a group on vfio-pci would stay theirs.  The ladder asks them.
-            self._start(lease, reason, uid, holders)
+        if not be.uses_vfio:
+            return self.moves.give_back(lease, reason, uid, be)
+        self._take_back(lease, be)          # nobody opens it again while the kernel is asked
+        busy = self._claim(lease)
+        holders = self.search(lease).holders
+        if holders or busy:
+            # Somebody holds the group or its devices: an unbind would wait for them in
+            # the kernel, and a group on vfio-pci would stay theirs.  The ladder asks them.
+            self._unclaim(lease)
+            self._start(lease, reason, uid, holders, busy)
             return None
-        return self.moves.give_back(lease, reason, uid, be)
+        try:
+            return self.moves.give_back(lease, reason, uid, be)
+        finally:
+            self._unclaim(lease)
 
     def revoke(self, lease_id: str, reason: str, caller: Caller | None = None) -> Ended | Revoking:
         """Take a lease back whether or not its holders let go (root, or vfiod itself)."""
@@ -91,7 +133,8 @@ class Ladder:
             raise NotFound(f"no lease {lease_id!r}")
         return Revoking(now, ())
 
-    def _start(self, lease: LeaseRow, reason: str, uid: int | None, holders: list[Holder] | None = None) -> LeaseRow:
+    def _start(self, lease: LeaseRow, reason: str, uid: int | None, holders: list[Holder] | None = None,
+               busy: str | None = None) -> LeaseRow:
         """Steps 1 and 2 (the group lock is held)."""
         core = self.core
         deadline = core.clock() + lease.grace
@@ -101,7 +144,7 @@ class Ladder:
         seq = core.journal.intent(lease.id, "revoke", None, {"reason": reason, "deadline": deadline})
         core.journal.done(lease.id, seq)
         core.on_step("revoke")
-        held = "; ".join(h.describe() for h in holders or [])
+        held = "; ".join(h.describe() for h in holders or []) or (busy or "")
         core.audit("revoke", uid, lease.target, lease.id, lease.rule, "revoking",
                    f"{reason}; grace {lease.grace:g} s" + (f"; held by {held}" if held else ""), group=lease.group)
         log.warning("lease %s of uid %s is being revoked (%s): its holders have %g s to let go%s", lease.id,
@@ -113,6 +156,16 @@ class Ladder:
         self._ask(lease)
         return lease
 
+    def _take_back(self, lease: LeaseRow, be: Backend) -> None:
+        """Nobody opens the group again: every hand-over of the lease is taken back."""
+        ctx = self.core.context(lease)
+        for st in self.core.journal.steps(lease.id):
+            if st.action == "hand-over":
+                try:
+                    be.take_back(ctx, st.record)
+                except Exception as e:
+                    log.warning("lease %s: taking back the hand-over: %s", lease.id, e)
+
     def _ask(self, lease: LeaseRow) -> None:
         """Step 2: nobody opens the group again, and each endpoint's unbind begins."""
         core = self.core
@@ -120,12 +173,7 @@ class Ladder:
         if be is None:
             return
         ctx = core.context(lease)
-        for st in core.journal.steps(lease.id):
-            if st.action == "hand-over":
-                try:
-                    be.take_back(ctx, st.record)
-                except Exception as e:
-                    log.warning("lease %s: taking back the hand-over: %s", lease.id, e)
+        self._take_back(lease, be)
         if not be.uses_vfio:
             return
         begun = []
@@ -142,30 +190,76 @@ class Ladder:
             self._unbinds[lease.id] = begun
 
     def advance(self, lease_id: str) -> Ended | Revoking | None:
-        """One turn of the ladder for a ``revoking`` lease (None if it is not one):
-        end the holders whose grace is over, finish the release once nobody holds it."""
+        """One turn of the ladder for a ``revoking`` lease (None if it is not one): end the
+        holders whose grace is over; finish the release once the kernel says nobody holds it."""
         core = self.core
         lease = core.journal.lease(lease_id)
         if lease is None or lease.state != "revoking":
             return None
+        be = core.backends.get(lease.backend)
+        found = self.search(lease) if be is not None and be.uses_vfio else Search()
         with core.group_lock(lease.group):
             current = core.journal.lease(lease_id)
             if current is None or current.state != "revoking":
                 return None
             lease = current
-            be = core.backends.get(lease.backend)
             if be is None:
                 return Revoking(lease, ())
-            holders = self.holders(lease) if be.uses_vfio else []
-            if not holders:
-                pending = self._unbinds.get(lease.id, [])
-                if all(u.wait(_SETTLE) for u in pending):
-                    return self._finish(lease, be)
-            elif lease.id not in self._unbinds:
+            holders = found.holders
+            if not be.uses_vfio:
+                return self._finish(lease, be)
+            if lease.id not in self._unbinds:
                 self._ask(lease)            # after a restart: ask again
-            if lease.on_revoke == "kill" and core.clock() >= lease.deadline:
+            busy = self._claim(lease)
+            settle = 0.0 if holders or busy else _SETTLE
+            pending = [u for u in self._unbinds.get(lease.id, []) if not u.wait(settle)]
+            if not pending and busy is None:
+                return self._finish(lease, be)     # the kernel's word: nobody holds it
+            ending = lease.on_revoke == "kill" and core.clock() >= lease.deadline
+            if ending:
                 self._end_holders(lease, holders)
+            self._tell_waiting(lease, holders, pending, busy)
             return Revoking(lease, tuple(holders))
+
+    def _claim(self, lease: LeaseRow) -> str | None:
+        """Open the group's node for vfiod, once the kernel lets it (then no file of the group
+        exists anywhere, and none can appear until the release is done); None once vfiod
+        holds it or there is no node, else the kernel's words."""
+        if self._claims.get(lease.id) is not None:
+            return None
+        try:
+            self._claims[lease.id] = self.core.kernel.claim_group(lease.group)
+        except GroupHeld as e:
+            return e.words
+        return None
+
+    def _unclaim(self, lease: LeaseRow) -> None:
+        claim = self._claims.pop(lease.id, None)
+        if claim is not None:
+            claim.close()
+
+    def _tell_waiting(self, lease: LeaseRow, holders: list[Holder], pending: list[Unbinding],
+                      busy: str | None) -> None:
+        """Say why the revoke has not ended (`waiting`, the log and the audit, once per change)."""
+        parts, stuck = [], False
+        for h in holders:
+            spared = self._spared(lease, h)
+            stuck = stuck or spared is not None or lease.on_revoke == "wait"
+            parts.append(h.describe() + (f" ({spared})" if spared else ""))
+        if not holders:
+            kernel = busy or ("the kernel's unbind of its devices has not returned: a device fd is still open"
+                              if pending else "")
+            if kernel:
+                stuck = True
+                parts.append(f"{kernel}; held by a process vfiod cannot find: an fd in flight (SCM_RIGHTS) or in "
+                             "another daemon's queue, or a process vfiod does not search (not the lessee's)")
+        why = "; ".join(parts)
+        if self.waiting.get(lease.id) == why:
+            return
+        self.waiting[lease.id] = why
+        if why and stuck:       # what vfiod will not end itself: the admin hears of it, once per change
+            self.core.audit("revoke", None, lease.target, lease.id, lease.rule, "waiting", why, group=lease.group)
+            log.warning("lease %s: the revoke waits: %s", lease.id, why)
 
     def advance_all(self) -> list[Ended]:
         """One turn of the ladder for every ``revoking`` lease; the leases that ended."""
@@ -203,15 +297,10 @@ class Ladder:
         if lease.scope:
             self._end_scope(lease, now)
         for h in holders:
-            if not h.sure:
-                self._tell_once(lease.id, f"unsure:{h.pid}", logging.WARNING,
-                                "lease %s: %s; this kernel does not say which device it is and uid %s holds another "
-                                "VFIO lease, so vfiod does not end it", lease.id, h.describe(), h.uid)
-                continue
-            if h.uid != lease.uid and not lease.revoke_others:
-                self._tell_once(lease.id, f"other:{h.pid}", logging.WARNING,
-                                "lease %s: %s; the policy lets vfiod end only the lessee's (uid %s) processes, "
-                                "so the revoke waits for it", lease.id, h.describe(), lease.uid)
+            spared = self._spared(lease, h)
+            if spared:
+                self._tell_once(lease.id, f"spared:{h.pid}:{h.start}", logging.WARNING, "lease %s: %s; %s",
+                                lease.id, h.describe(), spared)
                 continue
             nxt = self._next_signal(sent.get((h.pid, h.start), {}), now)
             if nxt is None:
@@ -234,9 +323,38 @@ class Ladder:
             return signal.SIGKILL, "KILL"
         return None
 
+    def _spared(self, lease: LeaseRow, h: Holder) -> str | None:
+        """Why the ladder never signals `h` for `lease` (None: it may).  Only the lease's
+        own processes are ended: the lessee's (others' too where the policy's
+        ``revoke_others`` says so, but never a system user's), never PID 1, vfiod, the
+        bus daemon or a system service, nor a holder the kernel's words do not tie to it."""
+        core = self.core
+        if not h.sure:
+            return (f"this kernel does not say which device it is and uid {h.uid} holds another VFIO lease, "
+                    "so vfiod does not end it")
+        if h.pid == 1 or h.pid in core.protected_pids:
+            return ("it is PID 1, vfiod or the bus daemon, which vfiod never ends (an fd queued in a message "
+                    "stays there until its receiver reads it or leaves the bus)")
+        uids = set(h.uids or (h.uid,))
+        if uids == {lease.uid} and lease.uid != 0:
+            return None                 # the lessee's own (the policy named its uid), wherever it runs
+        if h.system_service:
+            return f"it runs as a system service ({h.cgroup}), which vfiod never ends"
+        if uids == {lease.uid}:
+            return None                 # root's own lease: root's processes outside system services
+        if not lease.revoke_others:
+            return (f"the policy lets vfiod end only the lessee's (uid {lease.uid}) processes, "
+                    "so the revoke waits for it")
+        system = sorted(u for u in uids if u not in USER_UIDS)
+        if system:
+            return f"it runs as a system user (uid {system[0]}), which vfiod never ends"
+        return None
+
     def _end_scope(self, lease: LeaseRow, now: float) -> None:
-        """The lessee's command ran in a transient scope (`vfioctl lease -- CMD`): end the
-        whole tree at once, SIGTERM then SIGKILL, as the holders are ended."""
+        """The lessee's command ran in a transient scope (`vfioctl lease -- CMD`): end every
+        process of it at once, SIGTERM then SIGKILL, as the holders are ended; each is
+        checked as a holder is (a process of another uid that got into the scope, say
+        through a set-uid program, is spared unless the policy allows ending it)."""
         core = self.core
         sent = {str(st.record.get("signal")): float(at) for st in core.journal.steps(lease.id)
                 if st.action == "end-scope" and st.status == "done"
@@ -246,11 +364,20 @@ class Ladder:
             return
         sig, name = nxt
         seq = core.journal.intent(lease.id, "end-scope", None, {"scope": lease.scope, "signal": name, "at": now})
-        if core.end_scope(lease.scope, sig):
+        ended = []
+        for member in core.scope_members(lease.scope):
+            spared = self._spared(lease, member)
+            if spared:
+                self._tell_once(lease.id, f"spared:{member.pid}:{member.start}", logging.WARNING, "lease %s: %s; %s",
+                                lease.id, member.describe(), spared)
+            elif core.kernel.signal_holder(member, sig):
+                ended.append(f"pid {member.pid} ({member.comm})")
+        if ended:
             core.audit("revoke", None, lease.target, lease.id, lease.rule, "ended",
-                       f"SIG{name} to every process of {lease.scope} ({lease.revoke_reason})", group=lease.group)
-            log.warning("lease %s: SIG%s to every process of %s (%s)", lease.id, name, lease.scope,
-                        lease.revoke_reason)
+                       f"SIG{name} to every process of {lease.scope}: {', '.join(ended)} ({lease.revoke_reason})",
+                       group=lease.group)
+            log.warning("lease %s: SIG%s to every process of %s: %s (%s)", lease.id, name, lease.scope,
+                        ", ".join(ended), lease.revoke_reason)
         core.journal.done(lease.id, seq)
 
     def _finish(self, lease: LeaseRow, be: Backend) -> Ended | Revoking:
@@ -263,7 +390,10 @@ class Ladder:
             self._tell_once(lease.id, f"finish:{e}", logging.ERROR, "lease %s: finishing the revoke: %s", lease.id, e)
             return Revoking(lease, ())
         finally:
+            self._unclaim(lease)
             self.core.sync_locked()
+        self.waiting.pop(lease.id, None)
+        self._searches.pop(lease.id, None)
         return ended
 
     def revoke_disallowed(self, policy: Policy) -> list[Ended | Revoking]:

@@ -101,6 +101,10 @@ class LeaseManager(LeaseCore):
     def holders(self, lease: LeaseRow) -> list[Holder]:
         return self.ladder.holders(lease)
 
+    def revoke_waiting(self, lease_id: str) -> str:
+        """Why the revoke of `lease_id` has not ended yet ("" if nothing keeps it)."""
+        return self.ladder.waiting.get(lease_id, "")
+
     # ------------------------------------------------------------ grant
 
     def request(self, caller: Caller, target: str, backend: str = "",
@@ -197,8 +201,8 @@ class LeaseManager(LeaseCore):
         return ([HeldDevice(str(d.addr), d.driver, self.kernel.override_of(d.addr)) for d in endpoints]
                 + [HeldDevice(str(d.addr), d.driver, self.kernel.override_of(d.addr), "bridge") for d in bridges])
 
-    def grant_memlock(self, lease: LeaseRow, pid: int) -> tuple[int, int] | None:
-        return self.memlock.grant(lease, pid)
+    def grant_memlock(self, lease: LeaseRow, pid: int, start: int | None = None) -> tuple[int, int] | None:
+        return self.memlock.grant(lease, pid, start)
 
     # ------------------------------------------------------------ the end of a lease
 
@@ -206,6 +210,8 @@ class LeaseManager(LeaseCore):
         """Give the lease's devices back; None when processes still hold them and the
         revoke ladder took the lease over (it ends later, with `on_ended`)."""
         lease = self.owned(lease_id, caller, "release") if caller is not None else self.get(lease_id)
+        if lease.state != "revoking" and self.backend(lease.backend).uses_vfio:
+            self.ladder.search(lease, fresh=True)       # before the group lock: the ladder reuses it
         with self.group_lock(lease.group):
             current = self.journal.lease(lease_id)
             if current is None:

@@ -16,13 +16,13 @@ class MemlockGrants:
     def __init__(self, core: LeaseCore) -> None:
         self.core = core
 
-    def grant(self, lease: LeaseRow, pid: int) -> tuple[int, int] | None:
+    def grant(self, lease: LeaseRow, pid: int, start: int | None = None) -> tuple[int, int] | None:
         """Apply the lease's memlock grant to process `pid`, if it runs as the lessee
-        (`PermissionDenied` if not), and record what to restore at release.  Returns
+        (`PermissionDenied` if not) and, given its `start`, is still that process, and record what to restore at release.  Returns
         the new (soft, hard) limits, or None if the process is gone."""
         if not lease.memlock:
             return None
-        got = self.core.kernel.grant_memlock(pid, lease.memlock, lease.uid)
+        got = self.core.kernel.grant_memlock(pid, lease.memlock, lease.uid, start)
         if got is None:
             return None
         self.core.journal.record_grant(lease.id, got.pid, got.start, got.before)

@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from ..errors import BackendFailed
+from ..errors import BackendFailed, Busy
 from ..hookspecs import Backend, LeaseContext
 from ..state import HeldDevice, LeaseRow
+from ..sysfs import GroupClaim, GroupHeld
 from .core import Ended, LeaseCore
 
 log = logging.getLogger("vfiod.leases")
@@ -42,9 +43,29 @@ class Moves:
                 with core.step(lid, "detach-bridge", held.addr, None, f"detach:{held.addr}",
                                f"detach bridge {held.addr} from {held.driver}"):
                     core.kernel.detach(held.address)
-        record = be.plan_hand_over(ctx)
-        with core.step(lid, "hand-over", None, record, "hand-over", f"hand over group {ctx.lease.group}") as step:
-            step.record = be.hand_over(ctx) or record
+        # The kernel's proof that nobody holds the group before it is given to anyone: vfiod
+        # opens its single-open node (a file of it anywhere, even in flight over SCM_RIGHTS
+        # or queued in another daemon's message, makes that fail), and keeps it open until
+        # the hand-over is done, so no file of an earlier holder can pair with this lease.
+        claim = self._claim(ctx) if be.uses_vfio else None
+        try:
+            record = be.plan_hand_over(ctx)
+            with core.step(lid, "hand-over", None, record, "hand-over", f"hand over group {ctx.lease.group}") as step:
+                step.record = be.hand_over(ctx) or record
+        finally:
+            if claim is not None:
+                claim.close()
+
+    def _claim(self, ctx: LeaseContext) -> GroupClaim | None:
+        group = ctx.lease.group
+        try:
+            return self.core.kernel.claim_group(group)
+        except GroupHeld as e:
+            self.core.audit("grant", ctx.lease.uid, ctx.lease.target, ctx.lease.id, ctx.lease.rule, "held",
+                            e.words, group=group)
+            raise Busy(f"IOMMU group {group} is still held: {e.words}; a process, an fd in flight over "
+                       "SCM_RIGHTS or one queued in another daemon's message has it, and vfiod gives the group "
+                       "to nobody until the kernel lets vfiod open it") from None
 
     def undo(self, ctx: LeaseContext, be: Backend, reset: bool = False) -> list[str]:
         """take_back every begun hand-over, reset the endpoints if asked, then

@@ -53,6 +53,12 @@ class Caller:
     #: the Kubernetes namespace a delegate speaks for (request option ``k8s_namespace``);
     #: set only after `Policy.decide` checked that the policy names `uid` as a delegate
     k8s_namespace: str | None = None
+    #: when vfiod first heard from the caller's bus connection (seconds since boot): its
+    #: process started before that
+    since: float | None = attrs.field(default=None, eq=False)
+    #: a pidfd of the process that opened the caller's connection, where the bus gives one
+    #: (``ProcessFD``, dbus >= 1.15); vfiod's, kept while the connection is known
+    pidfd: int | None = attrs.field(default=None, eq=False, repr=False)
 
     @classmethod
     def from_uid(cls, uid: int, users: UserDb | None = None) -> "Caller":

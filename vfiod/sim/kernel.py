@@ -25,8 +25,19 @@ tests).  The plan — each file it watches and what a write to it does:
 
 Holders: as in the kernel, an unbind from vfio-pci waits while a process
 holds the device's group open (here: any fd on the fake ``/dev/vfio/N``, found
-in the system's ``/proc``, as the revoke ladder finds it); the kernel's request
-to the holder has no counterpart.  `start_unbind` writes from a thread.
+in the system's ``/proc``); the kernel's request to the holder has no
+counterpart.  `start_unbind` writes from a thread.
+
+The single-open group node: ``/dev/vfio/N`` opens once at a time, as the
+legacy VFIO group does.  The simulated kernel knows of the files vfiod itself
+opened and keeps (`claim_group`) and of the real processes holding the fake
+node (their ``/proc/PID/fd``); an open while either exists fails with EBUSY.
+What it cannot see is a file no process has: one in flight over SCM_RIGHTS,
+or queued in another daemon's message (the real kernel counts those too).
+Tests say such a file exists with `in_flight` (group -> how many; the node
+stays while one exists, and opens fail with EBUSY) and a device fd in flight
+with `device_in_flight` (its unbind from vfio-pci waits); the real kernel's
+word on them is the guest tier's (tests/guest/test_kernels_word_guest.py).
 
 Fault injection is data: ``sim.inject(op, addr, fault)`` with op one of
 ``override``, ``unbind``, ``probe``, ``reset`` and a `Fault`: ``error`` (the write fails
@@ -39,6 +50,7 @@ Each fault fires `count` times (default once).  Every write is recorded in
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import shutil
@@ -50,7 +62,8 @@ import attrs
 
 from ..address import PciAddress
 from ..sysfs import Kernel, Roots, classify_write
-from ..sysfs.write import ThreadUnbind, Unbinding
+from ..sysfs.write import GroupClaim, ThreadUnbind, Unbinding
+from ..sysfs.procs import open_files
 from ..sysfs.read import _readlink
 
 if TYPE_CHECKING:
@@ -81,6 +94,9 @@ class SimKernel(Kernel):
         self.event_sink: EventHandler | None = None   # called with (action, addr, driver), as a uevent would be
         self._lock = threading.RLock()
         self.holders_block = True          # an unbind from vfio-pci waits for the group's holders
+        self.claimed: collections.Counter[int] = collections.Counter()     # vfiod's own opens of a group node
+        self.in_flight: collections.Counter[int] = collections.Counter()   # group files no process has
+        self.device_in_flight: set[PciAddress] = set()                     # device fds no process has
 
     @classmethod
     def for_spec(cls, spec: HostSpec, roots: Roots, **kw: float) -> "SimKernel":
@@ -169,8 +185,33 @@ class SimKernel(Kernel):
 
     def _wait_for_holders(self, addr: PciAddress) -> None:
         group = self._group(addr)
-        while group is not None and self.holders(group, (addr,)):
+        while group is not None and (self._files_in_processes(group) or addr in self.device_in_flight):
             time.sleep(0.05)
+
+    def _files_in_processes(self, group: int) -> list[int]:
+        """The processes (this one excepted) holding the fake node of `group` open."""
+        node = self.vfio_group_path(group)
+        return [pid for pid, _fd, _link in open_files(lambda link: link in (node, node + " (deleted)"))]
+
+    def _held(self, group: int) -> bool:
+        return bool(self.claimed[group] or self.in_flight[group] or self._files_in_processes(group))
+
+    # ---- the single-open group node
+
+    def open_vfio_group(self, group: int) -> int:
+        if self._held(group):
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return super().open_vfio_group(group)
+
+    def claim_group(self, group: int) -> GroupClaim | None:
+        claim = super().claim_group(group)
+        if claim is not None:
+            self.claimed[group] += 1
+
+            def let_go() -> None:
+                self.claimed[group] -= 1
+            claim.on_close = let_go
+        return claim
 
     def start_unbind(self, addr: PciAddress) -> Unbinding | None:
         drv = self.driver_of(addr)
@@ -219,7 +260,7 @@ class SimKernel(Kernel):
             pass
         if driver == "vfio-pci":
             group = self._group(addr)
-            if group is not None and not self._vfio_members(group):
+            if group is not None and not self._vfio_members(group) and not self.in_flight[group]:
                 try:
                     os.unlink(self.vfio_group_path(group))
                 except FileNotFoundError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import threading
@@ -17,7 +18,7 @@ from ..address import PciAddress
 from ..errors import InvalidAddress, InvalidArgument, KernelError
 from .read import Roots, SysfsReader, _int, _readlink, _text
 from .acl import set_user as acl_set_user, user_perm as acl_user_perm
-from .procs import Holder, MemlockGrant, find_holders, grant_memlock, memlock_of, restore_memlock, signal_holder
+from .procs import Holder, MemlockGrant, Search, find_holders, grant_memlock, restore_memlock, signal_holder
 from .usage import device_usage
 
 
@@ -330,6 +331,20 @@ class Kernel:
     def open_vfio_group(self, group: int) -> int:
         return os.open(self.vfio_group_path(group), os.O_RDWR | os.O_CLOEXEC)
 
+    def claim_group(self, group: int) -> GroupClaim | None:
+        """Open the group's node for vfiod itself: the kernel's proof that no file of the
+        group exists anywhere (the legacy node opens once at a time: a file in a process,
+        in flight over SCM_RIGHTS or queued in another daemon's message makes the open
+        fail with EBUSY), and, while vfiod keeps it, that nobody else opens it.  None
+        where there is no node (no member on vfio-pci: no group to hold);
+        `GroupHeld` with the kernel's word otherwise."""
+        try:
+            return GroupClaim(self.open_vfio_group(group))
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise GroupHeld(group, e) from None
+
     def open_vfio_container(self) -> int:
         return os.open(self.vfio_container_path(), os.O_RDWR | os.O_CLOEXEC)
 
@@ -364,19 +379,18 @@ class Kernel:
 
     # ---- processes (`vfiod.sysfs.procs`: the system's /proc, real even on a simulated host)
 
-    def memlock_of(self, pid: int) -> tuple[int, int] | None:
-        return memlock_of(pid)
-
-    def grant_memlock(self, pid: int, limit: int, uid: int) -> MemlockGrant | None:
-        return grant_memlock(pid, limit, uid)
+    def grant_memlock(self, pid: int, limit: int, uid: int, start: int | None = None) -> MemlockGrant | None:
+        return grant_memlock(pid, limit, uid, start)
 
     def restore_memlock(self, pid: int, start: int, limits: tuple[int, int]) -> bool:
         return restore_memlock(pid, start, limits)
 
-    def holders(self, group: int, addrs: tuple[PciAddress, ...],
-                unsure_uids: frozenset[int] = frozenset()) -> list[Holder]:
-        """Who holds VFIO group `group` or a device of `addrs` open (`vfiod.sysfs.procs.find_holders`)."""
-        return find_holders(self.roots, group, addrs, unsure_uids)
+    def holders(self, group: int, addrs: tuple[PciAddress, ...], uids: frozenset[int] | None,
+                pids: frozenset[int] = frozenset(), owner: int | None = None,
+                unsure_uids: frozenset[int] = frozenset()) -> Search:
+        """Which candidate processes hold VFIO group `group` or a device of `addrs`
+        (`vfiod.sysfs.procs.find_holders`: the processes of `uids`, and `pids`)."""
+        return find_holders(self.roots, group, addrs, uids, pids, owner, unsure_uids)
 
     def signal_holder(self, holder: Holder, sig: int) -> bool:
         return signal_holder(holder, sig)
@@ -388,6 +402,34 @@ class Kernel:
         return device_usage(self.roots, addr)
 
 
+
+
+class GroupClaim:
+    """vfiod's own open file of a group's node (`Kernel.claim_group`): while it is open,
+    nobody else can open the node; `close` lets it go (`on_close` is told)."""
+
+    def __init__(self, fd: int, on_close: Callable[[], None] | None = None):
+        self.fd = fd
+        self.on_close = on_close
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            if self.on_close is not None:
+                self.on_close()
+
+
+class GroupHeld(KernelError):
+    """The kernel refused vfiod's open of a group's node: somebody holds the group."""
+
+    def __init__(self, group: int, err: OSError):
+        self.group = group
+        why = ("a file of it is open somewhere" if err.errno == errno.EBUSY else
+               "it has no device any more but is still held" if err.errno == errno.ENODEV else
+               err.strerror or str(err))
+        self.words = f"the kernel refuses to open /dev/vfio/{group} ({errno.errorcode.get(err.errno or 0, '?')}: {why})"
+        super().__init__(self.words)
 
 
 class Unbinding:
