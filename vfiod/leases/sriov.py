@@ -9,12 +9,11 @@ from .core import LeaseCore
 
 
 def set_vf_count(core: LeaseCore, caller: Caller, pf: PciAddress, count: int) -> int:
-    """Root only: set an SR-IOV PF's number of VFs (``sriov_numvfs``).  Refused
-    (`Busy`) while the PF or any of its VFs is leased: changing the count
-    removes every VF, and would pull them from under their lessees.
-    Returns the count before the change."""
-    if not caller.is_admin:
-        raise PermissionDenied("only root may change the number of VFs")
+    """Set an SR-IOV PF's number of VFs (``sriov_numvfs``): root, or a user a
+    policy rule with ``max_vfs`` allows (up to that many; a protected PF only where
+    the rule names it and sets allow_protected).  Refused (`Busy`) while the PF or
+    any of its VFs is leased: changing the count removes every VF, and would pull
+    them from under their lessees.  Returns the count before the change."""
     reader = core.reader
     if not core.kernel.exists(pf):
         raise NotFound(f"no device {pf}")
@@ -25,6 +24,13 @@ def set_vf_count(core: LeaseCore, caller: Caller, pf: PciAddress, count: int) ->
         raise InvalidArgument(f"{pf} supports 0 to {raw.sriov_totalvfs} VFs, not {count!r}")
     group = reader.group_of(pf)
     with core.group_lock(group if group is not None else -1):
+        why = ""
+        if not caller.is_admin:
+            host = core.scan_groups([group] if group is not None else [])
+            dev = host.devices.get(pf)
+            allowed, why = core.policy_source().decide_vf_count(dev, caller, count) if dev else (False, "")
+            if not allowed:
+                raise PermissionDenied(f"may not set {pf} to {count} VFs: {why or 'not in an IOMMU group'}")
         raw = reader.read_device(pf)
         holdings = core.journal.holdings()
         busy = sorted({holdings[str(a)][0].id for a in (pf, *raw.virtfns) if str(a) in holdings})
@@ -32,5 +38,6 @@ def set_vf_count(core: LeaseCore, caller: Caller, pf: PciAddress, count: int) ->
             raise Busy(f"{pf} or its VFs are leased ({', '.join(busy)}); release them first")
         before = raw.sriov_numvfs or 0
         core.kernel.set_numvfs(pf, count)
-        core.audit("sriov", caller.uid, str(pf), None, None, "changed", f"{before} -> {count} VFs", group=group)
+        detail = f"{before} -> {count} VFs" + (f"; {why}" if why else "")
+        core.audit("sriov", caller.uid, str(pf), None, None, "changed", detail, group=group)
         return before

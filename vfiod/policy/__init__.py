@@ -71,6 +71,12 @@ too.  Every list-valued key also takes a single value::
     on_revoke = "kill"            # then: "kill" (SIGTERM, then SIGKILL) or "wait" for them
     revoke_others = false         # may the ladder end processes of other uids (root's too)?
 
+    # Or, instead of lease terms: the rule's users may set the SR-IOV VF count of the
+    # PFs it names (vfioctl vfs PF N), from 0 to this many.  Such a rule grants no lease
+    # (lease the VFs through a rule with vf_of); with allow_protected it may name a
+    # protected PF (say, the one carrying the default route) by address.
+    max_vfs = 4
+
 A group's decision combines the rules that decided its endpoints:
 
 * backend: a request that names a backend needs every deciding rule to allow

@@ -132,7 +132,7 @@ class Policy:
         """The first rule naming both `dev` and `caller` decides; returns the verdict and that rule."""
         notes: list[str] = []
         for rule in self.rules:
-            if not rule.covers(caller):
+            if not rule.covers(caller) or rule.max_vfs is not None:   # a VF-count rule grants no lease
                 continue
             matched, note = rule.match(dev, self.resources)
             if note:
@@ -152,6 +152,28 @@ class Policy:
         if caller.k8s_namespace is not None:
             deny = f"no rule matched Kubernetes namespace {caller.k8s_namespace} (deny by default)"
         return DeviceDecision(dev.addr, False, "", "; ".join([deny, *notes]), Refusal.NO_RULE), None
+
+    def decide_vf_count(self, dev: Device, caller: Caller, count: int) -> tuple[bool, str]:
+        """May `caller` set PF `dev`'s number of VFs to `count`?  The first deny rule or
+        ``max_vfs`` rule naming both decides (other allow rules grant leases, not this);
+        a protected PF needs the rule to name it and set allow_protected.  Returns the
+        verdict and why."""
+        for rule in self.rules:
+            if not rule.covers(caller) or (rule.allows and rule.max_vfs is None):
+                continue
+            if not rule.match(dev, self.resources)[0]:
+                continue
+            if not rule.allows:
+                why = f" ({rule.comment})" if rule.comment else ""
+                return False, f"denied by rule {rule.source}{why}"
+            assert rule.max_vfs is not None
+            if dev.protected and not (rule.allow_protected and rule.names(dev.addr, self.resources)):
+                return False, (f"protected ({dev.protected}): rule {rule.source} would have to name it "
+                               "by address and set allow_protected = true")
+            if count > rule.max_vfs:
+                return False, f"rule {rule.source} allows at most {rule.max_vfs} VFs on {dev.addr}"
+            return True, f"allowed by rule {rule.source}"
+        return False, f"no rule with max_vfs names {dev.addr} for you (only root may change the number of VFs)"
 
     def decide(self, host: Host, caller: Caller, group: int, backend: str = "",
                options: LeaseTerms | Mapping[str, object] | None = None) -> Decision:

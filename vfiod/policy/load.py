@@ -25,7 +25,7 @@ MATCH_KEYS = ("address", "group", "ids", "class", "driver", "vf_of", "resource")
 WHO_KEYS = ("users", "uids", "groups", "everyone")
 K8S_KEYS = ("k8s_namespaces", "k8s_delegates")
 GRANT_KEYS = ("backends", "default_backend", "max_duration", "persistent", "memlock", "allow_protected",
-              "reset_on_release", "revoke_grace", "on_revoke", "revoke_others")
+              "reset_on_release", "revoke_grace", "on_revoke", "revoke_others", "max_vfs")
 RULE_KEYS = ("action", "comment") + MATCH_KEYS + WHO_KEYS + K8S_KEYS + GRANT_KEYS
 RESOURCE_KEYS = ("name", "comment", "devices")
 RESOURCE_DEVICE_KEYS = ("address", "ids", "subsystem")
@@ -132,6 +132,12 @@ def _text(v: object) -> str:
 def _bool(v: object) -> bool:
     if not isinstance(v, bool):
         raise _Bad(f"expected true or false, got {_describe(v)}")
+    return v
+
+
+def _vf_count(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0xFFFF:
+        raise _Bad(f"expected a number of VFs from 0 to 65535, got {_describe(v)}")
     return v
 
 
@@ -401,13 +407,19 @@ class Loader:
         revoke_grace = t.checked("revoke_grace", parse_duration) if "revoke_grace" in d else None
         on_revoke = t.checked("on_revoke", _on_revoke) if "on_revoke" in d else None
         revoke_others = t.get("revoke_others", _bool) if "revoke_others" in d else False
+        max_vfs = t.get("max_vfs", _vf_count) if "max_vfs" in d else None
+        if max_vfs is not None:
+            for key in GRANT_KEYS:
+                if key in d and key not in ("max_vfs", "allow_protected"):
+                    raise t.error(key, "a rule with max_vfs grants a number of VFs, not leases: "
+                                       "put the lease terms in a rule of their own")
         if allow_protected and "address" not in d and "resource" not in d:
             raise t.error("allow_protected", "a protected device must be named explicitly: "
                                              "give the rule an 'address' or 'resource' key")
         return attrs.evolve(rule, backends=backends, default_backend=default, max_duration=max_duration,
                             persistent=persistent, memlock=memlock, reset_on_release=reset_on_release,
                             allow_protected=allow_protected, revoke_grace=revoke_grace, on_revoke=on_revoke,
-                            revoke_others=revoke_others)
+                            revoke_others=revoke_others, max_vfs=max_vfs)
 
     def _k8s_who(self, t: _Table) -> tuple[tuple[str, ...], tuple[str, ...], frozenset[int]] | None:
         """(namespace patterns, delegate names, delegate uids) of a Kubernetes rule; None for others."""

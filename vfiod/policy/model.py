@@ -256,6 +256,8 @@ class Rule:
     revoke_grace: int | None = None
     on_revoke: str | None = None
     revoke_others: bool = False
+    # SR-IOV: the rule's users may set a matched PF's number of VFs, up to this many.
+    max_vfs: int | None = None
     # A Kubernetes rule names namespaces and the delegates that may speak for them, not users.
     k8s_namespaces: tuple[str, ...] | None = None   # glob patterns, as written
     k8s_delegates: tuple[str, ...] = ()             # as written, for people
@@ -371,6 +373,8 @@ class Rule:
             parts.append("the protected devices it names")
         if self.reset_on_release:
             parts.append("reset on release")
+        if self.max_vfs is not None:
+            parts.append(f"up to {self.max_vfs} VFs on the PFs it names")
         if self.revoke_grace or self.on_revoke or self.revoke_others:
             parts.append(revoke_terms(self.revoke_grace or DEFAULT_REVOKE_GRACE, self.on_revoke or "kill",
                                       self.revoke_others))
