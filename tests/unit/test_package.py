@@ -60,6 +60,19 @@ def test_the_package_depends_on_what_debian_ships(deb):
     assert "Architecture: all" in info
 
 
+def test_apt_resolves_the_package_on_this_release(deb):
+    """apt (simulating: nothing is installed) finds every Depends of the package in this
+    release's archive; the CI runs this on Debian 12 and in a Debian 13 chroot."""
+    if not shutil.which("apt-get", path=SYSTEM_PATH):
+        pytest.skip("no apt-get here")
+    p = subprocess.run(["apt-get", "install", "--simulate", "--reinstall", "--no-install-recommends",
+                        "-o", "Debug::NoLocking=1", str(deb)], capture_output=True, text=True, timeout=300,
+                       env={"PATH": SYSTEM_PATH, "LANG": "C"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert re.search(r"^Inst vfiod\b", p.stdout, flags=re.M), p.stdout[-2000:]
+    assert "Broken" not in p.stdout and "unmet dependencies" not in p.stdout + p.stderr
+
+
 def test_the_installed_programs_and_backends_work(deb, tmp_path):
     """Unpacked (not installed): the programs run on Debian's Python and find the
     built-in backends through their entry points."""
