@@ -96,3 +96,22 @@ def test_a_burst_of_1000_events_is_handled_without_a_rescan_per_event(tmp_path):
         assert service.scans["events"] - before["events"] == 1000
         assert full == 0 and partial <= 20
     run(tmp_path, scenario)
+
+
+def test_events_after_the_daemon_stopped_touch_neither_the_journal_nor_the_log(tmp_path, caplog):
+    """A uevent (or a tamper check it scheduled) that arrives while vfiod stops, after
+    its journal closed, is dropped: before, the handler read the closed journal and
+    logged sqlite3's "Cannot operate on a closed database" with a traceback."""
+    async def scenario(service, kernel, ended, loop):
+        lease = await service.request(USER, "group:8", "vfio", {})
+        addr = A("0000:05:00.0")
+        service.on_pci_event("unbind", addr, None)          # a tamper check is scheduled ...
+        service.stop()
+        service.manager.journal.close()                     # ... and the journal closes first
+        service.on_pci_event("bind", addr, "e1000e")
+        service.on_pci_event("remove", addr, None)
+        await asyncio.sleep(service.hotplug.TAMPER_GRACE + 0.2)
+        return lease
+    lease = run(tmp_path, scenario)
+    assert lease.id
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= 40], caplog.text

@@ -201,6 +201,11 @@ class VfiodBus(PatientBus):
                     if self._running[sender] > 0:
                         self._running[sender] -= 1
                         self._offer_turn(sender)
+                    if fut.cancelled():          # the daemon is stopping with the call unfinished
+                        send_reply(Message.new_error(msg, BackendFailed.dbus_name,
+                                                     f"vfiod stopped before {method.name} finished"))
+                        _close_received(msg)
+                        return
                     try:
                         body, unix_fds = ServiceInterface._fn_result_to_body(fut.result(), method.out_signature_tree)
                         reply = Message.new_method_return(msg, method.out_signature, body, unix_fds)

@@ -37,9 +37,12 @@ class Hotplug:
         self.is_ending = is_ending          # is that lease being ended already?
         self.refresh_soon = refresh_soon
         self._dirty: set[int] = set()
+        self.stopped = False                # the daemon stopped: the journal may be closed
 
     def on_event(self, action: str, addr: PciAddress, driver: str | None) -> None:
         """One PCI uevent, on the loop."""
+        if self.stopped:
+            return
         self.snapshot.scans["events"] += 1
         lease, held = self.manager.journal.holdings().get(str(addr), (None, None))
         group = lease.group if lease else self._group_of(addr)
@@ -61,6 +64,8 @@ class Hotplug:
         return lease.state == "granted" and not self.is_ending(lease.id) and not self.manager.is_busy(lease.group)
 
     def _judge_driver_change(self, lease_id: str, addr: PciAddress, held: HeldDevice) -> None:
+        if self.stopped:
+            return
         m = self.manager
         lease = m.journal.lease(lease_id)
         if lease is None or not self._watched(lease):
@@ -89,6 +94,8 @@ class Hotplug:
         return True
 
     def _flush(self) -> None:
+        if self.stopped:
+            return
         groups, self._dirty = sorted(self._dirty), set()
         self.refresh_soon(groups)
 

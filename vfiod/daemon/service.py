@@ -117,6 +117,7 @@ class Service:
         """The daemon stops: nothing the workers still finish reaches the bus or the journal."""
         self.loop = None
         self.objects.stopped = True
+        self.hotplug.stopped = True
 
     def is_ending(self, lease_id: str) -> bool:
         return lease_id in self._ending
