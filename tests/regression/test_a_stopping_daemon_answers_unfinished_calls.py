@@ -7,20 +7,12 @@ heard nothing until its own timeout."""
 
 import asyncio
 import logging
-import os
-import shutil
-import tempfile
 
-import pytest
 from dbus_next import Message, MessageType
 from dbus_next.service import ServiceInterface, method
 
 from vfiod.daemon.connection import VfiodBus
-from vfiod.sim.privatebus import PrivateBus
 from vfiod.wire import BUS_NAME, PatientBus
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 class Slow(ServiceInterface):
     def __init__(self) -> None:
@@ -34,25 +26,13 @@ class Slow(ServiceInterface):
         return "never"
 
 
-@pytest.fixture
-def bus_address():
-    if not shutil.which("dbus-daemon"):
-        pytest.skip("dbus-daemon is not installed")
-    d = tempfile.mkdtemp(prefix="vfiod-stop-")
-    os.chmod(d, 0o755)
-    bus = PrivateBus(d, os.path.join(ROOT, "systemd/org.vfiod1.conf"))
-    yield bus.address
-    bus.stop()
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def test_a_call_cut_short_by_the_stop_is_answered_with_a_named_error(bus_address, caplog):
+def test_a_call_cut_short_by_the_stop_is_answered_with_a_named_error(bare_bus, caplog):
     async def main():
-        server = await VfiodBus(bus_address=bus_address).connect()
+        server = await VfiodBus(bus_address=bare_bus).connect()
         iface = Slow()
         server.export("/org/vfiod1", iface)
         await server.request_name(BUS_NAME)
-        client = await PatientBus(bus_address=bus_address).connect()
+        client = await PatientBus(bus_address=bare_bus).connect()
         reply = asyncio.ensure_future(client.call(Message(
             destination=BUS_NAME, path="/org/vfiod1", interface="org.vfiod1.Manager",
             member="RequestLease")))

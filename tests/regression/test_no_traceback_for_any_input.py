@@ -9,15 +9,12 @@ Python's tracebacks (`vfioctl leases --bus session`, `vfioctl groups --bus
 garbage`, `vfiod --simulate --bus session`, ...)."""
 
 import os
-import shutil
 import subprocess
-import tempfile
 
 import pytest
 
-from tests.bus.conftest import ROOT, TEST_USER, VENV_BIN
+from tests.bus.conftest import TEST_USER, VENV_BIN
 from vfiod.cmd.common import EXIT_CODES as COMMON_EXIT_CODES
-from vfiod.sim.privatebus import PrivateBus
 
 pytestmark = pytest.mark.bus
 
@@ -43,19 +40,6 @@ def check(p, argv):
     assert p.returncode in EXIT_CODES, (argv, p.returncode, text)
     assert "Traceback" not in text and "internal error" not in text, (argv, text)
     return p
-
-
-@pytest.fixture(scope="module")
-def bare_bus():
-    """A private system-type bus with nobody serving org.vfiod1."""
-    if not shutil.which("dbus-daemon"):
-        pytest.skip("dbus-daemon is not installed")
-    d = tempfile.mkdtemp(prefix="vfiod-bare-")
-    os.chmod(d, 0o755)
-    bus = PrivateBus(d, os.path.join(ROOT, "systemd/org.vfiod1.conf"))
-    yield bus.address
-    bus.stop()
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize("bus", ["unix:path=/nonexistent/bus", "garbage", "session", "bare"])
