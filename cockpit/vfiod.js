@@ -111,10 +111,19 @@ function groupMatches(g, cls, text) {
         [d.address, d.name, d.driver, d.vendor + ":" + d.device].some(v => v && v.toLowerCase().includes(t)));
 }
 
+/* Whose lease a group is under: for admins, and for the holder; vfiod's Explain keeps another
+ * user's lease id and uid from everyone else, and so does this page. */
+function leaseWords(g) {
+    if (!g.lease || g.lease_owner === null || g.lease_owner === undefined)
+        return "";
+    if (state.me && g.lease_owner === state.me.id)
+        return `your lease ${g.lease}`;
+    return state.admin ? `lease ${g.lease} of uid ${g.lease_owner}` : "";
+}
+
 function stateBadge(g) {
     if (g.state === "leased")
-        return badge("info", "leased", g.lease_owner !== null && g.lease_owner !== undefined
-            ? `lease ${g.lease} (uid ${g.lease_owner})` : "");
+        return badge("info", "leased", leaseWords(g));
     if (g.state === "parked")
         return badge("warn", "parked");
     return esc(g.state);
@@ -161,8 +170,9 @@ function detailRow(g) {
             `${esc(d.class_name || "")}, ${esc(d.kind || "")}, driver ${esc(d.driver || "none")}` +
             (extra.length ? ` (${esc(extra.join("; "))})` : "") + "</li>";
     }).join("");
-    const lease = g.lease ? `<p>Leased: ${esc(g.lease)}${g.lease_owner !== null && g.lease_owner !== undefined
-        ? ` to uid ${esc(g.lease_owner)}` : ""}; the group node is /dev/vfio/${g.group}.</p>` : "";
+    const lease = g.state === "leased"
+        ? `<p>Leased${leaseWords(g) ? " (" + esc(leaseWords(g)) + ")" : ""}; the group node is /dev/vfio/${g.group}.</p>`
+        : "";
     const explained = state.explained.get(g.group);
     return `<tr class="detail" data-detail="${g.group}"><td></td><td colspan="5">` +
         `<p><b>Why shared:</b> ${esc(g.isolation_text || g.isolation)}</p>${blockers}` +
@@ -391,13 +401,18 @@ function policyTest(ev) {
     ev.preventDefault();
     const user = $("policy-test-user").value.trim();
     const target = $("policy-test-target").value.trim();
+    const out = $("policy-test-result");
     if (!user || !target)
         return;
-    const out = $("policy-test-result");
     out.hidden = false;
+    if (user.startsWith("-") || target.startsWith("-")) {      /* words, never options */
+        out.textContent = "A user is a name or a uid, a target 0000:04:00.0, group:N or name:RESOURCE.";
+        out.dataset.exit = "2";
+        return;
+    }
     out.textContent = "Testing…";
     /* vfioctl policy test reads the policy files; they are root's to read. */
-    cockpit.spawn(["vfioctl", "policy", "test", "--user", user, "--", target], { superuser: "require", err: "out" })
+    cockpit.spawn(["vfioctl", "policy", "test", "--user", user, target], { superuser: "require", err: "out" })
             .then(text => { out.textContent = text; out.dataset.exit = "0" })
             .catch((ex, text) => {
                 out.textContent = text || ex.message;
@@ -546,6 +561,7 @@ function start() {
             });
 }
 
-document.addEventListener("DOMContentLoaded", start);
-if (document.readyState !== "loading")
+if (document.readyState === "loading")
+    document.addEventListener("DOMContentLoaded", start);
+else
     start();

@@ -57,16 +57,26 @@ class Browser:
         self._next_id = 0
         self.events = []
         self.session = None
-        targets = self.call("Target.getTargets", browser=True)["targetInfos"]
-        page = next((t for t in targets if t["type"] == "page"), None)
-        target_id = page["targetId"] if page else self.call("Target.createTarget", url="about:blank",
-                                                           browser=True)["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target_id, flatten=True,
+        self.context = None
+        self.size = (width, height)
+        self.new_tab()
+
+    def new_tab(self):
+        """A fresh tab in a fresh browser context (its own cookies and connections), the old
+        one closed: each page load starts as a new visitor's would."""
+        old = self.context
+        self.session = None
+        self.context = self.call("Target.createBrowserContext", browser=True)["browserContextId"]
+        target = self.call("Target.createTarget", url="about:blank", browserContextId=self.context,
+                           browser=True)["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True,
                                  browser=True)["sessionId"]
+        if old:
+            self.call("Target.disposeBrowserContext", browserContextId=old, browser=True)
         self.call("Page.enable")
         self.call("Runtime.enable")
-        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
-                  mobile=False)
+        self.call("Emulation.setDeviceMetricsOverride", width=self.size[0], height=self.size[1],
+                  deviceScaleFactor=1, mobile=False)
 
     # ------------------------------------------------------------ the pipe
 
@@ -74,7 +84,8 @@ class Browser:
         while b"\0" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise CdpError("Chromium did not answer in time")
+                seen = [e.get("method") for e in self.events[-10:]]
+                raise CdpError(f"Chromium did not answer in time (its last events: {seen})")
             ready, _, _ = select.select([self._from_browser], [], [], left)
             if ready:
                 chunk = os.read(self._from_browser, 1 << 20)
@@ -119,7 +130,8 @@ class Browser:
         return r["result"].get("value")
 
     def wait_for(self, expression, timeout=30, what=None):
-        """Evaluate `expression` until it is truthy; its value."""
+        """Evaluate `expression` until it is true as JavaScript sees it (an element, ``{}`` and
+        ``[]`` are); its value."""
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
@@ -127,7 +139,7 @@ class Browser:
                 last = self.evaluate(expression)
             except CdpError as e:
                 last = e
-            if last and not isinstance(last, CdpError):
+            if not isinstance(last, CdpError) and last not in (None, False, 0, ""):   # JavaScript's truth
                 return last
             time.sleep(0.1)
         raise CdpError(f"timed out waiting for {what or expression!r} (last: {last!r})")
