@@ -19,6 +19,7 @@ const GROUP_PREFIX = ROOT + "/group/";
 const DEVICE_PREFIX = ROOT + "/device/";
 const LEASE_PREFIX = ROOT + "/lease/";
 const MAX_TARGETS = 64;            /* GroupsJson takes at most this many targets a call */
+const PAGE = 200;                  /* groups drawn at a time */
 
 const $ = id => document.getElementById(id);
 
@@ -34,6 +35,7 @@ const state = {
     dirtyTimer: null,
     leases: null,                  /* Cockpit proxies of org.vfiod1.Lease */
     revoking: null,                /* the lease path the revoke dialog is for */
+    limit: PAGE,                   /* how many matching groups the table draws */
 };
 
 /* ------------------------------------------------------------------ small helpers */
@@ -181,15 +183,23 @@ function detailRow(g) {
         `<pre class="explain">${esc(explained === undefined ? "Asking vfiod…" : explained)}</pre></td></tr>`;
 }
 
+/* The table draws at most `state.limit` groups (a server's thousands of rows would take the
+ * browser seconds to lay out, again at every change); the filters find the rest. */
 function renderGroups() {
     const cls = $("class-filter").value;
     const text = $("text-filter").value.trim();
-    const shown = [];
+    const matching = [];
     for (const g of [...state.groups.values()].sort((a, b) => a.group - b.group))
         if (groupMatches(g, cls, text))
-            shown.push(groupRow(g));
-    $("groups").tBodies[0].innerHTML = shown.join("");
-    $("groups-count").textContent = `${shown.length} of ${state.groups.size} groups`;
+            matching.push(g);
+    const shown = matching.slice(0, state.limit);
+    $("groups").tBodies[0].innerHTML = shown.map(groupRow).join("");
+    const more = matching.length - shown.length;
+    $("groups-count").textContent = more
+        ? `the first ${shown.length} of ${matching.length} matching groups (${state.groups.size} in all)`
+        : `${shown.length} of ${state.groups.size} groups`;
+    $("show-more").hidden = !more;
+    $("show-more").textContent = `Show ${Math.min(more, PAGE)} more`;
     renderClasses();
 }
 
@@ -238,11 +248,16 @@ function dropGroup(n) {
     state.dirty.delete(n);
 }
 
+/* When each part of the first load was done (ms since navigation start): for benchmarks. */
+const timing = window.vfiodTiming = {};
+
 function loadAllGroups() {
     return call(ROOT, MANAGER, "GroupsJson", [[]], "as").then(([json]) => {
+        timing.answered = performance.now();
         state.groups.clear();
         state.deviceGroup.clear();
         setGroups(JSON.parse(json));
+        timing.parsed = performance.now();
     });
 }
 
@@ -509,8 +524,10 @@ function wire() {
             revoke();
     });
     $("revoke-cancel").addEventListener("click", () => { state.revoking = null; $("revoke-dialog").close() });
-    $("class-filter").addEventListener("change", renderGroups);
-    $("text-filter").addEventListener("input", renderGroups);
+    const refilter = () => { state.limit = PAGE; renderGroups() };
+    $("class-filter").addEventListener("change", refilter);
+    $("text-filter").addEventListener("input", refilter);
+    $("show-more").addEventListener("click", () => { state.limit += PAGE; renderGroups() });
     $("access-form").addEventListener("submit", checkAccess);
     $("policy-test-form").addEventListener("submit", policyTest);
     window.setInterval(() => { if (visibleLeases().length) renderLeases() }, 1000);
@@ -546,14 +563,19 @@ function start() {
         renderHost();
     });
 
-    Promise.all([who, loadAllGroups(), leases.wait()])
+    timing.started = performance.now();
+    Promise.all([who, loadAllGroups(), leases.wait().then(() => { timing.leases = performance.now() })])
             .then(() => {
                 $("policy-test-form").hidden = !state.admin;
                 $("leases-title").textContent = state.admin ? "Leases" : "Your leases";
                 renderGroups();
                 renderLeases();
                 renderHost();
-                document.body.dataset.ready = String(Math.round(performance.now()));
+                timing.rendered = performance.now();
+                /* drawn (the frame after this one) and answering (a task after that) */
+                window.requestAnimationFrame(() => window.setTimeout(() => {
+                    document.body.dataset.ready = String(Math.round(performance.now()));
+                }, 0));
             })
             .catch(ex => {
                 problem(`vfiod did not answer: ${ex.message || ex}`);
