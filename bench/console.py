@@ -36,9 +36,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.bus.conftest import VENV_BIN, BusWorld  # noqa: E402
+from tests.bus.conftest import VENV_BIN  # noqa: E402
 from tests.console.cdp import Browser, find_chromium  # noqa: E402
-from tests.console.conftest import Console  # noqa: E402
+from tests.console.conftest import served  # noqa: E402
 
 POLICY = '[[rule]]\nids = ["8086:1889"]\nusers = ["{user}"]\nbackends = ["vfio"]\n'
 
@@ -50,11 +50,9 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def measure(browser: Browser, n: int, rounds: int) -> dict[str, object]:
     t0 = time.perf_counter()
-    world = BusWorld(topology=f"server:{n}", policy=POLICY)
-    started = time.perf_counter() - t0
-    console = None
-    try:
-        console = Console(world)
+    with served(f"server:{n}", policy=POLICY) as world:
+        started = time.perf_counter() - t0
+        console = world.consoles["root"]
         functions = len(world.drivers())
         t = time.perf_counter()
         subprocess.run([os.path.join(VENV_BIN, "vfioctl"), "groups", "--json", "--bus", world.address],
@@ -96,13 +94,6 @@ def measure(browser: Browser, n: int, rounds: int) -> dict[str, object]:
                 "groups_json_call_ms": spread(groups_json), "vfioctl_groups_json_ms": round(cli),
                 "filter_ms": spread(filtering), "open_detail_ms": spread(opening),
                 "load_marks_ms": {k: round(statistics.median(v)) for k, v in parts.items()}}
-    finally:
-        if console:
-            console.close()
-        log = world.read_log()
-        world.close()
-        if "Traceback" in log:
-            raise RuntimeError("a traceback in vfiod's log:\n" + log)
 
 
 def main() -> int:

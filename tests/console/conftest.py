@@ -10,6 +10,7 @@ Nothing here uses Cockpit's systemd socket or a login: the package may enable
 
 Screenshots go to ``artifacts/console/`` (or ``$VFIOD_ARTIFACTS/console``)."""
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -162,22 +163,29 @@ def chromium():
         log.close()
 
 
-@pytest.fixture(scope="module")
-def console_world(chromium):
-    """vfiod on the ICH10 host; consoles as root and as the unprivileged test user."""
-    w = BusWorld(policy=CONSOLE_POLICY)
-    consoles = {}
+@contextlib.contextmanager
+def served(topology="ich10", policy=None, users=(None,)):
+    """vfiod on `topology` and a console for each of `users` (None: root), in
+    ``world.consoles`` by user name; at the end, no traceback in vfiod's log."""
+    w = BusWorld(topology=topology, policy=policy)
+    w.consoles = {}
     try:
-        consoles["root"] = Console(w)
-        consoles[TEST_USER] = Console(w, user=TEST_USER)
-        w.consoles = consoles
+        for user in users:
+            w.consoles[user or "root"] = Console(w, user=user)
         yield w
     finally:
-        for c in consoles.values():
+        for c in w.consoles.values():
             c.close()
         log = w.read_log()
         w.close()
-        assert "Traceback" not in log, log
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def console_world(chromium):
+    """vfiod on the ICH10 host; consoles as root and as the unprivileged test user."""
+    with served(policy=CONSOLE_POLICY, users=(None, TEST_USER)) as w:
+        yield w
 
 
 @pytest.fixture
