@@ -1,5 +1,6 @@
 """`make deb` builds a Debian package that holds everything an admin needs, with the
-dependencies Debian ships; `make install-data` puts the unit where it runs the programs."""
+dependencies Debian ships, and the Cockpit page's package next to it; `make install-data`
+puts the unit where it runs the programs."""
 
 import os
 import re
@@ -58,6 +59,23 @@ def test_the_package_depends_on_what_debian_ships(deb):
     for pkg in ("python3-attr", "python3-pluggy", "python3-pyudev", "python3-dbus-next", "dbus", "pci.ids"):
         assert re.search(rf"(^|, ){re.escape(pkg)}\b", depends), (pkg, depends)
     assert "Architecture: all" in info
+
+
+def test_the_cockpit_page_is_its_own_package_next_to_vfiod(deb, tmp_path):
+    """cockpit-vfiod, from the same source: the page's files as they are in cockpit/, in
+    Cockpit's package directory, depending on Cockpit's bridge and this very vfiod."""
+    page = next(deb.parent.glob("cockpit-vfiod_*_all.deb"))
+    info = subprocess.run(["dpkg-deb", "-I", str(page)], capture_output=True, text=True, check=True).stdout
+    depends = re.search(r"^ Depends: (.*)$", info, flags=re.M).group(1)
+    version = re.search(r"^ Version: (.*)$", info, flags=re.M).group(1)
+    assert re.search(r"(^|, )cockpit-bridge\b", depends) and f"vfiod (= {version})" in depends, depends
+    subprocess.run(["dpkg-deb", "-x", str(page), str(tmp_path)], check=True)
+    installed = tmp_path / "usr/share/cockpit/vfiod"
+    source = os.path.join(ROOT, "cockpit")
+    assert sorted(os.listdir(installed)) == sorted(os.listdir(source))
+    for name in os.listdir(source):
+        with open(os.path.join(source, name), "rb") as f:
+            assert (installed / name).read_bytes() == f.read(), name
 
 
 def test_the_installed_programs_and_backends_work(deb, tmp_path):
