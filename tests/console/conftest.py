@@ -29,8 +29,9 @@ COCKPIT_WS = "/usr/lib/cockpit/cockpit-ws"
 ARTIFACTS = os.path.join(os.environ.get("VFIOD_ARTIFACTS") or os.path.join(ROOT, "artifacts"), "console")
 
 
-#: The bus tier's policy, and root may hold the HD audio group (4) persistently.
-CONSOLE_POLICY = POLICY + """
+#: The bus tier's policy, with a 4 s grace for holders of group 8 when its lease is revoked,
+#: and root may hold the HD audio group (4) persistently.
+CONSOLE_POLICY = POLICY.replace('max_duration = "8h"\n', 'max_duration = "8h"\nrevoke_grace = "4s"\n', 1) + """
 [[rule]]
 group = [4]
 users = ["root"]

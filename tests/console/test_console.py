@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.bus.conftest import TEST_USER, VENV_BIN
+from tests.bus.test_revoke_bus import CMD as HOLDER
 from tests.console.conftest import served
 
 ROWS = """[...document.querySelectorAll('#groups tbody tr.group')].map(tr => ({
@@ -97,6 +98,38 @@ def test_a_lease_appears_live_and_its_revoke_from_the_page_ends_it(console_world
     row8 = [r for r in page.evaluate(ROWS) if r["group"] == 8][0]
     assert row8 == [r for r in expected_rows(w) if r["group"] == 8][0]
     page.shot("revoked.png")
+
+
+def test_the_page_shows_the_revoke_ladder_while_a_holder_keeps_the_group(console_world, page):
+    """A holder that ignores SIGTERM: the lease shows `revoking`, the admin's reason and the
+    time its holders have; once the ladder has ended the holder the lease is gone."""
+    w = console_world
+    page.open(w.consoles["root"])
+    holder = subprocess.Popen([os.path.join(VENV_BIN, "vfioctl"), "lease", "--bus", w.address, "group:8", "--",
+                               os.path.join(VENV_BIN, "python"), "-c", HOLDER, "stubborn"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, user=TEST_USER, cwd=w.dir)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        page.wait_for("document.querySelector('#leases tbody tr button.revoke')", what="the lease's row")
+        page.click("#leases tbody tr button.revoke")
+        page.type_into("#revoke-reason", "the card goes to another host")
+        page.click("#revoke-ok")
+        state = page.wait_for("(() => { const r = document.querySelector('#leases tbody tr[data-state=\"revoking\"]');"
+                              " return r && r.querySelector('td.lease-state').textContent; })()",
+                              what="the lease to show it is being revoked")
+        assert "revoking the card goes to another host; holders must let go in" in state, state
+        assert page.evaluate("document.querySelector('#leases tbody tr button.revoke')") is None
+        page.shot("revoking.png")
+        page.wait_for("document.querySelectorAll('#leases tbody tr').length === 0", timeout=60,
+                      what="the ladder to end the holder and the lease")
+        assert holder.wait(30) != 0                      # the ladder ended it: it never let go
+        events = page.evaluate(EVENTS)
+        assert any("ended: revoked" in e for e in events), events
+        assert "vfio-pci" not in w.drivers().values()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
 
 
 def test_a_non_admin_sees_only_what_vfiod_shows_them(console_world, page):
