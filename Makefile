@@ -1,6 +1,7 @@
 # Installation into a system (as root).
 #
-#   make deb        a Debian package, ../vfiod_VERSION_all.deb (or DEBDIR=DIR): the way to install
+#   make deb        the Debian packages, ../vfiod_VERSION_all.deb and the Cockpit page's
+#                   ../cockpit-vfiod_VERSION_all.deb (or DEBDIR=DIR): the way to install
 #   make install    from source: vfiod and its Python dependencies in a venv under
 #                   $(PREFIX)/lib/vfiod, the programs in $(PREFIX)/bin where the unit runs them,
 #                   and the unit, D-Bus policy and activation, tmpfiles, man pages and completion
@@ -56,7 +57,7 @@ deb:
 	    --exclude=.pytest_cache --exclude=.hypothesis . | tar -x -C build/deb/src
 	# with Debian's own Python and tools, whatever else is first on PATH
 	cd build/deb/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b --no-sign
-	mkdir -p $(DEBDIR) && mv build/deb/vfiod_*.deb $(DEBDIR)/
-	@ls -l $(DEBDIR)/vfiod_*.deb
+	mkdir -p $(DEBDIR) && mv build/deb/vfiod_*.deb build/deb/cockpit-vfiod_*.deb $(DEBDIR)/
+	@ls -l $(DEBDIR)/vfiod_*.deb $(DEBDIR)/cockpit-vfiod_*.deb
 
 .PHONY: install install-data man deb

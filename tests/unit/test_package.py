@@ -1,5 +1,6 @@
 """`make deb` builds a Debian package that holds everything an admin needs, with the
-dependencies Debian ships; `make install-data` puts the unit where it runs the programs."""
+dependencies Debian ships, and the Cockpit page's package next to it; `make install-data`
+puts the unit where it runs the programs."""
 
 import os
 import re
@@ -60,17 +61,36 @@ def test_the_package_depends_on_what_debian_ships(deb):
     assert "Architecture: all" in info
 
 
-def test_apt_resolves_the_package_on_this_release(deb):
-    """apt (simulating: nothing is installed) finds every Depends of the package in this
+def test_apt_resolves_the_packages_on_this_release(deb):
+    """apt (simulating: nothing is installed) finds every Depends of both packages in this
     release's archive; the CI runs this on Debian 12 and in a Debian 13 chroot."""
     if not shutil.which("apt-get", path=SYSTEM_PATH):
         pytest.skip("no apt-get here")
     p = subprocess.run(["apt-get", "install", "--simulate", "--reinstall", "--no-install-recommends",
-                        "-o", "Debug::NoLocking=1", str(deb)], capture_output=True, text=True, timeout=300,
+                        "-o", "Debug::NoLocking=1", str(deb), *map(str, deb.parent.glob("cockpit-vfiod_*.deb"))],
+                       capture_output=True, text=True, timeout=300,
                        env={"PATH": SYSTEM_PATH, "LANG": "C"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert re.search(r"^Inst vfiod\b", p.stdout, flags=re.M), p.stdout[-2000:]
+    for package in ("vfiod", "cockpit-vfiod"):
+        assert re.search(rf"^Inst {package}\b", p.stdout, flags=re.M), p.stdout[-2000:]
     assert "Broken" not in p.stdout and "unmet dependencies" not in p.stdout + p.stderr
+
+
+def test_the_cockpit_page_is_its_own_package_next_to_vfiod(deb, tmp_path):
+    """cockpit-vfiod, from the same source: the page's files as they are in cockpit/, in
+    Cockpit's package directory, depending on Cockpit's bridge and this very vfiod."""
+    page = next(deb.parent.glob("cockpit-vfiod_*_all.deb"))
+    info = subprocess.run(["dpkg-deb", "-I", str(page)], capture_output=True, text=True, check=True).stdout
+    depends = re.search(r"^ Depends: (.*)$", info, flags=re.M).group(1)
+    version = re.search(r"^ Version: (.*)$", info, flags=re.M).group(1)
+    assert re.search(r"(^|, )cockpit-bridge\b", depends) and f"vfiod (= {version})" in depends, depends
+    subprocess.run(["dpkg-deb", "-x", str(page), str(tmp_path)], check=True)
+    installed = tmp_path / "usr/share/cockpit/vfiod"
+    source = os.path.join(ROOT, "cockpit")
+    assert sorted(os.listdir(installed)) == sorted(os.listdir(source))
+    for name in os.listdir(source):
+        with open(os.path.join(source, name), "rb") as f:
+            assert (installed / name).read_bytes() == f.read(), name
 
 
 def test_the_installed_programs_and_backends_work(deb, tmp_path):

@@ -148,7 +148,7 @@ class VfiodBus(PatientBus):
 
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
         if not self._quiet:
-            BaseMessageBus._emit_interface_added(self, path, interface)
+            PatientBus._emit_interface_added(self, path, interface)
 
     def _default_get_managed_objects_handler(self, msg: Message, send_reply: Callable[[Message], None]) -> None:
         """GetManagedObjects in one pass over the objects below the path (dbus-next's

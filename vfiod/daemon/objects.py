@@ -33,6 +33,7 @@ class ObjectTree:
     def export_all(self, host: Host, leases: list[LeaseRow]) -> None:
         assert self.bus is not None
         self._exported = True
+        self.bus.object_manager = ROOT      # InterfacesAdded/Removed come from it (the D-Bus spec)
         with self.bus.quiet_exports():
             self.bus.export(ROOT, self.manager_iface)
             for n in host.groups:

@@ -9,17 +9,24 @@
 - A message whose body is larger than `MAX_BODY_BYTES` is read off the socket
   and dropped without being unmarshalled (`_BoundedUnmarshaller`); the daemon
   refuses it by name (`vfiod.daemon.connection`).
+- ``InterfacesAdded`` and ``InterfacesRemoved`` come from the object that
+  implements ``org.freedesktop.DBus.ObjectManager`` (`PatientBus.object_manager`),
+  as the D-Bus specification has them.  dbus-next sends them from the added or
+  removed object's own path, where clients that follow the specification (GLib's
+  ``GDBusObjectManagerClient``, sd-bus) do not listen.
 """
 
 from __future__ import annotations
 
 import array
 import io
+import logging
 import socket
 import struct
 import weakref
 
 from dbus_next import Message
+from dbus_next.service import ServiceInterface
 from dbus_next._private.unmarshaller import MarshallerStreamEndError, Unmarshaller
 from dbus_next.aio import MessageBus
 from dbus_next.aio.message_bus import _MessageWriter
@@ -127,6 +134,40 @@ class PatientBus(MessageBus):
     """dbus-next's MessageBus with a writer that waits out a full socket (vfioctl's too:
     a client sending a large message met the same ``EAGAIN``)."""
 
+    #: The path of the object that implements ObjectManager for the objects below it
+    #: (vfiod's is ``/org/vfiod1``); None: this connection exports no object tree.
+    object_manager: str | None = None
+
     def __init__(self, negotiate_unix_fd: bool = False, **where: Unpack[BusArgs]):
         super().__init__(negotiate_unix_fd=negotiate_unix_fd, **where)
         self._writer = _PatientWriter(self)
+
+    def _signal_path(self, path: str) -> str:
+        """Where ObjectManager's signals about the object at `path` come from."""
+        om = self.object_manager
+        return om if om is not None and path.startswith(om.rstrip("/") + "/") else path
+
+    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
+        if self._disconnected:
+            return
+
+        def send(_iface: ServiceInterface, values: dict[str, object], _data: object, e: Exception | None) -> None:
+            if e is not None:       # dbus-next sends what it could read; so does vfiod, and says so
+                logging.getLogger("vfiod.bus").error(
+                    "InterfacesAdded for %s %s: some properties are left out (%s: %s)",
+                    path, interface.name, type(e).__name__, e)
+            self.send(Message.new_signal(path=self._signal_path(path), interface=_OBJECT_MANAGER,
+                                         member="InterfacesAdded", signature="oa{sa{sv}}",
+                                         body=[path, {interface.name: values}]))
+
+        ServiceInterface._get_all_property_values(interface, send)
+
+    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        if self._disconnected:
+            return
+        self.send(Message.new_signal(path=self._signal_path(path), interface=_OBJECT_MANAGER,
+                                     member="InterfacesRemoved", signature="oas",
+                                     body=[path, removed_interfaces]))
+
+
+_OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
