@@ -24,11 +24,14 @@ then one script checks, in order:
 """
 
 import json
+import os
 import re
 
 import pytest
 
 from .harness import Guest, guest_available
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = pytest.mark.guest
 
