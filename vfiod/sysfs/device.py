@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
 from ..address import PciAddress
 from ..errors import InvalidAddress
 from .config import ConfigInfo
-from .patience import read_at
-
-if TYPE_CHECKING:
-    from .read import SysfsReader
+from .patience import Patience, read_at
 
 #: Drivers that leave DMA to their owner: the only ones a lease binds, and (with no
 #: driver) the only ones a viable group's endpoints may be on.  Neither makes network
@@ -169,15 +166,16 @@ class DeviceReads:
     """One pass of a reader over some functions: `read` each (in address order, so a PF
     comes before its VFs), then `finish` them all (the patient batch is read there)."""
 
-    def __init__(self, reader: SysfsReader, root: int, deep: bool):
-        self.sysfs = reader.roots.sysfs
+    def __init__(self, sysfs: str, root: int, deep: bool, config_limit: int, locked: frozenset[PciAddress],
+                 patience: Patience):
+        self.sysfs = sysfs
         self.root = root
         self.deep = deep
-        self.limit = reader.config_limit
-        self.locked = reader.locked
+        self.limit = config_limit
+        self.locked = locked
         #: the patient reads (`vfiod.sysfs.patience`), and for each (index of the function,
         #: its node, the attribute)
-        self.batch = reader.patience.batch()
+        self.batch = patience.batch()
         self.late: list[tuple[int, str, str]] = []
         self._pf_config: dict[PciAddress, ConfigInfo] = {}
         self._count = 0

@@ -141,7 +141,7 @@ class SysfsReader:
         except OSError:
             root = -1
         try:
-            parts = DeviceReads(self, root, deep)
+            parts = DeviceReads(self.roots.sysfs, root, deep, self.config_limit, self.locked, self.patience)
             fields = [parts.read(a) for a in addrs]
         finally:
             if root >= 0:
