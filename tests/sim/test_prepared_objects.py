@@ -1,6 +1,7 @@
 """GetManagedObjects from the prepared reply: the same objects and values as building the
 reply from every property, and only what changed is marshalled again."""
 
+import asyncio
 import contextlib
 import io
 import os
@@ -102,3 +103,19 @@ def test_an_object_whose_properties_cannot_be_read_is_left_out_and_the_rest_serv
     exported = {p for p in service.objects.bus.objects if p.startswith(ROOT + "/")}
     assert path in exported and set(reply) == exported - {path}
     assert service.objects.bus.left_out[0] == path
+
+
+def test_the_tree_is_prepared_after_start_a_few_objects_a_turn(tmp_path):
+    service = service_on(tmp_path, "server:64")
+    service.objects.PREPARE_CHUNK = 10
+    turns = []
+
+    async def go():
+        service.objects.prepare_soon()
+        while service.objects.prepared.marshalled < 2 * len(service.host.devices):
+            turns.append(service.objects.prepared.marshalled)
+            await asyncio.sleep(0)
+
+    asyncio.run(asyncio.wait_for(go(), 10))
+    assert len(turns) >= 12 and all(b - a <= 10 for a, b in zip(turns, turns[1:]))
+    assert len(reply_of(service)) == 128 and service.objects.prepared.marshalled == 128   # all ready

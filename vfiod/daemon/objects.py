@@ -9,7 +9,8 @@ GetManagedObjects' reply prepared (`managed_entries`, `vfiod.daemon.prepared`)."
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import asyncio
+from collections.abc import Hashable, Iterator
 
 from ..wire import ROOT, device_path, group_path, lease_path
 from .connection import ExportedInterface, VfiodBus
@@ -51,19 +52,49 @@ class ObjectTree:
         value or the lease its properties come from is another (see `vfiod.daemon.prepared`)."""
         if prefix != ROOT + "/" or not self._exported:
             return None
+        out: list[bytes] = []
+        for path, key, iface in self._keyed(list(self._groups.items()), list(self._devices.items())):
+            self._entry(out, path, key, iface)
+        for lease_id, lease in self._leases.items():
+            self._entry(out, lease_path(lease_id), None, lease)      # live values: marshalled each time
+        return out
+
+    def _keyed(self, groups: list[tuple[int, GroupInterface]], devices: list[tuple[PciAddress, DeviceInterface]]
+               ) -> Iterator[tuple[str, Hashable | None, ExportedInterface]]:
+        """Each object with the key of its entry: its snapshot value and its group's lease
+        (None where the snapshot no longer has it)."""
         host = self.service.host
         lease_of = {lease.group: lease for lease in self.service.manager.leases()}
-        out: list[bytes] = []
-        for n, group in self._groups.items():
+        for n, group in groups:
             g = host.groups.get(n)
-            self._entry(out, group_path(n), (g, lease_of.get(n)) if g is not None else None, group)
-        for addr, dev in self._devices.items():
+            yield group_path(n), (g, lease_of.get(n)) if g is not None else None, group
+        for addr, dev in devices:
             d = host.devices.get(addr)
             key = (d, lease_of.get(d.group) if d.group is not None else None) if d is not None else None
-            self._entry(out, device_path(addr), key, dev)
-        for lease_id, iface in self._leases.items():
-            self._entry(out, lease_path(lease_id), None, iface)      # live values: marshalled each time
-        return out
+            yield device_path(addr), key, dev
+
+    #: Objects marshalled per turn of the loop while the tree is prepared after start.
+    PREPARE_CHUNK = 128
+
+    def prepare_soon(self) -> None:
+        """Marshal every object's entry after start, a few at a time between the loop's other
+        work, so that the first GetManagedObjects finds them ready (on a 4,096-function host
+        marshalling them all takes about a second)."""
+        loop = asyncio.get_running_loop()
+        groups, devices = list(self._groups.items()), list(self._devices.items())
+
+        def turn(start: int) -> None:
+            end = start + self.PREPARE_CHUNK
+            if self.stopped or start >= len(groups) + len(devices):
+                return
+            some_groups = groups[start:end]
+            some_devices = devices[max(0, start - len(groups)):max(0, end - len(groups))]
+            for path, key, iface in self._keyed(some_groups, some_devices):
+                if key is not None:
+                    self._entry([], path, key, iface)
+            loop.call_soon(turn, end)
+
+        loop.call_soon(turn, 0)
 
     def _entry(self, out: list[bytes], path: str, key: Hashable | None, iface: ExportedInterface) -> None:
         try:
