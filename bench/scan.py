@@ -5,7 +5,8 @@ For each size (default 64, 1,024 and 4,096 functions) it lays out an SR-IOV tree
 (root ports, each with a PF and its VFs: `vfiod.sim.hosts.sriov_farm`) on a tmpfs
 (/dev/shm where there is one), then times whole processes of both tools reading it,
 alternating them run by run so both see the same machine, and prints best and
-median of each and the ratio of the medians.  Target: vfiod no slower than lspci.
+median wall time of each, the median CPU time (user + system: what a busy machine
+disturbs least) and the ratios of the medians.  Target: vfiod no slower than lspci.
 
 It also prints what no scan can go below: the interpreter's start (`python -S -c
 pass`) and the start with the modules `vfiod inspect` imports, so a ratio at a
@@ -47,19 +48,30 @@ def farm_for(functions: int):
 
 
 def run(cmd):
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
-    return time.perf_counter() - t0, out
+    """(wall seconds, CPU seconds (user + system), stdout) of one whole process."""
+    with tempfile.TemporaryFile() as out:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode:
+            raise SystemExit(f"{cmd[0]} exited {p.returncode}")
+        out.seek(0)
+        return wall, usage.ru_utime + usage.ru_stime, out.read()
 
 
-def alternate(cmds, runs):
-    """Each command `runs` times, round-robin; (times per command, last output per command)."""
+def alternate(cmds, runs, cpu=None):
+    """Each command `runs` times, round-robin; (wall times per command, last output per
+    command); CPU times go to `cpu` (a list per command) where given."""
     times = [[] for _ in cmds]
     outs = [b""] * len(cmds)
     for _ in range(runs):
         for i, cmd in enumerate(cmds):
-            t, outs[i] = run(cmd)
+            t, c, outs[i] = run(cmd)
             times[i].append(t)
+            if cpu is not None:
+                cpu[i].append(c)
     return times, outs
 
 
@@ -120,6 +132,7 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; trees on {base or tempfile.gettempdir()}; "
           f"{args.runs} alternating runs each, whole processes")
     floor, _ = alternate([[sys.executable, "-S", "-c", "pass"], [sys.executable, "-c", IMPORTS]], args.runs)
+    floor = [sorted(f) for f in floor]
     print(f"interpreter start {ms(statistics.median(floor[0]))}; with inspect's imports "
           f"{ms(statistics.median(floor[1]))} (paid at every size)")
     for n in (int(s) for s in args.sizes.split(",")):
@@ -131,16 +144,18 @@ def main() -> int:
             cmds = [vcmd]
             if lspci:
                 cmds.append([lspci, "-A", "linux-sysfs", "-O", f"sysfs.path={roots.sysfs}/bus/pci", "-vmm"])
-            times, outs = alternate(cmds, args.runs)
+            cpu = [[] for _ in cmds]
+            times, outs = alternate(cmds, args.runs, cpu)
             groups = json.loads(outs[0])["groups"]
             ndev = sum(len(g["devices"]) for g in groups)
-            vmed = statistics.median(times[0])
-            line = f"{n:>5} functions: vfiod {ms(vmed)} (best {ms(min(times[0]))}, {ndev} devices)"
+            vmed, vcpu = statistics.median(times[0]), statistics.median(cpu[0])
+            line = f"{n:>5} functions: vfiod {ms(vmed)} (best {ms(min(times[0]))}, CPU {ms(vcpu)}; {ndev} devices)"
             if lspci:
-                lmed = statistics.median(times[1])
+                lmed, lcpu = statistics.median(times[1]), statistics.median(cpu[1])
                 nl = outs[1].count(b"\nSlot:") + outs[1].startswith(b"Slot:")
-                line += (f", lspci {ms(lmed)} (best {ms(min(times[1]))}, {nl} devices): "
-                         f"ratio {vmed / lmed:.2f}x (target <= 1.0x: {'met' if vmed <= lmed else 'NOT met'})")
+                line += (f", lspci {ms(lmed)} (best {ms(min(times[1]))}, CPU {ms(lcpu)}; {nl} devices): "
+                         f"ratio {vmed / lmed:.2f}x wall, {vcpu / lcpu:.2f}x CPU "
+                         f"(target <= 1.0x: {'met' if vmed <= lmed else 'NOT met'})")
             else:
                 line += "; lspci not installed (Debian package pciutils): no ratio"
             print(line, flush=True)
