@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """Lease speed: vfiod's grant + release against a raw driver_override rebind of the same group.
 
-Two parts, printed in one run:
+Printed in one run:
 
-* simulated kernel (always): vfiod's own overhead per grant + release of the
-  ICH10 host's group 8 (two endpoints), journal included, against the same
-  rebinding done with the kernel calls alone; median of N rounds;
+* simulated kernel, in-process (always): vfiod's own overhead per grant + release
+  of the ICH10 host's group 8 (two endpoints), journal included, against the same
+  rebinding done with the kernel calls alone; median of N rounds, and the ratio;
+* simulated kernel, over the bus (where dbus-daemon is installed): the same lease
+  + release as a client does it (`vfiod.client`, as root) of ``vfiod --simulate
+  ich10`` on a private bus, against the raw rebind on the daemon's own tree, rounds
+  interleaved; the ratio, and where the bus edge's time goes: the grant and the
+  release apart, and a bare ``Peer.Ping`` round trip (each call pays one);
 * real kernel (``--guest``, needs QEMU): inside the QEMU guest, a raw
   driver_override rebind to vfio-pci and return of the two-e1000 bridge
   group, then a LeaseManager grant + release of the same group; median of
@@ -95,6 +100,61 @@ def simulated(rounds: int) -> dict:
     return {"raw_ms": raw * 1000, "lease_ms": lease * 1000, "overhead_ms": (lease - raw) * 1000}
 
 
+def over_the_bus(rounds: int) -> dict:
+    """Lease + release through the bus on the simulated ICH10 host, against the raw rebind
+    of the same group on the daemon's tree (rounds interleaved)."""
+    import asyncio
+    import shutil
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bus import World, summary, timed      # bench/bus.py
+    from vfiod.address import PciAddress
+    from vfiod.client import Client
+    from vfiod.sim import hosts
+    from vfiod.sim.kernel import SimKernel
+
+    if not shutil.which("dbus-daemon"):
+        return {"skipped": "dbus-daemon is not installed"}
+    tmp = tempfile.mkdtemp(prefix="vfiod-bench-lease-")
+    world = None
+    try:
+        sim = os.path.join(tmp, "sim")
+        roots = hosts.build("ich10", os.path.join(sim, "host"))
+        world = World(tmp, POLICY.format(group=8), ["--simulate", "ich10", "--sim-dir", sim])
+        kernel = SimKernel.for_spec(hosts.ICH10, roots)
+        eps = [PciAddress.parse("0000:04:00.0"), PciAddress.parse("0000:05:00.0")]
+        raw_round, _ = rounds_for(kernel, None, 8, eps)
+        loop = asyncio.new_event_loop()
+        client = loop.run_until_complete(Client(world.address, timeout=60).connect())
+        grant, release = [], []
+
+        async def bus_lease() -> None:
+            t0 = time.perf_counter()
+            path = await client.request_lease("group:8", "vfio", force=True)
+            t1 = time.perf_counter()
+            await client.lease_call(path, "Release")
+            grant.append(t1 - t0)
+            release.append(time.perf_counter() - t1)
+
+        async def ping() -> None:
+            await client.call("/org/vfiod1", "org.freedesktop.DBus.Peer", "Ping")
+
+        raw_round()
+        loop.run_until_complete(bus_lease())
+        grant.clear()
+        release.clear()
+        raw, bus = measure(rounds, raw_round, lambda: loop.run_until_complete(bus_lease()))
+        pings = summary(loop.run_until_complete(timed(200, ping)))
+        client.close()
+        loop.close()
+        return {"raw_ms": raw * 1000, "bus_ms": bus * 1000, "grant_ms": statistics.median(grant) * 1000,
+                "release_ms": statistics.median(release) * 1000, "ping_ms": pings["median"]}
+    finally:
+        if world is not None:
+            world.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 GUEST_SCRIPT = r'''
 import json, os, sys, time
 sys.path.insert(0, "{root}")
@@ -144,6 +204,18 @@ def main() -> int:
     print(f"  raw rebind + return:      {sim['raw_ms']:.1f} ms")
     print(f"  vfiod grant + release:    {sim['lease_ms']:.1f} ms")
     print(f"  vfiod's own overhead:     {sim['overhead_ms']:.1f} ms per grant + release (journal included)")
+    print(f"  in-process ratio:         {sim['lease_ms'] / sim['raw_ms']:.2f}x")
+    bus = over_the_bus(args.rounds)
+    if "skipped" in bus:
+        print(f"over the bus: not measured ({bus['skipped']})")
+    else:
+        print(f"simulated kernel over the bus (vfiod --simulate ich10, private bus, client as root), "
+              f"median of {args.rounds}:")
+        print(f"  raw rebind + return:      {bus['raw_ms']:.1f} ms")
+        print(f"  RequestLease + Release:   {bus['bus_ms']:.1f} ms (grant {bus['grant_ms']:.1f} ms, "
+              f"release {bus['release_ms']:.1f} ms; a bare Ping round trip {bus['ping_ms']:.2f} ms)")
+        print(f"  over-the-bus ratio:       {bus['bus_ms'] / bus['raw_ms']:.2f}x; the bus edge adds "
+              f"{bus['bus_ms'] - bus['raw_ms'] - sim['overhead_ms']:.1f} ms over the in-process overhead")
     if args.guest:
         g = guest(max(3, args.rounds // 4))
         if "skipped" in g or "error" in g:

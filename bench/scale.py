@@ -10,7 +10,13 @@ apart), with a private system-type dbus-daemon and ``vfiod --simulate server:N``
 * ``groups``: ``vfioctl groups`` as a whole process (median of 3); target <= 1 s;
 * ``ping`` and ``check``: a bare ``Peer.Ping`` and ``CheckAccess`` round trip
   (medians), and their ratio; target <= 3x;
-* ``GetManagedObjects``: one call, the whole host (for tools that want it);
+* ``GetManagedObjects``, the whole host, as clients nobody here wrote see it, all as an
+  unprivileged user (``vfiotest`` where it exists, else ``nobody``): on a raw socket
+  (bench/rawbus.py: from the call to the last byte of the reply, nothing unmarshalled),
+  the first call after start (every object marshalled) and the median of the next 5;
+  ``busctl call`` as a whole process (median of 5); and one call through
+  vfiod.client (dbus-next, whose unmarshalling in pure Python is the client's cost);
+  target at 4,096: <= 0.5 s;
 * ``lease``: ``RequestLease`` + ``Release`` of a VF's group on the simulated
   kernel (median of 20), and its ratio to the same on a 16-function server,
   the rounds interleaved; target <= 1.25x;
@@ -62,12 +68,47 @@ def start(n: int) -> tuple[str, "World", float, float]:
     return tmp, world, layout, time.perf_counter() - t0
 
 
+def unprivileged() -> tuple[int, int]:
+    import pwd
+
+    for name in ("vfiotest", "nobody"):
+        try:
+            pw = pwd.getpwnam(name)
+            return pw.pw_uid, pw.pw_gid
+        except KeyError:
+            continue
+    return os.getuid(), os.getgid()
+
+
+def managed_objects_outside(address: str) -> dict:
+    """GetManagedObjects as an unprivileged client of no vfiod code: raw socket and busctl."""
+    uid, gid = unprivileged()
+    raw = json.loads(subprocess.run([sys.executable, os.path.join(ROOT, "bench", "rawbus.py"), address, "6"],
+                                    check=True, capture_output=True, text=True, user=uid, group=gid,
+                                    env={"PYTHONPATH": ROOT}).stdout)
+    if any(r["error"] for r in raw):
+        raise RuntimeError("GetManagedObjects answered with an error")
+    out = {"raw_first_ms": raw[0]["seconds"] * 1000, "raw_ms": statistics.median(r["seconds"] for r in raw[1:]) * 1000,
+           "bytes": raw[0]["bytes"], "uid": uid}
+    if shutil.which("busctl"):
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            subprocess.run(["busctl", f"--address={address}", "call", "org.vfiod1", "/org/vfiod1",
+                            "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"],
+                           check=True, stdout=subprocess.DEVNULL, user=uid, group=gid)
+            times.append(time.perf_counter() - t0)
+        out["busctl_ms"] = statistics.median(times) * 1000
+    return out
+
+
 def one_size(n: int, base: "World") -> dict:
     from vfiod.client import Client
 
     tmp, world, layout, ready = start(n)
     try:
         rss = rss_mb(world.daemon.pid)
+        outside = managed_objects_outside(world.address)
 
         groups = []
         for _ in range(3):
@@ -114,6 +155,7 @@ def one_size(n: int, base: "World") -> dict:
                 b.close()
 
         res = asyncio.run(go())
+        res["GetManagedObjects"].update(outside)
         res.update(functions=n, layout_s=layout, ready_s=ready, rss_mb=rss,
                    groups_ms=statistics.median(groups) * 1000,
                    check_ratio=res["check"]["median"] / res["ping"]["median"],
@@ -172,6 +214,12 @@ def hotplug(n: int, events: int = 1000) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _objects(g: dict) -> str:
+    busctl = f"{g['busctl_ms']:.0f} ms" if "busctl_ms" in g else "no busctl"
+    return (f"{g['objects']} objects, {g['bytes'] / 1e6:.1f} MB: raw {g['raw_first_ms']:.0f} / {g['raw_ms']:.0f} ms, "
+            f"busctl {busctl}, dbus-next {g['ms']:.0f} ms")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="64,1024,4096")
@@ -196,7 +244,7 @@ def main() -> int:
         return 0
     print("lease+release: median of 20 rounds, each beside a round on a 16-function server (the ratio)\n")
     head = ("functions", "layout", "ready", "RSS", "vfioctl groups", "ping", "CheckAccess",
-            "GetManagedObjects", "lease+release", "1,000 uevents")
+            "GetManagedObjects: raw first / next, busctl, dbus-next client", "lease+release", "1,000 uevents")
     print(" | ".join(head))
     for r in rows:
         hp = r["hotplug"]
@@ -204,7 +252,7 @@ def main() -> int:
             f"{r['functions']:,}", f"{r['layout_s']:.1f} s", f"{r['ready_s']:.2f} s", f"{r['rss_mb']:.0f} MB",
             f"{r['groups_ms']:.0f} ms", f"{r['ping']['median']:.2f} ms",
             f"{r['check']['median']:.2f} ms ({r['check_ratio']:.1f}x)",
-            f"{r['GetManagedObjects']['ms']:.0f} ms ({r['GetManagedObjects']['objects']} objects)",
+            _objects(r["GetManagedObjects"]),
             f"{r['lease']['median']:.1f} ms ({r['lease_ratio']:.2f}x)",
             f"{hp['seconds']:.2f} s, {hp['partial']} partial / {hp['full']} full rescans" if hp else "-",
         ]))

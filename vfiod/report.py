@@ -7,12 +7,14 @@ here, so a group reads the same whichever way it was fetched.
 from __future__ import annotations
 
 import textwrap
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .address import PciAddress
 from .pciids import PciIds
-from .state import LeaseRow
 from .topology import VFIO_DRIVERS as VFIO_FRIENDLY, Finding, Group, Host, protected_code
+
+if TYPE_CHECKING:
+    from .state import LeaseRow
 
 # A JSON object of the shapes below, as built here or as json.loads gives it back.
 Json = dict[str, Any]

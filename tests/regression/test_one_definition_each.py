@@ -51,7 +51,7 @@ def test_the_vfio_driver_set_is_written_once():
                 values = {e.value for e in node.elts if isinstance(e, ast.Constant)}
                 if {"vfio-pci", "pci-stub"} <= values:
                     places.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
-    assert len(places) == 1 and places[0].startswith("vfiod/sysfs/write.py:"), places
+    assert len(places) == 1 and places[0].startswith("vfiod/sysfs/device.py:"), places
 
 
 def test_built_in_backends_come_through_the_entry_points():

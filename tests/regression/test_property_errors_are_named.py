@@ -24,7 +24,8 @@ def fake_bus(exports):
     def send(msg):
         msg._marshall(False)        # what the real connection does first
         sent.append(msg)
-    bus = SimpleNamespace(send=send, sent=sent, _path_exports=exports, _unreadable=set())
+    bus = SimpleNamespace(send=send, sent=sent, _path_exports=exports, _unreadable=set(), managed_entries=None)
+    bus.unreadable = lambda path, e: VfiodBus.unreadable(bus, path, e)
     return bus
 
 

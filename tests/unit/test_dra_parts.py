@@ -239,3 +239,16 @@ def test_the_example_policy_loads():
         pol = Policy.from_sources([("60-kubernetes.toml", f.read())], users=StaticUserDb(users={"vfiod-dra": 990}))
     assert [r.k8s_namespaces for r in pol.rules] == [("ml-*",), ("*",)]
     assert all(r.delegate_uids == {990} for r in pol.rules)
+
+
+def test_the_slice_is_read_again_only_for_what_it_shows():
+    from vfiod.dra.slices import Publisher
+
+    publisher = Publisher(None, None, "node-1")
+    for member in ("LeaseGranted", "LeaseEnded", "LeaseRevoking", "PropertiesChanged"):
+        publisher.poke(member)
+        assert not publisher.dirty.is_set(), member
+    for member in ("InterfacesAdded", "InterfacesRemoved", "PolicyReloaded", "NameOwnerChanged"):
+        publisher.dirty.clear()
+        publisher.poke(member)
+        assert publisher.dirty.is_set(), member

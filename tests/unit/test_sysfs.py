@@ -3,6 +3,7 @@
 import os
 
 from vfiod.address import PciAddress
+from vfiod.sim import hosts
 from vfiod.sysfs import ConfigInfo, PCIE_ROOT_PORT, PCIE_PCI_BRIDGE, SysfsReader
 from vfiod.topology import Host
 
@@ -59,10 +60,13 @@ def test_unprivileged_config_read_degrades_acs_only(build_host, scan):
 def test_missing_and_garbage_attributes_degrade_fields(build_host, scan):
     roots = build_host("ich10")
     n = node(roots, "0000:04:00.0")
+    os.unlink(os.path.join(n, "config"))
+    r = SysfsReader(roots).read_device(A("0000:04:00.0"))         # uevent still has the ids
+    assert (r.vendor, r.device, r.class_code) == (0x8086, 0x10D3, 0x020000) and r.revision is None
+    os.unlink(os.path.join(n, "uevent"))                          # and without it, the attribute files
     os.unlink(os.path.join(n, "vendor"))
     with open(os.path.join(n, "device"), "w") as f:
         f.write("banana\n")
-    os.unlink(os.path.join(n, "config"))
     r = SysfsReader(roots).read_device(A("0000:04:00.0"))
     assert r.vendor is None and r.device is None and r.driver == "e1000e"
     assert "device unreadable" in r.problems and "config space unreadable" in r.problems
@@ -107,3 +111,53 @@ def test_cmdline_and_groups(build_host):
     assert "intel_iommu=on" in reader.cmdline()
     assert reader.has_iommu_groups()
     assert {r.iommu_group for r in reader.scan()} == set(range(9))
+
+
+def _visible(raw):
+    """What a whole-host scan promises to read as a full read does (config details and a
+    VF's revision aside)."""
+    return (raw.addr, raw.node, raw.parent, raw.vendor, raw.device, raw.subsystem_vendor, raw.subsystem_device,
+            raw.class_code, raw.driver, raw.driver_override, raw.iommu_group, raw.boot_vga, raw.reset_methods,
+            raw.numa_node, raw.sriov_totalvfs, raw.sriov_numvfs, raw.physfn, raw.virtfns, raw.net, raw.problems,
+            raw.config.header_type, raw.config.multifunction, raw.config.pcie_type)
+
+
+def test_a_whole_host_scan_reads_less_and_finds_the_same(build_host):
+    for name in ("sriov", "ich10", "switch", "gpu", "bridge"):
+        reader = SysfsReader(build_host(name))
+        shallow = reader.scan()
+        deep = reader.scan_groups(sorted({r.iommu_group for r in shallow}))
+        assert [_visible(r) for r in shallow] == [_visible(r) for r in deep], name
+        for s, d in zip(shallow, deep):
+            if s.physfn is None:
+                assert s.revision == d.revision
+            # isolation's inputs: ACS where a bridge or a multifunction device has it
+            if s.physfn is None and (d.config.header_type or d.config.multifunction or s.addr.function):
+                assert (s.config.acs_cap, s.config.acs_ctrl, s.config.ext_known) == (
+                    d.config.acs_cap, d.config.acs_ctrl, d.config.ext_known)
+    vf = next(r for r in SysfsReader(build_host("sriov")).scan() if r.physfn)
+    assert (vf.vendor, vf.device) == (0x8086, 0x1520) and vf.config.length == 0     # from uevent; config unread
+
+
+def test_a_read_the_kernel_holds_is_left_behind_and_the_rest_are_read(build_host):
+    roots = build_host(hosts.sriov_farm(1, 3))        # VFs on vfio-pci
+    reader = SysfsReader(roots)
+    reader.patience.limit = 0.3
+    vfs = [r.addr for r in reader.scan() if r.driver == "vfio-pci"]
+    assert len(vfs) >= 2
+    stuck = os.path.join(node(roots, str(vfs[0])), "driver_override")
+    with open(os.path.join(node(roots, str(vfs[1])), "driver_override"), "w") as f:
+        f.write("vfio-pci\n")
+    os.unlink(stuck)
+    os.mkfifo(stuck)                  # a read of it blocks until someone writes: a held device lock
+    try:
+        raws = {r.addr: r for r in reader.scan()}
+        assert raws[vfs[0]].driver_override is None
+        assert raws[vfs[1]].driver_override == "vfio-pci"
+        # while that read is still held, the path is not read again (nor waited for)
+        again = {r.addr: r for r in reader.scan()}
+        assert again[vfs[1]].driver_override == "vfio-pci" and stuck in reader.patience.waiting
+    finally:
+        fd = os.open(stuck, os.O_WRONLY | os.O_NONBLOCK)      # let the held read finish
+        os.write(fd, b"(null)\n")
+        os.close(fd)

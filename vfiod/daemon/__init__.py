@@ -194,6 +194,7 @@ async def _serve(args: argparse.Namespace, host: str) -> int:
     sd_notify("READY=1")
     _give_back_free_memory()
     log.info("ready on %s: %d groups, %d leases", args.bus, len(service.host.groups), len(journal.leases()))
+    service.objects.prepare_soon()      # GetManagedObjects' entries, between calls, for the first client
 
     # Step 7: serve until SIGTERM; SIGHUP reloads the policy; expiry every second.
     stop = asyncio.Event()

@@ -117,6 +117,12 @@ class Callers:
             interface="org.freedesktop.DBus", member="NameHasOwner", signature="s", body=[name]))
         return reply is not None and reply.message_type == MessageType.METHOD_RETURN and bool(reply.body[0])
 
+    def still_here(self, name: str) -> bool:
+        """Has vfiod not heard yet that `name`, a caller it knows, left the bus?  Every caller
+        is known from its first call until ``NameOwnerChanged`` says it left (`forget`): no
+        round trip to the bus daemon."""
+        return name in self._cache
+
     def forget(self, name: str) -> None:
         """`name` left the bus: a new connection may get its name later."""
         self._since.pop(name, None)

@@ -18,7 +18,7 @@ Robustness (on top of `vfiod.wire.transport`):
 - Every reply is named: an error that is not a `VfiodError` reaches the client
   as ``org.vfiod1.Error.BackendFailed`` with no traceback (`_SendReply`).
 - `ExportedInterface` reads each interface class's table of members once, not per
-  object, and serves GetManagedObjects in one pass.
+  object; GetManagedObjects is served from prepared entries (`vfiod.daemon.prepared`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from dbus_next.service import ServiceInterface
 from ..errors import BackendFailed, LimitsExceeded, VfiodError
 from ..wire.names import BusArgs
 from ..wire.transport import _OVERSIZE, MAX_BODY_BYTES, PatientBus, _BoundedUnmarshaller
+from .prepared import SIGNATURE, PreparedReply, body
 
 if TYPE_CHECKING:
     from dbus_next.service import _Method, _Property, _Signal
@@ -78,6 +79,9 @@ class VfiodBus(PatientBus):
         self._refusals_logged: dict[str, float] = {}
         self._quiet = False
         self._unreadable: set[str] = set()      # objects GetManagedObjects left out (logged once)
+        #: GetManagedObjects' prepared entries below a path (`vfiod.daemon.prepared`), or None
+        #: where this connection builds the reply itself; set by the object tree
+        self.managed_entries: Callable[[str], list[bytes] | None] | None = None
 
     def _create_unmarshaller(self) -> _BoundedUnmarshaller:
         return _BoundedUnmarshaller(self._stream, self._sock if self._negotiate_unix_fd else None)
@@ -151,10 +155,16 @@ class VfiodBus(PatientBus):
             PatientBus._emit_interface_added(self, path, interface)
 
     def _default_get_managed_objects_handler(self, msg: Message, send_reply: Callable[[Message], None]) -> None:
-        """GetManagedObjects in one pass over the objects below the path (dbus-next's
-        rechecks the whole result after each object: quadratic in the host's size).
-        An object whose properties cannot be read is left out and logged, once."""
+        """GetManagedObjects from the object tree's prepared entries where it has them
+        (`vfiod.daemon.prepared`: each object marshalled once per change); otherwise in one
+        pass over the objects below the path (dbus-next's rechecks the whole result after
+        each object: quadratic in the host's size).  An object whose properties cannot be
+        read is left out and logged, once."""
         prefix = msg.path.rstrip("/") + "/"
+        entries = self.managed_entries(prefix) if self.managed_entries else None
+        if entries is not None:
+            send_reply(PreparedReply(msg, SIGNATURE, body(entries)))
+            return
         result: dict[str, dict[str, dict[str, Variant]]] = {}
         for node, interfaces in self._path_exports.items():
             if not node.startswith(prefix):
@@ -163,11 +173,15 @@ class VfiodBus(PatientBus):
                 result[node] = {iface.name: iface.property_values() for iface in interfaces
                                 if isinstance(iface, ExportedInterface)}
             except Exception as e:
-                if node not in self._unreadable:
-                    self._unreadable.add(node)
-                    log.error("cannot read the properties of %s (%s: %s); left out of GetManagedObjects",
-                              node, type(e).__name__, e)
+                self.unreadable(node, e)
         send_reply(Message.new_method_return(msg, "a{oa{sa{sv}}}", [result]))
+
+    def unreadable(self, path: str, e: Exception) -> None:
+        """`path` is left out of GetManagedObjects: said once in the log."""
+        if path not in self._unreadable:
+            self._unreadable.add(path)
+            log.error("cannot read the properties of %s (%s: %s); left out of GetManagedObjects",
+                      path, type(e).__name__, e)
 
     def _send_reply(self, msg: Message) -> _SendReply:
         """How every reply of this connection is sent: an error that is not a `DBusError`

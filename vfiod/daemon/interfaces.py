@@ -165,6 +165,12 @@ class ManagerInterface(ExportedInterface):
 
     @method()
     @edge
+    async def KubernetesAccessAll(self, caller: Caller) -> "a(uasas)":
+        return [[n, namespaces, resources] for n, namespaces, resources
+                in await self.service.queries.kubernetes_access_all(caller)]
+
+    @method()
+    @edge
     async def SetVfCount(self, caller: Caller, pf: "s", count: "u") -> "u":
         return await self.service.set_vf_count(caller, pf, count)
 

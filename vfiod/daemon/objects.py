@@ -4,13 +4,18 @@ a Lease object per lease, kept in step with the snapshot.
 `publish(old, new)` exports objects for devices and groups that came, drops
 those that went, and sends PropertiesChanged for what changed, and only that.
 The tree also sends the Manager's signals (`lease_granted`, `lease_revoking`,
-`lease_ended`, `policy_reloaded`): every object path is made here."""
+`lease_ended`, `policy_reloaded`): every object path is made here; and it keeps
+GetManagedObjects' reply prepared (`managed_entries`, `vfiod.daemon.prepared`)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Hashable, Iterator
+
 from ..wire import ROOT, device_path, group_path, lease_path
-from .connection import VfiodBus
+from .connection import ExportedInterface, VfiodBus
 from .interfaces import Backing, DeviceInterface, GroupInterface, LeaseInterface, ManagerInterface
+from .prepared import PreparedEntries
 from ..address import PciAddress
 from ..leases import Ended
 from ..state import LeaseRow
@@ -21,7 +26,8 @@ from ..topology import Host
 class ObjectTree:
     def __init__(self, service: Backing) -> None:
         self.service = service
-        self.bus: VfiodBus | None = None
+        self._bus: VfiodBus | None = None
+        self.prepared = PreparedEntries()
         self.manager_iface = ManagerInterface(service)
         self._groups: dict[int, GroupInterface] = {}
         self._devices: dict[PciAddress, DeviceInterface] = {}
@@ -29,6 +35,74 @@ class ObjectTree:
         self._published: dict[int, dict[str, object]] = {}
         self._exported = False
         self.stopped = False            # the daemon stopped: what workers still finish is not shown
+
+    @property
+    def bus(self) -> VfiodBus | None:
+        return self._bus
+
+    @bus.setter
+    def bus(self, bus: VfiodBus | None) -> None:
+        self._bus = bus
+        if bus is not None:
+            bus.managed_entries = self.managed_entries
+
+    def managed_entries(self, prefix: str) -> list[bytes] | None:
+        """GetManagedObjects' entries of every object of the tree (None for a path other
+        than the tree's root): an object's entry is marshalled again only when the snapshot
+        value or the lease its properties come from is another (see `vfiod.daemon.prepared`)."""
+        if prefix != ROOT + "/" or not self._exported:
+            return None
+        out: list[bytes] = []
+        for path, key, iface in self._keyed(list(self._groups.items()), list(self._devices.items())):
+            self._entry(out, path, key, iface)
+        for lease_id, lease in self._leases.items():
+            self._entry(out, lease_path(lease_id), None, lease)      # live values: marshalled each time
+        return out
+
+    def _keyed(self, groups: list[tuple[int, GroupInterface]], devices: list[tuple[PciAddress, DeviceInterface]]
+               ) -> Iterator[tuple[str, Hashable | None, ExportedInterface]]:
+        """Each object with the key of its entry: its snapshot value and its group's lease
+        (None where the snapshot no longer has it)."""
+        host = self.service.host
+        lease_of = {lease.group: lease for lease in self.service.manager.leases()}
+        for n, group in groups:
+            g = host.groups.get(n)
+            yield group_path(n), (g, lease_of.get(n)) if g is not None else None, group
+        for addr, dev in devices:
+            d = host.devices.get(addr)
+            key = (d, lease_of.get(d.group) if d.group is not None else None) if d is not None else None
+            yield device_path(addr), key, dev
+
+    #: Objects marshalled per turn of the loop while the tree is prepared after start.
+    PREPARE_CHUNK = 128
+
+    def prepare_soon(self) -> None:
+        """Marshal every object's entry after start, a few at a time between the loop's other
+        work, so that the first GetManagedObjects finds them ready (on a 4,096-function host
+        marshalling them all takes about a second)."""
+        loop = asyncio.get_running_loop()
+        groups, devices = list(self._groups.items()), list(self._devices.items())
+
+        def turn(start: int) -> None:
+            end = start + self.PREPARE_CHUNK
+            if self.stopped or start >= len(groups) + len(devices):
+                return
+            some_groups = groups[start:end]
+            some_devices = devices[max(0, start - len(groups)):max(0, end - len(groups))]
+            for path, key, iface in self._keyed(some_groups, some_devices):
+                if key is not None:
+                    self._entry([], path, key, iface)
+            loop.call_soon(turn, end)
+
+        loop.call_soon(turn, 0)
+
+    def _entry(self, out: list[bytes], path: str, key: Hashable | None, iface: ExportedInterface) -> None:
+        try:
+            out.append(self.prepared.get(path, key, lambda: {iface.name: iface.property_values()}))
+        except Exception as e:      # a getter that raised, a value that does not marshal: this object only
+            self.prepared.forget(path)
+            if self._bus is not None:
+                self._bus.unreadable(path, e)
 
     def export_all(self, host: Host, leases: list[LeaseRow]) -> None:
         assert self.bus is not None
@@ -95,9 +169,11 @@ class ObjectTree:
                     self.bus.export(device_path(addr), dev)
                 elif addr not in new.devices and addr in self._devices:
                     self.bus.unexport(device_path(addr), self._devices.pop(addr))
+                    self.prepared.forget(device_path(addr))
             for n in sorted(group_keys):
                 if n not in new.groups and n in self._groups:
                     self.bus.unexport(group_path(n), self._groups.pop(n))
+                    self.prepared.forget(group_path(n))
         groups = [(n, self._groups[n]) for n in sorted(group_keys) if n in self._groups]
         devices = [(a, self._devices[a]) for a in sorted(device_keys) if a in self._devices]
         for n, iface in groups:

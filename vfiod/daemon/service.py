@@ -148,22 +148,31 @@ class Service:
         if not isinstance(target, str) or len(target) > 256:
             raise InvalidArgument("the target is too long")
         terms = LeaseTerms.from_options(options)
-        # The caller's process, proven now (a scope or a memlock grant acts on it): a process
-        # vfiod cannot prove is the caller's own is never moved, raised or signalled.
-        pidfd, proven, unproven = self.callers.prove(caller, terms.pidfd)
+        # The caller's process, proven now, where something will act on it: a scope (before
+        # the grant: a caller vfiod cannot confine is refused), or the policy's memlock grant
+        # (after it: only the grant says whether there is one).  A process vfiod cannot prove
+        # is the caller's own is never moved, raised or signalled.
+        pidfd: int | None = None
+        proven: Proven | None = None
+        unproven = ""
         try:
-            if terms.scope and proven is None and unproven:
-                self.manager.audit("request", caller.uid, target, None, None, "refused", unproven)
-                raise PermissionDenied(f"vfiod cannot run the caller in a scope: {unproven}")
+            if terms.scope:
+                pidfd, proven, unproven = self.callers.prove(caller, terms.pidfd)
+                if proven is None and unproven:
+                    self.manager.audit("request", caller.uid, target, None, None, "refused", unproven)
+                    raise PermissionDenied(f"vfiod cannot run the caller in a scope: {unproven}")
             lease = await self._run(self.manager.request, caller, target, backend, terms, owner)
-            if owner and not lease.persistent and not await self.callers.present(owner):
+            if owner and not lease.persistent and not self.callers.still_here(owner):
                 # The caller left while the grant ran: its disconnect found nothing to end yet,
-                # so end the lease now rather than leave it held for nobody.
+                # so end the lease now rather than leave it held for nobody.  (A disconnect not
+                # heard yet ends the lease when it is: it is in the journal now.)
                 log.warning("lease %s: uid %s left the bus before the grant finished; undoing it", lease.id,
                             caller.uid)
                 await self._run(self.manager.release, lease.id, None, "disconnected")
                 self.refresh_soon([lease.group])
                 raise BackendFailed("the caller left the bus before the grant finished; the lease was undone")
+            if lease.memlock and terms.k8s_namespace is None and not terms.scope:
+                pidfd, proven, unproven = self.callers.prove(caller, terms.pidfd)
             warnings = await self._grant_memlock(lease, terms, pidfd, proven, unproven)
             if terms.scope and pidfd is not None and proven is not None:
                 try:

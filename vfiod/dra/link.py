@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import attrs
 
-from ..client import Client
+from ..client import Client, NotFound
 from ..wire import ROOT, group_number
 
 MANAGER = "org.vfiod1.Manager"
@@ -44,10 +44,11 @@ class Vfiod:
         groups: list[dict[str, Any]] = json.loads(reply.body[0])
         return groups
 
-    async def kubernetes_access(self, group: int) -> tuple[list[str], list[str]]:
-        reply = await self.client.call(ROOT, MANAGER, "KubernetesAccess", "s", [f"group:{group}"])
-        namespaces, resources = reply.body[0]
-        return list(namespaces), list(resources)
+    async def kubernetes_access(self) -> dict[int, tuple[list[str], list[str]]]:
+        """For every group: the namespace patterns the policy grants it to through this
+        user, and the resources with a member in it (one call for the whole host)."""
+        reply = await self.client.call(ROOT, MANAGER, "KubernetesAccessAll")
+        return {int(n): (list(namespaces), list(resources)) for n, namespaces, resources in reply.body[0]}
 
     async def request(self, group: int, namespace: str) -> str:
         """A persistent vfio lease of `group` for Kubernetes namespace `namespace`; its path.
@@ -63,15 +64,19 @@ class Vfiod:
         await self.client.call(path, LEASE, "Release")
 
     async def held(self) -> dict[int, HeldLease]:
-        """The leases this user holds, by group."""
-        objects = await self.client.managed_objects()
+        """The leases this user holds, by group: the Manager's lease list and each lease's
+        properties (not every object of the host: GetManagedObjects of a big host is MBs)."""
+        paths = (await self.client.properties(ROOT, MANAGER)).get("Leases") or []
         out = {}
-        for path, ifaces in objects.items():
-            props = ifaces.get(LEASE)
-            if props is None or props.get("Owner") != self.uid:
+        for path in paths:
+            try:
+                props = await self.client.properties(str(path), LEASE)
+            except NotFound:
+                continue                      # ended since the list was read
+            if props.get("Owner") != self.uid:
                 continue
             group = group_number(str(props["Group"]))
-            out[group] = HeldLease(path, group, int(props.get("Memlock") or 0) or None)
+            out[group] = HeldLease(str(path), group, int(props.get("Memlock") or 0) or None)
         return out
 
     async def lease_memlock(self, path: str) -> int | None:

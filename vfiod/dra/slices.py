@@ -7,8 +7,11 @@ every endpoint's address, the policy's ``name:`` resources in it, and whether
 and for which namespaces the policy lets Kubernetes have it).  A group with no
 endpoint, or with a device the host needs (vfiod's ``protected``), is left out.
 
-The slice is named after the node and replaced whole, with the pool generation
-raised, whenever vfiod says something changed (`Publisher.poke`)."""
+The slice is named after the node and replaced, with the pool generation raised,
+when vfiod says something changed that the slice shows (`Publisher.poke`): objects
+added or removed, the policy reloaded, vfiod restarted; leases and drivers, which
+the slice does not show, are not a reason to read the host again.  Building it
+takes two calls (`GroupsJson`, `KubernetesAccessAll`), whatever the host's size."""
 
 from __future__ import annotations
 
@@ -61,8 +64,9 @@ def group_device(group: dict[str, Any], namespaces: list[str], resources: list[s
 async def build_slice(vfiod: Vfiod, node: str) -> dict[str, Any]:
     """The slice's body (without resourceVersion or generation)."""
     devices = []
+    access = await vfiod.kubernetes_access()
     for g in await vfiod.groups():
-        namespaces, resources = await vfiod.kubernetes_access(g["group"])
+        namespaces, resources = access.get(g["group"], ([], []))
         dev = group_device(g, namespaces, resources)
         if dev is not None:
             devices.append(dev)
@@ -81,8 +85,13 @@ class Publisher:
         self.dirty = asyncio.Event()
         self.published: dict[str, Any] | None = None
 
-    def poke(self, _why: str = "") -> None:
-        self.dirty.set()
+    #: vfiod's signals that cannot change the slice: leases come and go and drivers move,
+    #: but a slice lists groups and what the policy lets Kubernetes have.
+    IRRELEVANT = frozenset({"LeaseGranted", "LeaseEnded", "LeaseRevoking", "PropertiesChanged"})
+
+    def poke(self, why: str = "") -> None:
+        if why not in self.IRRELEVANT:
+            self.dirty.set()
 
     async def publish(self) -> None:
         body = await build_slice(self.vfiod, self.node)

@@ -7,7 +7,8 @@ tests).  The plan — each file it watches and what a write to it does:
 ``bus/pci/devices/BDF/driver_override``
     stores the text; a lone newline clears it (reads back ``(null)``).
 ``bus/pci/drivers/NAME/unbind`` (data: BDF)
-    if BDF is bound to NAME: removes ``BDF/driver`` and ``drivers/NAME/BDF``;
+    if BDF is bound to NAME: removes ``BDF/driver`` and ``drivers/NAME/BDF``
+    (and the ``DRIVER=`` line of ``BDF/uevent``);
     if NAME was vfio-pci and BDF was the last member of its group on
     vfio-pci, ``/dev/vfio/N`` disappears.  Otherwise ENODEV.
 ``bus/pci/devices/BDF/reset`` (data: 1)
@@ -20,7 +21,8 @@ tests).  The plan — each file it watches and what a write to it does:
 ``bus/pci/drivers_probe`` (data: BDF)
     if BDF is unbound: with an override, binds that driver if it is loaded
     (nothing otherwise); without one, binds the device's native driver (its
-    driver in the host table), if any.  Binding vfio-pci creates
+    driver in the host table), if any (a bind writes ``DRIVER=NAME`` into
+    ``BDF/uevent``).  Binding vfio-pci creates
     ``/dev/vfio/N`` (root, 0600) when it is the group's first member there.
 
 Holders: as in the kernel, an unbind from vfio-pci waits while a process
@@ -234,6 +236,8 @@ class SimKernel(Kernel):
         drv = self._drv(driver)
         os.symlink(os.path.relpath(node, drv), os.path.join(drv, addr.sysfs_name))
         os.symlink(os.path.relpath(drv, node), os.path.join(node, "driver"))
+        from .hosts.builder import set_uevent_driver
+        set_uevent_driver(node, driver)
         if driver == "vfio-pci":
             group = self._group(addr)
             path = self.vfio_group_path(group) if group is not None else None
@@ -252,6 +256,8 @@ class SimKernel(Kernel):
         node = self._dev(addr)
         driver = self.driver_of(addr)
         os.unlink(os.path.join(node, "driver"))
+        from .hosts.builder import set_uevent_driver
+        set_uevent_driver(node, None)
         if driver is None:           # the link was there but named nothing: no back link
             return
         try:

@@ -9,7 +9,8 @@ itself and never the scan.
 Layout read (as the kernel lays it out)::
 
     SYSFS/bus/pci/devices/BDF  -> ../../../devices/pci0000:00/<bridge>/.../BDF
-    .../BDF/{vendor,device,subsystem_vendor,subsystem_device,class,revision}
+    .../BDF/uevent             PCI_CLASS, PCI_ID, PCI_SUBSYS_ID (a VF's ids: its config shows 0xffff)
+    .../BDF/{vendor,device,subsystem_vendor,subsystem_device,class,revision}   (where uevent is not)
     .../BDF/{config,driver_override,boot_vga,reset_method,numa_node}
     .../BDF/driver             -> ../../../bus/pci/drivers/NAME
     .../BDF/iommu_group        -> ../../../kernel/iommu_groups/N
@@ -17,15 +18,47 @@ Layout read (as the kernel lays it out)::
     SYSFS/kernel/iommu_groups/N/devices/BDF
     PROC/cmdline, PROC/self/mountinfo, PROC/net/route, PROC/net/ipv6_route
 
+What a device costs to read, and what a whole-host scan leaves out: `device`.
+Attributes the kernel shows under the device lock: `patience`.
+
 Processes (`procs`) are read from the system's /proc on every host: they are real
 even where the host is simulated.
+
+The reading half is loaded with the package; the writing half (`write`, `procs`,
+`usage`) on first use of one of its names, so that `vfiod inspect` and other readers
+do not pay for what they never call.
 """
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import *  # noqa: F401,F403  (PCIe and capability constants)
 from .config import ConfigInfo
-from .read import HostFacts, RawDevice, Roots, SysfsReader, pci_ancestor, read_pci_ids_file
-from .procs import USER_UIDS, Holder, MemlockGrant, Proven, Search
-from .usage import device_usage
-from .write import NO_DRIVER, VFIO_DRIVERS, WRITABLE, GroupClaim, GroupHeld, Kernel, Unbinding, Writable, classify_write
+from .device import VFIO_DRIVERS, RawDevice
+from .read import HostFacts, Roots, SysfsReader, pci_ancestor, read_pci_ids_file
+
+if TYPE_CHECKING:
+    from .procs import USER_UIDS, Holder, MemlockGrant, Proven, Search
+    from .usage import device_usage
+    from .write import NO_DRIVER, WRITABLE, GroupClaim, GroupHeld, Kernel, Unbinding, Writable, classify_write
+
+_LATER = {
+    **dict.fromkeys(("USER_UIDS", "Holder", "MemlockGrant", "Proven", "Search"), "procs"),
+    "device_usage": "usage",
+    **dict.fromkeys(("NO_DRIVER", "WRITABLE", "GroupClaim", "GroupHeld", "Kernel", "Unbinding", "Writable",
+                     "classify_write"), "write"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LATER.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["ConfigInfo", "GroupClaim", "GroupHeld", "Holder", "Proven", "Search", "USER_UIDS", "HostFacts", "Kernel", "MemlockGrant", "NO_DRIVER", "RawDevice", "Roots", "SysfsReader", "Unbinding", "VFIO_DRIVERS",
            "WRITABLE", "Writable", "classify_write", "device_usage", "pci_ancestor", "read_pci_ids_file"]

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import errno
 import os
-import re
-import struct
-import threading
 from collections.abc import Iterable
 
 import attrs
 
 from ..address import PciAddress
-from ..errors import InvalidAddress, NotFound
-from .config import ConfigInfo
+from ..errors import NotFound
+from .device import (DIR_FLAGS, RawDevice, DeviceReads, addr_or_none as _addr_or_none, readlink_at as _readlink_at,
+                     resolve_rel as _resolve_rel)
+from .mounts import Mount, _mount_of, parse_mountinfo
+from .patience import Patience, read_at as _read_at
 
 
-_PCI_DEVICES_DIR = "devices"
-
-# A PF's (vendor, VF device id), so its VFs need not read theirs from sysfs.
-_PfIds = dict[PciAddress, tuple[int, int]]
 
 
 @attrs.frozen
@@ -30,34 +26,6 @@ class Roots:
     proc: str = "/proc"
     dev: str = "/dev"
 
-
-
-@attrs.frozen
-class RawDevice:
-    """One PCI function as sysfs shows it.  Unknown fields are None; why is in `problems`."""
-
-    addr: PciAddress
-    node: str | None                  # real node path relative to the sysfs root
-    parent: PciAddress | None         # nearest PCI ancestor (the bridge above), None on a root bus
-    vendor: int | None = None
-    device: int | None = None
-    subsystem_vendor: int | None = None
-    subsystem_device: int | None = None
-    class_code: int | None = None
-    revision: int | None = None
-    driver: str | None = None
-    driver_override: str | None = None
-    iommu_group: int | None = None
-    config: ConfigInfo = ConfigInfo()
-    boot_vga: bool = False
-    reset_methods: tuple[str, ...] = ()
-    numa_node: int | None = None
-    sriov_totalvfs: int | None = None
-    sriov_numvfs: int | None = None
-    physfn: PciAddress | None = None
-    virtfns: tuple[PciAddress, ...] = ()
-    net: tuple[str, ...] = ()
-    problems: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -94,75 +62,8 @@ def _int(path: str, base: int = 0) -> int | None:
         return None
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-
-
-def _read_at(dfd: int | None, name: str, limit: int = 4096) -> bytes | None:
-    """Read up to `limit` bytes of `name` (relative to the directory fd `dfd`, if given);
-    None if it cannot be read."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, limit)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _readlink_at(dfd: int | None, name: str) -> str | None:
-    try:
-        return os.readlink(name, dir_fd=dfd)
-    except OSError:
-        return None
-
-
-def _listdir_at(dfd: int, name: str) -> tuple[str, ...]:
-    try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-    except OSError:
-        return ()
-    try:
-        return tuple(sorted(os.listdir(fd)))
-    except OSError:
-        return ()
-    finally:
-        os.close(fd)
-
-
 def _readlink(path: str) -> str | None:
     return _readlink_at(None, path)
-
-
-def _resolve_rel(root: str, link_dir_rel: str, target: str) -> str | None:
-    """Resolve a relative link target against its directory, inside `root`.
-
-    Works on strings (no syscalls); returns the path relative to `root`, or
-    None if the target is absolute or climbs out of the root."""
-    if target.startswith("/"):
-        if target.startswith(root.rstrip("/") + "/"):
-            return target[len(root.rstrip("/")) + 1:]
-        return None
-    parts = [p for p in link_dir_rel.split("/") if p]
-    for piece in target.split("/"):
-        if piece in ("", "."):
-            continue
-        if piece == "..":
-            if not parts:
-                return None
-            parts.pop()
-        else:
-            parts.append(piece)
-    return "/".join(parts)
-
-
-def _addr_or_none(name: str) -> PciAddress | None:
-    try:
-        return PciAddress.from_sysfs_name(name)
-    except InvalidAddress:
-        return None
 
 
 # ---------------------------------------------------------------- the reader
@@ -174,11 +75,10 @@ class SysfsReader:
         self.roots = roots or Roots()
         self.config_limit = config_limit
         self._iommu_seen = False
-        self._waiting: set[str] = set()            # attribute paths whose read the kernel holds
         #: Devices whose unbind is known to wait for holders (the revoke ladder's): their
-        #: attributes under the device lock are not read at all (see `_patient_read`).
+        #: attributes under the device lock are not read at all (`vfiod.sysfs.patience`).
         self.locked: frozenset[PciAddress] = frozenset()
-        self._waiting_lock = threading.Lock()
+        self.patience = Patience()
 
     def _s(self, rel: str) -> str:
         return os.path.join(self.roots.sysfs, rel)
@@ -208,9 +108,23 @@ class SysfsReader:
         return good, bad
 
     def scan(self) -> list[RawDevice]:
+        """Every function, read as a whole-host snapshot needs it: a VF's configuration
+        space is not read (its ids come from ``uevent``, its PCIe type from its PF's), and
+        capabilities past the capability list only where isolation needs them (bridges,
+        multifunction devices); `read_device` and `scan_groups` read everything."""
         addrs, _bad = self.list_addresses()
-        pf_ids: _PfIds = {}
-        return [self.read_device(a, pf_ids) for a in addrs]
+        return self._read_all(addrs, deep=False)
+
+    def scan_groups(self, groups: Iterable[int]) -> list[RawDevice]:
+        """Only the members of `groups`, each read in full: what a lease needs, without a
+        whole-host scan."""
+        addrs = sorted({a for g in groups for a in self.group_members(g)})
+        return self._read_all(addrs, deep=True)
+
+    def read_device(self, addr: PciAddress) -> RawDevice:
+        """Read one function in full.  Every attribute is optional: a missing or odd one
+        leaves its field unknown and says so in ``problems``."""
+        return self._read_all([addr], deep=True)[0]
 
     def node_of(self, addr: PciAddress) -> str | None:
         link = "bus/pci/devices/" + addr.sysfs_name
@@ -219,149 +133,20 @@ class SysfsReader:
             return None
         return _resolve_rel(self.roots.sysfs, "bus/pci/devices", target)
 
-    def read_device(self, addr: PciAddress, _pf_ids: _PfIds | None = None) -> RawDevice:
-        """Read one function.  Every attribute is optional: a missing or odd one
-        leaves its field unknown and says so in ``problems``."""
-        node = self.node_of(addr)
+    def _read_all(self, addrs: list[PciAddress], deep: bool) -> list[RawDevice]:
+        """Read `addrs` in order; the attributes under the device lock of every device on
+        vfio-pci are read afterwards, in one patient batch (`vfiod.sysfs.patience`)."""
         try:
-            dfd = os.open(self._s(node), _DIR_FLAGS) if node else -1
+            root = os.open(self.roots.sysfs, DIR_FLAGS)
         except OSError:
-            dfd = -1
-        if node is None or dfd < 0:
-            return RawDevice(addr=addr, node=None, parent=None,
-                             problems=("sysfs link is missing or dangling",))
+            root = -1
         try:
-            return self._read_at(addr, node, dfd, _pf_ids)
+            parts = DeviceReads(self.roots.sysfs, root, deep, self.config_limit, self.locked, self.patience)
+            fields = [parts.read(a) for a in addrs]
         finally:
-            os.close(dfd)
-
-    def _read_at(self, addr: PciAddress, node: str, dfd: int, pf_ids: _PfIds | None) -> RawDevice:
-        problems: list[str] = []
-        parent: PciAddress | None = None
-        for piece in reversed(node.split("/")[:-1]):
-            parent = _addr_or_none(piece)
-            if parent:
-                break
-
-        raw = _read_at(dfd, "config", self.config_limit)
-        if raw is None:
-            problems.append("config space unreadable")
-            cfg = ConfigInfo()
-        else:
-            cfg = ConfigInfo.parse(raw)
-            if not cfg.ext_known and cfg.is_pcie is not False:
-                problems.append(
-                    f"only {cfg.length} bytes of config space readable (ACS unknown; run as root)")
-
-        def num(name: str, base: int = 16) -> int | None:
-            text = _read_at(dfd, name)
-            if text is None:
-                return None
-            try:
-                return int(text, 0 if base == 16 else base)
-            except ValueError:
-                problems.append(f"{name} unreadable")
-                return None
-
-        physfn_target = _readlink_at(dfd, "physfn")
-        physfn = _addr_or_none(os.path.basename(physfn_target)) if physfn_target else None
-        # The ids come from config space where it answers (one read instead of
-        # six); a VF reads 0xffff for vendor and device, so those come from its
-        # PF's SR-IOV capability or from sysfs.
-        if raw is not None and len(raw) >= 0x30:
-            vendor, device = struct.unpack_from("<HH", raw, 0)
-            class_rev = struct.unpack_from("<I", raw, 8)[0]
-            class_code, revision = class_rev >> 8, class_rev & 0xFF
-            subsys = struct.unpack_from("<HH", raw, 0x2C) if cfg.header_type == 0 else (None, None)
-        else:
-            vendor = device = 0xFFFF
-            class_code, revision = num("class"), num("revision")
-            subsys = (num("subsystem_vendor"), num("subsystem_device"))
-        if vendor == 0xFFFF:
-            known = pf_ids.get(physfn) if (pf_ids is not None and physfn) else None
-            vendor, device = known if known else (num("vendor"), num("device"))
-        if pf_ids is not None and cfg.sriov_vf_device is not None and vendor is not None:
-            pf_ids[addr] = (vendor, cfg.sriov_vf_device)
-
-        group = None
-        target = _readlink_at(dfd, "iommu_group")
-        if target:
-            try:
-                group = int(os.path.basename(target))
-            except ValueError:
-                problems.append(f"iommu_group link is odd: {target!r}")
-        target = _readlink_at(dfd, "driver")
-        driver = os.path.basename(target) if target else None
-        # An unbind from vfio-pci may hold the device lock for long; the kernel removes the
-        # driver link first, so a device the ladder unbinds shows no driver meanwhile.
-        locked = driver == "vfio-pci" or addr in self.locked
-        override_raw = (self._patient_read(addr, "driver_override") if locked
-                        else _read_at(dfd, "driver_override"))
-        override = override_raw.strip().decode("utf-8", "replace") if override_raw else None
-        if override in ("(null)", ""):
-            override = None
-        reset = _read_at(dfd, "reset_method")
-        class_sub = (class_code or 0) >> 8
-        boot_vga = class_sub == 0x0300 and _read_at(dfd, "boot_vga") == b"1\n"
-        totalvfs = numvfs = None
-        virtfns: list[PciAddress] = []
-        if physfn is None:
-            totalvfs = num("sriov_totalvfs", 10)
-            if totalvfs is not None:
-                text = self._patient_read(addr, "sriov_numvfs") if locked else _read_at(dfd, "sriov_numvfs")
-                try:
-                    numvfs = int(text, 10) if text is not None else None
-                except ValueError:
-                    problems.append("sriov_numvfs unreadable")
-                for i in range(numvfs or 0):
-                    t = _readlink_at(dfd, f"virtfn{i}")
-                    a = _addr_or_none(os.path.basename(t)) if t else None
-                    if a:
-                        virtfns.append(a)
-        net: tuple[str, ...] = ()
-        if class_sub >> 8 == 0x02:
-            net = _listdir_at(dfd, "net")
-        return RawDevice(
-            addr=addr, node=node, parent=parent,
-            vendor=vendor, device=device, subsystem_vendor=subsys[0], subsystem_device=subsys[1],
-            class_code=class_code, revision=revision,
-            driver=driver, driver_override=override, iommu_group=group, config=cfg,
-            boot_vga=boot_vga, reset_methods=tuple(reset.decode().split()) if reset else (),
-            numa_node=num("numa_node", 10), sriov_totalvfs=totalvfs, sriov_numvfs=numvfs,
-            physfn=physfn, virtfns=tuple(sorted(virtfns)), net=net, problems=tuple(problems),
-        )
-
-    #: How long a read under the device lock may take before it is left to finish alone.
-    PATIENCE = 1.0
-
-    def _patient_read(self, addr: PciAddress, name: str) -> bytes | None:
-        """Read an attribute the kernel shows under the device lock (``driver_override``,
-        ``sriov_numvfs``) without ever waiting long for it: while an unbind from vfio-pci
-        waits for the device's holders (the revoke ladder's, or one a killed vfiod left
-        behind), the kernel holds the lock and such a read sleeps uninterruptibly until
-        the holders let go, and a process with such a thread cannot even exit.  So the
-        devices the ladder is unbinding (`locked`) are not read at all; for any other
-        device on vfio-pci the read runs in a thread of its own and, past `PATIENCE`,
-        is left to finish alone; until it has, the attribute reads as unknown."""
-        if addr in self.locked:
-            return None
-        path = os.path.join(self._s("bus/pci/devices"), addr.sysfs_name, name)
-        with self._waiting_lock:
-            if path in self._waiting:
-                return None
-            self._waiting.add(path)
-        box: list[bytes | None] = []
-
-        def work() -> None:
-            try:
-                box.append(_read_at(None, path))
-            finally:
-                with self._waiting_lock:
-                    self._waiting.discard(path)
-        t = threading.Thread(target=work, name=f"read {addr} {name}", daemon=True)
-        t.start()
-        t.join(self.PATIENCE)
-        return box[0] if box else None
+            if root >= 0:
+                os.close(root)
+        return parts.finish(fields)
 
     def group_members(self, group: int) -> list[PciAddress]:
         """The addresses the kernel lists in IOMMU group `group` (empty if there is none)."""
@@ -377,12 +162,6 @@ class SysfsReader:
             return int(os.path.basename(target)) if target else None
         except ValueError:
             return None
-
-    def scan_groups(self, groups: Iterable[int]) -> list[RawDevice]:
-        """Only the members of `groups`: what a lease needs, without a whole-host scan."""
-        pf_ids: _PfIds = {}
-        addrs = sorted({a for g in groups for a in self.group_members(g)})
-        return [self.read_device(a, pf_ids) for a in addrs]
 
     # ---- host facts
 
@@ -528,50 +307,6 @@ class SysfsReader:
             iommu_enabled=self.has_iommu_groups(), cmdline=self.cmdline(), noiommu=self.noiommu(),
             root_block_nodes=self.root_block_nodes(), default_route_nodes=self.default_route_nodes(),
         )
-
-
-@attrs.frozen
-class Mount:
-    """One line of /proc/PID/mountinfo: the device number, where it is mounted, the
-    filesystem type, its source and its super options."""
-
-    majmin: str
-    point: str
-    fstype: str
-    source: str
-    options: dict[str, str]
-
-
-def parse_mountinfo(text: str) -> list[Mount]:
-    """Every mount of a mountinfo text, in order (a line that does not parse is skipped)."""
-    out = []
-    for line in text.splitlines():
-        fields = line.split()
-        try:
-            sep = fields.index("-", 6)
-            fstype, source, opts = fields[sep + 1], fields[sep + 2], fields[sep + 3] if len(fields) > sep + 3 else ""
-        except (ValueError, IndexError):
-            continue
-        options = dict((o.split("=", 1) + [""])[:2] for o in opts.split(",") if o)
-        out.append(Mount(majmin=fields[2], point=_unescape(fields[4]), fstype=fstype, source=_unescape(source),
-                         options={k: _unescape(v) for k, v in options.items()}))
-    return out
-
-
-def _unescape(text: str) -> str:
-    """mountinfo's octal escapes (``\\040`` for a space)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text) if "\\" in text else text
-
-
-def _mount_of(path: str, mounts: list[Mount]) -> Mount | None:
-    """The mount that holds `path` (the last one on the longest matching mount point)."""
-    best: Mount | None = None
-    for m in mounts:
-        point = m.point.rstrip("/") or "/"
-        if path == point or path.startswith(point.rstrip("/") + "/"):
-            if best is None or len(point) >= len(best.point.rstrip("/") or "/"):
-                best = m
-    return best
 
 
 def pci_ancestor(node: str) -> PciAddress | None:

@@ -7,7 +7,8 @@ import os
 
 from ..address import PciAddress
 from .procs import open_files
-from .read import Roots, SysfsReader, _readlink, _text, parse_mountinfo
+from .mounts import parse_mountinfo
+from .read import Roots, SysfsReader, _readlink, _text
 
 
 def device_usage(roots: Roots, addr: PciAddress) -> list[str]:

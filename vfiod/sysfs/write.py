@@ -16,6 +16,7 @@ import attrs
 
 from ..address import PciAddress
 from ..errors import InvalidAddress, InvalidArgument, KernelError
+from .device import VFIO_DRIVERS
 from .read import Roots, SysfsReader, _int, _readlink, _text
 from .acl import set_user as acl_set_user, user_perm as acl_user_perm
 from .procs import Holder, MemlockGrant, Search, find_holders, grant_memlock, restore_memlock, signal_holder
@@ -76,9 +77,6 @@ def classify_write(rel: str, data: str) -> tuple[Writable, PciAddress]:
     raise KernelError(f"refusing to write {rel!r}: not a path vfiod writes")
 
 
-#: Drivers that leave DMA to their owner: the only ones a lease binds, and (with no
-#: driver) the only ones a viable group's endpoints may be on.
-VFIO_DRIVERS = ("vfio-pci", "pci-stub")
 #: The driver_override that matches no driver: a probe binds nothing.
 NO_DRIVER = "none"
 

@@ -292,6 +292,7 @@ def add_function(sysd: str, fn: Fn, parent_node: str | None, iommu: bool = True,
         _link(os.path.join(gdir, "devices", fn.addr.sysfs_name), node)
         _link(os.path.join(node, "iommu_group"), gdir)
     drv_name = fn.driver if driver is None else driver
+    set_uevent_driver(node, drv_name or None)
     if drv_name:
         drv = os.path.join(sysd, "bus/pci/drivers", drv_name)
         _ensure_driver(drv)
@@ -322,7 +323,22 @@ def _ensure_driver(drv: str) -> None:
         _write(os.path.join(drv, f), "")
 
 
+def set_uevent_driver(node: str, driver: str | None) -> None:
+    """The ``DRIVER=`` line of a node's ``uevent``, as the kernel shows it after a bind or unbind."""
+    path = os.path.join(node, "uevent")
+    with open(path) as f:
+        lines = [line for line in f.read().splitlines() if not line.startswith("DRIVER=")]
+    _write(path, "".join(f"{line}\n" for line in ([f"DRIVER={driver}"] if driver else []) + lines))
+
+
 def _write_attrs(fn: Fn, node: str) -> None:
+    # uevent as the kernel's pci_uevent() writes it: a VF's real ids (its config shows 0xffff)
+    sub = fn.subsys
+    cls = fn.class_code
+    _write(os.path.join(node, "uevent"), (
+        f"PCI_CLASS={cls:X}\nPCI_ID={fn.vendor:04X}:{fn.device:04X}\nPCI_SUBSYS_ID={sub[0]:04X}:{sub[1]:04X}\n"
+        f"PCI_SLOT_NAME={fn.addr.sysfs_name}\nMODALIAS=pci:v{fn.vendor:08X}d{fn.device:08X}sv{sub[0]:08X}"
+        f"sd{sub[1]:08X}bc{cls >> 16:02X}sc{(cls >> 8) & 0xFF:02X}i{cls & 0xFF:02X}\n"))
     hexes = {
         "vendor": f"0x{fn.vendor:04x}", "device": f"0x{fn.device:04x}",
         "subsystem_vendor": f"0x{fn.subsys[0]:04x}", "subsystem_device": f"0x{fn.subsys[1]:04x}",
