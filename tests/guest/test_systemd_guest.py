@@ -117,11 +117,13 @@ printf '[Service]\nExecStartPost=-/usr/bin/python3 %s probe %s %s %s %s\n' $PROB
     > /run/systemd/system/vfiod.service.d/90-probe.conf
 systemctl daemon-reload
 systemctl restart vfiod || fail "restart with the probe"
-for i in $(seq 30); do
+# (a loaded machine has taken more than 15 s to start the probe's python3 under TCG)
+for i in $(seq 240); do
     journalctl --no-pager -u vfiod -o cat | sed -n 's/^vfiod-sandbox-probe: //p' | tail -1 > $OUT/probe.json
     [ -s $OUT/probe.json ] && break
     sleep 0.5
 done
+[ -s $OUT/probe.json ] || journalctl --no-pager -u vfiod -o cat | tail -20 > $OUT/probe-missing.txt
 kill -USR1 $VPID
 wait
 rm /run/systemd/system/vfiod.service.d/90-probe.conf
@@ -389,6 +391,7 @@ def test_a_probe_in_the_units_sandbox_cannot_reach_another_process_or_the_kernel
     (EPERM), its /proc/PID/mem and /proc/sys cannot be opened for writing (EROFS), nor
     can /sys outside the PCI paths; the files rebinding writes still open for writing.
     The victim's buffer is unchanged afterwards."""
+    assert text(run, "probe.json").strip(), text(run, "probe-missing.txt")
     probe = json.loads(text(run, "probe.json"))
     assert probe["process_vm_writev"] == "EPERM" and probe["process_vm_readv"] == "EPERM", probe
     assert probe["kcmp"] == "EPERM", probe
