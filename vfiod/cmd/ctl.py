@@ -53,9 +53,19 @@ def cmd_groups(args: argparse.Namespace) -> int:
         if args.json:
             print_json("groups", groups=groups)
         else:
-            sys.stdout.write(render_groups(groups, explain=args.explain) or "No IOMMU groups.\n")
+            sys.stdout.write(render_groups(groups, explain=args.explain) or await _no_groups(client))
         return EXIT_OK
     return _run(args, go)
+
+
+async def _no_groups(client: Client) -> str:
+    """What `groups` says when there are none: with the IOMMU off, how to turn it on."""
+    from ..topology import ENABLE_IOMMU
+
+    manager = await client.properties("/org/vfiod1", "org.vfiod1.Manager")
+    if manager.get("IommuEnabled", True):
+        return "No IOMMU groups.\n"
+    return f"No IOMMU groups: the IOMMU is missing or off, so VFIO cannot isolate any device. {ENABLE_IOMMU}\n"
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -56,7 +56,13 @@ class Queries:
     async def explain(self, caller: Caller, target: str) -> str:
         # Drivers and blockers fresh from the target's group; why the group is shared
         # from the last whole scan (it needs the bridges above, in other groups).
-        host, number = await self._target_group(target)
+        policy = self.policy_store.current
+        host = await self._run(self.manager.host_for, target, policy)
+        unplaced = [a for a in policy.addresses_named(target) if a in host.devices and host.group_of(a) is None]
+        if unplaced:        # there, but in no group: say why rather than refuse
+            return "\n".join([f"{a} is in no IOMMU group, so VFIO cannot take it: {host.no_group_reason()}"
+                               for a in unplaced])
+        number = policy.resolve(host, target).group
         g = host.groups[number]
         whole = self.host.groups.get(number)
         if whole is not None and whole.members == g.members:

@@ -90,12 +90,15 @@ class LeaseManager(LeaseCore):
         `InvalidAddress` for text that is no target); what it names and is not
         on the host is left for `Policy.resolve` to refuse with its reason."""
         reader = self.reader
-        groups = {g for addr in policy.addresses_named(target) if (g := reader.group_of(addr)) is not None}
+        named = policy.addresses_named(target)
+        groups = {g for addr in named if (g := reader.group_of(addr)) is not None}
         number = policy.group_named(target)
         if number is not None:
             groups.add(number)
         if not groups:
-            return Host.from_raw([], reader.facts())
+            # Devices that are there but in no group (the IOMMU is off) are read all the
+            # same, so the answer is "in no IOMMU group", not "no such device".
+            return Host.from_raw([reader.read_device(a) for a in named if reader.node_of(a)], reader.facts())
         return Host.scan_groups(reader, groups)
 
     def holders(self, lease: LeaseRow) -> list[Holder]:

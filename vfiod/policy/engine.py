@@ -86,7 +86,7 @@ class Policy:
                 raise NotFound(f"no PCI device {addr} on this host")
             g = host.group_of(addr)
             if g is None:
-                raise NotFound(f"{addr} is in no IOMMU group (is the IOMMU on?)")
+                raise NotFound(f"{addr} is in no IOMMU group: {host.no_group_reason()}")
             return Target(group=g.number, addresses=(addr,))
         value = parsed[1]
         res = self.resources.get(value)
@@ -100,7 +100,7 @@ class Policy:
         for d in res.devices:
             g = host.group_of(d.address)
             if g is None:
-                raise NotFound(f"resource {res.name}: {d.address} is in no IOMMU group (is the IOMMU on?)")
+                raise NotFound(f"resource {res.name}: {d.address} is in no IOMMU group: {host.no_group_reason()}")
             groups.setdefault(g.number, []).append(str(d.address))
         if len(groups) > 1:
             where = "; ".join(f"group {n}: {', '.join(a)}" for n, a in sorted(groups.items()))
