@@ -1,6 +1,7 @@
 # Installation into a system (as root).
 #
-#   make deb        a Debian package, ../vfiod_VERSION_all.deb (or DEBDIR=DIR): the way to install
+#   make deb        a Debian package, ./vfiod_VERSION_all.deb (or DEBDIR=DIR): the way to install,
+#                   `make deb && apt install ./vfiod_*.deb` (an older vfiod_*.deb there is replaced)
 #   make install    from source: vfiod and its Python dependencies in a venv under
 #                   $(PREFIX)/lib/vfiod, the programs in $(PREFIX)/bin where the unit runs them,
 #                   and the unit, D-Bus policy and activation, tmpfiles, man pages and completion
@@ -12,7 +13,7 @@ VENV ?= $(PREFIX)/lib/vfiod
 # systemd's unit directory for packages (Debian 12: /lib, merged with /usr/lib)
 UNITDIR ?= /lib/systemd/system
 GENERATORDIR ?= /lib/systemd/system-generators
-DEBDIR ?= ..
+DEBDIR ?= .
 
 install: install-data
 	$(PYTHON) -m venv $(DESTDIR)$(VENV)
@@ -53,10 +54,10 @@ completion/vfiod: vfiod/cmd/*.py
 deb:
 	rm -rf build/deb && mkdir -p build/deb/src
 	tar -c --exclude-vcs --exclude=./.venv --exclude=./build --exclude='*.egg-info' --exclude=__pycache__ \
-	    --exclude=.pytest_cache --exclude=.hypothesis . | tar -x -C build/deb/src
+	    --exclude=.pytest_cache --exclude=.hypothesis --exclude='./vfiod_*.deb' . | tar -x -C build/deb/src
 	# with Debian's own Python and tools, whatever else is first on PATH
 	cd build/deb/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b --no-sign
-	mkdir -p $(DEBDIR) && mv build/deb/vfiod_*.deb $(DEBDIR)/
+	mkdir -p $(DEBDIR) && rm -f $(DEBDIR)/vfiod_*.deb && mv build/deb/vfiod_*.deb $(DEBDIR)/
 	@ls -l $(DEBDIR)/vfiod_*.deb
 
 .PHONY: install install-data man deb
