@@ -10,7 +10,8 @@ import attrs
 
 from ..address import PciAddress
 from ..errors import InvalidArgument, NotFound, PermissionDenied, PolicyError
-from .load import TRUSTED_OWNERS, Loader, read_directory
+from .files import TRUSTED_OWNERS, read_directory
+from .load import Loader
 from .model import K8S_NAMESPACE, Refusal, Caller, Claim, DEFAULT_DENY, DEFAULT_REVOKE_GRACE, DEFAULT_DIR, Decision, DeviceDecision, KNOWN_BACKENDS, Resource, Rule, Target, parse_target
 from .units import MAX_LEASE_SECONDS, _short, format_duration
 from .users import UserDb, system_users
@@ -31,6 +32,9 @@ class Policy:
     files: tuple[str, ...] = ()
     backends: tuple[str, ...] = KNOWN_BACKENDS
     directory: str | None = None
+    #: why no policy is in force (`PolicyStore` sets it when the first load is refused):
+    #: every "no rule matched" says it, so nobody mistakes a broken policy for a denial
+    unloaded: str = ""
 
     # -- loading
 
@@ -60,9 +64,9 @@ class Policy:
                    files=tuple(paths), backends=loader.backends)
 
     @classmethod
-    def empty(cls) -> "Policy":
-        """No rules: every request is denied."""
-        return cls()
+    def empty(cls, unloaded: str = "") -> "Policy":
+        """No rules: every request is denied (`unloaded`: why, said with every denial)."""
+        return cls(unloaded=unloaded)
 
     # -- targets
 
@@ -151,6 +155,8 @@ class Policy:
         deny = DEFAULT_DENY
         if caller.k8s_namespace is not None:
             deny = f"no rule matched Kubernetes namespace {caller.k8s_namespace} (deny by default)"
+        if self.unloaded:
+            deny = f"{deny}: {self.unloaded}"
         return DeviceDecision(dev.addr, False, "", "; ".join([deny, *notes]), Refusal.NO_RULE), None
 
     def decide(self, host: Host, caller: Caller, group: int, backend: str = "",
@@ -309,6 +315,12 @@ class PolicyStore:
                 policy = Policy.load(self.directory, backends=self.backends, users=self.users, owners=self.owners)
             except PolicyError as e:
                 self.error = str(e)
+                if self.current.directory is None:      # nothing loaded yet: say so with every denial
+                    count = len(e.message.splitlines())
+                    self.current = Policy.empty(
+                        f"vfiod's policy is not loaded: {self.directory} was refused "
+                        f"({count} error{'s' if count != 1 else ''}; `sudo vfioctl reload` or "
+                        f"`vfioctl policy check {self.directory}` lists them), so every request is denied")
                 raise
             self.current, self.error = policy, None
             return policy
