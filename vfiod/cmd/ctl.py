@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
 from .. import __version__
 from ..errors import InvalidArgument, NotFound, VfiodError
 from ..wire import group_number, lease_id_of
+from ..wire.names import bus_arg
 from ..report import Json, render_groups
 from .common import (EXIT_DENIED, EXIT_FAIL, EXIT_OK, EXIT_USAGE, Formatter, add_root_options, duration_arg,
                      print_json, run)
@@ -502,7 +503,7 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                      formatter: type[argparse.HelpFormatter]) -> None:
     for name, (summary, fn, description) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=description, formatter_class=formatter)
-        p.add_argument("--bus", default="system", metavar="system|session|ADDRESS",
+        p.add_argument("--bus", default="system", type=bus_arg, metavar="system|session|ADDRESS",
                        help="the bus vfiod is on (default: system)")
         p.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                        help="how long to wait for each answer (default 30)")
@@ -567,4 +568,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in argv:                      # vfioctl lease T [options] -- CMD ARGS...
         cut = argv.index("--")
         argv, command = argv[:cut], argv[cut + 1:]
-    return run(vfioctl_parser(), argv, command)
+    parser = vfioctl_parser()
+    if not command and "lease" in argv:
+        _command_without_dashes(parser, argv)
+    return run(parser, argv, command)
+
+
+def _command_without_dashes(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """`vfioctl lease 04:00.0 sleep 1`: a usage error that shows where the command goes."""
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "lease" and extra and not extra[0].startswith("-"):
+        parser.exit(EXIT_USAGE, f"vfioctl lease: unrecognized arguments: {' '.join(extra)}\n"
+                                f"  to run a command while holding the lease, put it after --: "
+                                f"vfioctl lease {args.target} -- {' '.join(extra)}\n")

@@ -133,7 +133,6 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     who = gen.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", metavar="USER", help="the user who may lease them")
     who.add_argument("--unix-group", metavar="GROUP", help="the unix group whose members may lease them")
-    who.add_argument("--group", dest="unix_group", metavar="GROUP", help=argparse.SUPPRESS)   # its old name
     gen.add_argument("--backend", default="vfio", metavar="NAME", help="vfio (default), libvirt or pci-stub")
     gen.add_argument("--name", metavar="NAME", help="the resource's name (default: from the first target)")
     gen.add_argument("--allow-protected", action="store_true",

@@ -7,6 +7,7 @@ import sys
 from typing import Sequence
 
 from .. import __version__
+from ..wire.names import bus_arg
 from .common import EXIT_OK, Formatter, add_root_options, host_roots, print_json, run
 
 
@@ -140,7 +141,7 @@ def vfiod_parser() -> argparse.ArgumentParser:
                "  vfiod inspect --explain",
     )
     p.add_argument("--version", action="version", version=f"vfiod {__version__}")
-    p.add_argument("--bus", default="system", metavar="system|session|ADDRESS",
+    p.add_argument("--bus", default="system", type=bus_arg, metavar="system|session|ADDRESS",
                    help="the bus to serve on (default: system)")
     add_root_options(p, dev=True)
     p.add_argument("--policy-dir", default=None, metavar="DIR",
@@ -168,7 +169,7 @@ def vfiod_parser() -> argparse.ArgumentParser:
     end.set_defaults(func=cmd_end_leases)
     rel = sub.add_parser("reload", help="reload the running daemon's policy; fails if it is refused",
                          description=RELOAD_HELP, formatter_class=Formatter)
-    rel.add_argument("--bus", default=argparse.SUPPRESS, metavar="system|session|ADDRESS",
+    rel.add_argument("--bus", default=argparse.SUPPRESS, type=bus_arg, metavar="system|session|ADDRESS",
                      help="the bus the daemon serves on (default: system)")
     rel.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
                      help="how long to wait for the daemon's answer (default: 60)")
