@@ -132,6 +132,16 @@ def _listdir_at(dfd: int, name: str) -> tuple[str, ...]:
         os.close(fd)
 
 
+def _interfaces_at(dfd: int) -> tuple[str, ...]:
+    """The network interfaces of the PCI function open at `dfd`: ``BDF/net/IF``, or for a
+    virtio NIC ``BDF/virtioN/net/IF`` (the interface belongs to the virtio device below it)."""
+    names = list(_listdir_at(dfd, "net"))
+    for child in _listdir_at(dfd, "."):
+        if child.startswith("virtio") and child[6:].isdigit():
+            names.extend(_listdir_at(dfd, f"{child}/net"))
+    return tuple(names)
+
+
 def _readlink(path: str) -> str | None:
     return _readlink_at(None, path)
 
@@ -320,7 +330,7 @@ class SysfsReader:
                         virtfns.append(a)
         net: tuple[str, ...] = ()
         if class_sub >> 8 == 0x02:
-            net = _listdir_at(dfd, "net")
+            net = _interfaces_at(dfd)
         return RawDevice(
             addr=addr, node=node, parent=parent,
             vendor=vendor, device=device, subsystem_vendor=subsys[0], subsystem_device=subsys[1],

@@ -16,12 +16,7 @@ def device_usage(roots: Roots, addr: PciAddress) -> list[str]:
     # network interfaces: up with routes, or enslaved to a bond/bridge
     routes = (_text(os.path.join(roots.proc, "net/route")) or "").splitlines()[1:]
     routed = {line.split()[0] for line in routes if line.split()}
-    try:
-        ifaces = sorted(os.listdir(os.path.join(base, "net")))
-    except OSError:
-        ifaces = []
-    for iface in ifaces:
-        d = os.path.join(base, "net", iface)
+    for iface, d in interface_dirs(base):
         master = _readlink(os.path.join(d, "master"))
         if master:
             out.append(f"network interface {iface} is a member of {os.path.basename(master)}")
@@ -42,6 +37,23 @@ def device_usage(roots: Roots, addr: PciAddress) -> list[str]:
             out.append(f"DRM node {', '.join(drm)} is open in process(es) {', '.join(sorted(openers, key=int))}")
     return out
 
+
+
+def interface_dirs(base: str) -> list[tuple[str, str]]:
+    """(name, sysfs directory) of each network interface of the PCI function at `base`:
+    ``BDF/net/IF``, and ``BDF/virtioN/net/IF`` for a virtio NIC."""
+    out = []
+    try:
+        children = sorted(os.listdir(base))
+    except OSError:
+        return out
+    for sub in ["net"] + [c + "/net" for c in children if c.startswith("virtio") and c[6:].isdigit()]:
+        try:
+            names = sorted(os.listdir(os.path.join(base, sub)))
+        except OSError:
+            continue
+        out.extend((name, os.path.join(base, sub, name)) for name in names)
+    return out
 
 
 def _block_usage(roots: Roots, base: str) -> list[str]:
