@@ -42,7 +42,7 @@ def device_usage(roots: Roots, addr: PciAddress) -> list[str]:
 def interface_dirs(base: str) -> list[tuple[str, str]]:
     """(name, sysfs directory) of each network interface of the PCI function at `base`:
     ``BDF/net/IF``, and ``BDF/virtioN/net/IF`` for a virtio NIC."""
-    out = []
+    out: list[tuple[str, str]] = []
     try:
         children = sorted(os.listdir(base))
     except OSError:
