@@ -18,10 +18,11 @@ from ..errors import InvalidArgument, NotFound, VfiodError
 from ..wire import group_number, lease_id_of
 from ..wire.names import bus_arg
 from ..report import Json, render_groups
-from .common import (EXIT_DENIED, EXIT_FAIL, EXIT_OK, EXIT_USAGE, Formatter, add_root_options, duration_arg,
+from .common import (EXIT_BUSY, EXIT_DENIED, EXIT_FAIL, EXIT_OK, EXIT_USAGE, Formatter, add_root_options, duration_arg,
                      print_json, run)
 from .helptext import HELP
 from .policy import add_policy_commands
+from .status import add_status_command
 
 
 if TYPE_CHECKING:
@@ -69,40 +70,70 @@ async def _no_groups(client: Client) -> str:
     return f"No IOMMU groups: the IOMMU is missing or off, so VFIO cannot isolate any device. {ENABLE_IOMMU}\n"
 
 
+async def _each(targets: Sequence[str], one: Callable[[str, bool], Awaitable[int]]) -> int:
+    """Run `one(target, several)` for each target (as dpdk-devbind takes several devices): a
+    target that fails is said and the next one tried; the exit status is the first failure's."""
+    rc = EXIT_OK
+    several = len(targets) > 1
+    for target in targets:
+        try:
+            code = await one(target, several)
+        except VfiodError as e:
+            if not several:
+                raise
+            print(f"vfioctl: {target}: {e}", file=sys.stderr)
+            code = e.exit_code
+        rc = rc or code
+    return rc
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
-        group = (await _groups_json(client, [args.target]))[0]
-        if args.json:
-            print_json("group", target=args.target, group=group)
-        else:
-            print(render_groups([group], explain=True), end="")
-        return EXIT_OK
+        async def one(target: str, several: bool) -> int:
+            group = (await _groups_json(client, [target]))[0]
+            if args.json:
+                print_json("group", one_line=several, target=target, group=group)
+            else:
+                print(render_groups([group], explain=True), end="")
+            return EXIT_OK
+        return await _each(args.targets, one)
     return _run(args, go)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
-        reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "Explain", "s", [args.target])
-        if args.json:
-            group = (await _groups_json(client, [args.target]))[0]
-            print_json("explain", target=args.target, text=reply.body[0], group=group)
-        else:
-            print(reply.body[0])
-        return EXIT_OK
+        async def one(target: str, several: bool) -> int:
+            reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "Explain", "s", [target])
+            if args.json:
+                groups = await _groups_json(client, [target]) if reply.body[0].startswith("IOMMU group") else []
+                print_json("explain", one_line=several, target=target, text=reply.body[0],
+                           group=groups[0] if groups else None)
+            else:
+                print(reply.body[0] + ("\n" if several else ""))
+            return EXIT_OK
+        return await _each(args.targets, one)
     return _run(args, go)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from ..policy import BUSY_PREFIX
+
     async def go(client: Client) -> int:
-        reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "CheckAccess", "ss",
-                                  [args.target, args.backend or ""])
-        allowed, rule, reason = reply.body[0]
-        if args.json:
-            print_json("check", target=args.target, backend=args.backend or None, allowed=allowed,
-                       rule=rule or None, reason=reason)
-        else:
-            print(f"{'allowed' if allowed else 'denied'}: {reason}" + (f" ({rule})" if rule and rule not in reason else ""))
-        return EXIT_OK if allowed else EXIT_DENIED
+        async def one(target: str, several: bool) -> int:
+            reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "CheckAccess", "ss",
+                                      [target, args.backend or ""])
+            allowed, rule, reason = reply.body[0]
+            busy = not allowed and reason.startswith(BUSY_PREFIX)
+            if args.json:
+                print_json("check", one_line=several, target=target, backend=args.backend or None,
+                           allowed=allowed, busy=busy, rule=rule or None, reason=reason)
+            else:
+                word = "busy" if busy else "allowed" if allowed else "denied"
+                text = reason.removeprefix(BUSY_PREFIX)
+                print(f"{target + ': ' if several else ''}{word}: {text}"
+                      + (f" ({rule})" if rule and rule not in text else ""))
+            return EXIT_OK if allowed else EXIT_BUSY if busy else EXIT_DENIED
+        return await _each(args.targets, one)
     return _run(args, go)
 
 
@@ -183,6 +214,11 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 def cmd_lease(args: argparse.Namespace) -> int:
     command = list(args.run_command or [])
+    if args.xml:             # the hostdev XML is the libvirt backend's: ask for it, or refuse before granting
+        if args.backend and args.backend != "libvirt":
+            raise InvalidArgument(f"--xml is the libvirt backend's hostdev XML; the {args.backend} backend "
+                                  "has none (leave out --backend, or --backend libvirt)")
+        args.backend = "libvirt"
     if command and not shutil.which(command[0]):
         # Say so before a whole group is rebound for a command that cannot start.
         raise NotFound(f"no such command: {command[0]!r} (not found or not executable)")
@@ -452,37 +488,6 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-STATUS_HELP = """\
-List every PCI device of this host, by class (network, storage, display, ...)
-and by what drives it (a VFIO driver, a kernel driver, none), with its network
-interfaces, its IOMMU group and *Active* where the host uses it (an interface up
-with routes, a mounted disk, ...), like `dpdk-devbind.py --status`.  Reads
-sysfs only; needs no daemon, and works on a host without an IOMMU (it says so).
-
-examples:
-  vfioctl status
-  vfioctl status --simulate sriov --json
-"""
-
-
-def show_status(args: argparse.Namespace) -> int:
-    """Every PCI device by class and driver kind (offline: reads sysfs, never writes)."""
-    from ..pciids import PciIds
-    from ..report import render_status, status_json
-    from ..sysfs import SysfsReader, device_usage
-    from ..topology import Host
-    from .common import host_roots
-
-    with host_roots(args) as roots:
-        host = Host.scan(SysfsReader(roots))
-        status = status_json(host, PciIds(), lambda addr: device_usage(roots, addr))
-    if args.json:
-        print_json("status", **status)
-    else:
-        sys.stdout.write(render_status(status))
-    return EXIT_OK
-
-
 _FUNCTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
     "groups": cmd_groups,
     "show": cmd_show,
@@ -507,8 +512,13 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                        help="the bus vfiod is on (default: system)")
         p.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                        help="how long to wait for each answer (default 30)")
-        if name in ("show", "explain", "check", "lease", "vfs"):
-            p.add_argument("target", metavar="TARGET", help="0000:04:00.0, 04:00.0, group:8 or name:RESOURCE")
+        if name in ("show", "explain", "check"):
+            p.add_argument("targets", nargs="+", metavar="TARGET",
+                           help="0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0); "
+                                "several are taken one by one")
+        if name in ("lease", "vfs"):
+            p.add_argument("target", metavar="TARGET",
+                           help="0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0)")
         if name in ("groups", "show", "explain", "check", "leases", "lease", "reload", "release", "vfs",
                     "monitor", "revoke"):
             p.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
@@ -522,7 +532,8 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                            help="keep the lease after vfioctl exits (if the policy allows)")
             p.add_argument("--force", action="store_true",
                            help="root only: lease even if the host uses the device")
-            p.add_argument("--xml", action="store_true", help="print the libvirt hostdev XML")
+            p.add_argument("--xml", action="store_true",
+                           help="print the libvirt hostdev XML (implies --backend libvirt)")
             p.add_argument("--ignore-memlock", action="store_true",
                            help="start CMD even if the policy's memlock grant could not be applied")
             p.add_argument("--pass-fd", action="store_true",
@@ -552,11 +563,7 @@ def vfioctl_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=None, run_command=None)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     add_bus_commands(sub, Formatter)
-    st = sub.add_parser("status", help="every PCI device by class and driver, like dpdk-devbind --status (offline)",
-                        description=STATUS_HELP, formatter_class=Formatter)
-    add_root_options(st)
-    st.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
-    st.set_defaults(func=show_status)
+    add_status_command(sub, Formatter)
     add_policy_commands(sub, Formatter)
     return p
 

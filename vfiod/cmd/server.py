@@ -35,7 +35,7 @@ examples:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     if args.all:
-        from .ctl import show_status
+        from .status import show_status
         return show_status(args)
     from ..pciids import PciIds
     from ..report import findings_json, host_json, render_groups

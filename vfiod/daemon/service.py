@@ -20,11 +20,11 @@ from .queries import Queries
 from .scopes import Scopes
 from ..address import PciAddress
 from ..leases.caps import apply_caps
-from ..errors import BackendFailed, InvalidArgument, PermissionDenied, PolicyError, VfiodError
+from ..errors import BackendFailed, InvalidArgument, PermissionDenied, PolicyError, Protected, VfiodError
 from ..hookspecs import Backend
 from ..leases import Ended, LeaseManager
 from ..pciids import PciIds
-from ..policy import Caller, PolicyStore, format_size
+from ..policy import Caller, PolicyStore, format_size, hide_sources
 from ..state import Journal, LeaseRow
 from ..terms import LeaseTerms
 from ..sysfs import Kernel
@@ -154,7 +154,13 @@ class Service:
             if terms.scope and proven is None and unproven:
                 self.manager.audit("request", caller.uid, target, None, None, "refused", unproven)
                 raise PermissionDenied(f"vfiod cannot run the caller in a scope: {unproven}")
-            lease = await self._run(self.manager.request, caller, target, backend, terms, owner)
+            try:
+                lease = await self._run(self.manager.request, caller, target, backend, terms, owner)
+            except (PermissionDenied, Protected) as e:
+                if caller.is_admin:
+                    raise
+                # As `check` says it: where the policy says so (file:line) is for admins.
+                raise type(e)(hide_sources(e.message)) from None
             if owner and not lease.persistent and not await self.callers.present(owner):
                 # The caller left while the grant ran: its disconnect found nothing to end yet,
                 # so end the lease now rather than leave it held for nobody.

@@ -156,12 +156,12 @@ from __future__ import annotations
 from .engine import Policy, PolicyStore
 from .load import CLAIM_KEYS, RESOURCE_KEYS, RULE_KEYS
 from .locate import Locator
-from .model import (DEFAULT_DIR, DEFAULT_REVOKE_GRACE, KNOWN_BACKENDS, ON_REVOKE, Caller, Claim, Decision, DeviceDecision, Refusal, Resource,
-                    ResourceDevice, Rule, Target, parse_target, revoke_terms)
+from .model import (BUSY_PREFIX, DEFAULT_DIR, DEFAULT_REVOKE_GRACE, KNOWN_BACKENDS, ON_REVOKE, Caller, Claim, Decision, DeviceDecision, Refusal, Resource,
+                    ResourceDevice, Rule, Target, hide_sources, parse_target, revoke_terms)
 from .units import MAX_LEASE_SECONDS, format_duration, format_size, parse_duration, parse_size
 from .users import LayeredUserDb, StaticUserDb, UserDb, system_users
 
-__all__ = ["LayeredUserDb", "DEFAULT_REVOKE_GRACE", "ON_REVOKE", "revoke_terms", "CLAIM_KEYS", "MAX_LEASE_SECONDS", "DEFAULT_DIR", "KNOWN_BACKENDS", "RESOURCE_KEYS", "RULE_KEYS", "Caller", "Claim",
+__all__ = ["BUSY_PREFIX", "hide_sources", "LayeredUserDb", "DEFAULT_REVOKE_GRACE", "ON_REVOKE", "revoke_terms", "CLAIM_KEYS", "MAX_LEASE_SECONDS", "DEFAULT_DIR", "KNOWN_BACKENDS", "RESOURCE_KEYS", "RULE_KEYS", "Caller", "Claim",
            "Decision", "DeviceDecision", "Locator", "Policy", "PolicyStore", "Refusal", "Resource",
            "ResourceDevice", "Rule", "StaticUserDb", "Target", "UserDb", "format_duration", "format_size",
            "parse_duration", "parse_size", "parse_target", "system_users"]

@@ -84,6 +84,8 @@ class Policy:
             if g is None:
                 raise NotFound(f"no IOMMU group {number} on this host")
             return Target(group=g.number, addresses=tuple(g.members))
+        if parsed[0] == "interface":
+            parsed = "address", self.interface_device(host, parsed[1])
         if parsed[0] == "address":
             addr = parsed[1]
             if addr not in host.devices:
@@ -112,6 +114,15 @@ class Policy:
                                   "a lease takes one group: split the resource")
         return Target(group=next(iter(groups)), addresses=tuple(d.address for d in res.devices),
                       resource=res.name)
+
+    @staticmethod
+    def interface_device(host: Host, name: str) -> PciAddress:
+        """The PCI device whose network interface `name` is (`NotFound` if none is)."""
+        for addr, dev in host.devices.items():
+            if name in dev.raw.net:
+                return addr
+        raise NotFound(f"no network interface {name!r} on a PCI device of this host (an interface goes "
+                       "away when its device leaves its driver: name the device by address then)")
 
     def addresses_named(self, target: str) -> tuple[PciAddress, ...]:
         """The devices `target` names by address or resource (none for ``group:N``, an

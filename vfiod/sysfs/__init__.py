@@ -22,10 +22,11 @@ even where the host is simulated.
 """
 from .config import *  # noqa: F401,F403  (PCIe and capability constants)
 from .config import ConfigInfo
+from .net import interface_address
 from .read import HostFacts, RawDevice, Roots, SysfsReader, pci_ancestor, read_pci_ids_file
 from .procs import USER_UIDS, Holder, MemlockGrant, Proven, Search
 from .usage import device_usage
 from .write import NO_DRIVER, VFIO_DRIVERS, WRITABLE, GroupClaim, GroupHeld, Kernel, Unbinding, Writable, classify_write
 
 __all__ = ["ConfigInfo", "GroupClaim", "GroupHeld", "Holder", "Proven", "Search", "USER_UIDS", "HostFacts", "Kernel", "MemlockGrant", "NO_DRIVER", "RawDevice", "Roots", "SysfsReader", "Unbinding", "VFIO_DRIVERS",
-           "WRITABLE", "Writable", "classify_write", "device_usage", "pci_ancestor", "read_pci_ids_file"]
+           "WRITABLE", "Writable", "classify_write", "device_usage", "interface_address", "pci_ancestor", "read_pci_ids_file"]

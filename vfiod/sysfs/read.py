@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import attrs
 
 from ..address import PciAddress
+from .net import interfaces_at
 from ..errors import InvalidAddress, NotFound
 from .config import ConfigInfo
 
@@ -29,7 +30,6 @@ class Roots:
     sysfs: str = "/sys"
     proc: str = "/proc"
     dev: str = "/dev"
-
 
 
 @attrs.frozen
@@ -130,16 +130,6 @@ def _listdir_at(dfd: int, name: str) -> tuple[str, ...]:
         return ()
     finally:
         os.close(fd)
-
-
-def _interfaces_at(dfd: int) -> tuple[str, ...]:
-    """The network interfaces of the PCI function open at `dfd`: ``BDF/net/IF``, or for a
-    virtio NIC ``BDF/virtioN/net/IF`` (the interface belongs to the virtio device below it)."""
-    names = list(_listdir_at(dfd, "net"))
-    for child in _listdir_at(dfd, "."):
-        if child.startswith("virtio") and child[6:].isdigit():
-            names.extend(_listdir_at(dfd, f"{child}/net"))
-    return tuple(names)
 
 
 def _readlink(path: str) -> str | None:
@@ -330,7 +320,7 @@ class SysfsReader:
                         virtfns.append(a)
         net: tuple[str, ...] = ()
         if class_sub >> 8 == 0x02:
-            net = _interfaces_at(dfd)
+            net = interfaces_at(dfd)
         return RawDevice(
             addr=addr, node=node, parent=parent,
             vendor=vendor, device=device, subsystem_vendor=subsys[0], subsystem_device=subsys[1],

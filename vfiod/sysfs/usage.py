@@ -6,6 +6,7 @@ import os
 
 
 from ..address import PciAddress
+from .net import interface_dirs
 from .procs import open_files
 from .read import Roots, SysfsReader, _readlink, _text, parse_mountinfo
 
@@ -37,23 +38,6 @@ def device_usage(roots: Roots, addr: PciAddress) -> list[str]:
             out.append(f"DRM node {', '.join(drm)} is open in process(es) {', '.join(sorted(openers, key=int))}")
     return out
 
-
-
-def interface_dirs(base: str) -> list[tuple[str, str]]:
-    """(name, sysfs directory) of each network interface of the PCI function at `base`:
-    ``BDF/net/IF``, and ``BDF/virtioN/net/IF`` for a virtio NIC."""
-    out: list[tuple[str, str]] = []
-    try:
-        children = sorted(os.listdir(base))
-    except OSError:
-        return out
-    for sub in ["net"] + [c + "/net" for c in children if c.startswith("virtio") and c[6:].isdigit()]:
-        try:
-            names = sorted(os.listdir(os.path.join(base, sub)))
-        except OSError:
-            continue
-        out.extend((name, os.path.join(base, sub, name)) for name in names)
-    return out
 
 
 def _block_usage(roots: Roots, base: str) -> list[str]:
