@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import shutil
@@ -147,7 +148,7 @@ def _user_name(uid: int) -> str:
 
 def _time_left(expires: int) -> str:
     if not expires:
-        return "never"
+        return "no limit"
     from ..policy import format_duration
     left = int(expires - time.time())
     return "due" if left <= 0 else format_duration(left)
@@ -186,11 +187,11 @@ def cmd_leases(args: argparse.Namespace) -> int:
         elif not rows:
             print("No leases.")
         else:
-            print(f"{'LEASE':<17} {'GROUP':>5} {'USER':<12} {'BACKEND':<8} {'OUTLIVES CLIENT':<15} "
+            print(f"{'LEASE':<17} {'GROUP':>5} {'USER':<12} {'BACKEND':<8} {'PERSISTENT':<10} "
                   f"{'TIME LEFT':<10} {'STATE':<22} DEVICES")
             for r in rows:
                 print(f"{r['id']:<17} {r['group']:>5} {r['user'][:12]:<12} {r['backend']:<8} "
-                      f"{'yes' if r['persistent'] else 'no':<15} {_time_left(r['expires']):<10} "
+                      f"{'yes' if r['persistent'] else 'no':<10} {_time_left(r['expires']):<10} "
                       f"{_state_words(r):<22} {' '.join(r['devices'])}")
                 if r.get("revoke_waiting"):
                     print(f"{'':<17} waits for: {r['revoke_waiting']}")
@@ -198,11 +199,16 @@ def cmd_leases(args: argparse.Namespace) -> int:
     return _run(args, go)
 
 
+def _seconds_left(deadline: float) -> int:
+    """Whole seconds until `deadline`, rounded up: a 3 s grace just begun is "3 s", not "2 s"."""
+    return max(0, math.ceil(deadline - time.time() - 0.05))
+
+
 def _state_words(lease: Json) -> str:
     """``granted``, or ``revoking (12s left)`` / ``revoking (grace over)``."""
     if lease["state"] != "revoking":
         return str(lease["state"])
-    left = int((lease["revoke_deadline"] or 0) - time.time())
+    left = _seconds_left(lease["revoke_deadline"] or 0)
     return f"revoking ({left}s left)" if left > 0 else "revoking (grace over)"
 
 
@@ -330,7 +336,7 @@ async def _tell_command_of_revoke(told: asyncio.Queue[tuple[str, list[Any]]], pr
         member, body = await told.get()
         if member != "LeaseRevoking":
             continue
-        left = max(0, int(body[2] - time.time()))
+        left = _seconds_left(body[2])
         print(f"vfioctl: vfiod is revoking the lease ({body[1]}); sending SIGTERM to {name} (pid {proc.pid}): "
               f"it has {left} s to let go of the devices", file=sys.stderr, flush=True)
         if proc.returncode is None:
@@ -354,28 +360,38 @@ def cmd_vfs(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    """Root: ask vfiod to read its policy directory again; say whether it took the new policy."""
+    """Root: ask vfiod to read its policy directory again; say whether it took the new policy
+    and which leases it revokes (with --dry-run: what it would do, changing nothing)."""
     from ..errors import InvalidArgument as Refused      # a broken policy (PolicyError) travels as this
     from ..policy import PolicyStore
 
     async def go(client: Client) -> int:
-        try:
-            await client.call("/org/vfiod1", "org.vfiod1.Manager", "ReloadPolicy")
-        except Refused as e:
-            lines = str(e).splitlines()
-            problems = lines[1:] if lines and lines[0].startswith(PolicyStore.REFUSED) else lines
-            if args.json:
-                print_json("reload", taken=False, errors=problems)
-            else:
-                print("vfioctl: the new policy was refused; vfiod keeps the policy it had "
-                      f"({len(problems)} error{'s' if len(problems) != 1 else ''}):", file=sys.stderr)
-                for line in problems:
-                    print(f"  {line}", file=sys.stderr)
-            return EXIT_USAGE
+        errors, revoked = (await client.call("/org/vfiod1", "org.vfiod1.Manager", "PreviewPolicy")).body[0]
+        if not args.dry_run and not errors:
+            try:
+                await client.call("/org/vfiod1", "org.vfiod1.Manager", "ReloadPolicy")
+            except Refused as e:         # changed between the two calls
+                lines = str(e).splitlines()
+                errors = lines[1:] if lines and lines[0].startswith(PolicyStore.REFUSED) else lines
+        rows = [{"lease": lease_id, "uid": uid, "user": _user_name(uid), "reason": why}
+                for lease_id, uid, why in revoked]
         if args.json:
-            print_json("reload", taken=True, errors=[])
-        else:
-            print("The new policy is in force.")
+            print_json("reload", taken=not errors and not args.dry_run, dry_run=args.dry_run, errors=errors,
+                       revokes=[] if errors else rows)
+            return EXIT_USAGE if errors else EXIT_OK
+        if errors:
+            print(f"vfioctl: the new policy {'would be' if args.dry_run else 'was'} refused; vfiod keeps the "
+                  f"policy it has ({len(errors)} error{'s' if len(errors) != 1 else ''}):", file=sys.stderr)
+            for line in errors:
+                print(f"  {line}", file=sys.stderr)
+            return EXIT_USAGE
+        print("The new policy loads; nothing was changed (--dry-run)." if args.dry_run
+              else "The new policy is in force.")
+        if rows:
+            print(f"It {'would revoke' if args.dry_run else 'revokes'} {len(rows)} "
+                  f"lease{'s' if len(rows) != 1 else ''} it no longer allows:")
+            for r in rows:
+                print(f"  {r['lease']}  {r['user']}: {r['reason']}")
         return EXIT_OK
     return _run(args, go)
 
@@ -414,7 +430,7 @@ def cmd_release(args: argparse.Namespace) -> int:
             except VfiodError:
                 after = {}                    # ended: the usual case
             if after.get("State") == "revoking" and not args.json:
-                left = max(0, int(after.get("RevokeDeadline", 0) - time.time()))
+                left = _seconds_left(after.get("RevokeDeadline", 0))
                 print(f"lease {lease_id}: processes still hold its group; vfiod is revoking it (they have "
                       f"{left} s to let go, then the policy says what happens: `vfioctl leases` shows it)",
                       file=sys.stderr)
@@ -427,7 +443,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    """Root: take a lease back through the revoke ladder; wait for its end unless --no-wait."""
+    """Root: take a lease back through the revoke ladder; wait for its end unless --wait 0."""
     async def go(client: Client) -> int:
         args.all = False
         (lease_id,) = await _leases_to_release(client, args)
@@ -438,13 +454,13 @@ def cmd_revoke(args: argparse.Namespace) -> int:
             await client.call("/org/vfiod1", "org.vfiod1.Manager", "Revoke", "os", [path, args.reason])
         except NotFound:
             raise NotFound(f"no lease {lease_id} (it ended, or never was)") from None
-        ended = await _wait_for_end(client, path, told, args, lease_id) if not args.no_wait else False
+        ended = await _wait_for_end(client, path, told, args, lease_id) if args.wait else False
         seconds = round(time.monotonic() - start, 2)
         if args.json:
             print_json("revoke", lease=lease_id, reason=args.reason, ended=ended, seconds=seconds)
         elif ended:
             print(f"revoked {lease_id} in {seconds:g} s: its devices are back on their drivers")
-        elif not args.no_wait:
+        elif args.wait:
             waits = ""
             try:
                 waits = (await client.properties(path, "org.vfiod1.Lease")).get("RevokeWaiting") or ""
@@ -452,7 +468,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
                 pass
             print(f"vfioctl: lease {lease_id} is still being revoked after {seconds:g} s "
                   f"(`vfioctl leases` shows it){'; it waits for: ' + waits if waits else ''}", file=sys.stderr)
-        return EXIT_OK if ended or args.no_wait else EXIT_FAIL
+        return EXIT_OK if ended or not args.wait else EXIT_FAIL
     return _run(args, go)
 
 
@@ -472,10 +488,15 @@ async def _wait_for_end(client: Client, path: str, told: asyncio.Queue[tuple[str
         if member == "LeaseEnded":
             return True
         if not args.json:
-            left = max(0, int(body[2] - time.time()))
+            left = _seconds_left(body[2])
             print(f"vfioctl: revoking {lease_id} ({body[1]}): its holders have {left} s to let go",
                   file=sys.stderr, flush=True)
     return False
+
+
+def _wait_seconds(text: str) -> float:
+    """--wait: 0 (do not wait) or a number of seconds up to a day."""
+    return 0.0 if text.strip() in ("0", "0.0") else _positive_seconds(text)
 
 
 def _positive_seconds(text: str) -> float:
@@ -545,12 +566,15 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
             p.add_argument("--all", action="store_true", help="every lease you may release (root: all)")
         if name == "vfs":
             p.add_argument("count", type=int, metavar="COUNT")
+        if name == "reload":
+            p.add_argument("--dry-run", action="store_true",
+                           help="say whether the policy loads and which leases it would revoke; change nothing")
         if name == "revoke":
             p.add_argument("lease", metavar="ID|TARGET")
             p.add_argument("--reason", default="revoked", help="why (LeaseRevoking and the audit record say it)")
-            p.add_argument("--no-wait", action="store_true", help="return once the revoke has begun")
-            p.add_argument("--wait", type=_positive_seconds, default=600.0, metavar="SECONDS",
-                           help="how long to wait for the lease to end (default 600)")
+            p.add_argument("--wait", type=_wait_seconds, default=600.0, metavar="SECONDS",
+                           help="how long to wait for the lease to end (default 600; 0: return once the "
+                                "revoke has begun)")
         p.set_defaults(func=fn)
 
 

@@ -32,7 +32,7 @@ from ..sysfs.procs import Proven, still
 from ..topology import Host
 from .callers import Callers
 from .hotplug import Hotplug
-from .notify import sd_notify, status_line
+from .notify import count_of, sd_notify, status_line
 from .objects import ObjectTree
 from .snapshot import Snapshot
 
@@ -232,9 +232,21 @@ class Service:
                               + e.message) from None
         finally:
             self.update_status()
-        log.info("policy reloaded by %s: %d files, %d rules", who, len(policy.files), len(policy.rules))
+        log.info("policy reloaded by %s: %s, %s", who, count_of(len(policy.files), "file"), count_of(len(policy.rules), "rule"))
         self.objects.policy_reloaded(len(policy.files), len(policy.rules))
-        await self.revoke_disallowed()
+        await self.revoke_disallowed(0 if caller is None else caller.uid)
+
+    async def preview_policy(self, caller: Caller) -> tuple[list[str], list[tuple[str, int, str]]]:
+        """What a reload would do, changing nothing (root only): every error of the policy
+        directory as it is now, or the leases the policy there would revoke (id, lessee, why)."""
+        if not caller.is_admin:
+            raise PermissionDenied("only root may preview a policy reload")
+        try:
+            policy = await self._run(self.policy_store.preview)
+        except PolicyError as e:
+            return e.message.splitlines(), []
+        gone = await self._run(self.manager.disallowed, policy)
+        return [], [(lease.id, lease.uid, why) for lease, why in gone]
 
     # ------------------------------------------------------------ what systemd shows
 
@@ -300,11 +312,11 @@ class Service:
         if ended:
             self.refresh_soon([e.lease.group for e in ended])
 
-    async def revoke_disallowed(self) -> None:
-        """After a policy reload: revoke (reason ``policy``) the leases it no longer allows, and
-        apply its caps to the rest (`vfiod.leases.caps`)."""
-        got = await self._run(self.manager.revoke_disallowed, self.policy_store.current)
-        got += await self._run(apply_caps, self.manager, self.policy_store.current)     # vfiod.leases.caps
+    async def revoke_disallowed(self, uid: int | None = None) -> None:
+        """After a policy reload (by `uid`): revoke (reason ``policy``) the leases it no longer
+        allows, and apply its caps to the rest (`vfiod.leases.caps`)."""
+        got = await self._run(self.manager.revoke_disallowed, self.policy_store.current, uid)
+        got += await self._run(apply_caps, self.manager, self.policy_store.current, uid)     # vfiod.leases.caps
         if got:
             self.refresh_soon([g.lease.group for g in got])
 

@@ -287,8 +287,11 @@ class LeaseManager(LeaseCore):
     def advance_all(self) -> list[Ended]:
         return self.ladder.advance_all()
 
-    def revoke_disallowed(self, policy: Policy) -> list[Ended | Revoking]:
-        return self.ladder.revoke_disallowed(policy)
+    def revoke_disallowed(self, policy: Policy, uid: int | None = None) -> list[Ended | Revoking]:
+        return self.ladder.revoke_disallowed(policy, uid)
+
+    def disallowed(self, policy: Policy) -> list[tuple[LeaseRow, str]]:
+        return self.ladder.disallowed(policy)
 
     def reconcile(self) -> list[Ended]:
         """Make sysfs and the journal agree again; returns the leases that ended."""

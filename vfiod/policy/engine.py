@@ -319,6 +319,10 @@ class PolicyStore:
         self.error: str | None = None
         self._lock = threading.Lock()
 
+    def preview(self) -> Policy:
+        """The policy the directory holds now, without taking it (`PolicyError` if broken)."""
+        return Policy.load(self.directory, backends=self.backends, users=self.users, owners=self.owners)
+
     def reload(self) -> Policy:
         """Load the directory again; on `PolicyError` re-raise it and keep `current`."""
         with self._lock:
