@@ -38,8 +38,12 @@ install-data: man
 	install -Dm644 build/man/vfiod.8 $(DESTDIR)$(PREFIX)/share/man/man8/vfiod.8
 	install -Dm644 build/man/vfioctl.1 $(DESTDIR)$(PREFIX)/share/man/man1/vfioctl.1
 	install -Dm644 build/man/vfiod.policy.5 $(DESTDIR)$(PREFIX)/share/man/man5/vfiod.policy.5
+	install -Dm644 build/man/vfiod-dra.8 $(DESTDIR)$(PREFIX)/share/man/man8/vfiod-dra.8
 	install -d -m755 $(DESTDIR)$(PREFIX)/share/doc/vfiod/examples
 	install -m644 policy/*.toml policy/README systemd/dpdk-example.service $(DESTDIR)$(PREFIX)/share/doc/vfiod/examples/
+	install -m644 deploy/* $(DESTDIR)$(PREFIX)/share/doc/vfiod/examples/
+	# the admin's guide and the reference the man pages name
+	install -m644 README.md docs/*.md $(DESTDIR)$(PREFIX)/share/doc/vfiod/
 	install -d -m755 $(DESTDIR)/etc/vfiod/policy.d
 
 # The man pages, from the parsers and the policy docstring.

@@ -529,8 +529,9 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                      formatter: type[argparse.HelpFormatter]) -> None:
     for name, (summary, fn, description) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=description, formatter_class=formatter)
-        p.add_argument("--bus", default="system", type=bus_arg, metavar="system|session|ADDRESS",
-                       help="the bus vfiod is on (default: system)")
+        p.add_argument("--bus", default=os.environ.get("VFIOD_BUS") or "system", type=bus_arg,
+                       metavar="system|session|ADDRESS",
+                       help="the bus vfiod is on (default: $VFIOD_BUS, else system)")
         p.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                        help="how long to wait for each answer (default 30)")
         if name in ("show", "explain", "check"):
@@ -542,7 +543,7 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                            help="0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0)")
         if name in ("groups", "show", "explain", "check", "leases", "lease", "reload", "release", "vfs",
                     "monitor", "revoke"):
-            p.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
+            p.add_argument("--json", action="store_true", help="print JSON for scripts (/usr/share/doc/vfiod/json.md)")
         if name == "groups":
             p.add_argument("--explain", action="store_true", help="add why each group is what it is")
         if name in ("check", "lease"):

@@ -107,7 +107,7 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     check.add_argument("--simulate", nargs="?", const="ich10", default=None, metavar="TOPOLOGY",
                        help="also know the simulated hosts' users and groups (alice, bob, dpdk-svc, dpdk, ...)")
     check.add_argument("--json", action="store_true",
-                       help="print JSON for scripts (docs/json.md), errors included")
+                       help="print JSON for scripts (/usr/share/doc/vfiod/json.md), errors included")
     check.set_defaults(func=cmd_check)
 
     test = sub.add_parser("test", help="would USER get TARGET? (exit 0 yes, 3 no)",
@@ -123,7 +123,7 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     test.add_argument("--persistent", action="store_true", help="ask for a persistent lease")
     test.add_argument("--k8s-namespace", default=None, metavar="NS",
                       help="ask as a delegate (USER) speaking for this Kubernetes namespace, as vfiod-dra does")
-    test.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
+    test.add_argument("--json", action="store_true", help="print JSON for scripts (/usr/share/doc/vfiod/json.md)")
     add_root_options(test)
     test.set_defaults(func=cmd_test)
 

@@ -78,11 +78,10 @@ A group's decision combines the rules that decided its endpoints:
   ``default_backend`` that every deciding rule allows (endpoints in address
   order); if there is none, it is denied and must name a backend.
 * ``duration`` (seconds) above any deciding rule's ``max_duration`` is denied,
-  naming the cap.  `Decision.max_duration` is the smallest cap: a request that
-  gives no duration is allowed, and the lease manager must not let its lease
-  run longer than that.
+  naming the cap.  The lease's cap is the smallest of them: a request that
+  gives no duration is allowed, and its lease ends at that cap.
 * ``persistent`` is allowed only if every deciding rule allows it.
-* `Decision.memlock` is the smallest grant of the deciding rules, and none if
+* ``memlock``: the lease gets the smallest grant of the deciding rules, none if
   any of them grants none: a grant is a privilege, and each rule is the most
   its admin agreed to for its devices.
 * ``reset_on_release`` holds if any deciding rule asks for it: it protects
@@ -108,12 +107,12 @@ with ``k8s_namespaces = ["*"]`` after the allow rules names itself in every
 refusal a namespace gets.  ``vfioctl policy test --user vfiod-dra
 --k8s-namespace NS TARGET`` shows the decision.  The memlock grant of such a
 lease is not applied to the delegate's process: vfiod-dra passes it on to the
-container (see the README's "Kubernetes" section).
+container (/usr/share/doc/vfiod/kubernetes.md).
 
 Protected devices
 =================
 
-Devices the host needs (`Device.protected`: the boot VGA, the root disk's
+Devices the host needs (shown as protected: the boot VGA, the root disk's
 controller, the default route's NIC) are denied unless the deciding rule names
 them explicitly, by ``address`` or by ``resource``, and has
 ``allow_protected = true``; the denial quotes why the device is protected.
@@ -140,7 +139,7 @@ Claims
 ======
 
 Persistent leases the daemon takes when it starts, e.g. a DPDK service's NICs;
-the policy only checks and lists them (`Policy.claims`)::
+``vfioctl policy check`` checks and lists them::
 
     [[claim]]
     target = "name:fast-nic"      # an address, group:N or name:RESOURCE
