@@ -38,7 +38,7 @@ def test_a_misspelt_bus_is_a_usage_error(prog, argv):
 
 
 def test_addresses_still_pass():
-    from vfiod.cmd.common import bus_arg
+    from vfiod.wire.names import bus_arg
 
     for spec in ("system", "session", "unix:path=/run/dbus/system_bus_socket", "unix:abstract=x,guid=1",
                  "tcp:host=localhost,port=1;unix:path=/x"):

@@ -22,24 +22,14 @@ from ..report import Json, render_groups
 from .common import (EXIT_BUSY, EXIT_DENIED, EXIT_FAIL, EXIT_OK, EXIT_USAGE, Formatter, add_root_options, duration_arg,
                      print_json, run)
 from .helptext import HELP
+from .reload import cmd_reload
+from .talk import run_client as _run, user_name as _user_name
 from .policy import add_policy_commands
 from .status import add_status_command
 
 
 if TYPE_CHECKING:
     from ..client import Client
-
-
-def _run(args: argparse.Namespace, coro_fn: Callable[[Client], Awaitable[int]]) -> int:
-    from ..client import Client
-
-    async def main() -> int:
-        client = await Client(args.bus, timeout=args.timeout).connect()
-        try:
-            return await coro_fn(client)
-        finally:
-            client.close()
-    return asyncio.run(main())
 
 
 async def _groups_json(client: Client, targets: Iterable[str] = ()) -> list[Json]:
@@ -136,14 +126,6 @@ def cmd_check(args: argparse.Namespace) -> int:
             return EXIT_OK if allowed else EXIT_BUSY if busy else EXIT_DENIED
         return await _each(args.targets, one)
     return _run(args, go)
-
-
-def _user_name(uid: int) -> str:
-    import pwd
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 def _time_left(expires: int) -> str:
@@ -355,43 +337,6 @@ def cmd_vfs(args: argparse.Namespace) -> int:
             print_json("vfs", pf=args.target, before=before, after=args.count)
         else:
             print(f"{args.target}: {before} -> {args.count} VFs")
-        return EXIT_OK
-    return _run(args, go)
-
-
-def cmd_reload(args: argparse.Namespace) -> int:
-    """Root: ask vfiod to read its policy directory again; say whether it took the new policy
-    and which leases it revokes (with --dry-run: what it would do, changing nothing)."""
-    from ..errors import InvalidArgument as Refused      # a broken policy (PolicyError) travels as this
-    from ..policy import PolicyStore
-
-    async def go(client: Client) -> int:
-        errors, revoked = (await client.call("/org/vfiod1", "org.vfiod1.Manager", "PreviewPolicy")).body[0]
-        if not args.dry_run and not errors:
-            try:
-                await client.call("/org/vfiod1", "org.vfiod1.Manager", "ReloadPolicy")
-            except Refused as e:         # changed between the two calls
-                lines = str(e).splitlines()
-                errors = lines[1:] if lines and lines[0].startswith(PolicyStore.REFUSED) else lines
-        rows = [{"lease": lease_id, "uid": uid, "user": _user_name(uid), "reason": why}
-                for lease_id, uid, why in revoked]
-        if args.json:
-            print_json("reload", taken=not errors and not args.dry_run, dry_run=args.dry_run, errors=errors,
-                       revokes=[] if errors else rows)
-            return EXIT_USAGE if errors else EXIT_OK
-        if errors:
-            print(f"vfioctl: the new policy {'would be' if args.dry_run else 'was'} refused; vfiod keeps the "
-                  f"policy it has ({len(errors)} error{'s' if len(errors) != 1 else ''}):", file=sys.stderr)
-            for line in errors:
-                print(f"  {line}", file=sys.stderr)
-            return EXIT_USAGE
-        print("The new policy loads; nothing was changed (--dry-run)." if args.dry_run
-              else "The new policy is in force.")
-        if rows:
-            print(f"It {'would revoke' if args.dry_run else 'revokes'} {len(rows)} "
-                  f"lease{'s' if len(rows) != 1 else ''} it no longer allows:")
-            for r in rows:
-                print(f"  {r['lease']}  {r['user']}: {r['reason']}")
         return EXIT_OK
     return _run(args, go)
 

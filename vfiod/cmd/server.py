@@ -90,7 +90,7 @@ examples:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     """`vfioctl reload`'s work, for ExecReload: the same answer, errors and exit codes."""
-    from .ctl import cmd_reload as reload_over_the_bus
+    from .reload import cmd_reload as reload_over_the_bus
 
     return reload_over_the_bus(args)
 

@@ -12,7 +12,7 @@ import attrs
 
 from .. import report
 from ..address import PciAddress
-from ..errors import Busy, InvalidArgument, NotViable
+from ..errors import Busy, InvalidArgument, NotViable, PermissionDenied, PolicyError
 from ..leases import LeaseManager
 from ..pciids import PciIds
 from ..policy import BUSY_PREFIX, Caller, Decision, PolicyStore, format_size, hide_sources
@@ -130,6 +130,18 @@ class Queries:
             return (f"; warning: no memlock grant in the policy and your RLIMIT_MEMLOCK is {have}: "
                     "a VFIO user that pins memory (DPDK, QEMU) will fail to map DMA beyond it")
         return ""
+
+    async def preview_policy(self, caller: Caller) -> tuple[list[str], list[tuple[str, int, str]]]:
+        """What a reload would do, changing nothing (root only): every error of the policy
+        directory as it is now, or the leases the policy there would revoke (id, lessee, why)."""
+        if not caller.is_admin:
+            raise PermissionDenied("only root may preview a policy reload")
+        try:
+            policy = await self._run(self.policy_store.preview)
+        except PolicyError as e:
+            return e.message.splitlines(), []
+        gone = await self._run(self.manager.disallowed, policy)
+        return [], [(lease.id, lease.uid, why) for lease, why in gone]
 
     async def kubernetes_access(self, caller: Caller, target: str) -> tuple[list[str], list[str]]:
         host, number = await self._target_group(target)

@@ -236,18 +236,6 @@ class Service:
         self.objects.policy_reloaded(len(policy.files), len(policy.rules))
         await self.revoke_disallowed(0 if caller is None else caller.uid)
 
-    async def preview_policy(self, caller: Caller) -> tuple[list[str], list[tuple[str, int, str]]]:
-        """What a reload would do, changing nothing (root only): every error of the policy
-        directory as it is now, or the leases the policy there would revoke (id, lessee, why)."""
-        if not caller.is_admin:
-            raise PermissionDenied("only root may preview a policy reload")
-        try:
-            policy = await self._run(self.policy_store.preview)
-        except PolicyError as e:
-            return e.message.splitlines(), []
-        gone = await self._run(self.manager.disallowed, policy)
-        return [], [(lease.id, lease.uid, why) for lease, why in gone]
-
     # ------------------------------------------------------------ what systemd shows
 
     def status_text(self) -> str:
