@@ -1,7 +1,8 @@
 # Installation into a system (as root).
 #
-#   make deb        the Debian packages, ../vfiod_VERSION_all.deb and the Cockpit page's
-#                   ../cockpit-vfiod_VERSION_all.deb (or DEBDIR=DIR): the way to install
+#   make deb        the Debian packages, ./vfiod_VERSION_all.deb and the Cockpit page's
+#                   ./cockpit-vfiod_VERSION_all.deb (or DEBDIR=DIR): the way to install,
+#                   `make deb && apt install ./vfiod_*.deb` (older ones there are replaced)
 #   make install    from source: vfiod and its Python dependencies in a venv under
 #                   $(PREFIX)/lib/vfiod, the programs in $(PREFIX)/bin where the unit runs them,
 #                   and the unit, D-Bus policy and activation, tmpfiles, man pages and completion
@@ -13,7 +14,7 @@ VENV ?= $(PREFIX)/lib/vfiod
 # systemd's unit directory for packages (Debian 12: /lib, merged with /usr/lib)
 UNITDIR ?= /lib/systemd/system
 GENERATORDIR ?= /lib/systemd/system-generators
-DEBDIR ?= ..
+DEBDIR ?= .
 
 install: install-data
 	$(PYTHON) -m venv $(DESTDIR)$(VENV)
@@ -38,8 +39,12 @@ install-data: man
 	install -Dm644 build/man/vfiod.8 $(DESTDIR)$(PREFIX)/share/man/man8/vfiod.8
 	install -Dm644 build/man/vfioctl.1 $(DESTDIR)$(PREFIX)/share/man/man1/vfioctl.1
 	install -Dm644 build/man/vfiod.policy.5 $(DESTDIR)$(PREFIX)/share/man/man5/vfiod.policy.5
+	install -Dm644 build/man/vfiod-dra.8 $(DESTDIR)$(PREFIX)/share/man/man8/vfiod-dra.8
 	install -d -m755 $(DESTDIR)$(PREFIX)/share/doc/vfiod/examples
 	install -m644 policy/*.toml policy/README systemd/dpdk-example.service $(DESTDIR)$(PREFIX)/share/doc/vfiod/examples/
+	install -m644 deploy/* $(DESTDIR)$(PREFIX)/share/doc/vfiod/examples/
+	# the admin's guide and the reference the man pages name
+	install -m644 README.md docs/*.md $(DESTDIR)$(PREFIX)/share/doc/vfiod/
 	install -d -m755 $(DESTDIR)/etc/vfiod/policy.d
 
 # The man pages, from the parsers and the policy docstring.
@@ -54,10 +59,12 @@ completion/vfiod: vfiod/cmd/*.py
 deb:
 	rm -rf build/deb && mkdir -p build/deb/src
 	tar -c --exclude-vcs --exclude=./.venv --exclude=./build --exclude='*.egg-info' --exclude=__pycache__ \
-	    --exclude=.pytest_cache --exclude=.hypothesis . | tar -x -C build/deb/src
+	    --exclude=.pytest_cache --exclude=.hypothesis --exclude='./vfiod_*.deb' \
+	    --exclude='./cockpit-vfiod_*.deb' . | tar -x -C build/deb/src
 	# with Debian's own Python and tools, whatever else is first on PATH
 	cd build/deb/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b --no-sign
-	mkdir -p $(DEBDIR) && mv build/deb/vfiod_*.deb build/deb/cockpit-vfiod_*.deb $(DEBDIR)/
+	mkdir -p $(DEBDIR) && rm -f $(DEBDIR)/vfiod_*.deb $(DEBDIR)/cockpit-vfiod_*.deb && \
+	    mv build/deb/vfiod_*.deb build/deb/cockpit-vfiod_*.deb $(DEBDIR)/
 	@ls -l $(DEBDIR)/vfiod_*.deb $(DEBDIR)/cockpit-vfiod_*.deb
 
 .PHONY: install install-data man deb

@@ -28,6 +28,10 @@ _SHORT = re.compile(r"([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])")
 _LIBVIRT = re.compile(r"pci_([0-9a-fA-F]{4})_([0-9a-fA-F]{2})_([0-9a-fA-F]{2})_([0-7])")
 
 
+#: A network interface name as the kernel accepts one (dev_valid_name): 1-15 characters, no
+#: '/', ':' or white space, not "." or "..".  The only other name that reaches a sysfs path.
+INTERFACE_NAME = re.compile(r"(?!\.\.?$)[^/:\s\x00]{1,15}")
+
 _LIMITS = (("domain", 0xFFFF), ("bus", 0xFF), ("slot", 0x1F), ("function", 0x7))
 
 

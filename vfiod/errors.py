@@ -75,7 +75,10 @@ class BackendFailed(VfiodError):
 
 
 class PolicyError(InvalidArgument):
-    """A policy file that cannot be loaded; the message names file, line and key."""
+    """A policy file that cannot be loaded; the message names file, line and key
+    (`policy_key`: that key, when the problem is one key's)."""
+
+    policy_key: str | None = None
 
 
 class KernelError(BackendFailed):

@@ -139,6 +139,11 @@ class Finding:
     text: str
 
 
+#: What turns the IOMMU on (the `no-iommu` finding and every "in no IOMMU group" answer say it).
+ENABLE_IOMMU = ("Enable VT-d (Intel) or AMD-Vi/IOMMU (AMD) in the firmware setup and boot with "
+                "intel_iommu=on (Intel; AMD enables it by default, check amd_iommu= is not off).")
+
+
 @attrs.frozen
 class Host:
     devices: dict[PciAddress, Device]
@@ -177,6 +182,12 @@ class Host:
         return cls(devices=devices, groups=groups, findings=findings,
                    iommu_enabled=facts.iommu_enabled or bool(groups),
                    acs_override=acs_override, noiommu=facts.noiommu)
+
+    def no_group_reason(self) -> str:
+        """Why a device that is there sits in no IOMMU group, and what to do."""
+        if not self.iommu_enabled:
+            return f"the IOMMU is missing or off. {ENABLE_IOMMU}"
+        return "the kernel put it in none (a device the IOMMU does not translate); `vfiod inspect` lists it"
 
     def group_of(self, addr: PciAddress) -> Group | None:
         dev = self.devices.get(addr)
@@ -423,10 +434,8 @@ def _findings(devices: dict[PciAddress, Device], groups: dict[int, Group], facts
               acs_override: bool) -> tuple[Finding, ...]:
     out = []
     if not groups:
-        out.append(Finding("no-iommu", (
-            "No IOMMU groups: the IOMMU is missing or off, so VFIO cannot isolate any device. "
-            "Enable VT-d (Intel) or AMD-Vi/IOMMU (AMD) in the firmware setup and boot with "
-            "intel_iommu=on (Intel; AMD enables it by default, check amd_iommu= is not off).")))
+        out.append(Finding("no-iommu", "No IOMMU groups: the IOMMU is missing or off, so VFIO cannot "
+                           f"isolate any device. {ENABLE_IOMMU}"))
     if acs_override:
         out.append(Finding("acs-override", (
             "pcie_acs_override= is on the kernel command line: the kernel pretends devices have ACS, "

@@ -90,7 +90,7 @@ def test_a_stubborn_command_is_ended_after_the_grace_and_leases_show_the_revoke(
     world = make_world(policy=POLICY.replace('max_duration = "8h"', 'max_duration = "8h"\nrevoke_grace = "2s"'))
     p = _lease_with_holder(world, "stubborn")
     t0 = time.monotonic()
-    world.ctl("revoke", "group:8", "--no-wait", user=None)
+    world.ctl("revoke", "group:8", "--wait", "0", user=None)
     leases = json.loads(world.ctl("leases", "--json").stdout)["leases"]
     assert [(x["state"], x["revoke_reason"]) for x in leases] == [("revoking", "revoked")]
     assert leases[0]["revoke_deadline"] <= time.time() + 2.5

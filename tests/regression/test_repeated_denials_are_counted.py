@@ -38,7 +38,7 @@ def test_the_audit_table_is_bounded_and_keeps_grants(tmp_path, monkeypatch):
     size = os.path.getsize(kit.state_path)
     for i in range(400):        # a different target each time: nothing to count together
         with pytest.raises(InvalidAddress):
-            kit.manager.request(Caller(1000), f"junk-{i}", "vfio", {})
+            kit.manager.request(Caller(1000), f"junk/{i}", "vfio", {})   # no target (nor interface name)
     rows = kit.journal.audit_counts()
     assert len(rows) <= 50 + 100
     assert [r[3] for r in rows if r[1] == 1001] == ["granted", "released"]

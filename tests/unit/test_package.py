@@ -191,3 +191,17 @@ def test_this_python_runs_vfiod_and_dbus_next_without_a_warning():
     if sys.version_info < (3, 13):
         from vfiod import pycompat
         assert pycompat.install() is False  # older Pythons keep typing's own
+
+
+def test_make_deb_puts_the_package_where_the_install_command_finds_it():
+    """`make deb && apt install ./vfiod_*.deb`, run in the checkout, installs what was
+    built: the package lands in the checkout (it went to ../, where ./vfiod_*.deb is not)."""
+    p = subprocess.run(["make", "-s", "-n", "deb"], cwd=ROOT, capture_output=True, text=True, check=True)
+    moves = [line for line in p.stdout.splitlines() if "mv build/deb/vfiod_*.deb" in line]
+    assert moves, p.stdout
+    dest = moves[-1].rsplit(" ", 1)[-1]
+    assert os.path.realpath(os.path.join(ROOT, dest)) == os.path.realpath(ROOT), moves
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert "apt install ./vfiod_*.deb" in f.read()
+    with open(os.path.join(ROOT, ".gitignore")) as f:
+        assert "/vfiod_*.deb" in f.read().split()

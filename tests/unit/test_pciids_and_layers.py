@@ -84,7 +84,7 @@ def test_domain_modules_import_neither_bus_nor_udev():
 #: the man page generator (a build step that writes its pages), and vfiod-dra's own
 #: files (its checkpoint, its spec requests and the CDI specs its writer writes; it never
 #: opens the host's sysfs).
-OPENERS = ("vfiod/sysfs/", "vfiod/sim/", "vfiod/state.py", "vfiod/statedir.py", "vfiod/policy/load.py", "vfiod/cmd/manpage.py",
+OPENERS = ("vfiod/sysfs/", "vfiod/sim/", "vfiod/state.py", "vfiod/statedir.py", "vfiod/policy/files.py", "vfiod/cmd/manpage.py",
            "vfiod/dra/checkpoint.py", "vfiod/dra/cdi.py")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import shutil
@@ -16,27 +17,19 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
 from .. import __version__
 from ..errors import InvalidArgument, NotFound, VfiodError
 from ..wire import group_number, lease_id_of
+from ..wire.names import bus_arg
 from ..report import Json, render_groups
-from .common import (EXIT_DENIED, EXIT_FAIL, EXIT_OK, EXIT_USAGE, Formatter, add_root_options, duration_arg,
+from .common import (EXIT_BUSY, EXIT_DENIED, EXIT_FAIL, EXIT_OK, EXIT_USAGE, Formatter, add_root_options, duration_arg,
                      print_json, run)
 from .helptext import HELP
+from .reload import cmd_reload
+from .talk import run_client as _run, user_name as _user_name
 from .policy import add_policy_commands
+from .status import add_status_command
 
 
 if TYPE_CHECKING:
     from ..client import Client
-
-
-def _run(args: argparse.Namespace, coro_fn: Callable[[Client], Awaitable[int]]) -> int:
-    from ..client import Client
-
-    async def main() -> int:
-        client = await Client(args.bus, timeout=args.timeout).connect()
-        try:
-            return await coro_fn(client)
-        finally:
-            client.close()
-    return asyncio.run(main())
 
 
 async def _groups_json(client: Client, targets: Iterable[str] = ()) -> list[Json]:
@@ -53,59 +46,91 @@ def cmd_groups(args: argparse.Namespace) -> int:
         if args.json:
             print_json("groups", groups=groups)
         else:
-            sys.stdout.write(render_groups(groups, explain=args.explain) or "No IOMMU groups.\n")
+            sys.stdout.write(render_groups(groups, explain=args.explain) or await _no_groups(client))
         return EXIT_OK
     return _run(args, go)
 
 
+async def _no_groups(client: Client) -> str:
+    """What `groups` says when there are none: with the IOMMU off, how to turn it on."""
+    from ..topology import ENABLE_IOMMU
+
+    manager = await client.properties("/org/vfiod1", "org.vfiod1.Manager")
+    if manager.get("IommuEnabled", True):
+        return "No IOMMU groups.\n"
+    return f"No IOMMU groups: the IOMMU is missing or off, so VFIO cannot isolate any device. {ENABLE_IOMMU}\n"
+
+
+async def _each(targets: Sequence[str], one: Callable[[str, bool], Awaitable[int]]) -> int:
+    """Run `one(target, several)` for each target (as dpdk-devbind takes several devices): a
+    target that fails is said and the next one tried; the exit status is the first failure's."""
+    rc = EXIT_OK
+    several = len(targets) > 1
+    for target in targets:
+        try:
+            code = await one(target, several)
+        except VfiodError as e:
+            if not several:
+                raise
+            print(f"vfioctl: {target}: {e}", file=sys.stderr)
+            code = e.exit_code
+        rc = rc or code
+    return rc
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
-        group = (await _groups_json(client, [args.target]))[0]
-        if args.json:
-            print_json("group", target=args.target, group=group)
-        else:
-            print(render_groups([group], explain=True), end="")
-        return EXIT_OK
+        async def one(target: str, several: bool) -> int:
+            group = (await _groups_json(client, [target]))[0]
+            if args.json:
+                print_json("group", one_line=several, target=target, group=group)
+            else:
+                print(render_groups([group], explain=True), end="")
+            return EXIT_OK
+        return await _each(args.targets, one)
     return _run(args, go)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
-        reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "Explain", "s", [args.target])
-        if args.json:
-            group = (await _groups_json(client, [args.target]))[0]
-            print_json("explain", target=args.target, text=reply.body[0], group=group)
-        else:
-            print(reply.body[0])
-        return EXIT_OK
+        async def one(target: str, several: bool) -> int:
+            reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "Explain", "s", [target])
+            if args.json:
+                groups = await _groups_json(client, [target]) if reply.body[0].startswith("IOMMU group") else []
+                print_json("explain", one_line=several, target=target, text=reply.body[0],
+                           group=groups[0] if groups else None)
+            else:
+                print(reply.body[0] + ("\n" if several else ""))
+            return EXIT_OK
+        return await _each(args.targets, one)
     return _run(args, go)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from ..policy import BUSY_PREFIX
+
     async def go(client: Client) -> int:
-        reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "CheckAccess", "ss",
-                                  [args.target, args.backend or ""])
-        allowed, rule, reason = reply.body[0]
-        if args.json:
-            print_json("check", target=args.target, backend=args.backend or None, allowed=allowed,
-                       rule=rule or None, reason=reason)
-        else:
-            print(f"{'allowed' if allowed else 'denied'}: {reason}" + (f" ({rule})" if rule and rule not in reason else ""))
-        return EXIT_OK if allowed else EXIT_DENIED
+        async def one(target: str, several: bool) -> int:
+            reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "CheckAccess", "ss",
+                                      [target, args.backend or ""])
+            allowed, rule, reason = reply.body[0]
+            busy = not allowed and reason.startswith(BUSY_PREFIX)
+            if args.json:
+                print_json("check", one_line=several, target=target, backend=args.backend or None,
+                           allowed=allowed, busy=busy, rule=rule or None, reason=reason)
+            else:
+                word = "busy" if busy else "allowed" if allowed else "denied"
+                text = reason.removeprefix(BUSY_PREFIX)
+                print(f"{target + ': ' if several else ''}{word}: {text}"
+                      + (f" ({rule})" if rule and rule not in text else ""))
+            return EXIT_OK if allowed else EXIT_BUSY if busy else EXIT_DENIED
+        return await _each(args.targets, one)
     return _run(args, go)
-
-
-def _user_name(uid: int) -> str:
-    import pwd
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 def _time_left(expires: int) -> str:
     if not expires:
-        return "never"
+        return "no limit"
     from ..policy import format_duration
     left = int(expires - time.time())
     return "due" if left <= 0 else format_duration(left)
@@ -144,11 +169,11 @@ def cmd_leases(args: argparse.Namespace) -> int:
         elif not rows:
             print("No leases.")
         else:
-            print(f"{'LEASE':<17} {'GROUP':>5} {'USER':<12} {'BACKEND':<8} {'OUTLIVES CLIENT':<15} "
+            print(f"{'LEASE':<17} {'GROUP':>5} {'USER':<12} {'BACKEND':<8} {'PERSISTENT':<10} "
                   f"{'TIME LEFT':<10} {'STATE':<22} DEVICES")
             for r in rows:
                 print(f"{r['id']:<17} {r['group']:>5} {r['user'][:12]:<12} {r['backend']:<8} "
-                      f"{'yes' if r['persistent'] else 'no':<15} {_time_left(r['expires']):<10} "
+                      f"{'yes' if r['persistent'] else 'no':<10} {_time_left(r['expires']):<10} "
                       f"{_state_words(r):<22} {' '.join(r['devices'])}")
                 if r.get("revoke_waiting"):
                     print(f"{'':<17} waits for: {r['revoke_waiting']}")
@@ -156,11 +181,16 @@ def cmd_leases(args: argparse.Namespace) -> int:
     return _run(args, go)
 
 
+def _seconds_left(deadline: float) -> int:
+    """Whole seconds until `deadline`, rounded up: a 3 s grace just begun is "3 s", not "2 s"."""
+    return max(0, math.ceil(deadline - time.time() - 0.05))
+
+
 def _state_words(lease: Json) -> str:
     """``granted``, or ``revoking (12s left)`` / ``revoking (grace over)``."""
     if lease["state"] != "revoking":
         return str(lease["state"])
-    left = int((lease["revoke_deadline"] or 0) - time.time())
+    left = _seconds_left(lease["revoke_deadline"] or 0)
     return f"revoking ({left}s left)" if left > 0 else "revoking (grace over)"
 
 
@@ -172,6 +202,11 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 def cmd_lease(args: argparse.Namespace) -> int:
     command = list(args.run_command or [])
+    if args.xml:             # the hostdev XML is the libvirt backend's: ask for it, or refuse before granting
+        if args.backend and args.backend != "libvirt":
+            raise InvalidArgument(f"--xml is the libvirt backend's hostdev XML; the {args.backend} backend "
+                                  "has none (leave out --backend, or --backend libvirt)")
+        args.backend = "libvirt"
     if command and not shutil.which(command[0]):
         # Say so before a whole group is rebound for a command that cannot start.
         raise NotFound(f"no such command: {command[0]!r} (not found or not executable)")
@@ -283,7 +318,7 @@ async def _tell_command_of_revoke(told: asyncio.Queue[tuple[str, list[Any]]], pr
         member, body = await told.get()
         if member != "LeaseRevoking":
             continue
-        left = max(0, int(body[2] - time.time()))
+        left = _seconds_left(body[2])
         print(f"vfioctl: vfiod is revoking the lease ({body[1]}); sending SIGTERM to {name} (pid {proc.pid}): "
               f"it has {left} s to let go of the devices", file=sys.stderr, flush=True)
         if proc.returncode is None:
@@ -302,33 +337,6 @@ def cmd_vfs(args: argparse.Namespace) -> int:
             print_json("vfs", pf=args.target, before=before, after=args.count)
         else:
             print(f"{args.target}: {before} -> {args.count} VFs")
-        return EXIT_OK
-    return _run(args, go)
-
-
-def cmd_reload(args: argparse.Namespace) -> int:
-    """Root: ask vfiod to read its policy directory again; say whether it took the new policy."""
-    from ..errors import InvalidArgument as Refused      # a broken policy (PolicyError) travels as this
-    from ..policy import PolicyStore
-
-    async def go(client: Client) -> int:
-        try:
-            await client.call("/org/vfiod1", "org.vfiod1.Manager", "ReloadPolicy")
-        except Refused as e:
-            lines = str(e).splitlines()
-            problems = lines[1:] if lines and lines[0].startswith(PolicyStore.REFUSED) else lines
-            if args.json:
-                print_json("reload", taken=False, errors=problems)
-            else:
-                print("vfioctl: the new policy was refused; vfiod keeps the policy it had "
-                      f"({len(problems)} error{'s' if len(problems) != 1 else ''}):", file=sys.stderr)
-                for line in problems:
-                    print(f"  {line}", file=sys.stderr)
-            return EXIT_USAGE
-        if args.json:
-            print_json("reload", taken=True, errors=[])
-        else:
-            print("The new policy is in force.")
         return EXIT_OK
     return _run(args, go)
 
@@ -367,7 +375,7 @@ def cmd_release(args: argparse.Namespace) -> int:
             except VfiodError:
                 after = {}                    # ended: the usual case
             if after.get("State") == "revoking" and not args.json:
-                left = max(0, int(after.get("RevokeDeadline", 0) - time.time()))
+                left = _seconds_left(after.get("RevokeDeadline", 0))
                 print(f"lease {lease_id}: processes still hold its group; vfiod is revoking it (they have "
                       f"{left} s to let go, then the policy says what happens: `vfioctl leases` shows it)",
                       file=sys.stderr)
@@ -380,7 +388,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    """Root: take a lease back through the revoke ladder; wait for its end unless --no-wait."""
+    """Root: take a lease back through the revoke ladder; wait for its end unless --wait 0."""
     async def go(client: Client) -> int:
         args.all = False
         (lease_id,) = await _leases_to_release(client, args)
@@ -391,13 +399,13 @@ def cmd_revoke(args: argparse.Namespace) -> int:
             await client.call("/org/vfiod1", "org.vfiod1.Manager", "Revoke", "os", [path, args.reason])
         except NotFound:
             raise NotFound(f"no lease {lease_id} (it ended, or never was)") from None
-        ended = await _wait_for_end(client, path, told, args, lease_id) if not args.no_wait else False
+        ended = await _wait_for_end(client, path, told, args, lease_id) if args.wait else False
         seconds = round(time.monotonic() - start, 2)
         if args.json:
             print_json("revoke", lease=lease_id, reason=args.reason, ended=ended, seconds=seconds)
         elif ended:
             print(f"revoked {lease_id} in {seconds:g} s: its devices are back on their drivers")
-        elif not args.no_wait:
+        elif args.wait:
             waits = ""
             try:
                 waits = (await client.properties(path, "org.vfiod1.Lease")).get("RevokeWaiting") or ""
@@ -405,7 +413,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
                 pass
             print(f"vfioctl: lease {lease_id} is still being revoked after {seconds:g} s "
                   f"(`vfioctl leases` shows it){'; it waits for: ' + waits if waits else ''}", file=sys.stderr)
-        return EXIT_OK if ended or args.no_wait else EXIT_FAIL
+        return EXIT_OK if ended or not args.wait else EXIT_FAIL
     return _run(args, go)
 
 
@@ -425,10 +433,15 @@ async def _wait_for_end(client: Client, path: str, told: asyncio.Queue[tuple[str
         if member == "LeaseEnded":
             return True
         if not args.json:
-            left = max(0, int(body[2] - time.time()))
+            left = _seconds_left(body[2])
             print(f"vfioctl: revoking {lease_id} ({body[1]}): its holders have {left} s to let go",
                   file=sys.stderr, flush=True)
     return False
+
+
+def _wait_seconds(text: str) -> float:
+    """--wait: 0 (do not wait) or a number of seconds up to a day."""
+    return 0.0 if text.strip() in ("0", "0.0") else _positive_seconds(text)
 
 
 def _positive_seconds(text: str) -> float:
@@ -439,37 +452,6 @@ def _positive_seconds(text: str) -> float:
     if not 0 < value <= 86400:
         raise argparse.ArgumentTypeError(f"not a number of seconds between 0 and 86400: {text!r}")
     return value
-
-
-STATUS_HELP = """\
-List every PCI device of this host, by class (network, storage, display, ...)
-and by what drives it (a VFIO driver, a kernel driver, none), with its network
-interfaces, its IOMMU group and *Active* where the host uses it (an interface up
-with routes, a mounted disk, ...), like `dpdk-devbind.py --status`.  Reads
-sysfs only; needs no daemon, and works on a host without an IOMMU (it says so).
-
-examples:
-  vfioctl status
-  vfioctl status --simulate sriov --json
-"""
-
-
-def show_status(args: argparse.Namespace) -> int:
-    """Every PCI device by class and driver kind (offline: reads sysfs, never writes)."""
-    from ..pciids import PciIds
-    from ..report import render_status, status_json
-    from ..sysfs import SysfsReader, device_usage
-    from ..topology import Host
-    from .common import host_roots
-
-    with host_roots(args) as roots:
-        host = Host.scan(SysfsReader(roots))
-        status = status_json(host, PciIds(), lambda addr: device_usage(roots, addr))
-    if args.json:
-        print_json("status", **status)
-    else:
-        sys.stdout.write(render_status(status))
-    return EXIT_OK
 
 
 _FUNCTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -492,15 +474,21 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                      formatter: type[argparse.HelpFormatter]) -> None:
     for name, (summary, fn, description) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=description, formatter_class=formatter)
-        p.add_argument("--bus", default="system", metavar="system|session|ADDRESS",
-                       help="the bus vfiod is on (default: system)")
+        p.add_argument("--bus", default=os.environ.get("VFIOD_BUS") or "system", type=bus_arg,
+                       metavar="system|session|ADDRESS",
+                       help="the bus vfiod is on (default: $VFIOD_BUS, else system)")
         p.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                        help="how long to wait for each answer (default 30)")
-        if name in ("show", "explain", "check", "lease", "vfs"):
-            p.add_argument("target", metavar="TARGET", help="0000:04:00.0, 04:00.0, group:8 or name:RESOURCE")
+        if name in ("show", "explain", "check"):
+            p.add_argument("targets", nargs="+", metavar="TARGET",
+                           help="0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0); "
+                                "several are taken one by one")
+        if name in ("lease", "vfs"):
+            p.add_argument("target", metavar="TARGET",
+                           help="0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0)")
         if name in ("groups", "show", "explain", "check", "leases", "lease", "reload", "release", "vfs",
                     "monitor", "revoke"):
-            p.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
+            p.add_argument("--json", action="store_true", help="print JSON for scripts (/usr/share/doc/vfiod/json.md)")
         if name == "groups":
             p.add_argument("--explain", action="store_true", help="add why each group is what it is")
         if name in ("check", "lease"):
@@ -511,7 +499,8 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                            help="keep the lease after vfioctl exits (if the policy allows)")
             p.add_argument("--force", action="store_true",
                            help="root only: lease even if the host uses the device")
-            p.add_argument("--xml", action="store_true", help="print the libvirt hostdev XML")
+            p.add_argument("--xml", action="store_true",
+                           help="print the libvirt hostdev XML (implies --backend libvirt)")
             p.add_argument("--ignore-memlock", action="store_true",
                            help="start CMD even if the policy's memlock grant could not be applied")
             p.add_argument("--pass-fd", action="store_true",
@@ -523,12 +512,15 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
             p.add_argument("--all", action="store_true", help="every lease you may release (root: all)")
         if name == "vfs":
             p.add_argument("count", type=int, metavar="COUNT")
+        if name == "reload":
+            p.add_argument("--dry-run", action="store_true",
+                           help="say whether the policy loads and which leases it would revoke; change nothing")
         if name == "revoke":
             p.add_argument("lease", metavar="ID|TARGET")
             p.add_argument("--reason", default="revoked", help="why (LeaseRevoking and the audit record say it)")
-            p.add_argument("--no-wait", action="store_true", help="return once the revoke has begun")
-            p.add_argument("--wait", type=_positive_seconds, default=600.0, metavar="SECONDS",
-                           help="how long to wait for the lease to end (default 600)")
+            p.add_argument("--wait", type=_wait_seconds, default=600.0, metavar="SECONDS",
+                           help="how long to wait for the lease to end (default 600; 0: return once the "
+                                "revoke has begun)")
         p.set_defaults(func=fn)
 
 
@@ -541,11 +533,7 @@ def vfioctl_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=None, run_command=None)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     add_bus_commands(sub, Formatter)
-    st = sub.add_parser("status", help="every PCI device by class and driver, like dpdk-devbind --status (offline)",
-                        description=STATUS_HELP, formatter_class=Formatter)
-    add_root_options(st)
-    st.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
-    st.set_defaults(func=show_status)
+    add_status_command(sub, Formatter)
     add_policy_commands(sub, Formatter)
     return p
 
@@ -557,4 +545,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in argv:                      # vfioctl lease T [options] -- CMD ARGS...
         cut = argv.index("--")
         argv, command = argv[:cut], argv[cut + 1:]
-    return run(vfioctl_parser(), argv, command)
+    parser = vfioctl_parser()
+    if not command and "lease" in argv:
+        _command_without_dashes(parser, argv)
+    return run(parser, argv, command)
+
+
+def _command_without_dashes(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """`vfioctl lease 04:00.0 sleep 1`: a usage error that shows where the command goes."""
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "lease" and extra and not extra[0].startswith("-"):
+        parser.exit(EXIT_USAGE, f"vfioctl lease: unrecognized arguments: {' '.join(extra)}\n"
+                                f"  to run a command while holding the lease, put it after --: "
+                                f"vfioctl lease {args.target} -- {' '.join(extra)}\n")

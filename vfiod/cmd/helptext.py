@@ -73,13 +73,17 @@ vfiod` does, and say whether it took the new policy.  A broken policy is
 refused whole: every error of every file is printed (file:line: key: what),
 vfiod keeps the policy it had, and vfioctl exits 2.  Others get "permission
 denied" (exit 3).  `vfioctl policy check DIR` finds the same errors offline.
+The leases the new policy no longer allows are revoked, and listed.  With
+--dry-run nothing changes: vfioctl says whether the policy loads and which
+leases it would revoke.
 
 exit status:
-  0  the new policy is in force
+  0  the new policy is in force (--dry-run: it loads)
   2  it was refused (the errors follow); the old one stays
   3  not root
 
 examples:
+  sudo vfioctl reload --dry-run
   sudo vfioctl reload
   sudo vfioctl reload --json
 """),
@@ -89,7 +93,7 @@ Print vfiod's events as they happen, one line each: leases granted and ended
 groups and devices that change (state, driver, viability), and devices and
 groups that appear or go (hotplug, SR-IOV VFs).  Each line has the time, the
 event, the object and what happened; with --json each event is one JSON
-document on its own line (docs/json.md, kind "event").
+document on its own line (/usr/share/doc/vfiod/json.md, kind "event").
 
 It runs until Ctrl-C or SIGTERM (exit 0); if vfiod or the bus goes away it
 says so and exits 1.
@@ -119,12 +123,12 @@ Holders that have not let go when the policy's revoke_grace ends are ended
 (on_revoke = "kill": SIGTERM, SIGKILL 3 s later; only the lessee's processes
 unless revoke_others = true) or waited for (on_revoke = "wait"); then every
 device goes back to its driver and the lease ends as "revoked".  vfioctl
-waits for that (at most --wait seconds) unless --no-wait; exit 1 if the lease
-had not ended by then.  Name the lease by its id or by a target of its group.
+waits for that (at most --wait seconds; --wait 0 returns once the revoke has
+begun); exit 1 if the lease had not ended by then.  Name the lease by its id or by a target of its group.
 
 examples:
   vfioctl revoke 3f2a9c0d1e4b5a69 --reason "maintenance at 14:00"
   vfioctl revoke 0000:04:00.0
-  vfioctl revoke name:gpu --no-wait --json
+  vfioctl revoke name:gpu --wait 0 --json
 """),
 }

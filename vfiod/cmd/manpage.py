@@ -27,8 +27,13 @@ FILES = [("/etc/vfiod/policy.d/*.toml", "the policy files, read in name order; s
          ("/var/lib/vfiod/state.db", "vfiod's journal of leases and its audit table (SQLite)"),
          ("/lib/systemd/system/vfiod.service", "the unit; `systemctl reload vfiod` runs `vfiod reload`"),
          ("/usr/share/dbus-1/system.d/org.vfiod1.conf", "who may own and call org.vfiod1 on the system bus"),
-         ("/usr/share/doc/vfiod/examples/", "example policy files")]
-PAGES = {"vfiod": "8", "vfioctl": "1", "vfiod.policy": "5"}
+         ("/usr/share/doc/vfiod/examples/", "example policy files, vfiod-dra's units and manifests"),
+         ("/usr/share/doc/vfiod/README.md", "the admin's guide: install, first policy, troubleshooting, upgrade"),
+         ("/usr/share/doc/vfiod/json.md", "every field and code of every command's --json output"),
+         ("/usr/share/doc/vfiod/dbus.md", "the D-Bus API of org.vfiod1: methods, properties, signals, errors"),
+         ("/usr/share/doc/vfiod/internals.md", "what a lease does to the host, restarts, the revoke ladder"),
+         ("/usr/share/doc/vfiod/kubernetes.md", "vfiod-dra: the DRA flow, the CDI spec writer, the policy")]
+PAGES = {"vfiod": "8", "vfioctl": "1", "vfiod.policy": "5", "vfiod-dra": "8"}
 
 
 def esc(text: str) -> str:
@@ -236,6 +241,7 @@ def policy_page() -> str:
 
 
 def pages() -> dict[str, str]:
+    from ..dra.main import parser as dra_parser
     from .ctl import vfioctl_parser
     from .server import vfiod_parser
 
@@ -245,6 +251,8 @@ def pages() -> dict[str, str]:
         "vfioctl.1": program_page(vfioctl_parser(), "1", "ask vfiod for IOMMU groups and leases; check policy",
                                   ["vfiod(8)", "vfiod.policy(5)"]),
         "vfiod.policy.5": policy_page(),
+        "vfiod-dra.8": program_page(dra_parser(), "8", "Kubernetes DRA node driver for vfiod (vfiod.io)",
+                                    ["vfiod(8)", "vfioctl(1)", "vfiod.policy(5)"]),
     }
 
 

@@ -15,6 +15,7 @@ nothing `LeaseGranted`/`LeaseEnded` do not: they are folded into those two.
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import sys
 import time
@@ -228,7 +229,7 @@ class Monitor:
         props.update({"State": "revoking", "RevokeReason": reason, "RevokeDeadline": deadline})
         lease = self.lease(path, props)
         whose = f" of {lease['user']}" if "user" in lease else ""
-        left = max(0, int(deadline - time.time()))
+        left = max(0, math.ceil(deadline - time.time() - 0.05))
         self.emit("lease-revoking", path, f"lease{whose} on group {lease.get('group', '?')} is being revoked "
                   f"({reason}): its holders have {left} s to let go", lease=lease, reason=reason, deadline=deadline)
 

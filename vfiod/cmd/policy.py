@@ -101,10 +101,13 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
 
     check = sub.add_parser("check", help="validate the policy files and list their rules",
                            description=CHECK_HELP, formatter_class=formatter_class)
-    check.add_argument("directory", nargs="?", default=DEFAULT_DIR, metavar="DIR",
+    check.add_argument("directory", nargs="?", default=None, metavar="DIR",
                        help=f"the policy directory (default: {DEFAULT_DIR})")
+    check.add_argument("--policy-dir", default=None, metavar="DIR", help="the same, as `policy test` takes it")
+    check.add_argument("--simulate", nargs="?", const="ich10", default=None, metavar="TOPOLOGY",
+                       help="also know the simulated hosts' users and groups (alice, bob, dpdk-svc, dpdk, ...)")
     check.add_argument("--json", action="store_true",
-                       help="print JSON for scripts (docs/json.md), errors included")
+                       help="print JSON for scripts (/usr/share/doc/vfiod/json.md), errors included")
     check.set_defaults(func=cmd_check)
 
     test = sub.add_parser("test", help="would USER get TARGET? (exit 0 yes, 3 no)",
@@ -120,7 +123,7 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     test.add_argument("--persistent", action="store_true", help="ask for a persistent lease")
     test.add_argument("--k8s-namespace", default=None, metavar="NS",
                       help="ask as a delegate (USER) speaking for this Kubernetes namespace, as vfiod-dra does")
-    test.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
+    test.add_argument("--json", action="store_true", help="print JSON for scripts (/usr/share/doc/vfiod/json.md)")
     add_root_options(test)
     test.set_defaults(func=cmd_test)
 
@@ -129,7 +132,7 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     gen.add_argument("targets", nargs="+", metavar="TARGET", help="0000:04:00.0, 04:00.0 or group:N")
     who = gen.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", metavar="USER", help="the user who may lease them")
-    who.add_argument("--group", metavar="GROUP", help="the unix group whose members may lease them")
+    who.add_argument("--unix-group", metavar="GROUP", help="the unix group whose members may lease them")
     gen.add_argument("--backend", default="vfio", metavar="NAME", help="vfio (default), libvirt or pci-stub")
     gen.add_argument("--name", metavar="NAME", help="the resource's name (default: from the first target)")
     gen.add_argument("--allow-protected", action="store_true",
@@ -157,20 +160,28 @@ def _backends() -> tuple[str, ...]:
         return KNOWN_BACKENDS
 
 
-def _load(directory: str) -> policy.Policy:
+def _users(args: argparse.Namespace) -> policy.UserDb:
+    """This system's users; with --simulate, the simulated hosts' people too."""
+    from ..sim.users import users_for
+
+    return users_for(getattr(args, "simulate", None))
+
+
+def _load(directory: str, users: policy.UserDb | None = None) -> policy.Policy:
     # Offline, a user may check a draft of their own; the daemon trusts root's files only.
     owners = tuple(dict.fromkeys((0, os.getuid())))
-    return policy.Policy.load(directory, backends=_backends(), users=policy.system_users(), owners=owners)
+    return policy.Policy.load(directory, backends=_backends(), users=users or policy.system_users(), owners=owners)
 
 
 # ---------------------------------------------------------------- check
 
 def cmd_check(args: argparse.Namespace) -> int:
+    directory = _check_directory(args)
     if args.json:
-        return _check_json(args.directory)
-    pol = _load(args.directory)
+        return _check_json(directory, _users(args))
+    pol = _load(directory, _users(args))
     out = sys.stdout
-    print(f"Policy {args.directory}: {_count(len(pol.files), 'file')}, {_count(len(pol.rules), 'rule')}, "
+    print(f"Policy {directory}: {_count(len(pol.files), 'file')}, {_count(len(pol.rules), 'rule')}, "
           f"{_count(len(pol.resources), 'resource')}, {_count(len(pol.claims), 'claim')}.", file=out)
     if pol.rules:
         print("\nRules, in the order they are tried:", file=out)
@@ -202,10 +213,17 @@ def cmd_check(args: argparse.Namespace) -> int:
 _ERROR_AT = re.compile(r"(?P<file>[^:\n]+?)(?::(?P<line>\d+))?:\s")
 
 
-def _check_json(directory: str) -> int:
+def _check_directory(args: argparse.Namespace) -> str:
+    """DIR of `policy check [DIR]` or `--policy-dir DIR` (as `policy test` takes it), not both."""
+    if args.directory is not None and args.policy_dir is not None and args.directory != args.policy_dir:
+        raise InvalidArgument(f"two policy directories: {args.directory} and --policy-dir {args.policy_dir}")
+    return str(args.directory or args.policy_dir or DEFAULT_DIR)
+
+
+def _check_json(directory: str, users: policy.UserDb) -> int:
     """`policy check --json`: the policy as found, or every error (each with its file and line)."""
     try:
-        pol = _load(directory)
+        pol = _load(directory, users)
     except PolicyError as e:
         errors = []
         for text in e.message.splitlines():
@@ -237,10 +255,10 @@ def cmd_test(args: argparse.Namespace) -> int:
     from ..sysfs import SysfsReader
     from ..topology import Host
 
-    users = policy.system_users()
+    users = _users(args)
     uid, name = _user(args.user, users)
     caller = policy.Caller(uid=uid, gids=users.groups_of(uid))
-    pol = _load(args.policy_dir)
+    pol = _load(args.policy_dir, users)
     with host_roots(args) as roots:
         host = Host.scan(SysfsReader(roots))
     options: dict[str, object] = {"duration": args.duration, "persistent": args.persistent}
@@ -325,7 +343,7 @@ are not.  The output passes `vfioctl policy check`; review it, then save it in
 
 examples:
   vfioctl policy generate 0000:04:00.0 --user alice > /etc/vfiod/policy.d/50-alice.toml
-  vfioctl policy generate group:8 --group dpdk --backend vfio --name fast-nics
+  vfioctl policy generate group:8 --unix-group dpdk --backend vfio --name fast-nics
 """
 
 
@@ -333,11 +351,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..sysfs import SysfsReader
     from ..topology import Host
 
-    users = policy.system_users()
+    users = _users(args)
     if args.user is not None and users.uid(args.user) is None and not args.user.isdigit():
         raise InvalidArgument(f"no user named {args.user!r} on this system")
-    if args.group is not None and users.gid(args.group) is None:
-        raise InvalidArgument(f"no group named {args.group!r} on this system")
+    if args.unix_group is not None and users.gid(args.unix_group) is None:
+        raise InvalidArgument(f"no unix group named {args.unix_group!r} on this system")
     if args.backend not in _backends():
         raise InvalidArgument(f"unknown backend {args.backend!r} (known: {', '.join(_backends())})")
     name = args.name or _resource_name(args.targets[0])
@@ -363,7 +381,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             devices.append(dev)
     if not devices:
         raise InvalidArgument("the targets' groups hold no endpoint to lease (only bridges and ports)")
-    who = f'users = ["{args.user}"]' if args.user is not None else f'groups = ["{args.group}"]'
+    who = f'users = ["{args.user}"]' if args.user is not None else f'groups = ["{args.unix_group}"]'
     lines = [f"# Generated by vfioctl policy generate {' '.join(args.targets)}", "[[resource]]",
              f'name = "{name}"', "devices = ["]
     for dev in devices:

@@ -7,6 +7,7 @@ import sys
 from typing import Sequence
 
 from .. import __version__
+from ..wire.names import bus_arg
 from .common import EXIT_OK, Formatter, add_root_options, host_roots, print_json, run
 
 
@@ -28,13 +29,13 @@ isolation codes (--json "isolation"):
 examples:
   vfiod inspect                     this machine
   vfiod inspect --simulate --explain   the built-in ICH10 host, with reasons
-  vfiod inspect --json | jq '.groups[] | select(.viable)'   (docs/json.md: every field)
+  vfiod inspect --json | jq '.groups[] | select(.viable)'   (/usr/share/doc/vfiod/json.md: every field)
 """
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     if args.all:
-        from .ctl import show_status
+        from .status import show_status
         return show_status(args)
     import gc
 
@@ -94,7 +95,7 @@ examples:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     """`vfioctl reload`'s work, for ExecReload: the same answer, errors and exit codes."""
-    from .ctl import cmd_reload as reload_over_the_bus
+    from .reload import cmd_reload as reload_over_the_bus
 
     return reload_over_the_bus(args)
 
@@ -145,7 +146,7 @@ def vfiod_parser() -> argparse.ArgumentParser:
                "  vfiod inspect --explain",
     )
     p.add_argument("--version", action="version", version=f"vfiod {__version__}")
-    p.add_argument("--bus", default="system", metavar="system|session|ADDRESS",
+    p.add_argument("--bus", default="system", type=bus_arg, metavar="system|session|ADDRESS",
                    help="the bus to serve on (default: system)")
     add_root_options(p, dev=True)
     p.add_argument("--policy-dir", default=None, metavar="DIR",
@@ -162,7 +163,7 @@ def vfiod_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show IOMMU groups, viability and isolation (offline)",
                          description=INSPECT_HELP, formatter_class=Formatter)
     add_root_options(ins, inherit=True)
-    ins.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
+    ins.add_argument("--json", action="store_true", help="print JSON for scripts (/usr/share/doc/vfiod/json.md)")
     ins.add_argument("--explain", action="store_true", help="add why each group is what it is")
     ins.add_argument("--all", action="store_true",
                      help="every PCI device by class and driver (as vfioctl status), IOMMU or not")
@@ -173,11 +174,11 @@ def vfiod_parser() -> argparse.ArgumentParser:
     end.set_defaults(func=cmd_end_leases)
     rel = sub.add_parser("reload", help="reload the running daemon's policy; fails if it is refused",
                          description=RELOAD_HELP, formatter_class=Formatter)
-    rel.add_argument("--bus", default=argparse.SUPPRESS, metavar="system|session|ADDRESS",
+    rel.add_argument("--bus", default=argparse.SUPPRESS, type=bus_arg, metavar="system|session|ADDRESS",
                      help="the bus the daemon serves on (default: system)")
     rel.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
                      help="how long to wait for the daemon's answer (default: 60)")
-    rel.add_argument("--json", action="store_true", help="print JSON for scripts (docs/json.md)")
+    rel.add_argument("--json", action="store_true", help="print JSON for scripts (/usr/share/doc/vfiod/json.md)")
     rel.set_defaults(func=cmd_reload)
     return p
 

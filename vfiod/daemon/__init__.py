@@ -15,7 +15,7 @@ import signal
 import sys
 import tempfile
 
-from dbus_next import Message, MessageType
+from dbus_next import DBusError, Message, MessageType
 from dbus_next.constants import RequestNameReply
 
 from ..wire import BUS_NAME, bus_args
@@ -186,7 +186,13 @@ async def _serve(args: argparse.Namespace, host: str) -> int:
     service.export_all()
 
     # Step 6: the name, then tell systemd.
-    reply = await bus.request_name(BUS_NAME)
+    try:
+        reply = await bus.request_name(BUS_NAME)
+    except DBusError as e:          # the bus's policy says who may own the name: root, as installed
+        raise PermissionDenied(
+            f"the bus does not let uid {os.getuid()} own {BUS_NAME} ({e.text}): its D-Bus policy "
+            f"(org.vfiod1.conf) gives the name to root; run vfiod as root, or on a bus whose policy "
+            f"lets this user own it") from None
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
         log.error("cannot own %s on the bus (%s): is another vfiod running?", BUS_NAME, reply)
         return 1

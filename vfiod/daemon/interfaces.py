@@ -181,6 +181,12 @@ class ManagerInterface(ExportedInterface):
 
     @method()
     @edge
+    async def PreviewPolicy(self, caller: Caller) -> "(asa(sus))":
+        errors, revoked = await self.service.queries.preview_policy(caller)
+        return [errors, [list(row) for row in revoked]]
+
+    @method()
+    @edge
     async def Revoke(self, caller: Caller, lease: "o", reason: "s") -> "":
         await self.service.revoke(caller, lease_id_of(lease), reason)
 

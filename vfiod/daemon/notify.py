@@ -26,7 +26,7 @@ def sd_notify(state: str) -> bool:
     return True
 
 
-def _count(n: int, what: str) -> str:
+def count_of(n: int, what: str) -> str:
     return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
 
@@ -38,7 +38,7 @@ def status_line(groups: int, leases: int, persistent: int, files: int | None, re
     if files is None:
         policy = "none loaded, denying every request"
     else:
-        policy = _count(files, "file")
+        policy = count_of(files, "file")
     if refused:
         policy += " (the last reload was refused; see the log)"
-    return f"{_count(groups, 'group')}, {_count(leases, 'lease')} ({persistent} persistent), policy: {policy}"
+    return f"{count_of(groups, 'group')}, {count_of(leases, 'lease')} ({persistent} persistent), policy: {policy}"

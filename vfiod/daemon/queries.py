@@ -12,20 +12,14 @@ import attrs
 
 from .. import report
 from ..address import PciAddress
-from ..errors import InvalidArgument
+from ..errors import Busy, InvalidArgument, NotViable, PermissionDenied, PolicyError
 from ..leases import LeaseManager
 from ..pciids import PciIds
-from ..policy import Caller, Decision, PolicyStore, format_size
+from ..policy import BUSY_PREFIX, Caller, Decision, PolicyStore, format_size, hide_sources
 from ..sysfs.procs import memlock_of
 from ..topology import Host
 from .snapshot import Snapshot
 
-_SOURCE = re.compile(r"(?:rules? )?\S+\.toml:[0-9]+(?:, \S+\.toml:[0-9]+)*")
-
-
-def _hide_sources(text: str) -> str:
-    """`text` without policy file:line references (``rule /etc/…/10-x.toml:7`` → ``a rule``)."""
-    return _SOURCE.sub(lambda m: "a rule" if m.group(0).startswith("rule") else "the policy", text)
 
 _T = TypeVar("_T")
 _Args = TypeVarTuple("_Args")
@@ -56,7 +50,13 @@ class Queries:
     async def explain(self, caller: Caller, target: str) -> str:
         # Drivers and blockers fresh from the target's group; why the group is shared
         # from the last whole scan (it needs the bridges above, in other groups).
-        host, number = await self._target_group(target)
+        policy = self.policy_store.current
+        host = await self._run(self.manager.host_for, target, policy)
+        unplaced = [a for a in policy.addresses_named(target) if a in host.devices and host.group_of(a) is None]
+        if unplaced:        # there, but in no group: say why rather than refuse
+            return "\n".join([f"{a} is in no IOMMU group, so VFIO cannot take it: {host.no_group_reason()}"
+                               for a in unplaced])
+        number = policy.resolve(host, target).group
         g = host.groups[number]
         whole = self.host.groups.get(number)
         if whole is not None and whole.members == g.members:
@@ -93,12 +93,29 @@ class Queries:
         host, number = await self._target_group(target)
         d = self.policy_store.current.decide(host, caller, number, backend, {})
         if d.allowed:
+            # What a lease would meet besides the policy: a lease already there, the host using it.
+            busy = await self._run(self._busy_now, caller, host, number)
+            if busy:
+                d = attrs.evolve(d, allowed=False, reason=f"{BUSY_PREFIX}{busy} (the policy allows it: {d.reason})")
+        if d.allowed:
             reset = "; each device is reset before it goes back to the host" if d.reset_on_release else ""
             d = attrs.evolve(d, reason=d.reason + self._memlock_advice(caller, d) + reset)
         if not caller.is_admin:
             # Where the policy says so (file:line) is for admins: it maps the policy for anyone.
-            d = attrs.evolve(d, rule="", reason=_hide_sources(d.reason))
+            d = attrs.evolve(d, rule="", reason=hide_sources(d.reason))
         return d
+
+    def _busy_now(self, caller: Caller, host: Host, number: int) -> str:
+        """Why a lease of group `number` would be refused now whatever the policy says ("" if not)."""
+        lease = self.manager.lease_for_group(number)
+        if lease is not None:
+            whose = f" (lease {lease.id})" if caller.is_admin or caller.uid == lease.uid else " by another user"
+            return f"IOMMU group {number} is already leased{whose}"
+        try:
+            self.manager.check_free(host, number, caller)
+        except (Busy, NotViable) as e:
+            return str(e)
+        return ""
 
     def _memlock_advice(self, caller: Caller, decision: Decision) -> str:
         """What the lease will do to the caller's locked-memory limit, said before it matters:
@@ -113,6 +130,18 @@ class Queries:
             return (f"; warning: no memlock grant in the policy and your RLIMIT_MEMLOCK is {have}: "
                     "a VFIO user that pins memory (DPDK, QEMU) will fail to map DMA beyond it")
         return ""
+
+    async def preview_policy(self, caller: Caller) -> tuple[list[str], list[tuple[str, int, str]]]:
+        """What a reload would do, changing nothing (root only): every error of the policy
+        directory as it is now, or the leases the policy there would revoke (id, lessee, why)."""
+        if not caller.is_admin:
+            raise PermissionDenied("only root may preview a policy reload")
+        try:
+            policy = await self._run(self.policy_store.preview)
+        except PolicyError as e:
+            return e.message.splitlines(), []
+        gone = await self._run(self.manager.disallowed, policy)
+        return [], [(lease.id, lease.uid, why) for lease, why in gone]
 
     async def kubernetes_access(self, caller: Caller, target: str) -> tuple[list[str], list[str]]:
         host, number = await self._target_group(target)

@@ -27,6 +27,8 @@ from .connection import VfiodBus
 log = logging.getLogger("vfiod")
 
 SYSTEMD = "org.freedesktop.systemd1"
+#: What the bus answers where nobody owns systemd's name (a host or container without systemd).
+NOT_THERE = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
 #: The first systemd that takes processes as pidfds in StartTransientUnit.
 PIDFDS_SINCE = 253
 
@@ -37,13 +39,14 @@ class Scopes:
         self.bus = bus
         self.loop = loop
         self._version: int | None = None
+        self._absent = False          # no systemd on the bus (said once, then not asked again)
 
     async def _systemd(self, member: str, signature: str, body: list[object], unix_fds: list[int] | None = None,
                        interface: str = SYSTEMD + ".Manager") -> Message | None:
         """Call systemd's Manager on vfiod's bus; its reply, or None where there is no systemd
         (or it said no)."""
         bus = self.bus()
-        if bus is None:
+        if bus is None or self._absent:
             return None
         msg = Message(destination=SYSTEMD, path="/org/freedesktop/systemd1", interface=interface,
                       member=member, signature=signature, body=body, unix_fds=unix_fds or [])
@@ -51,6 +54,11 @@ class Scopes:
             reply = await asyncio.wait_for(bus.call(msg), 10)
         except (asyncio.TimeoutError, OSError) as e:
             log.info("systemd did not answer %s: %s", member, e)
+            return None
+        if reply is not None and reply.error_name in NOT_THERE:
+            self._absent = True
+            log.info("no systemd on the bus: leases run without a scope of their own (the revoke ladder "
+                     "ends the holders it finds)")
             return None
         if reply is None or reply.message_type == MessageType.ERROR:
             why = (reply.body[0] if reply and reply.body else reply.error_name if reply else "no reply")

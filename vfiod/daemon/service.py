@@ -20,11 +20,11 @@ from .queries import Queries
 from .scopes import Scopes
 from ..address import PciAddress
 from ..leases.caps import apply_caps
-from ..errors import BackendFailed, InvalidArgument, PermissionDenied, PolicyError, VfiodError
+from ..errors import BackendFailed, InvalidArgument, PermissionDenied, PolicyError, Protected, VfiodError
 from ..hookspecs import Backend
 from ..leases import Ended, LeaseManager
 from ..pciids import PciIds
-from ..policy import Caller, PolicyStore, format_size
+from ..policy import Caller, PolicyStore, format_size, hide_sources
 from ..state import Journal, LeaseRow
 from ..terms import LeaseTerms
 from ..sysfs import Kernel
@@ -32,7 +32,7 @@ from ..sysfs.procs import Proven, still
 from ..topology import Host
 from .callers import Callers
 from .hotplug import Hotplug
-from .notify import sd_notify, status_line
+from .notify import count_of, sd_notify, status_line
 from .objects import ObjectTree
 from .snapshot import Snapshot
 
@@ -161,7 +161,13 @@ class Service:
                 if proven is None and unproven:
                     self.manager.audit("request", caller.uid, target, None, None, "refused", unproven)
                     raise PermissionDenied(f"vfiod cannot run the caller in a scope: {unproven}")
-            lease = await self._run(self.manager.request, caller, target, backend, terms, owner)
+            try:
+                lease = await self._run(self.manager.request, caller, target, backend, terms, owner)
+            except (PermissionDenied, Protected) as e:
+                if caller.is_admin:
+                    raise
+                # As `check` says it: where the policy says so (file:line) is for admins.
+                raise type(e)(hide_sources(e.message)) from None
             if owner and not lease.persistent and not self.callers.still_here(owner):
                 # The caller left while the grant ran: its disconnect found nothing to end yet,
                 # so end the lease now rather than leave it held for nobody.  (A disconnect not
@@ -236,9 +242,9 @@ class Service:
                               + e.message) from None
         finally:
             self.update_status()
-        log.info("policy reloaded by %s: %d files, %d rules", who, len(policy.files), len(policy.rules))
+        log.info("policy reloaded by %s: %s, %s", who, count_of(len(policy.files), "file"), count_of(len(policy.rules), "rule"))
         self.objects.policy_reloaded(len(policy.files), len(policy.rules))
-        await self.revoke_disallowed()
+        await self.revoke_disallowed(0 if caller is None else caller.uid)
 
     # ------------------------------------------------------------ what systemd shows
 
@@ -304,11 +310,11 @@ class Service:
         if ended:
             self.refresh_soon([e.lease.group for e in ended])
 
-    async def revoke_disallowed(self) -> None:
-        """After a policy reload: revoke (reason ``policy``) the leases it no longer allows, and
-        apply its caps to the rest (`vfiod.leases.caps`)."""
-        got = await self._run(self.manager.revoke_disallowed, self.policy_store.current)
-        got += await self._run(apply_caps, self.manager, self.policy_store.current)     # vfiod.leases.caps
+    async def revoke_disallowed(self, uid: int | None = None) -> None:
+        """After a policy reload (by `uid`): revoke (reason ``policy``) the leases it no longer
+        allows, and apply its caps to the rest (`vfiod.leases.caps`)."""
+        got = await self._run(self.manager.revoke_disallowed, self.policy_store.current, uid)
+        got += await self._run(apply_caps, self.manager, self.policy_store.current, uid)     # vfiod.leases.caps
         if got:
             self.refresh_soon([g.lease.group for g in got])
 

@@ -14,6 +14,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..client import VfiodError
+from ..wire.names import bus_arg
 from . import cdi
 from .plugin import PLUGIN_DIR, REGISTRY_DIR, registration_socket, plugin_socket
 
@@ -40,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--node", default=os.environ.get("NODE_NAME") or socket.gethostname(),
                    help="this node's name in the cluster (default: $NODE_NAME, else the host name)")
-    p.add_argument("--bus", default="system", metavar="BUS", help="vfiod's bus: system (default), session or an address")
+    p.add_argument("--bus", default="system", type=bus_arg, metavar="BUS", help="vfiod's bus: system (default), session or an address")
     p.add_argument("--kube", default="in-cluster", metavar="WHERE",
                    help="the API server: in-cluster (default), a kubeconfig file, or a URL")
     p.add_argument("--registry-dir", default=REGISTRY_DIR, metavar="DIR",

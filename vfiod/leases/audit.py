@@ -34,6 +34,7 @@ class Audit:
             fields = {"VFIOD_EVENT": event, "VFIOD_UID": caller_uid, "VFIOD_TARGET": target,
                       "VFIOD_LEASE": lease_id, "VFIOD_GROUP": group, "VFIOD_RULE": rule,
                       "VFIOD_OUTCOME": outcome, "VFIOD_DETAIL": detail or None}
-            audit_log.info("%s uid=%s target=%s lease=%s rule=%s outcome=%s%s", event, caller_uid, short(target),
+            audit_log.info("%s uid=%s target=%s lease=%s rule=%s outcome=%s%s", event,
+                           "-" if caller_uid is None else caller_uid, short(target),
                            lease_id or "-", rule or "-", outcome, f" detail={short(detail)}" if detail else "",
                            extra={"journal_fields": {k: v for k, v in fields.items() if v is not None}})

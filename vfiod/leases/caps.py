@@ -23,8 +23,9 @@ from ..policy import Caller, Policy, format_duration
 log = logging.getLogger("vfiod.leases")
 
 
-def apply_caps(manager: LeaseManager, policy: Policy) -> list[Ended | Revoking]:
-    """Recompute every granted lease's cap under `policy`; revoke (``expired``) those past it."""
+def apply_caps(manager: LeaseManager, policy: Policy, uid: int | None = None) -> list[Ended | Revoking]:
+    """Recompute every granted lease's cap under `policy`; revoke (``expired``) those past it.
+    `uid`: who reloaded the policy (the audit records')."""
     due: list[str] = []
     for lease in manager.leases():
         if lease.state != "granted":
@@ -48,7 +49,7 @@ def apply_caps(manager: LeaseManager, policy: Policy) -> list[Ended | Revoking]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cap))
         detail = (f"max_duration {format_duration(decision.max_duration)} (rule {decision.rule}) from its grant: "
                   f"it ends at {when}")
-        manager.audit("reload", None, lease.target, lease.id, decision.rule, "capped", detail, group=lease.group)
+        manager.audit("reload", uid, lease.target, lease.id, decision.rule, "capped", detail, group=lease.group)
         log.warning("lease %s of uid %s: the reloaded policy caps it: %s", lease.id, lease.uid, detail)
         if cap <= manager.clock():
             due.append(lease.id)

@@ -396,10 +396,10 @@ class Ladder:
         self._searches.pop(lease.id, None)
         return ended
 
-    def revoke_disallowed(self, policy: Policy) -> list[Ended | Revoking]:
-        """Revoke (reason ``policy``) every granted lease `policy` no longer allows."""
+    def disallowed(self, policy: Policy) -> list[tuple[LeaseRow, str]]:
+        """The granted leases `policy` no longer allows, each with why (nothing is changed)."""
         core = self.core
-        out: list[Ended | Revoking] = []
+        out: list[tuple[LeaseRow, str]] = []
         for lease in core.journal.leases():
             if lease.state != "granted":
                 continue
@@ -408,12 +408,18 @@ class Ladder:
                                          lease.backend, lease.terms)
             except VfiodError as e:
                 decision = Decision(False, "", str(e))
-            if decision.allowed:
-                continue
-            log.warning("lease %s of uid %s: the policy no longer allows it (%s)", lease.id, lease.uid,
-                        decision.reason)
+            if not decision.allowed:
+                out.append((lease, decision.reason))
+        return out
+
+    def revoke_disallowed(self, policy: Policy, uid: int | None = None) -> list[Ended | Revoking]:
+        """Revoke (reason ``policy``) every granted lease `policy` no longer allows; `uid`: who
+        reloaded it (the audit record's uid)."""
+        out: list[Ended | Revoking] = []
+        for lease, why in self.disallowed(policy):
+            log.warning("lease %s of uid %s: the policy no longer allows it (%s)", lease.id, lease.uid, why)
             try:
-                out.append(self.revoke(lease.id, "policy"))
+                out.append(self.revoke(lease.id, "policy", Caller.from_uid(uid) if uid is not None else None))
             except VfiodError as e:
                 log.error("revoking lease %s: %s", lease.id, e)
         return out

@@ -31,11 +31,11 @@ import attrs
 from ..address import PciAddress
 from ..errors import BackendFailed, Busy, InvalidArgument, NotFound, NotViable, PermissionDenied, Protected, VfiodError
 from ..hookspecs import Backend
-from ..policy import Caller, Policy, Refusal, format_duration
+from ..policy import Caller, Policy, Refusal, format_duration, parse_target
 from ..state import HeldDevice, Journal, LeaseRow
-from ..sysfs import Holder, Kernel
+from ..sysfs import Holder, Kernel, interface_address
 from ..terms import LeaseTerms
-from ..topology import BRIDGE_DRIVERS, VFIO_DRIVERS, Host
+from ..topology import BRIDGE_DRIVERS, VFIO_DRIVERS, Device, Host
 from .core import Ended, LeaseCore, Revoking
 from .identity import record as record_identity
 from .ladder import Ladder
@@ -90,12 +90,18 @@ class LeaseManager(LeaseCore):
         `InvalidAddress` for text that is no target); what it names and is not
         on the host is left for `Policy.resolve` to refuse with its reason."""
         reader = self.reader
-        groups = {g for addr in policy.addresses_named(target) if (g := reader.group_of(addr)) is not None}
+        named = policy.addresses_named(target)
+        if not named and parse_target(target)[0] == "interface":
+            found = interface_address(reader.roots.sysfs, target)
+            named = (found,) if found else ()
+        groups = {g for addr in named if (g := reader.group_of(addr)) is not None}
         number = policy.group_named(target)
         if number is not None:
             groups.add(number)
         if not groups:
-            return Host.from_raw([], reader.facts())
+            # Devices that are there but in no group (the IOMMU is off) are read all the
+            # same, so the answer is "in no IOMMU group", not "no such device".
+            return Host.from_raw([reader.read_device(a) for a in named if reader.node_of(a)], reader.facts())
         return Host.scan_groups(reader, groups)
 
     def holders(self, lease: LeaseRow) -> list[Holder]:
@@ -170,6 +176,18 @@ class LeaseManager(LeaseCore):
     def _plan(self, host: Host, group: int, caller: Caller, terms: LeaseTerms) -> list[HeldDevice]:
         """What the lease will hold: every endpoint, then every bridge of the group on a driver
         VFIO refuses (shpchp, say), which is held unbound for the lease."""
+        endpoints, bridges = self.check_free(host, group, caller, terms)
+        # The override as the kernel has it now (the snapshot may not know it: see
+        # SysfsReader._patient_read); no unbind of this group can be under way here.
+        return ([HeldDevice(str(d.addr), d.driver, self.kernel.override_of(d.addr)) for d in endpoints]
+                + [HeldDevice(str(d.addr), d.driver, self.kernel.override_of(d.addr), "bridge") for d in bridges])
+
+    def check_free(self, host: Host, group: int, caller: Caller,
+                   terms: LeaseTerms | None = None) -> tuple[list[Device], list[Device]]:
+        """What keeps `group` from being leased now, whatever the policy says: `Busy` when a
+        PF's VFs are leased or the host uses an endpoint, `NotViable` for a group of bridges
+        only.  Returns the endpoints and the bridges a lease would hold."""
+        terms = terms or LeaseTerms()
         g = host.groups.get(group)
         if g is None:
             raise NotFound(f"no IOMMU group {group}")
@@ -196,10 +214,7 @@ class LeaseManager(LeaseCore):
         if uses and not (caller.is_admin and terms.force):
             raise Busy("in use on the host: " + "; ".join(uses)
                        + (" (an admin may pass force)" if not caller.is_admin else " (pass force to override)"))
-        # The override as the kernel has it now (the snapshot may not know it: see
-        # SysfsReader._patient_read); no unbind of this group can be under way here.
-        return ([HeldDevice(str(d.addr), d.driver, self.kernel.override_of(d.addr)) for d in endpoints]
-                + [HeldDevice(str(d.addr), d.driver, self.kernel.override_of(d.addr), "bridge") for d in bridges])
+        return endpoints, bridges
 
     def grant_memlock(self, lease: LeaseRow, pid: int, start: int | None = None) -> tuple[int, int] | None:
         return self.memlock.grant(lease, pid, start)
@@ -272,8 +287,11 @@ class LeaseManager(LeaseCore):
     def advance_all(self) -> list[Ended]:
         return self.ladder.advance_all()
 
-    def revoke_disallowed(self, policy: Policy) -> list[Ended | Revoking]:
-        return self.ladder.revoke_disallowed(policy)
+    def revoke_disallowed(self, policy: Policy, uid: int | None = None) -> list[Ended | Revoking]:
+        return self.ladder.revoke_disallowed(policy, uid)
+
+    def disallowed(self, policy: Policy) -> list[tuple[LeaseRow, str]]:
+        return self.ladder.disallowed(policy)
 
     def reconcile(self) -> list[Ended]:
         """Make sysfs and the journal agree again; returns the leases that ended."""

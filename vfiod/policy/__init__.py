@@ -84,11 +84,10 @@ A group's decision combines the rules that decided its endpoints:
   ``default_backend`` that every deciding rule allows (endpoints in address
   order); if there is none, it is denied and must name a backend.
 * ``duration`` (seconds) above any deciding rule's ``max_duration`` is denied,
-  naming the cap.  `Decision.max_duration` is the smallest cap: a request that
-  gives no duration is allowed, and the lease manager must not let its lease
-  run longer than that.
+  naming the cap.  The lease's cap is the smallest of them: a request that
+  gives no duration is allowed, and its lease ends at that cap.
 * ``persistent`` is allowed only if every deciding rule allows it.
-* `Decision.memlock` is the smallest grant of the deciding rules, and none if
+* ``memlock``: the lease gets the smallest grant of the deciding rules, none if
   any of them grants none: a grant is a privilege, and each rule is the most
   its admin agreed to for its devices.
 * ``reset_on_release`` holds if any deciding rule asks for it: it protects
@@ -114,12 +113,12 @@ with ``k8s_namespaces = ["*"]`` after the allow rules names itself in every
 refusal a namespace gets.  ``vfioctl policy test --user vfiod-dra
 --k8s-namespace NS TARGET`` shows the decision.  The memlock grant of such a
 lease is not applied to the delegate's process: vfiod-dra passes it on to the
-container (see the README's "Kubernetes" section).
+container (/usr/share/doc/vfiod/kubernetes.md).
 
 Protected devices
 =================
 
-Devices the host needs (`Device.protected`: the boot VGA, the root disk's
+Devices the host needs (shown as protected: the boot VGA, the root disk's
 controller, the default route's NIC) are denied unless the deciding rule names
 them explicitly, by ``address`` or by ``resource``, and has
 ``allow_protected = true``; the denial quotes why the device is protected.
@@ -146,7 +145,7 @@ Claims
 ======
 
 Persistent leases the daemon takes when it starts, e.g. a DPDK service's NICs;
-the policy only checks and lists them (`Policy.claims`)::
+``vfioctl policy check`` checks and lists them::
 
     [[claim]]
     target = "name:fast-nic"      # an address, group:N or name:RESOURCE
@@ -162,12 +161,12 @@ from __future__ import annotations
 from .engine import Policy, PolicyStore
 from .load import CLAIM_KEYS, RESOURCE_KEYS, RULE_KEYS
 from .locate import Locator
-from .model import (DEFAULT_DIR, DEFAULT_REVOKE_GRACE, KNOWN_BACKENDS, ON_REVOKE, Caller, Claim, Decision, DeviceDecision, Refusal, Resource,
-                    ResourceDevice, Rule, Target, parse_target, revoke_terms)
+from .model import (BUSY_PREFIX, DEFAULT_DIR, DEFAULT_REVOKE_GRACE, KNOWN_BACKENDS, ON_REVOKE, Caller, Claim, Decision, DeviceDecision, Refusal, Resource,
+                    ResourceDevice, Rule, Target, hide_sources, parse_target, revoke_terms)
 from .units import MAX_LEASE_SECONDS, format_duration, format_size, parse_duration, parse_size
-from .users import StaticUserDb, UserDb, system_users
+from .users import LayeredUserDb, StaticUserDb, UserDb, system_users
 
-__all__ = ["DEFAULT_REVOKE_GRACE", "ON_REVOKE", "revoke_terms", "CLAIM_KEYS", "MAX_LEASE_SECONDS", "DEFAULT_DIR", "KNOWN_BACKENDS", "RESOURCE_KEYS", "RULE_KEYS", "Caller", "Claim",
+__all__ = ["BUSY_PREFIX", "hide_sources", "LayeredUserDb", "DEFAULT_REVOKE_GRACE", "ON_REVOKE", "revoke_terms", "CLAIM_KEYS", "MAX_LEASE_SECONDS", "DEFAULT_DIR", "KNOWN_BACKENDS", "RESOURCE_KEYS", "RULE_KEYS", "Caller", "Claim",
            "Decision", "DeviceDecision", "Locator", "Policy", "PolicyStore", "Refusal", "Resource",
            "ResourceDevice", "Rule", "StaticUserDb", "Target", "UserDb", "format_duration", "format_size",
            "parse_duration", "parse_size", "parse_target", "system_users"]

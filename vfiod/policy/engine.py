@@ -10,7 +10,8 @@ import attrs
 
 from ..address import PciAddress
 from ..errors import InvalidArgument, NotFound, PermissionDenied, PolicyError
-from .load import TRUSTED_OWNERS, Loader, read_directory
+from .files import TRUSTED_OWNERS, read_directory
+from .load import Loader
 from .model import K8S_NAMESPACE, Refusal, Caller, Claim, DEFAULT_DENY, DEFAULT_REVOKE_GRACE, DEFAULT_DIR, Decision, DeviceDecision, KNOWN_BACKENDS, Resource, Rule, Target, parse_target
 from .units import MAX_LEASE_SECONDS, _short, format_duration
 from .users import UserDb, system_users
@@ -31,6 +32,9 @@ class Policy:
     files: tuple[str, ...] = ()
     backends: tuple[str, ...] = KNOWN_BACKENDS
     directory: str | None = None
+    #: why no policy is in force (`PolicyStore` sets it when the first load is refused):
+    #: every "no rule matched" says it, so nobody mistakes a broken policy for a denial
+    unloaded: str = ""
 
     # -- loading
 
@@ -60,9 +64,9 @@ class Policy:
                    files=tuple(paths), backends=loader.backends)
 
     @classmethod
-    def empty(cls) -> "Policy":
-        """No rules: every request is denied."""
-        return cls()
+    def empty(cls, unloaded: str = "") -> "Policy":
+        """No rules: every request is denied (`unloaded`: why, said with every denial)."""
+        return cls(unloaded=unloaded)
 
     # -- targets
 
@@ -80,13 +84,15 @@ class Policy:
             if g is None:
                 raise NotFound(f"no IOMMU group {number} on this host")
             return Target(group=g.number, addresses=tuple(g.members))
+        if parsed[0] == "interface":
+            parsed = "address", self.interface_device(host, parsed[1])
         if parsed[0] == "address":
             addr = parsed[1]
             if addr not in host.devices:
                 raise NotFound(f"no PCI device {addr} on this host")
             g = host.group_of(addr)
             if g is None:
-                raise NotFound(f"{addr} is in no IOMMU group (is the IOMMU on?)")
+                raise NotFound(f"{addr} is in no IOMMU group: {host.no_group_reason()}")
             return Target(group=g.number, addresses=(addr,))
         value = parsed[1]
         res = self.resources.get(value)
@@ -100,7 +106,7 @@ class Policy:
         for d in res.devices:
             g = host.group_of(d.address)
             if g is None:
-                raise NotFound(f"resource {res.name}: {d.address} is in no IOMMU group (is the IOMMU on?)")
+                raise NotFound(f"resource {res.name}: {d.address} is in no IOMMU group: {host.no_group_reason()}")
             groups.setdefault(g.number, []).append(str(d.address))
         if len(groups) > 1:
             where = "; ".join(f"group {n}: {', '.join(a)}" for n, a in sorted(groups.items()))
@@ -108,6 +114,15 @@ class Policy:
                                   "a lease takes one group: split the resource")
         return Target(group=next(iter(groups)), addresses=tuple(d.address for d in res.devices),
                       resource=res.name)
+
+    @staticmethod
+    def interface_device(host: Host, name: str) -> PciAddress:
+        """The PCI device whose network interface `name` is (`NotFound` if none is)."""
+        for addr, dev in host.devices.items():
+            if name in dev.raw.net:
+                return addr
+        raise NotFound(f"no network interface {name!r} on a PCI device of this host (an interface goes "
+                       "away when its device leaves its driver: name the device by address then)")
 
     def addresses_named(self, target: str) -> tuple[PciAddress, ...]:
         """The devices `target` names by address or resource (none for ``group:N``, an
@@ -151,6 +166,8 @@ class Policy:
         deny = DEFAULT_DENY
         if caller.k8s_namespace is not None:
             deny = f"no rule matched Kubernetes namespace {caller.k8s_namespace} (deny by default)"
+        if self.unloaded:
+            deny = f"{deny}: {self.unloaded}"
         return DeviceDecision(dev.addr, False, "", "; ".join([deny, *notes]), Refusal.NO_RULE), None
 
     def decide_vf_count(self, dev: Device, caller: Caller, count: int) -> tuple[bool, str]:
@@ -324,6 +341,10 @@ class PolicyStore:
         self.error: str | None = None
         self._lock = threading.Lock()
 
+    def preview(self) -> Policy:
+        """The policy the directory holds now, without taking it (`PolicyError` if broken)."""
+        return Policy.load(self.directory, backends=self.backends, users=self.users, owners=self.owners)
+
     def reload(self) -> Policy:
         """Load the directory again; on `PolicyError` re-raise it and keep `current`."""
         with self._lock:
@@ -331,6 +352,12 @@ class PolicyStore:
                 policy = Policy.load(self.directory, backends=self.backends, users=self.users, owners=self.owners)
             except PolicyError as e:
                 self.error = str(e)
+                if self.current.directory is None:      # nothing loaded yet: say so with every denial
+                    count = len(e.message.splitlines())
+                    self.current = Policy.empty(
+                        f"vfiod's policy is not loaded: {self.directory} was refused "
+                        f"({count} error{'s' if count != 1 else ''}; `sudo vfioctl reload` or "
+                        f"`vfioctl policy check {self.directory}` lists them), so every request is denied")
                 raise
             self.current, self.error = policy, None
             return policy

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import difflib
-import errno
 import os
-import stat
 import re
 import tomllib
 from typing import Callable, Iterable, TypeVar
@@ -49,8 +47,13 @@ class _Bad(Exception):
 class _Table:
     """One ``[[kind]]`` table of one file, for error messages with its file and lines."""
 
-    def __init__(self, path: str, loc: Locator, kind: str, index: int, data: dict[str, object]):
+    #: keys a table cannot be read on without (set aside, the table's other problems are not looked for)
+    REQUIRED = {"resource": ("name", "devices"), "claim": ("target", "user")}
+
+    def __init__(self, path: str, loc: Locator, kind: str, index: int, data: dict[str, object],
+                 aside: frozenset[str] = frozenset()):
         self.path, self.loc, self.kind, self.index, self.data = path, loc, kind, index, data
+        self.aside = aside          # keys set aside after a problem was found with them
 
     @property
     def source(self) -> str:
@@ -58,7 +61,18 @@ class _Table:
 
     def error(self, key: str, message: str, element: int | None = None) -> PolicyError:
         line = self.loc.line(self.kind, self.index, key, element)
-        return PolicyError(f"{self.path}:{line}: key '{key}': {message}")
+        e = PolicyError(f"{self.path}:{line}: key '{key}': {message}")
+        e.policy_key = key          # the key to set aside to look for the table's next problem
+        return e
+
+    def without(self, key: str) -> "_Table":
+        """This table with `key` set aside (its lines stay where they are)."""
+        return _Table(self.path, self.loc, self.kind, self.index, {k: v for k, v in self.data.items() if k != key},
+                      self.aside | {key})
+
+    def gave(self, keys: Iterable[str]) -> bool:
+        """Whether the table gave any of `keys` (one set aside counts: it was given, wrongly)."""
+        return any(k in self.data or k in self.aside for k in keys)
 
     def table_error(self, message: str) -> PolicyError:
         return PolicyError(f"{self.source}: [[{self.kind}]]: {message}")
@@ -226,10 +240,23 @@ def _ids_of(t: _Table, key: str, names: Iterable[str], lookup: Callable[[str], i
     for j, name in enumerate(names):
         found = lookup(name)
         if found is None:
-            raise t.error(key, f"no {what} named {_short(name)} on this system",
+            raise t.error(key, f"no {what} named {_short(name)} on this system{_create_hint(what, name)}",
                           j if isinstance(t.data[key], list) else None)
         ids.append(found)
     return ids
+
+
+def _line_of(e: PolicyError) -> int:
+    """The line a located error names (0 if none)."""
+    m = re.match(r"[^\n]*?:(\d+): ", e.message)
+    return int(m.group(1)) if m else 0
+
+
+def _create_hint(what: str, name: object) -> str:
+    """How an admin makes the user or group a policy names (a typo is fixed in the file)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", name):
+        return ""
+    return f" (a typo? or create it: {'groupadd --system' if what == 'group' else 'adduser'} {name})"
 
 
 def _syntax_error(path: str, text: str, message: str) -> str:
@@ -300,16 +327,33 @@ class Loader:
         tables = sorted(((loc.header(kind, index), TABLES.index(kind), index), kind, table)
                         for kind in TABLES for index, table in enumerate(data.get(kind, ())))
         for (_, _, index), kind, table in tables:        # in file order: problems are reported in order
-            t = _Table(path, loc, kind, index, table)
+            self._table(_Table(path, loc, kind, index, table))
+
+    def _table(self, t: _Table) -> None:
+        """Add one table.  A problem with a key is recorded, the key set aside and the table
+        read again, so one check reports every key's problem; a problem of the whole table
+        that shows only once a key is set aside follows from that key and is not reported."""
+        found: list[PolicyError] = []
+        while True:
             try:
-                if kind == "rule":
+                # What is left of a broken table is added too (the policy is refused all the
+                # same), so names it defines do not show up as further errors.
+                if t.kind == "rule":
                     self.rules.append(self._rule(t))
-                elif kind == "resource":
+                elif t.kind == "resource":
                     self._resource(t)
                 else:
                     self.claims.append(self._claim(t))
+                break
             except PolicyError as e:
-                self.errors.append(e)
+                key = getattr(e, "policy_key", None)
+                if found and key is None:
+                    break
+                found.append(e)
+                if key is None or key not in t.data or key in t.REQUIRED.get(t.kind, ()):
+                    break
+                t = t.without(key)
+        self.errors.extend(sorted(found, key=_line_of))
 
     def finish(self) -> None:
         """The checks that need every file: resource names may be defined in any of them."""
@@ -318,7 +362,7 @@ class Loader:
                 known = f"known: {', '.join(sorted(self.resources))}" if self.resources else "none is defined"
                 self.errors.append(t.error(key, f"no resource named '{name}' ({known})", element))
         if self.errors:
-            raise PolicyError("\n".join(e.message for e in self.errors))
+            raise PolicyError("\n".join(dict.fromkeys(e.message for e in self.errors)))
 
     # -- tables
 
@@ -345,7 +389,8 @@ class Loader:
                 self.refs.append((t, "resource", j if many else None, name))
             resources = tuple(dict.fromkeys(names))
         if not any(k in d for k in MATCH_KEYS):
-            raise t.table_error("no device matcher: give at least one of " + ", ".join(MATCH_KEYS))
+            if not t.gave(MATCH_KEYS):
+                raise t.table_error("no device matcher: give at least one of " + ", ".join(MATCH_KEYS))
         # who
         uids: set[int] = set()
         users: tuple[str, ...] = ()
@@ -373,7 +418,8 @@ class Loader:
         elif not (uids or gids or everyone):
             if "everyone" in d:
                 raise t.error("everyone", "everyone = false names nobody: give users, uids or groups")
-            raise t.table_error("names nobody: give at least one of " + ", ".join(WHO_KEYS))
+            if not t.gave(WHO_KEYS):
+                raise t.table_error("names nobody: give at least one of " + ", ".join(WHO_KEYS))
         rule = Rule(source=t.source, action=action, comment=comment,
                     addresses=addresses, iommu_groups=iommu_groups, ids=ids, classes=classes,
                     drivers=drivers, vf_of=vf_of, resources=resources,
@@ -413,7 +459,7 @@ class Loader:
                 if key in d and key not in ("max_vfs", "allow_protected"):
                     raise t.error(key, "a rule with max_vfs grants a number of VFs, not leases: "
                                        "put the lease terms in a rule of their own")
-        if allow_protected and "address" not in d and "resource" not in d:
+        if allow_protected and not t.gave(("address", "resource")):
             raise t.error("allow_protected", "a protected device must be named explicitly: "
                                              "give the rule an 'address' or 'resource' key")
         return attrs.evolve(rule, backends=backends, default_backend=default, max_duration=max_duration,
@@ -425,7 +471,7 @@ class Loader:
         """(namespace patterns, delegate names, delegate uids) of a Kubernetes rule; None for others."""
         d = t.data
         if "k8s_namespaces" not in d:
-            if "k8s_delegates" in d:
+            if "k8s_delegates" in d and not t.gave(("k8s_namespaces",)):
                 raise t.error("k8s_delegates", "delegates speak for namespaces: give k8s_namespaces too")
             return None
         patterns = tuple(dict.fromkeys(t.many("k8s_namespaces", _namespace_pattern, "namespace pattern")))
@@ -493,103 +539,7 @@ class Loader:
         user = t.get("user", _text)
         uid = self.users.uid(user)
         if uid is None:
-            raise t.error("user", f"no user named {_short(user)} on this system")
+            raise t.error("user", f"no user named {_short(user)} on this system{_create_hint('user', user)}")
         backend = t.checked("backend", self._backend) if "backend" in d else ""
         comment = t.get("comment", _text) if "comment" in d else ""
         return Claim(target=target, uid=uid, user=user, backend=backend, source=t.source, comment=comment)
-
-
-
-
-#: Who may own policy files and every directory above them: root.  Anyone else who owns
-#: one could grant themselves devices.
-TRUSTED_OWNERS: tuple[int, ...] = (0,)
-
-
-def read_directory(directory: str, owners: tuple[int, ...] = TRUSTED_OWNERS) -> list[tuple[str, bytes]]:
-    """``(path, content)`` of every ``*.toml`` of `directory`, in name order.
-
-    Whoever can change a policy file, or put one in place, can grant themselves
-    devices, so `PolicyError` for a file or directory that cannot be read, or that
-    is not owned by one of `owners` (root; a test or a user checking their own draft
-    passes their uid explicitly), or that its group or others may write, or that is
-    a symbolic link.  Every directory from ``/`` down is checked and opened without
-    following links; above the policy directory a directory others may write is
-    accepted only with the sticky bit (``/tmp``), where nobody may replace what
-    another owns.  Files are opened with ``O_NOFOLLOW`` and checked on the open fd."""
-    path = os.path.abspath(directory)
-    dfd = _open_trusted_dir(path, owners)
-    try:
-        try:
-            names = sorted(os.listdir(dfd))
-        except OSError as e:
-            raise PolicyError(f"{directory}: cannot list the policy directory: {e.strerror}") from None
-        sources = []
-        for name in names:
-            if not name.endswith(".toml") or name.startswith("."):
-                continue
-            file = os.path.join(directory, name)
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
-            except OSError as e:
-                if e.errno == errno.ELOOP:
-                    raise PolicyError(f"{file}: a symbolic link; policy files are read without following "
-                                      "links (copy the file in place)") from None
-                raise PolicyError(f"{file}: cannot read: {e.strerror}") from None
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                os.close(fd)
-                continue
-            with os.fdopen(fd, "rb") as f:
-                _refuse_untrusted(file, st, owners, sticky_ok=False)
-                try:
-                    sources.append((file, f.read(MAX_FILE_SIZE + 1)))
-                except OSError as e:
-                    raise PolicyError(f"{file}: cannot read: {e.strerror}") from None
-        return sources
-    finally:
-        os.close(dfd)
-
-
-def _open_trusted_dir(path: str, owners: tuple[int, ...]) -> int:
-    """An fd of directory `path`, reached from ``/`` one component at a time without
-    following links, each component checked (see `read_directory`)."""
-    parts = [p for p in path.split("/") if p]
-    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        _refuse_untrusted("/", os.fstat(fd), owners, sticky_ok=bool(parts))
-        sofar = ""
-        for i, name in enumerate(parts):
-            sofar += "/" + name
-            try:
-                nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            except OSError as e:
-                if e.errno == errno.ENOENT:
-                    raise PolicyError(f"{path}: no such policy directory") from None
-                if e.errno == errno.ELOOP or (e.errno == errno.ENOTDIR and os.path.islink(sofar)):
-                    raise PolicyError(f"{sofar}: a symbolic link on the way to the policy directory {path}; "
-                                      "the policy is read without following links") from None
-                if e.errno == errno.ENOTDIR:
-                    raise PolicyError(f"{sofar}: not a directory") from None
-                raise PolicyError(f"{sofar}: cannot open the policy directory: {e.strerror}") from None
-            os.close(fd)
-            fd = nfd
-            _refuse_untrusted(sofar, os.fstat(fd), owners, sticky_ok=i + 1 < len(parts))
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _refuse_untrusted(path: str, st: os.stat_result, owners: tuple[int, ...], sticky_ok: bool) -> None:
-    """Anyone who can write a policy file (or add one, or swap a directory) could grant
-    themselves devices."""
-    mode = st.st_mode
-    fix = f"chown root {path}" if len(owners) == 1 else f"chown to uid {' or '.join(map(str, owners))}"
-    if st.st_uid not in owners:
-        raise PolicyError(f"{path}: owned by uid {st.st_uid}, not root, so that user could grant "
-                          f"themselves devices; refusing the policy ({fix})")
-    if mode & 0o022 and not (sticky_ok and mode & stat.S_ISVTX):
-        who = "anyone" if mode & 0o002 else "its group"
-        raise PolicyError(f"{path}: writable by {who} (mode {mode & 0o7777:04o}), so {who} could grant "
-                          f"themselves devices; refusing the policy (chmod go-w {path})")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal, Mapping
 
 import attrs
 
-from ..address import PciAddress
+from ..address import INTERFACE_NAME, PciAddress
 from ..errors import InvalidAddress, InvalidArgument
 from .units import _hex4, _short, format_duration, format_size
 from .users import UserDb, system_users
@@ -24,6 +24,15 @@ KNOWN_BACKENDS = ("vfio", "libvirt", "pci-stub")
 MAX_FILE_SIZE = 1 << 20
 MAX_TARGET_LEN = 256
 DEFAULT_DENY = "no rule matched (deny by default)"
+#: How a check says the policy allows a group that a lease would find busy now (leased, in use).
+BUSY_PREFIX = "busy now: "
+_SOURCE = re.compile(r"(?:rules? )?\S+\.toml:[0-9]+(?:, \S+\.toml:[0-9]+)*")
+
+
+def hide_sources(text: str) -> str:
+    """`text` without policy file:line references (``rule /etc/…/10-x.toml:7`` → ``a rule``):
+    where the policy says so is for admins, since it maps the policy for anyone."""
+    return _SOURCE.sub(lambda m: "a rule" if m.group(0).startswith("rule") else "the policy", text)
 #: What a revoked lease's holders face once the grace is over: ended, or waited for.
 ON_REVOKE = ("kill", "wait")
 #: The grace a revoked lease's holders get when no rule sets ``revoke_grace`` (seconds).
@@ -389,12 +398,13 @@ def revoke_terms(grace: int, on_revoke: str, others: bool) -> str:
 
 
 # What `parse_target` makes of a target: test ``parsed[0]`` to narrow ``parsed[1]``.
-ParsedTarget = (tuple[Literal["group"], int] | tuple[Literal["name"], str]
+ParsedTarget = (tuple[Literal["group"], int] | tuple[Literal["name"], str] | tuple[Literal["interface"], str]
                 | tuple[Literal["address"], PciAddress])
 
 
 def parse_target(target: str) -> ParsedTarget:
-    """("group", N) | ("name", NAME) | ("address", PciAddress); InvalidArgument/InvalidAddress."""
+    """("group", N) | ("name", NAME) | ("address", PciAddress) | ("interface", NAME) (a network
+    interface of a PCI device, as dpdk-devbind takes them); InvalidArgument/InvalidAddress."""
     if not isinstance(target, str) or not target:
         raise InvalidArgument("empty target (expected 0000:04:00.0, 04:00.0, group:N or name:RESOURCE)")
     if len(target) > MAX_TARGET_LEN:
@@ -412,7 +422,10 @@ def parse_target(target: str) -> ParsedTarget:
     try:
         return "address", PciAddress.parse(target)
     except InvalidAddress:
+        if INTERFACE_NAME.fullmatch(target):
+            return "interface", target
         raise InvalidAddress(f"not a target: {_short(target)} (expected a PCI address such as "
-                             "0000:04:00.0 or 04:00.0, group:N or name:RESOURCE)") from None
+                             "0000:04:00.0 or 04:00.0, group:N, name:RESOURCE or a network "
+                             "interface such as enp4s0)") from None
 
 

@@ -98,3 +98,35 @@ class StaticUserDb(UserDb):
 def system_users() -> UserDb:
     """The database used when a caller passes none: the system's."""
     return UserDb()
+
+
+@attrs.frozen
+class LayeredUserDb(UserDb):
+    """Several databases asked in order: the first that knows a name or id answers."""
+
+    layers: tuple[UserDb, ...]
+
+    def uid(self, name: str) -> int | None:
+        return next((v for db in self.layers if (v := db.uid(name)) is not None), None)
+
+    def gid(self, name: str) -> int | None:
+        return next((v for db in self.layers if (v := db.gid(name)) is not None), None)
+
+    def user_name(self, uid: int) -> str | None:
+        return next((v for db in self.layers if (v := db.user_name(uid)) is not None), None)
+
+    def group_name(self, gid: int) -> str | None:
+        return next((v for db in self.layers if (v := db.group_name(gid)) is not None), None)
+
+    def groups_of(self, uid: int) -> frozenset[int]:
+        """The groups of the first database that knows the uid, each by the gid its name
+        has here (a group of the same name in an earlier database is that group)."""
+        for db in self.layers:
+            if db.user_name(uid) is not None:
+                gids: set[int] = set()
+                for gid in db.groups_of(uid):
+                    name = db.group_name(gid)
+                    here = self.gid(name) if name is not None else None
+                    gids.add(gid if here is None else here)
+                return frozenset(gids)
+        return frozenset()

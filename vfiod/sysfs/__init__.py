@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from .config import *  # noqa: F401,F403  (PCIe and capability constants)
 from .config import ConfigInfo
 from .device import VFIO_DRIVERS, RawDevice
+from .net import interface_address
 from .read import HostFacts, Roots, SysfsReader, pci_ancestor, read_pci_ids_file
 
 if TYPE_CHECKING:
@@ -61,4 +62,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["ConfigInfo", "GroupClaim", "GroupHeld", "Holder", "Proven", "Search", "USER_UIDS", "HostFacts", "Kernel", "MemlockGrant", "NO_DRIVER", "RawDevice", "Roots", "SysfsReader", "Unbinding", "VFIO_DRIVERS",
-           "WRITABLE", "Writable", "classify_write", "device_usage", "pci_ancestor", "read_pci_ids_file"]
+           "WRITABLE", "Writable", "classify_write", "device_usage", "interface_address", "pci_ancestor", "read_pci_ids_file"]

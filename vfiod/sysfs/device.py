@@ -16,7 +16,9 @@ is thousands of VFs, so every system call per device counts):
   config shows 0xffff for its ids; ``uevent`` has the kernel's ids, class and
   subsystem ids in one read); its PCIe port type is its PF's;
 - ``net`` only for a network function on a driver that can have interfaces (not
-  on vfio-pci, pci-stub or none), ``boot_vga`` only for a VGA function.
+  on vfio-pci, pci-stub or none), and on virtio-pci also ``virtioN/net`` (a virtio
+  NIC's interface belongs to the virtio device below the function: `vfiod.sysfs.net`);
+  ``boot_vga`` only for a VGA function.
 
 ``driver_override`` and ``sriov_numvfs`` of a function on vfio-pci are read last,
 in one patient batch (`vfiod.sysfs.patience`): the kernel shows them under the
@@ -34,6 +36,7 @@ import attrs
 from ..address import PciAddress
 from ..errors import InvalidAddress
 from .config import ConfigInfo
+from .net import interfaces_at
 from .patience import Patience, read_at
 
 #: Drivers that leave DMA to their owner: the only ones a lease binds, and (with no
@@ -274,7 +277,10 @@ class DeviceReads:
         f["virtfns"] = f.get("virtfns", ())
         f["numa_node"] = num("numa_node", 10)
         has_net = class_sub >> 8 == 0x02 and driver is not None and driver not in VFIO_DRIVERS
-        f["net"] = listdir_at(dfd, "net") if has_net else ()
+        if not has_net:
+            f["net"] = ()
+        else:
+            f["net"] = interfaces_at(dfd) if driver == "virtio-pci" else listdir_at(dfd, "net")
         return f
 
     def _later(self, index: int, node: str, name: str) -> None:

@@ -27,7 +27,6 @@ class Roots:
     dev: str = "/dev"
 
 
-
 @attrs.frozen
 class HostFacts:
     """Host-wide facts read from sysfs and proc."""

@@ -6,6 +6,7 @@ import os
 
 
 from ..address import PciAddress
+from .net import interface_dirs
 from .procs import open_files
 from .mounts import parse_mountinfo
 from .read import Roots, SysfsReader, _readlink, _text
@@ -17,12 +18,7 @@ def device_usage(roots: Roots, addr: PciAddress) -> list[str]:
     # network interfaces: up with routes, or enslaved to a bond/bridge
     routes = (_text(os.path.join(roots.proc, "net/route")) or "").splitlines()[1:]
     routed = {line.split()[0] for line in routes if line.split()}
-    try:
-        ifaces = sorted(os.listdir(os.path.join(base, "net")))
-    except OSError:
-        ifaces = []
-    for iface in ifaces:
-        d = os.path.join(base, "net", iface)
+    for iface, d in interface_dirs(base):
         master = _readlink(os.path.join(d, "master"))
         if master:
             out.append(f"network interface {iface} is a member of {os.path.basename(master)}")

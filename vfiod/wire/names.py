@@ -5,6 +5,9 @@ nothing of the daemon."""
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import re
 from typing import TypedDict
 
 from dbus_next import BusType
@@ -30,6 +33,20 @@ def bus_args(spec: str) -> BusArgs:
     if spec == "session":
         return {"bus_type": BusType.SESSION}
     return {"bus_address": spec}
+
+
+_ADDRESS = re.compile(r"[a-z][a-z0-9-]*:[^;]*(;[a-z][a-z0-9-]*:[^;]*)*")
+
+
+def bus_arg(text: str) -> str:
+    """An argparse type for --bus: ``system``, ``session`` or a D-Bus address
+    (``unix:path=/run/dbus/system_bus_socket``); anything else is a usage error."""
+    if text in ("system", "session") or _ADDRESS.fullmatch(text):
+        return text
+    close = difflib.get_close_matches(text, ("system", "session"), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise argparse.ArgumentTypeError(f"not a bus: {text!r} (system, session, or a D-Bus address such as "
+                                     f"unix:path=/run/dbus/system_bus_socket{hint})")
 
 
 def group_path(n: int) -> str:

@@ -176,14 +176,15 @@ def server(functions: int = SERVER_DEFAULT) -> HostSpec:
                     functions=fns, root_disk=PciAddress.parse("0000:01:00.0"), route_iface="eno1")
 
 
-#: What ``HOST+VARIANT`` changes: the root filesystem, or a USB disk (see `HostSpec`).
-VARIANTS = ("btrfs", "zfs", "overlay", "usb")
+#: What ``HOST+VARIANT`` changes: the root filesystem, a USB disk, or no IOMMU (see `HostSpec`).
+VARIANTS = ("btrfs", "zfs", "overlay", "usb", "noiommu")
 
 
 def spec(name: str) -> HostSpec:
     """The simulated host called `name`: a built-in example, or ``server[:N]``; each may be
     followed by ``+btrfs``, ``+zfs`` or ``+overlay`` (the root disk's filesystem) and
-    ``+usb`` (a disk on its first USB controller, its partition mounted)."""
+    ``+usb`` (a disk on its first USB controller, its partition mounted) and ``+noiommu`` (the
+    IOMMU off: the same devices, no IOMMU groups, no ``intel_iommu=on``)."""
     if "+" in name:
         base, *extras = name.split("+")
         s = spec(base)
@@ -193,6 +194,8 @@ def spec(name: str) -> HostSpec:
                 if not usb:
                     raise ValueError(f"simulated host {base!r} has no USB controller for +usb")
                 s = attrs.evolve(s, usb_disk=usb[0])
+            elif extra == "noiommu":
+                s = attrs.evolve(s, iommu=False, cmdline=s.cmdline.replace(" intel_iommu=on", ""))
             elif extra in VARIANTS and s.root_disk is not None:
                 s = attrs.evolve(s, root_fs=extra)
             else:

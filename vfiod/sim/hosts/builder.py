@@ -299,9 +299,17 @@ def add_function(sysd: str, fn: Fn, parent_node: str | None, iommu: bool = True,
         _link(os.path.join(drv, fn.addr.sysfs_name), node)
         _link(os.path.join(node, "driver"), drv)
     if fn.net:
-        os.makedirs(os.path.join(node, "net", fn.net))
-        _write(os.path.join(node, "net", fn.net, "operstate"), "up\n")
-        _link(os.path.join(sysd, "class/net", fn.net), os.path.join(node, "net", fn.net))
+        # A virtio NIC's interface belongs to the virtio device below the PCI function.
+        where = node
+        if drv_name == "virtio-pci":
+            virtio = os.path.join(sysd, "bus/virtio/devices")
+            os.makedirs(virtio, exist_ok=True)
+            where = os.path.join(node, f"virtio{len(os.listdir(virtio))}")
+            os.makedirs(where)
+            _link(os.path.join(virtio, os.path.basename(where)), where)
+        os.makedirs(os.path.join(where, "net", fn.net))
+        _write(os.path.join(where, "net", fn.net, "operstate"), "up\n")
+        _link(os.path.join(sysd, "class/net", fn.net), os.path.join(where, "net", fn.net))
     return node
 
 
