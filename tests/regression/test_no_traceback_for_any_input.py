@@ -9,7 +9,9 @@ Python's tracebacks (`vfioctl leases --bus session`, `vfioctl groups --bus
 garbage`, `vfiod --simulate --bus session`, ...)."""
 
 import os
+import shutil
 import subprocess
+import tempfile
 
 import pytest
 
