@@ -19,6 +19,7 @@ const GROUP_PREFIX = ROOT + "/group/";
 const DEVICE_PREFIX = ROOT + "/device/";
 const LEASE_PREFIX = ROOT + "/lease/";
 const MAX_TARGETS = 64;            /* GroupsJson takes at most this many targets a call */
+const BUSY_PREFIX = "busy now: ";  /* CheckAccess: the policy allows it, a lease is refused now (vfiod.policy.BUSY_PREFIX) */
 const PAGE = 200;                  /* groups drawn at a time */
 
 const $ = id => document.getElementById(id);
@@ -400,8 +401,10 @@ function checkAccess(ev) {
     $("access-explain").textContent = "";
     call(ROOT, MANAGER, "CheckAccess", [target, backend], "ss")
             .then(([[allowed, rule, reason]]) => {
-                $("access-verdict").innerHTML = (allowed ? badge("ok", "allowed") : badge("no", "denied")) + " " + esc(reason);
-                $("access-verdict").dataset.allowed = allowed ? "yes" : "no";
+                const busy = !allowed && reason.startsWith(BUSY_PREFIX);
+                const verdict = allowed ? badge("ok", "allowed") : busy ? badge("warn", "busy") : badge("no", "denied");
+                $("access-verdict").innerHTML = verdict + " " + esc(busy ? reason.slice(BUSY_PREFIX.length) : reason);
+                $("access-verdict").dataset.allowed = allowed ? "yes" : busy ? "busy" : "no";
                 $("access-rule").textContent = rule ? `Deciding rule: ${rule}` : "";
                 return call(ROOT, MANAGER, "Explain", [target], "s");
             })

@@ -158,11 +158,14 @@ def test_a_non_admin_sees_only_what_vfiod_shows_them(console_world, page):
         assert explain == w.ctl("explain", "group:4").stdout.rstrip("\n")
         assert roots in w.ctl("explain", "group:4", user=None).stdout      # what root is told
         assert roots not in page.evaluate("document.getElementById('groups').textContent")
-        # may I lease this? vfiod's answer to this user: allowed, without the policy's file:line
+        # may I lease this? vfiod's answer to this user, without the policy's file:line: their
+        # own lease holds group 8, so it is busy now (the policy allows it), as vfioctl check says
         page.type_into("#access-target", "group:8")
         page.click("#access-form button")
         page.wait_for("document.getElementById('access-verdict').dataset.allowed")
-        assert page.evaluate("document.getElementById('access-verdict').dataset.allowed") == "yes"
+        assert page.evaluate("document.getElementById('access-verdict').dataset.allowed") == "busy"
+        verdict = page.evaluate("document.getElementById('access-verdict').textContent")
+        assert verdict.startswith("busy IOMMU group 8 is already leased") and "the policy allows it" in verdict
         assert page.evaluate("document.getElementById('access-rule').textContent") == ""
         assert ".toml" not in page.evaluate("document.getElementById('access-result').textContent")
         page.type_into("#access-target", "group:2")
