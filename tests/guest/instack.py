@@ -111,6 +111,14 @@ def converse(cmd, ask: str, until: str, finish: str, *, give_up=(), timeout=300,
     return {"rc": rc, "stdout": "".join(out), "stderr": ""}
 
 
+def until(pred, timeout: float = 60) -> bool:
+    """Poll `pred` every 0.1 s until it holds or `timeout` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return pred()
+
+
 def record(p: subprocess.CompletedProcess) -> dict:
     return {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
 

@@ -30,7 +30,7 @@ NIC, SPARE, GRACE = "0000:01:00.0", "0000:08:00.0", 3
 GUEST_PY = r'''
 import glob, json, os, signal, sys, time
 sys.path.insert(0, os.environ["VFIOD_CHECKOUT"])
-from tests.guest.instack import Stack, driver, ensure_user, group_of
+from tests.guest.instack import Stack, driver, ensure_user, group_of, until
 from tests.guest.vfioholder import device_fd_holders, gone, hold
 OUT = os.environ["OUT"]
 NIC, SPARE, GRACE = %(nic)r, %(spare)r, %(grace)d
@@ -38,11 +38,6 @@ res = {"errors": [], "complete": False, "uname": os.uname().release}
 def save():
     with open(os.path.join(OUT, "matrix.json"), "w") as f:
         json.dump(res, f)
-def until(pred, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not pred() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return pred()
 ensure_user(1000, "lessee")
 G = group_of(NIC)
 rules = (f'[[rule]]\naddress = ["{NIC}", "{SPARE}"]\nuids = [1000]\nbackends = ["vfio"]\npersistent = true\n'

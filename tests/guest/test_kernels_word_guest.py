@@ -34,7 +34,7 @@ GRACE = 2
 GUEST_PY = r'''
 import errno, json, os, signal, sys, time, traceback
 sys.path.insert(0, os.environ["VFIOD_CHECKOUT"])
-from tests.guest.instack import Stack, driver, ensure_user, group_of
+from tests.guest.instack import Stack, driver, ensure_user, group_of, until
 from tests.guest.vfioholder import gone, hold
 OUT = os.environ["OUT"]
 NIC, SPARE, GRACE = %(nic)r, %(spare)r, %(grace)d
@@ -42,11 +42,6 @@ res = {"errors": [], "complete": False}
 def save():
     with open(os.path.join(OUT, "word.json"), "w") as f:
         json.dump(res, f)
-def until(pred, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not pred() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return pred()
 def root_open(group):
     """What the kernel says to root's open of the group node now ("ok" or the errno's name)."""
     try:

@@ -37,7 +37,7 @@ PF = "0000:01:00.0"
 GUEST_PY = r'''
 import json, os, subprocess, sys, time
 sys.path.insert(0, os.environ["VFIOD_CHECKOUT"])
-from tests.guest.instack import Stack, as_user, converse, driver, ensure_user, group_of, user_env
+from tests.guest.instack import Stack, as_user, converse, driver, ensure_user, group_of, until, user_env
 from tests.guest.vfioholder import hold
 OUT = os.environ["OUT"]
 PF = %(pf)r
@@ -46,11 +46,6 @@ res = {"errors": [], "complete": False, "uname": os.uname().release}
 def save():
     with open(os.path.join(OUT, "sriov.json"), "w") as f:
         json.dump(res, f)
-def until(pred, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not pred() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return pred()
 def vfs():
     return sorted(os.path.basename(os.readlink(f"{SYS}/{n}")) for n in os.listdir(SYS) if n.startswith("virtfn"))
 def numvfs():
