@@ -51,6 +51,7 @@ def device_json(host: Host, addr: PciAddress, names: PciIds, original_driver: Or
         "bridge": d.is_bridge,
         "protected": reason_json(protected_code(d.protected), d.protected),
         "iommu_group": r.iommu_group,
+        "cdev": f"/dev/vfio/devices/{r.cdev}" if r.cdev else None,
         "physfn": str(r.physfn) if r.physfn else None,
         "virtfns": [str(v) for v in r.virtfns],
         "reset_methods": list(r.reset_methods),
@@ -115,6 +116,8 @@ def render_groups(groups: list[Json], explain: bool = False, width: int = 100) -
                 lines.append(f"      blocks VFIO: {blocked[d['address']]}")
             if d["protected"]:
                 lines.append(f"      protected: {d['protected']['text']}")
+            if d.get("cdev"):
+                lines.append(f"      VFIO device cdev: {d['cdev']}")
             if explain and not d.get("bridge") and "reset_methods" in d:
                 how = ", ".join(d["reset_methods"]) or "none (the kernel knows no way to reset it)"
                 lines.append(f"      reset: {how}")

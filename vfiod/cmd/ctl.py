@@ -246,6 +246,24 @@ async def _run_with_lease(client: Client, path: str, props: Json, group: int, co
             env["VFIOD_GROUP_FD"] = str(fd)
         env["VFIOD_GROUP"] = str(group)
         env["VFIOD_GROUP_PATH"] = props.get("GroupPath") or f"/dev/vfio/{group}"
+        # Kernels with VFIO device cdevs: each endpoint's cdev and iommufd, for the iommufd
+        # interface (QEMU's -object iommufd with -device vfio-pci,fd=...).
+        cdevs = dict(props.get("DeviceCdevs") or {})
+        if cdevs and props.get("IommuPath"):
+            env["VFIOD_IOMMU_PATH"] = props["IommuPath"]
+            env["VFIOD_DEVICE_CDEVS"] = " ".join(f"{a}={p}" for a, p in sorted(cdevs.items()))
+            if pass_fd:
+                opened = []
+                for addr in sorted(cdevs):
+                    reply = await client.lease_call(path, "OpenDevice", "s", [addr])
+                    fd = reply.unix_fds[reply.body[0]] if reply.unix_fds else reply.body[0]
+                    fds.append(fd)
+                    opened.append(f"{addr}={fd}")
+                reply = await client.lease_call(path, "OpenIommu")
+                fd = reply.unix_fds[reply.body[0]] if reply.unix_fds else reply.body[0]
+                fds.append(fd)
+                env["VFIOD_IOMMU_FD"] = str(fd)
+                env["VFIOD_DEVICE_FDS"] = " ".join(opened)
     env["VFIOD_LEASE"] = lease_id_of(path)
     memlock = props.get("Memlock") or 0
 
@@ -516,7 +534,9 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                            help="start CMD even if the policy's memlock grant could not be applied")
             p.add_argument("--pass-fd", action="store_true",
                            help="give CMD the open group fd in VFIOD_GROUP_FD (a group opens only once: "
-                                "leave this off for DPDK and QEMU, which open /dev/vfio/N themselves)")
+                                "leave this off for DPDK and QEMU, which open /dev/vfio/N themselves); "
+                                "on kernels with VFIO device cdevs also each cdev's fd in VFIOD_DEVICE_FDS "
+                                "and an iommufd in VFIOD_IOMMU_FD")
             p.set_defaults(run_command=[])
         if name == "release":
             p.add_argument("lease", metavar="ID|TARGET", nargs="?")

@@ -31,7 +31,6 @@ class Roots:
     dev: str = "/dev"
 
 
-
 @attrs.frozen
 class RawDevice:
     """One PCI function as sysfs shows it.  Unknown fields are None; why is in `problems`."""
@@ -58,6 +57,7 @@ class RawDevice:
     virtfns: tuple[PciAddress, ...] = ()
     net: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
+    cdev: str | None = None           # vfioX of BDF/vfio-dev: its VFIO device cdev (kernels with them)
 
 
 @attrs.frozen
@@ -329,7 +329,7 @@ class SysfsReader:
             boot_vga=boot_vga, reset_methods=tuple(reset.decode().split()) if reset else (),
             numa_node=num("numa_node", 10), sriov_totalvfs=totalvfs, sriov_numvfs=numvfs,
             physfn=physfn, virtfns=tuple(sorted(virtfns)), net=net, problems=tuple(problems),
-        )
+            cdev=next(iter(_listdir_at(dfd, "vfio-dev")), None) if (driver or "").endswith("vfio-pci") else None)
 
     #: How long a read under the device lock may take before it is left to finish alone.
     PATIENCE = 1.0
