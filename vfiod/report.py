@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 from .address import PciAddress
 from .pciids import PciIds
 from .state import LeaseRow
+from .sysfs.mdev import MdevType
 from .topology import VFIO_DRIVERS as VFIO_FRIENDLY, Finding, Group, Host, protected_code
 
 # A JSON object of the shapes below, as built here or as json.loads gives it back.
@@ -59,6 +60,26 @@ def device_json(host: Host, addr: PciAddress, names: PciIds, original_driver: Or
         "net": list(r.net),
         "problems": list(r.problems),
     }
+
+
+def mdev_json(types: list[MdevType]) -> list[Json]:
+    """Each mdev type of each parent (`vfiod.sysfs.mdev`), with its instances."""
+    return [{"target": t.target, "parent": t.parent, "type": t.type, "name": t.name, "device_api": t.device_api,
+             "available": t.available,
+             "instances": [{"uuid": i.uuid, "iommu_group": i.group, "mdevctl": i.mdevctl} for i in t.instances]}
+            for t in types]
+
+
+def render_mdev(types: list[Json]) -> str:
+    """`vfiod inspect`'s words on mediated device types ("" where there are none)."""
+    lines = []
+    for t in types:
+        lines.append(f"mdev type {t['target']}: {t['name'] or '?'} ({t['device_api'] or '?'}), "
+                     f"{t['available'] if t['available'] is not None else '?'} more available")
+        for i in t["instances"]:
+            lines.append(f"  {i['uuid']}  group {i['iommu_group'] if i['iommu_group'] is not None else '-'}"
+                         + ("  (defined by mdevctl)" if i["mdevctl"] else ""))
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def group_json(host: Host, group: Group, names: PciIds, lease: str | None = None,
