@@ -370,10 +370,10 @@ class Kernel:
 
     def holders(self, group: int, addrs: tuple[PciAddress, ...], uids: frozenset[int] | None,
                 pids: frozenset[int] = frozenset(), owner: int | None = None,
-                unsure_uids: frozenset[int] = frozenset()) -> Search:
+                unsure_uids: frozenset[int] = frozenset(), handed: frozenset[str] = frozenset()) -> Search:
         """Which candidate processes hold VFIO group `group` or a device of `addrs`
         (`vfiod.sysfs.procs.find_holders`: the processes of `uids`, and `pids`)."""
-        return find_holders(self.roots, group, addrs, uids, pids, owner, unsure_uids)
+        return find_holders(self.roots, group, addrs, uids, pids, owner, unsure_uids, handed)
 
     def signal_holder(self, holder: Holder, sig: int) -> bool:
         return signal_holder(holder, sig)
