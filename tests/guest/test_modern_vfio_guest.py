@@ -147,8 +147,8 @@ try:
     p = stack.vfioctl(1000, "release", lid2, timeout=120)
     res["legacy"]["release_rc"] = p.returncode
 
-    # 7. vfioctl lease --pass-fd -- CMD: CMD is told the cdev and iommufd, and holds both.
-    p = stack.vfioctl(1000, "lease", NIC, "--pass-fd", "--", "/bin/sh", "-c",
+    # 7. vfioctl lease --pass-fd --iommufd -- CMD: CMD is told the cdev and iommufd, and holds both.
+    p = stack.vfioctl(1000, "lease", NIC, "--pass-fd", "--iommufd", "--", "/bin/sh", "-c",
                       'echo "$VFIOD_DEVICE_CDEVS|$VFIOD_IOMMU_PATH"; '
                       'for f in ${VFIOD_DEVICE_FDS#*=} $VFIOD_IOMMU_FD; do readlink /proc/$$/fd/$f; done', timeout=120)
     res["pass_fd"] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
@@ -210,7 +210,7 @@ def test_cdev_leases_and_iommufd_on_the_built_kernel():
     lg = r["legacy"]
     assert lg["lease_rc"] == 0 and lg["said"] == "ready" and lg["release_rc"] == 0, lg
 
-    # 7. --pass-fd: CMD is told the cdev and /dev/iommu and holds an fd of each
+    # 7. --pass-fd --iommufd: CMD is told the cdev and /dev/iommu and holds an fd of each
     pf = r["pass_fd"]
     lines = pf["stdout"].splitlines()
     assert pf["rc"] == 0 and lines[0] == f"{NIC}={h['cdev']}|/dev/iommu", pf
