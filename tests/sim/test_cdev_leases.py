@@ -122,3 +122,42 @@ def test_a_cdev_is_named_only_when_its_node_is_that_device(tmp_path):
     other.write_text("")
     with pytest.raises(KernelError):
         DevNodes(roots).acl(str(other), 1000, True)
+
+
+class _Crash(BaseException):
+    """The process dies here: nothing after it runs, the journal stays as it was."""
+
+
+@pytest.mark.parametrize("at", ["cdev-chown", "iommu-acl"])
+def test_a_crash_in_the_middle_of_the_hand_over_is_undone_on_restart(tmp_path, at):
+    kit = Kit(tmp_path, "bridge")
+    iommu = _with_cdevs(kit)
+    before = _state(iommu)
+    if at == "cdev-chown":
+        chown = kit.kernel.set_node_owner
+
+        def crash_after_cdev(path, uid, gid, mode):
+            chown(path, uid, gid, mode)
+            if "/vfio/devices/" in path:
+                raise _Crash()
+        kit.kernel.set_node_owner = crash_after_cdev
+    else:
+        acl_set = kit.kernel.nodes.acl
+
+        def crash_after_acl(path, uid, grant):
+            acl_set(path, uid, grant)
+            if path == iommu:
+                raise _Crash()
+        kit.kernel.nodes.acl = crash_after_acl
+    with pytest.raises(_Crash):
+        kit.manager.request(USER, "group:2", "vfio", {})
+    (lease,) = kit.journal.leases()
+    cdevs = [kit.kernel.nodes.device_cdev(a) for a in kit.manager.endpoints(lease.id)]
+    assert any(_state(p)[0] == 1000 for p in cdevs if p), at     # the crash left them handed over
+    assert acl.user_perm(iommu, 1000) == (6 if at == "iommu-acl" else None)
+
+    again = Kit(tmp_path, "bridge", owner_alive=lambda lease: True)
+    again.manager.reconcile()
+    assert again.journal.leases() == []
+    assert all(_state(p)[:3] == (0, 0, 0o600) for p in cdevs if p), at
+    assert _state(iommu) == before
