@@ -140,6 +140,9 @@ class VfioBackend(BackendBase):
         if addr not in ctx.endpoints:
             raise InvalidArgument(f"{addr} is not an endpoint of lease {ctx.lease.id} "
                                   f"(its endpoints: {', '.join(map(str, ctx.endpoints))})")
+        if ctx.kernel.nodes.device_cdev(addr) is None:
+            raise InvalidArgument(f"this kernel has no VFIO device cdev for {addr} (CONFIG_VFIO_DEVICE_CDEV): "
+                                  "use the group and the container")
         try:
             return ctx.kernel.nodes.open_device_cdev(addr)
         except OSError as e:

@@ -80,6 +80,14 @@ def test_a_lease_hands_over_each_cdev_and_iommufd_and_gives_them_back_as_they_we
     os.close(be.open_iommu(ctx))
     with pytest.raises(InvalidArgument):
         be.open_device(ctx, PciAddress.parse("0000:00:1f.2"))
+    legacy = Kit(tmp_path / "legacy", "bridge")
+    old = legacy.manager.request(USER, "group:2", "vfio", {})
+    old_ctx = legacy.manager.context(old)
+    with pytest.raises(InvalidArgument, match="no VFIO device cdev"):
+        be.open_device(old_ctx, old_ctx.endpoints[0])
+    with pytest.raises(InvalidArgument, match="no VFIO device cdevs"):
+        be.open_iommu(old_ctx)
+    legacy.manager.release(old.id, USER)
     kit.manager.release(lease.id, USER)
     assert _state(iommu) == before
 
