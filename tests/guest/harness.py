@@ -38,8 +38,9 @@ How it works
   own kernel, built once from Debian's ``linux-source-6.12`` with the checked-in
   fragment ``tests/guest/kernel/guest.config`` (tests/guest/kbuild.py: tinyconfig plus
   iommufd, the vfio device cdevs and mtty, everything built in) and cached in
-  ``kernels-built/<source version>-<fragment hash>/``; about 10 minutes on a fresh
-  machine, nothing after.  Its initrd carries no modules (pass ``modules=()``).
+  ``kernels-built/<source version>-<fragment hash>/``: built once per machine (tens
+  of minutes on 2 busy cores), nothing after.  It boots to the script in about 3 s.
+  Its initrd carries no modules (pass ``modules=()``).
 * QEMU: this machine's, unless ``Guest(qemu=(8, 0))`` needs a newer one (the
   ``sriov`` topology's igb): then Debian's newer build from the apt sources
   (bookworm-backports' QEMU 10 on Debian 12) with its SeaBIOS, fetched with
