@@ -3,7 +3,10 @@ linux-source-6.12, tinyconfig plus tests/guest/kernel/guest.config): one boot of
 ``rootport`` topology, vfiod on a private bus (tests/guest/instack.py).
 
 * The kernel has what Debian's lack: ``/dev/iommu`` (iommufd), a VFIO device cdev
-  next to the group node once the e1000e is on vfio-pci, and mtty's mdev types.
+  next to the group node once the e1000e is on vfio-pci, and mtty's mdev types;
+  ``vfiod inspect`` lists those types and an instance an admin made (with its
+  emulated IOMMU group), the daemon serves with that group on the host, and the
+  instance is still there at the end: vfiod removes no mdev it did not make.
 * A lease as an unprivileged user hands over the group node, the device's cdev and
   an ACL entry on ``/dev/iommu``; the user does the whole iommufd handshake
   (``VFIO_DEVICE_BIND_IOMMUFD``, ``IOMMU_IOAS_ALLOC``, ``VFIO_DEVICE_ATTACH_IOMMUFD_PT``,
@@ -65,6 +68,9 @@ def try_open(uid, path):
             code = e.errno
         os._exit(code)
     return os.waitpid(pid, 0)[1] >> 8
+UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+def group_of_mdev(uuid):
+    return int(os.path.basename(os.readlink(f"/sys/bus/mdev/devices/{uuid}/iommu_group")))
 def cdev_of(addr):
     names = glob.glob(f"/sys/bus/pci/devices/{addr}/vfio-dev/vfio*")
     return "/dev/vfio/devices/" + os.path.basename(names[0]) if names else None
@@ -82,7 +88,19 @@ try:
                      if os.path.isdir("/sys/class/mdev_bus/mtty") else None,
                      "driver": driver(NIC)}
     iommu_before = node_state("/dev/iommu")
+    # An admin's mtty instance (as mdevctl would make it): inspect lists it, and an IOMMU
+    # group whose member is no PCI device troubles neither the scan nor the daemon.
+    import subprocess
+    with open("/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2/create", "w") as f:
+        f.write(UUID)
+    p = subprocess.run(["vfiod", "inspect", "--json"], capture_output=True, text=True, timeout=120)
+    res["inspect"] = {"rc": p.returncode, "stderr": p.stderr,
+                      "mdev": json.loads(p.stdout)["mdev"] if p.returncode == 0 else None,
+                      "groups": [g["group"] for g in json.loads(p.stdout)["groups"]] if p.returncode == 0 else None,
+                      "mdev_group": group_of_mdev(UUID)}
     stack.start()
+    p = stack.vfioctl(1000, "groups", "--json")
+    res["daemon_groups_rc"] = [p.returncode, p.stderr[-500:]]
 
     # 2. A lease as uid 1000: the group node, the cdev and /dev/iommu are the lessee's.
     t = time.monotonic()
@@ -152,7 +170,10 @@ try:
                       'echo "$VFIOD_DEVICE_CDEVS|$VFIOD_IOMMU_PATH"; '
                       'for f in ${VFIOD_DEVICE_FDS#*=} $VFIOD_IOMMU_FD; do readlink /proc/$$/fd/$f; done', timeout=120)
     res["pass_fd"] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
-    res["end"] = {"iommu": node_state("/dev/iommu"), "driver": driver(NIC), "group": node_state(f"/dev/vfio/{G}")}
+    res["end"] = {"iommu": node_state("/dev/iommu"), "driver": driver(NIC), "group": node_state(f"/dev/vfio/{G}"),
+                  "mdev_kept": os.path.exists(f"/sys/bus/mdev/devices/{UUID}")}
+    with open(f"/sys/bus/mdev/devices/{UUID}/remove", "w") as f:
+        f.write("1")
     res["complete"] = True
 except Exception as e:
     import traceback
@@ -179,6 +200,15 @@ def test_cdev_leases_and_iommufd_on_the_built_kernel():
     assert k["iommu_chr"] and k["iommu"][:3] == [0, 0, "0o660"], k
     assert k["mdev_types"] and all(t.startswith("mtty-") for t in k["mdev_types"]), k
     assert k["driver"] == "e1000e"
+    # ... and vfiod inspect lists mtty's types and the admin's instance, with its group
+    ins = r["inspect"]
+    assert ins["rc"] == 0, ins
+    two = next(t for t in ins["mdev"] if t["target"] == "mdev:mtty/mtty-2")
+    assert two["device_api"] == "vfio-pci" and isinstance(two["available"], int), two
+    assert two["instances"] == [{"uuid": "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001", "iommu_group": ins["mdev_group"],
+                                 "mdevctl": False}], two
+    assert r["daemon_groups_rc"][0] == 0, r["daemon_groups_rc"]
+    assert r["end"]["mdev_kept"]                   # vfiod leaves an mdev it did not make alone
 
     # 2. handed over: the group node and the cdev to uid 1000 (0600), an ACL entry on /dev/iommu
     h = r["handed"]
