@@ -53,6 +53,12 @@ class BackendBase:
     def open_container(self, ctx: LeaseContext) -> int:
         raise InvalidArgument(f"the {self.name} backend hands over no container fd")
 
+    def open_device(self, ctx: LeaseContext, addr: PciAddress) -> int:
+        raise InvalidArgument(f"the {self.name} backend hands over no device cdev")
+
+    def open_iommu(self, ctx: LeaseContext) -> int:
+        raise InvalidArgument(f"the {self.name} backend hands over no iommufd")
+
     def hostdev_xml(self, ctx: LeaseContext) -> str:
         raise InvalidArgument(f"the {self.name} backend has no hostdev XML (use the libvirt backend)")
 

@@ -203,6 +203,8 @@ def lease_json(props: dict[str, Any], devices: list[str]) -> dict[str, Any]:
         "reset_on_release": bool(props.get("ResetOnRelease", False)),
         "warnings": list(props.get("Warnings") or []),
         "group_path": props.get("GroupPath") or None,
+        "cdevs": dict(props.get("DeviceCdevs") or {}),
+        "iommu_path": props.get("IommuPath") or None,
         "devices": list(devices),
         "state": props.get("State") or "granted",
         "revoke_reason": props.get("RevokeReason") or None,

@@ -13,7 +13,8 @@ in this order:
     ``bind(ctx, addr)``             once per endpoint, in address order
     ``plan_hand_over(ctx)``         the undo record, journaled before the hand-over
     ``hand_over(ctx) -> record``    after every endpoint is on `driver`
-    ... the lease is granted; ``open_group``/``open_container``/``hostdev_xml`` may be called ...
+    ... the lease is granted; ``open_group``/``open_container``/``open_device``/
+        ``open_iommu``/``hostdev_xml`` may be called ...
     ``take_back(ctx, record)``      when the lease ends (or to roll back)
     ``unbind(ctx, addr, held)``     once per endpoint, in address order
 
@@ -54,7 +55,7 @@ class LeaseContext:
     grant.  `container_acl_uids` are the uids for which another lease still
     holds an ACL entry on the container that vfiod added (the hand-over records
     of the other leases say so): such an entry is shared, and stays until the
-    last of them ends."""
+    last of them ends.  `iommu_acl_uids` are the same for ``/dev/iommu``."""
 
     lease: LeaseRow
     endpoints: tuple[PciAddress, ...]
@@ -63,6 +64,7 @@ class LeaseContext:
     host: Host
     handed_over: Record | None = None
     container_acl_uids: frozenset[int] = frozenset()
+    iommu_acl_uids: frozenset[int] = frozenset()
 
 
 @runtime_checkable
@@ -154,6 +156,16 @@ class Backend(Protocol):
     def open_container(self, ctx: LeaseContext) -> int:
         """A new fd of the VFIO container for the lessee (the caller closes it
         after sending).  Raise `InvalidArgument` if the backend has none."""
+
+    def open_device(self, ctx: LeaseContext, addr: PciAddress) -> int:
+        """A new fd of endpoint `addr`'s VFIO device cdev (``/dev/vfio/devices/vfioX``)
+        for the lessee (the caller closes it after sending).  Raise `InvalidArgument` if
+        the backend or the kernel has none, or `addr` is not one of the lease's."""
+
+    def open_iommu(self, ctx: LeaseContext) -> int:
+        """A new fd of iommufd (``/dev/iommu``) for the lessee, where the lease's devices
+        have cdevs (the caller closes it after sending).  Raise `InvalidArgument` if
+        the backend or the kernel has none."""
 
     def hostdev_xml(self, ctx: LeaseContext) -> str:
         """libvirt ``<hostdev>`` elements for the lease's endpoints.  Raise

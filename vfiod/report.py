@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .address import PciAddress
 from .pciids import PciIds
+from .sysfs.mdev import MdevType
 from .topology import VFIO_DRIVERS as VFIO_FRIENDLY, Finding, Group, Host, protected_code
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ def device_json(host: Host, addr: PciAddress, names: PciIds, original_driver: Or
         "bridge": d.is_bridge,
         "protected": reason_json(protected_code(d.protected), d.protected),
         "iommu_group": r.iommu_group,
+        "cdev": f"/dev/vfio/devices/{r.cdev}" if r.cdev else None,
         "physfn": str(r.physfn) if r.physfn else None,
         "virtfns": [str(v) for v in r.virtfns],
         "reset_methods": list(r.reset_methods),
@@ -60,6 +62,26 @@ def device_json(host: Host, addr: PciAddress, names: PciIds, original_driver: Or
         "net": list(r.net),
         "problems": list(r.problems),
     }
+
+
+def mdev_json(types: list[MdevType]) -> list[Json]:
+    """Each mdev type of each parent (`vfiod.sysfs.mdev`), with its instances."""
+    return [{"target": t.target, "parent": t.parent, "type": t.type, "name": t.name, "device_api": t.device_api,
+             "available": t.available,
+             "instances": [{"uuid": i.uuid, "iommu_group": i.group, "mdevctl": i.mdevctl} for i in t.instances]}
+            for t in types]
+
+
+def render_mdev(types: list[Json]) -> str:
+    """`vfiod inspect`'s words on mediated device types ("" where there are none)."""
+    lines = []
+    for t in types:
+        lines.append(f"mdev type {t['target']}: {t['name'] or '?'} ({t['device_api'] or '?'}), "
+                     f"{t['available'] if t['available'] is not None else '?'} more available")
+        for i in t["instances"]:
+            lines.append(f"  {i['uuid']}  group {i['iommu_group'] if i['iommu_group'] is not None else '-'}"
+                         + ("  (defined by mdevctl)" if i["mdevctl"] else ""))
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def group_json(host: Host, group: Group, names: PciIds, lease: str | None = None,
@@ -117,6 +139,8 @@ def render_groups(groups: list[Json], explain: bool = False, width: int = 100) -
                 lines.append(f"      blocks VFIO: {blocked[d['address']]}")
             if d["protected"]:
                 lines.append(f"      protected: {d['protected']['text']}")
+            if d.get("cdev"):
+                lines.append(f"      VFIO device cdev: {d['cdev']}")
             if explain and not d.get("bridge") and "reset_methods" in d:
                 how = ", ".join(d["reset_methods"]) or "none (the kernel knows no way to reset it)"
                 lines.append(f"      reset: {how}")

@@ -88,7 +88,9 @@ class Holder:
             self.wait()
 
 
-def hold(group: int, device: str, mode: str, uid: int = 1000) -> Holder:
+def _forked(uid: int, body) -> Holder:
+    """A child process of `uid` (0: stays root) running ``body(say)``, then sleeping;
+    what it says comes back line by line (`Holder.expect`), an exception as ``error``."""
     r, w = os.pipe()
     pid = os.fork()
     if pid:
@@ -103,52 +105,140 @@ def hold(group: int, device: str, mode: str, uid: int = 1000) -> Holder:
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-        g = os.open(f"/dev/vfio/{group}", os.O_RDWR)
-        if mode == "fly-group":
-            _fly(g, say, device)
-        c = os.open("/dev/vfio/vfio", os.O_RDWR)
-        fcntl.ioctl(g, GROUP_SET_CONTAINER, struct.pack("i", c))
-        fcntl.ioctl(c, SET_IOMMU, TYPE1V2)
-        d = fcntl.ioctl(g, GROUP_GET_DEVICE_FD, bytearray(device.encode() + b"\0"))
-        if mode == "fly-device":
-            os.close(g)
-            os.close(c)
-            _fly(d, say)
-        if mode == "deaf":
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if mode == "coop":
-            efd = os.eventfd(0)
-            fcntl.ioctl(d, DEVICE_SET_IRQS, struct.pack("IIIIIi", 24, IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-                                                        REQ_IRQ_INDEX, 0, 1, efd))
-            say("ready")
-            os.eventfd_read(efd)
-            say("request")
-            for fd in (d, g, c):
-                os.close(fd)
-            say("closed")
-        elif mode == "pass":
-            a, b = socket.socketpair()
-            child = os.fork()
-            if child == 0:
-                a.close()
-                for fd in (d, g, c):
-                    os.close(fd)
-                socket.recv_fds(b, 1, 1)
-                say(f"child {os.getpid()}")
-                while True:
-                    time.sleep(1)
-            socket.send_fds(a, [b"x"], [d])
-            for fd in (d, g, c):
-                os.close(fd)
-            say("ready")
-        else:
-            say("ready")
+        body(say)
         while True:
             time.sleep(1)
     except BaseException as e:
         say(f"error {e!r}")
     finally:
         os._exit(0)
+
+
+def hold(group: int, device: str, mode: str, uid: int = 1000) -> Holder:
+    return _forked(uid, lambda say: _legacy(group, device, mode, say))
+
+
+def _legacy(group: int, device: str, mode: str, say) -> None:
+    g = os.open(f"/dev/vfio/{group}", os.O_RDWR)
+    if mode == "fly-group":
+        _fly(g, say, device)
+    c = os.open("/dev/vfio/vfio", os.O_RDWR)
+    fcntl.ioctl(g, GROUP_SET_CONTAINER, struct.pack("i", c))
+    fcntl.ioctl(c, SET_IOMMU, TYPE1V2)
+    d = fcntl.ioctl(g, GROUP_GET_DEVICE_FD, bytearray(device.encode() + b"\0"))
+    if mode == "fly-device":
+        os.close(g)
+        os.close(c)
+        _fly(d, say)
+    if mode == "deaf":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if mode == "coop":
+        efd = os.eventfd(0)
+        fcntl.ioctl(d, DEVICE_SET_IRQS, struct.pack("IIIIIi", 24, IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+                                                    REQ_IRQ_INDEX, 0, 1, efd))
+        say("ready")
+        os.eventfd_read(efd)
+        say("request")
+        for fd in (d, g, c):
+            os.close(fd)
+        say("closed")
+    elif mode == "pass":
+        a, b = socket.socketpair()
+        child = os.fork()
+        if child == 0:
+            a.close()
+            for fd in (d, g, c):
+                os.close(fd)
+            socket.recv_fds(b, 1, 1)
+            say(f"child {os.getpid()}")
+            while True:
+                time.sleep(1)
+        socket.send_fds(a, [b"x"], [d])
+        for fd in (d, g, c):
+            os.close(fd)
+        say("ready")
+    else:
+        say("ready")
+
+
+# The iommufd interface (kernels with CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV):
+# include/uapi/linux/vfio.h and iommufd.h.
+DEVICE_GET_INFO, DEVICE_GET_REGION_INFO = _io(7), _io(8)
+DEVICE_BIND_IOMMUFD, DEVICE_ATTACH_IOMMUFD_PT = _io(18), _io(19)
+IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP = (ord(";") << 8) | 0x81, (ord(";") << 8) | 0x85
+MAP_FIXED_IOVA, MAP_WRITEABLE, MAP_READABLE = 1, 2, 4
+PCI_CONFIG_REGION_INDEX = 7                       # VFIO_PCI_CONFIG_REGION_INDEX
+
+
+def iommufd_handshake(cdev: str, iommu: str = "/dev/iommu", cdev_fd: int | None = None,
+                      iommu_fd: int | None = None) -> tuple[dict, list[int]]:
+    """The whole iommufd handshake on a device cdev: bind it to an iommufd, allocate an
+    IO address space, attach the device to it, map a buffer there, and read the device's
+    info and its PCI vendor:device through the config region.  Returns what it found
+    (with the milliseconds each step took) and the fds it holds."""
+    import ctypes
+    import mmap
+    t0 = time.monotonic()
+    ms = {}
+
+    def lap(name: str) -> None:
+        ms[name] = round((time.monotonic() - t0) * 1000, 1)
+    ifd = os.open(iommu, os.O_RDWR) if iommu_fd is None else iommu_fd
+    dfd = os.open(cdev, os.O_RDWR) if cdev_fd is None else cdev_fd
+    lap("open")
+    bind = bytearray(struct.pack("IIiI", 16, 0, ifd, 0))
+    fcntl.ioctl(dfd, DEVICE_BIND_IOMMUFD, bind, True)
+    devid = struct.unpack_from("I", bind, 12)[0]
+    lap("bind")
+    alloc = bytearray(struct.pack("III", 12, 0, 0))
+    fcntl.ioctl(ifd, IOMMU_IOAS_ALLOC, alloc, True)
+    ioas = struct.unpack_from("I", alloc, 8)[0]
+    lap("ioas_alloc")
+    fcntl.ioctl(dfd, DEVICE_ATTACH_IOMMUFD_PT, bytearray(struct.pack("III", 12, 0, ioas)), True)
+    lap("attach")
+    buf = mmap.mmap(-1, 1 << 16)
+    va = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    iova = 1 << 32
+    fcntl.ioctl(ifd, IOMMU_IOAS_MAP, bytearray(struct.pack(
+        "IIIIQQQ", 40, MAP_FIXED_IOVA | MAP_WRITEABLE | MAP_READABLE, ioas, 0, va, len(buf), iova)), True)
+    lap("map")
+    info = bytearray(struct.pack("IIIIII", 24, 0, 0, 0, 0, 0))
+    fcntl.ioctl(dfd, DEVICE_GET_INFO, info, True)
+    flags, regions, irqs = struct.unpack_from("III", info, 4)
+    region = bytearray(struct.pack("IIIIQQ", 32, 0, PCI_CONFIG_REGION_INDEX, 0, 0, 0))
+    fcntl.ioctl(dfd, DEVICE_GET_REGION_INFO, region, True)
+    offset = struct.unpack_from("Q", region, 24)[0]
+    vendor, device = struct.unpack("<HH", os.pread(dfd, 4, offset))
+    lap("info")
+    found = {"devid": devid, "ioas": ioas, "iova": iova, "flags": flags, "regions": regions, "irqs": irqs,
+             "ids": f"{vendor:04x}:{device:04x}", "ms": ms}
+    _KEEP.append(buf)
+    return found, [dfd, ifd]
+
+
+_KEEP: list[object] = []        # the mapped buffers stay as long as the process
+
+
+def hold_cdev(cdev: str, mode: str, uid: int = 1000) -> Holder:
+    """A process of `uid` doing the iommufd handshake on `cdev`, then ``stubborn``
+    (holds and sleeps) or ``coop`` (closes its fds when the kernel fires the device's
+    request eventfd).  Says ``ready JSON`` (what `iommufd_handshake` found)."""
+    import json
+
+    def body(say) -> None:
+        found, fds = iommufd_handshake(cdev)
+        if mode == "coop":
+            efd = os.eventfd(0)
+            fcntl.ioctl(fds[0], DEVICE_SET_IRQS, struct.pack("IIIIIi", 24, IRQ_SET_DATA_EVENTFD
+                                                             | IRQ_SET_ACTION_TRIGGER, REQ_IRQ_INDEX, 0, 1, efd))
+            say("ready " + json.dumps(found))
+            os.eventfd_read(efd)
+            for fd in fds:
+                os.close(fd)
+            say("closed")
+        else:
+            say("ready " + json.dumps(found))
+    return _forked(uid, body)
 
 
 def _fly(fd: int, say, device: str | None = None) -> None:

@@ -49,6 +49,21 @@ def test_without_a_grant_for_every_group_there_is_no_memlock_edit(tmp_path):
     assert not any(e.startswith("VFIOD_MEMLOCK=") for e in spec["containerEdits"]["env"])
 
 
+def test_a_node_with_vfio_cdevs_gives_each_device_its_cdev_and_the_claim_dev_iommu(tmp_path):
+    legacy = cdi.build_spec(UID, {"nic": [cdi.GroupGrant(8, ("0000:04:00.0",))]}, dev_root=str(tmp_path))
+    assert [n["path"] for n in legacy["containerEdits"]["deviceNodes"]] == ["/dev/vfio/vfio"]
+    assert [n["path"] for n in legacy["devices"][0]["containerEdits"]["deviceNodes"]] == ["/dev/vfio/8"]
+    spec = cdi.build_spec(UID, {"nic": [cdi.GroupGrant(8, ("0000:04:00.0", "0000:04:00.1"), None,
+                                                       ("/dev/vfio/devices/vfio0", "/dev/vfio/devices/vfio1"))]},
+                          dev_root=str(tmp_path))
+    jsonschema.validate(spec, schema())
+    assert [n["path"] for n in spec["containerEdits"]["deviceNodes"]] == ["/dev/vfio/vfio", "/dev/iommu"]
+    nodes = spec["devices"][0]["containerEdits"]["deviceNodes"]
+    assert [(n["path"], n["hostPath"]) for n in nodes] == [
+        ("/dev/vfio/8", f"{tmp_path}/vfio/8"), ("/dev/vfio/devices/vfio0", f"{tmp_path}/vfio/devices/vfio0"),
+        ("/dev/vfio/devices/vfio1", f"{tmp_path}/vfio/devices/vfio1")]
+
+
 def test_the_schema_refuses_what_a_runtime_would(tmp_path):
     good = cdi.build_spec(UID, {"nic": [cdi.GroupGrant(8, ("0000:04:00.0",))]}, dev_root=str(tmp_path))
     for bad in (dict(good, cdiVersion="1.0"), dict(good, kind="no-slash"), dict(good, devices=[]),

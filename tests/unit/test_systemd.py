@@ -146,6 +146,6 @@ def test_the_unit_keeps_proc_and_sys_read_only_and_filters_the_cross_process_cal
     unit = _directives(open(os.path.join(ROOT, "systemd/vfiod.service")).read())
     assert unit["ProtectKernelTunables"] == ["yes"] and unit["ReadOnlyPaths"] == ["/proc"]
     rw = " ".join(unit["ReadWritePaths"]).split()
-    assert sorted(rw) == ["/dev/vfio", "/sys/bus/pci/drivers", "/sys/bus/pci/drivers_probe"], rw
+    assert sorted(rw) == ["-/dev/iommu", "/dev/vfio", "/sys/bus/pci/drivers", "/sys/bus/pci/drivers_probe"], rw
     denied = " ".join(v[1:] for v in unit["SystemCallFilter"] if v.startswith("~")).split()
     assert {"process_vm_readv", "process_vm_writev", "@debug"} <= set(denied), denied

@@ -241,7 +241,7 @@ def cmd_lease(args: argparse.Namespace) -> int:
             print((await client.lease_call(path, "HostdevXml")).body[0])
         try:
             if command:
-                return await _run_with_lease(client, path, props, group, command, args.pass_fd)
+                return await _run_with_lease(client, path, props, group, command, args.pass_fd, args.iommufd)
             if args.persistent:
                 if not args.json:
                     print(lease_id)
@@ -266,13 +266,13 @@ def cmd_lease(args: argparse.Namespace) -> int:
 
 
 async def _run_with_lease(client: Client, path: str, props: Json, group: int, command: Sequence[str],
-                          pass_fd: bool = False) -> int:
+                          pass_fd: bool = False, iommufd: bool = False) -> int:
     env = dict(os.environ)
     fds: list[int] = []
     if props["Backend"] == "libvirt":
         env["VFIOD_HOSTDEV_XML"] = (await client.lease_call(path, "HostdevXml")).body[0]
     if props["Backend"] in ("vfio", "libvirt"):
-        if pass_fd:
+        if pass_fd and not iommufd:
             # The kernel lets /dev/vfio/N be open once at a time: while CMD holds this fd,
             # opening the node by path (as DPDK's EAL and QEMU do) fails with EBUSY.
             reply = await client.lease_call(path, "OpenGroup")
@@ -281,6 +281,29 @@ async def _run_with_lease(client: Client, path: str, props: Json, group: int, co
             env["VFIOD_GROUP_FD"] = str(fd)
         env["VFIOD_GROUP"] = str(group)
         env["VFIOD_GROUP_PATH"] = props.get("GroupPath") or f"/dev/vfio/{group}"
+        # Kernels with VFIO device cdevs: each endpoint's cdev and iommufd, for the iommufd
+        # interface (QEMU's -object iommufd with -device vfio-pci,fd=...).
+        # The kernel keeps the two interfaces apart: while the group is open, no device of
+        # it binds to an iommufd (EBUSY), so --iommufd passes the cdevs and iommufd instead.
+        cdevs = dict(props.get("DeviceCdevs") or {})
+        if iommufd and not cdevs:
+            raise InvalidArgument("--iommufd: this kernel has no VFIO device cdevs for the lease's devices "
+                                  "(CONFIG_VFIO_DEVICE_CDEV); leave it off to use the group")
+        if cdevs and props.get("IommuPath"):
+            env["VFIOD_IOMMU_PATH"] = props["IommuPath"]
+            env["VFIOD_DEVICE_CDEVS"] = " ".join(f"{a}={p}" for a, p in sorted(cdevs.items()))
+            if pass_fd and iommufd:
+                opened = []
+                for addr in sorted(cdevs):
+                    reply = await client.lease_call(path, "OpenDevice", "s", [addr])
+                    fd = reply.unix_fds[reply.body[0]] if reply.unix_fds else reply.body[0]
+                    fds.append(fd)
+                    opened.append(f"{addr}={fd}")
+                reply = await client.lease_call(path, "OpenIommu")
+                fd = reply.unix_fds[reply.body[0]] if reply.unix_fds else reply.body[0]
+                fds.append(fd)
+                env["VFIOD_IOMMU_FD"] = str(fd)
+                env["VFIOD_DEVICE_FDS"] = " ".join(opened)
     env["VFIOD_LEASE"] = lease_id_of(path)
     memlock = props.get("Memlock") or 0
 
@@ -506,6 +529,10 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
             p.add_argument("--pass-fd", action="store_true",
                            help="give CMD the open group fd in VFIOD_GROUP_FD (a group opens only once: "
                                 "leave this off for DPDK and QEMU, which open /dev/vfio/N themselves)")
+            p.add_argument("--iommufd", action="store_true",
+                           help="with --pass-fd: give CMD each device's cdev fd in VFIOD_DEVICE_FDS and an "
+                                "iommufd in VFIOD_IOMMU_FD instead of the group fd (kernels with VFIO device "
+                                "cdevs; a device binds to an iommufd only while its group is not open)")
             p.set_defaults(run_command=[])
         if name == "release":
             p.add_argument("lease", metavar="ID|TARGET", nargs="?")

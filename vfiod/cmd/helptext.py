@@ -51,11 +51,17 @@ libvirt backend, the hostdev XML in VFIOD_HOSTDEV_XML, applies the policy's
 RLIMIT_MEMLOCK grant, releases the lease when it exits and exits with its
 status.  With --pass-fd the command also gets the open group in VFIOD_GROUP_FD;
 the kernel lets a group be open only once, so a command given the fd cannot
-open /dev/vfio/N again.
+open /dev/vfio/N again.  Where the kernel has VFIO device cdevs, the command is
+also told each device's cdev in VFIOD_DEVICE_CDEVS ("ADDRESS=/dev/vfio/devices/vfioX
+...", owned by you) and iommufd in VFIOD_IOMMU_PATH (/dev/iommu, on which you get
+an ACL entry); with --pass-fd --iommufd, open fds of them in VFIOD_DEVICE_FDS
+("ADDRESS=FD ...") and VFIOD_IOMMU_FD instead of the group fd (the kernel binds
+no device of a group to an iommufd while the group is open).
 
 examples:
   vfioctl lease 0000:04:00.0 -- dpdk-testpmd -a 0000:04:00.0 -- -i
   vfioctl lease 0000:04:00.0 --pass-fd -- my-vfio-tool
+  vfioctl lease 0000:04:00.0 --pass-fd --iommufd -- my-iommufd-tool
   vfioctl lease group:8 --duration 2h --persistent
   vfioctl lease name:gpu --backend libvirt --xml
 """),

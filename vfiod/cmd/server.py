@@ -41,7 +41,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from ..pciids import PciIds
     from ..report import findings_json, host_json, render_groups
+    from ..report import mdev_json, render_mdev
     from ..sysfs import SysfsReader
+    from ..sysfs.mdev import read_types
     from ..topology import Host
 
     # A short process that makes a few objects per PCI function and no reference cycles:
@@ -49,11 +51,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     gc.disable()
     with host_roots(args) as roots:
         host = Host.scan(SysfsReader(roots))
+        mdev = mdev_json(read_types(roots))
     groups = host_json(host, PciIds())
     if args.json:
         for f in host.findings:
             print(f"vfiod: {f.text}", file=sys.stderr)
-        print_json("groups", groups=groups, findings=findings_json(host))
+        print_json("groups", groups=groups, findings=findings_json(host), mdev=mdev)
         return EXIT_OK
     if args.simulate:
         from ..sim.hosts import spec
@@ -66,6 +69,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     sys.stdout.write(render_groups(groups, explain=args.explain))
     viable = sum(1 for g in groups if g["viable"])
     print(f"{len(groups)} IOMMU groups, {viable} viable for VFIO now.")
+    if mdev:
+        sys.stdout.write("\n" + render_mdev(mdev))
     return EXIT_OK
 
 

@@ -59,7 +59,7 @@ class Backing(Protocol):
     def exported_leases(self) -> list[str]: ...
     def warnings(self, lease_id: str) -> list[str]: ...
     def keep_fd_for_send(self, fd: int) -> int: ...
-    async def open_fd(self, caller: Caller, lease_id: str, which: str) -> int: ...
+    async def open_fd(self, caller: Caller, lease_id: str, which: str, address: str = "") -> int: ...
     async def hostdev_xml(self, caller: Caller, lease_id: str) -> str: ...
     async def renew(self, caller: Caller, lease_id: str, seconds: int) -> LeaseRow: ...
     async def release(self, caller: Caller, lease_id: str) -> None: ...
@@ -327,6 +327,13 @@ class DeviceInterface(ExportedInterface):
         return device_path(pf) if pf else "/"
 
     @dbus_property(access=PropertyAccess.READ)
+    def Cdev(self) -> "s":
+        """Its VFIO device cdev (``/dev/vfio/devices/vfioX``) while it is on vfio-pci, on
+        kernels with them; empty otherwise."""
+        cdev = self._d().raw.cdev
+        return f"/dev/vfio/devices/{cdev}" if cdev else ""
+
+    @dbus_property(access=PropertyAccess.READ)
     def ResetMethods(self) -> "as":
         return list(self._d().raw.reset_methods)
 
@@ -370,6 +377,22 @@ class LeaseInterface(ExportedInterface):
         return self.service.kernel.vfio_group_path(self.lease.group)
 
     @dbus_property(access=PropertyAccess.READ)
+    def DeviceCdevs(self) -> "a{ss}":
+        """Each endpoint's VFIO device cdev (``/dev/vfio/devices/vfioX``), where the kernel
+        made one (CONFIG_VFIO_DEVICE_CDEV); empty on kernels without."""
+        be = self.service.manager.backends.get(self.lease.backend)
+        if be is None or not be.uses_vfio:
+            return {}
+        kernel = self.service.kernel
+        return {str(a): path for a in self.service.manager.endpoints(self.lease.id)
+                if (path := kernel.nodes.device_cdev(a))}
+
+    @dbus_property(access=PropertyAccess.READ)
+    def IommuPath(self) -> "s":
+        """``/dev/iommu`` where the lease's devices have cdevs (the lessee may open it), else empty."""
+        return self.service.kernel.nodes.iommu_path() if self.DeviceCdevs else ""
+
+    @dbus_property(access=PropertyAccess.READ)
     def Memlock(self) -> "t":
         return int(self.lease.memlock or 0)
 
@@ -408,6 +431,16 @@ class LeaseInterface(ExportedInterface):
     @edge
     async def OpenContainer(self, caller: Caller) -> "h":
         return self.service.keep_fd_for_send(await self.service.open_fd(caller, self.lease.id, "container"))
+
+    @method()
+    @edge
+    async def OpenDevice(self, caller: Caller, address: "s") -> "h":
+        return self.service.keep_fd_for_send(await self.service.open_fd(caller, self.lease.id, "device", address))
+
+    @method()
+    @edge
+    async def OpenIommu(self, caller: Caller) -> "h":
+        return self.service.keep_fd_for_send(await self.service.open_fd(caller, self.lease.id, "iommu"))
 
     @method()
     @edge

@@ -191,9 +191,11 @@ class ObjectTree:
                 iface.emit_properties_changed(changed)
         for addr, dev in devices:
             d_old, d_new = old.devices.get(addr), new.devices.get(addr)
-            if d_new is not None and (d_old is None or d_old.driver != d_new.driver):
+            if d_new is not None and (d_old is None or d_old.driver != d_new.driver
+                                      or d_old.raw.cdev != d_new.raw.cdev):
                 dev.emit_properties_changed({"Driver": d_new.driver or "",
-                                             "OriginalDriver": self.service.queries.original_driver(addr) or ""})
+                                             "OriginalDriver": self.service.queries.original_driver(addr) or "",
+                                             "Cdev": f"/dev/vfio/devices/{d_new.raw.cdev}" if d_new.raw.cdev else ""})
 
     # ------------------------------------------------------------ the Manager's signals
 

@@ -267,10 +267,16 @@ class Service:
 
     # ------------------------------------------------------------ leases
 
-    async def open_fd(self, caller: Caller, lease_id: str, which: str) -> int:
+    async def open_fd(self, caller: Caller, lease_id: str, which: str, address: str = "") -> int:
+        """An fd for the lease's owner: of its group, the container, iommufd, or the cdev
+        of its endpoint `address`."""
         lease = self.manager.owned(lease_id, caller, "open")
         be = self.backends[lease.backend]
         ctx = self.manager.context(lease, host=self.host)
+        if which == "device":
+            return be.open_device(ctx, PciAddress.parse(address))
+        if which == "iommu":
+            return be.open_iommu(ctx)
         return be.open_group(ctx) if which == "group" else be.open_container(ctx)
 
     def keep_fd_for_send(self, fd: int) -> int:

@@ -2,8 +2,10 @@
 
 One spec file per prepared claim, ``CDI_DIR/vfiod.io-CLAIMUID.json``, of kind
 ``vfiod.io/group`` with one device per leased IOMMU group (``CLAIMUID-group-N``,
-its node ``/dev/vfio/N``).  What every device of the claim shares goes in the
-spec's own ``containerEdits``: the container node ``/dev/vfio/vfio``, the
+its node ``/dev/vfio/N``, and on nodes whose kernel has VFIO device cdevs each
+endpoint's ``/dev/vfio/devices/vfioX`` too).  What every device of the claim shares
+goes in the spec's own ``containerEdits``: the container node ``/dev/vfio/vfio``
+(and ``/dev/iommu`` where the devices have cdevs), the
 environment KubeVirt and the SR-IOV device plugin set (``PCI_RESOURCE_…``,
 ``PCIDEVICE_…``: the endpoints' addresses by request), and the memlock grant
 (``VFIOD_MEMLOCK`` and a ``createRuntime`` hook that raises the container
@@ -52,6 +54,7 @@ class GroupGrant:
     group: int
     endpoints: tuple[str, ...]
     memlock: int | None = None
+    cdevs: tuple[str, ...] = ()          # the endpoints' VFIO device cdevs, where the kernel has them
 
 
 def spec_path(cdi_dir: str, claim_uid: str) -> str:
@@ -79,7 +82,8 @@ def build_spec(claim_uid: str, by_request: Mapping[str, Sequence[GroupGrant]], d
     VFIO nodes are, to copy their device numbers; `hook`: the program the memlock hook runs)."""
     grants = {g.group: g for gs in by_request.values() for g in gs}
     devices = [{"name": device_name(claim_uid, n),
-                "containerEdits": {"deviceNodes": [_node(f"/dev/vfio/{n}", dev_root)]}}
+                "containerEdits": {"deviceNodes": [_node(p, dev_root)
+                                                   for p in (f"/dev/vfio/{n}", *grants[n].cdevs)]}}
                for n in sorted(grants)]
     env = []
     for request in sorted(by_request):
@@ -88,6 +92,8 @@ def build_spec(claim_uid: str, by_request: Mapping[str, Sequence[GroupGrant]], d
                 f"{env_name('PCIDEVICE_', request)}={addresses}"]
     env.append("VFIOD_IOMMU_GROUPS=" + ",".join(map(str, sorted(grants))))
     edits: dict[str, Any] = {"deviceNodes": [_node("/dev/vfio/vfio", dev_root)]}
+    if any(g.cdevs for g in grants.values()):
+        edits["deviceNodes"].append(_node("/dev/iommu", dev_root))
     memlocks = [g.memlock for g in grants.values()]
     if memlocks and all(memlocks):
         # Each lease's grant was the policy's for its group; the container gets the sum.

@@ -76,7 +76,8 @@ class SpecWriter:
         grants = {}
         for g in await self.vfiod.groups([f"group:{n}" for n in req.groups]):
             endpoints = tuple(d["address"] for d in g["devices"] if not d["bridge"])
-            grants[g["group"]] = cdi.GroupGrant(g["group"], endpoints, held[g["group"]].memlock)
+            cdevs = tuple(d["cdev"] for d in g["devices"] if not d["bridge"] and d.get("cdev"))
+            grants[g["group"]] = cdi.GroupGrant(g["group"], endpoints, held[g["group"]].memlock, cdevs)
         missing = [n for n in req.groups if n not in grants]
         if missing:
             self._refuse(req.claim, f"IOMMU group {', '.join(map(str, missing))} is gone from this node")

@@ -127,21 +127,23 @@ class LeaseCore:
         handed = [s.record for s in self.journal.steps(lease.id) if s.action == "hand-over"]
         return LeaseContext(lease=lease, endpoints=self.endpoints(lease.id), kernel=self.kernel, decision=decision,
                             host=host, handed_over=handed[-1] if handed else None,
-                            container_acl_uids=self._container_acl_uids(lease.id))
+                            container_acl_uids=self._acl_uids(lease.id, "acl"),
+                            iommu_acl_uids=self._acl_uids(lease.id, "iommu_acl"))
 
     def endpoints(self, lease_id: str) -> tuple[PciAddress, ...]:
         """The endpoints a lease holds (its journaled devices, bridges left out)."""
         return tuple(h.address for h in self.journal.held(lease_id) if h.role == "endpoint")
 
-    def _container_acl_uids(self, lease_id: str) -> frozenset[int]:
-        """The uids whose container ACL entry, added by vfiod, a lease other than
-        `lease_id` holds (its hand-over record, journaled or done, says ``acl``)."""
+    def _acl_uids(self, lease_id: str, key: str) -> frozenset[int]:
+        """The uids whose ACL entry, added by vfiod, a lease other than `lease_id` holds
+        (its hand-over record, journaled or done, says `key`: ``acl`` for the container,
+        ``iommu_acl`` for /dev/iommu)."""
         uids = set()
         for other in self.journal.leases():
             if other.id == lease_id:
                 continue
             for st in self.journal.steps(other.id):
-                acl = st.record.get("acl") if st.action == "hand-over" else None
+                acl = st.record.get(key) if st.action == "hand-over" else None
                 if isinstance(acl, int) and not isinstance(acl, bool):
                     uids.add(acl)
         return frozenset(uids)

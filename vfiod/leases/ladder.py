@@ -28,6 +28,7 @@ every step is journaled, and a restart resumes the ladder where it was."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from typing import Mapping
@@ -74,9 +75,12 @@ class Ladder:
         vfio_uids = frozenset(o.uid for o in core.journal.leases() if o.id != lease.id
                               and (be := core.backends.get(o.backend)) is not None and be.uses_vfio)
         pids = frozenset(m.pid for m in core.scope_members(lease.scope)) if lease.scope else frozenset()
+        # The cdevs the lease handed over (its hand-over records), found even once removed.
+        handed = frozenset(path for st in core.journal.steps(lease.id) if st.action == "hand-over"
+                           for path in _cdev_paths(st.record.get("cdevs"), core.kernel.roots.dev))
         found = core.kernel.holders(lease.group, core.endpoints(lease.id),
                                     None if lease.revoke_others else frozenset({lease.uid}), pids, lease.uid,
-                                    vfio_uids)
+                                    vfio_uids, handed)
         self._searches[lease.id] = (now, found)
         return found
 
@@ -423,3 +427,11 @@ class Ladder:
             except VfiodError as e:
                 log.error("revoking lease %s: %s", lease.id, e)
         return out
+
+
+def _cdev_paths(pairs: object, dev: str) -> list[str]:
+    """The cdev paths of a hand-over record's ``cdevs`` ([[BDF, path], ...]; journal values: checked)."""
+    if not isinstance(pairs, list):
+        return []
+    return [p[1] for p in pairs if isinstance(p, list) and len(p) == 2 and isinstance(p[1], str)
+            and p[1].startswith(os.path.join(dev, "vfio/devices/"))]

@@ -77,6 +77,7 @@ class RawDevice:
     virtfns: tuple[PciAddress, ...] = ()
     net: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
+    cdev: str | None = None           # vfioX of BDF/vfio-dev: its VFIO device cdev (kernels with them)
 
 
 def addr_or_none(name: str) -> PciAddress | None:
@@ -281,6 +282,7 @@ class DeviceReads:
             f["net"] = ()
         else:
             f["net"] = interfaces_at(dfd) if driver == "virtio-pci" else listdir_at(dfd, "net")
+        f["cdev"] = next(iter(listdir_at(dfd, "vfio-dev")), None) if driver == "vfio-pci" else None
         return f
 
     def _later(self, index: int, node: str, name: str) -> None:

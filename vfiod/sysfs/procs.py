@@ -159,7 +159,7 @@ def _mapped(pid: int, wanted: set[str]) -> list[str]:
 
 def find_holders(roots: Roots, group: int, addrs: tuple[PciAddress, ...], uids: frozenset[int] | None,
                  pids: frozenset[int] = frozenset(), owner: int | None = None,
-                 unsure_uids: frozenset[int] = frozenset()) -> Search:
+                 unsure_uids: frozenset[int] = frozenset(), handed: frozenset[str] = frozenset()) -> Search:
     """The processes among the candidates that hold group `group` or a device of `addrs`
     open or mapped (vfiod excepted).
 
@@ -168,11 +168,17 @@ def find_holders(roots: Roots, group: int, addrs: tuple[PciAddress, ...], uids: 
     counted only for a process of `owner` or of `pids` (a 6.1 kernel's bare device
     fd of anyone else may be any device: it never makes its process a holder of
     every lease); it is `Holder.sure` only when its uid holds no other VFIO lease
-    (`unsure_uids`)."""
+    (`unsure_uids`).
+
+    `handed` are the cdev nodes the lease handed over: once an unbind from vfio-pci has
+    begun, the kernel has removed a device's cdev (node and sysfs entry) while its
+    holders still have it open, as ``/dev/vfio/devices/vfioX (deleted)``; such a
+    removed node of the lease's still counts (a live node only while sysfs names it
+    for one of `addrs`: the number may be another device's by now)."""
     node = os.path.join(roots.dev, "vfio", str(int(group)))
     wanted = {node, node + " (deleted)"}
     cdevs, names = _device_names(roots, addrs)
-    wanted |= cdevs | {c + " (deleted)" for c in cdevs}
+    wanted |= cdevs | {c + " (deleted)" for c in cdevs | handed}
     search = Search()
     ids: dict[int, tuple[int, int, int]] = {}
 

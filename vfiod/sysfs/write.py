@@ -18,7 +18,7 @@ from ..address import PciAddress
 from ..errors import InvalidAddress, InvalidArgument, KernelError
 from .device import VFIO_DRIVERS
 from .read import Roots, SysfsReader, _int, _readlink, _text
-from .acl import set_user as acl_set_user, user_perm as acl_user_perm
+from .cdev import DEV_WRITABLE, DevNodes
 from .procs import Holder, MemlockGrant, Search, find_holders, grant_memlock, restore_memlock, signal_holder
 from .usage import device_usage
 
@@ -62,7 +62,6 @@ WRITABLE: tuple[Writable, ...] = (
     Writable("unbind", re.compile(rf"bus/pci/drivers/(?P<driver>{_DRIVER})/unbind")),
     Writable("probe", re.compile(r"bus/pci/drivers_probe")),
 )
-DEV_WRITABLE = (re.compile(r"vfio/[0-9]{1,6}"), re.compile(r"vfio/vfio"))
 
 
 def classify_write(rel: str, data: str) -> tuple[Writable, PciAddress]:
@@ -99,6 +98,7 @@ class Kernel:
                  bind_timeout: float = 10.0):
         self.roots = roots or Roots()
         self.reader = SysfsReader(self.roots)
+        self.nodes = DevNodes(self.roots)        # the cdevs and iommufd, and ACLs on VFIO nodes
         self.write_timeout = write_timeout
         self.bind_timeout = bind_timeout
 
@@ -349,31 +349,14 @@ class Kernel:
     def container_acl_needed(self, uid: int) -> bool:
         """Would `uid` need an ACL entry on /dev/vfio/vfio, having none now?  (False
         where the node is world read-write or gone, or `uid` has an entry already.)"""
-
-        path = self.vfio_container_path()
-        try:
-            st = os.stat(path)
-            return st.st_mode & 0o006 != 0o006 and acl_user_perm(path, uid) is None
-        except OSError:
-            return False
+        return self.nodes.acl_needed(self.vfio_container_path(), uid)
 
     def container_acl(self, uid: int, grant: bool) -> bool:
         """Add (or remove) a POSIX ACL entry rw for `uid` on /dev/vfio/vfio.
 
         Only where the node is not already world read-write (systemd >= 254
         makes it 0600).  Returns whether an entry was added/removed."""
-
-        path = self.vfio_container_path()
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return False
-        if grant and st.st_mode & 0o006 == 0o006:
-            return False
-        try:
-            return acl_set_user(path, uid, 0o6 if grant else None)
-        except OSError as e:
-            raise KernelError(f"cannot set an ACL on {path}: {e.strerror}") from None
+        return self.nodes.acl(self.vfio_container_path(), uid, grant)
 
     # ---- processes (`vfiod.sysfs.procs`: the system's /proc, real even on a simulated host)
 
@@ -385,10 +368,10 @@ class Kernel:
 
     def holders(self, group: int, addrs: tuple[PciAddress, ...], uids: frozenset[int] | None,
                 pids: frozenset[int] = frozenset(), owner: int | None = None,
-                unsure_uids: frozenset[int] = frozenset()) -> Search:
+                unsure_uids: frozenset[int] = frozenset(), handed: frozenset[str] = frozenset()) -> Search:
         """Which candidate processes hold VFIO group `group` or a device of `addrs`
         (`vfiod.sysfs.procs.find_holders`: the processes of `uids`, and `pids`)."""
-        return find_holders(self.roots, group, addrs, uids, pids, owner, unsure_uids)
+        return find_holders(self.roots, group, addrs, uids, pids, owner, unsure_uids, handed)
 
     def signal_holder(self, holder: Holder, sig: int) -> bool:
         return signal_holder(holder, sig)
