@@ -214,3 +214,27 @@ def _build(cache: Path, kdir: Path, version: str, say) -> tuple[Path, str]:
         raise BuildError(f"{' '.join(map(str, e.cmd))} failed: {(e.stderr or b'').decode(errors='replace')[-2000:]}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    """``python -m tests.guest.kbuild``: build (or find) the kernel in the guest cache now,
+    so that a test run started beside it finds it ready (.ci/run starts it first)."""
+    import sys
+
+    from tests.guest.harness import cache_dir, guest_available
+
+    ok, why = guest_available()
+    if not ok:
+        print(f"vfiod-guest: no guest here ({why}): the kernel is not built", file=sys.stderr)
+        return 0
+    try:
+        kdir, release = ensure(cache_dir(), lambda msg: print(msg, file=sys.stderr, flush=True))
+    except BuildError as e:
+        print(f"vfiod-guest: {e}", file=sys.stderr)
+        return 1
+    print(f"vfiod-guest: {release} in {kdir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
