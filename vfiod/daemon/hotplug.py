@@ -5,7 +5,8 @@ that changes driver while vfiod is not moving it ends its lease (``tampered``),
 which puts the group back as it was before the lease.  A device added at a held
 address, or changing driver, is first judged as at start (`vfiod.leases.identity`): one
 that is not the device leased ends the lease as ``replaced`` and is not touched.  The snapshot is
-refreshed for the touched groups only, once per burst of events."""
+refreshed for the touched groups only, once per burst of events, and not while vfiod
+itself moves the group's devices (the move refreshes it when it ends)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ class Hotplug:
             elif action in ("bind", "unbind"):
                 asyncio.get_running_loop().call_later(self.TAMPER_GRACE, self._judge_driver_change,
                                                       lease.id, addr, held)
-        if group is not None:
+        # A group vfiod is moving right now is rescanned once when the move ends (the
+        # grant's or release's own refresh): its devices' events on the way are vfiod's.
+        if group is not None and not self.manager.is_busy(group):
             if not self._dirty:
                 asyncio.get_running_loop().call_soon(self._flush)
             self._dirty.add(group)
