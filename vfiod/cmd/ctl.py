@@ -19,8 +19,8 @@ from ..errors import InvalidArgument, NotFound, VfiodError
 from ..wire import group_number, lease_id_of
 from ..wire.names import bus_arg
 from ..report import Json, render_groups
-from .common import (EXIT_BUSY, EXIT_DENIED, EXIT_FAIL, EXIT_OK, EXIT_USAGE, Formatter, add_root_options, duration_arg,
-                     print_json, run)
+from .common import (EXIT_BUSY, EXIT_DENIED, EXIT_FAIL, EXIT_OK, EXIT_USAGE, JSON_HELP, Formatter, add_root_options,
+                     duration_arg, print_json, run)
 from .helptext import HELP
 from .reload import cmd_reload
 from .talk import run_client as _run, user_name as _user_name
@@ -511,7 +511,7 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                            help="0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0)")
         if name in ("groups", "show", "explain", "check", "leases", "lease", "reload", "release", "vfs",
                     "monitor", "revoke"):
-            p.add_argument("--json", action="store_true", help="print JSON for scripts (/usr/share/doc/vfiod/json.md)")
+            p.add_argument("--json", action="store_true", help=JSON_HELP)
         if name == "groups":
             p.add_argument("--explain", action="store_true", help="add why each group is what it is")
         if name in ("check", "lease"):

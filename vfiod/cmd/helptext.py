@@ -99,7 +99,7 @@ Print vfiod's events as they happen, one line each: leases granted and ended
 groups and devices that change (state, driver, viability), and devices and
 groups that appear or go (hotplug, SR-IOV VFs).  Each line has the time, the
 event, the object and what happened; with --json each event is one JSON
-document on its own line (/usr/share/doc/vfiod/json.md, kind "event").
+document on its own line (/usr/share/doc/vfiod/docs/json.md, kind "event").
 
 It runs until Ctrl-C or SIGTERM (exit 0); if vfiod or the bus goes away it
 says so and exits 1.

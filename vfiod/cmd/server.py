@@ -8,7 +8,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..wire.names import bus_arg
-from .common import EXIT_OK, Formatter, add_root_options, host_roots, print_json, run
+from .common import EXIT_OK, JSON_HELP, Formatter, add_root_options, host_roots, print_json, run
 
 
 INSPECT_HELP = """\
@@ -29,7 +29,7 @@ isolation codes (--json "isolation"):
 examples:
   vfiod inspect                     this machine
   vfiod inspect --simulate --explain   the built-in ICH10 host, with reasons
-  vfiod inspect --json | jq '.groups[] | select(.viable)'   (/usr/share/doc/vfiod/json.md: every field)
+  vfiod inspect --json | jq '.groups[] | select(.viable)'   (/usr/share/doc/vfiod/docs/json.md: every field)
 """
 
 
@@ -168,7 +168,7 @@ def vfiod_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show IOMMU groups, viability and isolation (offline)",
                          description=INSPECT_HELP, formatter_class=Formatter)
     add_root_options(ins, inherit=True)
-    ins.add_argument("--json", action="store_true", help="print JSON for scripts (/usr/share/doc/vfiod/json.md)")
+    ins.add_argument("--json", action="store_true", help=JSON_HELP)
     ins.add_argument("--explain", action="store_true", help="add why each group is what it is")
     ins.add_argument("--all", action="store_true",
                      help="every PCI device by class and driver (as vfioctl status), IOMMU or not")
@@ -183,7 +183,7 @@ def vfiod_parser() -> argparse.ArgumentParser:
                      help="the bus the daemon serves on (default: system)")
     rel.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
                      help="how long to wait for the daemon's answer (default: 60)")
-    rel.add_argument("--json", action="store_true", help="print JSON for scripts (/usr/share/doc/vfiod/json.md)")
+    rel.add_argument("--json", action="store_true", help=JSON_HELP)
     rel.set_defaults(func=cmd_reload)
     return p
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import EXIT_OK, Formatter, add_root_options, print_json
+from .common import EXIT_OK, JSON_HELP, Formatter, add_root_options, print_json
 
 
 STATUS_HELP = """\
@@ -45,5 +45,5 @@ def add_status_command(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     st = sub.add_parser("status", help="every PCI device by class and driver, like dpdk-devbind --status (offline)",
                         description=STATUS_HELP, formatter_class=formatter)
     add_root_options(st)
-    st.add_argument("--json", action="store_true", help="print JSON for scripts (/usr/share/doc/vfiod/json.md)")
+    st.add_argument("--json", action="store_true", help=JSON_HELP)
     st.set_defaults(func=show_status)
