@@ -10,11 +10,19 @@ examples:
   vfioctl groups
   vfioctl groups --json | jq '.groups[] | select(.viable) | .group'
 """),
-    "show": ("show one group (by device address or group:N)", """\
+    "show": ("show one group (by device address or group:N), or the PCI tree", """\
 Show the IOMMU group of a device (or group:N) with the reason its devices share it.
 
-example:
+With --tree, the PCI tree as `lspci -tv` or `virsh nodedev-list --tree` draw it:
+each root bus, the bridges and ports on it and the functions below them, each
+with its IOMMU group, driver, PCIe link (speed and width, and the maximum where
+the link runs below it: "downgraded") and NUMA node.  With targets, only the
+branches that lead to them.
+
+examples:
   vfioctl show 0000:04:00.0
+  vfioctl show --tree
+  vfioctl show --tree enp4s0 --json
 """),
     "explain": ("explain in plain words why a group is what it is", """\
 Ask vfiod why a device's IOMMU group holds what it holds, what keeps it from

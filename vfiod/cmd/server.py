@@ -29,6 +29,7 @@ isolation codes (--json "isolation"):
 examples:
   vfiod inspect                     this machine
   vfiod inspect --simulate --explain   the built-in ICH10 host, with reasons
+  vfiod inspect --tree              the PCI tree: groups, drivers, PCIe links, NUMA nodes
   vfiod inspect --json | jq '.groups[] | select(.viable)'   (/usr/share/doc/vfiod/docs/json.md: every field)
 """
 
@@ -52,6 +53,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     with host_roots(args) as roots:
         host = Host.scan(SysfsReader(roots))
         mdev = mdev_json(read_types(roots))
+    if args.tree:
+        from ..report import render_tree, tree_json
+
+        buses = tree_json(host, PciIds())
+        if args.json:
+            print_json("tree", buses=buses)
+        else:
+            sys.stdout.write(render_tree(buses) or "No PCI devices.\n")
+        return EXIT_OK
     groups = host_json(host, PciIds())
     if args.json:
         for f in host.findings:
@@ -170,6 +180,9 @@ def vfiod_parser() -> argparse.ArgumentParser:
     add_root_options(ins, inherit=True)
     ins.add_argument("--json", action="store_true", help=JSON_HELP)
     ins.add_argument("--explain", action="store_true", help="add why each group is what it is")
+    ins.add_argument("--tree", action="store_true",
+                     help="the PCI tree with each function's IOMMU group, driver, PCIe link and NUMA node "
+                          "(as vfioctl show --tree)")
     ins.add_argument("--all", action="store_true",
                      help="every PCI device by class and driver (as vfioctl status), IOMMU or not")
     ins.set_defaults(func=cmd_inspect)
