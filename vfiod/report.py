@@ -272,13 +272,57 @@ STATUS_CLASSES = ((0x02, "Network devices"), (0x01, "Storage devices"), (0x03, "
                   (None, "Other devices"), (0x06, "Bridges and ports"))
 
 
-def status_json(host: Host, names: PciIds, active: Callable[[PciAddress], Iterable[str]]) -> Json:
+#: `vfioctl status --class NAME`: the PCI classes each name takes, a base class (0x02) or a
+#: base class and subclass (0x0C03), with what it holds.  dpdk-devbind's --status-dev names
+#: are here too, with the classes its device tables give them (its event, mempool, regex
+#: and misc devices are base system peripherals, class 08, as its DMA engines are).
+DEVICE_CLASSES: dict[str, tuple[tuple[int, ...], str]] = {
+    "net": ((0x02,), "network controllers (Ethernet, InfiniBand, ...)"),
+    "storage": ((0x01,), "mass storage controllers (NVMe, SATA, SAS, RAID)"),
+    "display": ((0x03,), "display controllers (VGA, 3D: GPUs)"),
+    "multimedia": ((0x04,), "multimedia (audio, video; a GPU's HDMI audio)"),
+    "memory": ((0x05,), "memory controllers (CXL memory)"),
+    "bridge": ((0x06,), "bridges and ports (host, ISA, PCI bridges, root and switch ports)"),
+    "comm": ((0x07,), "communication controllers (serial, modem)"),
+    "system": ((0x08,), "base system peripherals (DMA, timers, IOMMU, SD host)"),
+    "input": ((0x09,), "input devices"),
+    "processor": ((0x0B,), "processors and co-processors"),
+    "serial": ((0x0C,), "serial bus controllers (USB, SMBus, FireWire, Fibre Channel)"),
+    "usb": ((0x0C03,), "USB controllers"),
+    "wireless": ((0x0D,), "wireless controllers"),
+    "crypto": ((0x10, 0x0B40), "encryption controllers and co-processors (Intel QAT), as dpdk-devbind's crypto"),
+    "signal": ((0x11,), "signal processing controllers"),
+    "accel": ((0x12,), "processing accelerators (AI, FPGA, compression, baseband)"),
+    "dma": ((0x08,), "DMA engines (Intel DSA and IOAT): base system peripherals, as dpdk-devbind's dma"),
+    "event": ((0x08,), "dpdk-devbind's event devices (base system peripherals)"),
+    "mempool": ((0x08,), "dpdk-devbind's mempool devices (base system peripherals)"),
+    "regex": ((0x08,), "dpdk-devbind's regex devices (base system peripherals)"),
+    "misc": ((0x08,), "dpdk-devbind's misc devices (base system peripherals)"),
+    "compress": ((0x12,), "dpdk-devbind's compress devices (processing accelerators)"),
+    "baseband": ((0x12,), "dpdk-devbind's baseband devices (processing accelerators)"),
+}
+
+
+def in_classes(class_code: int | None, wanted: Iterable[str]) -> bool:
+    """Is a function of class `class_code` (24 bits) in one of the `DEVICE_CLASSES` named?"""
+    if class_code is None:
+        return False
+    return any(code == class_code >> 16 if code <= 0xFF else code == class_code >> 8
+               for name in wanted for code in DEVICE_CLASSES[name][0])
+
+
+def status_json(host: Host, names: PciIds, active: Callable[[PciAddress], Iterable[str]],
+                classes: Iterable[str] = ()) -> Json:
     """Every PCI device (IOMMU or not), for `vfioctl status`: `active(addr)` says what on
-    the host uses it (empty when nothing does)."""
+    the host uses it (empty when nothing does); with `classes` (`DEVICE_CLASSES` names),
+    only the devices of those classes."""
+    classes = tuple(classes)
     devices = []
     for addr in sorted(host.devices):
         d = host.devices[addr]
         r = d.raw
+        if classes and not in_classes(r.class_code, classes):
+            continue
         base = (r.class_code or 0) >> 16
         section = next((title for code, title in STATUS_CLASSES if code == base),
                        "Bridges and ports" if d.is_bridge else "Other devices")
