@@ -43,8 +43,11 @@ install-data: man
 	install -d -m755 $(DESTDIR)$(PREFIX)/share/doc/vfiod/examples
 	install -m644 policy/*.toml policy/README systemd/dpdk-example.service $(DESTDIR)$(PREFIX)/share/doc/vfiod/examples/
 	install -m644 deploy/* $(DESTDIR)$(PREFIX)/share/doc/vfiod/examples/
-	# the admin's guide and the reference the man pages name
-	install -m644 README.md docs/*.md $(DESTDIR)$(PREFIX)/share/doc/vfiod/
+	# the admin's guide and, in docs/ next to it as in the source (so its links work),
+	# the reference the man pages name
+	install -m644 README.md $(DESTDIR)$(PREFIX)/share/doc/vfiod/
+	install -d -m755 $(DESTDIR)$(PREFIX)/share/doc/vfiod/docs
+	install -m644 docs/*.md docs/*.png $(DESTDIR)$(PREFIX)/share/doc/vfiod/docs/
 	install -d -m755 $(DESTDIR)/etc/vfiod/policy.d
 
 # The man pages, from the parsers and the policy docstring.

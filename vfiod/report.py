@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .address import PciAddress
 from .pciids import PciIds
+from .sysfs.config import PcieLink
 from .sysfs.mdev import MdevType
 from .topology import VFIO_DRIVERS as VFIO_FRIENDLY, Finding, Group, Host, protected_code
 
@@ -59,9 +60,97 @@ def device_json(host: Host, addr: PciAddress, names: PciIds, original_driver: Or
         "virtfns": [str(v) for v in r.virtfns],
         "reset_methods": list(r.reset_methods),
         "numa_node": r.numa_node,
+        "parent": str(r.parent) if r.parent else None,
+        "link": link_json(r.link),
         "net": list(r.net),
         "problems": list(r.problems),
     }
+
+
+def link_json(link: PcieLink | None) -> Json | None:
+    """A PCIe link: speeds in GT/s, widths in lanes (0: down), None where unknown."""
+    if link is None:
+        return None
+    return {"speed": link.speed, "width": link.width, "max_speed": link.max_speed, "max_width": link.max_width,
+            "downgraded": link.downgraded}
+
+
+def tree_json(host: Host, names: PciIds, original_driver: OriginalDriver | None = None) -> list[Json]:
+    """The PCI tree, as ``lspci -t`` draws it: each root bus (``pci0000:00``, from the
+    devices' sysfs nodes) with the functions on it, each bridge or port with those below
+    it in ``children``; every function the one device object, IOMMU group or not."""
+    children: dict[PciAddress | None, list[PciAddress]] = {}
+    for addr in sorted(host.devices):
+        parent = host.devices[addr].raw.parent
+        children.setdefault(parent if parent in host.devices else None, []).append(addr)
+
+    def node(addr: PciAddress) -> Json:
+        return {**device_json(host, addr, names, original_driver),
+                "children": [node(a) for a in children.get(addr, ())]}
+
+    buses: dict[str, list[Json]] = {}
+    for addr in children.get(None, ()):
+        buses.setdefault(_root_bus(host.devices[addr].raw.node, addr), []).append(node(addr))
+    return [{"bus": bus, "devices": devices} for bus, devices in sorted(buses.items())]
+
+
+def _root_bus(node: str | None, addr: PciAddress) -> str:
+    """``pci0000:00`` of a node ``devices/pci0000:00/...`` (the kernel's name of the root bus)."""
+    pieces = (node or "").split("/")
+    if len(pieces) > 2 and pieces[0] == "devices" and pieces[1].startswith("pci"):
+        return pieces[1]
+    return f"pci{addr.domain:04x}:{addr.bus:02x}"
+
+
+def prune_tree(buses: list[Json], keep: set[str]) -> list[Json]:
+    """Only the branches that lead to the devices `keep` names (each with all below it)."""
+    def prune(devices: list[Json]) -> list[Json]:
+        out = []
+        for d in devices:
+            if d["address"] in keep:
+                out.append(d)
+            else:
+                below = prune(d["children"])
+                if below:
+                    out.append({**d, "children": below})
+        return out
+    return [{**b, "devices": kept} for b in buses if (kept := prune(b["devices"]))]
+
+
+def link_text(link: Json | None) -> str:
+    """``PCIe 8.0 GT/s x4`` (and the maximum where the link runs below it); "" for no link."""
+    if link is None:
+        return ""
+    def one(speed: float | None, width: int | None) -> str:
+        return f"{f'{speed:.1f}' if speed else '?'} GT/s x{width if width is not None else '?'}"
+    if link["width"] == 0:
+        return f"PCIe link down (max {one(link['max_speed'], link['max_width'])})"
+    text = "PCIe " + one(link["speed"], link["width"])
+    return text + (f" (downgraded, max {one(link['max_speed'], link['max_width'])})" if link["downgraded"] else "")
+
+
+def render_tree(buses: list[Json]) -> str:
+    """The tree a person reads: one line a function, with its group, driver, link and NUMA node."""
+    lines: list[str] = []
+
+    def walk(devices: list[Json], indent: str) -> None:
+        for i, d in enumerate(devices):
+            last = i == len(devices) - 1
+            facts = [f"group {d['iommu_group'] if d['iommu_group'] is not None else '-'}",
+                     d["driver"] or "no driver"]
+            if d["link"]:
+                facts.append(link_text(d["link"]))
+            if d["numa_node"] is not None and d["numa_node"] >= 0:
+                facts.append(f"NUMA {d['numa_node']}")
+            ids = f"[{d['vendor'] or '????'}:{d['device'] or '????'}]"
+            lines.append(f"{indent}{'`-- ' if last else '|-- '}{d['address']}  {d['class_name']}: {d['name']} "
+                         f"{ids}  {', '.join(facts)}")
+            walk(d["children"], indent + ("    " if last else "|   "))
+
+    for bus in buses:
+        lines.append(bus["bus"])
+        walk(bus["devices"], "")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def mdev_json(types: list[MdevType]) -> list[Json]:
@@ -183,13 +272,57 @@ STATUS_CLASSES = ((0x02, "Network devices"), (0x01, "Storage devices"), (0x03, "
                   (None, "Other devices"), (0x06, "Bridges and ports"))
 
 
-def status_json(host: Host, names: PciIds, active: Callable[[PciAddress], Iterable[str]]) -> Json:
+#: `vfioctl status --class NAME`: the PCI classes each name takes, a base class (0x02) or a
+#: base class and subclass (0x0C03), with what it holds.  dpdk-devbind's --status-dev names
+#: are here too, with the classes its device tables give them (its event, mempool, regex
+#: and misc devices are base system peripherals, class 08, as its DMA engines are).
+DEVICE_CLASSES: dict[str, tuple[tuple[int, ...], str]] = {
+    "net": ((0x02,), "network controllers (Ethernet, InfiniBand, ...)"),
+    "storage": ((0x01,), "mass storage controllers (NVMe, SATA, SAS, RAID)"),
+    "display": ((0x03,), "display controllers (VGA, 3D: GPUs)"),
+    "multimedia": ((0x04,), "multimedia (audio, video; a GPU's HDMI audio)"),
+    "memory": ((0x05,), "memory controllers (CXL memory)"),
+    "bridge": ((0x06,), "bridges and ports (host, ISA, PCI bridges, root and switch ports)"),
+    "comm": ((0x07,), "communication controllers (serial, modem)"),
+    "system": ((0x08,), "base system peripherals (DMA, timers, IOMMU, SD host)"),
+    "input": ((0x09,), "input devices"),
+    "processor": ((0x0B,), "processors and co-processors"),
+    "serial": ((0x0C,), "serial bus controllers (USB, SMBus, FireWire, Fibre Channel)"),
+    "usb": ((0x0C03,), "USB controllers"),
+    "wireless": ((0x0D,), "wireless controllers"),
+    "crypto": ((0x10, 0x0B40), "encryption controllers and co-processors (Intel QAT), as dpdk-devbind's crypto"),
+    "signal": ((0x11,), "signal processing controllers"),
+    "accel": ((0x12,), "processing accelerators (AI, FPGA, compression, baseband)"),
+    "dma": ((0x08,), "DMA engines (Intel DSA and IOAT): base system peripherals, as dpdk-devbind's dma"),
+    "event": ((0x08,), "dpdk-devbind's event devices (base system peripherals)"),
+    "mempool": ((0x08,), "dpdk-devbind's mempool devices (base system peripherals)"),
+    "regex": ((0x08,), "dpdk-devbind's regex devices (base system peripherals)"),
+    "misc": ((0x08,), "dpdk-devbind's misc devices (base system peripherals)"),
+    "compress": ((0x12,), "dpdk-devbind's compress devices (processing accelerators)"),
+    "baseband": ((0x12,), "dpdk-devbind's baseband devices (processing accelerators)"),
+}
+
+
+def in_classes(class_code: int | None, wanted: Iterable[str]) -> bool:
+    """Is a function of class `class_code` (24 bits) in one of the `DEVICE_CLASSES` named?"""
+    if class_code is None:
+        return False
+    return any(code == class_code >> 16 if code <= 0xFF else code == class_code >> 8
+               for name in wanted for code in DEVICE_CLASSES[name][0])
+
+
+def status_json(host: Host, names: PciIds, active: Callable[[PciAddress], Iterable[str]],
+                classes: Iterable[str] = ()) -> Json:
     """Every PCI device (IOMMU or not), for `vfioctl status`: `active(addr)` says what on
-    the host uses it (empty when nothing does)."""
+    the host uses it (empty when nothing does); with `classes` (`DEVICE_CLASSES` names),
+    only the devices of those classes."""
+    classes = tuple(classes)
     devices = []
     for addr in sorted(host.devices):
         d = host.devices[addr]
         r = d.raw
+        if classes and not in_classes(r.class_code, classes):
+            continue
         base = (r.class_code or 0) >> 16
         section = next((title for code, title in STATUS_CLASSES if code == base),
                        "Bridges and ports" if d.is_bridge else "Other devices")

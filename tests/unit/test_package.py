@@ -23,7 +23,8 @@ EXPECTED = [
     "./usr/share/man/man5/vfiod.policy.5.gz",
     "./usr/share/bash-completion/completions/vfiod", "./usr/share/bash-completion/completions/vfioctl",
     "./usr/share/doc/vfiod/examples/10-dpdk-nics.toml", "./usr/share/doc/vfiod/examples/40-dpdk-claim.toml",
-    "./usr/share/doc/vfiod/copyright",
+    "./usr/share/doc/vfiod/copyright", "./usr/share/doc/vfiod/README.md",
+    "./usr/share/doc/vfiod/docs/json.md", "./usr/share/doc/vfiod/docs/cockpit.png",
     "./etc/vfiod/policy.d/",
     "./usr/lib/python3/dist-packages/vfiod/daemon/__init__.py",
     "./usr/lib/python3/dist-packages/vfiod_plugins/vfio.py",
@@ -118,6 +119,42 @@ def test_the_installed_programs_and_backends_work(deb, tmp_path):
                            capture_output=True, text=True, cwd=tmp_path)
         assert p.returncode == 0 and p.stdout, (prog, p.stderr)
         assert "Warning" not in p.stderr, (prog, p.stderr)
+
+
+def test_the_shipped_docs_keep_their_relative_links(deb, tmp_path):
+    """README.md links docs/*.md and docs/cockpit.png, and the docs link one another: in
+    /usr/share/doc/vfiod every such link reaches a file the package ships."""
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path)], check=True)
+    doc = tmp_path / "usr/share/doc/vfiod"
+    pages = [doc / "README.md", *sorted((doc / "docs").glob("*.md"))]
+    assert len(pages) == 1 + len([n for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md")])
+    links = 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue                      # https:, mailto:
+            links += 1
+            assert (page.parent / target).exists(), f"{page.relative_to(tmp_path)} links {target}, not shipped"
+    assert links > 20
+
+
+def test_lintian_finds_nothing_in_either_package(deb):
+    """lintian, pedantic, with info and experimental tags, on both packages: no tag, and
+    every override the packages carry says why on the line above it."""
+    if not shutil.which("lintian", path=SYSTEM_PATH):
+        pytest.skip("lintian not installed (scripts/setup installs it)")
+    debs = [str(deb), *map(str, deb.parent.glob("cockpit-vfiod_*_all.deb"))]
+    p = subprocess.run(["lintian", "--pedantic", "--display-info", "--display-experimental", "--fail-on", "none",
+                        *debs], capture_output=True, text=True, timeout=600,
+                       env={"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "HOME": str(deb.parent)})
+    tags = [line for line in p.stdout.splitlines() if re.match(r"[EWIPX]: ", line)]
+    assert p.returncode == 0 and not tags, p.stdout[-3000:] + p.stderr[-3000:]
+    for name in os.listdir(os.path.join(ROOT, "debian")):
+        if name.endswith("lintian-overrides"):
+            lines = open(os.path.join(ROOT, "debian", name)).read().splitlines()
+            for i, line in enumerate(lines):
+                if line and not line.startswith("#"):
+                    assert i and lines[i - 1].startswith("# "), (name, line)
 
 
 def test_install_data_puts_the_unit_on_the_programs_path(tmp_path):

@@ -26,6 +26,11 @@ EXIT_BUSY = 4          # busy or not viable: leased, in use, a group VFIO cannot
 EXIT_INTERRUPTED = 130  # Ctrl-C before the command finished (128 + SIGINT)
 
 #: (code, meaning): the README's table, in this order.
+#: Where the package puts the reference (docs/ of the source, next to README.md).
+DOCS = "/usr/share/doc/vfiod/docs"
+#: The help of every --json option.
+JSON_HELP = f"print JSON for scripts ({DOCS}/json.md)"
+
 EXIT_CODES = (
     (EXIT_OK, "success; `check` and `policy test`: allowed"),
     (EXIT_FAIL, "failure: not found, vfiod or the bus unreachable or gone, a backend or the kernel failed"),

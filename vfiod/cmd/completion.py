@@ -10,7 +10,7 @@ tables made here, and at TAB time, reading only and needing no privilege:
   ``name:RESOURCE`` from the ``[[resource]]`` tables of the policy files
   (``/etc/vfiod/policy.d``, readable by everyone).  ``--sysfs-root DIR`` and
   ``--policy-dir DIR`` on the line are honoured;
-* backends, buses, simulated hosts, users, unix groups and directories for the
+* backends, buses, simulated hosts, device classes, users, unix groups and directories for the
   options that take them; after ``vfioctl lease ... --``, a command.
 """
 
@@ -41,6 +41,10 @@ def _kind(action: argparse.Action) -> str:
         from ..sim import BUILT_IN
 
         return "choice:" + " ".join(BUILT_IN) + " server:"
+    if opt == "--class":
+        from ..report import DEVICE_CLASSES
+
+        return "choice:" + " ".join(DEVICE_CLASSES) + " help"
     if name == "DIR":
         return "dir"
     if name == "USER":

@@ -15,12 +15,13 @@ import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
 
 from .. import __version__
-from ..errors import InvalidArgument, NotFound, VfiodError
+from ..address import PciAddress
+from ..errors import InvalidAddress, InvalidArgument, NotFound, VfiodError
 from ..wire import group_number, lease_id_of
 from ..wire.names import bus_arg
-from ..report import Json, render_groups
-from .common import (EXIT_BUSY, EXIT_DENIED, EXIT_FAIL, EXIT_OK, EXIT_USAGE, Formatter, add_root_options, duration_arg,
-                     print_json, run)
+from ..report import Json, prune_tree, render_groups, render_tree
+from .common import (EXIT_BUSY, EXIT_DENIED, EXIT_FAIL, EXIT_OK, EXIT_USAGE, JSON_HELP, Formatter, add_root_options,
+                     duration_arg, print_json, run)
 from .helptext import HELP
 from .reload import cmd_reload
 from .talk import run_client as _run, user_name as _user_name
@@ -79,7 +80,14 @@ async def _each(targets: Sequence[str], one: Callable[[str, bool], Awaitable[int
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    if not args.targets and not args.tree:
+        raise InvalidArgument("show: name a TARGET (0000:04:00.0, group:8, name:RESOURCE, an interface), "
+                              "or --tree for the whole PCI tree")
+
     async def go(client: Client) -> int:
+        if args.tree:
+            return await _show_tree(client, args.targets, args.json)
+
         async def one(target: str, several: bool) -> int:
             group = (await _groups_json(client, [target]))[0]
             if args.json:
@@ -89,6 +97,28 @@ def cmd_show(args: argparse.Namespace) -> int:
             return EXIT_OK
         return await _each(args.targets, one)
     return _run(args, go)
+
+
+async def _show_tree(client: Client, targets: Sequence[str], as_json: bool) -> int:
+    """The PCI tree as vfiod last scanned it; with targets, only the branches leading to
+    them (an address: that function; any other target: its group's functions)."""
+    reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "TreeJson")
+    buses: list[Json] = json.loads(reply.body[0])
+    if targets:
+        keep: set[str] = set()
+        for target in targets:
+            try:
+                keep.add(str(PciAddress.parse(target)))
+            except InvalidAddress:
+                keep.update(d["address"] for g in await _groups_json(client, [target]) for d in g["devices"])
+        buses = prune_tree(buses, keep)
+        if not buses:
+            raise NotFound(f"no PCI function {', '.join(targets)} in the tree vfiod sees")
+    if as_json:
+        print_json("tree", buses=buses)
+    else:
+        sys.stdout.write(render_tree(buses) or "No PCI devices.\n")
+    return EXIT_OK
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -503,7 +533,7 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         p.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                        help="how long to wait for each answer (default 30)")
         if name in ("show", "explain", "check"):
-            p.add_argument("targets", nargs="+", metavar="TARGET",
+            p.add_argument("targets", nargs="*" if name == "show" else "+", metavar="TARGET",
                            help="0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0); "
                                 "several are taken one by one")
         if name in ("lease", "vfs"):
@@ -511,9 +541,14 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                            help="0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0)")
         if name in ("groups", "show", "explain", "check", "leases", "lease", "reload", "release", "vfs",
                     "monitor", "revoke"):
-            p.add_argument("--json", action="store_true", help="print JSON for scripts (/usr/share/doc/vfiod/json.md)")
+            p.add_argument("--json", action="store_true", help=JSON_HELP)
         if name == "groups":
             p.add_argument("--explain", action="store_true", help="add why each group is what it is")
+        if name == "show":
+            p.add_argument("--tree", action="store_true",
+                           help="the PCI tree (root buses, bridges and ports, functions) with each function's "
+                                "IOMMU group, driver, PCIe link and NUMA node, like lspci -tv; with targets, "
+                                "only the branches leading to them")
         if name in ("check", "lease"):
             p.add_argument("--backend", default="", help="vfio, libvirt or pci-stub (default: the policy's)")
         if name == "lease":

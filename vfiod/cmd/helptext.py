@@ -10,11 +10,19 @@ examples:
   vfioctl groups
   vfioctl groups --json | jq '.groups[] | select(.viable) | .group'
 """),
-    "show": ("show one group (by device address or group:N)", """\
+    "show": ("show one group (by device address or group:N), or the PCI tree", """\
 Show the IOMMU group of a device (or group:N) with the reason its devices share it.
 
-example:
+With --tree, the PCI tree as `lspci -tv` or `virsh nodedev-list --tree` draw it:
+each root bus, the bridges and ports on it and the functions below them, each
+with its IOMMU group, driver, PCIe link (speed and width, and the maximum where
+the link runs below it: "downgraded") and NUMA node.  With targets, only the
+branches that lead to them.
+
+examples:
   vfioctl show 0000:04:00.0
+  vfioctl show --tree
+  vfioctl show --tree enp4s0 --json
 """),
     "explain": ("explain in plain words why a group is what it is", """\
 Ask vfiod why a device's IOMMU group holds what it holds, what keeps it from
@@ -99,7 +107,7 @@ Print vfiod's events as they happen, one line each: leases granted and ended
 groups and devices that change (state, driver, viability), and devices and
 groups that appear or go (hotplug, SR-IOV VFs).  Each line has the time, the
 event, the object and what happened; with --json each event is one JSON
-document on its own line (/usr/share/doc/vfiod/json.md, kind "event").
+document on its own line (/usr/share/doc/vfiod/docs/json.md, kind "event").
 
 It runs until Ctrl-C or SIGTERM (exit 0); if vfiod or the bus goes away it
 says so and exits 1.

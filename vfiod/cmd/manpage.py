@@ -18,7 +18,7 @@ import sys
 from typing import Iterator
 
 from .. import __version__
-from .common import EXIT_CODES
+from .common import DOCS, EXIT_CODES
 
 SOURCE = f"vfiod {__version__}"
 
@@ -29,10 +29,10 @@ FILES = [("/etc/vfiod/policy.d/*.toml", "the policy files, read in name order; s
          ("/usr/share/dbus-1/system.d/org.vfiod1.conf", "who may own and call org.vfiod1 on the system bus"),
          ("/usr/share/doc/vfiod/examples/", "example policy files, vfiod-dra's units and manifests"),
          ("/usr/share/doc/vfiod/README.md", "the admin's guide: install, first policy, troubleshooting, upgrade"),
-         ("/usr/share/doc/vfiod/json.md", "every field and code of every command's --json output"),
-         ("/usr/share/doc/vfiod/dbus.md", "the D-Bus API of org.vfiod1: methods, properties, signals, errors"),
-         ("/usr/share/doc/vfiod/internals.md", "what a lease does to the host, restarts, the revoke ladder"),
-         ("/usr/share/doc/vfiod/kubernetes.md", "vfiod-dra: the DRA flow, the CDI spec writer, the policy")]
+         (f"{DOCS}/json.md", "every field and code of every command's --json output"),
+         (f"{DOCS}/dbus.md", "the D-Bus API of org.vfiod1: methods, properties, signals, errors"),
+         (f"{DOCS}/internals.md", "what a lease does to the host, restarts, the revoke ladder"),
+         (f"{DOCS}/kubernetes.md", "vfiod-dra: the DRA flow, the CDI spec writer, the policy")]
 PAGES = {"vfiod": "8", "vfioctl": "1", "vfiod.policy": "5", "vfiod-dra": "8"}
 
 

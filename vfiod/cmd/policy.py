@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .. import policy
 from ..errors import InvalidArgument, PermissionDenied, PolicyError
 from ..policy import DEFAULT_DIR
-from .common import EXIT_DENIED, EXIT_OK, EXIT_USAGE, add_root_options, duration_arg, host_roots, print_json
+from .common import EXIT_DENIED, EXIT_OK, EXIT_USAGE, JSON_HELP, add_root_options, duration_arg, host_roots, print_json
 
 if TYPE_CHECKING:
     from ..topology import Device, Host
@@ -107,7 +107,7 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     check.add_argument("--simulate", nargs="?", const="ich10", default=None, metavar="TOPOLOGY",
                        help="also know the simulated hosts' users and groups (alice, bob, dpdk-svc, dpdk, ...)")
     check.add_argument("--json", action="store_true",
-                       help="print JSON for scripts (/usr/share/doc/vfiod/json.md), errors included")
+                       help=JSON_HELP + ", errors included")
     check.set_defaults(func=cmd_check)
 
     test = sub.add_parser("test", help="would USER get TARGET? (exit 0 yes, 3 no)",
@@ -123,7 +123,7 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     test.add_argument("--persistent", action="store_true", help="ask for a persistent lease")
     test.add_argument("--k8s-namespace", default=None, metavar="NS",
                       help="ask as a delegate (USER) speaking for this Kubernetes namespace, as vfiod-dra does")
-    test.add_argument("--json", action="store_true", help="print JSON for scripts (/usr/share/doc/vfiod/json.md)")
+    test.add_argument("--json", action="store_true", help=JSON_HELP)
     add_root_options(test)
     test.set_defaults(func=cmd_test)
 

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..wire.names import bus_arg
-from .common import EXIT_OK, Formatter, add_root_options, host_roots, print_json, run
+from .common import EXIT_OK, JSON_HELP, Formatter, add_root_options, host_roots, print_json, run
 
 
 INSPECT_HELP = """\
@@ -29,7 +29,8 @@ isolation codes (--json "isolation"):
 examples:
   vfiod inspect                     this machine
   vfiod inspect --simulate --explain   the built-in ICH10 host, with reasons
-  vfiod inspect --json | jq '.groups[] | select(.viable)'   (/usr/share/doc/vfiod/json.md: every field)
+  vfiod inspect --tree              the PCI tree: groups, drivers, PCIe links, NUMA nodes
+  vfiod inspect --json | jq '.groups[] | select(.viable)'   (/usr/share/doc/vfiod/docs/json.md: every field)
 """
 
 
@@ -52,6 +53,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     with host_roots(args) as roots:
         host = Host.scan(SysfsReader(roots))
         mdev = mdev_json(read_types(roots))
+    if args.tree:
+        from ..report import render_tree, tree_json
+
+        buses = tree_json(host, PciIds())
+        if args.json:
+            print_json("tree", buses=buses)
+        else:
+            sys.stdout.write(render_tree(buses) or "No PCI devices.\n")
+        return EXIT_OK
     groups = host_json(host, PciIds())
     if args.json:
         for f in host.findings:
@@ -168,8 +178,11 @@ def vfiod_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show IOMMU groups, viability and isolation (offline)",
                          description=INSPECT_HELP, formatter_class=Formatter)
     add_root_options(ins, inherit=True)
-    ins.add_argument("--json", action="store_true", help="print JSON for scripts (/usr/share/doc/vfiod/json.md)")
+    ins.add_argument("--json", action="store_true", help=JSON_HELP)
     ins.add_argument("--explain", action="store_true", help="add why each group is what it is")
+    ins.add_argument("--tree", action="store_true",
+                     help="the PCI tree with each function's IOMMU group, driver, PCIe link and NUMA node "
+                          "(as vfioctl show --tree)")
     ins.add_argument("--all", action="store_true",
                      help="every PCI device by class and driver (as vfioctl status), IOMMU or not")
     ins.set_defaults(func=cmd_inspect)
@@ -183,7 +196,7 @@ def vfiod_parser() -> argparse.ArgumentParser:
                      help="the bus the daemon serves on (default: system)")
     rel.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
                      help="how long to wait for the daemon's answer (default: 60)")
-    rel.add_argument("--json", action="store_true", help="print JSON for scripts (/usr/share/doc/vfiod/json.md)")
+    rel.add_argument("--json", action="store_true", help=JSON_HELP)
     rel.set_defaults(func=cmd_reload)
     return p
 

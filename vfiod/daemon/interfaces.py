@@ -148,6 +148,11 @@ class ManagerInterface(ExportedInterface):
 
     @method()
     @edge
+    async def TreeJson(self, caller: Caller) -> "s":
+        return json.dumps(self.service.queries.tree_json())
+
+    @method()
+    @edge
     async def Explain(self, caller: Caller, target: "s") -> "s":
         return await self.service.queries.explain(caller, target)
 
@@ -270,6 +275,11 @@ class GroupInterface(ExportedInterface):
         return self._g().isolation_text
 
 
+def _device_or_none(addr: PciAddress | None) -> str:
+    """A device's object path, or ``/`` (D-Bus's "no object") for none."""
+    return device_path(addr) if addr else "/"
+
+
 class DeviceInterface(ExportedInterface):
     def __init__(self, service: Backing, addr: PciAddress):
         super().__init__("org.vfiod1.Device")
@@ -323,8 +333,7 @@ class DeviceInterface(ExportedInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def PhysicalFunction(self) -> "o":
-        pf = self._d().raw.physfn
-        return device_path(pf) if pf else "/"
+        return _device_or_none(self._d().raw.physfn)
 
     @dbus_property(access=PropertyAccess.READ)
     def Cdev(self) -> "s":
@@ -336,6 +345,25 @@ class DeviceInterface(ExportedInterface):
     @dbus_property(access=PropertyAccess.READ)
     def ResetMethods(self) -> "as":
         return list(self._d().raw.reset_methods)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Parent(self) -> "o":
+        """The bridge or port above it (``/`` on a root bus)."""
+        return _device_or_none(self._d().raw.parent)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def NumaNode(self) -> "i":
+        node = self._d().raw.numa_node
+        return -1 if node is None else node
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Link(self) -> "(dudu)":
+        """Its PCIe link: speed (GT/s) and width now, speed and width at most; zeros where
+        it has none (not PCIe, a root complex function, a VF) or they are unknown."""
+        link = self._d().raw.link
+        if link is None:
+            return [0.0, 0, 0.0, 0]
+        return [link.speed or 0.0, link.width or 0, link.max_speed or 0.0, link.max_width or 0]
 
 
 class LeaseInterface(ExportedInterface):

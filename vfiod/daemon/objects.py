@@ -191,11 +191,17 @@ class ObjectTree:
                 iface.emit_properties_changed(changed)
         for addr, dev in devices:
             d_old, d_new = old.devices.get(addr), new.devices.get(addr)
-            if d_new is not None and (d_old is None or d_old.driver != d_new.driver
-                                      or d_old.raw.cdev != d_new.raw.cdev):
-                dev.emit_properties_changed({"Driver": d_new.driver or "",
-                                             "OriginalDriver": self.service.queries.original_driver(addr) or "",
-                                             "Cdev": f"/dev/vfio/devices/{d_new.raw.cdev}" if d_new.raw.cdev else ""})
+            if d_new is None:
+                continue
+            said: dict[str, object] = {}
+            if d_old is None or d_old.driver != d_new.driver or d_old.raw.cdev != d_new.raw.cdev:
+                said = {"Driver": d_new.driver or "",
+                        "OriginalDriver": self.service.queries.original_driver(addr) or "",
+                        "Cdev": f"/dev/vfio/devices/{d_new.raw.cdev}" if d_new.raw.cdev else ""}
+            if d_old is not None and d_old.raw.link != d_new.raw.link:     # retrained, or a bind changed it
+                said["Link"] = dev.Link
+            if said:
+                dev.emit_properties_changed(said)
 
     # ------------------------------------------------------------ the Manager's signals
 

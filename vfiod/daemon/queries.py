@@ -89,6 +89,10 @@ class Queries:
                                          original_driver=self.original_driver))
         return out
 
+    def tree_json(self) -> list[report.Json]:
+        """The PCI tree of the last whole scan (every function, IOMMU group or not)."""
+        return report.tree_json(self.host, self.names, original_driver=self.original_driver)
+
     async def check(self, caller: Caller, target: str, backend: str) -> Decision:
         host, number = await self._target_group(target)
         d = self.policy_store.current.decide(host, caller, number, backend, {})

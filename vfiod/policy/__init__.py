@@ -113,7 +113,7 @@ with ``k8s_namespaces = ["*"]`` after the allow rules names itself in every
 refusal a namespace gets.  ``vfioctl policy test --user vfiod-dra
 --k8s-namespace NS TARGET`` shows the decision.  The memlock grant of such a
 lease is not applied to the delegate's process: vfiod-dra passes it on to the
-container (/usr/share/doc/vfiod/kubernetes.md).
+container (/usr/share/doc/vfiod/docs/kubernetes.md).
 
 Protected devices
 =================

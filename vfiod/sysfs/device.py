@@ -8,7 +8,7 @@ is thousands of VFs, so every system call per device counts):
   ``iommu_group`` and ``driver`` links, ``reset_method``, ``numa_node`` and
   ``driver_override``;
 - a function that is not a VF: its configuration space up to the capability list
-  (256 bytes: ids, class, subsystem, header type, PCIe port type), and all of it
+  (256 bytes: ids, class, subsystem, header type, PCIe port type and link), and all of it
   (extended capabilities: ACS, SR-IOV, the serial number) only where isolation
   needs it — bridges and multifunction devices — or where the reader reads deep
   (a lease's own devices); ``sriov_totalvfs`` (and, for a PF, its VFs' links);
@@ -18,7 +18,12 @@ is thousands of VFs, so every system call per device counts):
 - ``net`` only for a network function on a driver that can have interfaces (not
   on vfio-pci, pci-stub or none), and on virtio-pci also ``virtioN/net`` (a virtio
   NIC's interface belongs to the virtio device below the function: `vfiod.sysfs.net`);
-  ``boot_vga`` only for a VGA function.
+  ``boot_vga`` only for a VGA function;
+- the PCIe link (speed and width, now and at most) comes with the configuration space
+  read anyway; only where that showed too little (a reader that is not root sees 64
+  bytes) are ``current_link_speed`` and, where it exists, ``current_link_width``,
+  ``max_link_speed`` and ``max_link_width`` read.  A VF has no link of its own: none
+  is read.
 
 ``driver_override`` and ``sriov_numvfs`` of a function on vfio-pci are read last,
 in one patient batch (`vfiod.sysfs.patience`): the kernel shows them under the
@@ -35,7 +40,7 @@ import attrs
 
 from ..address import PciAddress
 from ..errors import InvalidAddress
-from .config import ConfigInfo
+from .config import NO_LINK_TYPES, ConfigInfo, PcieLink
 from .net import interfaces_at
 from .patience import Patience, read_at
 
@@ -76,6 +81,7 @@ class RawDevice:
     physfn: PciAddress | None = None
     virtfns: tuple[PciAddress, ...] = ()
     net: tuple[str, ...] = ()
+    link: PcieLink | None = None      # its PCIe link (None: not PCIe, no link of its own, or unknown)
     problems: tuple[str, ...] = ()
     cdev: str | None = None           # vfioX of BDF/vfio-dev: its VFIO device cdev (kernels with them)
 
@@ -277,6 +283,7 @@ class DeviceReads:
                     self._numvfs(f, read_at(dfd, "sriov_numvfs"), dfd)
         f["virtfns"] = f.get("virtfns", ())
         f["numa_node"] = num("numa_node", 10)
+        f["link"] = None if physfn else _link(dfd, f["config"])
         has_net = class_sub >> 8 == 0x02 and driver is not None and driver not in VFIO_DRIVERS
         if not has_net:
             f["net"] = ()
@@ -337,6 +344,18 @@ class DeviceReads:
             f["problems"] = tuple(f["problems"])
             out.append(RawDevice(**f))
         return out
+
+def _link(dfd: int, cfg: ConfigInfo) -> PcieLink | None:
+    """The link, from configuration space where it showed it (no system call), else from
+    the kernel's attributes, which exist only on PCIe functions."""
+    if cfg.is_pcie is False or (cfg.is_pcie and (cfg.link is not None or cfg.pcie_type in NO_LINK_TYPES)):
+        return cfg.link
+    speed = read_at(dfd, "current_link_speed")
+    if speed is None:
+        return None
+    return PcieLink.from_sysfs(speed, read_at(dfd, "current_link_width"), read_at(dfd, "max_link_speed"),
+                               read_at(dfd, "max_link_width"))
+
 
 def _override(data: bytes | None) -> str | None:
     text = data.strip().decode("utf-8", "replace") if data else None

@@ -62,9 +62,9 @@ GPU = HostSpec.from_table("gpu", "A discrete GPU and its HDMI audio function: tw
                           "one device without ACS share a group", """
 # addr   parent   ids        class   kind       driver         group  flags
 00:00.0  -        8086:3e30  060000  hostbridge -              0
-00:01.0  -        8086:1901  060400  rootport   pcieport       1      acs
-01:00.0  00:01.0  10de:1b80  030000  endpoint   nouveau        2      mf subsys=1458:3702
-01:00.1  00:01.0  10de:10f0  040300  endpoint   snd_hda_intel  2      mf subsys=1458:3702
+00:01.0  -        8086:1901  060400  rootport   pcieport       1      acs link=8x16
+01:00.0  00:01.0  10de:1b80  030000  endpoint   nouveau        2      mf subsys=1458:3702 link=2.5x16 maxlink=8x16
+01:00.1  00:01.0  10de:10f0  040300  endpoint   snd_hda_intel  2      mf subsys=1458:3702 link=2.5x16 maxlink=8x16
 00:02.0  -        8086:3e92  030000  rciep      i915           3      boot_vga
 00:17.0  -        8086:a352  010601  rciep      ahci           4
 00:1f.6  -        8086:15bc  020000  rciep      e1000e         5      net=eno1
@@ -72,28 +72,28 @@ GPU = HostSpec.from_table("gpu", "A discrete GPU and its HDMI audio function: tw
     route_iface="eno1")
 
 _SRIOV_VFS = "\n".join(
-    f"01:{0x10 + i // 2:02x}.{(i % 2) * 4:x}  00:01.0  8086:1520  020000  endpoint  igbvf  {3 + i}  vf-of=01:00.0"
+    f"01:{0x10 + i // 2:02x}.{(i % 2) * 4:x}  00:01.0  8086:1520  020000  endpoint  igbvf  {3 + i}  vf-of=01:00.0 numa=0"
     for i in range(4)
 )
 SRIOV = HostSpec.from_table("sriov", "An SR-IOV NIC (Intel I350) with four VFs, each VF its own group", f"""
 # addr   parent   ids        class   kind       driver     group  flags
 00:00.0  -        8086:3e30  060000  hostbridge -          0
-00:01.0  -        8086:1901  060400  rootport   pcieport   1      acs
-01:00.0  00:01.0  8086:1521  020000  endpoint   igb        2      sriov=7:1520 net=enp1s0f0 subsys=8086:0001
+00:01.0  -        8086:1901  060400  rootport   pcieport   1      acs numa=0 link=5x4 maxlink=8x16
+01:00.0  00:01.0  8086:1521  020000  endpoint   igb        2      sriov=7:1520 net=enp1s0f0 subsys=8086:0001 numa=0 link=5x4
 {_SRIOV_VFS}
-00:17.0  -        8086:a352  010601  rciep      ahci       7
-00:1f.6  -        8086:15bc  020000  rciep      e1000e     8      net=eno1
+00:17.0  -        8086:a352  010601  rciep      ahci       7      numa=0
+00:1f.6  -        8086:15bc  020000  rciep      e1000e     8      net=eno1 numa=0
 """, root_disk=PciAddress.parse("00:17.0"), route_iface="eno1")
 
 SWITCH = HostSpec.from_table("switch", "A PCIe switch: an NVMe drive below a downstream port with ACS "
                              "(alone) and a NIC below one without ACS (grouped with its port)", """
 # addr   parent   ids        class   kind       driver     group  flags
 00:00.0  -        8086:3e30  060000  hostbridge -          0
-00:01.0  -        8086:1901  060400  rootport   pcieport   1      acs
-01:00.0  00:01.0  10b5:8747  060400  upstream   pcieport   2
-02:08.0  01:00.0  10b5:8747  060400  downstream pcieport   3      acs
-02:10.0  01:00.0  10b5:8747  060400  downstream pcieport   4      acs-off
-03:00.0  02:08.0  144d:a808  010802  endpoint   nvme       5      subsys=144d:a801
+00:01.0  -        8086:1901  060400  rootport   pcieport   1      acs link=8x16
+01:00.0  00:01.0  10b5:8747  060400  upstream   pcieport   2      link=8x16
+02:08.0  01:00.0  10b5:8747  060400  downstream pcieport   3      acs link=8x4
+02:10.0  01:00.0  10b5:8747  060400  downstream pcieport   4      acs-off link=2.5x1 maxlink=8x4
+03:00.0  02:08.0  144d:a808  010802  endpoint   nvme       5      subsys=144d:a801 link=8x4
 04:00.0  02:10.0  8086:10d3  020000  endpoint   e1000e     4      net=enp4s0
 00:17.0  -        8086:a352  010601  rciep      ahci       6
 00:1f.6  -        8086:15bc  020000  rciep      e1000e     7      net=eno1
@@ -136,19 +136,20 @@ def server(functions: int = SERVER_DEFAULT) -> HostSpec:
     and root ports with ACS; below each root port one SR-IOV PF (an E810-like NIC
     on ``ice``) and its VFs (on ``iavf``), each function its own IOMMU group.  The
     first domain also holds the boot disk (NVMe, the root filesystem), the NIC of
-    the default route and the BMC's VGA.  The VFs are spread over the root ports
+    the default route and the BMC's VGA.  Domain N is NUMA node N; the PFs' links are
+    16 GT/s x16, the boot NIC's 2.5 GT/s x1.  The VFs are spread over the root ports
     so the total is exactly `functions` (at least 10)."""
     if not SERVER_MIN <= functions <= SERVER_MAX:
         raise ValueError(f"a server host has {SERVER_MIN} to {SERVER_MAX} functions, not {functions}")
     lines = [
-        "0000:00:00.0 - 8086:09a2 060000 hostbridge - 0",
-        "0001:00:00.0 - 8086:09a2 060000 hostbridge - 1",
-        "0000:00:1f.0 - 8086:1bca 060100 rciep - 2",
-        "0000:00:1f.4 - 8086:1bc9 0c0500 rciep i801_smbus 3",
-        "0000:00:02.0 - 8086:347a 060400 rootport pcieport 4 acs",
-        "0000:01:00.0 0000:00:02.0 144d:a80a 010802 endpoint nvme 5 subsys=144d:a801",
-        "0000:00:03.0 - 8086:347b 060400 rootport pcieport 6 acs",
-        "0000:02:00.0 0000:00:03.0 8086:1533 020000 endpoint igb 7 net=eno1 subsys=15d9:1533",
+        "0000:00:00.0 - 8086:09a2 060000 hostbridge - 0 numa=0",
+        "0001:00:00.0 - 8086:09a2 060000 hostbridge - 1 numa=1",
+        "0000:00:1f.0 - 8086:1bca 060100 rciep - 2 numa=0",
+        "0000:00:1f.4 - 8086:1bc9 0c0500 rciep i801_smbus 3 numa=0",
+        "0000:00:02.0 - 8086:347a 060400 rootport pcieport 4 acs numa=0 link=16x4",
+        "0000:01:00.0 0000:00:02.0 144d:a80a 010802 endpoint nvme 5 subsys=144d:a801 numa=0 link=16x4",
+        "0000:00:03.0 - 8086:347b 060400 rootport pcieport 6 acs numa=0 link=2.5x1 maxlink=16x4",
+        "0000:02:00.0 0000:00:03.0 8086:1533 020000 endpoint igb 7 net=eno1 subsys=15d9:1533 numa=0 link=2.5x1",
     ]
     group = 8
     budget = functions - len(lines)
@@ -161,13 +162,13 @@ def server(functions: int = SERVER_DEFAULT) -> HostSpec:
         bus = 0x10 + index
         pf = PciAddress(domain, bus, 0, 0)
         nvfs = vfs_total // ports + (1 if p < vfs_total % ports else 0)
-        lines.append(f"{port} - 8086:347a 060400 rootport pcieport {group} acs mf")
+        lines.append(f"{port} - 8086:347a 060400 rootport pcieport {group} acs mf numa={domain} link=16x16")
         lines.append(f"{pf} {port} 8086:159b 020000 endpoint ice {group + 1} sriov=256:1889 "
-                     f"net=ens{p}f0 subsys=8086:0001")
+                     f"net=ens{p}f0 subsys=8086:0001 numa={domain} link=16x16")
         group += 2
         for i in range(1, nvfs + 1):
             vf = PciAddress(domain, bus, i // 8, i % 8)
-            lines.append(f"{vf} {port} 8086:1889 020000 endpoint iavf {group} vf-of={pf}")
+            lines.append(f"{vf} {port} 8086:1889 020000 endpoint iavf {group} vf-of={pf} numa={domain}")
             group += 1
     fns = tuple(Fn.from_line(line) for line in lines)
     return HostSpec(name=f"server:{functions}",

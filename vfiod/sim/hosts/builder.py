@@ -20,7 +20,13 @@ Flags: ``mf`` (multifunction bit), ``acs`` (ACS capability, fully enabled),
 ``acs-off`` (ACS capability present but disabled), ``boot_vga``,
 ``net=IF`` (a network interface), ``vf-of=ADDR`` (an SR-IOV VF of that PF),
 ``sriov=TOTAL:VFDEVICE`` (a PF and its VFs' device id), ``subsys=VVVV:DDDD``, ``rev=NN``, ``numa=N``,
-``reset=m1,m2``, ``override=DRIVER``, ``serial=HEX`` (a Device Serial Number capability).
+``reset=m1,m2``, ``override=DRIVER``, ``serial=HEX`` (a Device Serial Number capability),
+``link=GTxW`` and ``maxlink=GTxW`` (a PCIe link now and at most, e.g. ``link=8x4
+maxlink=16x16``; a PCIe function with a link has 2.5x1 unless told, and a maximum as
+its current link unless told).  A PCIe function's link is in its config space and in
+``current_link_speed``, ``current_link_width``, ``max_link_speed`` and ``max_link_width``
+(a root complex function's show no link, as the kernel's do; a VF's, which would show
+none either, are left out).
 """
 
 from __future__ import annotations
@@ -77,6 +83,8 @@ class Fn:
     reset: tuple[str, ...] = ("bus",)
     override: str | None = None
     serial: int | None = None       # the Device Serial Number (extended capability 0x0003)
+    link: tuple[float, int] = (2.5, 1)          # a PCIe link's speed (GT/s) and width now
+    max_link: tuple[float, int] | None = None   # and at most (None: as now)
 
     @classmethod
     def from_line(cls, line: str) -> "Fn":
@@ -124,6 +132,13 @@ class Fn:
                 fn = attrs.evolve(fn, override=value)
             elif name == "serial":
                 fn = attrs.evolve(fn, serial=int(value, 16))
+            elif name in ("link", "maxlink"):
+                speed, _, width = value.partition("x")
+                if float(speed) not in _SPEED_CODES or not width.isdigit():
+                    raise ValueError(f"{name}=GTxW wants a PCIe speed ({', '.join(map(str, _SPEED_CODES))}) "
+                                     f"and a width: {flag!r} in {line!r}")
+                pair = (float(speed), int(width))
+                fn = attrs.evolve(fn, link=pair) if name == "link" else attrs.evolve(fn, max_link=pair)
             else:
                 raise ValueError(f"unknown flag {flag!r} in {line!r}")
         if f[4] not in KINDS:
@@ -148,6 +163,10 @@ class Fn:
             buf[0x34] = 0x40
             buf[0x40], buf[0x41] = k.PCI_CAP_ID_EXP, 0
             struct.pack_into("<H", buf, 0x42, 0x2 | (ptype << 4))
+            if self.has_link:
+                (speed, width), (top, lanes) = self.link, self.max_link or self.link
+                struct.pack_into("<I", buf, 0x40 + k.EXP_LNKCAP, _SPEED_CODES[top] | lanes << 4)
+                struct.pack_into("<H", buf, 0x40 + k.EXP_LNKSTA, _SPEED_CODES[speed] | width << 4)
             caps: list[tuple[int, bytes]] = []
             if self.acs:
                 ctrl = ACS_FULL if self.acs == "on" else 0
@@ -166,6 +185,16 @@ class Fn:
                 buf[pos + 4:pos + 4 + len(body)] = body
                 pos = nxt
         return bytes(buf)
+
+    @property
+    def has_link(self) -> bool:
+        """A PCIe function with a link of its own (not a VF, not a root complex function)."""
+        ptype = KINDS[self.kind][1]
+        return ptype is not None and ptype not in k.NO_LINK_TYPES and self.vf_of is None
+
+
+#: PCIe link speeds (GT/s) by their Link Speeds value.
+_SPEED_CODES = {gts: code for code, gts in k.LINK_SPEEDS.items()}
 
 
 @attrs.frozen
@@ -364,6 +393,11 @@ def _write_attrs(fn: Fn, node: str) -> None:
         _write(os.path.join(node, "reset_method"), " ".join(fn.reset) + "\n")
     if fn.class_code >> 8 == 0x0300:
         _write(os.path.join(node, "boot_vga"), "1\n" if fn.boot_vga else "0\n")
+    if KINDS[fn.kind][1] is not None and fn.vf_of is None:
+        now, top = (fn.link, fn.max_link or fn.link) if fn.has_link else ((0.0, 0), (0.0, 0))
+        for name, (speed, width) in (("current", now), ("max", top)):
+            _write(os.path.join(node, f"{name}_link_speed"), f"{speed:.1f} GT/s PCIe\n" if speed else "Unknown\n")
+            _write(os.path.join(node, f"{name}_link_width"), f"{width}\n")
 
 
 def _root_mount(fs: str, sysd: str, devd: str) -> str:
