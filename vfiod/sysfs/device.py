@@ -177,8 +177,12 @@ class DeviceReads:
     comes before its VFs), then `finish` them all (the patient batch is read there)."""
 
     def __init__(self, sysfs: str, root: int, deep: bool, config_limit: int, locked: frozenset[PciAddress],
-                 patience: Patience):
+                 patience: Patience, cdevs: bool = False):
         self.sysfs = sysfs
+        #: does the kernel make VFIO device cdevs (``/dev/vfio/devices`` is there)?  Kernels
+        #: from 6.1 show ``BDF/vfio-dev/vfioX`` in sysfs, but only those from 6.6 with
+        #: CONFIG_VFIO_DEVICE_CDEV make a node of it; elsewhere nothing is looked for.
+        self.cdevs = cdevs
         self.root = root
         self.deep = deep
         self.limit = config_limit
@@ -289,7 +293,7 @@ class DeviceReads:
             f["net"] = ()
         else:
             f["net"] = interfaces_at(dfd) if driver == "virtio-pci" else listdir_at(dfd, "net")
-        f["cdev"] = next(iter(listdir_at(dfd, "vfio-dev")), None) if driver == "vfio-pci" else None
+        f["cdev"] = next(iter(listdir_at(dfd, "vfio-dev")), None) if self.cdevs and driver == "vfio-pci" else None
         return f
 
     def _later(self, index: int, node: str, name: str) -> None:

@@ -140,7 +140,8 @@ class SysfsReader:
         except OSError:
             root = -1
         try:
-            parts = DeviceReads(self.roots.sysfs, root, deep, self.config_limit, self.locked, self.patience)
+            parts = DeviceReads(self.roots.sysfs, root, deep, self.config_limit, self.locked, self.patience,
+                                cdevs=os.path.isdir(os.path.join(self.roots.dev, "vfio/devices")))
             fields = [parts.read(a) for a in addrs]
         finally:
             if root >= 0:
