@@ -112,6 +112,16 @@ class Client:
         path: str = reply.body[0]
         return path
 
+    async def caller_rights(self) -> tuple[bool, str]:
+        """CallerRights: whether this caller is an admin (root, or a member of the policy's
+        ``admin_groups``) and why; (False, "") from a vfiod too old to say."""
+        try:
+            reply = await self.call(ROOT, "org.vfiod1.Manager", "CallerRights")
+        except errors.VfiodError:
+            return False, ""
+        admin, why = reply.body[0]
+        return bool(admin), str(why)
+
     async def lease_call(self, path: str, member: str, signature: str = "", body: Iterable[object] = ()) -> Message:
         return await self.call(path, "org.vfiod1.Lease", member, signature, body)
 
@@ -196,6 +206,8 @@ def lease_json(props: dict[str, Any], devices: list[str]) -> dict[str, Any]:
         "owner": props["Owner"],
         "user": user_name(props["Owner"]),
         "backend": props["Backend"],
+        "target": props.get("Target") or None,
+        "member": props.get("Member") or None,
         "created": props["Created"],
         "expires": props["Expires"] or None,
         "persistent": props["Persistent"],

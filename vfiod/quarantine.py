@@ -83,7 +83,7 @@ def _is_time(v: object) -> bool:
 
 def _bad_lease(r: tuple[Any, ...]) -> str:
     """Why a ``leases`` row cannot be used ("" if it can)."""
-    if len(r) != 21:
+    if len(r) != 22:
         return f"{len(r)} columns"
     checks = ((isinstance(r[0], str) and _LEASE_ID.fullmatch(r[0]) is not None, "id"),  # its object path
               (_is_int(r[1], 0, (1 << 31) - 1), "group"), (_is_int(r[2], 0, (1 << 32) - 2), "uid"),
@@ -95,7 +95,8 @@ def _bad_lease(r: tuple[Any, ...]) -> str:
               (r[13] is None or isinstance(r[13], str), "revoke reason"), (_is_time(r[14]), "deadline"),
               (_is_time(r[15]), "grace"), (r[16] in ("kill", "wait"), "on_revoke"), (r[17] in (0, 1), "revoke_others"),
               (_is_time(r[18]), "cap"), (r[19] is None or isinstance(r[19], str), "scope"),
-              (r[20] is None or isinstance(r[20], str), "k8s namespace"))
+              (r[20] is None or isinstance(r[20], str), "k8s namespace"),
+              (r[21] is None or isinstance(r[21], str), "pool member"))
     for column, (ok, what) in enumerate(checks):
         if not ok:
             return f"its {what} is not usable ({r[column]!r})"[:300]

@@ -1,20 +1,20 @@
 """The journal: one SQLite file that lets vfiod survive its own crash.
 
 File: ``STATE_DIR/state.db`` (WAL, ``synchronous=FULL``: a committed row is on
-disk before the sysfs write it announces).  Schema version 6:
+disk before the sysfs write it announces).  Schema version 7:
 
 ``meta(key, value)``
-    ``schema`` = 6.  A file with a higher number is from a newer vfiod and is
+    ``schema`` = 7.  A file with a higher number is from a newer vfiod and is
     refused, untouched; an older file is upgraded in place (version 2 added
     ``leases.reset``, version 3 ``audit.count``, ``audit.last`` and ``quarantine``,
     version 4 the revoke columns of ``leases``, version 5 ``leases.k8s_namespace``,
-    version 6 ``identity`` and ``membership``).
+    version 6 ``identity`` and ``membership``, version 7 ``leases.member``).
     A table or column that is missing is recreated empty (and logged).
     ``host`` names the host the journal describes (`vfiod.statedir`): a journal of
     another host is refused, untouched.  ``boot_id`` is the kernel's boot id when
     the daemon last reconciled the journal with the kernel (`vfiod.leases.identity`).
 ``leases(id, grp, uid, owner, backend, target, created, expires, persistent, state, rule, memlock, reset,
-revoke_reason, deadline, grace, on_revoke, revoke_others, cap, scope, k8s_namespace)``
+revoke_reason, deadline, grace, on_revoke, revoke_others, cap, scope, k8s_namespace, member)``
     one row per lease; ``grp`` is UNIQUE (one lease per group).  ``state`` is
     ``granting`` (devices are being moved; a crash here rolls back),
     ``granted`` (handed over), ``revoking`` (taken back from holders that may
@@ -28,7 +28,8 @@ revoke_reason, deadline, grace, on_revoke, revoke_others, cap, scope, k8s_namesp
     ``max_duration`` ends the lease whatever its renewals (0: no cap);
     ``scope`` the transient systemd scope of the lessee's command, if any;
     ``k8s_namespace`` the Kubernetes namespace a delegate leased it for (NULL: none),
-    so that a renewal or a policy reload judges it as it was granted.
+    so that a renewal or a policy reload judges it as it was granted; ``member`` the pool
+    member a ``pool:NAME`` lease took (``name:RES`` or an address; NULL for other targets).
 ``held(lease, pos, addr, driver, override, role)``
     each device's original driver and driver_override, written before the
     first sysfs write of the lease: the truth a release restores.  ``role``
@@ -84,7 +85,7 @@ from .quarantine import quarantine_bad_rows
 from .statedir import describe_host
 from .terms import LeaseTerms
 
-SCHEMA = 6
+SCHEMA = 7
 
 log = logging.getLogger("vfiod.state")
 
@@ -106,7 +107,8 @@ CREATE TABLE IF NOT EXISTS leases(
     persistent INTEGER NOT NULL, state TEXT NOT NULL, rule TEXT, memlock INTEGER,
     reset INTEGER NOT NULL DEFAULT 0, revoke_reason TEXT, deadline REAL NOT NULL DEFAULT 0,
     grace REAL NOT NULL DEFAULT 30, on_revoke TEXT NOT NULL DEFAULT 'kill',
-    revoke_others INTEGER NOT NULL DEFAULT 0, cap REAL NOT NULL DEFAULT 0, scope TEXT, k8s_namespace TEXT);
+    revoke_others INTEGER NOT NULL DEFAULT 0, cap REAL NOT NULL DEFAULT 0, scope TEXT, k8s_namespace TEXT,
+    member TEXT);
 CREATE TABLE IF NOT EXISTS held(
     lease TEXT NOT NULL, pos INTEGER NOT NULL, addr TEXT NOT NULL, driver TEXT, override TEXT,
     role TEXT NOT NULL DEFAULT 'endpoint', PRIMARY KEY(lease, pos));
@@ -135,7 +137,7 @@ _ADDED_COLUMNS = (("leases", "reset", "INTEGER NOT NULL DEFAULT 0"),
                   ("leases", "on_revoke", "TEXT NOT NULL DEFAULT 'kill'"),
                   ("leases", "revoke_others", "INTEGER NOT NULL DEFAULT 0"),
                   ("leases", "cap", "REAL NOT NULL DEFAULT 0"), ("leases", "scope", "TEXT"),
-                  ("leases", "k8s_namespace", "TEXT"))
+                  ("leases", "k8s_namespace", "TEXT"), ("leases", "member", "TEXT"))
 _TABLES = ("meta", "leases", "held", "steps", "audit", "quarantine", "grants", "identity", "membership")
 _NEW_IN = {"quarantine": 3, "grants": 3, "identity": 6, "membership": 6}   # tables added after version 1
 
@@ -163,6 +165,7 @@ class LeaseRow:
     cap: float = 0.0                   # the rule's max_duration ends the lease here (0: no cap)
     scope: str | None = None           # the transient scope of the lessee's command
     k8s_namespace: str | None = None   # the Kubernetes namespace a delegate leased it for
+    member: str | None = None          # the member a pool:NAME lease took (its own target)
 
     @property
     def terms(self) -> LeaseTerms:
@@ -177,7 +180,8 @@ class LeaseRow:
                    persistent=bool(row["persistent"]), state=row["state"], rule=row["rule"], memlock=row["memlock"],
                    reset=bool(row["reset"]), revoke_reason=row["revoke_reason"], deadline=row["deadline"],
                    grace=row["grace"], on_revoke=row["on_revoke"], revoke_others=bool(row["revoke_others"]),
-                   cap=row["cap"], scope=row["scope"], k8s_namespace=row["k8s_namespace"])
+                   cap=row["cap"], scope=row["scope"], k8s_namespace=row["k8s_namespace"],
+                   member=row["member"])
 
 
 @attrs.frozen
@@ -312,11 +316,12 @@ class Journal:
 
     def create(self, lease: LeaseRow, held: list[HeldDevice]) -> None:
         with self.tx():
-            self.db.execute("INSERT INTO leases VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
+            self.db.execute("INSERT INTO leases VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
                 lease.id, lease.group, lease.uid, lease.owner, lease.backend, lease.target,
                 lease.created, lease.expires, int(lease.persistent), lease.state, lease.rule,
                 lease.memlock, int(lease.reset), lease.revoke_reason, lease.deadline, lease.grace,
-                lease.on_revoke, int(lease.revoke_others), lease.cap, lease.scope, lease.k8s_namespace))
+                lease.on_revoke, int(lease.revoke_others), lease.cap, lease.scope, lease.k8s_namespace,
+                lease.member))
             self.db.executemany("INSERT INTO held VALUES(?,?,?,?,?,?)", [
                 (lease.id, i, h.addr, h.driver, h.override, h.role) for i, h in enumerate(held)])
 

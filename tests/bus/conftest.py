@@ -92,10 +92,12 @@ class BusWorld:
             self.daemon.wait(30)
         self.log.close()
 
-    def ctl(self, command, *args, user=TEST_USER, check=True, timeout=60, env=None):
-        """Run `vfioctl COMMAND --bus ADDRESS ARGS...` as `user` (None: as root)."""
+    def ctl(self, command, *args, user=TEST_USER, check=True, timeout=60, env=None, **groups):
+        """Run `vfioctl COMMAND --bus ADDRESS ARGS...` as `user` (None: as root); `groups`:
+        subprocess's ``group`` and ``extra_groups`` (by default the process keeps this one's)."""
         p = subprocess.run([os.path.join(VENV_BIN, "vfioctl"), command, "--bus", self.address, *args],
-                           capture_output=True, text=True, timeout=timeout, user=user, env=env, cwd=self.dir)
+                           capture_output=True, text=True, timeout=timeout, user=user, env=env, cwd=self.dir,
+                           **groups)
         if check and p.returncode != 0:
             raise AssertionError(f"vfioctl {command} {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
         return p

@@ -188,12 +188,13 @@ async def _lease_objects(client: Client, paths: list[str]) -> list[Json]:
 
 
 def cmd_leases(args: argparse.Namespace) -> int:
-    """Your leases (root: everyone's)."""
+    """Your leases (root and the policy's admin_groups: everyone's)."""
     async def go(client: Client) -> int:
         manager = await client.properties("/org/vfiod1", "org.vfiod1.Manager")
         mine = os.getuid()
+        everyone = mine == 0 or (await client.caller_rights())[0]
         rows = [r for r in await _lease_objects(client, manager.get("Leases", []))
-                if mine == 0 or r["owner"] == mine]
+                if everyone or r["owner"] == mine]
         if args.json:
             print_json("leases", leases=rows)
         elif not rows:
@@ -255,7 +256,9 @@ def cmd_lease(args: argparse.Namespace) -> int:
         lease_id = lease_id_of(path)
         props = await client.properties(path, "org.vfiod1.Lease")
         group = group_number(props["Group"])
-        print(f"vfioctl: lease {lease_id}: IOMMU group {group} via the {props['Backend']} backend", file=sys.stderr)
+        took = f" (pool member {props['Member']})" if props.get("Member") else ""
+        print(f"vfioctl: lease {lease_id}: IOMMU group {group}{took} via the {props['Backend']} backend",
+              file=sys.stderr)
         warnings = props.get("Warnings") or []
         for w in warnings:
             print(f"vfioctl: warning: {w}", file=sys.stderr)

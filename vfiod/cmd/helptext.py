@@ -33,13 +33,16 @@ example:
 """),
     "check": ("would I get this device? (policy, for the calling user)", """\
 Ask whether the calling user may lease the device's group, and under which rule.
-Exits 0 when allowed, 3 when denied.
+For pool:NAME, which member a lease would take now, or why each member would be
+passed over.  Exits 0 when allowed, 3 when denied, 4 when busy now.
 
-example:
+examples:
   vfioctl check 0000:04:00.0 --backend vfio
+  vfioctl check pool:nics
 """),
     "leases": ("list leases", """\
-List the leases vfiod holds (yours, or all of them for root).
+List the leases vfiod holds (yours; all of them for root and for members of
+the policy's admin_groups).
 
 example:
   vfioctl leases --json
@@ -47,7 +50,8 @@ example:
     "lease": ("lease a device's whole group; optionally run a command while holding it", """\
 usage: vfioctl lease TARGET [options] [-- CMD ARGS...]
 
-Lease the IOMMU group of a device (or group:N, or name:RESOURCE).  vfiod binds
+Lease the IOMMU group of a device (or group:N, name:RESOURCE, or pool:NAME: the
+pool's first member you may have that nobody holds; vfioctl says which).  vfiod binds
 every endpoint of the group to the backend's driver and hands it to you; the
 lease ends (and every device goes back to its driver) when you release it,
 when it expires, or when vfioctl exits — unless it is --persistent.
@@ -81,8 +85,8 @@ vfiod refuses (exit 4, busy) while the PF or any of its VFs is leased.
 example:
   vfioctl vfs 0000:01:00.0 4
 """),
-    "reload": ("root: reload the policy; say whether it was taken, with every error", """\
-Ask vfiod (as root) to read its policy directory again, as `systemctl reload
+    "reload": ("admin: reload the policy; say whether it was taken, with every error", """\
+Ask vfiod (as root, or as a member of the policy's admin_groups) to read its policy directory again, as `systemctl reload
 vfiod` does, and say whether it took the new policy.  A broken policy is
 refused whole: every error of every file is printed (file:line: key: what),
 vfiod keeps the policy it had, and vfioctl exits 2.  Others get "permission
@@ -94,7 +98,7 @@ leases it would revoke.
 exit status:
   0  the new policy is in force (--dry-run: it loads)
   2  it was refused (the errors follow); the old one stays
-  3  not root
+  3  neither root nor a member of the policy's admin_groups
 
 examples:
   sudo vfioctl reload --dry-run
@@ -119,7 +123,8 @@ examples:
     "release": ("release a lease (by id, by target, or --all)", """\
 Release a lease: every device of its group goes back to the driver it had.
 Name the lease by its id, or by a target of its group (an address, group:N or
-name:RESOURCE); --all releases every lease you may release (root: everyone's).
+name:RESOURCE); --all releases every lease you may release (root and the
+policy's admin_groups: everyone's).
 
 examples:
   vfioctl release 3f2a9c0d1e4b5a69
@@ -129,7 +134,8 @@ examples:
 A lease whose group is still held open (a process kept a group or device fd)
 is not left half-released: vfiod revokes it instead (see `vfioctl revoke`).
 """),
-    "revoke": ("root: take a lease back, whether or not its holders let go", """Revoke a lease (root only): vfiod signals LeaseRevoking (vfioctl lease -- CMD
+    "revoke": ("admin: take a lease back, whether or not its holders let go", """Revoke a lease (root, or a member
+of the policy's admin_groups): vfiod signals LeaseRevoking (vfioctl lease -- CMD
 passes it on to CMD as SIGTERM), takes /dev/vfio/N back and begins unbinding
 each device, which makes the kernel ask the holders (the device's request
 eventfd: QEMU unplugs it from its guest, DPDK runs its removal handling).

@@ -12,7 +12,7 @@ import argparse
 import os
 import re
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from .. import policy
 from ..errors import InvalidArgument, PermissionDenied, PolicyError
@@ -195,9 +195,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     if pol.resources:
         print("\nResources (lease them as name:NAME):", file=out)
     for res in pol.resources.values():
-        print(f"  {res.name} ({res.source})" + (f" — {res.comment}" if res.comment else ""), file=out)
-        for d in res.devices:
-            print(f"      {d.describe()}", file=out)
+        _print_named(res, [d.describe() for d in res.devices], out)
+    if pol.pools:
+        print("\nPools (lease them as pool:NAME: the first free member you may have):", file=out)
+    for pool in pol.pools.values():
+        _print_named(pool, [f"{m.target}: {', '.join(d.describe() for d in m.resource.devices)}"
+                            for m in pool.members], out)
+    if pol.admin_groups:
+        print("\nAdmin groups (may reload the policy, revoke and see every lease; no more devices):", file=out)
+    for g in pol.admin_groups:
+        print(f"  {g.name} (gid {g.gid}, {g.source})", file=out)
     if pol.claims:
         print("\nClaims (persistent leases taken when vfiod starts):", file=out)
     for c in pol.claims:
@@ -208,6 +215,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("\nNo rules: every request is denied.", file=out)
     print("\nThe policy is valid.", file=out)
     return EXIT_OK
+
+
+def _print_named(named: policy.Resource | policy.Pool, lines: list[str], out: TextIO) -> None:
+    """A resource or pool of `policy check`: its name, where, its comment, then `lines`."""
+    print(f"  {named.name} ({named.source})" + (f" — {named.comment}" if named.comment else ""), file=out)
+    for line in lines:
+        print(f"      {line}", file=out)
 
 
 _ERROR_AT = re.compile(r"(?P<file>[^:\n]+?)(?::(?P<line>\d+))?:\s")

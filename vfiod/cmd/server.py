@@ -94,12 +94,12 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 RELOAD_HELP = """\
 Ask the running daemon to load its policy directory again (the bus call
-ReloadPolicy; root only), and wait for the answer.  A broken policy is refused:
+ReloadPolicy; root or the policy's admin_groups), and wait for the answer.  A broken policy is refused:
 this command prints every error (file:line: key) and exits non-zero, and the
 daemon goes on deciding by the last good policy.  vfiod.service runs it as
 ExecReload=, so `systemctl reload vfiod` fails visibly when the policy is refused.
 
-exit status: 0 reloaded; 2 the policy was refused; 3 not root; 1 vfiod not running
+exit status: 0 reloaded; 2 the policy was refused; 3 not an admin; 1 vfiod not running
 or not answering.
 
 examples:

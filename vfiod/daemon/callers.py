@@ -10,12 +10,18 @@ exited and its pid gone to another.  So the caller also carries when vfiod
 first heard from the connection (`Caller.since`) and, where the bus daemon
 offers one in the same reply (``ProcessFD``: dbus >= 1.15), a pidfd for that
 process (`Caller.pidfd`); `vfiod.daemon.service` proves a process with them
-before acting on it."""
+before acting on it.
+
+Whether a caller is a delegated admin (the policy's ``admin_groups``) is judged
+at each call, not cached: the user database is read again, so that removing a
+user from the group takes effect at their next call (`Policy.admin_group_of`)."""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
+
+import attrs
 
 from dbus_next import Message, MessageType
 
@@ -30,10 +36,19 @@ if TYPE_CHECKING:
 class Callers:
     def __init__(self) -> None:
         self.bus: VfiodBus | None = None
+        #: the admin group that makes a caller a delegated admin at this call ("" if none;
+        #: `Policy.admin_group_of`); asked for each call, never cached with the caller
+        self.admin_of: Callable[[Caller], str] = lambda caller: ""
         self._cache: dict[str, Caller] = {}
         self._since: dict[str, float] = {}
 
     async def of(self, msg: Message | None) -> Caller:
+        """The caller of `msg`, with its delegated admin rights judged now (`admin_of`)."""
+        caller = await self._of(msg)
+        group = self.admin_of(caller)
+        return attrs.evolve(caller, admin_group=group) if group else caller
+
+    async def _of(self, msg: Message | None) -> Caller:
         if msg is None or not msg.sender:
             raise PermissionDenied("cannot tell who is calling")
         cached = self._cache.get(msg.sender)

@@ -56,6 +56,7 @@ class Backing(Protocol):
     async def set_vf_count(self, caller: Caller, pf: str, count: int) -> int: ...
     async def reload_policy(self, caller: Caller) -> None: ...
     async def revoke(self, caller: Caller, lease_id: str, reason: str) -> None: ...
+    async def rights(self, caller: Caller) -> tuple[bool, str]: ...
     def exported_leases(self) -> list[str]: ...
     def warnings(self, lease_id: str) -> list[str]: ...
     def keep_fd_for_send(self, fd: int) -> int: ...
@@ -194,6 +195,12 @@ class ManagerInterface(ExportedInterface):
     @edge
     async def Revoke(self, caller: Caller, lease: "o", reason: "s") -> "":
         await self.service.revoke(caller, lease_id_of(lease), reason)
+
+    @method()
+    @edge
+    async def CallerRights(self, caller: Caller) -> "(bs)":
+        admin, why = await self.service.rights(caller)
+        return [admin, why]
 
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> "s":
@@ -387,6 +394,16 @@ class LeaseInterface(ExportedInterface):
     @dbus_property(access=PropertyAccess.READ)
     def Backend(self) -> "s":
         return self.lease.backend
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Target(self) -> "s":
+        """What the lessee asked for: an address, ``group:N``, ``name:RES`` or ``pool:NAME``."""
+        return self.lease.target
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Member(self) -> "s":
+        """The member a ``pool:NAME`` lease took (``name:RES`` or an address); empty otherwise."""
+        return self.lease.member or ""
 
     @dbus_property(access=PropertyAccess.READ)
     def Created(self) -> "t":

@@ -12,10 +12,12 @@ import attrs
 
 from .. import report
 from ..address import PciAddress
-from ..errors import Busy, InvalidArgument, NotViable, PermissionDenied, PolicyError
+from ..errors import Busy, InvalidArgument, NotFound, NotViable, PermissionDenied, PolicyError, Protected, VfiodError
+from ..leases.manager import pool_refusal
 from ..leases import LeaseManager
 from ..pciids import PciIds
-from ..policy import BUSY_PREFIX, Caller, Decision, PolicyStore, format_size, hide_sources
+from ..policy import (ADMIN_GROUPS_HINT, BUSY_PREFIX, Caller, Decision, PolicyStore, Refusal, format_size, hide_sources,
+                      parse_target)
 from ..sysfs.procs import memlock_of
 from ..topology import Host
 from .snapshot import Snapshot
@@ -65,7 +67,8 @@ class Queries:
             host = await self._run(self.manager.scan)     # the topology changed: explain it afresh
             g = host.groups[number]
         lease = self.manager.lease_for_group(number)
-        return report.explain_text(target, g, lease, self.host.findings, viewer=caller.uid)
+        return report.explain_text(target, g, lease, self.host.findings,
+                                   viewer=None if caller.is_admin else caller.uid)
 
     async def groups_json(self, caller: Caller, targets: list[str]) -> list[report.Json]:
         """The groups `targets` name (every group when none), in the one group JSON."""
@@ -94,7 +97,12 @@ class Queries:
         return report.tree_json(self.host, self.names, original_driver=self.original_driver)
 
     async def check(self, caller: Caller, target: str, backend: str) -> Decision:
+        if parse_target(target)[0] == "pool":
+            return self._for_caller(caller, await self._run(self._check_pool, caller, target, backend))
         host, number = await self._target_group(target)
+        return self._for_caller(caller, await self._check_group(caller, host, number, backend))
+
+    async def _check_group(self, caller: Caller, host: Host, number: int, backend: str) -> Decision:
         d = self.policy_store.current.decide(host, caller, number, backend, {})
         if d.allowed:
             # What a lease would meet besides the policy: a lease already there, the host using it.
@@ -104,10 +112,39 @@ class Queries:
         if d.allowed:
             reset = "; each device is reset before it goes back to the host" if d.reset_on_release else ""
             d = attrs.evolve(d, reason=d.reason + self._memlock_advice(caller, d) + reset)
-        if not caller.is_admin:
-            # Where the policy says so (file:line) is for admins: it maps the policy for anyone.
-            d = attrs.evolve(d, rule="", reason=hide_sources(d.reason))
         return d
+
+    @staticmethod
+    def _for_caller(caller: Caller, d: Decision) -> Decision:
+        """Where the policy says so (file:line) is for admins: it maps the policy for anyone."""
+        return d if caller.is_admin else attrs.evolve(d, rule="", reason=hide_sources(d.reason))
+
+    def _check_pool(self, caller: Caller, target: str, backend: str) -> Decision:
+        """What `check` says of ``pool:NAME``: the member a lease would take now, or why each
+        member would be passed over (the order a lease tries them in)."""
+        policy = self.policy_store.current
+        name = target[len("pool:"):]
+        host = self.manager.host_for(target, policy)
+        skipped: list[tuple[str, VfiodError]] = []
+        for member, resolved, why in policy.pool_candidates(host, name):
+            if resolved is None:
+                skipped.append((member.target, NotFound(why)))
+                continue
+            d = policy.decide(host, caller, resolved.group, backend, {})
+            if d.allowed:
+                now = self._busy_now(caller, host, resolved.group)
+                if not now:
+                    return attrs.evolve(d, reason=f"pool {name}: a lease would take member {member.target} "
+                                                  f"(IOMMU group {resolved.group}): {d.reason}"
+                                                  + self._memlock_advice(caller, d))
+                skipped.append((member.target, Busy(now)))
+            else:
+                kind = Protected if d.refusal is Refusal.PROTECTED else PermissionDenied
+                skipped.append((member.target, kind(d.reason)))
+        e = pool_refusal(name, skipped)
+        busy = isinstance(e, Busy)
+        return Decision(False, "", (BUSY_PREFIX if busy else "") + e.message,
+                        refusal=None if busy else Refusal.DENIED)
 
     def _busy_now(self, caller: Caller, host: Host, number: int) -> str:
         """Why a lease of group `number` would be refused now whatever the policy says ("" if not)."""
@@ -136,10 +173,10 @@ class Queries:
         return ""
 
     async def preview_policy(self, caller: Caller) -> tuple[list[str], list[tuple[str, int, str]]]:
-        """What a reload would do, changing nothing (root only): every error of the policy
+        """What a reload would do, changing nothing (root or a delegated admin): every error of the policy
         directory as it is now, or the leases the policy there would revoke (id, lessee, why)."""
         if not caller.is_admin:
-            raise PermissionDenied("only root may preview a policy reload")
+            raise PermissionDenied(f"only root {ADMIN_GROUPS_HINT} may preview a policy reload")
         try:
             policy = await self._run(self.policy_store.preview)
         except PolicyError as e:

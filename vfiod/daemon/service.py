@@ -20,11 +20,11 @@ from .queries import Queries
 from .scopes import Scopes
 from ..address import PciAddress
 from ..leases.caps import apply_caps
-from ..errors import BackendFailed, InvalidArgument, PermissionDenied, PolicyError, Protected, VfiodError
+from ..errors import BackendFailed, Busy, InvalidArgument, NotFound, PermissionDenied, PolicyError, Protected, VfiodError
 from ..hookspecs import Backend
 from ..leases import Ended, LeaseManager
 from ..pciids import PciIds
-from ..policy import Caller, PolicyStore, format_size, hide_sources
+from ..policy import ADMIN_GROUPS_HINT, Caller, PolicyStore, describe_caller, format_size, hide_sources, system_users
 from ..state import Journal, LeaseRow
 from ..terms import LeaseTerms
 from ..sysfs import Kernel
@@ -60,6 +60,8 @@ class Service:
         self.snapshot.on_change = self._changed_in_thread
         self.queries = Queries(self.manager, policy_store, self.snapshot, self.names)
         self.callers = Callers()
+        self.callers.admin_of = lambda caller: self.policy_store.current.admin_group_of(
+            caller, self.policy_store.users or system_users())
         self.monitor: object | None = None            # the udev monitor, kept alive with the service
         self.objects = ObjectTree(self)
         self.hotplug = Hotplug(self.manager, self.snapshot, self.end_soon, self.is_ending, self.refresh_soon)
@@ -163,7 +165,8 @@ class Service:
                     raise PermissionDenied(f"vfiod cannot run the caller in a scope: {unproven}")
             try:
                 lease = await self._run(self.manager.request, caller, target, backend, terms, owner)
-            except (PermissionDenied, Protected) as e:
+            except (PermissionDenied, Protected, Busy, NotFound) as e:
+                # (Busy, NotFound: a pool's answer carries each member's refusal.)
                 # As `check` says it: where the policy says so (file:line) is for admins, and for
                 # a delegate the policy names speaking for a namespace (vfiod-dra), whose claim's
                 # error names the deciding rule (docs/kubernetes.md).
@@ -230,12 +233,12 @@ class Service:
         return before
 
     async def reload_policy(self, caller: Caller | None) -> None:
-        """Load the policy directory again: ReloadPolicy (root only), or SIGHUP (`caller`
-        None).  A refused policy raises `PolicyError` with every error, and the policy in
+        """Load the policy directory again: ReloadPolicy (root or a delegated admin), or SIGHUP
+        (`caller` None).  A refused policy raises `PolicyError` with every error, and the policy in
         force stays; an accepted one revokes (reason ``policy``) the leases it no longer allows."""
         if caller is not None and not caller.is_admin:
-            raise PermissionDenied("only root may reload the policy")
-        who = "SIGHUP" if caller is None else f"uid {caller.uid}"
+            raise PermissionDenied(f"only root {ADMIN_GROUPS_HINT} may reload the policy")
+        who = "SIGHUP" if caller is None else describe_caller(caller)
         try:
             policy = await self._run(self.policy_store.reload)
         except PolicyError as e:
@@ -309,7 +312,7 @@ class Service:
         self.update_status()
 
     async def revoke(self, caller: Caller, lease_id: str, reason: str) -> None:
-        """Root: take a lease back through the ladder (`LeaseManager.revoke` checks who asks)."""
+        """Root or a delegated admin: take a lease back through the ladder (`LeaseManager.revoke` checks who asks)."""
         got = await self._run(self.manager.revoke, lease_id, reason or "revoked", caller)
         self.refresh_soon([got.lease.group])
 
@@ -326,6 +329,12 @@ class Service:
         got += await self._run(apply_caps, self.manager, self.policy_store.current, uid)     # vfiod.leases.caps
         if got:
             self.refresh_soon([g.lease.group for g in got])
+
+    async def rights(self, caller: Caller) -> tuple[bool, str]:
+        """Whether `caller` is an admin, and why: ``root``, ``group NAME`` (a delegated admin), or ""."""
+        if caller.is_root:
+            return True, "root"
+        return caller.is_admin, f"group {caller.admin_group}" if caller.admin_group else ""
 
     def warnings(self, lease_id: str) -> list[str]:
         """What the grant of `lease_id` promised and could not do (the memlock grant, say)."""

@@ -37,7 +37,7 @@ import attrs
 
 from ..errors import Busy, InvalidArgument, NotFound, PermissionDenied, VfiodError
 from ..hookspecs import Backend
-from ..policy import Caller, Decision, Policy
+from ..policy import ADMIN_GROUPS_HINT, Caller, Decision, Policy
 from ..state import LeaseRow
 from ..sysfs import USER_UIDS, GroupClaim, GroupHeld, Holder, Search, Unbinding
 from .core import END_REASONS, Ended, LeaseCore, Revoking
@@ -112,10 +112,11 @@ class Ladder:
             self._unclaim(lease)
 
     def revoke(self, lease_id: str, reason: str, caller: Caller | None = None) -> Ended | Revoking:
-        """Take a lease back whether or not its holders let go (root, or vfiod itself)."""
+        """Take a lease back whether or not its holders let go (root, a delegated admin, or
+        vfiod itself)."""
         core = self.core
         if caller is not None and not caller.is_admin:
-            raise PermissionDenied("only root may revoke a lease")
+            raise PermissionDenied(f"only root {ADMIN_GROUPS_HINT} may revoke a lease")
         if not isinstance(reason, str) or len(reason) > 200 or not reason.isprintable():
             raise InvalidArgument("a revoke reason is one line of at most 200 printable characters")
         lease = core.journal.lease(lease_id) if isinstance(lease_id, str) else None

@@ -31,7 +31,7 @@ import attrs
 from ..address import PciAddress
 from ..errors import BackendFailed, Busy, InvalidArgument, NotFound, NotViable, PermissionDenied, Protected, VfiodError
 from ..hookspecs import Backend
-from ..policy import Caller, Policy, Refusal, format_duration, parse_target
+from ..policy import Caller, Policy, Refusal, Resource, Target, format_duration, parse_target
 from ..state import HeldDevice, Journal, LeaseRow
 from ..sysfs import Holder, Kernel, interface_address
 from ..terms import LeaseTerms
@@ -45,6 +45,20 @@ from .reconcile import reconcile
 from .sriov import set_vf_count
 
 log = logging.getLogger("vfiod.leases")
+
+#: What keeps one group from a caller now (`LeaseManager._grant`): a pool tries its next member.
+_GRANT_REFUSALS = (Busy, NotViable, PermissionDenied, Protected, NotFound)
+
+
+def pool_refusal(pool: str, skipped: list[tuple[str, VfiodError]]) -> VfiodError:
+    """Why no member of `pool` could be leased, each member's reason in order.  Its kind:
+    busy when a member is only busy now (try again later), else denied when the policy
+    refuses one, else not found (every member is gone or changed)."""
+    kinds = {type(e) for _, e in skipped}
+    kind: type[VfiodError] = (Busy if kinds & {Busy, NotViable} else
+                              PermissionDenied if kinds & {PermissionDenied, Protected} else NotFound)
+    why = "; ".join(f"{member}: {e.message}" for member, e in skipped) or "it has no members"
+    return kind(f"pool {pool}: no member is free for you: {why}")
 
 
 class LeaseManager(LeaseCore):
@@ -71,10 +85,15 @@ class LeaseManager(LeaseCore):
             raise NotFound(f"no lease {lease_id!r}")
         return lease
 
+    #: what an admin of the policy's admin_groups may do to another's lease: end it, read
+    #: it; never renew it or open its devices (that would be a device the rules did not give)
+    ADMIN_ACTIONS = ("release", "read")
+
     def owned(self, lease_id: str, caller: Caller, action: str) -> LeaseRow:
-        """The lease, if `caller` may `action` it (its lessee, or root): the one rights check."""
+        """The lease, if `caller` may `action` it (its lessee, root, or for `ADMIN_ACTIONS` a
+        delegated admin): the one rights check."""
         lease = self.get(lease_id)
-        if not caller.is_admin and caller.uid != lease.uid:
+        if not (caller.uid == lease.uid or caller.is_root or (caller.is_admin and action in self.ADMIN_ACTIONS)):
             if action == "release":
                 self.audit("release", caller.uid, lease.target, lease.id, lease.rule, "denied", group=lease.group)
             raise PermissionDenied(f"lease {lease.id} belongs to uid {lease.uid}; you may not {action} it")
@@ -119,10 +138,34 @@ class LeaseManager(LeaseCore):
         policy = self.policy_source()
         host = self.host_for(target, policy)
         try:
-            resolved = policy.resolve(host, target)
+            parsed = parse_target(target)
+            if parsed[0] != "pool":
+                one = policy.resolve(host, target)
+            else:
+                candidates = policy.pool_candidates(host, parsed[1])
         except VfiodError as e:
             self.audit("request", caller.uid, target, None, None, "refused", str(e))
             raise
+        if parsed[0] != "pool":
+            return self._grant(caller, target, one, backend, terms, owner, policy)
+        # A pool: its first member the caller may have and nobody holds.  Each member's own
+        # refusal (audited) is kept for the answer when none is free.
+        skipped: list[tuple[str, VfiodError]] = []
+        for member, resolved, why in candidates:
+            if resolved is None:        # its hardware changed, it is gone, or it spans groups: never leased
+                self.audit("request", caller.uid, target, None, None, "skipped", f"{member.target}: {why}")
+                skipped.append((member.target, NotFound(why)))
+                continue
+            try:
+                return self._grant(caller, target, resolved, backend, terms, owner, policy, member.resource)
+            except _GRANT_REFUSALS as e:
+                skipped.append((member.target, e))
+        raise pool_refusal(parsed[1], skipped)
+
+    def _grant(self, caller: Caller, target: str, resolved: Target, backend: str, terms: LeaseTerms,
+               owner: str | None, policy: Policy, member: Resource | None = None) -> LeaseRow:
+        """Steps 1 (from the group lock on) to 4 for the group `resolved` names; `member`: the
+        pool member it is, whose hardware is checked again once the group is held."""
         group = resolved.group
         with self.group_lock(group):
             existing = self.journal.lease_for_group(group)
@@ -132,6 +175,10 @@ class LeaseManager(LeaseCore):
                          else " by another user")
                 raise Busy(f"IOMMU group {group} is already leased{whose}")
             host = self.scan_groups([group])      # fresh, now that we hold the group
+            changed = member.problems(host) if member is not None else []
+            if changed:
+                self.audit("request", caller.uid, target, None, None, "refused", "; ".join(changed), group=group)
+                raise NotFound("; ".join(changed))
             decision = policy.decide(host, caller, group, backend, terms)
             if not decision.allowed:
                 self.audit("request", caller.uid, target, None, decision.rule, "denied", decision.reason, group=group)
@@ -150,7 +197,7 @@ class LeaseManager(LeaseCore):
                 memlock=decision.memlock, reset=decision.reset_on_release, grace=float(decision.revoke_grace),
                 on_revoke=decision.on_revoke, revoke_others=decision.revoke_others,
                 cap=now + decision.max_duration if decision.max_duration else 0.0,
-                k8s_namespace=terms.k8s_namespace)
+                k8s_namespace=terms.k8s_namespace, member=resolved.member)
             self.journal.create(lease, plan)
             record_identity(self, lease, host, plan)
             self.on_step("recorded")
@@ -169,8 +216,9 @@ class LeaseManager(LeaseCore):
             lease = attrs.evolve(lease, state="granted")
             self.journal.set_state(lease.id, "granted")
             self.on_step("granted")
-            self.audit("grant", caller.uid, target, lease.id, decision.rule, "granted", f"group {group} via {be.name}",
-                       group=group)
+            took = f" (member {resolved.member})" if resolved.member else ""
+            self.audit("grant", caller.uid, target, lease.id, decision.rule, "granted",
+                       f"group {group} via {be.name}{took}", group=group)
             return lease
 
     def _plan(self, host: Host, group: int, caller: Caller, terms: LeaseTerms) -> list[HeldDevice]:
@@ -211,9 +259,9 @@ class LeaseManager(LeaseCore):
             if dev.driver is None or dev.driver in VFIO_DRIVERS:
                 continue
             uses.extend(f"{dev.addr}: {u}" for u in self.kernel.usage(dev.addr))
-        if uses and not (caller.is_admin and terms.force):
+        if uses and not (caller.is_root and terms.force):
             raise Busy("in use on the host: " + "; ".join(uses)
-                       + (" (an admin may pass force)" if not caller.is_admin else " (pass force to override)"))
+                       + (" (root may pass force)" if not caller.is_root else " (pass force to override)"))
         return endpoints, bridges
 
     def grant_memlock(self, lease: LeaseRow, pid: int, start: int | None = None) -> tuple[int, int] | None:

@@ -25,7 +25,7 @@ def set_vf_count(core: LeaseCore, caller: Caller, pf: PciAddress, count: int) ->
     group = reader.group_of(pf)
     with core.group_lock(group if group is not None else -1):
         why = ""
-        if not caller.is_admin:
+        if not caller.is_root:
             host = core.scan_groups([group] if group is not None else [])
             dev = host.devices.get(pf)
             allowed, why = core.policy_source().decide_vf_count(dev, caller, count) if dev else (False, "")

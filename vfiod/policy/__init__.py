@@ -12,9 +12,10 @@ Files
 vfiod reads every ``*.toml`` file of the policy directory
 (``/etc/vfiod/policy.d``; dotfiles and other names are skipped) in name order
 (byte order: give files two-digit prefixes, ``10-nics.toml``).  A file holds
-three kinds of tables, each any number of times: ``[[rule]]``,
-``[[resource]]`` and ``[[claim]]``.  Resource names and claims are shared by
-all files.  If any file is broken the whole policy is refused, with file, line
+four kinds of tables, each any number of times: ``[[rule]]``,
+``[[resource]]``, ``[[pool]]`` and ``[[claim]]``, and above its first table
+the key ``admin_groups`` (see "Delegated administration").  Resource and pool
+names and claims are shared by all files.  If any file is broken the whole policy is refused, with file, line
 and key in the message (``policy.d/10-x.toml:7: key 'backnds': unknown key``),
 and the daemon keeps the policy it had.  A policy directory or file anyone may
 write is refused too.  Unknown keys, wrong types, unknown backends, users or
@@ -45,6 +46,7 @@ too.  Every list-valued key also takes a single value::
                                   # pci-stub, so a renewal is judged on that driver)
     vf_of = "0000:01:00.0"        # the SR-IOV virtual functions of this physical function
     resource = "fast-nic"         # the devices of a [[resource]], while the hardware still matches
+    pool = "nics"                 # the devices of a [[pool]]'s members, while their hardware matches
 
     # Who.  At least one key; the caller matches if any of them does.
     users = ["alice"]             # user names (must exist)
@@ -120,7 +122,7 @@ Protected devices
 
 Devices the host needs (shown as protected: the boot VGA, the root disk's
 controller, the default route's NIC) are denied unless the deciding rule names
-them explicitly, by ``address`` or by ``resource``, and has
+them explicitly, by ``address``, ``resource`` or ``pool``, and has
 ``allow_protected = true``; the denial quotes why the device is protected.
 (``allow_protected`` is an error in a rule that names no device that way.)
 
@@ -141,6 +143,60 @@ vendor:device) optional.  If the hardware at an address changed (a card
 swapped), the resource refuses, saying what changed, and rules naming it no
 longer match that device.  A resource's devices must share one IOMMU group.
 
+Pools
+=====
+
+Like a Proxmox VE mapping with several devices: a pool is a named set of
+interchangeable members, each one IOMMU group's worth of devices, pinned to
+the hardware the admin saw.  Users lease ``pool:NAME`` and get the first
+member, in the order listed, that the rules give them and that is neither
+leased nor in use on the host; the lease says which member it took
+(``vfioctl leases --json``: ``member``).  ``vfioctl check pool:NAME`` says
+which member a lease would take now, or why each member would be passed
+over.  Rules grant a pool with ``pool = "NAME"``: it matches the devices of
+its members, like ``resource``::
+
+    [[pool]]
+    name = "nics"
+    comment = "the 82574L cards"              # optional
+    members = [
+        "fast-nic",                            # a [[resource]] (for a group of several devices)
+        { address = "0000:05:00.0", ids = "8086:10d3", subsystem = "8086:a01f" },
+        { address = "0000:06:00.0", ids = "8086:10d3" },
+    ]
+
+A member is the name of a ``[[resource]]`` (any file; named ``name:RES``)
+or one device inline, with the keys of a resource's device (named by its
+address).  A member whose hardware changed (a card swapped: other ids or
+subsystem), that is gone, or whose devices span several groups is never
+leased: it is passed over, with that reason in the answer.  An empty pool, a
+member listed twice, a device in two members of one pool and a member naming
+an unknown resource are errors.  A device may be a member of several pools
+(each lease takes its group whole, under the group's lock, so two pools never
+hand out one group twice).  ``pool:`` is a target of its own, not ``name:``:
+``name:RES`` always means the same hardware, ``pool:NAME`` any one of several,
+and the two kinds of name never shadow each other.
+
+Delegated administration
+========================
+
+Like usbguard's ``IPCAllowedGroups``: the members of these unix groups may do
+what otherwise only root may::
+
+    admin_groups = ["vfio-admins"]    # above the file's first table; groups must exist
+
+They may reload the policy (``vfioctl reload``, also ``--dry-run``), revoke
+and release anyone's lease, read every lease in full (``vfioctl leases``,
+``explain``), and see where the policy decides (rules' file:line in ``check``
+and in refusals).  They get no device the rules do not give them: they may not
+open or renew another's lease, lease a device the host uses (``force``), set
+an SR-IOV PF's VF count beyond a ``max_vfs`` rule, or write the policy (its
+files stay root's).  Membership is judged at each call: the caller's process
+must carry the group (the bus's credentials, as file permissions would see
+it), and the user database must still list the user in it, read again at each
+call, so a user removed from the group loses the rights at once, though their
+login sessions still carry the group.  The groups of every file add up.
+
 Claims
 ======
 
@@ -148,7 +204,7 @@ Persistent leases the daemon takes when it starts, e.g. a DPDK service's NICs;
 ``vfioctl policy check`` checks and lists them::
 
     [[claim]]
-    target = "name:fast-nic"      # an address, group:N or name:RESOURCE
+    target = "name:fast-nic"      # an address, group:N, name:RESOURCE or pool:POOL
     user = "dpdk-svc"             # must exist
     backend = "vfio"              # optional: the policy's default
     comment = "testpmd at boot"   # optional
@@ -159,14 +215,14 @@ when the daemon applies the claim.
 
 from __future__ import annotations
 from .engine import Policy, PolicyStore
-from .load import CLAIM_KEYS, RESOURCE_KEYS, RULE_KEYS
+from .load import CLAIM_KEYS, POOL_KEYS, RESOURCE_KEYS, RULE_KEYS
 from .locate import Locator
-from .model import (BUSY_PREFIX, DEFAULT_DIR, DEFAULT_REVOKE_GRACE, KNOWN_BACKENDS, ON_REVOKE, Caller, Claim, Decision, DeviceDecision, Refusal, Resource,
+from .model import (ADMIN_GROUPS_HINT, describe_caller, AdminGroup, Pool, PoolMember, BUSY_PREFIX, DEFAULT_DIR, DEFAULT_REVOKE_GRACE, KNOWN_BACKENDS, ON_REVOKE, Caller, Claim, Decision, DeviceDecision, Refusal, Resource,
                     ResourceDevice, Rule, Target, hide_sources, parse_target, revoke_terms)
 from .units import MAX_LEASE_SECONDS, format_duration, format_size, parse_duration, parse_size
 from .users import LayeredUserDb, StaticUserDb, UserDb, system_users
 
-__all__ = ["BUSY_PREFIX", "hide_sources", "LayeredUserDb", "DEFAULT_REVOKE_GRACE", "ON_REVOKE", "revoke_terms", "CLAIM_KEYS", "MAX_LEASE_SECONDS", "DEFAULT_DIR", "KNOWN_BACKENDS", "RESOURCE_KEYS", "RULE_KEYS", "Caller", "Claim",
+__all__ = ["ADMIN_GROUPS_HINT", "describe_caller", "AdminGroup", "Pool", "PoolMember", "POOL_KEYS", "BUSY_PREFIX", "hide_sources", "LayeredUserDb", "DEFAULT_REVOKE_GRACE", "ON_REVOKE", "revoke_terms", "CLAIM_KEYS", "MAX_LEASE_SECONDS", "DEFAULT_DIR", "KNOWN_BACKENDS", "RESOURCE_KEYS", "RULE_KEYS", "Caller", "Claim",
            "Decision", "DeviceDecision", "Locator", "Policy", "PolicyStore", "Refusal", "Resource",
            "ResourceDevice", "Rule", "StaticUserDb", "Target", "UserDb", "format_duration", "format_size",
            "parse_duration", "parse_size", "parse_target", "system_users"]

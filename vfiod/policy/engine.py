@@ -12,7 +12,8 @@ from ..address import PciAddress
 from ..errors import InvalidArgument, NotFound, PermissionDenied, PolicyError
 from .files import TRUSTED_OWNERS, read_directory
 from .load import Loader
-from .model import K8S_NAMESPACE, Refusal, Caller, Claim, DEFAULT_DENY, DEFAULT_REVOKE_GRACE, DEFAULT_DIR, Decision, DeviceDecision, KNOWN_BACKENDS, Resource, Rule, Target, parse_target
+from .model import (K8S_NAMESPACE, AdminGroup, Refusal, Caller, Claim, DEFAULT_DENY, DEFAULT_REVOKE_GRACE, DEFAULT_DIR,
+                    Decision, DeviceDecision, KNOWN_BACKENDS, Pool, PoolMember, Resource, Rule, Target, parse_target)
 from .units import MAX_LEASE_SECONDS, _short, format_duration
 from .users import UserDb, system_users
 
@@ -28,6 +29,9 @@ class Policy:
 
     rules: tuple[Rule, ...] = ()
     resources: Mapping[str, Resource] = attrs.field(factory=dict)
+    pools: Mapping[str, Pool] = attrs.field(factory=dict)
+    #: the unix groups whose members are delegated admins (``admin_groups``)
+    admin_groups: tuple[AdminGroup, ...] = ()
     claims: tuple[Claim, ...] = ()
     files: tuple[str, ...] = ()
     backends: tuple[str, ...] = KNOWN_BACKENDS
@@ -60,7 +64,8 @@ class Policy:
             loader.add(path, content)
             paths.append(path)
         loader.finish()
-        return cls(rules=tuple(loader.rules), resources=dict(loader.resources), claims=tuple(loader.claims),
+        return cls(rules=tuple(loader.rules), resources=dict(loader.resources), pools=dict(loader.pools),
+                   admin_groups=tuple(loader.admin_groups.values()), claims=tuple(loader.claims),
                    files=tuple(paths), backends=loader.backends)
 
     @classmethod
@@ -94,11 +99,19 @@ class Policy:
             if g is None:
                 raise NotFound(f"{addr} is in no IOMMU group: {host.no_group_reason()}")
             return Target(group=g.number, addresses=(addr,))
+        if parsed[0] == "pool":
+            raise InvalidArgument(f"{target} stands for any one of its members' groups: name a member "
+                                  f"(`vfioctl check {target}` says which one a lease would take)")
         value = parsed[1]
         res = self.resources.get(value)
         if res is None:
             known = ", ".join(sorted(self.resources)) or "the policy names none"
             raise NotFound(f"no resource named {value!r} (known: {known})")
+        return self.resolve_resource(host, res)
+
+    def resolve_resource(self, host: Host, res: Resource) -> Target:
+        """The one group of `res`'s devices; `NotFound` when its hardware changed or a device
+        is in no group, `InvalidArgument` when it spans several groups."""
         problems = res.problems(host)
         if problems:
             raise NotFound("; ".join(problems))
@@ -125,16 +138,63 @@ class Policy:
                        "away when its device leaves its driver: name the device by address then)")
 
     def addresses_named(self, target: str) -> tuple[PciAddress, ...]:
-        """The devices `target` names by address or resource (none for ``group:N``, an
-        unknown resource or a device that is gone); `InvalidArgument`/`InvalidAddress` for
-        text that is no target."""
+        """The devices `target` names by address, resource or pool (every member's; none for
+        ``group:N``, an unknown name or a device that is gone); `InvalidArgument`/
+        `InvalidAddress` for text that is no target."""
         parsed = parse_target(target)
         if parsed[0] == "address":
             return (parsed[1],)
         if parsed[0] == "name":
             res = self.resources.get(parsed[1])
             return tuple(d.address for d in res.devices) if res else ()
+        if parsed[0] == "pool":
+            pool = self.pools.get(parsed[1])
+            return tuple(d.address for m in pool.members for d in m.resource.devices) if pool else ()
         return ()
+
+    def admin_group_of(self, caller: Caller, users: UserDb) -> str:
+        """The ``admin_groups`` group that makes `caller` a delegated admin now ("" if none).
+
+        Both must hold at the time of the call: the caller's process carries the group
+        (the bus's credentials: a process that dropped the group, say a service sandboxed
+        without supplementary groups, is no admin), and the user database still lists the
+        user in it (`users.groups_of`, read afresh: a user removed from the group stops
+        being an admin at once, though their login sessions still carry the group)."""
+        if caller.uid == 0 or not self.admin_groups:
+            return ""
+        carried = [g for g in self.admin_groups if g.gid in caller.gids]
+        if not carried:
+            return ""
+        now = users.groups_of(caller.uid)
+        return next((g.name for g in carried if g.gid in now), "")
+
+    def pool(self, name: str) -> Pool:
+        """The pool `name` (`NotFound`, naming the pools there are, if the policy has none such)."""
+        pool = self.pools.get(name)
+        if pool is None:
+            known = ", ".join(sorted(self.pools)) or "the policy names none"
+            raise NotFound(f"no pool named {name!r} (known: {known})")
+        return pool
+
+    def pool_candidates(self, host: Host, name: str) -> list[tuple[PoolMember, Target | None, str]]:
+        """Each member of pool `name`, in order, with its target (None and why not, when its
+        hardware changed, it is gone, or it spans several groups: such a member is never
+        leased).  A member in the group of an earlier one is the same lease: it is left out."""
+        pool = self.pool(name)
+        out: list[tuple[PoolMember, Target | None, str]] = []
+        groups: dict[int, str] = {}
+        for m in pool.members:
+            try:
+                t = self.resolve_resource(host, m.resource)
+            except (NotFound, InvalidArgument) as e:
+                out.append((m, None, e.message.removeprefix(f"resource {m.resource.name}: ")))
+                continue
+            if t.group in groups:
+                out.append((m, None, f"in IOMMU group {t.group} with member {groups[t.group]}"))
+                continue
+            groups[t.group] = m.target
+            out.append((m, attrs.evolve(t, resource=None, pool=pool.name, member=m.target), ""))
+        return out
 
     def group_named(self, target: str) -> int | None:
         """N for ``group:N``, else None (`InvalidArgument` for text that is no target)."""

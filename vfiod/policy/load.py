@@ -6,7 +6,7 @@ import difflib
 import os
 import re
 import tomllib
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Mapping, TypeVar
 
 import attrs
 
@@ -14,12 +14,13 @@ import attrs
 from ..address import PciAddress
 from ..errors import InvalidAddress, InvalidArgument, PolicyError
 from .locate import Locator
-from .model import K8S_NAMESPACE_PATTERN, ON_REVOKE, Claim, IdPattern, MAX_FILE_SIZE, MAX_GROUP, MAX_UID, Resource, ResourceDevice, Rule, _CLASS, _DRIVER, _EXACT_ID, _NAME, parse_target
+from .model import (K8S_NAMESPACE_PATTERN, ON_REVOKE, AdminGroup, Claim, IdPattern, MAX_FILE_SIZE, MAX_GROUP, MAX_UID,
+                    Pool, PoolMember, Resource, ResourceDevice, Rule, _CLASS, _DRIVER, _EXACT_ID, _NAME, parse_target)
 from .units import _describe, _short, parse_duration, parse_size
 from .users import UserDb
 
 
-MATCH_KEYS = ("address", "group", "ids", "class", "driver", "vf_of", "resource")
+MATCH_KEYS = ("address", "group", "ids", "class", "driver", "vf_of", "resource", "pool")
 WHO_KEYS = ("users", "uids", "groups", "everyone")
 K8S_KEYS = ("k8s_namespaces", "k8s_delegates")
 GRANT_KEYS = ("backends", "default_backend", "max_duration", "persistent", "memlock", "allow_protected",
@@ -27,8 +28,11 @@ GRANT_KEYS = ("backends", "default_backend", "max_duration", "persistent", "meml
 RULE_KEYS = ("action", "comment") + MATCH_KEYS + WHO_KEYS + K8S_KEYS + GRANT_KEYS
 RESOURCE_KEYS = ("name", "comment", "devices")
 RESOURCE_DEVICE_KEYS = ("address", "ids", "subsystem")
+POOL_KEYS = ("name", "comment", "members")
 CLAIM_KEYS = ("target", "user", "backend", "comment")
-TABLES = ("rule", "resource", "claim")
+TABLES = ("rule", "resource", "pool", "claim")
+#: keys of a file's top level, above its first table
+TOP_KEYS = ("admin_groups",)
 
 # ---------------------------------------------------------------- reading files
 
@@ -48,7 +52,7 @@ class _Table:
     """One ``[[kind]]`` table of one file, for error messages with its file and lines."""
 
     #: keys a table cannot be read on without (set aside, the table's other problems are not looked for)
-    REQUIRED = {"resource": ("name", "devices"), "claim": ("target", "user")}
+    REQUIRED = {"resource": ("name", "devices"), "pool": ("name", "members"), "claim": ("target", "user")}
 
     def __init__(self, path: str, loc: Locator, kind: str, index: int, data: dict[str, object],
                  aside: frozenset[str] = frozenset()):
@@ -74,11 +78,18 @@ class _Table:
         """Whether the table gave any of `keys` (one set aside counts: it was given, wrongly)."""
         return any(k in self.data or k in self.aside for k in keys)
 
+    def source_of(self, key: str) -> str:
+        """file:line of `key`."""
+        return f"{self.path}:{self.loc.line(self.kind, self.index, key)}"
+
     def table_error(self, message: str) -> PolicyError:
         return PolicyError(f"{self.source}: [[{self.kind}]]: {message}")
 
     def check_keys(self, known: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
         for key in self.data:
+            if key in TOP_KEYS and key not in known:
+                raise self.error(key, f"a key of the file's top level, not of [[{self.kind}]]: "
+                                      "move it above the file's first table")
             if key not in known:
                 raise self.error(key, "unknown key" + _did_you_mean(key, known))
         for key in required:
@@ -246,6 +257,23 @@ def _ids_of(t: _Table, key: str, names: Iterable[str], lookup: Callable[[str], i
     return ids
 
 
+def _device_entry(t: _Table, key: str, what: str, j: int, entry: dict[str, object]) -> ResourceDevice:
+    """One ``{ address = ..., ids = ..., subsystem = ... }`` table, the `j`-th of `key`."""
+    for k in entry:
+        if k not in RESOURCE_DEVICE_KEYS:
+            raise t.error(key, f"{what}: unknown key '{k}'" + _did_you_mean(k, RESOURCE_DEVICE_KEYS), j)
+    for k in ("address", "ids"):
+        if k not in entry:
+            raise t.error(key, f"{what}: missing key '{k}'", j)
+    try:
+        addr = _address(entry["address"])
+        vendor, device = _exact_id(entry["ids"])
+        subsystem = _exact_id(entry["subsystem"]) if "subsystem" in entry else None
+    except ValueError as e:
+        raise t.error(key, f"{what}: {e}", j) from None
+    return ResourceDevice(addr, vendor, device, subsystem)
+
+
 def _line_of(e: PolicyError) -> int:
     """The line a located error names (0 if none)."""
     m = re.match(r"[^\n]*?:(\d+): ", e.message)
@@ -279,8 +307,11 @@ class Loader:
         self.users = users
         self.rules: list[Rule] = []
         self.resources: dict[str, Resource] = {}
+        self.pools: dict[str, Pool] = {}
+        self.admin_groups: dict[str, AdminGroup] = {}
         self.claims: list[Claim] = []
-        self.refs: list[tuple[_Table, str, int | None, str]] = []    # resource names, checked at the end
+        # resource and pool names (kind "resource" or "pool"), checked at the end
+        self.refs: list[tuple[_Table, str, int | None, str, str]] = []
         self.errors: list[PolicyError] = []                           # every problem, in file order
 
     # -- files
@@ -313,11 +344,14 @@ class Loader:
         except ValueError as e:          # tomllib wraps nearly everything; stay safe
             raise PolicyError(f"{path}:1: TOML syntax error: {e}") from None
         loc = Locator(content)
+        if "admin_groups" in data:
+            self._admin_groups(_Table(path, loc, "", 0, {"admin_groups": data.pop("admin_groups")}))
         for key, value in data.items():
             line = loc.line("", 0, key)
             if key not in TABLES:
-                close = difflib.get_close_matches(key, TABLES, n=1, cutoff=0.6)
-                hint = f"did you mean [[{close[0]}]]?" if close else "expected [[rule]], [[resource]] or [[claim]]"
+                close = difflib.get_close_matches(key, TABLES + TOP_KEYS, n=1, cutoff=0.6)
+                hint = ((f"did you mean [[{close[0]}]]?" if close[0] in TABLES else f"did you mean {close[0]}?")
+                        if close else "expected [[rule]], [[resource]], [[pool]], [[claim]] or admin_groups")
                 raise PolicyError(f"{path}:{line}: key '{key}': unknown table ({hint})")
             odd = next((t for t in value if not isinstance(t, dict)), None) if isinstance(value, list) else value
             if odd is not None:
@@ -342,6 +376,8 @@ class Loader:
                     self.rules.append(self._rule(t))
                 elif t.kind == "resource":
                     self._resource(t)
+                elif t.kind == "pool":
+                    self._pool(t)
                 else:
                     self.claims.append(self._claim(t))
                 break
@@ -356,11 +392,18 @@ class Loader:
         self.errors.extend(sorted(found, key=_line_of))
 
     def finish(self) -> None:
-        """The checks that need every file: resource names may be defined in any of them."""
-        for t, key, element, name in self.refs:
-            if name not in self.resources:
-                known = f"known: {', '.join(sorted(self.resources))}" if self.resources else "none is defined"
-                self.errors.append(t.error(key, f"no resource named '{name}' ({known})", element))
+        """The checks that need every file: resource and pool names may be defined in any of
+        them.  A pool's members that name resources are resolved here, and the pools a rule
+        names are given to it."""
+        for t, key, element, name, kind in self.refs:
+            defined: dict[str, Resource] | dict[str, Pool] = self.pools if kind == "pool" else self.resources
+            if name not in defined:
+                known = f"known: {', '.join(sorted(defined))}" if defined else "none is defined"
+                self.errors.append(t.error(key, f"no {kind} named '{name}' ({known})", element))
+        for name, pool in list(self.pools.items()):
+            self.pools[name] = self._pool_members(pool)
+        self.rules = [attrs.evolve(r, pool_defs=tuple(self.pools[n] for n in r.pools if n in self.pools))
+                      if r.pools else r for r in self.rules]
         if self.errors:
             raise PolicyError("\n".join(dict.fromkeys(e.message for e in self.errors)))
 
@@ -381,13 +424,8 @@ class Loader:
         classes = tuple(dict.fromkeys(t.many("class", _class, "class"))) if "class" in d else None
         drivers = frozenset(t.many("driver", _driver, "driver")) if "driver" in d else None
         vf_of = frozenset(t.many("vf_of", _address, "address")) if "vf_of" in d else None
-        resources: tuple[str, ...] | None = None
-        if "resource" in d:
-            names = t.many("resource", _resource_name, "resource name")
-            many = isinstance(d["resource"], list)
-            for j, name in enumerate(names):
-                self.refs.append((t, "resource", j if many else None, name))
-            resources = tuple(dict.fromkeys(names))
+        resources = self._named(t, "resource") if "resource" in d else None
+        pools = self._named(t, "pool") if "pool" in d else None
         if not any(k in d for k in MATCH_KEYS):
             if not t.gave(MATCH_KEYS):
                 raise t.table_error("no device matcher: give at least one of " + ", ".join(MATCH_KEYS))
@@ -422,7 +460,7 @@ class Loader:
                 raise t.table_error("names nobody: give at least one of " + ", ".join(WHO_KEYS))
         rule = Rule(source=t.source, action=action, comment=comment,
                     addresses=addresses, iommu_groups=iommu_groups, ids=ids, classes=classes,
-                    drivers=drivers, vf_of=vf_of, resources=resources,
+                    drivers=drivers, vf_of=vf_of, resources=resources, pools=pools,
                     users=users, user_uids=tuple(user_uids), unix_groups=unix_groups,
                     uids=frozenset(uids), gids=frozenset(gids), everyone=everyone)
         if k8s is not None:
@@ -459,13 +497,32 @@ class Loader:
                 if key in d and key not in ("max_vfs", "allow_protected"):
                     raise t.error(key, "a rule with max_vfs grants a number of VFs, not leases: "
                                        "put the lease terms in a rule of their own")
-        if allow_protected and not t.gave(("address", "resource")):
+        if allow_protected and not t.gave(("address", "resource", "pool")):
             raise t.error("allow_protected", "a protected device must be named explicitly: "
-                                             "give the rule an 'address' or 'resource' key")
+                                             "give the rule an 'address', 'resource' or 'pool' key")
         return attrs.evolve(rule, backends=backends, default_backend=default, max_duration=max_duration,
                             persistent=persistent, memlock=memlock, reset_on_release=reset_on_release,
                             allow_protected=allow_protected, revoke_grace=revoke_grace, on_revoke=on_revoke,
                             revoke_others=revoke_others, max_vfs=max_vfs)
+
+    def _named(self, t: _Table, key: str) -> tuple[str, ...]:
+        """The resource or pool names of a rule's `key` (checked to exist at the end)."""
+        names = t.many(key, _resource_name, f"{key} name")
+        many = isinstance(t.data[key], list)
+        for j, name in enumerate(names):
+            self.refs.append((t, key, j if many else None, name, key))
+        return tuple(dict.fromkeys(names))
+
+    def _admin_groups(self, t: _Table) -> None:
+        """``admin_groups``: the unix groups whose members are delegated admins."""
+        try:
+            names = t.many("admin_groups", _unix_group_name, "group name")
+            gids = _ids_of(t, "admin_groups", names, self.users.gid, "group")
+        except PolicyError as e:
+            self.errors.append(e)
+            return
+        for name, gid in zip(names, gids):
+            self.admin_groups.setdefault(name, AdminGroup(name, gid, t.source_of("admin_groups")))
 
     def _k8s_who(self, t: _Table) -> tuple[tuple[str, ...], tuple[str, ...], frozenset[int]] | None:
         """(namespace patterns, delegate names, delegate uids) of a Kubernetes rule; None for others."""
@@ -488,40 +545,76 @@ class Loader:
             raise ValueError(f"unknown backend {_short(text)} (known: {', '.join(sorted(self.backends))})")
         return text
 
-    def _resource(self, t: _Table) -> None:
-        t.check_keys(RESOURCE_KEYS, required=("name", "devices"))
-        d = t.data
+    def _named_table(self, t: _Table, keys: tuple[str, ...], key: str, defined: Mapping[str, Resource | Pool],
+                     expected: str, empty: str) -> tuple[str, str, list[object]]:
+        """The name, comment and entries (the array `key`) of a [[resource]] or [[pool]]."""
+        t.check_keys(keys, required=("name", key))
         name = t.checked("name", _resource_name)
-        if name in self.resources:
-            raise t.error("name", f"resource {name!r} is already defined at {self.resources[name].source}")
-        comment = t.get("comment", _text) if "comment" in d else ""
-        entries = d["devices"]
+        if name in defined:
+            raise t.error("name", f"{t.kind} {name!r} is already defined at {defined[name].source}")
+        comment = t.get("comment", _text) if "comment" in t.data else ""
+        entries = t.data[key]
         if not isinstance(entries, list) or not entries:
-            got = "an empty array" if entries == [] else _describe(entries)
-            raise t.error("devices", "expected an array of { address = ..., ids = ..., subsystem = ... } "
-                                     f"tables, got {got}")
+            got = f"an empty array{empty}" if entries == [] else _describe(entries)
+            raise t.error(key, f"expected an array of {expected}, got {got}")
+        return name, comment, entries
+
+    def _resource(self, t: _Table) -> None:
+        name, comment, entries = self._named_table(
+            t, RESOURCE_KEYS, "devices", self.resources, "{ address = ..., ids = ..., subsystem = ... } tables", "")
         devices: list[ResourceDevice] = []
         for j, entry in enumerate(entries):
             if not isinstance(entry, dict):
                 raise t.error("devices", f"device {j + 1}: expected a table {{ address = ..., ids = ... }}, "
                                          f"got {_describe(entry)}", j)
-            for key in entry:
-                if key not in RESOURCE_DEVICE_KEYS:
-                    raise t.error("devices", f"device {j + 1}: unknown key '{key}'"
-                                  + _did_you_mean(key, RESOURCE_DEVICE_KEYS), j)
-            for key in ("address", "ids"):
-                if key not in entry:
-                    raise t.error("devices", f"device {j + 1}: missing key '{key}'", j)
-            try:
-                addr = _address(entry["address"])
-                vendor, device = _exact_id(entry["ids"])
-                subsystem = _exact_id(entry["subsystem"]) if "subsystem" in entry else None
-            except ValueError as e:
-                raise t.error("devices", f"device {j + 1}: {e}", j) from None
-            if any(x.address == addr for x in devices):
-                raise t.error("devices", f"device {j + 1}: {addr} is listed twice", j)
-            devices.append(ResourceDevice(addr, vendor, device, subsystem))
+            dev = _device_entry(t, "devices", f"device {j + 1}", j, entry)
+            if any(x.address == dev.address for x in devices):
+                raise t.error("devices", f"device {j + 1}: {dev.address} is listed twice", j)
+            devices.append(dev)
         self.resources[name] = Resource(name=name, devices=tuple(devices), source=t.source, comment=comment)
+
+    def _pool(self, t: _Table) -> None:
+        name, comment, entries = self._named_table(
+            t, POOL_KEYS, "members", self.pools, "resource names and { address = ..., ids = ... } tables",
+            ": a pool needs at least one member")
+        members: list[PoolMember] = []
+        for j, entry in enumerate(entries):
+            what = f"member {j + 1}"
+            if isinstance(entry, str):
+                if not _NAME.fullmatch(entry):
+                    raise t.error("members", f"{what}: not a resource name: {_short(entry)}", j)
+                target = f"name:{entry}"
+                self.refs.append((t, "members", j, entry, "resource"))
+                res = Resource(name=entry, devices=(), source=t.source)     # filled in by `finish`
+            elif isinstance(entry, dict):
+                dev = _device_entry(t, "members", what, j, entry)
+                target = str(dev.address)
+                res = Resource(name=target, devices=(dev,), source=t.source)
+            else:
+                raise t.error("members", f"{what}: expected a resource name or a table {{ address = ..., "
+                                         f"ids = ... }}, got {_describe(entry)}", j)
+            if any(m.target == target for m in members):
+                raise t.error("members", f"{what}: {target} is listed twice", j)
+            members.append(PoolMember(target, res))
+        self.pools[name] = Pool(name=name, members=tuple(members), source=t.source, comment=comment)
+
+    def _pool_members(self, pool: Pool) -> Pool:
+        """`pool` with its resource members' devices; a device that two members share (or a
+        member naming an unknown resource) is an error here, once every file is read."""
+        members: list[PoolMember] = []
+        seen: dict[PciAddress, str] = {}
+        for m in pool.members:
+            res = self.resources.get(m.resource.name) if m.target.startswith("name:") else m.resource
+            if res is None:
+                continue            # reported with the unknown names
+            for dev in res.devices:
+                if dev.address in seen:
+                    self.errors.append(PolicyError(
+                        f"{pool.source}: [[pool]] {pool.name}: {dev.address} is in two of its members "
+                        f"({seen[dev.address]} and {m.target}); each member is one group's worth of devices"))
+                seen.setdefault(dev.address, m.target)
+            members.append(PoolMember(m.target, res))
+        return attrs.evolve(pool, members=tuple(members))
 
     def _claim(self, t: _Table) -> Claim:
         t.check_keys(CLAIM_KEYS, required=("target", "user"))
@@ -531,8 +624,8 @@ class Loader:
             parsed = parse_target(target)
         except InvalidArgument as e:
             raise t.error("target", str(e)) from None
-        if parsed[0] == "name":
-            self.refs.append((t, "target", None, parsed[1]))
+        if parsed[0] in ("name", "pool"):
+            self.refs.append((t, "target", None, parsed[1], "resource" if parsed[0] == "name" else "pool"))
         for c in self.claims:
             if c.target == target:
                 raise t.error("target", f"{target} is already claimed at {c.source}")

@@ -68,6 +68,9 @@ class Caller:
     #: a pidfd of the process that opened the caller's connection, where the bus gives one
     #: (``ProcessFD``, dbus >= 1.15); vfiod's, kept while the connection is known
     pidfd: int | None = attrs.field(default=None, eq=False, repr=False)
+    #: the policy's ``admin_groups`` group that makes the caller a delegated admin ("" if
+    #: none): set afresh for each call (`vfiod.daemon.callers`), never cached with the caller
+    admin_group: str = attrs.field(default="", eq=False)
 
     @classmethod
     def from_uid(cls, uid: int, users: UserDb | None = None) -> "Caller":
@@ -76,8 +79,26 @@ class Caller:
         return cls(uid=int(uid), gids=db.groups_of(int(uid)))
 
     @property
-    def is_admin(self) -> bool:
+    def is_root(self) -> bool:
+        """uid 0: every right, the ones no policy can delegate (``force``, VF counts beyond
+        the policy, the fds of another's lease) included."""
         return self.uid == 0
+
+    @property
+    def is_admin(self) -> bool:
+        """root, or a member of one of the policy's ``admin_groups``: may reload the policy,
+        revoke and release others' leases and see them in full; never more devices than the
+        rules give it."""
+        return self.uid == 0 or bool(self.admin_group)
+
+
+#: who besides root holds an admin's rights, for refusals
+ADMIN_GROUPS_HINT = "or a member of the policy's admin_groups"
+
+
+def describe_caller(caller: Caller) -> str:
+    """``uid 1000`` or ``uid 1000 (admin group vfio-admins)``, for the log."""
+    return f"uid {caller.uid}" + (f" (admin group {caller.admin_group})" if caller.admin_group else "")
 
 
 class Refusal(enum.Enum):
@@ -136,6 +157,9 @@ class Target:
     group: int
     addresses: tuple[PciAddress, ...]
     resource: str | None = None
+    #: a pool's member: the pool and the member's own target (``name:RES`` or its address)
+    pool: str | None = None
+    member: str | None = None
 
 
 @attrs.frozen
@@ -219,6 +243,39 @@ class Resource:
 
 
 @attrs.frozen
+class PoolMember:
+    """One member of a pool: one IOMMU group's worth of devices, pinned to the hardware the
+    admin saw.  `target` is how one names the member alone: ``name:RES`` for a resource, the
+    address for a device given inline (its `resource` is then named by that address)."""
+
+    target: str
+    resource: Resource
+
+
+@attrs.frozen
+class Pool:
+    """A named pool of interchangeable groups (``pool:NAME``): a lease takes its first free
+    member the caller may have."""
+
+    name: str
+    members: tuple[PoolMember, ...]
+    source: str                      # file:line of its [[pool]] header
+    comment: str = ""
+
+    def member_of(self, addr: PciAddress) -> PoolMember | None:
+        return next((m for m in self.members if m.resource.member(addr) is not None), None)
+
+
+@attrs.frozen
+class AdminGroup:
+    """A unix group of the policy's ``admin_groups``: its members are delegated admins."""
+
+    name: str
+    gid: int
+    source: str                      # file:line of the admin_groups key
+
+
+@attrs.frozen
 class Claim:
     """A persistent lease the daemon takes when it starts."""
 
@@ -246,6 +303,9 @@ class Rule:
     drivers: frozenset[str] | None = None
     vf_of: frozenset[PciAddress] | None = None
     resources: tuple[str, ...] | None = None
+    pools: tuple[str, ...] | None = None
+    #: the pools it names, filled in once every file is read (pools may come later)
+    pool_defs: tuple[Pool, ...] = ()
     users: tuple[str, ...] = ()                  # as written, for people
     user_uids: tuple[int, ...] = ()              # what `users` resolved to
     unix_groups: tuple[str, ...] = ()            # as written, for people
@@ -313,25 +373,43 @@ class Rule:
             return False, ""
         if self.vf_of is not None and raw.physfn not in self.vf_of:
             return False, ""
-        if self.resources is not None:
-            notes = []
-            for name in self.resources:
-                res = resources.get(name)
-                member = res.member(dev.addr) if res else None
-                if member is None:
-                    continue
-                problem = member.problem(dev)
-                if problem is None:
-                    return True, ""
-                notes.append(f"resource {name}: {problem}")
-            return False, "; ".join(notes)
+        notes: list[str] = []
+        for kind, named in (("resource", self.resources), ("pool", self.pools)):
+            if named is None:
+                continue
+            found, why = self._named_match(kind, named, dev, resources)
+            if not found:
+                notes.extend(why)
+                return False, "; ".join(notes)
         return True, ""
+
+    def _named_match(self, kind: str, named: tuple[str, ...], dev: Device,
+                     resources: Mapping[str, Resource]) -> tuple[bool, list[str]]:
+        """Is `dev` a device of one of the resources (or pools) `named`, with the hardware
+        the policy names?  Also why a resource (pool member) holding its address did not match."""
+        pools = {p.name: p for p in self.pool_defs}
+        notes = []
+        for name in named:
+            if kind == "resource":
+                res = resources.get(name)
+            else:
+                found = pools[name].member_of(dev.addr) if name in pools else None
+                res = found.resource if found else None
+            member = res.member(dev.addr) if res else None
+            if member is None:
+                continue
+            problem = member.problem(dev)
+            if problem is None:
+                return True, []
+            notes.append(f"{kind} {name}: {problem}")
+        return False, notes
 
     def names(self, addr: PciAddress, resources: Mapping[str, Resource]) -> bool:
         """Does the rule name `addr` explicitly (by address or resource)?"""
         if self.addresses is not None and addr in self.addresses:
             return True
-        return any(n in resources and resources[n].member(addr) is not None for n in self.resources or ())
+        return (any(n in resources and resources[n].member(addr) is not None for n in self.resources or ())
+                or any(p.member_of(addr) is not None for p in self.pool_defs))
 
     # -- for people (`vfioctl policy check`)
 
@@ -351,6 +429,8 @@ class Rule:
             parts.append("VFs of " + ", ".join(map(str, sorted(self.vf_of))))
         if self.resources is not None:
             parts.append("resource " + ", ".join(self.resources))
+        if self.pools is not None:
+            parts.append("pool " + ", ".join(self.pools))
         return "; ".join(parts)
 
     def describe_who(self) -> str:
@@ -398,15 +478,16 @@ def revoke_terms(grace: int, on_revoke: str, others: bool) -> str:
 
 
 # What `parse_target` makes of a target: test ``parsed[0]`` to narrow ``parsed[1]``.
-ParsedTarget = (tuple[Literal["group"], int] | tuple[Literal["name"], str] | tuple[Literal["interface"], str]
-                | tuple[Literal["address"], PciAddress])
+ParsedTarget = (tuple[Literal["group"], int] | tuple[Literal["name"], str] | tuple[Literal["pool"], str]
+                | tuple[Literal["interface"], str] | tuple[Literal["address"], PciAddress])
 
 
 def parse_target(target: str) -> ParsedTarget:
-    """("group", N) | ("name", NAME) | ("address", PciAddress) | ("interface", NAME) (a network
-    interface of a PCI device, as dpdk-devbind takes them); InvalidArgument/InvalidAddress."""
+    """("group", N) | ("name", NAME) | ("pool", NAME) | ("address", PciAddress) | ("interface",
+    NAME) (a network interface of a PCI device, as dpdk-devbind takes them);
+    InvalidArgument/InvalidAddress."""
     if not isinstance(target, str) or not target:
-        raise InvalidArgument("empty target (expected 0000:04:00.0, 04:00.0, group:N or name:RESOURCE)")
+        raise InvalidArgument("empty target (expected 0000:04:00.0, 04:00.0, group:N, name:RESOURCE or pool:POOL)")
     if len(target) > MAX_TARGET_LEN:
         raise InvalidArgument(f"the target is too long ({len(target)} characters)")
     if target.startswith("group:"):
@@ -419,13 +500,18 @@ def parse_target(target: str) -> ParsedTarget:
         if not _NAME.fullmatch(name):
             raise InvalidArgument(f"not a resource name: {_short(target)} (expected name:RESOURCE)")
         return "name", name
+    if target.startswith("pool:"):
+        name = target[5:]
+        if not _NAME.fullmatch(name):
+            raise InvalidArgument(f"not a pool name: {_short(target)} (expected pool:POOL)")
+        return "pool", name
     try:
         return "address", PciAddress.parse(target)
     except InvalidAddress:
         if INTERFACE_NAME.fullmatch(target):
             return "interface", target
         raise InvalidAddress(f"not a target: {_short(target)} (expected a PCI address such as "
-                             "0000:04:00.0 or 04:00.0, group:N, name:RESOURCE or a network "
+                             "0000:04:00.0 or 04:00.0, group:N, name:RESOURCE, pool:POOL or a network "
                              "interface such as enp4s0)") from None
 
 
