@@ -137,3 +137,33 @@ def test_a_mark_counts_only_while_the_kernel_agrees(host):
     with open(os.path.join(roots.proc, "sys/kernel/random/boot_id"), "w") as f:
         f.write("another-boot\n")                              # a mark of an earlier boot
     assert early_bound(roots, NIC) is None
+
+
+def _ctl(*argv):
+    from vfiod.cmd.ctl import main
+    return main(list(argv))
+
+
+def test_overrides_says_whose_each_override_is(host, tmp_path, capsys):
+    roots, kernel, claims = host
+    early.publish(claims, early.early_claims(Policy.from_sources([("40-nics.toml", POLICY)])))
+    _run(early_bind_helper(), roots, claims)
+    kernel.bind(PciAddress.parse("0000:05:00.0"), "pci-stub")            # driverctl's, saved
+    (tmp_path / "etc/driverctl.d").mkdir(parents=True)
+    (tmp_path / "etc/driverctl.d/pci-0000:05:00.0").write_text("pci-stub\n")
+    kernel.set_override(PciAddress.parse("0000:00:1b.0"), "vfio-pci")     # by hand
+    capsys.readouterr()
+    assert _ctl("overrides", "--sysfs-root", roots.sysfs, "--proc-root", roots.proc, "--run-dir", roots.run,
+                "--etc-root", str(tmp_path / "etc"), "--bus", "unix:path=/nonexistent", "--timeout", "1",
+                "--json") == 0
+    import json
+
+    from ..jsondoc import Schema
+    doc = json.loads(capsys.readouterr().out)
+    assert Schema().validate(doc) == []                       # as docs/json.md says
+    assert doc["kind"] == "overrides" and doc["leases_known"] is False
+    got = {r["address"]: (r["override"], r["driver"], r["whose"]) for r in doc["overrides"]}
+    assert got == {"0000:00:1b.0": ("vfio-pci", "snd_hda_intel", "unknown"),
+                   "0000:04:00.0": ("vfio-pci", None, "early-claim"),
+                   "0000:05:00.0": ("pci-stub", "pci-stub", "driverctl")}
+    assert "40-nics.toml" in next(r["text"] for r in doc["overrides"] if r["address"] == "0000:04:00.0")

@@ -202,7 +202,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("\nClaims (persistent leases taken when vfiod starts):", file=out)
     for c in pol.claims:
         backend = c.backend or "the default backend"
-        print(f"  {c.source}: {c.target} for {c.user} (uid {c.uid}) with {backend}"
+        early = f", bound early to {c.early_driver} by udev" if c.early else ""
+        print(f"  {c.source}: {c.target} for {c.user} (uid {c.uid}) with {backend}{early}"
               + (f" — {c.comment}" if c.comment else ""), file=out)
     if not pol.rules:
         print("\nNo rules: every request is denied.", file=out)
@@ -238,7 +239,8 @@ def _check_json(directory: str, users: policy.UserDb) -> int:
               "grants": r.describe_grant() if r.allows else None} for r in pol.rules]
     resources = [{"name": res.name, "source": res.source, "comment": res.comment or None,
                   "devices": [d.describe() for d in res.devices]} for res in pol.resources.values()]
-    claims = [{"source": c.source, "target": c.target, "user": c.user, "uid": c.uid, "backend": c.backend or None}
+    claims = [{"source": c.source, "target": c.target, "user": c.user, "uid": c.uid, "backend": c.backend or None,
+               "early": c.early}
               for c in pol.claims]
     print_json("policy-check", directory=directory, valid=True, errors=[], files=list(pol.files), rules=rules,
                resources=resources, claims=claims)
