@@ -167,3 +167,43 @@ def test_overrides_says_whose_each_override_is(host, tmp_path, capsys):
                    "0000:04:00.0": ("vfio-pci", None, "early-claim"),
                    "0000:05:00.0": ("pci-stub", "pci-stub", "driverctl")}
     assert "40-nics.toml" in next(r["text"] for r in doc["overrides"] if r["address"] == "0000:04:00.0")
+
+
+def test_generate_from_host_turns_driverctl_and_vfio_pci_ids_into_early_claims(host, tmp_path, capsys):
+    roots, kernel, _claims = host
+    kernel.bind(NIC, "vfio-pci")
+    etc = tmp_path / "etc"
+    (etc / "driverctl.d").mkdir(parents=True)
+    (etc / "driverctl.d/pci-0000:04:00.0").write_text("vfio-pci\n")
+    (etc / "driverctl.d/pci-0000:00:1f.2").write_text("ahci\n")             # not a VFIO driver
+    (etc / "driverctl.d/pci-0000:09:00.0").write_text("vfio-pci\n")         # no such device now
+    (etc / "modprobe.d").mkdir()
+    (etc / "modprobe.d/vfio.conf").write_text("# GPU\noptions vfio-pci ids=10de:1b80,10de:10f0 disable_vga=1\n")
+    with open(os.path.join(roots.proc, "cmdline"), "w") as f:
+        f.write("root=/dev/sda1 vfio-pci.ids=1af4:1041\n")
+    capsys.readouterr()
+    assert _ctl("policy", "generate", "--from-host", "--sysfs-root", roots.sysfs, "--proc-root", roots.proc,
+                "--etc-root", str(etc)) == 0
+    out = capsys.readouterr().out
+    pol = Policy.from_sources([("20-from-host.toml", out)])        # it loads as written
+    assert {c.target: (c.user, c.backend, c.early) for c in pol.claims} == {
+        "name:group-8": ("root", "vfio", True), "name:group-1": ("root", "vfio", True)}
+    assert [(str(d.address), d.ids) for d in pol.resources["group-8"].devices] == \
+        [("0000:04:00.0", "8086:10d3"), ("0000:05:00.0", "14e4:167b")]        # the whole group
+    assert "# 0000:04:00.0: /etc/driverctl.d/pci-0000:04:00.0 (driverctl: vfio-pci)" in out
+    assert "vfio-pci.ids=10de:1b80 (/etc/modprobe.d/vfio.conf:2)" in out
+    assert "(driverctl: ahci): not a VFIO driver" in out
+    assert "pci-0000:09:00.0 (driverctl: vfio-pci): no such device" in out
+    assert "vfio-pci.ids=1af4:1041 (/proc/cmdline): matches no device" in out
+    assert [e.ids for e in early.early_claims(pol)] == ["10de:1b80", "10de:10f0", "8086:10d3", "14e4:167b"]
+
+
+def test_generate_takes_targets_or_from_host(host, capsys):
+    roots, _kernel, _claims = host
+    base = ("policy", "generate", "--sysfs-root", roots.sysfs, "--proc-root", roots.proc)
+    assert _ctl(*base, "--from-host", "04:00.0") == 2
+    assert _ctl(*base) == 2
+    assert _ctl(*base, "04:00.0") == 2
+    err = capsys.readouterr().err
+    assert "not both" in err and "or pass --from-host" in err and "--user USER or --unix-group" in err
+    assert "Traceback" not in err
