@@ -5,7 +5,8 @@
 #                   `make deb && apt install ./vfiod_*.deb` (older ones there are replaced)
 #   make install    from source: vfiod and its Python dependencies in a venv under
 #                   $(PREFIX)/lib/vfiod, the programs in $(PREFIX)/bin where the unit runs them,
-#                   and the unit, D-Bus policy and activation, tmpfiles, man pages and completion
+#                   and the unit, D-Bus policy and activation, tmpfiles, the udev rule for early
+#                   claims and its helper, man pages and completion
 #   make install-data   only the files that are not Python (the Debian package uses this too)
 PREFIX ?= /usr
 DESTDIR ?=
@@ -14,6 +15,8 @@ VENV ?= $(PREFIX)/lib/vfiod
 # systemd's unit directory for packages (Debian 12: /lib, merged with /usr/lib)
 UNITDIR ?= /lib/systemd/system
 GENERATORDIR ?= /lib/systemd/system-generators
+# udev's directory for packages: the early-claims rule and its helper
+UDEVDIR ?= $(PREFIX)/lib/udev
 DEBDIR ?= .
 
 install: install-data
@@ -34,6 +37,9 @@ install-data: man
 	install -Dm644 systemd/org.vfiod1.service $(DESTDIR)$(PREFIX)/share/dbus-1/system-services/org.vfiod1.service
 	install -Dm644 systemd/vfiod-tmpfiles.conf $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/vfiod.conf
 	install -Dm644 systemd/vfiod-modules.conf $(DESTDIR)$(PREFIX)/lib/modules-load.d/vfiod.conf
+	install -Dm755 udev/vfiod-early-bind $(DESTDIR)$(UDEVDIR)/vfiod-early-bind
+	install -Dm644 udev/70-vfiod-early.rules $(DESTDIR)$(UDEVDIR)/rules.d/70-vfiod-early.rules
+	sed -i 's|/usr/lib/udev/vfiod-early-bind|$(UDEVDIR)/vfiod-early-bind|g' $(DESTDIR)$(UDEVDIR)/rules.d/70-vfiod-early.rules
 	install -Dm644 completion/vfiod $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vfiod
 	ln -sf vfiod $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vfioctl
 	install -Dm644 build/man/vfiod.8 $(DESTDIR)$(PREFIX)/share/man/man8/vfiod.8

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Iterable
 from vfiod.address import PciAddress
 from vfiod.errors import BackendFailed, Busy
 from vfiod.hookspecs import Register, hookimpl
+from vfiod.sysfs import KERNELS_CHOICE
 
 from .vfio import VfioBackend
 
@@ -180,6 +181,9 @@ class LibvirtBackend(VfioBackend):
             except (BackendFailed, libvirt.libvirtError) as e:
                 msg = e.get_error_message() if isinstance(e, libvirt.libvirtError) else str(e)
                 log.warning("libvirt could not reattach %s (%s); vfiod restores it itself", addr, msg)
+        if held.driver == KERNELS_CHOICE:     # bound early: the kernel's probe chooses (vfiod.sysfs.early)
+            ctx.kernel.restore(addr, held.driver, held.override)
+            return
         have = ctx.kernel.wait_driver(addr, held.driver)
         if have != held.driver or ctx.kernel.override_of(addr) != held.override:
             if have != self.driver:

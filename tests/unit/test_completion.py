@@ -37,9 +37,10 @@ def complete():
 
 def test_commands_and_options(complete):
     assert complete("vfioctl ") == sorted(["groups", "show", "explain", "check", "leases", "lease", "vfs",
-                                           "reload", "monitor", "release", "revoke", "status", "policy"])
+                                           "reload", "monitor", "release", "revoke", "status", "overrides", "policy"])
     assert complete("vfioctl le") == ["lease", "leases"]
     assert complete("vfioctl policy ") == ["check", "generate", "test"]
+    assert complete("vfioctl overrides --e") == ["--etc-root"]
     assert complete("vfioctl lease --p") == ["--pass-fd", "--persistent"]
     assert complete("vfioctl lease --backend ") == ["libvirt", "pci-stub", "vfio"]
     assert complete("vfiod ") == ["end-leases", "inspect", "reload"]

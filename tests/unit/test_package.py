@@ -19,6 +19,7 @@ EXPECTED = [
     "./usr/share/dbus-1/system.d/org.vfiod1.conf",
     "./usr/share/dbus-1/system-services/org.vfiod1.service",
     "./usr/lib/tmpfiles.d/vfiod.conf", "./usr/lib/modules-load.d/vfiod.conf",
+    "./usr/lib/udev/rules.d/70-vfiod-early.rules", "./usr/lib/udev/vfiod-early-bind",
     "./usr/share/man/man8/vfiod.8.gz", "./usr/share/man/man1/vfioctl.1.gz",
     "./usr/share/man/man5/vfiod.policy.5.gz",
     "./usr/share/bash-completion/completions/vfiod", "./usr/share/bash-completion/completions/vfioctl",

@@ -80,11 +80,11 @@ def test_domain_modules_import_neither_bus_nor_udev():
 
 
 #: Where vfiod opens files: the kernel edge, the simulation, the journal (and its lock and
-#: the machine id it records), policy files,
+#: the machine id it records), policy files, the early claims it writes for udev,
 #: the man page generator (a build step that writes its pages), and vfiod-dra's own
 #: files (its checkpoint, its spec requests and the CDI specs its writer writes; it never
 #: opens the host's sysfs).
-OPENERS = ("vfiod/sysfs/", "vfiod/sim/", "vfiod/state.py", "vfiod/statedir.py", "vfiod/policy/files.py", "vfiod/cmd/manpage.py",
+OPENERS = ("vfiod/sysfs/", "vfiod/sim/", "vfiod/state.py", "vfiod/statedir.py", "vfiod/early.py", "vfiod/policy/files.py", "vfiod/cmd/manpage.py",
            "vfiod/dra/checkpoint.py", "vfiod/dra/cdi.py")
 
 

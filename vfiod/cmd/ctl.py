@@ -27,6 +27,7 @@ from .reload import cmd_reload
 from .talk import run_client as _run, user_name as _user_name
 from .policy import add_policy_commands
 from .status import add_status_command
+from .overrides import add_overrides_command
 
 
 if TYPE_CHECKING:
@@ -599,6 +600,7 @@ def vfioctl_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     add_bus_commands(sub, Formatter)
     add_status_command(sub, Formatter)
+    add_overrides_command(sub, Formatter)
     add_policy_commands(sub, Formatter)
     return p
 

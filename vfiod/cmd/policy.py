@@ -9,6 +9,7 @@ policy, 3 for a denial).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -20,6 +21,8 @@ from ..policy import DEFAULT_DIR
 from .common import EXIT_DENIED, EXIT_OK, EXIT_USAGE, JSON_HELP, add_root_options, duration_arg, host_roots, print_json
 
 if TYPE_CHECKING:
+    from ..address import PciAddress
+    from ..sysfs import Roots
     from ..topology import Device, Host
 
 POLICY_HELP = """\
@@ -129,8 +132,12 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
 
     gen = sub.add_parser("generate", help="write a [[resource]] and a [[rule]] for devices of this host",
                          description=GENERATE_HELP, formatter_class=formatter_class)
-    gen.add_argument("targets", nargs="+", metavar="TARGET", help="0000:04:00.0, 04:00.0 or group:N")
-    who = gen.add_mutually_exclusive_group(required=True)
+    gen.add_argument("targets", nargs="*", metavar="TARGET", help="0000:04:00.0, 04:00.0 or group:N")
+    gen.add_argument("--from-host", action="store_true",
+                     help="instead of targets: early claims for what driverctl and vfio-pci.ids bind now")
+    gen.add_argument("--etc-root", default="/etc", metavar="DIR",
+                     help="with --from-host: where driverctl.d and modprobe.d are (default: /etc)")
+    who = gen.add_mutually_exclusive_group()
     who.add_argument("--user", metavar="USER", help="the user who may lease them")
     who.add_argument("--unix-group", metavar="GROUP", help="the unix group whose members may lease them")
     gen.add_argument("--backend", default="vfio", metavar="NAME", help="vfio (default), libvirt or pci-stub")
@@ -209,7 +216,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("\nClaims (persistent leases taken when vfiod starts):", file=out)
     for c in pol.claims:
         backend = c.backend or "the default backend"
-        print(f"  {c.source}: {c.target} for {c.user} (uid {c.uid}) with {backend}"
+        early = f", bound early to {c.early_driver} by udev" if c.early else ""
+        print(f"  {c.source}: {c.target} for {c.user} (uid {c.uid}) with {backend}{early}"
               + (f" — {c.comment}" if c.comment else ""), file=out)
     if not pol.rules:
         print("\nNo rules: every request is denied.", file=out)
@@ -252,7 +260,8 @@ def _check_json(directory: str, users: policy.UserDb) -> int:
               "grants": r.describe_grant() if r.allows else None} for r in pol.rules]
     resources = [{"name": res.name, "source": res.source, "comment": res.comment or None,
                   "devices": [d.describe() for d in res.devices]} for res in pol.resources.values()]
-    claims = [{"source": c.source, "target": c.target, "user": c.user, "uid": c.uid, "backend": c.backend or None}
+    claims = [{"source": c.source, "target": c.target, "user": c.user, "uid": c.uid, "backend": c.backend or None,
+               "early": c.early}
               for c in pol.claims]
     print_json("policy-check", directory=directory, valid=True, errors=[], files=list(pol.files), rules=rules,
                resources=resources, claims=claims)
@@ -355,9 +364,19 @@ whole group, so every endpoint of a target's group is named; bridges and ports
 are not.  The output passes `vfioctl policy check`; review it, then save it in
 /etc/vfiod/policy.d/.
 
+With --from-host (no targets), move from driverctl or vfio-pci.ids to vfiod:
+read driverctl's saved overrides (/etc/driverctl.d/pci-ADDRESS naming vfio-pci
+or pci-stub) and vfio-pci.ids= (the kernel command line, and "options vfio-pci
+ids=" in /etc/modprobe.d/*.conf), and write an early [[claim]] for USER
+(default root) for each IOMMU group they bind, its [[resource]] pinned to the
+ids sysfs shows now, and one [[rule]] allowing USER to hold them.  Comments
+say where each claim came from and what was skipped.  Then remove the old
+configuration: vfiod's claims replace it.
+
 examples:
   vfioctl policy generate 0000:04:00.0 --user alice > /etc/vfiod/policy.d/50-alice.toml
   vfioctl policy generate group:8 --unix-group dpdk --backend vfio --name fast-nics
+  vfioctl policy generate --from-host > /etc/vfiod/policy.d/20-from-driverctl.toml
 """
 
 
@@ -365,6 +384,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..sysfs import SysfsReader
     from ..topology import Host
 
+    if args.from_host and args.targets:
+        raise InvalidArgument("give targets or --from-host, not both")
+    if not args.from_host and not args.targets:
+        raise InvalidArgument("name the devices to generate policy for (TARGET ...), or pass --from-host")
+    if args.from_host:
+        args.user = args.user or "root"
+    elif args.user is None and args.unix_group is None:
+        raise InvalidArgument("say who may lease them: --user USER or --unix-group GROUP")
     users = _users(args)
     if args.user is not None and users.uid(args.user) is None and not args.user.isdigit():
         raise InvalidArgument(f"no user named {args.user!r} on this system")
@@ -372,6 +399,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"no unix group named {args.unix_group!r} on this system")
     if args.backend not in _backends():
         raise InvalidArgument(f"unknown backend {args.backend!r} (known: {', '.join(_backends())})")
+    if args.from_host:
+        with host_roots(args) as roots:
+            return _generate_from_host(args, Host.scan(SysfsReader(roots)), roots)
     name = args.name or _resource_name(args.targets[0])
     if not policy.model._NAME.fullmatch(name):
         raise InvalidArgument(f"not a resource name: {name!r} (letters, digits, '.', '_', '-')")
@@ -398,15 +428,86 @@ def cmd_generate(args: argparse.Namespace) -> int:
     who = f'users = ["{args.user}"]' if args.user is not None else f'groups = ["{args.unix_group}"]'
     lines = [f"# Generated by vfioctl policy generate {' '.join(args.targets)}", "[[resource]]",
              f'name = "{name}"', "devices = ["]
-    for dev in devices:
-        r = dev.raw
-        sub = (f', subsystem = "{r.subsystem_vendor:04x}:{r.subsystem_device:04x}"'
-               if r.subsystem_vendor is not None and r.subsystem_device is not None else "")
-        lines.append(f'    {{ address = "{dev.addr}", ids = "{r.vendor:04x}:{r.device:04x}"{sub} }},'
-                     f'   # group {dev.group}, now on {dev.driver or "no driver"}')
+    lines += [_device_line(dev) for dev in devices]
     lines += ["]", "", "[[rule]]", f'resource = "{name}"', who, f'backends = ["{args.backend}"]']
     if any(dev.protected for dev in devices):
         lines.append("allow_protected = true           # " + "; ".join(d.protected for d in devices if d.protected))
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _device_line(dev: Device) -> str:
+    """One device of a generated [[resource]], pinned to the ids it shows now."""
+    r = dev.raw
+    sub = (f', subsystem = "{r.subsystem_vendor:04x}:{r.subsystem_device:04x}"'
+           if r.subsystem_vendor is not None and r.subsystem_device is not None else "")
+    return (f'    {{ address = "{dev.addr}", ids = "{r.vendor:04x}:{r.device:04x}"{sub} }},'
+            f'   # group {dev.group}, now on {dev.driver or "no driver"}')
+
+
+def _generate_from_host(args: argparse.Namespace, host: Host, roots: Roots) -> int:
+    """`policy generate --from-host`: an early [[claim]] (with its [[resource]]) for each IOMMU
+    group that driverctl's saved overrides or vfio-pci.ids bind to a VFIO driver, and one
+    [[rule]] that lets the claims' user hold them; comments say where each came from."""
+    from ..sysfs.hostconfig import driverctl_overrides, vfio_pci_ids
+
+    why: dict[PciAddress, list[str]] = {}
+    stub: set[PciAddress] = set()
+    notes: list[str] = []
+    for addr, driver in driverctl_overrides(args.etc_root).items():
+        origin = f"/etc/driverctl.d/pci-{addr} (driverctl: {driver})"
+        if addr not in host.devices:
+            notes.append(f"# {origin}: no such device on this host now; skipped")
+        elif driver not in ("vfio-pci", "pci-stub"):
+            notes.append(f"# {origin}: not a VFIO driver, which vfiod does not set; keep driverctl for it")
+        else:
+            why.setdefault(addr, []).append(origin)
+            if driver == "pci-stub":
+                stub.add(addr)
+    for entry in vfio_pci_ids(roots, args.etc_root):
+        origin = f"vfio-pci.ids={entry.text} ({entry.origin})"
+        found = [d.addr for d in host.devices.values()
+                 if entry.matches(d.raw.vendor, d.raw.device, (d.raw.subsystem_vendor, d.raw.subsystem_device))]
+        if not found:
+            notes.append(f"# {origin}: matches no device of this host now; skipped")
+        for addr in found:
+            why.setdefault(addr, []).append(origin)
+    claims: dict[int, list[PciAddress]] = {}
+    for addr in sorted(why):
+        dev = host.devices[addr]
+        if dev.group is None:
+            notes.append(f"# {addr} ({'; '.join(why[addr])}): in no IOMMU group, so VFIO cannot take it; skipped")
+        elif dev.protected and not args.allow_protected:
+            notes.append(f"# {addr} ({'; '.join(why[addr])}): protected ({dev.protected}); skipped "
+                         "(--allow-protected if the host can really do without it)")
+        else:
+            claims.setdefault(dev.group, []).append(addr)
+    lines = [f"# Generated by vfioctl policy generate --from-host: what driverctl and vfio-pci.ids bind now,",
+             f"# as early claims for {args.user}, each device pinned to the ids it shows now.", *notes]
+    names, backends = [], set()
+    for group, named in sorted(claims.items()):
+        members = [host.devices[a] for a in host.groups[group].members if not host.devices[a].is_bridge]
+        if any(d.raw.vendor is None or d.raw.device is None for d in members):
+            lines.append(f"# IOMMU group {group}: the ids of a member cannot be read; skipped")
+            continue
+        name = _resource_name(f"group:{group}")
+        backend = "pci-stub" if set(named) <= stub else "vfio"
+        names.append(name)
+        backends.add(backend)
+        lines += ["", *(f"# {a}: {o}" for a in named for o in why[a])]
+        lines += [f"# a lease takes IOMMU group {group} whole: {', '.join(str(d.addr) for d in members)}"
+                  ] if len(members) > 1 else []
+        lines += ["[[resource]]", f'name = "{name}"', "devices = [", *map(_device_line, members), "]",
+                  "", "[[claim]]", f'target = "name:{name}"', f'user = "{args.user}"', f'backend = "{backend}"',
+                  "early = true"]
+    if not names:
+        lines.append("# Nothing to claim: no driverctl override or vfio-pci.ids entry binds a device of "
+                     "this host to a VFIO driver.")
+    else:
+        lines += ["", "[[rule]]", f"resource = {json.dumps(names)}", f'users = ["{args.user}"]',
+                  f"backends = {json.dumps(sorted(backends))}", "persistent = true"]
+        if args.allow_protected and any(host.devices[a].protected for g in claims.values() for a in g):
+            lines.append("allow_protected = true")
     print("\n".join(lines))
     return EXIT_OK
 

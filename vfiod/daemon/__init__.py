@@ -18,6 +18,7 @@ import tempfile
 from dbus_next import DBusError, Message, MessageType
 from dbus_next.constants import RequestNameReply
 
+from .. import early
 from ..wire import BUS_NAME, bus_args
 from .connection import VfiodBus, install_caller_tracking
 from ..backends import load_backends
@@ -28,7 +29,7 @@ from ..state import Journal
 from ..statedir import MACHINE_ID, StateDirLock, machine_host, simulated_host
 from ..sysfs import Kernel, Roots, SysfsReader
 from . import journald
-from .claims import apply_claims
+from .claims import apply_claims, publish_early
 from .notify import sd_notify
 from .service import Service
 
@@ -76,7 +77,8 @@ def make_kernel(args: argparse.Namespace) -> tuple[Kernel, str | None]:
     simdir.claim(sim_dir, spec)
     root = os.path.join(sim_dir, "host")
     if os.path.isdir(root):
-        roots = Roots(os.path.join(root, "sys"), os.path.join(root, "proc"), os.path.join(root, "dev"))
+        roots = Roots(os.path.join(root, "sys"), os.path.join(root, "proc"), os.path.join(root, "dev"),
+                      os.path.join(root, "run/vfiod"))
     else:
         roots = hosts.build_spec(spec, root)
     kernel = SimKernel.for_spec(spec, roots)
@@ -135,9 +137,11 @@ async def _serve(args: argparse.Namespace, host: str) -> int:
     except PolicyError as e:
         log.error("policy not loaded, denying every request until it is fixed: %s", e)
 
-    # Step 2: the journal, the service and its event feed.
+    # Step 2: the journal, the service and its event feed; the early claims for udev.
     journal = Journal(os.path.join(args.state_dir, "state.db"), host=host)
     service = Service(kernel, journal, store, backends)
+    service.early_dir = os.path.join(args.state_dir, early.DIRECTORY)
+    publish_early(store, service.early_dir)
     service.loop = loop
     if sim_dir:       # the simulated kernel sends its uevents straight to the handler
         from ..sim.kernel import SimKernel

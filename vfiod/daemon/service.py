@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Mapping, TypeVar, TypeVarTuple
 
 from dbus_next import Message
 
+from .claims import publish_early
 from .connection import VfiodBus
 from .queries import Queries
 from .scopes import Scopes
@@ -49,6 +50,8 @@ class Service:
         self.journal = journal
         self.policy_store = policy_store
         self.backends = backends
+        #: where the loaded policy's early claims are written for udev (None: nowhere)
+        self.early_dir: str | None = None
         self.names = PciIds()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.manager = LeaseManager(kernel, journal, lambda: self.policy_store.current, backends,
@@ -248,6 +251,7 @@ class Service:
                               + e.message) from None
         finally:
             self.update_status()
+        publish_early(self.policy_store, self.early_dir)
         log.info("policy reloaded by %s: %s, %s", who, count_of(len(policy.files), "file"), count_of(len(policy.rules), "rule"))
         self.objects.policy_reloaded(len(policy.files), len(policy.rules))
         await self.revoke_disallowed(0 if caller is None else caller.uid)

@@ -33,7 +33,8 @@ from ..errors import BackendFailed, Busy, InvalidArgument, NotFound, NotViable, 
 from ..hookspecs import Backend
 from ..policy import Caller, Policy, Refusal, Resource, Target, format_duration, parse_target
 from ..state import HeldDevice, Journal, LeaseRow
-from ..sysfs import Holder, Kernel, interface_address
+from ..sysfs import KERNELS_CHOICE, Holder, Kernel, interface_address
+from ..sysfs.early import early_bound
 from ..terms import LeaseTerms
 from ..topology import BRIDGE_DRIVERS, VFIO_DRIVERS, Device, Host
 from .core import Ended, LeaseCore, Revoking
@@ -225,10 +226,20 @@ class LeaseManager(LeaseCore):
         """What the lease will hold: every endpoint, then every bridge of the group on a driver
         VFIO refuses (shpchp, say), which is held unbound for the lease."""
         endpoints, bridges = self.check_free(host, group, caller, terms)
-        # The override as the kernel has it now (the snapshot may not know it: see
-        # SysfsReader._patient_read); no unbind of this group can be under way here.
-        return ([HeldDevice(str(d.addr), d.driver, self.kernel.override_of(d.addr)) for d in endpoints]
-                + [HeldDevice(str(d.addr), d.driver, self.kernel.override_of(d.addr), "bridge") for d in bridges])
+        return [self._held(d, "endpoint") for d in endpoints] + [self._held(d, "bridge") for d in bridges]
+
+    def _held(self, dev: Device, role: str) -> HeldDevice:
+        """What to give `dev` back: the driver and override as the kernel has them now (the
+        snapshot may not know the override: see SysfsReader._patient_read; no unbind of this
+        group can be under way here).  A device udev bound early in this boot, on the
+        kernel's word (`early_bound`), had no host driver: it goes back to the kernel's choice."""
+        override = self.kernel.override_of(dev.addr)
+        mark = early_bound(self.kernel.roots, dev.addr) if role == "endpoint" else None
+        if mark is not None and dev.driver in (None, mark.driver):
+            log.info("%s was bound to %s early (%s): giving it back means the kernel's choice",
+                     dev.addr, mark.driver, mark.source or "an early claim")
+            return HeldDevice(str(dev.addr), KERNELS_CHOICE, None, role)
+        return HeldDevice(str(dev.addr), dev.driver, override, role)
 
     def check_free(self, host: Host, group: int, caller: Caller,
                    terms: LeaseTerms | None = None) -> tuple[list[Device], list[Device]]:

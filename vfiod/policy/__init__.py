@@ -208,9 +208,22 @@ Persistent leases the daemon takes when it starts, e.g. a DPDK service's NICs;
     user = "dpdk-svc"             # must exist
     backend = "vfio"              # optional: the policy's default
     comment = "testpmd at boot"   # optional
+    early = true                  # optional: bind at boot, before the host driver
 
 The lease is still judged by the rules (as a persistent lease for that user)
 when the daemon applies the claim.
+
+``early = true`` has the claim's devices bound to vfio-pci (pci-stub with
+``backend = "pci-stub"``) by udev when the kernel adds them, before their host
+driver's module loads, so a claimed NIC never comes up on the host.  It needs a
+``name:RESOURCE`` target: udev claims a device only if its ids read then are
+the ones the resource pins, never on its address alone.  vfiod writes the
+claims for udev to /var/lib/vfiod/early.d whenever a policy loads, and takes
+each device over when it starts.  A device that never had a host driver in
+this boot is given back to the kernel's choice when its lease ends (its
+override cleared and the device probed), not to vfio-pci.  A host driver built
+into the kernel or loaded earlier (from the initramfs) binds first: then vfiod
+moves the device when it starts, as for any claim.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ import attrs
 from ..address import PciAddress
 from ..errors import InvalidAddress, InvalidArgument, PolicyError
 from .locate import Locator
-from .model import (K8S_NAMESPACE_PATTERN, ON_REVOKE, AdminGroup, Claim, IdPattern, MAX_FILE_SIZE, MAX_GROUP, MAX_UID,
-                    Pool, PoolMember, Resource, ResourceDevice, Rule, _CLASS, _DRIVER, _EXACT_ID, _NAME, parse_target)
+from .model import (EARLY_BACKENDS, K8S_NAMESPACE_PATTERN, ON_REVOKE, AdminGroup, Claim, IdPattern, MAX_FILE_SIZE,
+                    MAX_GROUP, MAX_UID, Pool, PoolMember, Resource, ResourceDevice, Rule, _CLASS, _DRIVER, _EXACT_ID,
+                    _NAME, parse_target)
 from .units import _describe, _short, parse_duration, parse_size
 from .users import UserDb
 
@@ -29,7 +30,7 @@ RULE_KEYS = ("action", "comment") + MATCH_KEYS + WHO_KEYS + K8S_KEYS + GRANT_KEY
 RESOURCE_KEYS = ("name", "comment", "devices")
 RESOURCE_DEVICE_KEYS = ("address", "ids", "subsystem")
 POOL_KEYS = ("name", "comment", "members")
-CLAIM_KEYS = ("target", "user", "backend", "comment")
+CLAIM_KEYS = ("target", "user", "backend", "comment", "early")
 TABLES = ("rule", "resource", "pool", "claim")
 #: keys of a file's top level, above its first table
 TOP_KEYS = ("admin_groups",)
@@ -635,4 +636,12 @@ class Loader:
             raise t.error("user", f"no user named {_short(user)} on this system{_create_hint('user', user)}")
         backend = t.checked("backend", self._backend) if "backend" in d else ""
         comment = t.get("comment", _text) if "comment" in d else ""
-        return Claim(target=target, uid=uid, user=user, backend=backend, source=t.source, comment=comment)
+        early = t.get("early", _bool) if "early" in d else False
+        if early and parsed[0] != "name":
+            raise t.error("early", f"early binding happens before vfiod runs, on the ids the policy pins: "
+                                   f"claim a [[resource]] (target = \"name:NAME\"), not {_short(target)}")
+        if early and backend not in EARLY_BACKENDS:
+            raise t.error("early", f"early binding binds vfio-pci or pci-stub, so it needs backend "
+                                   f"{', '.join(repr(b) for b in EARLY_BACKENDS if b)} or none, not {backend!r}")
+        return Claim(target=target, uid=uid, user=user, backend=backend, source=t.source, comment=comment,
+                     early=early)

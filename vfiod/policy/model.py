@@ -285,6 +285,16 @@ class Claim:
     backend: str                     # "" = the policy's default
     source: str                      # file:line of its [[claim]] header
     comment: str = ""
+    early: bool = False              # bound by udev before a host driver probes (`vfiod.early`)
+
+    @property
+    def early_driver(self) -> str:
+        """The driver udev's early binding gives the claim's devices."""
+        return EARLY_BACKENDS[self.backend]
+
+
+#: The backends an early claim may name ("": the policy's default), and the driver udev binds for each.
+EARLY_BACKENDS = {"": "vfio-pci", "vfio": "vfio-pci", "pci-stub": "pci-stub"}
 
 
 @attrs.frozen

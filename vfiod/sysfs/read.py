@@ -20,11 +20,14 @@ from .patience import Patience, read_at as _read_at
 
 @attrs.frozen
 class Roots:
-    """Where the kernel's trees are; `/sys`, `/proc`, `/dev` on a real host."""
+    """Where the kernel's trees are; `/sys`, `/proc`, `/dev` on a real host.  `run` is
+    vfiod's directory on the boot's tmpfs, where the early-binding helper leaves its
+    marks (`vfiod.sysfs.early`): what was written there was written in this boot."""
 
     sysfs: str = "/sys"
     proc: str = "/proc"
     dev: str = "/dev"
+    run: str = "/run/vfiod"
 
 
 @attrs.frozen

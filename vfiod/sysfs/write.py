@@ -78,6 +78,9 @@ def classify_write(rel: str, data: str) -> tuple[Writable, PciAddress]:
 
 #: The driver_override that matches no driver: a probe binds nothing.
 NO_DRIVER = "none"
+#: The "original driver" of a device udev bound early (`vfiod.sysfs.early`): it never had a
+#: host driver in this boot, so it goes back to whatever the kernel's own probe binds.
+KERNELS_CHOICE = "(kernel's choice)"
 
 
 def _check_driver_name(name: str) -> str:
@@ -243,6 +246,9 @@ class Kernel:
         unbound and not probed.  The recorded override is written last."""
         if not self.exists(addr):
             raise KernelError(f"{addr}: the device is gone")
+        if driver == KERNELS_CHOICE:
+            self._give_to_kernel(addr, override)
+            return
         if self.driver_of(addr) != driver:
             self.set_override(addr, driver if driver is not None else override)
             self.unbind(addr)
@@ -254,6 +260,15 @@ class Kernel:
                                    f"{have or 'no driver'}")
         if self.override_of(addr) != override:
             self.set_override(addr, override)
+
+    def _give_to_kernel(self, addr: PciAddress, override: str | None) -> None:
+        """Restore an early-bound device: the recorded override (none, for the helper's
+        own), unbind, and let the kernel's probe choose, as it would have at boot.  Any
+        driver it binds, or none where no driver matches, is the kernel's answer."""
+        if self.override_of(addr) != override:
+            self.set_override(addr, override)
+        self.unbind(addr)
+        self.probe(addr)
 
     def numvfs(self, pf: PciAddress) -> int | None:
         return _int(os.path.join(self.roots.sysfs, "bus/pci/devices", pf.sysfs_name, "sriov_numvfs"), 10)

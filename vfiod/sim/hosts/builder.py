@@ -299,7 +299,7 @@ def build(spec: HostSpec, root: str) -> k.Roots:
     if spec.iommu:
         _write(os.path.join(devd, "vfio/vfio"), "")
         os.chmod(os.path.join(devd, "vfio/vfio"), 0o666)
-    return k.Roots(sysfs=sysd, proc=procd, dev=devd)
+    return k.Roots(sysfs=sysd, proc=procd, dev=devd, run=os.path.join(root, "run/vfiod"))
 
 
 def add_function(sysd: str, fn: Fn, parent_node: str | None, iommu: bool = True,
