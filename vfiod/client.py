@@ -7,6 +7,7 @@ The errors its calls raise are re-exported here (`errors`, `VfiodError`, …).""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any, Callable, Iterable
 
 from dbus_next import Message, MessageType, Variant
@@ -80,6 +81,13 @@ class Client:
         reply = await self.call(ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
         return {path: {iface: {k: v.value for k, v in props.items()} for iface, props in ifaces.items()}
                 for path, ifaces in reply.body[0].items()}
+
+    async def groups_json(self, targets: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """The IOMMU groups `targets` name (every group when none), as the daemon describes
+        them: `vfiod inspect --json`'s group objects plus what the daemon knows (leases)."""
+        reply = await self.call(ROOT, "org.vfiod1.Manager", "GroupsJson", "as", [list(targets)])
+        groups: list[dict[str, Any]] = json.loads(reply.body[0])
+        return groups
 
     async def properties(self, path: str, interface: str) -> dict[str, Any]:
         reply = await self.call(path, "org.freedesktop.DBus.Properties", "GetAll", "s", [interface])

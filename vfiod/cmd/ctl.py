@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import re
 import shutil
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 from .. import __version__
 from ..address import PciAddress
@@ -20,11 +19,12 @@ from ..errors import InvalidAddress, InvalidArgument, NotFound, VfiodError
 from ..wire import group_number, lease_id_of
 from ..wire.names import bus_arg
 from ..report import Json, prune_tree, render_groups, render_tree
-from .common import (EXIT_BUSY, EXIT_DENIED, EXIT_FAIL, EXIT_OK, EXIT_USAGE, JSON_HELP, Formatter, add_root_options,
+from .common import (EXIT_BUSY, EXIT_DENIED, EXIT_FAIL, EXIT_OK, EXIT_USAGE, JSON_HELP, Formatter,
                      duration_arg, print_json, run)
 from .helptext import HELP
 from .reload import cmd_reload
-from .talk import run_client as _run, user_name as _user_name
+from .talk import run_client as _run
+from .withlease import run_with_lease, seconds_left as _seconds_left
 from .policy import add_policy_commands
 from .status import add_status_command
 from .overrides import add_overrides_command
@@ -34,17 +34,9 @@ if TYPE_CHECKING:
     from ..client import Client
 
 
-async def _groups_json(client: Client, targets: Iterable[str] = ()) -> list[Json]:
-    """The groups `targets` name (every group when none), as the daemon describes them:
-    the same objects as `vfiod inspect --json`, plus what the daemon knows (leases)."""
-    reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "GroupsJson", "as", [list(targets)])
-    groups: list[Json] = json.loads(reply.body[0])
-    return groups
-
-
 def cmd_groups(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
-        groups = await _groups_json(client)
+        groups = await client.groups_json()
         if args.json:
             print_json("groups", groups=groups)
         else:
@@ -90,7 +82,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             return await _show_tree(client, args.targets, args.json)
 
         async def one(target: str, several: bool) -> int:
-            group = (await _groups_json(client, [target]))[0]
+            group = (await client.groups_json([target]))[0]
             if args.json:
                 print_json("group", one_line=several, target=target, group=group)
             else:
@@ -111,7 +103,7 @@ async def _show_tree(client: Client, targets: Sequence[str], as_json: bool) -> i
             try:
                 keep.add(str(PciAddress.parse(target)))
             except InvalidAddress:
-                keep.update(d["address"] for g in await _groups_json(client, [target]) for d in g["devices"])
+                keep.update(d["address"] for g in await client.groups_json([target]) for d in g["devices"])
         buses = prune_tree(buses, keep)
         if not buses:
             raise NotFound(f"no PCI function {', '.join(targets)} in the tree vfiod sees")
@@ -127,7 +119,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         async def one(target: str, several: bool) -> int:
             reply = await client.call("/org/vfiod1", "org.vfiod1.Manager", "Explain", "s", [target])
             if args.json:
-                groups = await _groups_json(client, [target]) if reply.body[0].startswith("IOMMU group") else []
+                groups = await client.groups_json([target]) if reply.body[0].startswith("IOMMU group") else []
                 print_json("explain", one_line=several, target=target, text=reply.body[0],
                            group=groups[0] if groups else None)
             else:
@@ -179,8 +171,8 @@ async def _lease_objects(client: Client, paths: list[str]) -> list[Json]:
             continue
     if not found:
         return []
-    groups = {g["group"]: g for g in await _groups_json(
-        client, [f"group:{int(p['Group'].rsplit('/', 1)[-1])}" for p in found])}
+    groups = {g["group"]: g for g in await client.groups_json(
+        [f"group:{int(p['Group'].rsplit('/', 1)[-1])}" for p in found])}
     out = []
     for props in found:
         g = groups.get(group_number(props["Group"]))
@@ -211,11 +203,6 @@ def cmd_leases(args: argparse.Namespace) -> int:
                     print(f"{'':<17} waits for: {r['revoke_waiting']}")
         return EXIT_OK
     return _run(args, go)
-
-
-def _seconds_left(deadline: float) -> int:
-    """Whole seconds until `deadline`, rounded up: a 3 s grace just begun is "3 s", not "2 s"."""
-    return max(0, math.ceil(deadline - time.time() - 0.05))
 
 
 def _state_words(lease: Json) -> str:
@@ -275,7 +262,7 @@ def cmd_lease(args: argparse.Namespace) -> int:
             print((await client.lease_call(path, "HostdevXml")).body[0])
         try:
             if command:
-                return await _run_with_lease(client, path, props, group, command, args.pass_fd, args.iommufd)
+                return await run_with_lease(client, path, props, group, command, args.pass_fd, args.iommufd)
             if args.persistent:
                 if not args.json:
                     print(lease_id)
@@ -297,90 +284,6 @@ def cmd_lease(args: argparse.Namespace) -> int:
                 except Exception as e:      # the lease also ends when this connection closes
                     print(f"vfioctl: releasing {lease_id}: {e}", file=sys.stderr)
     return _run(args, go)
-
-
-async def _run_with_lease(client: Client, path: str, props: Json, group: int, command: Sequence[str],
-                          pass_fd: bool = False, iommufd: bool = False) -> int:
-    env = dict(os.environ)
-    fds: list[int] = []
-    if props["Backend"] == "libvirt":
-        env["VFIOD_HOSTDEV_XML"] = (await client.lease_call(path, "HostdevXml")).body[0]
-    if props["Backend"] in ("vfio", "libvirt"):
-        if pass_fd and not iommufd:
-            # The kernel lets /dev/vfio/N be open once at a time: while CMD holds this fd,
-            # opening the node by path (as DPDK's EAL and QEMU do) fails with EBUSY.
-            reply = await client.lease_call(path, "OpenGroup")
-            fd = reply.unix_fds[reply.body[0]] if reply.unix_fds else reply.body[0]
-            fds.append(fd)
-            env["VFIOD_GROUP_FD"] = str(fd)
-        env["VFIOD_GROUP"] = str(group)
-        env["VFIOD_GROUP_PATH"] = props.get("GroupPath") or f"/dev/vfio/{group}"
-        # Kernels with VFIO device cdevs: each endpoint's cdev and iommufd, for the iommufd
-        # interface (QEMU's -object iommufd with -device vfio-pci,fd=...).
-        # The kernel keeps the two interfaces apart: while the group is open, no device of
-        # it binds to an iommufd (EBUSY), so --iommufd passes the cdevs and iommufd instead.
-        cdevs = dict(props.get("DeviceCdevs") or {})
-        if iommufd and not cdevs:
-            raise InvalidArgument("--iommufd: this kernel has no VFIO device cdevs for the lease's devices "
-                                  "(CONFIG_VFIO_DEVICE_CDEV); leave it off to use the group")
-        if cdevs and props.get("IommuPath"):
-            env["VFIOD_IOMMU_PATH"] = props["IommuPath"]
-            env["VFIOD_DEVICE_CDEVS"] = " ".join(f"{a}={p}" for a, p in sorted(cdevs.items()))
-            if pass_fd and iommufd:
-                opened = []
-                for addr in sorted(cdevs):
-                    reply = await client.lease_call(path, "OpenDevice", "s", [addr])
-                    fd = reply.unix_fds[reply.body[0]] if reply.unix_fds else reply.body[0]
-                    fds.append(fd)
-                    opened.append(f"{addr}={fd}")
-                reply = await client.lease_call(path, "OpenIommu")
-                fd = reply.unix_fds[reply.body[0]] if reply.unix_fds else reply.body[0]
-                fds.append(fd)
-                env["VFIOD_IOMMU_FD"] = str(fd)
-                env["VFIOD_DEVICE_FDS"] = " ".join(opened)
-    env["VFIOD_LEASE"] = lease_id_of(path)
-    memlock = props.get("Memlock") or 0
-
-    def preexec() -> None:
-        """In the child: raise RLIMIT_MEMLOCK's soft limit toward the policy's grant (as far
-        as the hard limit lets an unprivileged process go)."""
-        if not memlock:
-            return
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-        want = memlock if hard == resource.RLIM_INFINITY else min(memlock, hard)
-        if soft != resource.RLIM_INFINITY and soft < want:
-            resource.setrlimit(resource.RLIMIT_MEMLOCK, (want, hard))
-
-    told = await client.lease_signals(path)
-    proc = await asyncio.create_subprocess_exec(*command, env=env, pass_fds=fds, preexec_fn=preexec)
-    for fd in fds:
-        os.close(fd)          # the child has it; the group opens once, so do not hold it here
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, proc.send_signal, sig)
-    watcher = asyncio.ensure_future(_tell_command_of_revoke(told, proc, command[0]))
-    try:
-        rc = await proc.wait()
-    finally:
-        watcher.cancel()
-    return rc if rc >= 0 else 128 - rc
-
-
-async def _tell_command_of_revoke(told: asyncio.Queue[tuple[str, list[Any]]], proc: asyncio.subprocess.Process,
-                                  name: str) -> None:
-    """When vfiod begins revoking the lease, say so and send CMD SIGTERM: the first rung
-    of the ladder is CMD's own chance to let go in order."""
-    while True:
-        member, body = await told.get()
-        if member != "LeaseRevoking":
-            continue
-        left = _seconds_left(body[2])
-        print(f"vfioctl: vfiod is revoking the lease ({body[1]}); sending SIGTERM to {name} (pid {proc.pid}): "
-              f"it has {left} s to let go of the devices", file=sys.stderr, flush=True)
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        return
 
 
 def cmd_vfs(args: argparse.Namespace) -> int:
@@ -410,7 +313,7 @@ async def _leases_to_release(client: Client, args: argparse.Namespace) -> list[s
         raise InvalidArgument("name a lease id, a target (address, group:N, name:RESOURCE) or --all")
     if _LEASE_ID.fullmatch(args.lease):
         return [args.lease]
-    group = (await _groups_json(client, [args.lease]))[0]
+    group = (await client.groups_json([args.lease]))[0]
     if not group["lease"]:
         raise NotFound(f"IOMMU group {group['group']} ({args.lease}) is not leased")
     return [group["lease"]]

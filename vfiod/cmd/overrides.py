@@ -74,11 +74,10 @@ def _leased_devices(args: argparse.Namespace) -> set[str] | None:
     from ..client import Client
 
     async def ask() -> list[Any]:
-        from .ctl import _groups_json
 
         client = await Client(args.bus, timeout=args.timeout).connect()
         try:
-            return await _groups_json(client)
+            return await client.groups_json()
         finally:
             client.close()
     try:

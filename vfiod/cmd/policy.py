@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, TextIO
 from .. import policy
 from ..errors import InvalidArgument, PermissionDenied, PolicyError
 from ..policy import DEFAULT_DIR
+from ..sysfs.device import VFIO_DRIVERS
 from .common import EXIT_DENIED, EXIT_OK, EXIT_USAGE, JSON_HELP, add_root_options, duration_arg, host_roots, print_json
 
 if TYPE_CHECKING:
@@ -458,7 +459,7 @@ def _generate_from_host(args: argparse.Namespace, host: Host, roots: Roots) -> i
         origin = f"/etc/driverctl.d/pci-{addr} (driverctl: {driver})"
         if addr not in host.devices:
             notes.append(f"# {origin}: no such device on this host now; skipped")
-        elif driver not in ("vfio-pci", "pci-stub"):
+        elif driver not in VFIO_DRIVERS:
             notes.append(f"# {origin}: not a VFIO driver, which vfiod does not set; keep driverctl for it")
         else:
             why.setdefault(addr, []).append(origin)

@@ -334,12 +334,6 @@ class Service:
         if got:
             self.refresh_soon([g.lease.group for g in got])
 
-    async def rights(self, caller: Caller) -> tuple[bool, str]:
-        """Whether `caller` is an admin, and why: ``root``, ``group NAME`` (a delegated admin), or ""."""
-        if caller.is_root:
-            return True, "root"
-        return caller.is_admin, f"group {caller.admin_group}" if caller.admin_group else ""
-
     def warnings(self, lease_id: str) -> list[str]:
         """What the grant of `lease_id` promised and could not do (the memlock grant, say)."""
         return self._warnings.get(lease_id, [])

@@ -6,7 +6,6 @@ leases no checkpoint record names."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable
 
@@ -40,9 +39,7 @@ class Vfiod:
 
     async def groups(self, targets: list[str] | None = None) -> list[dict[str, Any]]:
         """The IOMMU groups `targets` name (all when None) as vfiod's group JSON (docs/json.md)."""
-        reply = await self.client.call(ROOT, MANAGER, "GroupsJson", "as", [targets or []])
-        groups: list[dict[str, Any]] = json.loads(reply.body[0])
-        return groups
+        return await self.client.groups_json(targets or [])
 
     async def kubernetes_access(self) -> dict[int, tuple[list[str], list[str]]]:
         """For every group: the namespace patterns the policy grants it to through this

@@ -228,7 +228,7 @@ moves the device when it starts, as for any claim.
 
 from __future__ import annotations
 from .engine import Policy, PolicyStore
-from .load import CLAIM_KEYS, POOL_KEYS, RESOURCE_KEYS, RULE_KEYS
+from .values import CLAIM_KEYS, POOL_KEYS, RESOURCE_KEYS, RULE_KEYS
 from .locate import Locator
 from .model import (ADMIN_GROUPS_HINT, describe_caller, AdminGroup, Pool, PoolMember, BUSY_PREFIX, DEFAULT_DIR, DEFAULT_REVOKE_GRACE, KNOWN_BACKENDS, ON_REVOKE, Caller, Claim, Decision, DeviceDecision, Refusal, Resource,
                     ResourceDevice, Rule, Target, hide_sources, parse_target, revoke_terms)

@@ -247,7 +247,13 @@ class Kernel:
         if not self.exists(addr):
             raise KernelError(f"{addr}: the device is gone")
         if driver == KERNELS_CHOICE:
-            self._give_to_kernel(addr, override)
+            # An early-bound device: the recorded override (none, for the udev helper's
+            # own), unbind, and let the kernel's probe choose, as it would have at boot.
+            # Any driver it binds, or none where no driver matches, is the kernel's answer.
+            if self.override_of(addr) != override:
+                self.set_override(addr, override)
+            self.unbind(addr)
+            self.probe(addr)
             return
         if self.driver_of(addr) != driver:
             self.set_override(addr, driver if driver is not None else override)
@@ -260,15 +266,6 @@ class Kernel:
                                    f"{have or 'no driver'}")
         if self.override_of(addr) != override:
             self.set_override(addr, override)
-
-    def _give_to_kernel(self, addr: PciAddress, override: str | None) -> None:
-        """Restore an early-bound device: the recorded override (none, for the helper's
-        own), unbind, and let the kernel's probe choose, as it would have at boot.  Any
-        driver it binds, or none where no driver matches, is the kernel's answer."""
-        if self.override_of(addr) != override:
-            self.set_override(addr, override)
-        self.unbind(addr)
-        self.probe(addr)
 
     def numvfs(self, pf: PciAddress) -> int | None:
         return _int(os.path.join(self.roots.sysfs, "bus/pci/devices", pf.sysfs_name, "sriov_numvfs"), 10)
