@@ -35,7 +35,7 @@ def test_every_good_file_loads(name):
 def test_the_good_files_load_together():
     pol = Policy.load(GOOD, users=USERS)
     assert [os.path.basename(f) for f in pol.files] == GOOD_FILES
-    assert len(pol.rules) == 29 and len(pol.resources) == 4 and len(pol.claims) == 4
+    assert len(pol.rules) == 31 and len(pol.resources) == 4 and len(pol.claims) == 4
     assert all(re.fullmatch(rf"{re.escape(GOOD)}/\d\d-[a-z-]+\.toml:\d+", r.source) for r in pol.rules)
 
 

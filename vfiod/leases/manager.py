@@ -31,7 +31,7 @@ import attrs
 from ..address import PciAddress
 from ..errors import BackendFailed, Busy, InvalidArgument, NotFound, NotViable, PermissionDenied, Protected, VfiodError
 from ..hookspecs import Backend
-from ..policy import Caller, Policy, Refusal, format_duration, parse_target
+from ..policy import Caller, Decision, Policy, Refusal, format_duration, parse_target
 from ..state import HeldDevice, Journal, LeaseRow
 from ..sysfs import Holder, Kernel, interface_address
 from ..terms import LeaseTerms
@@ -39,6 +39,7 @@ from ..topology import BRIDGE_DRIVERS, VFIO_DRIVERS, Device, Host
 from .core import Ended, LeaseCore, Revoking
 from .identity import record as record_identity
 from .ladder import Ladder
+from .mdev import MdevLeases
 from .memlock import MemlockGrants
 from .moves import Moves
 from .reconcile import reconcile
@@ -58,6 +59,7 @@ class LeaseManager(LeaseCore):
         self.memlock = MemlockGrants(self)
         self.moves = Moves(self, self.memlock.restore)
         self.ladder = Ladder(self, self.moves)
+        self.mdevs = MdevLeases(self)
         self.sync_locked()             # before the first scan: a restart may find unbinds under way
 
     # ------------------------------------------------------------ queries
@@ -116,6 +118,9 @@ class LeaseManager(LeaseCore):
     def request(self, caller: Caller, target: str, backend: str = "",
                 options: LeaseTerms | Mapping[str, object] | None = None, owner: str | None = None) -> LeaseRow:
         terms = LeaseTerms.from_options(options)
+        parsed = parse_target(target)
+        if parsed[0] == "mdev":
+            return self.mdevs.request(caller, parsed[1], backend, terms, owner)
         policy = self.policy_source()
         host = self.host_for(target, policy)
         try:
@@ -140,38 +145,51 @@ class LeaseManager(LeaseCore):
                 raise PermissionDenied(decision.reason)
             be = self.backend(decision.backend or backend)
             plan = self._plan(host, group, caller, terms)
-            now = self.clock()
-            # A lease asked for no duration still ends at the rule's cap, if it has one.
-            duration = terms.duration or int(decision.max_duration or 0)
-            lease = LeaseRow(
-                id=secrets.token_hex(8), group=group, uid=caller.uid, owner=owner, backend=be.name,
-                target=target, created=now, expires=now + duration if duration else 0.0,
-                persistent=terms.persistent, state="granting", rule=decision.rule,
-                memlock=decision.memlock, reset=decision.reset_on_release, grace=float(decision.revoke_grace),
-                on_revoke=decision.on_revoke, revoke_others=decision.revoke_others,
-                cap=now + decision.max_duration if decision.max_duration else 0.0,
-                k8s_namespace=terms.k8s_namespace)
-            self.journal.create(lease, plan)
+            lease = self.new_lease(secrets.token_hex(8), caller, group, target, be.name, terms, decision, owner)
+            return self.grant(lease, plan, host, decision, be, caller)
+
+    def new_lease(self, lease_id: str, caller: Caller, group: int, target: str, backend: str, terms: LeaseTerms,
+                  decision: Decision, owner: str | None) -> LeaseRow:
+        """The row of a lease about to be granted (state ``granting``), with the policy's terms."""
+        now = self.clock()
+        # A lease asked for no duration still ends at the rule's cap, if it has one.
+        duration = terms.duration or int(decision.max_duration or 0)
+        return LeaseRow(
+            id=lease_id, group=group, uid=caller.uid, owner=owner, backend=backend,
+            target=target, created=now, expires=now + duration if duration else 0.0,
+            persistent=terms.persistent, state="granting", rule=decision.rule,
+            memlock=decision.memlock, reset=decision.reset_on_release, grace=float(decision.revoke_grace),
+            on_revoke=decision.on_revoke, revoke_others=decision.revoke_others,
+            cap=now + decision.max_duration if decision.max_duration else 0.0,
+            k8s_namespace=terms.k8s_namespace)
+
+    def grant(self, lease: LeaseRow, plan: list[HeldDevice], host: Host | None, decision: Decision, be: Backend,
+              caller: Caller) -> LeaseRow:
+        """Record `lease` with the devices it holds (`plan`; none for an mdev) and move them
+        (`Moves.grant`); roll back on any failure.  The group lock is held."""
+        group, target = lease.group, lease.target
+        self.journal.create(lease, plan)
+        if host is not None:
             record_identity(self, lease, host, plan)
-            self.on_step("recorded")
-            ctx = self.context(lease, host, decision)
-            try:
-                self.moves.grant(ctx, be)
-            except VfiodError as e:
-                self.moves.rollback(ctx, be)
-                self.audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", str(e), group=group)
-                raise
-            except Exception as e:
-                log.exception("grant of group %s failed", group)
-                self.moves.rollback(ctx, be)
-                self.audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", repr(e), group=group)
-                raise BackendFailed(f"granting group {group} failed: {e}") from None
-            lease = attrs.evolve(lease, state="granted")
-            self.journal.set_state(lease.id, "granted")
-            self.on_step("granted")
-            self.audit("grant", caller.uid, target, lease.id, decision.rule, "granted", f"group {group} via {be.name}",
-                       group=group)
-            return lease
+        self.on_step("recorded")
+        ctx = self.context(lease, host, decision)
+        try:
+            self.moves.grant(ctx, be)
+        except VfiodError as e:
+            self.moves.rollback(ctx, be)
+            self.audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", str(e), group=group)
+            raise
+        except Exception as e:
+            log.exception("grant of group %s failed", group)
+            self.moves.rollback(ctx, be)
+            self.audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", repr(e), group=group)
+            raise BackendFailed(f"granting group {group} failed: {e}") from None
+        lease = attrs.evolve(lease, state="granted")
+        self.journal.set_state(lease.id, "granted")
+        self.on_step("granted")
+        self.audit("grant", caller.uid, target, lease.id, decision.rule, "granted", f"group {group} via {be.name}",
+                   group=group)
+        return lease
 
     def _plan(self, host: Host, group: int, caller: Caller, terms: LeaseTerms) -> list[HeldDevice]:
         """What the lease will hold: every endpoint, then every bridge of the group on a driver
@@ -237,8 +255,7 @@ class LeaseManager(LeaseCore):
         lease = self.owned(lease_id, caller, "renew")
         if not isinstance(seconds, int) or seconds <= 0:
             raise InvalidArgument("renew takes a positive number of seconds")
-        decision = self.policy_source().decide(self.scan_groups([lease.group]), caller, lease.group, lease.backend,
-                                               attrs.evolve(lease.terms, duration=seconds))
+        decision = self.redecide(self.policy_source(), lease, caller, attrs.evolve(lease.terms, duration=seconds))
         if not decision.allowed:
             raise PermissionDenied(decision.reason)
         if lease.state != "granted":

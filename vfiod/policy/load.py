@@ -20,11 +20,17 @@ from .users import UserDb
 
 
 MATCH_KEYS = ("address", "group", "ids", "class", "driver", "vf_of", "resource")
+#: A rule names PCI devices (MATCH_KEYS) or types of mediated devices, never both.
+MDEV_KEYS = ("mdev_types",)
+#: What an mdev rule may not say: it grants new instances through VFIO, nothing a PCI device needs.
+NOT_FOR_MDEV = ("allow_protected", "reset_on_release", "max_vfs")
+#: The backends an mdev lease can use: its instance is used through VFIO's legacy group.
+MDEV_BACKENDS = ("vfio",)
 WHO_KEYS = ("users", "uids", "groups", "everyone")
 K8S_KEYS = ("k8s_namespaces", "k8s_delegates")
 GRANT_KEYS = ("backends", "default_backend", "max_duration", "persistent", "memlock", "allow_protected",
               "reset_on_release", "revoke_grace", "on_revoke", "revoke_others", "max_vfs")
-RULE_KEYS = ("action", "comment") + MATCH_KEYS + WHO_KEYS + K8S_KEYS + GRANT_KEYS
+RULE_KEYS = ("action", "comment") + MATCH_KEYS + MDEV_KEYS + WHO_KEYS + K8S_KEYS + GRANT_KEYS
 RESOURCE_KEYS = ("name", "comment", "devices")
 RESOURCE_DEVICE_KEYS = ("address", "ids", "subsystem")
 CLAIM_KEYS = ("target", "user", "backend", "comment")
@@ -213,6 +219,18 @@ def _driver(v: object) -> str:
     return text
 
 
+_MDEV_GLOB = re.compile(r"[A-Za-z0-9_.:+*?\[\]!-]{1,64}")
+
+
+def _mdev_type(v: object) -> str:
+    text = _string(v, "an mdev type such as \"mtty/mtty-2\"")
+    parts = text.split("/")
+    if len(parts) != 2 or not all(_MDEV_GLOB.fullmatch(p) and p not in (".", "..") for p in parts):
+        raise ValueError(f"not an mdev type: {_short(text)} (PARENT/TYPE as sysfs names them, e.g. "
+                         "\"mtty/mtty-2\"; each side may hold the globs '*', '?' and [...])")
+    return text
+
+
 def _resource_name(v: object) -> str:
     text = _string(v, "a resource name")
     if not _NAME.fullmatch(text):
@@ -388,9 +406,16 @@ class Loader:
             for j, name in enumerate(names):
                 self.refs.append((t, "resource", j if many else None, name))
             resources = tuple(dict.fromkeys(names))
-        if not any(k in d for k in MATCH_KEYS):
+        mdev_types = tuple(dict.fromkeys(t.many("mdev_types", _mdev_type, "mdev type"))) \
+            if "mdev_types" in d else None
+        if t.gave(MDEV_KEYS):
+            pci = next((k for k in MATCH_KEYS if k in d), None)
+            if pci is not None:
+                raise t.error(pci, "a rule names PCI devices or mdev types, not both: put them in rules of their own")
+        elif not any(k in d for k in MATCH_KEYS):
             if not t.gave(MATCH_KEYS):
-                raise t.table_error("no device matcher: give at least one of " + ", ".join(MATCH_KEYS))
+                raise t.table_error("no device matcher: give at least one of "
+                                    + ", ".join(MATCH_KEYS + MDEV_KEYS))
         # who
         uids: set[int] = set()
         users: tuple[str, ...] = ()
@@ -424,7 +449,7 @@ class Loader:
                     addresses=addresses, iommu_groups=iommu_groups, ids=ids, classes=classes,
                     drivers=drivers, vf_of=vf_of, resources=resources,
                     users=users, user_uids=tuple(user_uids), unix_groups=unix_groups,
-                    uids=frozenset(uids), gids=frozenset(gids), everyone=everyone)
+                    uids=frozenset(uids), gids=frozenset(gids), everyone=everyone, mdev_types=mdev_types)
         if k8s is not None:
             rule = attrs.evolve(rule, k8s_namespaces=k8s[0], k8s_delegates=k8s[1], delegate_uids=k8s[2])
         # what it grants
@@ -454,6 +479,16 @@ class Loader:
         on_revoke = t.checked("on_revoke", _on_revoke) if "on_revoke" in d else None
         revoke_others = t.get("revoke_others", _bool) if "revoke_others" in d else False
         max_vfs = t.get("max_vfs", _vf_count) if "max_vfs" in d else None
+        if t.gave(MDEV_KEYS):
+            for key in NOT_FOR_MDEV:
+                if key in d:
+                    raise t.error(key, "does not apply to mdev types (vfiod creates a new instance for each "
+                                       "lease and removes it at the end): remove it from this rule")
+            other = [b for b in backends if b not in MDEV_BACKENDS]
+            if other:
+                raise t.error("default_backend" if "backends" not in d else "backends",
+                              f"an mdev lease uses the {', '.join(MDEV_BACKENDS)} backend (its instance is used "
+                              f"through VFIO's group interface), not {', '.join(other)}")
         if max_vfs is not None:
             for key in GRANT_KEYS:
                 if key in d and key not in ("max_vfs", "allow_protected"):
@@ -533,6 +568,10 @@ class Loader:
             raise t.error("target", str(e)) from None
         if parsed[0] == "name":
             self.refs.append((t, "target", None, parsed[1]))
+        if parsed[0] == "mdev":
+            raise t.error("target", "a claim takes a PCI target (an address, group:N or name:RESOURCE): an mdev "
+                                    "instance vfiod creates lives only as long as its lease (define a lasting "
+                                    "one with mdevctl)")
         for c in self.claims:
             if c.target == target:
                 raise t.error("target", f"{target} is already claimed at {c.source}")

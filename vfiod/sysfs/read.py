@@ -25,6 +25,7 @@ class Roots:
     sysfs: str = "/sys"
     proc: str = "/proc"
     dev: str = "/dev"
+    etc: str = "/etc"               # where mdevctl keeps its definitions (``mdevctl.d``)
 
 
 @attrs.frozen
