@@ -148,8 +148,9 @@ async def _lease_objects(client: Client, paths: list[str]) -> list[Json]:
             continue
     if not found:
         return []
+    # An mdev lease's group holds its instance alone, no PCI device: there is no group object to ask.
     groups = {g["group"]: g for g in await _groups_json(
-        client, [f"group:{int(p['Group'].rsplit('/', 1)[-1])}" for p in found])}
+        client, [f"group:{int(p['Group'].rsplit('/', 1)[-1])}" for p in found if not p.get("Mdev")])}
     out = []
     for props in found:
         g = groups.get(group_number(props["Group"]))
@@ -174,11 +175,16 @@ def cmd_leases(args: argparse.Namespace) -> int:
             for r in rows:
                 print(f"{r['id']:<17} {r['group']:>5} {r['user'][:12]:<12} {r['backend']:<8} "
                       f"{'yes' if r['persistent'] else 'no':<10} {_time_left(r['expires']):<10} "
-                      f"{_state_words(r):<22} {' '.join(r['devices'])}")
+                      f"{_state_words(r):<22} {' '.join(r['devices']) or _mdev_words(r)}")
                 if r.get("revoke_waiting"):
                     print(f"{'':<17} waits for: {r['revoke_waiting']}")
         return EXIT_OK
     return _run(args, go)
+
+
+def _mdev_words(lease: Json) -> str:
+    """What an mdev lease holds, for people: ``mdev mtty/mtty-2 UUID``."""
+    return f"mdev {lease['mdev_type']} {lease['mdev']}" if lease.get("mdev") else ""
 
 
 def _seconds_left(deadline: float) -> int:
@@ -225,7 +231,9 @@ def cmd_lease(args: argparse.Namespace) -> int:
         lease_id = lease_id_of(path)
         props = await client.properties(path, "org.vfiod1.Lease")
         group = group_number(props["Group"])
-        print(f"vfioctl: lease {lease_id}: IOMMU group {group} via the {props['Backend']} backend", file=sys.stderr)
+        mdev = f" (mdev {props['MdevType']} {props['Mdev']})" if props.get("Mdev") else ""
+        print(f"vfioctl: lease {lease_id}: IOMMU group {group}{mdev} via the {props['Backend']} backend",
+              file=sys.stderr)
         warnings = props.get("Warnings") or []
         for w in warnings:
             print(f"vfioctl: warning: {w}", file=sys.stderr)
@@ -281,6 +289,8 @@ async def _run_with_lease(client: Client, path: str, props: Json, group: int, co
             env["VFIOD_GROUP_FD"] = str(fd)
         env["VFIOD_GROUP"] = str(group)
         env["VFIOD_GROUP_PATH"] = props.get("GroupPath") or f"/dev/vfio/{group}"
+        if props.get("Mdev"):            # the device's name for VFIO_GROUP_GET_DEVICE_FD
+            env["VFIOD_MDEV"] = props["Mdev"]
         # Kernels with VFIO device cdevs: each endpoint's cdev and iommufd, for the iommufd
         # interface (QEMU's -object iommufd with -device vfio-pci,fd=...).
         # The kernel keeps the two interfaces apart: while the group is open, no device of
@@ -502,13 +512,14 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                        help="the bus vfiod is on (default: $VFIOD_BUS, else system)")
         p.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                        help="how long to wait for each answer (default 30)")
+        mdev = ", mdev:PARENT/TYPE (a new mediated device instance)" if name in ("check", "lease") else ""
         if name in ("show", "explain", "check"):
             p.add_argument("targets", nargs="+", metavar="TARGET",
-                           help="0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0); "
-                                "several are taken one by one")
+                           help="0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0)"
+                                f"{mdev}; several are taken one by one")
         if name in ("lease", "vfs"):
             p.add_argument("target", metavar="TARGET",
-                           help="0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0)")
+                           help=f"0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0){mdev}")
         if name in ("groups", "show", "explain", "check", "leases", "lease", "reload", "release", "vfs",
                     "monitor", "revoke"):
             p.add_argument("--json", action="store_true", help="print JSON for scripts (/usr/share/doc/vfiod/json.md)")

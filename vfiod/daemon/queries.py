@@ -12,10 +12,11 @@ import attrs
 
 from .. import report
 from ..address import PciAddress
-from ..errors import Busy, InvalidArgument, NotViable, PermissionDenied, PolicyError
+from ..errors import Busy, InvalidArgument, NotFound, NotViable, PermissionDenied, PolicyError
 from ..leases import LeaseManager
 from ..pciids import PciIds
-from ..policy import BUSY_PREFIX, Caller, Decision, PolicyStore, format_size, hide_sources
+from ..policy import BUSY_PREFIX, Caller, Decision, PolicyStore, format_size, hide_sources, parse_target
+from ..sysfs.mdev import MdevKind
 from ..sysfs.procs import memlock_of
 from ..topology import Host
 from .snapshot import Snapshot
@@ -90,11 +91,15 @@ class Queries:
         return out
 
     async def check(self, caller: Caller, target: str, backend: str) -> Decision:
-        host, number = await self._target_group(target)
-        d = self.policy_store.current.decide(host, caller, number, backend, {})
-        if d.allowed:
+        parsed = parse_target(target)
+        if parsed[0] == "mdev":
+            d, busy = await self._run(self._check_mdev, caller, parsed[1], backend)
+        else:
+            host, number = await self._target_group(target)
+            d = self.policy_store.current.decide(host, caller, number, backend, {})
             # What a lease would meet besides the policy: a lease already there, the host using it.
-            busy = await self._run(self._busy_now, caller, host, number)
+            busy = await self._run(self._busy_now, caller, host, number) if d.allowed else ""
+        if d.allowed:
             if busy:
                 d = attrs.evolve(d, allowed=False, reason=f"{BUSY_PREFIX}{busy} (the policy allows it: {d.reason})")
         if d.allowed:
@@ -104,6 +109,17 @@ class Queries:
             # Where the policy says so (file:line) is for admins: it maps the policy for anyone.
             d = attrs.evolve(d, rule="", reason=hide_sources(d.reason))
         return d
+
+    def _check_mdev(self, caller: Caller, kind: MdevKind, backend: str) -> tuple[Decision, str]:
+        """The policy's word on a new instance of `kind`, and why a lease would be refused
+        now whatever it says ("" if not); `NotFound` for a type the host does not have."""
+        found = self.kernel.mdev_type(kind)
+        if found is None:
+            raise NotFound(f"no mdev type {kind} on this host (`vfiod inspect` lists the parents and their types)")
+        d = self.policy_store.current.decide_mdev(caller, kind, backend, {})
+        busy = (f"mdev type {kind}: its parent can make no more instances now (available_instances is 0)"
+                if found.available == 0 else "")
+        return d, busy
 
     def _busy_now(self, caller: Caller, host: Host, number: int) -> str:
         """Why a lease of group `number` would be refused now whatever the policy says ("" if not)."""
