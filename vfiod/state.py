@@ -278,6 +278,7 @@ class Journal:
         except OSError:
             pass
         self._audit_inserts = 0
+        self.mdev = MdevRows(self)              # the ``mdevs`` table
         self.quarantined: list[str] = []    # what was moved aside on opening, one line a lease
         if existed:
             self.quarantined = quarantine_bad_rows(self)
@@ -405,28 +406,6 @@ class Journal:
     def holdings(self) -> dict[str, tuple[LeaseRow, HeldDevice]]:
         """Every device some lease holds: its address -> (the lease, what it was before)."""
         return {h.addr: (lease, h) for lease in self.leases() for h in self.held(lease.id)}
-
-    # ---- mediated device instances (`vfiod.leases.mdev`)
-
-    def mdev_intent(self, held: HeldMdev) -> None:
-        """Journal the instance a grant is about to create (before the write to ``create``)."""
-        with self.tx():
-            self.db.execute("INSERT INTO mdevs VALUES(?,?,?,?,?)",
-                            (held.lease, held.uuid, held.parent, held.type, held.boot))
-
-    def mdevs(self) -> list[HeldMdev]:
-        """Every journaled instance (those whose lease has no row too)."""
-        with self._lock:
-            rows = self.db.execute("SELECT lease, uuid, parent, type, boot FROM mdevs ORDER BY rowid").fetchall()
-        return [HeldMdev(*r) for r in rows if all(isinstance(v, str) for v in r[:4])]
-
-    def mdev_of(self, lease_id: str) -> HeldMdev | None:
-        return next((m for m in self.mdevs() if m.lease == lease_id), None)
-
-    def forget_mdev(self, lease_id: str) -> None:
-        """The instance is gone (or never was): its row goes."""
-        with self.tx():
-            self.db.execute("DELETE FROM mdevs WHERE lease=?", (lease_id,))
 
     # ---- what the held devices were (`vfiod.leases.identity`)
 
@@ -563,6 +542,33 @@ class Journal:
             rows: list[tuple[Any, ...]] = self.db.execute(
                 "SELECT event, uid, target, lease, rule, outcome, detail FROM audit ORDER BY rowid").fetchall()
         return rows
+
+
+class MdevRows:
+    """The ``mdevs`` table: the instances grants made (`vfiod.leases.mdev`)."""
+
+    def __init__(self, journal: Journal):
+        self.journal = journal
+
+    def intent(self, held: HeldMdev) -> None:
+        """Journal the instance a grant is about to create (before the write to ``create``)."""
+        with self.journal.tx():
+            self.journal.db.execute("INSERT INTO mdevs VALUES(?,?,?,?,?)",
+                                    (held.lease, held.uuid, held.parent, held.type, held.boot))
+
+    def all(self) -> list[HeldMdev]:
+        """Every journaled instance (those whose lease has no row too)."""
+        with self.journal._lock:
+            rows = self.journal.db.execute("SELECT lease, uuid, parent, type, boot FROM mdevs ORDER BY rowid").fetchall()
+        return [HeldMdev(*r) for r in rows if all(isinstance(v, str) for v in r[:4])]
+
+    def of(self, lease_id: str) -> HeldMdev | None:
+        return next((m for m in self.all() if m.lease == lease_id), None)
+
+    def forget(self, lease_id: str) -> None:
+        """The instance is gone (or never was): its row goes."""
+        with self.journal.tx():
+            self.journal.db.execute("DELETE FROM mdevs WHERE lease=?", (lease_id,))
 
 
 class _Tx:

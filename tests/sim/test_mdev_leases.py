@@ -57,14 +57,14 @@ def mdevctl_instance(kit):
 
 def unchanged(kit, before):
     assert kit.snapshot() == before
-    assert kit.journal.leases() == [] and kit.journal.mdevs() == []
+    assert kit.journal.leases() == [] and kit.journal.mdev.all() == []
 
 
 def test_a_lease_makes_an_instance_hands_over_its_group_and_removes_it(kit):
     mdevctl_instance(kit)
     before = kit.snapshot()
     lease = kit.manager.request(LESSEE, TARGET, "", {}, owner=":1.5")
-    held = kit.journal.mdev_of(lease.id)
+    held = kit.journal.mdev.of(lease.id)
     assert lease.state == "granted" and lease.backend == "vfio" and lease.target == TARGET
     assert kit.journal.held(lease.id) == []                      # no PCI device moves
     instances = kit.kernel.mdev_instances()
@@ -83,7 +83,7 @@ def test_a_lease_makes_an_instance_hands_over_its_group_and_removes_it(kit):
 def test_two_leases_two_instances_two_groups(kit):
     a = kit.manager.request(LESSEE, TARGET, "", {})
     b = kit.manager.request(LESSEE, "mdev:mtty/mtty-1", "", {})
-    assert a.group != b.group and kit.journal.mdev_of(a.id).uuid != kit.journal.mdev_of(b.id).uuid
+    assert a.group != b.group and kit.journal.mdev.of(a.id).uuid != kit.journal.mdev.of(b.id).uuid
     for lease in (a, b):
         kit.manager.release(lease.id, LESSEE)
     assert kit.kernel.mdev_instances() == {}
@@ -150,7 +150,7 @@ def test_a_held_group_is_revoked_then_removed(kit):
     """The remove waits while the lessee holds the group open, as an unbind does: the
     release goes through the revoke ladder, which ends the holder."""
     lease = kit.manager.request(LESSEE, TARGET, "", {})
-    uuid = kit.journal.mdev_of(lease.id).uuid
+    uuid = kit.journal.mdev.of(lease.id).uuid
     p, _ = hold(kit, lease, uid=1000, mode="stubborn")
     assert kit.manager.release(lease.id, LESSEE) is None
     assert kit.journal.lease(lease.id).state == "revoking"
@@ -161,12 +161,12 @@ def test_a_held_group_is_revoked_then_removed(kit):
     kit.journal.start_revoke(lease.id, "released", 0.0)         # the grace is over
     ended = turn(kit, lease.id)
     assert ended is not None and p.wait(5) == -9
-    assert kit.kernel.mdev_instances() == {} and kit.journal.mdevs() == []
+    assert kit.kernel.mdev_instances() == {} and kit.journal.mdev.all() == []
 
 
 def test_an_instance_gone_behind_vfiods_back_ends_the_lease_and_its_number_is_left_alone(kit):
     lease = kit.manager.request(LESSEE, TARGET, "", {"persistent": True})
-    uuid = kit.journal.mdev_of(lease.id).uuid
+    uuid = kit.journal.mdev.of(lease.id).uuid
     kit.kernel._mdev_remove(uuid)                                 # an admin's echo 1 > remove
     kit.kernel.create_mdev_behind_vfiods_back("mtty/mtty-1", ADMINS)   # gets the same group number
     node = kit.kernel.vfio_group_path(lease.group)
@@ -187,17 +187,17 @@ def test_a_journaled_uuid_that_is_not_vfiods_instance_is_never_removed(kit):
     kit.kernel.create_mdev_behind_vfiods_back("mtty/mtty-1", other)
     kit.kernel.create_mdev_behind_vfiods_back("mtty/mtty-2", later)
     boot = kit.manager.reader.boot_id()
-    kit.journal.mdev_intent(HeldMdev("a" * 16, ADMINS, "mtty", "mtty-2", boot))
-    kit.journal.mdev_intent(HeldMdev("b" * 16, other, "mtty", "mtty-2", boot))
-    kit.journal.mdev_intent(HeldMdev("c" * 16, later, "mtty", "mtty-2", "an-earlier-boot"))
+    kit.journal.mdev.intent(HeldMdev("a" * 16, ADMINS, "mtty", "mtty-2", boot))
+    kit.journal.mdev.intent(HeldMdev("b" * 16, other, "mtty", "mtty-2", boot))
+    kit.journal.mdev.intent(HeldMdev("c" * 16, later, "mtty", "mtty-2", "an-earlier-boot"))
     before = kit.kernel.mdev_instances()
     kit.manager.reconcile()
-    assert kit.kernel.mdev_instances() == before and kit.journal.mdevs() == []
+    assert kit.kernel.mdev_instances() == before and kit.journal.mdev.all() == []
 
 
 def test_a_persistent_lease_is_kept_across_a_restart_and_ends_at_a_reboot(kit, tmp_path):
     lease = kit.manager.request(LESSEE, TARGET, "", {"persistent": True})
-    uuid = kit.journal.mdev_of(lease.id).uuid
+    uuid = kit.journal.mdev.of(lease.id).uuid
     kit.journal.set_meta("boot_id", kit.manager.reader.boot_id())
     again = Kit(tmp_path, spec=MDEV_HOST)
     assert reconcile_at_start(again.manager) == []
@@ -245,7 +245,7 @@ def test_a_crash_at_every_step_leaves_no_orphan_instance(tmp_path):
         leases = k.journal.leases()
         if leases:
             (lease,) = leases
-            held = k.journal.mdev_of(lease.id)
+            held = k.journal.mdev.of(lease.id)
             assert lease.state == "granted", (point, lease)
             assert k.kernel.mdev_instances()[held.uuid] == lease.group, point
             assert k.kernel.node_owner(k.kernel.vfio_group_path(lease.group))[0] == 1000, point
@@ -254,7 +254,7 @@ def test_a_crash_at_every_step_leaves_no_orphan_instance(tmp_path):
         else:
             gone += 1
         assert k.snapshot() == before, point
-        assert k.journal.leases() == [] and k.journal.mdevs() == [], point
+        assert k.journal.leases() == [] and k.journal.mdev.all() == [], point
     print(f"\nmdev crash points covered: {len(points)} ({kept} kept the lease, {gone} left nothing)")
     assert kept and gone
 

@@ -67,20 +67,20 @@ def test_no_mdev_bus_is_no_types(tmp_path):
 def test_an_instance_as_the_kernel_shows_it_now(tmp_path):
     roots, _ = _mtty(tmp_path)
     kernel = Kernel(roots)
-    now = kernel.mdev_instance(UUID1)
+    now = kernel.mdev.instance(UUID1)
     assert (now.kind, now.group) == (MdevKind("mtty", "mtty-2"), 7)
-    assert kernel.mdev_instance("83b8f4f2-509f-382f-3c1e-e6bfe0fa1003") is None
-    assert kernel.mdevctl_defined() == {UUID2}          # the roots' etc/mdevctl.d
-    assert kernel.mdev_type(MdevKind("mtty", "mtty-1")).available == 22
-    assert kernel.mdev_type(MdevKind("mtty", "mtty-9")) is None
+    assert kernel.mdev.instance("83b8f4f2-509f-382f-3c1e-e6bfe0fa1003") is None
+    assert kernel.mdev.mdevctl_defined() == {UUID2}          # the roots' etc/mdevctl.d
+    assert kernel.mdev.type(MdevKind("mtty", "mtty-1")).available == 22
+    assert kernel.mdev.type(MdevKind("mtty", "mtty-9")) is None
 
 
 def test_the_writer_writes_create_and_remove_and_nothing_else(tmp_path):
     roots, _ = _mtty(tmp_path)
     kernel = Kernel(roots)
-    kernel.mdev_create(MdevKind("mtty", "mtty-1"), UUID1)
+    kernel.mdev.create(MdevKind("mtty", "mtty-1"), UUID1)
     assert (tmp_path / "sys/devices/virtual/mtty/mtty/mdev_supported_types/mtty-1/create").read_text() == UUID1
-    kernel.mdev_remove(UUID1)
+    kernel.mdev.remove(UUID1)
     assert (tmp_path / "sys/devices/virtual/mtty/mtty" / UUID1 / "remove").read_text() == "1"
     for rel, data in (("class/mdev_bus/../mdev_supported_types/x/create", UUID1),
                       ("class/mdev_bus/mtty/mdev_supported_types/../create", UUID1),
@@ -90,7 +90,7 @@ def test_the_writer_writes_create_and_remove_and_nothing_else(tmp_path):
         with pytest.raises(KernelError, match="not a path vfiod writes"):
             classify_mdev_write(rel, data)
     with pytest.raises(InvalidArgument):
-        kernel.mdev_instance("../../etc")
+        kernel.mdev.instance("../../etc")
 
 
 @pytest.mark.parametrize("text", ["../x/y", "../x", "mtty", "mtty/", "/mtty-2", "mtty/..", "./mtty-2", "a/b/c",

@@ -113,7 +113,7 @@ class Queries:
     def _check_mdev(self, caller: Caller, kind: MdevKind, backend: str) -> tuple[Decision, str]:
         """The policy's word on a new instance of `kind`, and why a lease would be refused
         now whatever it says ("" if not); `NotFound` for a type the host does not have."""
-        found = self.kernel.mdev_type(kind)
+        found = self.kernel.mdev.type(kind)
         if found is None:
             raise NotFound(f"no mdev type {kind} on this host (`vfiod inspect` lists the parents and their types)")
         d = self.policy_store.current.decide_mdev(caller, kind, backend, {})

@@ -125,7 +125,7 @@ class LeaseCore:
         kernel shows it, or for an mdev lease the type its instance was made of."""
         caller = caller or Caller.from_uid(lease.uid)
         terms = terms or lease.terms
-        held = self.journal.mdev_of(lease.id)
+        held = self.journal.mdev.of(lease.id)
         if held is not None:
             return policy.decide_mdev(caller, MdevKind(held.parent, held.type), lease.backend, terms)
         return policy.decide(self.scan_groups([lease.group]), caller, lease.group, lease.backend, terms)

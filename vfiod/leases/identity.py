@@ -104,7 +104,7 @@ def on_lease_driver(core: LeaseCore, held: HeldDevice, be: Backend | None) -> bo
 def judge(core: LeaseCore, lease: LeaseRow) -> Verdict | None:
     """Is every device of `lease` the one it holds, and its group the one granted?
     None: yes.  (The group lock is held, or nobody else can move the group.)"""
-    mdev = core.journal.mdev_of(lease.id)
+    mdev = core.journal.mdev.of(lease.id)
     if mdev is not None:                # an instance vfiod made: the kernel still shows it, in its group
         state, why = instance_state(core, mdev, lease.group)
         return None if state == OURS or lease.state == "granting" else Verdict("removed", why)

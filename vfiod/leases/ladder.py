@@ -97,7 +97,7 @@ class Ladder:
         if lease.state == "revoking":
             return None                     # the ladder has it already
         be = self.core.backend(lease.backend)
-        held = self.core.journal.mdev_of(lease.id)
+        held = self.core.journal.mdev.of(lease.id)
         if not be.uses_vfio or (held is not None and instance_state(self.core, held, lease.group)[0] != OURS):
             # Nothing can hold it (an mdev lease whose instance is gone: its group's number
             # may be another group's now, so neither its node nor its holders are this lease's).
@@ -196,10 +196,10 @@ class Ladder:
                         continue
                     if u is not None:
                         begun.append(u)
-            held = core.journal.mdev_of(lease.id)
+            held = core.journal.mdev.of(lease.id)
             if held is not None and instance_state(core, held, lease.group)[0] == OURS:
                 try:                # the instance's removal waits for its holders, as an unbind does
-                    begun.append(core.kernel.start_mdev_remove(held.uuid))
+                    begun.append(core.kernel.mdev.start_remove(held.uuid))
                 except (OSError, VfiodError) as e:
                     log.error("lease %s: cannot begin removing mdev %s: %s", lease.id, held.uuid, e)
             self._unbinds[lease.id] = begun

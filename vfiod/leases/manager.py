@@ -120,7 +120,16 @@ class LeaseManager(LeaseCore):
         terms = LeaseTerms.from_options(options)
         parsed = parse_target(target)
         if parsed[0] == "mdev":
-            return self.mdevs.request(caller, parsed[1], backend, terms, owner)
+            made = self.mdevs.make(caller, parsed[1], backend, terms)
+            with self.group_lock(made.group):
+                existing = self.journal.lease_for_group(made.group)
+                if existing is not None:        # the kernel gave a leased number: never hand it over
+                    self.mdevs.forget(made.held)
+                    raise Busy(f"IOMMU group {made.group} of the new mdev {made.held.uuid} is recorded for "
+                               f"lease {existing.id}")
+                lease = self.new_lease(made.held.lease, caller, made.group, f"mdev:{parsed[1]}", made.backend.name,
+                                       terms, made.decision, owner)
+                return self.grant(lease, [], None, made.decision, made.backend, caller)
         policy = self.policy_source()
         host = self.host_for(target, policy)
         try:

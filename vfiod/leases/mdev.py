@@ -1,6 +1,6 @@
 """Leases of mediated devices: a new instance of ``mdev:PARENT/TYPE`` for each lease.
 
-Granting (`MdevLeases.request`), step by step:
+Granting (`MdevLeases.make`, then `LeaseManager.request`), step by step:
 
 1. The type is there now (`NotFound`), the policy's mdev rules allow it
    (`PermissionDenied`), its parent can make one more (`Busy`).
@@ -32,17 +32,15 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid as uuidlib
-from typing import TYPE_CHECKING
+import attrs
 
 from ..errors import BackendFailed, Busy, InvalidArgument, NotFound, PermissionDenied, VfiodError
-from ..policy import Caller
+from ..hookspecs import Backend
+from ..policy import Caller, Decision
 from ..state import HeldMdev, LeaseRow, Record
 from ..sysfs.mdev import MdevKind
 from ..terms import LeaseTerms
 from .core import LeaseCore
-
-if TYPE_CHECKING:
-    from .manager import LeaseManager
 
 log = logging.getLogger("vfiod.leases")
 
@@ -53,10 +51,10 @@ def instance_state(core: LeaseCore, held: HeldMdev, group: int | None = None) ->
     """Is the journaled instance vfiod's now, by the kernel's word?  (`OURS`, ""), (`GONE`,
     why) or (`OTHER`, why): the UUID is there but not the instance vfiod made (another type,
     another boot, defined by mdevctl, or in another group than `group`)."""
-    now = core.kernel.mdev_instance(held.uuid)
+    now = core.kernel.mdev.instance(held.uuid)
     if now is None:
         return GONE, f"mdev {held.uuid} is gone"
-    if held.uuid in core.kernel.mdevctl_defined():
+    if held.uuid in core.kernel.mdev.mdevctl_defined():
         return OTHER, f"mdev {held.uuid} is defined by mdevctl: the admin's"
     if now.kind is None or str(now.kind) != held.kind:
         return OTHER, f"mdev {held.uuid} is of type {now.kind or 'unknown'} now, not {held.kind}"
@@ -72,7 +70,7 @@ def handed_record(core: LeaseCore, lease: LeaseRow, record: Record) -> Record:
     """The hand-over record to take back: an mdev lease whose instance is not the one it
     holds in its group any more leaves the group's node alone (its number may be another
     group's by now); the container's ACL entry is taken back all the same."""
-    held = core.journal.mdev_of(lease.id)
+    held = core.journal.mdev.of(lease.id)
     if held is None or instance_state(core, held, lease.group)[0] == OURS:
         return record
     return {k: v for k, v in record.items() if k != "node"}
@@ -102,35 +100,48 @@ def remove_instance(core: LeaseCore, held: HeldMdev, journaled: bool) -> str | N
 
 
 def _remove(core: LeaseCore, held: HeldMdev) -> None:
-    core.kernel.mdev_remove(held.uuid)
-    if core.kernel.mdev_instance(held.uuid) is not None:
+    core.kernel.mdev.remove(held.uuid)
+    if core.kernel.mdev.instance(held.uuid) is not None:
         raise BackendFailed(f"mdev {held.uuid} is still there after its removal")
 
 
 def sweep(core: LeaseCore) -> None:
     """Instances journaled by grants that were cut short before their lease was recorded:
     removed (where the kernel shows them as vfiod's), and their rows go."""
-    for held in core.journal.mdevs():
+    for held in core.journal.mdev.all():
         if core.journal.lease(held.lease) is not None:
             continue
         error = remove_instance(core, held, journaled=False)
         if error:
             log.error("mdev %s of a grant cut short: %s; it stays journaled", held.uuid, error)
             continue
-        core.journal.forget_mdev(held.lease)
+        core.journal.mdev.forget(held.lease)
         core.audit("reconcile", None, f"mdev:{held.kind}", held.lease, None, "rolled-back",
                    f"the grant was interrupted; mdev {held.uuid} removed or gone")
 
 
-class MdevLeases:
-    def __init__(self, manager: LeaseManager) -> None:
-        self.manager = manager
+@attrs.frozen
+class Made:
+    """An instance made for a grant: its journal row, the group the kernel gave it, and
+    the policy's verdict and backend it was made under."""
 
-    def request(self, caller: Caller, kind: MdevKind, backend: str, terms: LeaseTerms,
-                owner: str | None) -> LeaseRow:
-        m = self.manager
+    held: HeldMdev
+    group: int
+    decision: Decision
+    backend: Backend
+
+
+class MdevLeases:
+    """Steps 1 to 3 of a grant (`make`), and the undoing of a grant cut short before its
+    lease was recorded (`forget`); `LeaseManager.request` records and grants the lease."""
+
+    def __init__(self, core: LeaseCore) -> None:
+        self.core = core
+
+    def make(self, caller: Caller, kind: MdevKind, backend: str, terms: LeaseTerms) -> Made:
+        m = self.core
         target = f"mdev:{kind}"
-        found = m.kernel.mdev_type(kind)
+        found = m.kernel.mdev.type(kind)
         if found is None:
             e = NotFound(f"no mdev type {kind} on this host (`vfiod inspect` lists the parents and their types)")
             m.audit("request", caller.uid, target, None, None, "refused", str(e))
@@ -146,40 +157,33 @@ class MdevLeases:
             m.audit("request", caller.uid, target, None, decision.rule, "busy", "no instance available")
             raise Busy(f"mdev type {kind}: its parent can make no more instances now (available_instances is 0)")
         held = HeldMdev(secrets.token_hex(8), self._fresh_uuid(), kind.parent, kind.type, m.reader.boot_id())
-        m.journal.mdev_intent(held)
+        m.journal.mdev.intent(held)
         m.on_step("mdev-create-intent")
         try:
-            m.kernel.mdev_create(kind, held.uuid)
+            m.kernel.mdev.create(kind, held.uuid)
             m.on_step("mdev-created")
-            now = m.kernel.mdev_instance(held.uuid)
+            now = m.kernel.mdev.instance(held.uuid)
             if now is None or now.kind != kind or now.group is None:
                 raise BackendFailed(f"mdev {held.uuid}: after the write to create, the kernel shows "
                                     + ("no such instance" if now is None else f"type {now.kind}, group {now.group}"))
-            group = now.group
         except VfiodError as e:
-            self._forget(held)
+            self.forget(held)
             m.audit("grant", caller.uid, target, held.lease, decision.rule, "rolled-back", str(e))
             raise
-        with m.group_lock(group):
-            existing = m.journal.lease_for_group(group)
-            if existing is not None:        # the kernel gave a leased number: never hand it over
-                self._forget(held)
-                raise Busy(f"IOMMU group {group} of the new mdev {held.uuid} is recorded for lease {existing.id}")
-            lease = m.new_lease(held.lease, caller, group, target, be.name, terms, decision, owner)
-            return m.grant(lease, [], None, decision, be, caller)
+        return Made(held, now.group, decision, be)
 
-    def _forget(self, held: HeldMdev) -> None:
+    def forget(self, held: HeldMdev) -> None:
         """A grant that ends before its lease is recorded: the instance goes, then its row."""
-        error = remove_instance(self.manager, held, journaled=False)
+        error = remove_instance(self.core, held, journaled=False)
         if error:
             log.error("mdev %s: %s; it stays journaled and is removed at the next start", held.uuid, error)
             return
-        self.manager.journal.forget_mdev(held.lease)
+        self.core.journal.mdev.forget(held.lease)
 
     def _fresh_uuid(self) -> str:
         """A UUID that names no instance and no mdevctl definition."""
-        taken = self.manager.kernel.mdevctl_defined()
+        taken = self.core.kernel.mdev.mdevctl_defined()
         while True:
             candidate = str(uuidlib.uuid4())
-            if candidate not in taken and self.manager.kernel.mdev_instance(candidate) is None:
+            if candidate not in taken and self.core.kernel.mdev.instance(candidate) is None:
                 return candidate

@@ -102,7 +102,7 @@ class Moves:
                 core.on_step(f"restored:{addr}")
             except Exception as e:
                 errors.append(f"{addr}: {e}")
-        mdev = core.journal.mdev_of(ctx.lease.id)
+        mdev = core.journal.mdev.of(ctx.lease.id)
         if mdev is not None:            # the lease's own instance goes, once nothing of it is handed over
             error = remove_instance(core, mdev, journaled=True)
             if error:

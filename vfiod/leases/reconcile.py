@@ -55,7 +55,7 @@ def _reconcile_one(core: LeaseCore, moves: Moves, ladder: Ladder, lease: LeaseRo
         if lease.state == "revoking":
             log.info("lease %s: the revoke ladder (%s) goes on", lease.id, lease.revoke_reason)
             return []
-        held = core.journal.mdev_of(lease.id)
+        held = core.journal.mdev.of(lease.id)
         gone = held is not None and instance_state(core, held, lease.group)[0] != OURS
         if lease.state != "releasing" and (lease.persistent or core.owner_alive(lease)) and not gone:
             _verify(core, lease, be)

@@ -76,13 +76,26 @@ import attrs
 from ..address import PciAddress
 from ..sysfs import Kernel, Roots, classify_mdev_write, classify_write
 from ..sysfs.mdev import instance_group as mdev_instance_group
-from ..sysfs.write import GroupClaim, ThreadUnbind, Unbinding
+from ..sysfs.write import GroupClaim, MdevControl, ThreadUnbind, Unbinding
 from ..sysfs.procs import open_files
 from ..sysfs.read import _readlink
 
 if TYPE_CHECKING:
     from ..udev import EventHandler
     from .hosts.builder import Fn, HostSpec
+
+
+class _SimMdev(MdevControl):
+    """The simulated kernel's instances: a removal begun by the ladder is written by a thread."""
+
+    def __init__(self, roots: Roots, write: Callable[[str, str, str], None],
+                 write_file: Callable[[str, str], None]):
+        super().__init__(roots, write)
+        self._write_file = write_file
+
+    def start_remove(self, uuid: str) -> Unbinding:
+        rel = self.remove_rel(uuid)
+        return ThreadUnbind(lambda: self._write_file(rel, "1"))
 
 
 @attrs.define
@@ -111,6 +124,7 @@ class SimKernel(Kernel):
         self.claimed: collections.Counter[int] = collections.Counter()     # vfiod's own opens of a group node
         self.in_flight: collections.Counter[int] = collections.Counter()   # group files no process has
         self.device_in_flight: set[PciAddress] = set()                     # device fds no process has
+        self.mdev = _SimMdev(self.roots, self._write, self._write_file)
 
     @classmethod
     def for_spec(cls, spec: HostSpec, roots: Roots, **kw: float) -> "SimKernel":
@@ -242,10 +256,6 @@ class SimKernel(Kernel):
         rel = f"bus/pci/drivers/{drv}/unbind"
         classify_write(rel, addr.sysfs_name)
         return ThreadUnbind(lambda: self._write_file(rel, addr.sysfs_name))
-
-    def start_mdev_remove(self, uuid: str) -> Unbinding:
-        rel = self._mdev_remove_rel(uuid)
-        return ThreadUnbind(lambda: self._write_file(rel, "1"))
 
     def _event(self, action: str, addr: PciAddress, driver: str | None) -> None:
         if self.event_sink:

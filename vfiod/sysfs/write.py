@@ -124,6 +124,7 @@ class Kernel:
         self.roots = roots or Roots()
         self.reader = SysfsReader(self.roots)
         self.nodes = DevNodes(self.roots)        # the cdevs and iommufd, and ACLs on VFIO nodes
+        self.mdev = MdevControl(self.roots, self._write)    # mediated device instances
         self.write_timeout = write_timeout
         self.bind_timeout = bind_timeout
 
@@ -318,48 +319,6 @@ class Kernel:
         self._write(f"bus/pci/devices/{addr.sysfs_name}/reset", "1", f"{addr}: resetting")
         return " ".join(methods)
 
-    # ---- mediated devices (`vfiod.sysfs.mdev`)
-
-    def mdev_type(self, kind: MdevKind) -> MdevType | None:
-        """The type as sysfs shows it now (None: the parent has no such type)."""
-        return read_type(self.roots, kind)
-
-    def mdev_instance(self, uuid: str) -> InstanceNow | None:
-        """The instance named `uuid` as sysfs shows it now (None: there is none)."""
-        return instance_now(self.roots, uuid)
-
-    def mdevctl_defined(self) -> frozenset[str]:
-        """The UUIDs mdevctl defines persistently: the admin's, never vfiod's to remove."""
-        return mdevctl_defined(mdevctl_dir(self.roots))
-
-    def mdev_create(self, kind: MdevKind, uuid: str) -> None:
-        """Make an instance of `kind` named `uuid` (the kernel adds and probes it before
-        the write returns)."""
-        self._write(kind.create_rel, uuid, f"mdev {kind}: creating {uuid}")
-
-    def mdev_remove(self, uuid: str) -> None:
-        """Remove instance `uuid` (the kernel waits while a device fd of it is open)."""
-        self._write(self._mdev_remove_rel(uuid), "1", f"mdev {uuid}: removing")
-
-    @staticmethod
-    def _mdev_remove_rel(uuid: str) -> str:
-        rel = f"bus/mdev/devices/{uuid}/remove"
-        classify_mdev_write(rel, "1")
-        return rel
-
-    def start_mdev_remove(self, uuid: str) -> Unbinding:
-        """Begin removing instance `uuid` without waiting (the revoke ladder's ask, as
-        `start_unbind` is for a PCI device): a child process writes, so a vfiod killed
-        meanwhile leaves nothing blocked in itself."""
-        import subprocess
-
-        rel = self._mdev_remove_rel(uuid)
-        proc = subprocess.Popen(["/bin/sh", "-c", 'printf 1 > "$1"', "vfiod-mdev-remove",
-                                 os.path.join(self.roots.sysfs, rel)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                close_fds=True, start_new_session=True)
-        return _ChildUnbind(proc)
-
     # ---- /dev/vfio
 
     def vfio_group_path(self, group: int) -> str:
@@ -453,6 +412,54 @@ class Kernel:
         return device_usage(self.roots, addr)
 
 
+
+
+class MdevControl:
+    """Mediated device instances (`vfiod.sysfs.mdev`): what the kernel shows now, and the
+    two writes, each through `Kernel._write` (the `MDEV_WRITABLE` table)."""
+
+    def __init__(self, roots: Roots, write: Callable[[str, str, str], None]):
+        self.roots = roots
+        self._write = write
+
+    def type(self, kind: MdevKind) -> MdevType | None:
+        """The type as sysfs shows it now (None: the parent has no such type)."""
+        return read_type(self.roots, kind)
+
+    def instance(self, uuid: str) -> InstanceNow | None:
+        """The instance named `uuid` as sysfs shows it now (None: there is none)."""
+        return instance_now(self.roots, uuid)
+
+    def mdevctl_defined(self) -> frozenset[str]:
+        """The UUIDs mdevctl defines persistently: the admin's, never vfiod's to remove."""
+        return mdevctl_defined(mdevctl_dir(self.roots))
+
+    def create(self, kind: MdevKind, uuid: str) -> None:
+        """Make an instance of `kind` named `uuid` (the kernel adds and probes it before
+        the write returns)."""
+        self._write(kind.create_rel, uuid, f"mdev {kind}: creating {uuid}")
+
+    def remove(self, uuid: str) -> None:
+        """Remove instance `uuid` (the kernel waits while a device fd of it is open)."""
+        self._write(self.remove_rel(uuid), "1", f"mdev {uuid}: removing")
+
+    @staticmethod
+    def remove_rel(uuid: str) -> str:
+        rel = f"bus/mdev/devices/{uuid}/remove"
+        classify_mdev_write(rel, "1")
+        return rel
+
+    def start_remove(self, uuid: str) -> Unbinding:
+        """Begin removing instance `uuid` without waiting (the revoke ladder's ask, as
+        `Kernel.start_unbind` is for a PCI device): a child process writes, so a vfiod
+        killed meanwhile leaves nothing blocked in itself."""
+        import subprocess
+
+        proc = subprocess.Popen(["/bin/sh", "-c", 'printf 1 > "$1"', "vfiod-mdev-remove",
+                                 os.path.join(self.roots.sysfs, self.remove_rel(uuid))],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                close_fds=True, start_new_session=True)
+        return _ChildUnbind(proc)
 
 
 class GroupClaim:
