@@ -178,6 +178,13 @@ def test_an_instance_gone_behind_vfiods_back_ends_the_lease_and_its_number_is_le
     assert ADMINS in kit.kernel.mdev_instances() and kit.journal.leases() == []
 
 
+def test_an_instance_removed_at_run_time_ends_its_lease(kit):
+    lease = kit.manager.request(LESSEE, TARGET, "", {})
+    kit.kernel._mdev_remove(kit.journal.mdev.of(lease.id).uuid)
+    assert [(e.lease.id, e.reason) for e in kit.manager.expire_due()] == [(lease.id, "removed")]
+    assert kit.journal.leases() == [] and kit.journal.mdev.all() == []
+
+
 def test_a_journaled_uuid_that_is_not_vfiods_instance_is_never_removed(kit):
     """Rows of grants cut short whose UUID the kernel shows as mdevctl's, or of another type,
     or made in another boot: the rows go, the instances stay."""

@@ -39,7 +39,7 @@ from ..topology import BRIDGE_DRIVERS, VFIO_DRIVERS, Device, Host
 from .core import Ended, LeaseCore, Revoking
 from .identity import record as record_identity
 from .ladder import Ladder
-from .mdev import MdevLeases
+from .mdev import OURS, MdevLeases, instance_state
 from .memlock import MemlockGrants
 from .moves import Moves
 from .reconcile import reconcile
@@ -292,10 +292,15 @@ class LeaseManager(LeaseCore):
         return out
 
     def expire_due(self) -> list[Ended]:
+        """End the leases whose time is up, and (the daemon calls this every second) the mdev
+        leases whose instance the kernel no longer shows as theirs (``removed``)."""
         now = self.clock()
-        return self._end_each([lease for lease in self.journal.leases()
-                               if lease.state == "granted" and lease.expires and lease.expires <= now],
-                              "expired", "expiring")
+        granted = [lease for lease in self.journal.leases() if lease.state == "granted"]
+        gone = [lease for lease in granted if (held := self.journal.mdev.of(lease.id)) is not None
+                and instance_state(self, held, lease.group)[0] != OURS]
+        return (self._end_each([lease for lease in granted if lease.expires and lease.expires <= now],
+                               "expired", "expiring")
+                + self._end_each(gone, "removed", "ending"))
 
     def end_owned_by(self, owner: str, reason: str = "disconnected") -> list[Ended]:
         return self._end_each([lease for lease in self.journal.leases()
