@@ -149,8 +149,8 @@ async def _lease_objects(client: Client, paths: list[str]) -> list[Json]:
     if not found:
         return []
     # An mdev lease's group holds its instance alone, no PCI device: there is no group object to ask.
-    groups = {g["group"]: g for g in await _groups_json(
-        client, [f"group:{int(p['Group'].rsplit('/', 1)[-1])}" for p in found if not p.get("Mdev")])}
+    targets = [f"group:{int(p['Group'].rsplit('/', 1)[-1])}" for p in found if not p.get("Mdev")]
+    groups = {g["group"]: g for g in await _groups_json(client, targets)} if targets else {}
     out = []
     for props in found:
         g = groups.get(group_number(props["Group"]))
