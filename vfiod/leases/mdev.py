@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid as uuidlib
+
 import attrs
 
 from ..errors import BackendFailed, Busy, InvalidArgument, NotFound, PermissionDenied, VfiodError
@@ -60,7 +61,7 @@ def instance_state(core: LeaseCore, held: HeldMdev, group: int | None = None) ->
         return OTHER, f"mdev {held.uuid} is of type {now.kind or 'unknown'} now, not {held.kind}"
     boot = core.reader.boot_id()
     if held.boot and boot and boot != held.boot:
-        return OTHER, f"mdev {held.uuid} was made after the boot vfiod created its instance in"
+        return OTHER, f"mdev {held.uuid} is not the instance vfiod made: the host was rebooted since"
     if group is not None and now.group != group:
         return OTHER, f"mdev {held.uuid} is in IOMMU group {now.group}, not {group}"
     return OURS, ""
