@@ -14,6 +14,10 @@ ACL entry rw on ``/dev/iommu``, counted per user like the container's: the lesse
 picks the interface, legacy (group and container) or iommufd (cdev and
 ``/dev/iommu``); the kernel lets a device be opened one way at a time, and the
 group stays the unit of isolation either way.  Each is given back as it was.
+
+A lease of a mediated device (``mdev:PARENT/TYPE``, `vfiod.leases.mdev`) holds no
+PCI endpoint: its instance's emulated group is handed over as above (no cdev), and
+the lessee uses it through the group and the container.
 """
 
 from __future__ import annotations
@@ -137,6 +141,7 @@ class VfioBackend(BackendBase):
             raise BackendFailed(f"cannot open /dev/vfio/vfio: {e.strerror}") from None
 
     def open_device(self, ctx: LeaseContext, addr: PciAddress) -> int:
+        _no_mdev_cdev(ctx)
         if addr not in ctx.endpoints:
             raise InvalidArgument(f"{addr} is not an endpoint of lease {ctx.lease.id} "
                                   f"(its endpoints: {', '.join(map(str, ctx.endpoints))})")
@@ -149,6 +154,7 @@ class VfioBackend(BackendBase):
             raise BackendFailed(f"cannot open the cdev of {addr}: {e.strerror}") from None
 
     def open_iommu(self, ctx: LeaseContext) -> int:
+        _no_mdev_cdev(ctx)
         if not any(ctx.kernel.nodes.device_cdev(a) for a in ctx.endpoints):
             raise InvalidArgument("this kernel has no VFIO device cdevs for the lease's devices "
                                   "(CONFIG_VFIO_DEVICE_CDEV): use the group and the container")
@@ -156,6 +162,14 @@ class VfioBackend(BackendBase):
             return ctx.kernel.nodes.open_iommu()
         except OSError as e:
             raise BackendFailed(f"cannot open {ctx.kernel.nodes.iommu_path()}: {e.strerror}") from None
+
+
+def _no_mdev_cdev(ctx: LeaseContext) -> None:
+    """An mdev lease (it holds no PCI endpoint) is used through its group and the container."""
+    if not ctx.endpoints:
+        raise InvalidArgument(f"lease {ctx.lease.id} is of a mediated device ({ctx.lease.target}): it is used "
+                              "through its group and the container (OpenGroup, OpenContainer), the legacy "
+                              "interface; vfiod hands over no cdev or iommufd for it")
 
 
 def _acl_of(record: Record | None, key: str = "acl") -> int | None:

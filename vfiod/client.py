@@ -225,6 +225,8 @@ def lease_json(props: dict[str, Any], devices: list[str]) -> dict[str, Any]:
         "group_path": props.get("GroupPath") or None,
         "cdevs": dict(props.get("DeviceCdevs") or {}),
         "iommu_path": props.get("IommuPath") or None,
+        "mdev": props.get("Mdev") or None,
+        "mdev_type": props.get("MdevType") or None,
         "devices": list(devices),
         "state": props.get("State") or "granted",
         "revoke_reason": props.get("RevokeReason") or None,

@@ -36,8 +36,9 @@ def quarantine_bad_rows(journal: _Journal) -> list[str]:
         leases = journal.db.execute("SELECT * FROM leases").fetchall()
         held = journal.db.execute("SELECT * FROM held").fetchall()
         steps = journal.db.execute("SELECT * FROM steps").fetchall()
+        mdevs = {r[0] for r in journal.db.execute("SELECT lease FROM mdevs").fetchall()}
     ids = {r[0] for r in leases}
-    endpoints: dict[object, int] = {}
+    endpoints: dict[object, int] = dict.fromkeys(mdevs, 1)     # an mdev lease holds its instance
     for r in held:
         why = _bad_held(r)
         if why:

@@ -1,14 +1,14 @@
 """The journal: one SQLite file that lets vfiod survive its own crash.
 
 File: ``STATE_DIR/state.db`` (WAL, ``synchronous=FULL``: a committed row is on
-disk before the sysfs write it announces).  Schema version 7:
+disk before the sysfs write it announces).  Schema version 8:
 
 ``meta(key, value)``
-    ``schema`` = 7.  A file with a higher number is from a newer vfiod and is
+    ``schema`` = 8.  A file with a higher number is from a newer vfiod and is
     refused, untouched; an older file is upgraded in place (version 2 added
     ``leases.reset``, version 3 ``audit.count``, ``audit.last`` and ``quarantine``,
     version 4 the revoke columns of ``leases``, version 5 ``leases.k8s_namespace``,
-    version 6 ``identity`` and ``membership``, version 7 ``leases.member``).
+    version 6 ``identity`` and ``membership``, version 7 ``leases.member``, version 8 ``mdevs``).
     A table or column that is missing is recreated empty (and logged).
     ``host`` names the host the journal describes (`vfiod.statedir`): a journal of
     another host is refused, untouched.  ``boot_id`` is the kernel's boot id when
@@ -58,6 +58,14 @@ revoke_reason, deadline, grace, on_revoke, revoke_others, cap, scope, k8s_namesp
     (`vfiod.leases.identity`).  A lease from before version 6 has no rows here.
 ``membership(lease, grp, members)``
     the addresses the kernel listed in the lease's IOMMU group at the grant (JSON).
+``mdevs(lease, uuid, parent, type, boot)``
+    the mediated device instance a lease of ``mdev:PARENT/TYPE`` creates: its UUID
+    (chosen by vfiod) and type, and the kernel's boot id, committed *before* the
+    write to ``create``, and before the lease's own row (whose group is the one the
+    kernel gives the instance).  A row whose lease has no row is a grant cut short:
+    at start the instance of that UUID, if the kernel shows it with that type in
+    this boot and mdevctl does not define it, is removed, and the row goes.  A
+    lease with a row here holds no PCI device (``held`` has none).
 ``quarantine(ts, tbl, lease, data, why)``
     rows found unusable when the journal is opened (an address that does not
     parse, a value of the wrong type, a lease whose device records are gone),
@@ -85,7 +93,7 @@ from .quarantine import quarantine_bad_rows
 from .statedir import describe_host
 from .terms import LeaseTerms
 
-SCHEMA = 7
+SCHEMA = 8
 
 log = logging.getLogger("vfiod.state")
 
@@ -123,6 +131,8 @@ CREATE TABLE IF NOT EXISTS quarantine(
 CREATE TABLE IF NOT EXISTS identity(
     lease TEXT NOT NULL, addr TEXT NOT NULL, data TEXT NOT NULL, PRIMARY KEY(lease, addr));
 CREATE TABLE IF NOT EXISTS membership(lease TEXT PRIMARY KEY, grp INTEGER NOT NULL, members TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS mdevs(
+    lease TEXT PRIMARY KEY, uuid TEXT NOT NULL UNIQUE, parent TEXT NOT NULL, type TEXT NOT NULL, boot TEXT);
 CREATE TABLE IF NOT EXISTS grants(
     lease TEXT PRIMARY KEY, pid INTEGER NOT NULL, start INTEGER NOT NULL, soft INTEGER NOT NULL,
     hard INTEGER NOT NULL);
@@ -138,8 +148,8 @@ _ADDED_COLUMNS = (("leases", "reset", "INTEGER NOT NULL DEFAULT 0"),
                   ("leases", "revoke_others", "INTEGER NOT NULL DEFAULT 0"),
                   ("leases", "cap", "REAL NOT NULL DEFAULT 0"), ("leases", "scope", "TEXT"),
                   ("leases", "k8s_namespace", "TEXT"), ("leases", "member", "TEXT"))
-_TABLES = ("meta", "leases", "held", "steps", "audit", "quarantine", "grants", "identity", "membership")
-_NEW_IN = {"quarantine": 3, "grants": 3, "identity": 6, "membership": 6}   # tables added after version 1
+_TABLES = ("meta", "leases", "held", "steps", "audit", "quarantine", "grants", "identity", "membership", "mdevs")
+_NEW_IN = {"quarantine": 3, "grants": 3, "identity": 6, "membership": 6, "mdevs": 8}   # added after version 1
 
 
 @attrs.frozen
@@ -200,6 +210,21 @@ class HeldDevice:
 
 
 @attrs.frozen
+class HeldMdev:
+    """The instance an mdev lease creates, as journaled before the write to ``create``."""
+
+    lease: str
+    uuid: str
+    parent: str
+    type: str
+    boot: str | None        # the kernel's boot id when it was created (None: unknown)
+
+    @property
+    def kind(self) -> str:
+        return f"{self.parent}/{self.type}"
+
+
+@attrs.frozen
 class Step:
     seq: int
     action: str
@@ -257,6 +282,7 @@ class Journal:
         except OSError:
             pass
         self._audit_inserts = 0
+        self.mdev = MdevRows(self)              # the ``mdevs`` table
         self.quarantined: list[str] = []    # what was moved aside on opening, one line a lease
         if existed:
             self.quarantined = quarantine_bad_rows(self)
@@ -355,7 +381,7 @@ class Journal:
     def delete(self, lease_id: str) -> None:
         with self.tx():
             for table, col in (("steps", "lease"), ("held", "lease"), ("grants", "lease"), ("identity", "lease"),
-                               ("membership", "lease"), ("leases", "id")):
+                               ("membership", "lease"), ("mdevs", "lease"), ("leases", "id")):
                 self.db.execute(f"DELETE FROM {table} WHERE {col}=?", (lease_id,))
 
     def _lease_rows(self, where: str = "", args: tuple[object, ...] = ()) -> list[LeaseRow]:
@@ -521,6 +547,33 @@ class Journal:
             rows: list[tuple[Any, ...]] = self.db.execute(
                 "SELECT event, uid, target, lease, rule, outcome, detail FROM audit ORDER BY rowid").fetchall()
         return rows
+
+
+class MdevRows:
+    """The ``mdevs`` table: the instances grants made (`vfiod.leases.mdev`)."""
+
+    def __init__(self, journal: Journal):
+        self.journal = journal
+
+    def intent(self, held: HeldMdev) -> None:
+        """Journal the instance a grant is about to create (before the write to ``create``)."""
+        with self.journal.tx():
+            self.journal.db.execute("INSERT INTO mdevs VALUES(?,?,?,?,?)",
+                                    (held.lease, held.uuid, held.parent, held.type, held.boot))
+
+    def all(self) -> list[HeldMdev]:
+        """Every journaled instance (those whose lease has no row too)."""
+        with self.journal._lock:
+            rows = self.journal.db.execute("SELECT lease, uuid, parent, type, boot FROM mdevs ORDER BY rowid").fetchall()
+        return [HeldMdev(*r) for r in rows if all(isinstance(v, str) for v in r[:4])]
+
+    def of(self, lease_id: str) -> HeldMdev | None:
+        return next((m for m in self.all() if m.lease == lease_id), None)
+
+    def forget(self, lease_id: str) -> None:
+        """The instance is gone (or never was): its row goes."""
+        with self.journal.tx():
+            self.journal.db.execute("DELETE FROM mdevs WHERE lease=?", (lease_id,))
 
 
 class _Tx:

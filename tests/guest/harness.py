@@ -1125,6 +1125,16 @@ class Guest:
             *self.extra_qemu_args,
         ]
 
+    def run_story(self, script: str, name: str, timeout: float = 600) -> tuple[GuestResult, dict]:
+        """Run a Python guest script (from the checkout) that saves its findings as OUT/`name`
+        (JSON with ``errors`` and ``complete``); the result, and the findings checked whole."""
+        import json
+        res = self.run(f"cd $VFIOD_CHECKOUT && python3 - <<'EOF'\n{script}\nEOF\n", timeout=timeout)
+        assert name in res.files, res.output + res.console[-3000:]
+        found = json.loads(res.files[name])
+        assert not found["errors"] and found["complete"], (found["errors"], found.get("log"), res.output[-3000:])
+        return res, found
+
     def run(self, script: str, timeout: float = 300, inputs: dict[str, bytes] | None = None) -> GuestResult:
         """Boot, run script with /bin/sh as root, power off; return the result.
 

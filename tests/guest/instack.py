@@ -8,10 +8,12 @@ Nothing here is imported on the host side.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import time
+from typing import Callable
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -121,6 +123,41 @@ def until(pred, timeout: float = 60) -> bool:
 
 def record(p: subprocess.CompletedProcess) -> dict:
     return {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+
+
+def open_errno(uid: int, path: str) -> int:
+    """0 if `uid` (with no supplementary groups) can open `path` read-write, else the errno."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.close(os.open(path, os.O_RDWR))
+        except OSError as e:
+            code = e.errno or 1
+        os._exit(code)
+    return os.waitpid(pid, 0)[1] >> 8
+
+
+def findings(name: str) -> tuple[dict, Callable[[], None]]:
+    """What a guest script found (``errors``, ``complete``, the kernel's release), and a
+    function that saves it as $OUT/`name` (the host reads it: `Guest.run_story`)."""
+    res: dict = {"errors": [], "complete": False, "uname": os.uname().release}
+
+    def save() -> None:
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
+            json.dump(res, f)
+    return res, save
+
+
+def finish(res: dict, save, stack: "Stack", keep: int = 4000) -> None:
+    """The end of a guest script: save what it found, stop the stack, add the daemon's log."""
+    save()
+    stack.close()
+    res["log"] = stack.read_log()[-keep:]
+    save()
 
 
 class Stack:

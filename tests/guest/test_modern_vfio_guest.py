@@ -35,7 +35,7 @@ NIC, GRACE = "0000:01:00.0", 3
 GUEST_PY = r'''
 import errno, glob, json, os, stat, sys, time
 sys.path.insert(0, os.environ["VFIOD_CHECKOUT"])
-from tests.guest.instack import Stack, as_user, driver, ensure_user, group_of
+from tests.guest.instack import Stack, finish, open_errno, as_user, driver, ensure_user, group_of
 from tests.guest.vfioholder import hold, hold_cdev
 OUT = os.environ["OUT"]
 NIC, GRACE = %(nic)r, %(grace)d
@@ -57,17 +57,6 @@ def node_state(path):
 def acl_users(path):
     from vfiod.sysfs import acl
     return sorted(i for tag, perm, i in (acl._read(path) or []) if tag == acl.USER)
-def try_open(uid, path):
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.setgroups([]); os.setgid(uid); os.setuid(uid)
-            os.close(os.open(path, os.O_RDWR))
-        except OSError as e:
-            code = e.errno
-        os._exit(code)
-    return os.waitpid(pid, 0)[1] >> 8
 UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
 def group_of_mdev(uuid):
     return int(os.path.basename(os.readlink(f"/sys/bus/mdev/devices/{uuid}/iommu_group")))
@@ -122,8 +111,8 @@ try:
     res["iommufd"] = json.loads(h.expect("ready", 120).split(" ", 1)[1])
 
     # 4. Another user, at every door.
-    doors = {"group": try_open(1001, f"/dev/vfio/{G}"), "cdev": try_open(1001, cdev),
-             "iommu": try_open(1001, "/dev/iommu")}
+    doors = {"group": open_errno(1001, f"/dev/vfio/{G}"), "cdev": open_errno(1001, cdev),
+             "iommu": open_errno(1001, "/dev/iommu")}
     p = stack.vfioctl(1001, "lease", NIC, "--persistent", timeout=120)
     doors["lease"] = [p.returncode, p.stderr.strip()]
     probe = ("import asyncio, sys\n"
@@ -179,20 +168,13 @@ except Exception as e:
     import traceback
     res["errors"].append(traceback.format_exc())
 finally:
-    save()
-    stack.close()
-    res["log"] = stack.read_log()[-4000:]
-    save()
+    finish(res, save, stack)
 '''
 
 
 def test_cdev_leases_and_iommufd_on_the_built_kernel():
     guest = Guest("rootport", modules=(), kernel=BUILT_KERNEL)
-    res = guest.run(f"cd $VFIOD_CHECKOUT && python3 - <<'EOF'\n{GUEST_PY % {'nic': NIC, 'grace': GRACE}}\nEOF\n",
-                    timeout=600)
-    assert "modern.json" in res.files, res.output + res.console[-3000:]
-    r = json.loads(res.files["modern.json"])
-    assert not r["errors"] and r["complete"], (r["errors"], r.get("log"), res.output[-3000:])
+    res, r = guest.run_story(GUEST_PY % {'nic': NIC, 'grace': GRACE}, 'modern.json')
     assert r["uname"].endswith("-vfiod-guest")
 
     # 1. the kernel: iommufd, mtty's types; the NIC starts on e1000e

@@ -32,8 +32,9 @@ def _io(n: int) -> int:
     return (ord(";") << 8) | (100 + n)          # _IO(VFIO_TYPE, VFIO_BASE + n)
 
 
-SET_IOMMU, GROUP_SET_CONTAINER, GROUP_GET_DEVICE_FD, DEVICE_SET_IRQS = _io(2), _io(4), _io(6), _io(10)
-TYPE1V2 = 3
+CHECK_EXTENSION, SET_IOMMU, GROUP_GET_STATUS = _io(1), _io(2), _io(3)
+GROUP_SET_CONTAINER, GROUP_GET_DEVICE_FD, DEVICE_SET_IRQS = _io(4), _io(6), _io(10)
+TYPE1, TYPE1V2 = 1, 3
 REQ_IRQ_INDEX = 4                                 # VFIO_PCI_REQ_IRQ_INDEX
 IRQ_SET_DATA_EVENTFD, IRQ_SET_ACTION_TRIGGER = 1 << 2, 1 << 5
 
@@ -202,18 +203,62 @@ def iommufd_handshake(cdev: str, iommu: str = "/dev/iommu", cdev_fd: int | None 
     fcntl.ioctl(ifd, IOMMU_IOAS_MAP, bytearray(struct.pack(
         "IIIIQQQ", 40, MAP_FIXED_IOVA | MAP_WRITEABLE | MAP_READABLE, ioas, 0, va, len(buf), iova)), True)
     lap("map")
+    found = {"devid": devid, "ioas": ioas, "iova": iova, **device_info(dfd), "ms": ms}
+    lap("info")
+    _KEEP.append(buf)
+    return found, [dfd, ifd]
+
+
+def device_info(dfd: int) -> dict:
+    """VFIO_DEVICE_GET_INFO of a device fd, and its PCI vendor:device read through its
+    config region (VFIO_DEVICE_GET_REGION_INFO, then a read at the region's offset)."""
     info = bytearray(struct.pack("IIIIII", 24, 0, 0, 0, 0, 0))
     fcntl.ioctl(dfd, DEVICE_GET_INFO, info, True)
     flags, regions, irqs = struct.unpack_from("III", info, 4)
     region = bytearray(struct.pack("IIIIQQ", 32, 0, PCI_CONFIG_REGION_INDEX, 0, 0, 0))
     fcntl.ioctl(dfd, DEVICE_GET_REGION_INFO, region, True)
-    offset = struct.unpack_from("Q", region, 24)[0]
+    size, offset = struct.unpack_from("QQ", region, 16)
     vendor, device = struct.unpack("<HH", os.pread(dfd, 4, offset))
+    return {"flags": flags, "regions": regions, "irqs": irqs, "config_size": size,
+            "ids": f"{vendor:04x}:{device:04x}"}
+
+
+def legacy_handshake(group_path: str, device: str) -> tuple[dict, list[int]]:
+    """The legacy handshake by path, as QEMU and DPDK do it for a group of any kind (an
+    mdev's emulated one too): open the group and the container, VFIO_GROUP_SET_CONTAINER,
+    VFIO_SET_IOMMU (type1v2, else type1), VFIO_GROUP_GET_DEVICE_FD by the device's name
+    (a PCI address, or an mdev's UUID), then `device_info`.  Returns what it found (with
+    the milliseconds each step took, and the IOMMU type the kernel took) and its fds."""
+    t0 = time.monotonic()
+    ms = {}
+
+    def lap(name: str) -> None:
+        ms[name] = round((time.monotonic() - t0) * 1000, 1)
+    g = os.open(group_path, os.O_RDWR)
+    c = os.open("/dev/vfio/vfio", os.O_RDWR)
+    lap("open")
+    status = bytearray(struct.pack("II", 8, 0))
+    fcntl.ioctl(g, GROUP_GET_STATUS, status, True)
+    fcntl.ioctl(g, GROUP_SET_CONTAINER, struct.pack("i", c))
+    lap("set_container")
+    types = {TYPE1V2: "type1v2", TYPE1: "type1"}
+    kinds = [t for t in types if fcntl.ioctl(c, CHECK_EXTENSION, t)]
+    refused = {}
+    for t in kinds:
+        try:
+            fcntl.ioctl(c, SET_IOMMU, t)
+            break
+        except OSError as e:
+            refused[types[t]] = e.errno
+    else:
+        raise OSError(f"no IOMMU type taken (offered {kinds}, refused {refused})")
+    lap("set_iommu")
+    d = fcntl.ioctl(g, GROUP_GET_DEVICE_FD, bytearray(device.encode() + b"\0"))
+    lap("device_fd")
+    found = {"viable": bool(struct.unpack_from("I", status, 4)[0] & 1), "iommu_type": types[t],
+             "refused": refused, **device_info(d)}
     lap("info")
-    found = {"devid": devid, "ioas": ioas, "iova": iova, "flags": flags, "regions": regions, "irqs": irqs,
-             "ids": f"{vendor:04x}:{device:04x}", "ms": ms}
-    _KEEP.append(buf)
-    return found, [dfd, ifd]
+    return {**found, "ms": ms}, [d, g, c]
 
 
 _KEEP: list[object] = []        # the mapped buffers stay as long as the process

@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import os
 
+import attrs
+
 from vfiod.sim import hosts
+from vfiod.sim.hosts.builder import MTTY
 from vfiod.address import PciAddress
 from vfiod.backends import load_backends
 from vfiod.leases import LeaseManager
 from vfiod.policy import Caller, Policy  # noqa: F401  (Caller: for the tests)
 from vfiod.sim.kernel import SimKernel
 from vfiod.state import Journal
+
+
+#: The bridge host with the kernel's mtty sample as a parent of mediated devices.
+MDEV_HOST = attrs.evolve(hosts.EXAMPLES["bridge"], name="mdev", mdev_parents=(MTTY,))
 
 
 def open_policy(spec, deny_uids=()) -> Policy:
@@ -25,6 +32,9 @@ def open_policy(spec, deny_uids=()) -> Policy:
     addresses = json.dumps([str(fn.addr) for fn in spec.functions])
     text += (f'[[rule]]\naddress = {addresses}\neveryone = true\nbackends = ["vfio", "pci-stub", "libvirt"]\n'
              'persistent = true\nallow_protected = true\n')
+    if spec.mdev_parents:           # instances of every type, for uid 1000 alone
+        text += '\n[[rule]]\nmdev_types = "*/*"\nuids = [1000]\npersistent = true\n'
+
     return Policy.from_sources([("test.toml", text)])
 
 
@@ -36,7 +46,7 @@ class Kit:
             self.roots = hosts.build_spec(self.spec, self.root)
         else:
             from vfiod.sysfs import Roots
-            self.roots = Roots(self.root + "/sys", self.root + "/proc", self.root + "/dev")
+            self.roots = Roots(self.root + "/sys", self.root + "/proc", self.root + "/dev", self.root + "/etc")
         self.kernel = SimKernel.for_spec(self.spec, self.roots, **kw)
         self.state_path = str(tmp_path / "state" / "state.db")
         self.journal = Journal(self.state_path)
@@ -49,4 +59,6 @@ class Kit:
         self.policy = open_policy(self.spec, deny_uids=uids)
 
     def snapshot(self):
+        if self.spec.mdev_parents:
+            return self.kernel.state(), self.kernel.vfio_nodes(), self.kernel.mdev_instances()
         return self.kernel.state(), self.kernel.vfio_nodes()

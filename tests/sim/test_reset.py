@@ -113,7 +113,7 @@ def test_a_version_1_state_file_is_upgraded_and_keeps_its_leases(tmp_path):
     (lease,) = j.leases()
     assert (lease.id, lease.group, lease.persistent, lease.reset) == ("abc", 8, True, False)
     assert [h.addr for h in j.held("abc")] == ["0000:04:00.0"]
-    assert j.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("7",)
+    assert j.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("8",)
     assert (lease.state, lease.revoke_reason, lease.grace, lease.on_revoke, lease.cap) == ("granted", None, 30, "kill", 0)
     j.close()
 

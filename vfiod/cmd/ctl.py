@@ -171,8 +171,9 @@ async def _lease_objects(client: Client, paths: list[str]) -> list[Json]:
             continue
     if not found:
         return []
-    groups = {g["group"]: g for g in await client.groups_json(
-        [f"group:{int(p['Group'].rsplit('/', 1)[-1])}" for p in found])}
+    # An mdev lease's group holds its instance alone, no PCI device: there is no group object to ask.
+    targets = [f"group:{int(p['Group'].rsplit('/', 1)[-1])}" for p in found if not p.get("Mdev")]
+    groups = {g["group"]: g for g in await client.groups_json(targets)} if targets else {}
     out = []
     for props in found:
         g = groups.get(group_number(props["Group"]))
@@ -198,11 +199,16 @@ def cmd_leases(args: argparse.Namespace) -> int:
             for r in rows:
                 print(f"{r['id']:<17} {r['group']:>5} {r['user'][:12]:<12} {r['backend']:<8} "
                       f"{'yes' if r['persistent'] else 'no':<10} {_time_left(r['expires']):<10} "
-                      f"{_state_words(r):<22} {' '.join(r['devices'])}")
+                      f"{_state_words(r):<22} {' '.join(r['devices']) or _mdev_words(r)}")
                 if r.get("revoke_waiting"):
                     print(f"{'':<17} waits for: {r['revoke_waiting']}")
         return EXIT_OK
     return _run(args, go)
+
+
+def _mdev_words(lease: Json) -> str:
+    """What an mdev lease holds, for people: ``mdev mtty/mtty-2 UUID``."""
+    return f"mdev {lease['mdev_type']} {lease['mdev']}" if lease.get("mdev") else ""
 
 
 def _state_words(lease: Json) -> str:
@@ -245,6 +251,8 @@ def cmd_lease(args: argparse.Namespace) -> int:
         props = await client.properties(path, "org.vfiod1.Lease")
         group = group_number(props["Group"])
         took = f" (pool member {props['Member']})" if props.get("Member") else ""
+        if props.get("Mdev"):
+            took += f" (mdev {props['MdevType']} {props['Mdev']})"
         print(f"vfioctl: lease {lease_id}: IOMMU group {group}{took} via the {props['Backend']} backend",
               file=sys.stderr)
         warnings = props.get("Warnings") or []
@@ -439,13 +447,14 @@ def add_bus_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                        help="the bus vfiod is on (default: $VFIOD_BUS, else system)")
         p.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                        help="how long to wait for each answer (default 30)")
+        mdev = ", mdev:PARENT/TYPE (a new mediated device instance)" if name in ("check", "lease") else ""
         if name in ("show", "explain", "check"):
             p.add_argument("targets", nargs="*" if name == "show" else "+", metavar="TARGET",
-                           help="0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0); "
-                                "several are taken one by one")
+                           help="0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0)"
+                                f"{mdev}; several are taken one by one")
         if name in ("lease", "vfs"):
             p.add_argument("target", metavar="TARGET",
-                           help="0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0)")
+                           help=f"0000:04:00.0, 04:00.0, group:8, name:RESOURCE or a network interface (enp4s0){mdev}")
         if name in ("groups", "show", "explain", "check", "leases", "lease", "reload", "release", "vfs",
                     "monitor", "revoke"):
             p.add_argument("--json", action="store_true", help=JSON_HELP)

@@ -34,11 +34,13 @@ example:
     "check": ("would I get this device? (policy, for the calling user)", """\
 Ask whether the calling user may lease the device's group, and under which rule.
 For pool:NAME, which member a lease would take now, or why each member would be
-passed over.  Exits 0 when allowed, 3 when denied, 4 when busy now.
+passed over.  For mdev:PARENT/TYPE: whether the user may lease a new instance of
+that type.  Exits 0 when allowed, 3 when denied, 4 when busy now.
 
 examples:
   vfioctl check 0000:04:00.0 --backend vfio
   vfioctl check pool:nics
+  vfioctl check mdev:mtty/mtty-2
 """),
     "leases": ("list leases", """\
 List the leases vfiod holds (yours; all of them for root and for members of
@@ -70,12 +72,19 @@ an ACL entry); with --pass-fd --iommufd, open fds of them in VFIOD_DEVICE_FDS
 ("ADDRESS=FD ...") and VFIOD_IOMMU_FD instead of the group fd (the kernel binds
 no device of a group to an iommufd while the group is open).
 
+mdev:PARENT/TYPE (as `vfiod inspect` lists them) leases a new mediated device
+instance: vfiod creates it (a UUID it chooses), hands over its emulated group
+as above, and removes it when the lease ends.  The command is also told the
+instance's UUID in VFIOD_MDEV: the device's name for VFIO_GROUP_GET_DEVICE_FD.
+An mdev is used through the group and the container (the legacy interface).
+
 examples:
   vfioctl lease 0000:04:00.0 -- dpdk-testpmd -a 0000:04:00.0 -- -i
   vfioctl lease 0000:04:00.0 --pass-fd -- my-vfio-tool
   vfioctl lease 0000:04:00.0 --pass-fd --iommufd -- my-iommufd-tool
   vfioctl lease group:8 --duration 2h --persistent
   vfioctl lease name:gpu --backend libvirt --xml
+  vfioctl lease mdev:mtty/mtty-2 --pass-fd -- my-vfio-tool
 """),
     "vfs": ("root: set an SR-IOV PF's number of VFs (refused while it or its VFs are leased)", """\
 Set how many VFs an SR-IOV physical function shows (its sriov_numvfs).  The

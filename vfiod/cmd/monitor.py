@@ -211,7 +211,9 @@ class Monitor:
             from ..policy import format_duration
             terms.append(f"for {format_duration(max(0, int(lease['expires'] - time.time())))}")
         who = f"{lease['user']} (uid {lease['owner']})" if "owner" in lease else "someone"
-        text = (f"group {lease.get('group', '?')} ({' '.join(lease.get('devices', [])) or 'no endpoints'}) "
+        held = " ".join(lease.get("devices", [])) or (f"mdev {lease['mdev_type']} {lease['mdev']}" if lease.get("mdev")
+                                                      else "no endpoints")
+        text = (f"group {lease.get('group', '?')} ({held}) "
                 f"leased to {who} " + ", ".join(terms)).rstrip()
         self.emit("lease-granted", path, text, lease=lease)
 

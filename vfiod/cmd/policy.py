@@ -288,7 +288,11 @@ def cmd_test(args: argparse.Namespace) -> int:
     options: dict[str, object] = {"duration": args.duration, "persistent": args.persistent}
     if args.k8s_namespace is not None:
         options["k8s_namespace"] = args.k8s_namespace
-    target, decision = pol.decide_target(host, caller, args.target, args.backend, options)
+    parsed = policy.parse_target(args.target)
+    if parsed[0] == "mdev":          # a new instance of a type: no group to judge yet
+        target, decision = None, pol.decide_mdev(caller, parsed[1], args.backend, options)
+    else:
+        target, decision = pol.decide_target(host, caller, args.target, args.backend, options)
 
     if args.json:
         return _test_json(args, host, uid, name, caller, users, target, decision)
@@ -301,9 +305,12 @@ def cmd_test(args: argparse.Namespace) -> int:
         terms.append("persistent")
     if args.k8s_namespace is not None:
         terms.append(f"for Kubernetes namespace {args.k8s_namespace}")
-    members = host.groups[target.group].members
-    print(f"Target {args.target}: IOMMU group {target.group} ({_count(len(members), 'device')}); "
-          f"asking for {', '.join(terms)}")
+    if target is None:
+        print(f"Target {args.target}: a new instance of mdev type {args.target[5:]}; asking for {', '.join(terms)}")
+    else:
+        members = host.groups[target.group].members
+        print(f"Target {args.target}: IOMMU group {target.group} ({_count(len(members), 'device')}); "
+              f"asking for {', '.join(terms)}")
     print()
     for d in decision.devices:
         dev = host.devices[d.address]
@@ -331,7 +338,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def _test_json(args: argparse.Namespace, host: Host, uid: int, name: str | None, caller: policy.Caller,
-               users: policy.UserDb, target: policy.Target, decision: policy.Decision) -> int:
+               users: policy.UserDb, target: policy.Target | None, decision: policy.Decision) -> int:
     devices = []
     for d in decision.devices:
         dev = host.devices[d.address]
@@ -348,7 +355,7 @@ def _test_json(args: argparse.Namespace, host: Host, uid: int, name: str | None,
     print_json("policy-test",
                user={"name": name, "uid": uid,
                      "groups": [users.group_name(g) or str(g) for g in sorted(caller.gids)]},
-               target=args.target, group=target.group,
+               target=args.target, group=target.group if target else None,
                request={"backend": args.backend or None, "duration": args.duration or None,
                         "persistent": args.persistent, "k8s_namespace": args.k8s_namespace},
                allowed=decision.allowed, rule=decision.rule or None, reason=decision.reason,

@@ -41,6 +41,8 @@ async def run_with_lease(client: Client, path: str, props: Json, group: int, com
             env["VFIOD_GROUP_FD"] = str(fd)
         env["VFIOD_GROUP"] = str(group)
         env["VFIOD_GROUP_PATH"] = props.get("GroupPath") or f"/dev/vfio/{group}"
+        if props.get("Mdev"):            # the device's name for VFIO_GROUP_GET_DEVICE_FD
+            env["VFIOD_MDEV"] = props["Mdev"]
         # Kernels with VFIO device cdevs: each endpoint's cdev and iommufd, for the iommufd
         # interface (QEMU's -object iommufd with -device vfio-pci,fd=...).
         # The kernel keeps the two interfaces apart: while the group is open, no device of

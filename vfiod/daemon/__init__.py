@@ -78,7 +78,7 @@ def make_kernel(args: argparse.Namespace) -> tuple[Kernel, str | None]:
     root = os.path.join(sim_dir, "host")
     if os.path.isdir(root):
         roots = Roots(os.path.join(root, "sys"), os.path.join(root, "proc"), os.path.join(root, "dev"),
-                      os.path.join(root, "run/vfiod"))
+                      run=os.path.join(root, "run/vfiod"), etc=os.path.join(root, "etc"))
     else:
         roots = hosts.build_spec(spec, root)
     kernel = SimKernel.for_spec(spec, roots)

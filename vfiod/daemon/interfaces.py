@@ -420,6 +420,19 @@ class LeaseInterface(ExportedInterface):
         return self.lease.persistent
 
     @dbus_property(access=PropertyAccess.READ)
+    def Mdev(self) -> "s":
+        """The UUID of the mediated device instance vfiod made for the lease (``mdev:PARENT/TYPE``
+        leases; empty for PCI leases): VFIO_GROUP_GET_DEVICE_FD takes it as the device's name."""
+        held = self.service.manager.journal.mdev.of(self.lease.id)
+        return held.uuid if held else ""
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MdevType(self) -> "s":
+        """``PARENT/TYPE`` of that instance (empty for PCI leases)."""
+        held = self.service.manager.journal.mdev.of(self.lease.id)
+        return held.kind if held else ""
+
+    @dbus_property(access=PropertyAccess.READ)
     def GroupPath(self) -> "s":
         return self.service.kernel.vfio_group_path(self.lease.group)
 

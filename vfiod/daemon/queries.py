@@ -5,7 +5,6 @@ the last whole scan (`Snapshot`) for what needs the whole host."""
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Callable, TypeVar, TypeVarTuple
 
 import attrs
@@ -18,6 +17,7 @@ from ..leases import LeaseManager
 from ..pciids import PciIds
 from ..policy import (ADMIN_GROUPS_HINT, BUSY_PREFIX, Caller, Decision, PolicyStore, Refusal, format_size, hide_sources,
                       parse_target)
+from ..sysfs.mdev import MdevKind
 from ..sysfs.procs import memlock_of
 from ..topology import Host
 from .snapshot import Snapshot
@@ -97,22 +97,22 @@ class Queries:
         return report.tree_json(self.host, self.names, original_driver=self.original_driver)
 
     async def check(self, caller: Caller, target: str, backend: str) -> Decision:
-        if parse_target(target)[0] == "pool":
+        parsed = parse_target(target)
+        if parsed[0] == "pool":
             return self._for_caller(caller, await self._run(self._check_pool, caller, target, backend))
-        host, number = await self._target_group(target)
-        return self._for_caller(caller, await self._check_group(caller, host, number, backend))
-
-    async def _check_group(self, caller: Caller, host: Host, number: int, backend: str) -> Decision:
-        d = self.policy_store.current.decide(host, caller, number, backend, {})
-        if d.allowed:
+        if parsed[0] == "mdev":
+            d, busy = await self._run(self._check_mdev, caller, parsed[1], backend)
+        else:
+            host, number = await self._target_group(target)
+            d = self.policy_store.current.decide(host, caller, number, backend, {})
             # What a lease would meet besides the policy: a lease already there, the host using it.
-            busy = await self._run(self._busy_now, caller, host, number)
-            if busy:
-                d = attrs.evolve(d, allowed=False, reason=f"{BUSY_PREFIX}{busy} (the policy allows it: {d.reason})")
+            busy = await self._run(self._busy_now, caller, host, number) if d.allowed else ""
+        if d.allowed and busy:
+            d = attrs.evolve(d, allowed=False, reason=f"{BUSY_PREFIX}{busy} (the policy allows it: {d.reason})")
         if d.allowed:
             reset = "; each device is reset before it goes back to the host" if d.reset_on_release else ""
             d = attrs.evolve(d, reason=d.reason + self._memlock_advice(caller, d) + reset)
-        return d
+        return self._for_caller(caller, d)
 
     @staticmethod
     def _for_caller(caller: Caller, d: Decision) -> Decision:
@@ -145,6 +145,17 @@ class Queries:
         busy = isinstance(e, Busy)
         return Decision(False, "", (BUSY_PREFIX if busy else "") + e.message,
                         refusal=None if busy else Refusal.DENIED)
+
+    def _check_mdev(self, caller: Caller, kind: MdevKind, backend: str) -> tuple[Decision, str]:
+        """The policy's word on a new instance of `kind`, and why a lease would be refused
+        now whatever it says ("" if not); `NotFound` for a type the host does not have."""
+        found = self.kernel.mdev.type(kind)
+        if found is None:
+            raise NotFound(f"no mdev type {kind} on this host (`vfiod inspect` lists the parents and their types)")
+        d = self.policy_store.current.decide_mdev(caller, kind, backend, {})
+        busy = (f"mdev type {kind}: its parent can make no more instances now (available_instances is 0)"
+                if found.available == 0 else "")
+        return d, busy
 
     def _busy_now(self, caller: Caller, host: Host, number: int) -> str:
         """Why a lease of group `number` would be refused now whatever the policy says ("" if not)."""

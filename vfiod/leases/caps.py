@@ -18,7 +18,7 @@ import time
 from ..errors import VfiodError
 from .core import Ended, Revoking
 from .manager import LeaseManager
-from ..policy import Caller, Policy, format_duration
+from ..policy import Policy, format_duration
 
 log = logging.getLogger("vfiod.leases")
 
@@ -31,8 +31,7 @@ def apply_caps(manager: LeaseManager, policy: Policy, uid: int | None = None) ->
         if lease.state != "granted":
             continue
         try:
-            decision = policy.decide(manager.scan_groups([lease.group]), Caller.from_uid(lease.uid), lease.group,
-                                     lease.backend, lease.terms)
+            decision = manager.redecide(policy, lease)
         except VfiodError:
             continue                    # the reload's own judgement (revoke_disallowed) deals with it
         if not decision.allowed or not decision.max_duration:

@@ -19,9 +19,11 @@ import attrs
 from ..address import PciAddress
 from ..errors import InvalidArgument, VfiodError
 from ..hookspecs import Backend, LeaseContext
-from ..policy import Decision, Policy
+from ..policy import Caller, Decision, Policy
 from ..state import Journal, LeaseRow, Record
 from ..sysfs import Holder, Kernel, SysfsReader
+from ..sysfs.mdev import MdevKind
+from ..terms import LeaseTerms
 from ..topology import Host
 from .audit import Audit
 
@@ -116,6 +118,17 @@ class LeaseCore:
             return self.backends[name]
         except KeyError:
             raise InvalidArgument(f"unknown backend {name!r} (known: {', '.join(sorted(self.backends))})") from None
+
+    def redecide(self, policy: Policy, lease: LeaseRow, caller: Caller | None = None,
+                 terms: LeaseTerms | None = None) -> Decision:
+        """`policy`'s decision on `lease` now (a renewal, a reload, a cap): its group as the
+        kernel shows it, or for an mdev lease the type its instance was made of."""
+        caller = caller or Caller.from_uid(lease.uid)
+        terms = terms or lease.terms
+        held = self.journal.mdev.of(lease.id)
+        if held is not None:
+            return policy.decide_mdev(caller, MdevKind(held.parent, held.type), lease.backend, terms)
+        return policy.decide(self.scan_groups([lease.group]), caller, lease.group, lease.backend, terms)
 
     # ------------------------------------------------------------ what a backend is told
 

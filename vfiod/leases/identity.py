@@ -21,6 +21,7 @@ from ..state import HeldDevice, LeaseRow
 from ..sysfs import NO_DRIVER, RawDevice
 from ..topology import Host
 from .core import LeaseCore
+from .mdev import OURS, instance_state
 
 
 log = logging.getLogger("vfiod.leases")
@@ -103,6 +104,10 @@ def on_lease_driver(core: LeaseCore, held: HeldDevice, be: Backend | None) -> bo
 def judge(core: LeaseCore, lease: LeaseRow) -> Verdict | None:
     """Is every device of `lease` the one it holds, and its group the one granted?
     None: yes.  (The group lock is held, or nobody else can move the group.)"""
+    mdev = core.journal.mdev.of(lease.id)
+    if mdev is not None:                # an instance vfiod made: the kernel still shows it, in its group
+        state, why = instance_state(core, mdev, lease.group)
+        return None if state == OURS or lease.state == "granting" else Verdict("removed", why)
     reader = core.reader
     held = core.journal.held(lease.id)
     recorded = core.journal.identity_of(lease.id)

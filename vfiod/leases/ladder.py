@@ -4,7 +4,8 @@
    grace) and `on_revoking` is told (the bus signals ``LeaseRevoking``).
 2. **Ask.** The node goes back to root, and each endpoint's unbind begins (the
    kernel fires the device's request eventfd: QEMU unplugs it from its guest,
-   DPDK runs its removal handling).
+   DPDK runs its removal handling); an mdev lease's instance removal begins, which
+   the kernel holds back as it does an unbind.
 3. **End.** At the deadline, if the policy says ``on_revoke = "kill"``, the holders
    are ended: SIGTERM, then SIGKILL `kill_after` seconds later.  Only the lease's
    own: the members of its scope and the processes found holding its group that
@@ -41,6 +42,7 @@ from ..policy import ADMIN_GROUPS_HINT, Caller, Decision, Policy
 from ..state import LeaseRow
 from ..sysfs import USER_UIDS, GroupClaim, GroupHeld, Holder, Search, Unbinding
 from .core import END_REASONS, Ended, LeaseCore, Revoking
+from .mdev import OURS, handed_record, instance_state
 from .moves import Moves
 
 log = logging.getLogger("vfiod.leases")
@@ -95,7 +97,10 @@ class Ladder:
         if lease.state == "revoking":
             return None                     # the ladder has it already
         be = self.core.backend(lease.backend)
-        if not be.uses_vfio:
+        held = self.core.journal.mdev.of(lease.id)
+        if not be.uses_vfio or (held is not None and instance_state(self.core, held, lease.group)[0] != OURS):
+            # Nothing can hold it (an mdev lease whose instance is gone: its group's number
+            # may be another group's now, so neither its node nor its holders are this lease's).
             return self.moves.give_back(lease, reason, uid, be)
         self._take_back(lease, be)          # nobody opens it again while the kernel is asked
         busy = self._claim(lease)
@@ -167,7 +172,7 @@ class Ladder:
         for st in self.core.journal.steps(lease.id):
             if st.action == "hand-over":
                 try:
-                    be.take_back(ctx, st.record)
+                    be.take_back(ctx, handed_record(self.core, lease, st.record))
                 except Exception as e:
                     log.warning("lease %s: taking back the hand-over: %s", lease.id, e)
 
@@ -192,6 +197,12 @@ class Ladder:
                         continue
                     if u is not None:
                         begun.append(u)
+            held = core.journal.mdev.of(lease.id)
+            if held is not None and instance_state(core, held, lease.group)[0] == OURS:
+                try:                # the instance's removal waits for its holders, as an unbind does
+                    begun.append(core.kernel.mdev.start_remove(held.uuid))
+                except (OSError, VfiodError) as e:
+                    log.error("lease %s: cannot begin removing mdev %s: %s", lease.id, held.uuid, e)
             self._unbinds[lease.id] = begun
 
     def advance(self, lease_id: str) -> Ended | Revoking | None:
@@ -409,8 +420,7 @@ class Ladder:
             if lease.state != "granted":
                 continue
             try:
-                decision = policy.decide(core.scan_groups([lease.group]), Caller.from_uid(lease.uid), lease.group,
-                                         lease.backend, lease.terms)
+                decision = core.redecide(policy, lease)
             except VfiodError as e:
                 decision = Decision(False, "", str(e))
             if not decision.allowed:

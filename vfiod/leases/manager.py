@@ -31,7 +31,7 @@ import attrs
 from ..address import PciAddress
 from ..errors import BackendFailed, Busy, InvalidArgument, NotFound, NotViable, PermissionDenied, Protected, VfiodError
 from ..hookspecs import Backend
-from ..policy import Caller, Policy, Refusal, Resource, Target, format_duration, parse_target
+from ..policy import Caller, Decision, Policy, Refusal, Resource, Target, format_duration, parse_target
 from ..state import HeldDevice, Journal, LeaseRow
 from ..sysfs import KERNELS_CHOICE, Holder, Kernel, interface_address
 from ..sysfs.early import early_bound
@@ -40,6 +40,7 @@ from ..topology import BRIDGE_DRIVERS, VFIO_DRIVERS, Device, Host
 from .core import Ended, LeaseCore, Revoking
 from .identity import record as record_identity
 from .ladder import Ladder
+from .mdev import OURS, MdevLeases, instance_state
 from .memlock import MemlockGrants
 from .moves import Moves
 from .reconcile import reconcile
@@ -73,6 +74,7 @@ class LeaseManager(LeaseCore):
         self.memlock = MemlockGrants(self)
         self.moves = Moves(self, self.memlock.restore)
         self.ladder = Ladder(self, self.moves)
+        self.mdevs = MdevLeases(self)
         self.sync_locked()             # before the first scan: a restart may find unbinds under way
 
     # ------------------------------------------------------------ queries
@@ -136,10 +138,25 @@ class LeaseManager(LeaseCore):
     def request(self, caller: Caller, target: str, backend: str = "",
                 options: LeaseTerms | Mapping[str, object] | None = None, owner: str | None = None) -> LeaseRow:
         terms = LeaseTerms.from_options(options)
+        try:
+            parsed = parse_target(target)
+        except VfiodError as e:
+            self.audit("request", caller.uid, target, None, None, "refused", str(e))
+            raise
+        if parsed[0] == "mdev":
+            made = self.mdevs.make(caller, parsed[1], backend, terms)
+            with self.group_lock(made.group):
+                existing = self.journal.lease_for_group(made.group)
+                if existing is not None:        # the kernel gave a leased number: never hand it over
+                    self.mdevs.forget(made.held)
+                    raise Busy(f"IOMMU group {made.group} of the new mdev {made.held.uuid} is recorded for "
+                               f"lease {existing.id}")
+                lease = self.new_lease(made.held.lease, caller, made.group, f"mdev:{parsed[1]}", made.backend.name,
+                                       terms, made.decision, owner)
+                return self.grant(lease, [], None, made.decision, made.backend, caller)
         policy = self.policy_source()
         host = self.host_for(target, policy)
         try:
-            parsed = parse_target(target)
             if parsed[0] != "pool":
                 one = policy.resolve(host, target)
             else:
@@ -188,39 +205,53 @@ class LeaseManager(LeaseCore):
                 raise PermissionDenied(decision.reason)
             be = self.backend(decision.backend or backend)
             plan = self._plan(host, group, caller, terms)
-            now = self.clock()
-            # A lease asked for no duration still ends at the rule's cap, if it has one.
-            duration = terms.duration or int(decision.max_duration or 0)
-            lease = LeaseRow(
-                id=secrets.token_hex(8), group=group, uid=caller.uid, owner=owner, backend=be.name,
-                target=target, created=now, expires=now + duration if duration else 0.0,
-                persistent=terms.persistent, state="granting", rule=decision.rule,
-                memlock=decision.memlock, reset=decision.reset_on_release, grace=float(decision.revoke_grace),
-                on_revoke=decision.on_revoke, revoke_others=decision.revoke_others,
-                cap=now + decision.max_duration if decision.max_duration else 0.0,
-                k8s_namespace=terms.k8s_namespace, member=resolved.member)
-            self.journal.create(lease, plan)
+            lease = self.new_lease(secrets.token_hex(8), caller, group, target, be.name, terms, decision, owner,
+                                   member=resolved.member)
+            return self.grant(lease, plan, host, decision, be, caller)
+
+    def new_lease(self, lease_id: str, caller: Caller, group: int, target: str, backend: str, terms: LeaseTerms,
+                  decision: Decision, owner: str | None, member: str | None = None) -> LeaseRow:
+        """The row of a lease about to be granted (state ``granting``), with the policy's terms."""
+        now = self.clock()
+        # A lease asked for no duration still ends at the rule's cap, if it has one.
+        duration = terms.duration or int(decision.max_duration or 0)
+        return LeaseRow(
+            id=lease_id, group=group, uid=caller.uid, owner=owner, backend=backend,
+            target=target, created=now, expires=now + duration if duration else 0.0,
+            persistent=terms.persistent, state="granting", rule=decision.rule,
+            memlock=decision.memlock, reset=decision.reset_on_release, grace=float(decision.revoke_grace),
+            on_revoke=decision.on_revoke, revoke_others=decision.revoke_others,
+            cap=now + decision.max_duration if decision.max_duration else 0.0,
+            k8s_namespace=terms.k8s_namespace, member=member)
+
+    def grant(self, lease: LeaseRow, plan: list[HeldDevice], host: Host | None, decision: Decision, be: Backend,
+              caller: Caller) -> LeaseRow:
+        """Record `lease` with the devices it holds (`plan`; none for an mdev) and move them
+        (`Moves.grant`); roll back on any failure.  The group lock is held."""
+        group, target = lease.group, lease.target
+        self.journal.create(lease, plan)
+        if host is not None:
             record_identity(self, lease, host, plan)
-            self.on_step("recorded")
-            ctx = self.context(lease, host, decision)
-            try:
-                self.moves.grant(ctx, be)
-            except VfiodError as e:
-                self.moves.rollback(ctx, be)
-                self.audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", str(e), group=group)
-                raise
-            except Exception as e:
-                log.exception("grant of group %s failed", group)
-                self.moves.rollback(ctx, be)
-                self.audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", repr(e), group=group)
-                raise BackendFailed(f"granting group {group} failed: {e}") from None
-            lease = attrs.evolve(lease, state="granted")
-            self.journal.set_state(lease.id, "granted")
-            self.on_step("granted")
-            took = f" (member {resolved.member})" if resolved.member else ""
-            self.audit("grant", caller.uid, target, lease.id, decision.rule, "granted",
-                       f"group {group} via {be.name}{took}", group=group)
-            return lease
+        self.on_step("recorded")
+        ctx = self.context(lease, host, decision)
+        try:
+            self.moves.grant(ctx, be)
+        except VfiodError as e:
+            self.moves.rollback(ctx, be)
+            self.audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", str(e), group=group)
+            raise
+        except Exception as e:
+            log.exception("grant of group %s failed", group)
+            self.moves.rollback(ctx, be)
+            self.audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", repr(e), group=group)
+            raise BackendFailed(f"granting group {group} failed: {e}") from None
+        lease = attrs.evolve(lease, state="granted")
+        self.journal.set_state(lease.id, "granted")
+        self.on_step("granted")
+        took = f" (member {lease.member})" if lease.member else ""
+        self.audit("grant", caller.uid, target, lease.id, decision.rule, "granted",
+                   f"group {group} via {be.name}{took}", group=group)
+        return lease
 
     def _plan(self, host: Host, group: int, caller: Caller, terms: LeaseTerms) -> list[HeldDevice]:
         """What the lease will hold: every endpoint, then every bridge of the group on a driver
@@ -296,8 +327,7 @@ class LeaseManager(LeaseCore):
         lease = self.owned(lease_id, caller, "renew")
         if not isinstance(seconds, int) or seconds <= 0:
             raise InvalidArgument("renew takes a positive number of seconds")
-        decision = self.policy_source().decide(self.scan_groups([lease.group]), caller, lease.group, lease.backend,
-                                               attrs.evolve(lease.terms, duration=seconds))
+        decision = self.redecide(self.policy_source(), lease, caller, attrs.evolve(lease.terms, duration=seconds))
         if not decision.allowed:
             raise PermissionDenied(decision.reason)
         if lease.state != "granted":
@@ -325,10 +355,15 @@ class LeaseManager(LeaseCore):
         return out
 
     def expire_due(self) -> list[Ended]:
+        """End the leases whose time is up, and (the daemon calls this every second) the mdev
+        leases whose instance the kernel no longer shows as theirs (``removed``)."""
         now = self.clock()
-        return self._end_each([lease for lease in self.journal.leases()
-                               if lease.state == "granted" and lease.expires and lease.expires <= now],
-                              "expired", "expiring")
+        granted = [lease for lease in self.journal.leases() if lease.state == "granted"]
+        gone = [lease for lease in granted if (held := self.journal.mdev.of(lease.id)) is not None
+                and instance_state(self, held, lease.group)[0] != OURS]
+        return (self._end_each([lease for lease in granted if lease.expires and lease.expires <= now],
+                               "expired", "expiring")
+                + self._end_each(gone, "removed", "ending"))
 
     def end_owned_by(self, owner: str, reason: str = "disconnected") -> list[Ended]:
         return self._end_each([lease for lease in self.journal.leases()

@@ -7,8 +7,11 @@ Granting (after `LeaseManager.request` has recorded the lease, state ``granting`
 2. ``backend.bind`` each endpoint, in address order; detach each planned bridge;
 3. ``backend.hand_over`` (journaled with its undo record first).
 
+An mdev lease holds no PCI device: its instance is made before the lease is
+recorded (`vfiod.leases.mdev`), and steps 1 and 3 run as for any group.
+
 Giving back walks the other way: ``take_back`` of a begun hand-over, the policy's
-reset, then every bridge and endpoint restored (endpoints in address order, the
+reset, then every bridge and endpoint restored, then an mdev lease's instance removed (endpoints in address order, the
 kernel's boot-time probe order, so network interfaces get their old names back
 where no udev renames them)."""
 
@@ -22,6 +25,7 @@ from ..hookspecs import Backend, LeaseContext
 from ..state import HeldDevice, LeaseRow
 from ..sysfs import GroupClaim, GroupHeld
 from .core import Ended, LeaseCore
+from .mdev import handed_record, remove_instance
 
 log = logging.getLogger("vfiod.leases")
 
@@ -75,7 +79,7 @@ class Moves:
         for st in reversed(core.journal.steps(ctx.lease.id)):
             if st.action == "hand-over":
                 try:
-                    be.take_back(ctx, st.record)
+                    be.take_back(ctx, handed_record(core, ctx.lease, st.record))
                     core.on_step("taken-back")
                 except Exception as e:
                     errors.append(f"taking back group {ctx.lease.group}: {e}")
@@ -98,6 +102,11 @@ class Moves:
                 core.on_step(f"restored:{addr}")
             except Exception as e:
                 errors.append(f"{addr}: {e}")
+        mdev = core.journal.mdev.of(ctx.lease.id)
+        if mdev is not None:            # the lease's own instance goes, once nothing of it is handed over
+            error = remove_instance(core, mdev, journaled=True)
+            if error:
+                errors.append(error)
         return errors
 
     def _reset_endpoints(self, ctx: LeaseContext, held_all: list[HeldDevice]) -> None:

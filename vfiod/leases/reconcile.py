@@ -2,7 +2,10 @@
 daemon takes its name.  Each lease of the journal is rolled back (``granting``: the
 grant was interrupted), finished (``releasing``), left to the ladder (``revoking``),
 kept (persistent, or its owner is still on the bus: every endpoint is checked to be
-on the backend's driver and the hand-over applied again), or ended (``owner-gone``)."""
+on the backend's driver and the hand-over applied again), or ended (``owner-gone``).
+An mdev lease is kept only while the kernel shows its instance (else it ends as
+``removed``), and an instance journaled by a grant cut short before its lease was
+recorded is removed first (`vfiod.leases.mdev.sweep`)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from ..hookspecs import Backend
 from ..state import LeaseRow
 from .core import END_REASONS, Ended, LeaseCore
 from .ladder import Ladder
+from .mdev import OURS, instance_state, sweep
 from .moves import Moves
 
 log = logging.getLogger("vfiod.leases")
@@ -21,6 +25,10 @@ log = logging.getLogger("vfiod.leases")
 def reconcile(core: LeaseCore, moves: Moves, ladder: Ladder) -> list[Ended]:
     """Make sysfs and the journal agree again; returns the leases that ended."""
     core.sync_locked()
+    try:
+        sweep(core)
+    except Exception as e:
+        log.error("the mdev instances of grants cut short could not be swept (%s: %s)", type(e).__name__, e)
     out = []
     for lease in core.journal.leases():
         try:
@@ -47,10 +55,12 @@ def _reconcile_one(core: LeaseCore, moves: Moves, ladder: Ladder, lease: LeaseRo
         if lease.state == "revoking":
             log.info("lease %s: the revoke ladder (%s) goes on", lease.id, lease.revoke_reason)
             return []
-        if lease.state != "releasing" and (lease.persistent or core.owner_alive(lease)):
+        held = core.journal.mdev.of(lease.id)
+        gone = held is not None and instance_state(core, held, lease.group)[0] != OURS
+        if lease.state != "releasing" and (lease.persistent or core.owner_alive(lease)) and not gone:
             _verify(core, lease, be)
             return []
-        reason = "released" if lease.state == "releasing" else "owner-gone"
+        reason = "released" if lease.state == "releasing" else "removed" if gone else "owner-gone"
         if lease.state == "releasing" and lease.revoke_reason:      # the ladder's last step
             reason = lease.revoke_reason if lease.revoke_reason in END_REASONS else "revoked"
         try:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 from ..address import PciAddress
 from .core import Ended
 from .identity import Verdict, judge, on_lease_driver
+from .mdev import handed_record
 from .manager import LeaseManager
 from ..policy import Caller, Refusal
 from ..topology import VFIO_DRIVERS
@@ -97,7 +98,7 @@ def end_hands_off(manager: LeaseManager, lease: LeaseRow, verdict: Verdict, even
         for st in reversed(manager.journal.steps(lease.id)):
             if st.action == "hand-over":
                 try:
-                    be.take_back(ctx, st.record)
+                    be.take_back(ctx, handed_record(manager, lease, st.record))
                 except Exception as e:
                     errors.append(f"taking back group {lease.group}: {e}")
     left = []

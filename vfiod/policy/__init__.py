@@ -47,6 +47,7 @@ too.  Every list-valued key also takes a single value::
     vf_of = "0000:01:00.0"        # the SR-IOV virtual functions of this physical function
     resource = "fast-nic"         # the devices of a [[resource]], while the hardware still matches
     pool = "nics"                 # the devices of a [[pool]]'s members, while their hardware matches
+    # (or, alone: mdev_types = ["mtty/mtty-2"], types of mediated devices: see "Mediated devices")
 
     # Who.  At least one key; the caller matches if any of them does.
     users = ["alice"]             # user names (must exist)
@@ -98,6 +99,31 @@ A group's decision combines the rules that decided its endpoints:
   where none is set), ``on_revoke = "wait"`` only if every deciding rule says
   so, and ``revoke_others`` only if every deciding rule allows it.  The
   terms are recorded with the lease when it is granted.
+
+Mediated devices
+================
+
+A rule may name types of mediated devices (mdev) instead of PCI devices; a lease
+of ``mdev:PARENT/TYPE`` then creates a new instance of that type for its lessee
+(a UUID vfiod chooses), hands over its emulated IOMMU group as the vfio backend
+hands over any group, and removes the instance when the lease ends.  Instances
+mdevctl defines are the admin's: vfiod neither leases nor removes them::
+
+    [[rule]]
+    mdev_types = ["mtty/mtty-2", "nvidia-*/*"]   # PARENT/TYPE as `vfiod inspect` lists them;
+                                                 # each side may hold the globs *, ? and [...]
+    users = ["alice"]
+    max_duration = "8h"
+
+Such a rule names no PCI device (it may not have ``address``, ``group``, ``ids``,
+``class``, ``driver``, ``vf_of`` or ``resource``), and a rule for PCI devices never
+allows an mdev, whatever it matches.  For a request of ``mdev:PARENT/TYPE`` only the
+rules with ``mdev_types`` are tried, in order; the first naming both the type and
+the caller decides, and none means no.  Its grant keys are the usual ones but for
+``allow_protected``, ``reset_on_release`` and ``max_vfs``, which are errors there;
+``backends`` may name only ``vfio`` (an instance is used through VFIO's group
+interface).  A ``[[claim]]`` cannot name an mdev target: define an instance that
+outlives its users with mdevctl.
 
 Kubernetes namespaces
 =====================

@@ -15,6 +15,7 @@ from .load import Loader
 from .model import (K8S_NAMESPACE, AdminGroup, Refusal, Caller, Claim, DEFAULT_DENY, DEFAULT_REVOKE_GRACE, DEFAULT_DIR,
                     Decision, DeviceDecision, KNOWN_BACKENDS, Pool, PoolMember, Resource, Rule, Target, parse_target)
 from .units import MAX_LEASE_SECONDS, _short, format_duration
+from ..sysfs.mdev import MdevKind
 from .users import UserDb, system_users
 
 if TYPE_CHECKING:
@@ -83,6 +84,10 @@ class Policy:
         what is not on this host or not in the policy, and for a resource
         whose hardware changed (saying what changed)."""
         parsed = parse_target(target)
+        if parsed[0] == "mdev":
+            raise InvalidArgument(f"{target} names a type of mediated device, not an IOMMU group: a lease of it "
+                                  "creates an instance with a group of its own (`vfioctl check` and `vfioctl lease` "
+                                  "take it; `vfiod inspect` lists the types)")
         if parsed[0] == "group":
             number = parsed[1]
             g = host.groups.get(number)
@@ -252,6 +257,51 @@ class Policy:
             return True, f"allowed by rule {rule.source}"
         return False, f"no rule with max_vfs names {dev.addr} for you (only root may change the number of VFs)"
 
+    def _checked_terms(self, caller: Caller, backend: str,
+                       options: LeaseTerms | Mapping[str, object] | None) -> tuple[Caller, LeaseTerms]:
+        """The request's terms, checked (`InvalidArgument`), and the caller as the policy
+        judges it (speaking for a Kubernetes namespace where the terms say so)."""
+        terms = LeaseTerms.from_options(options)
+        if terms.duration > MAX_LEASE_SECONDS:
+            raise InvalidArgument(f"a lease lasts at most {format_duration(MAX_LEASE_SECONDS)} "
+                                  f"({MAX_LEASE_SECONDS} s) at a time, not {_short(terms.duration)} s; renew it later")
+        if not isinstance(backend, str) or (backend and backend not in self.backends):
+            raise InvalidArgument(f"unknown backend {_short(backend)} (known: {', '.join(sorted(self.backends))})")
+        if terms.k8s_namespace is not None:
+            caller = self.delegate(caller, terms.k8s_namespace)
+        return caller, terms
+
+    def decide_mdev(self, caller: Caller, kind: MdevKind, backend: str = "",
+                    options: LeaseTerms | Mapping[str, object] | None = None) -> Decision:
+        """May `caller` lease a new instance of mdev type `kind` with `backend`?  The first
+        rule with ``mdev_types`` naming both the type and the caller decides; rules for PCI
+        devices never do.  Errors as `decide`'s."""
+        caller, terms = self._checked_terms(caller, backend, options)
+        for rule in self.rules:
+            if rule.mdev_types is None or not rule.covers(caller) or not rule.match_mdev(kind.parent, kind.type):
+                continue
+            if not rule.allows:
+                why = f" ({rule.comment})" if rule.comment else ""
+                return Decision(False, rule.source, f"mdev type {kind}: denied by rule {rule.source}{why}",
+                                refusal=Refusal.DENIED)
+            refusal = _refusal(rule, backend, terms.duration, terms.persistent)
+            if refusal:
+                return Decision(False, rule.source, f"mdev type {kind}: {refusal}", refusal=Refusal.TERMS)
+            chosen = backend or rule.default_backend
+            return Decision(
+                allowed=True, rule=rule.source, reason=f"mdev type {kind} allowed by rule {rule.source} "
+                                                       f"(backend {chosen})",
+                backend=chosen, max_duration=rule.max_duration, persistent=rule.persistent, memlock=rule.memlock,
+                revoke_grace=rule.revoke_grace or DEFAULT_REVOKE_GRACE, on_revoke=rule.on_revoke or "kill",
+                revoke_others=rule.revoke_others)
+        deny = f"mdev type {kind}: no rule with mdev_types matched (deny by default; rules for PCI devices never " \
+               "allow mdevs)"
+        if caller.k8s_namespace is not None:
+            deny = f"mdev type {kind}: no rule matched Kubernetes namespace {caller.k8s_namespace} (deny by default)"
+        if self.unloaded:
+            deny = f"{deny}: {self.unloaded}"
+        return Decision(False, "", deny, refusal=Refusal.NO_RULE)
+
     def decide(self, host: Host, caller: Caller, group: int, backend: str = "",
                options: LeaseTerms | Mapping[str, object] | None = None) -> Decision:
         """May `caller` lease IOMMU group `group` with `backend` ("" = the rules' default)?
@@ -261,15 +311,8 @@ class Policy:
         speaks for.  `InvalidArgument` for an unknown backend or malformed options,
         `NotFound` for a group that is not there; every other "no" is a
         `Decision` with a reason."""
-        terms = LeaseTerms.from_options(options)
+        caller, terms = self._checked_terms(caller, backend, options)
         duration, persistent = terms.duration, terms.persistent
-        if duration > MAX_LEASE_SECONDS:
-            raise InvalidArgument(f"a lease lasts at most {format_duration(MAX_LEASE_SECONDS)} "
-                                  f"({MAX_LEASE_SECONDS} s) at a time, not {_short(duration)} s; renew it later")
-        if not isinstance(backend, str) or (backend and backend not in self.backends):
-            raise InvalidArgument(f"unknown backend {_short(backend)} (known: {', '.join(sorted(self.backends))})")
-        if terms.k8s_namespace is not None:
-            caller = self.delegate(caller, terms.k8s_namespace)
         g = host.groups.get(group)
         if g is None:
             raise NotFound(f"no IOMMU group {group} on this host")

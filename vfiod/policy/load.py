@@ -15,10 +15,11 @@ from .model import (EARLY_BACKENDS, AdminGroup, Claim, MAX_FILE_SIZE, Pool, Pool
                     _NAME, parse_target)
 from .units import _describe, _short, parse_duration, parse_size
 from .users import UserDb
-from .values import (CLAIM_KEYS, GRANT_KEYS, MATCH_KEYS, POOL_KEYS, RESOURCE_KEYS, RULE_KEYS, TABLES, TOP_KEYS,
-                     WHO_KEYS, _Table, _string, _text, _bool, _vf_count, _on_revoke, _address, _iommu_group,
-                     _unix_group_name, _uid, _namespace_pattern, _class, _driver, _resource_name, _id_pattern,
-                     _ids_of, _device_entry, _line_of, _create_hint, _syntax_error)
+from .values import (CLAIM_KEYS, GRANT_KEYS, MATCH_KEYS, MDEV_BACKENDS, MDEV_KEYS, NOT_FOR_MDEV, POOL_KEYS,
+                     RESOURCE_KEYS, RULE_KEYS, TABLES, TOP_KEYS, WHO_KEYS, _Table, _string, _text, _bool, _vf_count,
+                     _on_revoke, _address, _iommu_group, _unix_group_name, _uid, _namespace_pattern, _class, _driver,
+                     _resource_name, _mdev_type, _id_pattern, _ids_of, _device_entry, _line_of, _create_hint,
+                     _syntax_error)
 
 # ---------------------------------------------------------------- reading files
 
@@ -150,9 +151,16 @@ class Loader:
         vf_of = frozenset(t.many("vf_of", _address, "address")) if "vf_of" in d else None
         resources = self._named(t, "resource") if "resource" in d else None
         pools = self._named(t, "pool") if "pool" in d else None
-        if not any(k in d for k in MATCH_KEYS):
+        mdev_types = tuple(dict.fromkeys(t.many("mdev_types", _mdev_type, "mdev type"))) \
+            if "mdev_types" in d else None
+        if t.gave(MDEV_KEYS):
+            pci = next((k for k in MATCH_KEYS if k in d), None)
+            if pci is not None:
+                raise t.error(pci, "a rule names PCI devices or mdev types, not both: put them in rules of their own")
+        elif not any(k in d for k in MATCH_KEYS):
             if not t.gave(MATCH_KEYS):
-                raise t.table_error("no device matcher: give at least one of " + ", ".join(MATCH_KEYS))
+                raise t.table_error("no device matcher: give at least one of "
+                                    + ", ".join(MATCH_KEYS + MDEV_KEYS))
         # who
         uids: set[int] = set()
         users: tuple[str, ...] = ()
@@ -186,7 +194,7 @@ class Loader:
                     addresses=addresses, iommu_groups=iommu_groups, ids=ids, classes=classes,
                     drivers=drivers, vf_of=vf_of, resources=resources, pools=pools,
                     users=users, user_uids=tuple(user_uids), unix_groups=unix_groups,
-                    uids=frozenset(uids), gids=frozenset(gids), everyone=everyone)
+                    uids=frozenset(uids), gids=frozenset(gids), everyone=everyone, mdev_types=mdev_types)
         if k8s is not None:
             rule = attrs.evolve(rule, k8s_namespaces=k8s[0], k8s_delegates=k8s[1], delegate_uids=k8s[2])
         # what it grants
@@ -216,6 +224,16 @@ class Loader:
         on_revoke = t.checked("on_revoke", _on_revoke) if "on_revoke" in d else None
         revoke_others = t.get("revoke_others", _bool) if "revoke_others" in d else False
         max_vfs = t.get("max_vfs", _vf_count) if "max_vfs" in d else None
+        if t.gave(MDEV_KEYS):
+            for key in NOT_FOR_MDEV:
+                if key in d:
+                    raise t.error(key, "does not apply to mdev types (vfiod creates a new instance for each "
+                                       "lease and removes it at the end): remove it from this rule")
+            other = [b for b in backends if b not in MDEV_BACKENDS]
+            if other:
+                raise t.error("default_backend" if "backends" not in d else "backends",
+                              f"an mdev lease uses the {', '.join(MDEV_BACKENDS)} backend (its instance is used "
+                              f"through VFIO's group interface), not {', '.join(other)}")
         if max_vfs is not None:
             for key in GRANT_KEYS:
                 if key in d and key not in ("max_vfs", "allow_protected"):
@@ -350,6 +368,10 @@ class Loader:
             raise t.error("target", str(e)) from None
         if parsed[0] in ("name", "pool"):
             self.refs.append((t, "target", None, parsed[1], "resource" if parsed[0] == "name" else "pool"))
+        if parsed[0] == "mdev":
+            raise t.error("target", "a claim takes a PCI target (an address, group:N or name:RESOURCE): an mdev "
+                                    "instance vfiod creates lives only as long as its lease (define a lasting "
+                                    "one with mdevctl)")
         for c in self.claims:
             if c.target == target:
                 raise t.error("target", f"{target} is already claimed at {c.source}")

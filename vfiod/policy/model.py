@@ -11,6 +11,7 @@ import attrs
 
 from ..address import INTERFACE_NAME, PciAddress
 from ..errors import InvalidAddress, InvalidArgument
+from ..sysfs.mdev import MdevKind
 from .units import _hex4, _short, format_duration, format_size
 from .users import UserDb, system_users
 
@@ -341,6 +342,8 @@ class Rule:
     k8s_namespaces: tuple[str, ...] | None = None   # glob patterns, as written
     k8s_delegates: tuple[str, ...] = ()             # as written, for people
     delegate_uids: frozenset[int] = frozenset()
+    # Mediated devices: the rule names types of mdev parents ("PARENT/TYPE" globs), and no PCI device.
+    mdev_types: tuple[str, ...] | None = None
 
     @property
     def allows(self) -> bool:
@@ -364,8 +367,16 @@ class Rule:
     def names_namespace(self, namespace: str) -> bool:
         return any(fnmatch.fnmatchcase(namespace, p) for p in self.k8s_namespaces or ())
 
+    def match_mdev(self, parent: str, mdev_type: str) -> bool:
+        """Does the rule name this type of mediated device (``PARENT/TYPE``, each side a glob)?"""
+        return any(fnmatch.fnmatchcase(parent, p) and fnmatch.fnmatchcase(mdev_type, t)
+                   for p, _, t in (pattern.partition("/") for pattern in self.mdev_types or ()))
+
     def match(self, dev: Device, resources: Mapping[str, Resource]) -> tuple[bool, str]:
-        """Does the rule name this device?  Also why a resource it names did not ("" if n/a)."""
+        """Does the rule name this device?  Also why a resource it names did not ("" if n/a).
+        A rule for mdev types names no PCI device."""
+        if self.mdev_types is not None:
+            return False, ""
         raw = dev.raw
         if self.addresses is not None and dev.addr not in self.addresses:
             return False, ""
@@ -441,6 +452,8 @@ class Rule:
             parts.append("resource " + ", ".join(self.resources))
         if self.pools is not None:
             parts.append("pool " + ", ".join(self.pools))
+        if self.mdev_types is not None:
+            parts.append("mdev type " + ", ".join(self.mdev_types))
         return "; ".join(parts)
 
     def describe_who(self) -> str:
@@ -489,15 +502,17 @@ def revoke_terms(grace: int, on_revoke: str, others: bool) -> str:
 
 # What `parse_target` makes of a target: test ``parsed[0]`` to narrow ``parsed[1]``.
 ParsedTarget = (tuple[Literal["group"], int] | tuple[Literal["name"], str] | tuple[Literal["pool"], str]
-                | tuple[Literal["interface"], str] | tuple[Literal["address"], PciAddress])
+                | tuple[Literal["interface"], str] | tuple[Literal["address"], PciAddress]
+                | tuple[Literal["mdev"], MdevKind])
 
 
 def parse_target(target: str) -> ParsedTarget:
     """("group", N) | ("name", NAME) | ("pool", NAME) | ("address", PciAddress) | ("interface",
-    NAME) (a network interface of a PCI device, as dpdk-devbind takes them);
-    InvalidArgument/InvalidAddress."""
+    NAME) (a network interface of a PCI device, as dpdk-devbind takes them) | ("mdev", MdevKind)
+    (a new instance of a type of mediated device); InvalidArgument/InvalidAddress."""
     if not isinstance(target, str) or not target:
-        raise InvalidArgument("empty target (expected 0000:04:00.0, 04:00.0, group:N, name:RESOURCE or pool:POOL)")
+        raise InvalidArgument("empty target (expected 0000:04:00.0, 04:00.0, group:N, name:RESOURCE, pool:POOL "
+                              "or mdev:PARENT/TYPE)")
     if len(target) > MAX_TARGET_LEN:
         raise InvalidArgument(f"the target is too long ({len(target)} characters)")
     if target.startswith("group:"):
@@ -515,6 +530,12 @@ def parse_target(target: str) -> ParsedTarget:
         if not _NAME.fullmatch(name):
             raise InvalidArgument(f"not a pool name: {_short(target)} (expected pool:POOL)")
         return "pool", name
+    if target.startswith("mdev:"):
+        try:
+            return "mdev", MdevKind.parse(target[5:])
+        except InvalidArgument:
+            raise InvalidArgument(f"not an mdev target: {_short(target)} (expected mdev:PARENT/TYPE, "
+                                  "e.g. mdev:mtty/mtty-2; `vfiod inspect` lists the types)") from None
     try:
         return "address", PciAddress.parse(target)
     except InvalidAddress:

@@ -15,11 +15,17 @@ from .locate import Locator
 from .units import _describe, _short
 
 MATCH_KEYS = ("address", "group", "ids", "class", "driver", "vf_of", "resource", "pool")
+#: A rule names PCI devices (MATCH_KEYS) or types of mediated devices, never both.
+MDEV_KEYS = ("mdev_types",)
+#: What an mdev rule may not say: it grants new instances through VFIO, nothing a PCI device needs.
+NOT_FOR_MDEV = ("allow_protected", "reset_on_release", "max_vfs")
+#: The backends an mdev lease can use: its instance is used through VFIO's legacy group.
+MDEV_BACKENDS = ("vfio",)
 WHO_KEYS = ("users", "uids", "groups", "everyone")
 K8S_KEYS = ("k8s_namespaces", "k8s_delegates")
 GRANT_KEYS = ("backends", "default_backend", "max_duration", "persistent", "memlock", "allow_protected",
               "reset_on_release", "revoke_grace", "on_revoke", "revoke_others", "max_vfs")
-RULE_KEYS = ("action", "comment") + MATCH_KEYS + WHO_KEYS + K8S_KEYS + GRANT_KEYS
+RULE_KEYS = ("action", "comment") + MATCH_KEYS + MDEV_KEYS + WHO_KEYS + K8S_KEYS + GRANT_KEYS
 RESOURCE_KEYS = ("name", "comment", "devices")
 RESOURCE_DEVICE_KEYS = ("address", "ids", "subsystem")
 POOL_KEYS = ("name", "comment", "members")
@@ -214,6 +220,18 @@ def _driver(v: object) -> str:
     text = _string(v, "a driver name")
     if not _DRIVER.fullmatch(text):
         raise ValueError(f"not a driver name: {_short(text)}")
+    return text
+
+
+_MDEV_GLOB = re.compile(r"[A-Za-z0-9_.:+*?\[\]!-]{1,64}")
+
+
+def _mdev_type(v: object) -> str:
+    text = _string(v, "an mdev type such as \"mtty/mtty-2\"")
+    parts = text.split("/")
+    if len(parts) != 2 or not all(_MDEV_GLOB.fullmatch(p) and p not in (".", "..") for p in parts):
+        raise ValueError(f"not an mdev type: {_short(text)} (PARENT/TYPE as sysfs names them, e.g. "
+                         "\"mtty/mtty-2\"; each side may hold the globs '*', '?' and [...])")
     return text
 
 

@@ -25,6 +25,16 @@ tests).  The plan — each file it watches and what a write to it does:
     ``BDF/uevent``).  Binding vfio-pci creates
     ``/dev/vfio/N`` (root, 0600) when it is the group's first member there.
 
+``class/mdev_bus/PARENT/mdev_supported_types/TYPE/create`` (data: UUID)
+    adds the instance as the mdev core does: ``PARENTNODE/UUID`` with its
+    ``mdev_type`` link and ``remove``, ``bus/mdev/devices/UUID``, the type's
+    ``devices/UUID``, a new emulated IOMMU group (the lowest free number) and its
+    node ``/dev/vfio/N`` (root, 0600); ``available_instances`` goes down by one.
+    EEXIST for a UUID that exists, ENOSPC when no instance is available.
+``bus/mdev/devices/UUID/remove`` (data: 1)
+    waits while a process holds the instance's group open (as the kernel waits for
+    its device fds), then takes all of that away again.
+
 Holders: as in the kernel, an unbind from vfio-pci waits while a process
 holds the device's group open (here: any fd on the fake ``/dev/vfio/N``, found
 in the system's ``/proc``); the kernel's request to the holder has no
@@ -42,7 +52,8 @@ with `device_in_flight` (its unbind from vfio-pci waits); the real kernel's
 word on them is the guest tier's (tests/guest/test_kernels_word_guest.py).
 
 Fault injection is data: ``sim.inject(op, addr, fault)`` with op one of
-``override``, ``unbind``, ``probe``, ``reset`` and a `Fault`: ``error`` (the write fails
+``override``, ``unbind``, ``probe``, ``reset`` (or ``mdev-create`` with ``PARENT/TYPE``,
+``mdev-remove`` with a UUID, for `addr`) and a `Fault`: ``error`` (the write fails
 with EIO), ``block`` (the write hangs for `delay` seconds, so the caller's
 timeout fires), ``nobind`` (the probe binds nothing), ``vanish`` (the device
 disappears before the write), ``slow`` (the write succeeds after `delay`).
@@ -63,14 +74,28 @@ from typing import TYPE_CHECKING, Callable
 import attrs
 
 from ..address import PciAddress
-from ..sysfs import Kernel, Roots, classify_write
-from ..sysfs.write import GroupClaim, ThreadUnbind, Unbinding
+from ..sysfs import Kernel, Roots, classify_mdev_write, classify_write
+from ..sysfs.mdev import instance_group as mdev_instance_group
+from ..sysfs.write import GroupClaim, MdevControl, ThreadUnbind, Unbinding
 from ..sysfs.procs import open_files
 from ..sysfs.read import _readlink
 
 if TYPE_CHECKING:
     from ..udev import EventHandler
     from .hosts.builder import Fn, HostSpec
+
+
+class _SimMdev(MdevControl):
+    """The simulated kernel's instances: a removal begun by the ladder is written by a thread."""
+
+    def __init__(self, roots: Roots, write: Callable[[str, str, str], None],
+                 write_file: Callable[[str, str], None]):
+        super().__init__(roots, write)
+        self._write_file = write_file
+
+    def start_remove(self, uuid: str) -> Unbinding:
+        rel = self.remove_rel(uuid)
+        return ThreadUnbind(lambda: self._write_file(rel, "1"))
 
 
 @attrs.define
@@ -85,7 +110,7 @@ class SimKernel(Kernel):
                  write_timeout: float = 2.0, bind_timeout: float = 0.5):
         super().__init__(roots, write_timeout=write_timeout, bind_timeout=bind_timeout)
         self.native = dict(native)
-        self.faults: dict[tuple[str, PciAddress], Fault] = {}
+        self.faults: dict[tuple[str, PciAddress | str], Fault] = {}
         self.writes: list[tuple[str, str]] = []
         self.resets: list[PciAddress] = []
         self.vf_table: dict[PciAddress, list[Fn]] = {}    # PF -> the VFs its hardware can show (host table)
@@ -99,6 +124,7 @@ class SimKernel(Kernel):
         self.claimed: collections.Counter[int] = collections.Counter()     # vfiod's own opens of a group node
         self.in_flight: collections.Counter[int] = collections.Counter()   # group files no process has
         self.device_in_flight: set[PciAddress] = set()                     # device fds no process has
+        self.mdev = _SimMdev(self.roots, self._write, self._write_file)
 
     @classmethod
     def for_spec(cls, spec: HostSpec, roots: Roots, **kw: float) -> "SimKernel":
@@ -109,15 +135,27 @@ class SimKernel(Kernel):
                 k.vf_table.setdefault(fn.vf_of, []).append(fn)
         return k
 
-    def inject(self, op: str, addr: PciAddress, fault: Fault) -> None:
+    def inject(self, op: str, addr: PciAddress | str, fault: Fault) -> None:
         self.faults[(op, addr)] = fault
 
-    def _fault(self, op: str, addr: PciAddress) -> Fault | None:
+    def _fault(self, op: str, addr: PciAddress | str) -> Fault | None:
         f = self.faults.get((op, addr))
         if f is None or f.count <= 0:
             return None
         f.count -= 1
         return f
+
+    def _fire(self, op: str, addr: PciAddress | str) -> Fault | None:
+        """The fault injected for this write, if any: ``error`` and ``block`` fail it here,
+        ``slow`` delays it; the caller acts on the others."""
+        fault = self._fault(op, addr)
+        if fault and fault.kind == "error":
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        if fault and fault.kind in ("block", "slow"):
+            time.sleep(fault.delay)
+            if fault.kind == "block":
+                raise OSError(errno.EINTR, "interrupted after blocking (injected)")
+        return fault
 
     # ---- paths
 
@@ -143,19 +181,15 @@ class SimKernel(Kernel):
         if self.write_log:
             with open(self.write_log, "a") as f:
                 f.write(f"{rel}\t{data.strip()}\n")
+        if rel.startswith(("class/mdev_bus/", "bus/mdev/")):
+            self._apply_mdev(rel, data)
+            return
         parts = rel.split("/")
         writable, addr = classify_write(rel, data)
         op = writable.op
-        fault = self._fault(op, addr)
-        if fault:
-            if fault.kind == "vanish":
-                self.remove_device(addr)
-            elif fault.kind == "error":
-                raise OSError(errno.EIO, "Input/output error (injected)")
-            elif fault.kind in ("block", "slow"):
-                time.sleep(fault.delay)
-                if fault.kind == "block":
-                    raise OSError(errno.EINTR, "interrupted after blocking (injected)")
+        fault = self._fire(op, addr)
+        if fault and fault.kind == "vanish":
+            self.remove_device(addr)
         if op == "unbind" and parts[3] == "vfio-pci" and self.holders_block:
             self._wait_for_holders(addr)
         with self._lock:
@@ -279,6 +313,93 @@ class SimKernel(Kernel):
         except OSError:
             return []
         return [n for n in names if self.driver_of(PciAddress.from_sysfs_name(n)) == "vfio-pci"]
+
+    # ---- mediated devices
+
+    def _apply_mdev(self, rel: str, data: str) -> None:
+        writable, uuid = classify_mdev_write(rel, data)
+        parts = rel.split("/")
+        key = f"{parts[2]}/{parts[4]}" if writable.op == "mdev-create" else uuid
+        self._fire(writable.op, key)
+        if writable.op == "mdev-create":
+            self._mdev_create(os.path.join(self.roots.sysfs, os.path.dirname(rel)), uuid)
+            return
+        group = mdev_instance_group(self.roots, uuid)
+        while group is not None and self.holders_block and self._files_in_processes(group):
+            time.sleep(0.05)
+        self._mdev_remove(uuid)
+
+    def _mdev_create(self, type_dir: str, uuid: str) -> None:
+        with self._lock:
+            bus = os.path.join(self.roots.sysfs, "bus/mdev/devices")
+            if not os.path.isdir(type_dir):
+                raise OSError(errno.ENOENT, "No such file or directory")
+            if os.path.lexists(os.path.join(bus, uuid)):
+                raise OSError(errno.EEXIST, "File exists")
+            avail_path = os.path.join(type_dir, "available_instances")
+            with open(avail_path) as f:
+                available = int(f.read().strip() or 0)
+            if available <= 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            parent = os.path.dirname(os.path.dirname(os.path.realpath(type_dir)))
+            node = os.path.join(parent, uuid)
+            os.makedirs(node)
+            open(os.path.join(node, "remove"), "w").close()
+            os.symlink(os.path.relpath(os.path.realpath(type_dir), node), os.path.join(node, "mdev_type"))
+            groups = os.path.join(self.roots.sysfs, "kernel/iommu_groups")
+            used = {int(n) for n in os.listdir(groups) if n.isdigit()} if os.path.isdir(groups) else set()
+            group = next(n for n in range(len(used) + 1) if n not in used)
+            gdir = os.path.join(groups, str(group), "devices")
+            os.makedirs(gdir)
+            os.symlink(os.path.relpath(os.path.join(groups, str(group)), node), os.path.join(node, "iommu_group"))
+            os.symlink(os.path.relpath(node, gdir), os.path.join(gdir, uuid))
+            os.symlink(os.path.relpath(node, bus), os.path.join(bus, uuid))
+            devs = os.path.join(os.path.realpath(type_dir), "devices")
+            os.symlink(os.path.relpath(node, devs), os.path.join(devs, uuid))
+            with open(avail_path, "w") as f:
+                f.write(f"{available - 1}\n")
+            path = self.vfio_group_path(group)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            os.chmod(path, 0o600)
+
+    def _mdev_remove(self, uuid: str) -> None:
+        with self._lock:
+            link = os.path.join(self.roots.sysfs, "bus/mdev/devices", uuid)
+            if not os.path.lexists(link):
+                raise OSError(errno.ENODEV, "No such device")
+            node = os.path.realpath(link)
+            type_dir = os.path.realpath(os.path.join(node, "mdev_type"))
+            group = mdev_instance_group(self.roots, uuid)
+            for gone in (link, os.path.join(type_dir, "devices", uuid)):
+                try:
+                    os.unlink(gone)
+                except FileNotFoundError:
+                    pass
+            if group is not None:
+                shutil.rmtree(os.path.join(self.roots.sysfs, "kernel/iommu_groups", str(group)), ignore_errors=True)
+                try:
+                    os.unlink(self.vfio_group_path(group))
+                except FileNotFoundError:
+                    pass
+            shutil.rmtree(node, ignore_errors=True)
+            avail_path = os.path.join(type_dir, "available_instances")
+            with open(avail_path) as f:
+                available = int(f.read().strip() or 0)
+            with open(avail_path, "w") as f:
+                f.write(f"{available + 1}\n")
+
+    def create_mdev_behind_vfiods_back(self, kind: str, uuid: str) -> None:
+        """Someone else (an admin, ``mdevctl start``) makes an instance of ``PARENT/TYPE``."""
+        parent, mtype = kind.split("/")
+        self._mdev_create(os.path.join(self.roots.sysfs, "class/mdev_bus", parent, "mdev_supported_types", mtype),
+                          uuid)
+
+    def mdev_instances(self) -> dict[str, int | None]:
+        """Every instance now: its UUID -> its group (what tests compare before and after)."""
+        bus = os.path.join(self.roots.sysfs, "bus/mdev/devices")
+        names = sorted(os.listdir(bus)) if os.path.isdir(bus) else []
+        return {u: mdev_instance_group(self.roots, u) for u in names}
 
     # ---- the rest of the kernel's behaviour
 

@@ -42,13 +42,14 @@ from .read import HostFacts, Roots, SysfsReader, pci_ancestor, read_pci_ids_file
 if TYPE_CHECKING:
     from .procs import USER_UIDS, Holder, MemlockGrant, Proven, Search
     from .usage import device_usage
-    from .write import KERNELS_CHOICE, NO_DRIVER, WRITABLE, GroupClaim, GroupHeld, Kernel, Unbinding, Writable, classify_write
+    from .write import (KERNELS_CHOICE, MDEV_WRITABLE, NO_DRIVER, WRITABLE, GroupClaim, GroupHeld, Kernel, Unbinding,
+                        Writable, classify_mdev_write, classify_write)
 
 _LATER = {
     **dict.fromkeys(("USER_UIDS", "Holder", "MemlockGrant", "Proven", "Search"), "procs"),
     "device_usage": "usage",
-    **dict.fromkeys(("KERNELS_CHOICE", "NO_DRIVER", "WRITABLE", "GroupClaim", "GroupHeld", "Kernel", "Unbinding", "Writable",
-                     "classify_write"), "write"),
+    **dict.fromkeys(("KERNELS_CHOICE", "MDEV_WRITABLE", "NO_DRIVER", "WRITABLE", "GroupClaim", "GroupHeld", "Kernel",
+                     "Unbinding", "Writable", "classify_mdev_write", "classify_write"), "write"),
 }
 
 
@@ -61,5 +62,5 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["ConfigInfo", "GroupClaim", "GroupHeld", "Holder", "Proven", "Search", "USER_UIDS", "HostFacts", "KERNELS_CHOICE", "Kernel", "MemlockGrant", "NO_DRIVER", "RawDevice", "Roots", "SysfsReader", "Unbinding", "VFIO_DRIVERS",
+__all__ = ["MDEV_WRITABLE", "classify_mdev_write", "ConfigInfo", "GroupClaim", "GroupHeld", "Holder", "Proven", "Search", "USER_UIDS", "HostFacts", "KERNELS_CHOICE", "Kernel", "MemlockGrant", "NO_DRIVER", "RawDevice", "Roots", "SysfsReader", "Unbinding", "VFIO_DRIVERS",
            "WRITABLE", "Writable", "classify_write", "device_usage", "interface_address", "pci_ancestor", "read_pci_ids_file"]

@@ -28,6 +28,7 @@ class Roots:
     proc: str = "/proc"
     dev: str = "/dev"
     run: str = "/run/vfiod"
+    etc: str = "/etc"               # where mdevctl keeps its definitions (``mdevctl.d``)
 
 
 @attrs.frozen

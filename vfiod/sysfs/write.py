@@ -19,6 +19,7 @@ from ..errors import InvalidAddress, InvalidArgument, KernelError
 from .device import VFIO_DRIVERS
 from .read import Roots, SysfsReader, _int, _readlink, _text
 from .cdev import DEV_WRITABLE, DevNodes
+from .mdev import UUID, InstanceNow, MdevKind, MdevType, instance_now, mdevctl_defined, mdevctl_dir, read_type
 from .procs import Holder, MemlockGrant, Search, find_holders, grant_memlock, restore_memlock, signal_holder
 from .usage import device_usage
 
@@ -30,6 +31,7 @@ from .usage import device_usage
 
 _BDF = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
 _DRIVER = r"[A-Za-z0-9_.-]{1,64}"
+_MDEV_NAME = r"[A-Za-z0-9_.:+-]{1,64}"
 
 
 @attrs.frozen
@@ -62,6 +64,29 @@ WRITABLE: tuple[Writable, ...] = (
     Writable("unbind", re.compile(rf"bus/pci/drivers/(?P<driver>{_DRIVER})/unbind")),
     Writable("probe", re.compile(r"bus/pci/drivers_probe")),
 )
+
+
+#: What vfiod may write for mediated devices (the instance is named by the data or the path):
+#:   mdev-create  class/mdev_bus/PARENT/mdev_supported_types/TYPE/create: make instance UUID (the data)
+#:   mdev-remove  bus/mdev/devices/UUID/remove (data: 1): remove the instance (waits while it is open)
+MDEV_WRITABLE: tuple[Writable, ...] = (
+    Writable("mdev-create", re.compile(rf"class/mdev_bus/(?P<parent>{_MDEV_NAME})/mdev_supported_types/"
+                                       rf"(?P<type>{_MDEV_NAME})/create")),
+    Writable("mdev-remove", re.compile(rf"bus/mdev/devices/(?P<uuid>{UUID.pattern})/remove")),
+)
+
+
+def classify_mdev_write(rel: str, data: str) -> tuple[Writable, str]:
+    """The `MDEV_WRITABLE` entry a write to `rel` falls under, and the instance's UUID;
+    `KernelError` for anything else (a name of ``.`` or ``..`` included)."""
+    for w in MDEV_WRITABLE:
+        m = w.path.fullmatch(rel)
+        if m is None or any(v in (".", "..") for v in m.groupdict().values()):
+            continue
+        uuid = m.groupdict().get("uuid") or data.strip()
+        if UUID.fullmatch(uuid) and (w.op == "mdev-create" or data.strip() == "1"):
+            return w, uuid
+    raise KernelError(f"refusing to write {rel!r}: not a path vfiod writes")
 
 
 def classify_write(rel: str, data: str) -> tuple[Writable, PciAddress]:
@@ -102,6 +127,7 @@ class Kernel:
         self.roots = roots or Roots()
         self.reader = SysfsReader(self.roots)
         self.nodes = DevNodes(self.roots)        # the cdevs and iommufd, and ACLs on VFIO nodes
+        self.mdev = MdevControl(self.roots, self._write)    # mediated device instances
         self.write_timeout = write_timeout
         self.bind_timeout = bind_timeout
 
@@ -115,7 +141,10 @@ class Kernel:
             os.close(fd)
 
     def _write(self, rel: str, data: str, what: str, timeout: float | None = None) -> None:
-        classify_write(rel, data)
+        if rel.startswith(("class/mdev_bus/", "bus/mdev/")):
+            classify_mdev_write(rel, data)
+        else:
+            classify_write(rel, data)
         timeout = self.write_timeout if timeout is None else timeout
         result: list[OSError | None] = []
 
@@ -395,6 +424,54 @@ class Kernel:
         return device_usage(self.roots, addr)
 
 
+
+
+class MdevControl:
+    """Mediated device instances (`vfiod.sysfs.mdev`): what the kernel shows now, and the
+    two writes, each through `Kernel._write` (the `MDEV_WRITABLE` table)."""
+
+    def __init__(self, roots: Roots, write: Callable[[str, str, str], None]):
+        self.roots = roots
+        self._write = write
+
+    def type(self, kind: MdevKind) -> MdevType | None:
+        """The type as sysfs shows it now (None: the parent has no such type)."""
+        return read_type(self.roots, kind)
+
+    def instance(self, uuid: str) -> InstanceNow | None:
+        """The instance named `uuid` as sysfs shows it now (None: there is none)."""
+        return instance_now(self.roots, uuid)
+
+    def mdevctl_defined(self) -> frozenset[str]:
+        """The UUIDs mdevctl defines persistently: the admin's, never vfiod's to remove."""
+        return mdevctl_defined(mdevctl_dir(self.roots))
+
+    def create(self, kind: MdevKind, uuid: str) -> None:
+        """Make an instance of `kind` named `uuid` (the kernel adds and probes it before
+        the write returns)."""
+        self._write(kind.create_rel, uuid, f"mdev {kind}: creating {uuid}")
+
+    def remove(self, uuid: str) -> None:
+        """Remove instance `uuid` (the kernel waits while a device fd of it is open)."""
+        self._write(self.remove_rel(uuid), "1", f"mdev {uuid}: removing")
+
+    @staticmethod
+    def remove_rel(uuid: str) -> str:
+        rel = f"bus/mdev/devices/{uuid}/remove"
+        classify_mdev_write(rel, "1")
+        return rel
+
+    def start_remove(self, uuid: str) -> Unbinding:
+        """Begin removing instance `uuid` without waiting (the revoke ladder's ask, as
+        `Kernel.start_unbind` is for a PCI device): a child process writes, so a vfiod
+        killed meanwhile leaves nothing blocked in itself."""
+        import subprocess
+
+        proc = subprocess.Popen(["/bin/sh", "-c", 'printf 1 > "$1"', "vfiod-mdev-remove",
+                                 os.path.join(self.roots.sysfs, self.remove_rel(uuid))],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                close_fds=True, start_new_session=True)
+        return _ChildUnbind(proc)
 
 
 class GroupClaim:

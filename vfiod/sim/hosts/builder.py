@@ -198,6 +198,20 @@ _SPEED_CODES = {gts: code for code, gts in k.LINK_SPEEDS.items()}
 
 
 @attrs.frozen
+class MdevParent:
+    """A parent driver of mediated devices (the kernel's mtty sample, say): its types, each
+    (sysfs name, its own words, how many instances it can make)."""
+
+    name: str
+    types: tuple[tuple[str, str, int], ...]
+    device_api: str = "vfio-pci"
+
+
+#: The kernel's mtty sample as it registers (its parent is a virtual device).
+MTTY = MdevParent("mtty", (("mtty-1", "Single port serial", 24), ("mtty-2", "Dual port serial", 12)))
+
+
+@attrs.frozen
 class HostSpec:
     """A whole fake host: its PCI table and what the host itself uses."""
 
@@ -214,6 +228,8 @@ class HostSpec:
     #: a USB controller with a disk whose partition is mounted on /media/usb (its node
     #: sits ten levels below the controller's)
     usb_disk: PciAddress | None = None
+    #: parents of mediated devices (`vfiod.sim.kernel` creates and removes their instances)
+    mdev_parents: tuple[MdevParent, ...] = ()
 
     @classmethod
     def from_table(cls, name: str, description: str, table: str, root_disk: PciAddress | None = None,
@@ -299,7 +315,9 @@ def build(spec: HostSpec, root: str) -> k.Roots:
     if spec.iommu:
         _write(os.path.join(devd, "vfio/vfio"), "")
         os.chmod(os.path.join(devd, "vfio/vfio"), 0o666)
-    return k.Roots(sysfs=sysd, proc=procd, dev=devd, run=os.path.join(root, "run/vfiod"))
+    for parent in spec.mdev_parents:
+        add_mdev_parent(sysd, parent)
+    return k.Roots(sysfs=sysd, proc=procd, dev=devd, run=os.path.join(root, "run/vfiod"), etc=os.path.join(root, "etc"))
 
 
 def add_function(sysd: str, fn: Fn, parent_node: str | None, iommu: bool = True,
@@ -350,6 +368,21 @@ def _depth_key(by_addr: dict[PciAddress, Fn]) -> Callable[[Fn], tuple[int, PciAd
             p = by_addr[p].parent
         return (d, fn.addr)
     return depth
+
+
+def add_mdev_parent(sysd: str, parent: MdevParent) -> None:
+    """Lay out a parent as the mdev core registers one: ``devices/virtual/NAME/NAME`` with
+    its ``mdev_supported_types``, linked from ``class/mdev_bus/NAME``."""
+    node = os.path.join(sysd, "devices/virtual", parent.name, parent.name)
+    for t, words, available in parent.types:
+        d = os.path.join(node, "mdev_supported_types", t)
+        os.makedirs(os.path.join(d, "devices"))
+        _write(os.path.join(d, "name"), words + "\n")
+        _write(os.path.join(d, "device_api"), parent.device_api + "\n")
+        _write(os.path.join(d, "available_instances"), f"{available}\n")
+        _write(os.path.join(d, "create"), "")
+    os.makedirs(os.path.join(sysd, "bus/mdev/devices"), exist_ok=True)
+    _link(os.path.join(sysd, "class/mdev_bus", parent.name), node)
 
 
 def _ensure_driver(drv: str) -> None:
