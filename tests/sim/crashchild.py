@@ -25,7 +25,7 @@ from .test_leases import BRIDGE3
 
 def main(root, state, crash_at, what="group"):
     spec, target = (MDEV_HOST, "mdev:mtty/mtty-2") if what == "mdev" else (BRIDGE3, "group:2")
-    roots = Roots(root + "/sys", root + "/proc", root + "/dev", root + "/etc")
+    roots = Roots(root + "/sys", root + "/proc", root + "/dev", etc=root + "/etc")
     kernel = SimKernel.for_spec(spec, roots)
     writes = [0]
 

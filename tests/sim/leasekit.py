@@ -46,7 +46,7 @@ class Kit:
             self.roots = hosts.build_spec(self.spec, self.root)
         else:
             from vfiod.sysfs import Roots
-            self.roots = Roots(self.root + "/sys", self.root + "/proc", self.root + "/dev", self.root + "/etc")
+            self.roots = Roots(self.root + "/sys", self.root + "/proc", self.root + "/dev", etc=self.root + "/etc")
         self.kernel = SimKernel.for_spec(self.spec, self.roots, **kw)
         self.state_path = str(tmp_path / "state" / "state.db")
         self.journal = Journal(self.state_path)

@@ -40,7 +40,7 @@ def _mtty(tmp_path):
     etc.mkdir(parents=True)
     (etc / UUID2).write_text('{"mdev_type": "mtty-2", "start": "auto"}\n')
     (etc / "not-a-uuid").write_text("")
-    return (Roots(str(sysfs), str(tmp_path / "proc"), str(tmp_path / "dev"), str(tmp_path / "etc")),
+    return (Roots(str(sysfs), str(tmp_path / "proc"), str(tmp_path / "dev"), etc=str(tmp_path / "etc")),
             str(tmp_path / "etc/mdevctl.d"))
 
 

@@ -35,7 +35,7 @@ def test_every_good_file_loads(name):
 def test_the_good_files_load_together():
     pol = Policy.load(GOOD, users=USERS)
     assert [os.path.basename(f) for f in pol.files] == GOOD_FILES
-    assert len(pol.rules) == 31 and len(pol.resources) == 5 and len(pol.claims) == 5
+    assert len(pol.rules) == 33 and len(pol.resources) == 5 and len(pol.claims) == 5
     assert sorted(pol.pools) == ["later", "nics", "one-vf"] and [g.name for g in pol.admin_groups] == ["wheel"]
     assert all(re.fullmatch(rf"{re.escape(GOOD)}/\d\d-[a-z-]+\.toml:\d+", r.source) for r in pol.rules)
 

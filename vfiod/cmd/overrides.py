@@ -36,7 +36,7 @@ def cmd_overrides(args: argparse.Namespace) -> int:
     from .common import host_roots
 
     with host_roots(args) as roots:
-        roots = Roots(roots.sysfs, roots.proc, roots.dev, args.run_dir) if not args.simulate else roots
+        roots = Roots(roots.sysfs, roots.proc, roots.dev, run=args.run_dir, etc=roots.etc) if not args.simulate else roots
         found = overrides_now(roots)
         leased = _leased_devices(args) if found else set()
         driverctl = driverctl_overrides(args.etc_root)
