@@ -13,9 +13,24 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
+
+
+def _systemd_dir() -> str:
+    """Where the package puts systemd's files on this release (debian/rules): under /usr
+    where debhelper is 13.11.6 or later (Debian 13), else /lib (Debian 12)."""
+    try:
+        version = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "debhelper"], capture_output=True,
+                                 text=True, timeout=30).stdout
+        newer = subprocess.run(["dpkg", "--compare-versions", version, "ge", "13.11.6~"], timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        newer = False
+    return "usr/lib/systemd" if newer else "lib/systemd"
+
+
+SYSTEMD = _systemd_dir()
 EXPECTED = [
     "./usr/bin/vfiod", "./usr/bin/vfioctl",
-    "./lib/systemd/system/vfiod.service", "./lib/systemd/system-generators/vfiod-sysfs-generator",
+    f"./{SYSTEMD}/system/vfiod.service", f"./{SYSTEMD}/system-generators/vfiod-sysfs-generator",
     "./usr/share/dbus-1/system.d/org.vfiod1.conf",
     "./usr/share/dbus-1/system-services/org.vfiod1.service",
     "./usr/lib/tmpfiles.d/vfiod.conf", "./usr/lib/modules-load.d/vfiod.conf",
@@ -99,7 +114,7 @@ def test_the_installed_programs_and_backends_work(deb, tmp_path):
     """Unpacked (not installed): the programs run on Debian's Python and find the
     built-in backends through their entry points."""
     subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path)], check=True)
-    unit = (tmp_path / "lib/systemd/system/vfiod.service").read_text()
+    unit = (tmp_path / SYSTEMD / "system/vfiod.service").read_text()
     assert "ExecStart=/usr/bin/vfiod --bus system" in unit and "ExecReload=/usr/bin/vfiod reload" in unit
     # dh-python writes "#!/usr/bin/python3" on Debian 12, "#! /usr/bin/python3" on Debian 13
     assert re.match(r"#! ?/usr/bin/python3\n", (tmp_path / "usr/bin/vfiod").read_text())

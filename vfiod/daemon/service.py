@@ -110,9 +110,14 @@ class Service:
     def refresh(self, groups: Iterable[int] | None = None) -> None:
         self.snapshot.refresh(groups)
 
+    #: seconds between a call's end and the rescan it causes: time for its reply to go out
+    #: first, so the rescan's thread does not compete with it for the interpreter
+    REFRESH_AFTER = 0.05
+
     def refresh_soon(self, groups: Iterable[int] | None = None) -> None:
         """Refresh after the reply has gone out: callers do not wait for the rescan."""
-        asyncio.get_running_loop().run_in_executor(None, self.snapshot.refresh, groups)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.REFRESH_AFTER, loop.run_in_executor, None, self.snapshot.refresh, groups)
 
     def _changed_in_thread(self, old: Host, new: Host, groups: list[int] | None) -> None:
         if self.loop:
