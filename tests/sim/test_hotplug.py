@@ -115,3 +115,25 @@ def test_events_after_the_daemon_stopped_touch_neither_the_journal_nor_the_log(t
     lease = run(tmp_path, scenario)
     assert lease.id
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= 40], caplog.text
+
+
+def test_a_lease_rescans_its_group_once_not_for_each_of_its_own_driver_changes(tmp_path):
+    """The binds and unbinds of a grant are vfiod's own: the group is rescanned when the
+    grant ends, not once per burst of its events (each rescan competed with the reply)."""
+    async def scenario(service, kernel, ended, loop):
+        before = service.scans["partial"]
+        await service.request(USER, "group:8", "vfio", {})
+        await until(lambda: service.scans["partial"] > before)
+        await asyncio.sleep(0.5)
+        assert service.scans["partial"] - before == 1
+        assert service.host.devices[A("0000:04:00.0")].driver == "vfio-pci"
+    run(tmp_path, scenario)
+
+
+def test_a_device_removed_while_vfiod_moves_its_group_is_still_rescanned(tmp_path):
+    async def scenario(service, kernel, ended, loop):
+        with service.manager.group_lock(8):          # as during a grant or a release
+            assert service.manager.is_busy(8)
+            await loop.run_in_executor(None, kernel.remove_device, A("0000:05:00.0"))
+            await until(lambda: A("0000:05:00.0") not in service.host.devices)
+    run(tmp_path, scenario)

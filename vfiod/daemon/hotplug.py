@@ -5,8 +5,8 @@ that changes driver while vfiod is not moving it ends its lease (``tampered``),
 which puts the group back as it was before the lease.  A device added at a held
 address, or changing driver, is first judged as at start (`vfiod.leases.identity`): one
 that is not the device leased ends the lease as ``replaced`` and is not touched.  The snapshot is
-refreshed for the touched groups only, once per burst of events, and not while vfiod
-itself moves the group's devices (the move refreshes it when it ends)."""
+refreshed for the touched groups only, once per burst of events, and not for the driver
+changes of a group vfiod itself is moving (the move refreshes it when it ends)."""
 
 from __future__ import annotations
 
@@ -56,8 +56,10 @@ class Hotplug:
                 asyncio.get_running_loop().call_later(self.TAMPER_GRACE, self._judge_driver_change,
                                                       lease.id, addr, held)
         # A group vfiod is moving right now is rescanned once when the move ends (the
-        # grant's or release's own refresh): its devices' events on the way are vfiod's.
-        if group is not None and not self.manager.is_busy(group):
+        # grant's or release's own refresh): the driver changes on the way are vfiod's.
+        # A device added or removed meanwhile is not, and is rescanned as always.
+        ours = action in ("bind", "unbind") and group is not None and self.manager.is_busy(group)
+        if group is not None and not ours:
             if not self._dirty:
                 asyncio.get_running_loop().call_soon(self._flush)
             self._dirty.add(group)
