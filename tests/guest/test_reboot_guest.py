@@ -188,8 +188,7 @@ try:
     stack = Stack(W, {"50-nic.toml": rule})
     # The state the last boot left.
     if os.path.isdir(f"{OUT}/state"):
-        for name in os.listdir(f"{OUT}/state"):
-            shutil.copy(f"{OUT}/state/{name}", f"{W}/state/{name}")
+        shutil.copytree(f"{OUT}/state", f"{W}/state", dirs_exist_ok=True)   # early.d/ too
         res["journal_at_boot"] = journal(f"{W}/state/state.db")
     watch = Watch(stack.address)
     res["ready"] = stack.start(on_ready=at_ready)
@@ -229,9 +228,7 @@ finally:
     try:
         res["journal"] = journal(f"{W}/state/state.db")
         shutil.rmtree(f"{OUT}/state", ignore_errors=True)
-        os.makedirs(f"{OUT}/state")
-        for name in os.listdir(f"{W}/state"):
-            shutil.copy(f"{W}/state/{name}", f"{OUT}/state/{name}")
+        shutil.copytree(f"{W}/state", f"{OUT}/state")
     except Exception:
         res["errors"].append("keeping the state: " + traceback.format_exc())
     res["seconds"] = round(time.monotonic() - t0, 1)
