@@ -110,14 +110,17 @@ class Service:
     def refresh(self, groups: Iterable[int] | None = None) -> None:
         self.snapshot.refresh(groups)
 
-    #: seconds between a call's end and the rescan it causes: time for its reply to go out
-    #: first, so the rescan's thread does not compete with it for the interpreter
+    #: seconds between a grant's or release's end and the rescan of its group: time for the
+    #: reply to go out first, so the rescan's thread does not compete with it for the
+    #: interpreter (hotplug events are rescanned at once)
     REFRESH_AFTER = 0.05
 
-    def refresh_soon(self, groups: Iterable[int] | None = None) -> None:
-        """Refresh after the reply has gone out: callers do not wait for the rescan."""
+    def refresh_soon(self, groups: Iterable[int] | None = None, after_reply: bool = False) -> None:
+        """Refresh in a worker: callers do not wait for the rescan (`after_reply`: not
+        before `REFRESH_AFTER` has passed)."""
         loop = asyncio.get_running_loop()
-        loop.call_later(self.REFRESH_AFTER, loop.run_in_executor, None, self.snapshot.refresh, groups)
+        loop.call_later(self.REFRESH_AFTER if after_reply else 0, loop.run_in_executor, None,
+                        self.snapshot.refresh, groups)
 
     def _changed_in_thread(self, old: Host, new: Host, groups: list[int] | None) -> None:
         if self.loop:
@@ -207,7 +210,7 @@ class Service:
             if pidfd is not None and pidfd not in (caller.pidfd, terms.pidfd):
                 os.close(pidfd)            # opened here; the bus's and the caller's are closed by their owners
         self._warnings[lease.id] = warnings
-        self.refresh_soon([lease.group])
+        self.refresh_soon([lease.group], after_reply=True)
         self.objects.lease_granted(lease)
         self.update_status()
         return lease
@@ -307,7 +310,7 @@ class Service:
     async def release(self, caller: Caller, lease_id: str) -> None:
         lease = self.manager.get(lease_id)
         await self._run(self.manager.release, lease_id, caller)
-        self.refresh_soon([lease.group])
+        self.refresh_soon([lease.group], after_reply=True)
 
     def _on_loop(self, fn: Callable[[_T], None]) -> Callable[[_T], None]:
         """`fn`, called from a worker thread, run on the event loop (not once the daemon stopped)."""
