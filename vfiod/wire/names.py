@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
-from typing import TypedDict
-
-from dbus_next import BusType
+from typing import TYPE_CHECKING, TypedDict
 
 from ..address import PciAddress
 from ..errors import NotFound
+
+if TYPE_CHECKING:
+    from dbus_next import BusType
 
 BUS_NAME = "org.vfiod1"
 ROOT = "/org/vfiod1"
@@ -28,6 +29,7 @@ class BusArgs(TypedDict, total=False):
 
 def bus_args(spec: str) -> BusArgs:
     """MessageBus arguments for ``system``, ``session`` or a bus address."""
+    from dbus_next import BusType  # here, not at the top: names are read by commands that never connect
     if spec == "system":
         return {"bus_type": BusType.SYSTEM}
     if spec == "session":
