@@ -45,11 +45,14 @@ class PciAddress:
     _name: str = attrs.field(init=False, eq=False, repr=False, hash=False)
 
     def __attrs_post_init__(self) -> None:
-        for (name, limit), value in zip(_LIMITS, (self.domain, self.bus, self.slot, self.function)):
-            if type(value) is not int or not 0 <= value <= limit:
-                raise InvalidAddress(f"PCI {name} {value!r} is out of range")
-        object.__setattr__(self, "_key", (self.domain, self.bus, self.slot, self.function))
-        object.__setattr__(self, "_name", f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}")
+        key = d, b, s, f = (self.domain, self.bus, self.slot, self.function)
+        if not (type(d) is int and type(b) is int and type(s) is int and type(f) is int
+                and 0 <= d <= 0xFFFF and 0 <= b <= 0xFF and 0 <= s <= 0x1F and 0 <= f <= 0x7):
+            for (name, limit), value in zip(_LIMITS, key):
+                if type(value) is not int or not 0 <= value <= limit:
+                    raise InvalidAddress(f"PCI {name} {value!r} is out of range")
+        object.__setattr__(self, "_key", key)
+        object.__setattr__(self, "_name", "%04x:%02x:%02x.%x" % key)
 
     @classmethod
     def parse(cls, text: object) -> "PciAddress":

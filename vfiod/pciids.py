@@ -69,6 +69,7 @@ class PciIds:
         return self._line_name(data, pos + 1, 7) if pos >= 0 else None
 
     @lru_cache(maxsize=512)
+    @lru_cache(maxsize=1024)
     def class_name(self, class_code: int) -> str:
         base, sub = (class_code >> 16) & 0xFF, (class_code >> 8) & 0xFF
         block = self._block(b"C %02x  " % base)
@@ -80,6 +81,7 @@ class PciIds:
             return self._line_name(data, block[0], 6)
         return FALLBACK_CLASSES.get(base, f"Class {class_code >> 8:04x}")
 
+    @lru_cache(maxsize=8192)
     def describe(self, vendor: int | None, device: int | None) -> str:
         """'Vendor Device' in words, or the numbers where the names are unknown."""
         if vendor is None or device is None:

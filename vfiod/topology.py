@@ -226,6 +226,7 @@ class _Isolation:
         self.unknown: set[PciAddress] = set()
         self._components: dict[PciAddress, set[PciAddress]] | None = None
         self._slots: dict[tuple[PciAddress | None, int, int, int], list[Device]] = defaultdict(list)
+        self._acs_path: dict[PciAddress, bool | None] = {}
         for d in devices.values():
             self._slots[(d.raw.parent, d.addr.domain, d.addr.bus, d.addr.slot)].append(d)
         for addr in sorted(devices):
@@ -282,11 +283,16 @@ class _Isolation:
         return (cfg.acs_ctrl & flags) == flags
 
     def acs_path_enabled(self, dev: Device) -> bool | None:
-        for d in (dev, *self._ancestors(dev)):
-            ok = self.acs_enabled(d)
-            if not ok:
-                return ok
-        return True
+        """ACS on `dev` and every bridge above it (asked once per bridge: the functions
+        below one port share the answer)."""
+        addr = dev.addr
+        if addr in self._acs_path:
+            return self._acs_path[addr]
+        ok = self._acs_path[addr] = self.acs_enabled(dev)      # also ends a loop of parents
+        if ok and dev.raw.parent is not None and dev.raw.parent in self.devices:
+            ok = self.acs_path_enabled(self.devices[dev.raw.parent])
+        self._acs_path[addr] = ok
+        return ok
 
     def _place(self, dev: Device) -> None:
         # 1. DMA alias through a PCIe-to-PCI or conventional bridge.

@@ -192,6 +192,7 @@ class DeviceReads:
         self.batch = patience.batch()
         self.late: list[tuple[int, str, str]] = []
         self._pf_config: dict[PciAddress, ConfigInfo] = {}
+        self._vf_configs: dict[PciAddress, ConfigInfo] = {}
         self._count = 0
         self._vfs_of: dict[PciAddress, list[PciAddress]] = {}
 
@@ -224,16 +225,6 @@ class DeviceReads:
                 break
         f["parent"] = parent
 
-        def num(name: str, base: int = 16) -> int | None:
-            text = read_at(dfd, name)
-            if text is None:
-                return None
-            try:
-                return int(text, 0 if base == 16 else base)
-            except ValueError:
-                problems.append(f"{name} unreadable")
-                return None
-
         link = readlink_at(dfd, "physfn")
         physfn = f["physfn"] = addr_or_none(link.rpartition("/")[2]) if link else None
         raw: bytes | None = None
@@ -241,16 +232,16 @@ class DeviceReads:
             raw = self._config(dfd, addr, problems, f)
         else:
             self._vfs_of.setdefault(physfn, []).append(addr)
-            pf = self._pf_config.get(physfn)
-            f["config"] = (ConfigInfo(header_type=0, multifunction=False, pcie_type=pf.pcie_type,
-                                      is_pcie=pf.is_pcie, known=pf.known) if pf else ConfigInfo())
+            f["config"] = self._vf_config(physfn)
         ids = _config_ids(raw)
         revision = raw[8] if raw is not None and len(raw) > 8 else None
         if ids is None:
             ids = _uevent_ids(read_at(dfd, "uevent"))
         if ids is None:                # no uevent (an old fake tree): the attribute files
-            ids = (num("vendor"), num("device"), num("subsystem_vendor"), num("subsystem_device"), num("class"))
-            revision = num("revision") if revision is None else revision
+            ids = (_number(dfd, "vendor", 16, problems), _number(dfd, "device", 16, problems),
+                   _number(dfd, "subsystem_vendor", 16, problems), _number(dfd, "subsystem_device", 16, problems),
+                   _number(dfd, "class", 16, problems))
+            revision = _number(dfd, "revision", 16, problems) if revision is None else revision
         f["vendor"], f["device"], f["subsystem_vendor"], f["subsystem_device"], f["class_code"] = ids
         f["revision"] = revision
 
@@ -277,7 +268,7 @@ class DeviceReads:
         f["boot_vga"] = class_sub == 0x0300 and read_at(dfd, "boot_vga") == b"1\n"
         f["sriov_totalvfs"] = f["sriov_numvfs"] = None
         if physfn is None:
-            total = f["sriov_totalvfs"] = num("sriov_totalvfs", 10)
+            total = f["sriov_totalvfs"] = _number(dfd, "sriov_totalvfs", 10, problems)
             if total is not None:
                 if "config" in f:
                     self._pf_config[addr] = f["config"]
@@ -286,7 +277,7 @@ class DeviceReads:
                 elif not held:
                     self._numvfs(f, read_at(dfd, "sriov_numvfs"), dfd)
         f["virtfns"] = f.get("virtfns", ())
-        f["numa_node"] = num("numa_node", 10)
+        f["numa_node"] = _number(dfd, "numa_node", 10, problems)
         f["link"] = None if physfn else _link(dfd, f["config"])
         has_net = class_sub >> 8 == 0x02 and driver is not None and driver not in VFIO_DRIVERS
         if not has_net:
@@ -295,6 +286,17 @@ class DeviceReads:
             f["net"] = interfaces_at(dfd) if driver == "virtio-pci" else listdir_at(dfd, "net")
         f["cdev"] = next(iter(listdir_at(dfd, "vfio-dev")), None) if self.cdevs and driver == "vfio-pci" else None
         return f
+
+    def _vf_config(self, physfn: PciAddress) -> ConfigInfo:
+        """What a whole-host scan knows of a VF's configuration space: its PF's PCIe type
+        (one object shared by the PF's VFs)."""
+        cfg = self._vf_configs.get(physfn)
+        if cfg is None:
+            pf = self._pf_config.get(physfn)
+            cfg = (ConfigInfo(header_type=0, multifunction=False, pcie_type=pf.pcie_type, is_pcie=pf.is_pcie,
+                              known=pf.known) if pf else ConfigInfo())
+            self._vf_configs[physfn] = cfg
+        return cfg
 
     def _later(self, index: int, node: str, name: str) -> None:
         self.batch.add(f"{self.sysfs}/{node}/{name}")
@@ -348,6 +350,18 @@ class DeviceReads:
             f["problems"] = tuple(f["problems"])
             out.append(RawDevice(**f))
         return out
+
+def _number(dfd: int, name: str, base: int, problems: list[str]) -> int | None:
+    """An attribute's number (base 16 also takes a ``0x`` prefix); a text that is none is a problem."""
+    text = read_at(dfd, name)
+    if text is None:
+        return None
+    try:
+        return int(text, 0 if base == 16 else base)
+    except ValueError:
+        problems.append(f"{name} unreadable")
+        return None
+
 
 def _link(dfd: int, cfg: ConfigInfo) -> PcieLink | None:
     """The link, from configuration space where it showed it (no system call), else from
