@@ -200,27 +200,27 @@ def _uid(v: object) -> int:
     return v
 
 
-def _namespace_pattern(v: object) -> str:
-    text = _string(v, "a Kubernetes namespace or a pattern such as \"ml-*\"")
-    if not K8S_NAMESPACE_PATTERN.fullmatch(text):
-        raise ValueError(f"not a Kubernetes namespace pattern: {_short(text)} "
-                   "(lower-case letters, digits, '-', and the globs '*' and '?')")
+def _matching(v: object, wanted: str, pattern: re.Pattern[str], refusal: str, hint: str = "") -> str:
+    """`v` as text that `pattern` matches whole; else a ValueError saying what it is not
+    (``not REFUSAL: TEXT (HINT)``)."""
+    text = _string(v, wanted)
+    if not pattern.fullmatch(text):
+        raise ValueError(f"not {refusal}: {_short(text)}" + (f" ({hint})" if hint else ""))
     return text
+
+
+def _namespace_pattern(v: object) -> str:
+    return _matching(v, "a Kubernetes namespace or a pattern such as \"ml-*\"", K8S_NAMESPACE_PATTERN,
+                     "a Kubernetes namespace pattern", "lower-case letters, digits, '-', and the globs '*' and '?'")
 
 
 def _class(v: object) -> str:
-    text = _string(v, "a class code prefix such as \"02\" or \"0300\"")
-    if not _CLASS.fullmatch(text):
-        raise ValueError(f"not a class code prefix: {_short(text)} (2, 4 or 6 hex digits: "
-                         "\"02\" network, \"0300\" VGA, \"0c0330\" xHCI)")
-    return text.lower()
+    return _matching(v, "a class code prefix such as \"02\" or \"0300\"", _CLASS, "a class code prefix",
+                     "2, 4 or 6 hex digits: \"02\" network, \"0300\" VGA, \"0c0330\" xHCI").lower()
 
 
 def _driver(v: object) -> str:
-    text = _string(v, "a driver name")
-    if not _DRIVER.fullmatch(text):
-        raise ValueError(f"not a driver name: {_short(text)}")
-    return text
+    return _matching(v, "a driver name", _DRIVER, "a driver name")
 
 
 _MDEV_GLOB = re.compile(r"[A-Za-z0-9_.:+*?\[\]!-]{1,64}")
