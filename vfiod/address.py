@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from operator import attrgetter
 
 import attrs
 
@@ -126,6 +127,11 @@ class PciAddress:
 
     def __str__(self) -> str:
         return self._name
+
+
+#: A sort key for addresses that orders them as `PciAddress`'s comparisons do, compared in C:
+#: ``sorted(addrs, key=ORDER)`` sorts thousands of them in a fraction of the time.
+ORDER = attrgetter("_key")
 
 
 @lru_cache(maxsize=65536)

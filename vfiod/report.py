@@ -9,7 +9,7 @@ from __future__ import annotations
 import textwrap
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .address import PciAddress
+from .address import ORDER, PciAddress
 from .pciids import PciIds
 from .sysfs.config import PcieLink
 from .sysfs.mdev import MdevType
@@ -80,7 +80,7 @@ def tree_json(host: Host, names: PciIds, original_driver: OriginalDriver | None 
     devices' sysfs nodes) with the functions on it, each bridge or port with those below
     it in ``children``; every function the one device object, IOMMU group or not."""
     children: dict[PciAddress | None, list[PciAddress]] = {}
-    for addr in sorted(host.devices):
+    for addr in sorted(host.devices, key=ORDER):
         parent = host.devices[addr].raw.parent
         children.setdefault(parent if parent in host.devices else None, []).append(addr)
 
@@ -318,7 +318,7 @@ def status_json(host: Host, names: PciIds, active: Callable[[PciAddress], Iterab
     only the devices of those classes."""
     classes = tuple(classes)
     devices = []
-    for addr in sorted(host.devices):
+    for addr in sorted(host.devices, key=ORDER):
         d = host.devices[addr]
         r = d.raw
         if classes and not in_classes(r.class_code, classes):

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
-from .address import PciAddress
+from .address import ORDER, PciAddress
 from . import sysfs as k
 
 VFIO_DRIVERS = frozenset(k.VFIO_DRIVERS)
@@ -175,7 +175,7 @@ class Host:
         engine = _Isolation(devices)
         groups = {}
         for number in sorted(members):
-            addrs = tuple(sorted(members[number]))
+            addrs = tuple(sorted(members[number], key=ORDER))
             groups[number] = _make_group(number, addrs, devices, engine)
         acs_override = any(w.startswith("pcie_acs_override=") for w in facts.cmdline.split())
         findings = _findings(devices, groups, facts, acs_override)
@@ -229,7 +229,7 @@ class _Isolation:
         self._acs_path: dict[PciAddress, bool | None] = {}
         for d in devices.values():
             self._slots[(d.raw.parent, d.addr.domain, d.addr.bus, d.addr.slot)].append(d)
-        for addr in sorted(devices):
+        for addr in sorted(devices, key=ORDER):
             self._place(devices[addr])
 
     def _find(self, a: PciAddress) -> PciAddress:

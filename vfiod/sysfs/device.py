@@ -38,7 +38,7 @@ from typing import Any
 
 import attrs
 
-from ..address import PciAddress
+from ..address import ORDER, PciAddress
 from ..errors import InvalidAddress
 from .config import NO_LINK_TYPES, ConfigInfo, PcieLink
 from .net import interfaces_at
@@ -334,7 +334,7 @@ class DeviceReads:
             vf = addr_or_none(link.rpartition("/")[2]) if link else None
             if vf:
                 virtfns.append(vf)
-        f["virtfns"] = tuple(sorted(virtfns))
+        f["virtfns"] = tuple(sorted(virtfns, key=ORDER))
 
     def finish(self, fields: list[dict[str, Any]]) -> list[RawDevice]:
         """The devices, once the patient batch has answered (None: not in time)."""
@@ -346,7 +346,7 @@ class DeviceReads:
         out = []
         for f in fields:
             if not self.deep and f.get("sriov_numvfs"):
-                f["virtfns"] = tuple(sorted(self._vfs_of.get(f["addr"], ())))
+                f["virtfns"] = tuple(sorted(self._vfs_of.get(f["addr"], ()), key=ORDER))
             f["problems"] = tuple(f["problems"])
             out.append(RawDevice(**f))
         return out

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from ..address import PciAddress
+from ..address import ORDER, PciAddress
 from ..errors import NotFound
 from .device import (DIR_FLAGS, RawDevice, DeviceReads, addr_or_none as _addr_or_none, readlink_at as _readlink_at,
                      resolve_rel as _resolve_rel)
@@ -107,7 +107,7 @@ class SysfsReader:
         for name in names:
             addr = _addr_or_none(name)
             (good.append(addr) if addr else bad.append(name))
-        good.sort()
+        good.sort(key=ORDER)
         return good, bad
 
     def scan(self) -> list[RawDevice]:
@@ -121,7 +121,7 @@ class SysfsReader:
     def scan_groups(self, groups: Iterable[int]) -> list[RawDevice]:
         """Only the members of `groups`, each read in full: what a lease needs, without a
         whole-host scan."""
-        addrs = sorted({a for g in groups for a in self.group_members(g)})
+        addrs = sorted({a for g in groups for a in self.group_members(g)}, key=ORDER)
         return self._read_all(addrs, deep=True)
 
     def read_device(self, addr: PciAddress) -> RawDevice:
@@ -158,7 +158,7 @@ class SysfsReader:
             names = os.listdir(self._s(f"kernel/iommu_groups/{int(group)}/devices"))
         except (OSError, ValueError):
             return []
-        return sorted(a for a in map(_addr_or_none, names) if a)
+        return sorted((a for a in map(_addr_or_none, names) if a), key=ORDER)
 
     def group_of(self, addr: PciAddress) -> int | None:
         target = _readlink(self._s(f"bus/pci/devices/{addr.sysfs_name}/iommu_group"))
