@@ -90,8 +90,14 @@ class Client:
         return groups
 
     async def properties(self, path: str, interface: str) -> dict[str, Any]:
+        """GetAll: every property but those read by name only (docs/dbus.md, "explicit")."""
         reply = await self.call(path, "org.freedesktop.DBus.Properties", "GetAll", "s", [interface])
         return {k: v.value for k, v in reply.body[0].items()}
+
+    async def property(self, path: str, interface: str, name: str) -> Any:
+        """Get: one property, explicit ones too."""
+        reply = await self.call(path, "org.freedesktop.DBus.Properties", "Get", "ss", [interface, name])
+        return reply.body[0].value
 
     async def request_lease(self, target: str, backend: str = "", duration: int | None = None,
                             persistent: bool = False, force: bool = False, scope: bool = False,

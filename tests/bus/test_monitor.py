@@ -95,6 +95,10 @@ def test_vfs_coming_and_going_are_hotplug_events():
         dev = [e for e in added if e["object"] == "/org/vfiod1/device/0000_01_10_0"]
         assert dev and dev[0]["interfaces"] == ["org.vfiod1.Device"]
         assert dev[0]["properties"]["org.vfiod1.Device"]["VendorId"] == 0x8086
+        # InterfacesAdded leaves the explicit properties out (docs/dbus.md), as GetManagedObjects does
+        assert not {"ResetMethods", "Parent", "NumaNode", "Link"} & set(dev[0]["properties"]["org.vfiod1.Device"])
+        group = [e for e in added if e["object"].startswith("/org/vfiod1/group/")]
+        assert group and "IsolationText" not in group[0]["properties"]["org.vfiod1.Group"]
     finally:
         w.close()
 

@@ -49,6 +49,7 @@ def test_show_tree_with_targets_keeps_the_branches_to_them(make_world):
 
 
 def test_device_objects_carry_link_numa_node_and_parent(make_world):
+    # explicit properties (docs/dbus.md): read by name, not in GetAll
     w = make_world(topology="sriov")
     p = w.python(
         "import asyncio, json, os\n"
@@ -57,8 +58,8 @@ def test_device_objects_carry_link_numa_node_and_parent(make_world):
         "  c = await Client(os.environ['VFIOD_BUS']).connect()\n"
         "  out = {}\n"
         "  for name in ('0000_00_01_0', '0000_01_00_0', '0000_01_10_0', '0000_00_17_0'):\n"
-        "    props = await c.properties('/org/vfiod1/device/' + name, 'org.vfiod1.Device')\n"
-        "    out[name] = [props['Link'], props['NumaNode'], props['Parent']]\n"
+        "    path = '/org/vfiod1/device/' + name\n"
+        "    out[name] = [await c.property(path, 'org.vfiod1.Device', p) for p in ('Link', 'NumaNode', 'Parent')]\n"
         "  print(json.dumps(out))\n"
         "asyncio.run(go())\n")
     assert p.returncode == 0, p.stderr

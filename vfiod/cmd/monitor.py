@@ -189,7 +189,13 @@ class Monitor:
         elif msg.interface == MANAGER_IF and member == "LeaseRevoking":
             self.revoking(body[0], body[1], body[2])
         elif msg.interface == PROPS_IF and member == "PropertiesChanged":
-            self.changed(msg.path, body[0], body[1])
+            changed = dict(body[1])
+            for name in body[2]:        # an explicit property (a device's Link) comes without its value
+                try:
+                    changed[name] = await self.client.property(msg.path, body[0], name)
+                except VfiodError:
+                    pass                # the object went meanwhile: InterfacesRemoved follows
+            self.changed(msg.path, body[0], changed)
         elif msg.interface == OM_IF and member == "InterfacesAdded":
             self.added(body[0], body[1])
         elif msg.interface == OM_IF and member == "InterfacesRemoved":

@@ -30,10 +30,12 @@ import contextvars
 import logging
 import os
 import time
+import xml.etree.ElementTree as ET
 from types import TracebackType
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Unpack
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Mapping, Protocol, Unpack
 
 from dbus_next import Message, MessageFlag, MessageType, Variant
+from dbus_next import introspection as intr
 from dbus_next.aio import MessageBus
 from dbus_next.errors import DBusError
 from dbus_next.message_bus import BaseMessageBus
@@ -175,6 +177,16 @@ class VfiodBus(PatientBus):
             except Exception as e:
                 self.unreadable(node, e)
         send_reply(Message.new_method_return(msg, "a{oa{sa{sv}}}", [result]))
+
+    def _default_properties_handler(self, msg: Message, send_reply: Callable[[Message], None]) -> None:
+        """GetAll of vfiod's own interfaces is `ExportedInterface.property_values` (without
+        the explicit properties, as GetManagedObjects has them); the rest is dbus-next's."""
+        if msg.member == "GetAll" and msg.signature == "s":
+            iface = next((i for i in self._path_exports.get(msg.path, ()) if i.name == msg.body[0]), None)
+            if isinstance(iface, ExportedInterface):
+                send_reply(Message.new_method_return(msg, "a{sv}", [iface.property_values()]))
+                return
+        MessageBus._default_properties_handler(self, msg, send_reply)
 
     def unreadable(self, path: str, e: Exception) -> None:
         """`path` is left out of GetManagedObjects: said once in the log."""
@@ -337,11 +349,45 @@ class ExportedInterface(ServiceInterface):
          self._ServiceInterface__signals) = table
         self._ServiceInterface__buses: set[BaseMessageBus] = set()
 
+    #: Properties read only by name (``Get``): left out of GetAll, GetManagedObjects and
+    #: InterfacesAdded, and marked so in the introspection data, as sd-bus does for its
+    #: ``SD_BUS_VTABLE_PROPERTY_EXPLICIT`` properties.  For what every object has and few
+    #: clients read: each value in every object's entry is work for every client that
+    #: reads a big host's whole tree (busctl's time grows with the number of values).
+    #: Name -> what PropertiesChanged says of it (``EmitsChangedSignal``): ``const``
+    #: (it never changes while the object is there) or ``invalidates`` (named, without
+    #: its value).
+    explicit: ClassVar[Mapping[str, str]] = {}
+
     def property_values(self) -> dict[str, Variant]:
-        """Every readable property, as GetAll and GetManagedObjects return them."""
+        """Every readable property but the explicit ones, as GetAll and GetManagedObjects
+        return them."""
         return {prop.name: Variant(prop.signature, prop.prop_getter(self))
                 for prop in ServiceInterface._get_properties(self)
-                if prop.access.readable() and not prop.disabled}
+                if prop.access.readable() and not prop.disabled and prop.name not in self.explicit}
+
+    def introspect(self) -> intr.Interface:
+        """dbus-next's introspection data, with each explicit property annotated."""
+        data = super().introspect()
+        data.properties = [_Annotated(p, (("org.freedesktop.systemd1.Explicit", "true"),
+                                          ("org.freedesktop.DBus.Property.EmitsChangedSignal",
+                                           self.explicit[p.name])))
+                           if p.name in self.explicit else p for p in data.properties]
+        return data
+
+
+class _Annotated(intr.Property):
+    """A property's introspection data with annotations (dbus-next 0.2.3 writes none)."""
+
+    def __init__(self, prop: intr.Property, annotations: tuple[tuple[str, str], ...]):
+        super().__init__(prop.name, prop.signature, prop.access)
+        self.annotations = annotations
+
+    def to_xml(self) -> ET.Element:
+        element = super().to_xml()
+        for name, value in self.annotations:
+            ET.SubElement(element, "annotation", {"name": name, "value": value})
+        return element
 
 
 

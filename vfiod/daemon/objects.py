@@ -198,10 +198,10 @@ class ObjectTree:
                 said = {"Driver": d_new.driver or "",
                         "OriginalDriver": self.service.queries.original_driver(addr) or "",
                         "Cdev": f"/dev/vfio/devices/{d_new.raw.cdev}" if d_new.raw.cdev else ""}
-            if d_old is not None and d_old.raw.link != d_new.raw.link:     # retrained, or a bind changed it
-                said["Link"] = dev.Link
-            if said:
-                dev.emit_properties_changed(said)
+            # retrained, or a bind changed it: named without its value (an explicit property)
+            invalidated = ["Link"] if d_old is not None and d_old.raw.link != d_new.raw.link else []
+            if said or invalidated:
+                dev.emit_properties_changed(said, invalidated)
 
     # ------------------------------------------------------------ the Manager's signals
 

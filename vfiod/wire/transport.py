@@ -156,6 +156,8 @@ class PatientBus(MessageBus):
                 logging.getLogger("vfiod.bus").error(
                     "InterfacesAdded for %s %s: some properties are left out (%s: %s)",
                     path, interface.name, type(e).__name__, e)
+            explicit = getattr(interface, "explicit", ())      # read by name only (vfiod.daemon.connection)
+            values = {k: v for k, v in values.items() if k not in explicit}
             self.send(Message.new_signal(path=self._signal_path(path), interface=_OBJECT_MANAGER,
                                          member="InterfacesAdded", signature="oa{sa{sv}}",
                                          body=[path, {interface.name: values}]))
