@@ -131,6 +131,12 @@ def main() -> int:
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; trees on {base or tempfile.gettempdir()}; "
           f"{args.runs} alternating runs each, whole processes")
+    import vfiod
+    cache = os.path.join(os.path.dirname(vfiod.__file__), "__pycache__")
+    if not os.path.isdir(cache) or not os.listdir(cache):
+        print(f"note: {cache} holds no byte code, so each run compiles vfiod's sources (with "
+              "PYTHONDONTWRITEBYTECODE set no import writes it): `python -m compileall vfiod`, as "
+              "scripts/setup does, makes the figures the ones an installed vfiod gives")
     floor, _ = alternate([[sys.executable, "-S", "-c", "pass"], [sys.executable, "-c", IMPORTS]], args.runs)
     floor = [sorted(f) for f in floor]
     print(f"interpreter start {ms(statistics.median(floor[0]))}; with inspect's imports "
