@@ -22,7 +22,12 @@ Printed in one run:
 Every call runs as the user running the bench (root, normally); one
 connection is kept for all calls, as a client process would.
 
-    .venv/bin/python bench/bus.py [--pings 500] [--queries 200] [--guest] [--rounds 8]
+With ``--guest``, where the in-process grant + release's time goes, span by span
+between the manager's journaled steps (medians), and with ``--profile N``, a cProfile
+of N more in-process grants and releases in the guest (top functions by cumulative
+and by own time).
+
+    .venv/bin/python bench/bus.py [--pings 500] [--queries 200] [--guest] [--rounds 8] [--profile N]
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 class World:
     """dbus-daemon + vfiod in `directory`; `vfiod_args` pick the host (--simulate or real)."""
 
-    def __init__(self, directory: str, policy: str, vfiod_args=(), vfiod=None, ready_timeout=60.0):
+    def __init__(self, directory: str, policy: str, vfiod_args=(), vfiod=None, ready_timeout=60.0, prefix=()):
         self.dir = directory
         os.chmod(directory, 0o755)
         pdir = os.path.join(directory, "policy")
@@ -61,7 +66,7 @@ class World:
         self.daemon = None
         self.log = open(self.log_path, "w")
         self.daemon = subprocess.Popen(
-            [vfiod or os.path.join(VENV_BIN, "vfiod"), "--bus", self.address, "--policy-dir", pdir,
+            [*prefix, vfiod or os.path.join(VENV_BIN, "vfiod"), "--bus", self.address, "--policy-dir", pdir,
              "--state-dir", os.path.join(directory, "state"), *vfiod_args],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + ready_timeout
@@ -189,17 +194,21 @@ try:
     world = bb.World("/run/vfiod-bench-bus", f'[[rule]]\ngroup = [{group.number}]\nuids = [0]\nbackends = ["vfio", "pci-stub"]\n',
                      vfiod="vfiod", ready_timeout=240)
     os.makedirs("/run/vfiod-bench-lm", exist_ok=True)
-    manager = bl.manager_for(kernel, "/run/vfiod-bench-lm", group.number)
+    clock = bl.PhaseClock()
+    manager = bl.manager_for(kernel, "/run/vfiod-bench-lm", group.number, on_step=clock.mark)
     raw_round, _ = bl.rounds_for(kernel, manager, group.number, eps, bridges)
     from vfiod.policy import Caller
     admin = Caller(0)
     phases = {"manager_grant": [], "manager_release": [], "bus_grant": [], "bus_release": []}
 
     def manager_round():          # bench/lease.py's lease round, with its two halves timed
+        clock.start()
         t0 = time.perf_counter()
         lease = manager.request(admin, f"group:{group.number}", "vfio", {"force": True})
         t1 = time.perf_counter()
+        clock.mark("request returned")
         manager.release(lease.id, admin)
+        clock.stop("release returned")
         phases["manager_grant"].append(t1 - t0)
         phases["manager_release"].append(time.perf_counter() - t1)
 
@@ -229,6 +238,7 @@ try:
         fn()
     for v in phases.values():
         v.clear()
+    clock.rounds.clear()
     raw, lm, bus = [], [], []
     for _ in range(ROUNDS):
         for fn, out in ((raw_round, raw), (manager_round, lm), (bus_round, bus)):
@@ -236,12 +246,37 @@ try:
             fn()
             out.append(time.perf_counter() - t0)
     res["ping"] = bb.summary(loop.run_until_complete(bb.timed(PINGS, ping, warmup=5)))
-    client.close()
+    res["split"] = clock.table()
+    if PROFILE:                   # after the timed rounds: cProfile slows what it watches
+        import cProfile
+        grant_prof, release_prof = cProfile.Profile(), cProfile.Profile()
+        for _ in range(PROFILE):
+            lease = grant_prof.runcall(manager.request, admin, f"group:{group.number}", "vfio", {"force": True})
+            release_prof.runcall(manager.release, lease.id, admin)
+        res["profile"] = {"grant": bl.profile_text(grant_prof, PROFILE_TOP),
+                          "release": bl.profile_text(release_prof, PROFILE_TOP)}
     res.update(rounds=ROUNDS, raw=bb.summary(raw), manager=bb.summary(lm), bus=bb.summary(bus),
                phases={k: bb.summary(v) for k, v in phases.items()},
                raw_all_ms=[x * 1000 for x in raw], manager_all_ms=[x * 1000 for x in lm], bus_all_ms=[x * 1000 for x in bus],
                leased=seen.get("leased"), after={str(a): kernel.driver_of(a) for a in group.members})
+    client.close()
     res["vfiod_rc"] = world.close()
+    if PROFILE:                   # the daemon's event loop (the bus edge) under cProfile, in a world of its own
+        import shutil as sh
+        os.makedirs("/run/vfiod-bench-bus-prof", exist_ok=True)
+        out = "/run/vfiod-bench-bus-prof/vfiod.prof"
+        pworld = bb.World("/run/vfiod-bench-bus-prof", f'[[rule]]\ngroup = [{group.number}]\nuids = [0]\nbackends = ["vfio", "pci-stub"]\n',
+                          vfiod=sh.which("vfiod"), ready_timeout=240, prefix=(sys.executable, "-m", "cProfile", "-o", out))
+        pclient = loop.run_until_complete(Client(pworld.address, timeout=120).connect())
+
+        async def prof_lease():
+            path = await pclient.request_lease(f"group:{group.number}", "vfio", force=True)
+            await pclient.lease_call(path, "Release")
+        for _ in range(PROFILE):
+            loop.run_until_complete(prof_lease())
+        pclient.close()
+        pworld.close()
+        res.setdefault("profile", {})["daemon loop"] = bl.profile_text(out, PROFILE_TOP)
     log = world.read_log()
     res["log_problems"] = [l for l in log.splitlines() if "Traceback" in l or "ERROR" in l or "internal error" in l]
     res["log_lines"] = len(log.splitlines())
@@ -251,13 +286,14 @@ json.dump(res, open(os.path.join(OUT, "bus.json"), "w"))
 '''
 
 
-def guest(rounds: int) -> dict:
+def guest(rounds: int, profile: int = 0, top: int = 30) -> dict:
     from tests.guest.harness import Guest, guest_available
 
     ok, why = guest_available()
     if not ok:
         return {"skipped": why}
-    script = f"ROOT = {ROOT!r}\nROUNDS = {int(rounds)}\nPINGS = 50\n" + GUEST_SCRIPT
+    script = (f"ROOT = {ROOT!r}\nROUNDS = {int(rounds)}\nPINGS = 50\nPROFILE = {int(profile)}\n"
+              f"PROFILE_TOP = {int(top)}\n" + GUEST_SCRIPT)
     res = Guest(topology="bridge").run("python3 - <<'EOF'\n" + script + "\nEOF\n", timeout=1800)
     if res.returncode != 0 or "bus.json" not in res.files:
         return {"error": res.output[-3000:]}
@@ -274,6 +310,10 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--guest", action="store_true", help="also measure leases on the real kernel in the QEMU guest")
     ap.add_argument("--rounds", type=int, default=8, help="lease rounds in the guest (default 8)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timed rounds, N more in-process grants and releases in the guest under "
+                         "cProfile: print the top functions of each")
+    ap.add_argument("--top", type=int, default=30, help="functions in each --profile list (default 30)")
     ap.add_argument("--json", action="store_true", help="print the raw figures as JSON at the end")
     args = ap.parse_args()
     status = 0
@@ -298,7 +338,7 @@ def main() -> int:
             status = 1
 
     if args.guest:
-        g = out["guest"] = guest(args.rounds)
+        g = out["guest"] = guest(args.rounds, args.profile, args.top)
         if "skipped" in g or "error" in g:
             print(f"(c) real kernel: not measured\n{g.get('skipped') or g.get('error')}")
             return status if "skipped" in g else 1
@@ -317,6 +357,13 @@ def main() -> int:
               f"release {ph['bus_release']['median']:.0f} vs {ph['manager_release']['median']:.0f} ms; "
               f"a Peer.Ping in the guest: {g['ping']['median']:.1f} ms)")
         print(f"    drivers: before {g['before']}, leased {g['leased']}, after {g['after']}")
+        print("    where the in-process grant + release goes (the manager's own marks, medians):")
+        for span, ms, share in g.get("split", []):
+            print(f"      {ms:8.1f} ms {share:6.1%}  {span}")
+        for half, text in g.get("profile", {}).items():
+            what = (f"vfiod's event loop (the bus edge: its main thread) over {args.profile} RequestLease + Release"
+                    if half == "daemon loop" else f"{args.profile} in-process {half}s")
+            print(f"    cProfile of {what} in the guest:\n{text}")
         if g["after"] != g["before"] or g["log_problems"] or g["vfiod_rc"] != 0:
             print(f"    PROBLEM: vfiod exit {g['vfiod_rc']}; log problems: {g['log_problems']}")
             status = 1

@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 POLICY = '[[rule]]\ngroup = [{group}]\nuids = [0]\nbackends = ["vfio", "pci-stub"]\n'
 
 
-def manager_for(kernel, state_dir, group):
+def manager_for(kernel, state_dir, group, on_step=None):
     from vfiod.backends import load_backends
     from vfiod.leases import LeaseManager
     from vfiod.policy import Policy
@@ -46,7 +46,57 @@ def manager_for(kernel, state_dir, group):
     with open(os.path.join(pdir, "bench.toml"), "w") as f:
         f.write(POLICY.format(group=group))
     policy = Policy.load(pdir)
-    return LeaseManager(kernel, Journal(os.path.join(state_dir, "state.db")), lambda: policy, load_backends())
+    return LeaseManager(kernel, Journal(os.path.join(state_dir, "state.db")), lambda: policy, load_backends(),
+                        on_step=on_step)
+
+
+class PhaseClock:
+    """Where a grant + release's wall time goes, from the manager's own marks: pass
+    `mark` as the manager's ``on_step``, call `start` before a request and `stop` after
+    the release; `table` gives each span (from one mark to the next) as a median."""
+
+    def __init__(self):
+        self.rounds: list[list[tuple[str, float]]] = []
+        self._now: list[tuple[str, float]] | None = None
+
+    def start(self, name: str = "request") -> None:
+        self._now = [(name, time.perf_counter())]
+
+    def mark(self, name: str) -> None:
+        if self._now is not None:
+            self._now.append((name, time.perf_counter()))
+
+    def stop(self, name: str = "returned") -> None:
+        if self._now is not None:
+            self.mark(name)
+            self.rounds.append(self._now)
+            self._now = None
+
+    def table(self) -> list[tuple[str, float, float]]:
+        """(span "a -> b", median ms, share of the round's median) in the rounds' order."""
+        spans: dict[str, list[float]] = {}
+        totals = []
+        for marks in self.rounds:
+            for (a, ta), (b, tb) in zip(marks, marks[1:]):
+                spans.setdefault(f"{a} -> {b}", []).append((tb - ta) * 1000)
+            totals.append((marks[-1][1] - marks[0][1]) * 1000)
+        total = statistics.median(totals) if totals else 0.0
+        return [(k, statistics.median(v), statistics.median(v) / total if total else 0.0) for k, v in spans.items()]
+
+
+def profile_text(profile, top: int = 30) -> str:
+    """A cProfile run's top functions, by cumulative and by own time."""
+    import io
+    import pstats
+
+    out = io.StringIO()
+    st = pstats.Stats(profile, stream=out)
+    st.strip_dirs()
+    st.sort_stats("cumulative").print_stats(top)
+    st.sort_stats("tottime").print_stats(top)
+    # who calls the system calls and the journal's queries (where reads repeat)
+    st.sort_stats("tottime").print_callers(r"posix\.(listdir|open|stat)|sqlite3|_lease_rows|readable|holdings")
+    return out.getvalue()
 
 
 def measure(rounds, raw_round, lease_round):

@@ -82,8 +82,7 @@ import re
 import sqlite3
 import threading
 import time
-from types import TracebackType
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import attrs
 
@@ -92,6 +91,7 @@ from .errors import StateError
 from .quarantine import quarantine_bad_rows
 from .statedir import describe_host
 from .terms import LeaseTerms
+from .txn import Tx
 
 SCHEMA = 8
 
@@ -330,9 +330,10 @@ class Journal:
             raise StateError(f"state file {path} is corrupt (not an SQLite database); "
                              "it was left untouched")
 
-    def tx(self) -> _Tx:
-        """``with journal.tx():`` one transaction, committed unless the block raises."""
-        return _Tx(self)
+    def tx(self) -> Tx:
+        """``with journal.tx():`` one transaction, committed unless the block raises (inside
+        another of the same thread: part of it; see `vfiod.txn.Tx`)."""
+        return Tx(self.db, self._lock)
 
     def close(self) -> None:
         with self._lock:
@@ -408,9 +409,16 @@ class Journal:
                                    (lease_id,)).fetchall()
         return [HeldDevice(*r) for r in rows]
 
-    def holdings(self) -> dict[str, tuple[LeaseRow, HeldDevice]]:
-        """Every device some lease holds: its address -> (the lease, what it was before)."""
-        return {h.addr: (lease, h) for lease in self.leases() for h in self.held(lease.id)}
+    def holdings(self, addr: str | None = None) -> dict[str, tuple[LeaseRow, HeldDevice]]:
+        """Every device some lease holds (or only `addr`, if a lease holds it: every PCI
+        uevent asks): its address -> (the lease, what it was before); one query."""
+        with self._lock:
+            cur = self.db.execute("SELECT leases.*, held.addr, held.driver, held.override, held.role FROM held "
+                                  "JOIN leases ON leases.id = held.lease" + (" WHERE held.addr=?" if addr else "")
+                                  + " ORDER BY leases.created, leases.id, held.pos", (addr,) if addr else ())
+            names = [d[0] for d in cur.description][:-4]
+            rows = cur.fetchall()
+        return {r[-4]: (LeaseRow.from_row(dict(zip(names, r[:-4]))), HeldDevice(*r[-4:])) for r in rows}
 
     # ---- what the held devices were (`vfiod.leases.identity`)
 
@@ -574,22 +582,3 @@ class MdevRows:
         """The instance is gone (or never was): its row goes."""
         with self.journal.tx():
             self.journal.db.execute("DELETE FROM mdevs WHERE lease=?", (lease_id,))
-
-
-class _Tx:
-    """One journal transaction under the journal's lock (see `Journal.tx`)."""
-
-    def __init__(self, journal: Journal):
-        self.journal = journal
-
-    def __enter__(self) -> None:
-        self.journal._lock.acquire()
-        self.journal.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> Literal[False]:
-        try:
-            self.journal.db.execute("COMMIT" if et is None else "ROLLBACK")
-        finally:
-            self.journal._lock.release()
-        return False

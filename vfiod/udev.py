@@ -50,8 +50,9 @@ def watch(loop: asyncio.AbstractEventLoop, handler: EventHandler,
         udev_running = os.path.exists("/run/udev/control")
     context = pyudev.Context()
     monitor = pyudev.Monitor.from_netlink(context, source="udev" if udev_running else "kernel")
-    if udev_running:
-        monitor.filter_by(subsystem="pci")
+    # libudev drops every other subsystem's event before Python sees it, for the kernel's
+    # own uevents too (a NIC's rebind brings dozens: its net device, queues, vfio nodes).
+    monitor.filter_by(subsystem="pci")
     monitor.start()
 
     def readable() -> None:

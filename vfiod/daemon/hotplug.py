@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 from ..leases import identity, verify
 from ..address import PciAddress
@@ -31,8 +31,11 @@ class Hotplug:
     def __init__(self, manager: LeaseManager, snapshot: Snapshot,
                  end_soon: Callable[[LeaseRow, str, str, Callable[[], object] | None], None],
                  is_ending: Callable[[str], bool],
-                 refresh_soon: Callable[[Iterable[int]], None]) -> None:
+                 refresh_soon: Callable[[Iterable[int]], None],
+                 turn_ladders: Callable[[], Awaitable[None]] | None = None) -> None:
         self.manager = manager
+        self.turn_ladders = turn_ladders    # one turn of every revoke ladder (the daemon's tick's)
+        self._turns: set[asyncio.Future[None]] = set()
         self.snapshot = snapshot
         self.end_soon = end_soon            # end a lease in a worker (removed, tampered, replaced)
         self.is_ending = is_ending          # is that lease being ended already?
@@ -45,8 +48,12 @@ class Hotplug:
         if self.stopped:
             return
         self.snapshot.scans["events"] += 1
-        lease, held = self.manager.journal.holdings().get(str(addr), (None, None))
+        lease, held = self.manager.journal.holdings(str(addr)).get(str(addr), (None, None))
         group = lease.group if lease else self._group_of(addr)
+        if lease is not None and lease.state == "revoking" and action == "unbind":
+            # The kernel's unbind of a device the ladder asked for returned: its holders let
+            # go, so the ladder may finish now rather than at its next tick (it checks again).
+            self.advance_soon()
         if lease is not None and held is not None and self._watched(lease):
             if action == "remove" or not self.manager.kernel.exists(addr):
                 self.end_soon(lease, "removed", f"{addr} was removed", None)
@@ -63,6 +70,21 @@ class Hotplug:
             if not self._dirty:
                 asyncio.get_running_loop().call_soon(self._flush)
             self._dirty.add(group)
+
+    def advance_soon(self) -> None:
+        """A turn of the revoke ladders now, besides the tick's: an unbind a ladder began returned."""
+        turn = self.turn_ladders
+        if turn is None:
+            return
+
+        async def quietly() -> None:
+            try:
+                await turn()
+            except Exception as e:          # the tick turns them again within a second
+                log.error("turning the revoke ladder: %s: %s", type(e).__name__, e)
+        task = asyncio.ensure_future(quietly())
+        self._turns.add(task)
+        task.add_done_callback(self._turns.discard)
 
     def _watched(self, lease: LeaseRow) -> bool:
         """A granted lease that vfiod is not itself ending or moving."""

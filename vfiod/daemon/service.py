@@ -67,7 +67,8 @@ class Service:
             caller, self.policy_store.users or system_users())
         self.monitor: object | None = None            # the udev monitor, kept alive with the service
         self.objects = ObjectTree(self)
-        self.hotplug = Hotplug(self.manager, self.snapshot, self.end_soon, self.is_ending, self.refresh_soon)
+        self.hotplug = Hotplug(self.manager, self.snapshot, self.end_soon, self.is_ending, self.refresh_soon,
+                               self.turn_ladders)
         self._ending: set[str] = set()
         self._warnings: dict[str, list[str]] = {}     # lease id -> what was promised and not done
         self._status: str | None = None               # the last STATUS= told to systemd

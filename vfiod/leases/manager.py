@@ -112,6 +112,17 @@ class LeaseManager(LeaseCore):
         `InvalidAddress` for text that is no target); what it names and is not
         on the host is left for `Policy.resolve` to refuse with its reason."""
         reader = self.reader
+        named, groups = self._groups_named(target, policy)
+        if not groups:
+            # Devices that are there but in no group (the IOMMU is off) are read all the
+            # same, so the answer is "in no IOMMU group", not "no such device".
+            return Host.from_raw([reader.read_device(a) for a in named if reader.node_of(a)], reader.facts())
+        return Host.scan_groups(reader, groups)
+
+    def _groups_named(self, target: str, policy: Policy) -> tuple[tuple[PciAddress, ...], set[int]]:
+        """The devices `target` names by address (or interface), and the groups the kernel
+        puts them in now, with the group it names by number: what `host_for` scans."""
+        reader = self.reader
         named = policy.addresses_named(target)
         if not named and parse_target(target)[0] == "interface":
             found = interface_address(reader.roots.sysfs, target)
@@ -120,11 +131,7 @@ class LeaseManager(LeaseCore):
         number = policy.group_named(target)
         if number is not None:
             groups.add(number)
-        if not groups:
-            # Devices that are there but in no group (the IOMMU is off) are read all the
-            # same, so the answer is "in no IOMMU group", not "no such device".
-            return Host.from_raw([reader.read_device(a) for a in named if reader.node_of(a)], reader.facts())
-        return Host.scan_groups(reader, groups)
+        return named, groups
 
     def holders(self, lease: LeaseRow) -> list[Holder]:
         return self.ladder.holders(lease)
@@ -155,6 +162,10 @@ class LeaseManager(LeaseCore):
                                        terms, made.decision, owner)
                 return self.grant(lease, [], None, made.decision, made.backend, caller)
         policy = self.policy_source()
+        if parsed[0] != "pool":
+            granted = self._grant_one_group(caller, target, backend, terms, owner, policy)
+            if granted is not None:
+                return granted
         host = self.host_for(target, policy)
         try:
             if parsed[0] != "pool":
@@ -180,34 +191,63 @@ class LeaseManager(LeaseCore):
                 skipped.append((member.target, e))
         raise pool_refusal(parsed[1], skipped)
 
+    def _grant_one_group(self, caller: Caller, target: str, backend: str, terms: LeaseTerms, owner: str | None,
+                         policy: Policy) -> LeaseRow | None:
+        """A target whose devices the kernel puts in one group: that group's lock first, then
+        one scan of it, which both resolves the target and is the fresh snapshot the grant
+        acts on (`_grant` scans again under the lock).  None where the target names no group
+        or several, or resolves to another group than the one locked (the kernel moved a
+        device meanwhile): `request` then takes the general way."""
+        _named, groups = self._groups_named(target, policy)
+        if len(groups) != 1:
+            return None
+        (group,) = groups
+        with self.group_lock(group):
+            host = self.scan_groups([group])      # fresh, now that we hold the group
+            try:
+                resolved = policy.resolve(host, target)
+            except VfiodError as e:
+                self.audit("request", caller.uid, target, None, None, "refused", str(e))
+                raise
+            if resolved.group != group:
+                return None
+            return self._grant_locked(caller, target, resolved, backend, terms, owner, policy, host)
+
     def _grant(self, caller: Caller, target: str, resolved: Target, backend: str, terms: LeaseTerms,
                owner: str | None, policy: Policy, member: Resource | None = None) -> LeaseRow:
         """Steps 1 (from the group lock on) to 4 for the group `resolved` names; `member`: the
         pool member it is, whose hardware is checked again once the group is held."""
+        with self.group_lock(resolved.group):
+            return self._grant_locked(caller, target, resolved, backend, terms, owner, policy, None, member)
+
+    def _grant_locked(self, caller: Caller, target: str, resolved: Target, backend: str, terms: LeaseTerms,
+                      owner: str | None, policy: Policy, host: Host | None, member: Resource | None = None
+                      ) -> LeaseRow:
+        """`_grant` with the group's lock held; `host`: a scan of the group taken under it."""
         group = resolved.group
-        with self.group_lock(group):
-            existing = self.journal.lease_for_group(group)
-            if existing is not None:
-                self.audit("request", caller.uid, target, None, None, "busy", existing.id, group=group)
-                whose = (f" (lease {existing.id}, uid {existing.uid})" if caller.is_admin or caller.uid == existing.uid
-                         else " by another user")
-                raise Busy(f"IOMMU group {group} is already leased{whose}")
+        existing = self.journal.lease_for_group(group)
+        if existing is not None:
+            self.audit("request", caller.uid, target, None, None, "busy", existing.id, group=group)
+            whose = (f" (lease {existing.id}, uid {existing.uid})" if caller.is_admin or caller.uid == existing.uid
+                     else " by another user")
+            raise Busy(f"IOMMU group {group} is already leased{whose}")
+        if host is None:
             host = self.scan_groups([group])      # fresh, now that we hold the group
-            changed = member.problems(host) if member is not None else []
-            if changed:
-                self.audit("request", caller.uid, target, None, None, "refused", "; ".join(changed), group=group)
-                raise NotFound("; ".join(changed))
-            decision = policy.decide(host, caller, group, backend, terms)
-            if not decision.allowed:
-                self.audit("request", caller.uid, target, None, decision.rule, "denied", decision.reason, group=group)
-                if decision.refusal is Refusal.PROTECTED:
-                    raise Protected(decision.reason)
-                raise PermissionDenied(decision.reason)
-            be = self.backend(decision.backend or backend)
-            plan = self._plan(host, group, caller, terms)
-            lease = self.new_lease(secrets.token_hex(8), caller, group, target, be.name, terms, decision, owner,
-                                   member=resolved.member)
-            return self.grant(lease, plan, host, decision, be, caller)
+        changed = member.problems(host) if member is not None else []
+        if changed:
+            self.audit("request", caller.uid, target, None, None, "refused", "; ".join(changed), group=group)
+            raise NotFound("; ".join(changed))
+        decision = policy.decide(host, caller, group, backend, terms)
+        if not decision.allowed:
+            self.audit("request", caller.uid, target, None, decision.rule, "denied", decision.reason, group=group)
+            if decision.refusal is Refusal.PROTECTED:
+                raise Protected(decision.reason)
+            raise PermissionDenied(decision.reason)
+        be = self.backend(decision.backend or backend)
+        plan = self._plan(host, group, caller, terms)
+        lease = self.new_lease(secrets.token_hex(8), caller, group, target, be.name, terms, decision, owner,
+                               member=resolved.member)
+        return self.grant(lease, plan, host, decision, be, caller)
 
     def new_lease(self, lease_id: str, caller: Caller, group: int, target: str, backend: str, terms: LeaseTerms,
                   decision: Decision, owner: str | None, member: str | None = None) -> LeaseRow:
@@ -229,9 +269,10 @@ class LeaseManager(LeaseCore):
         """Record `lease` with the devices it holds (`plan`; none for an mdev) and move them
         (`Moves.grant`); roll back on any failure.  The group lock is held."""
         group, target = lease.group, lease.target
-        self.journal.create(lease, plan)
-        if host is not None:
-            record_identity(self, lease, host, plan)
+        with self.journal.tx():     # one commit: the lease, what it holds and what identifies it
+            self.journal.create(lease, plan)
+            if host is not None:
+                record_identity(self, lease, host, plan)
         self.on_step("recorded")
         ctx = self.context(lease, host, decision)
         try:
@@ -246,11 +287,12 @@ class LeaseManager(LeaseCore):
             self.audit("grant", caller.uid, target, lease.id, decision.rule, "rolled-back", repr(e), group=group)
             raise BackendFailed(f"granting group {group} failed: {e}") from None
         lease = attrs.evolve(lease, state="granted")
-        self.journal.set_state(lease.id, "granted")
-        self.on_step("granted")
         took = f" (member {lease.member})" if lease.member else ""
-        self.audit("grant", caller.uid, target, lease.id, decision.rule, "granted",
-                   f"group {group} via {be.name}{took}", group=group)
+        with self.journal.tx():     # one commit: the lease is granted, and the audit trail says so
+            self.journal.set_state(lease.id, "granted")
+            self.audit("grant", caller.uid, target, lease.id, decision.rule, "granted",
+                       f"group {group} via {be.name}{took}", group=group)
+        self.on_step("granted")
         return lease
 
     def _plan(self, host: Host, group: int, caller: Caller, terms: LeaseTerms) -> list[HeldDevice]:

@@ -152,9 +152,10 @@ class Moves:
             raise BackendFailed(f"releasing lease {lease.id} left work undone (it stays recorded and "
                                 f"will be retried): {'; '.join(errors)}")
         self.restore_memlock(lease)
-        core.journal.delete(lease.id)
+        with core.journal.tx():     # one commit: the lease is gone, and the audit trail says why
+            core.journal.delete(lease.id)
+            core.audit("release", uid, lease.target, lease.id, lease.rule, reason, group=lease.group)
         core.on_step("released")
-        core.audit("release", uid, lease.target, lease.id, lease.rule, reason, group=lease.group)
         ended = Ended(lease=lease, reason=reason)
         core.on_ended(ended)
         return ended

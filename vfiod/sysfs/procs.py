@@ -124,15 +124,22 @@ def _syspath_of(pid: str, fd: str) -> str | None:
 
 def _uids_of(pid: int) -> tuple[int, int, int] | None:
     """(real, effective, saved) uid of `pid` from its status (readable for every process,
-    also one that made itself non-dumpable and so owns no /proc entry of its own)."""
+    also one that made itself non-dumpable and so owns no /proc entry of its own); None
+    for a kernel thread (the kernel's ``Kthread: 1``, Linux >= 5.19), which has no file
+    table of its own and no user mappings, so holds no file and maps no device."""
+    uids: tuple[int, int, int] | None = None
     for line in (_text(f"{PROC}/{pid}/status") or "").splitlines():
         if line.startswith("Uid:"):
             try:
                 real, effective, saved = (int(u) for u in line.split()[1:4])
             except ValueError:
                 return None
-            return real, effective, saved
-    return None
+            uids = real, effective, saved
+        elif line.startswith("Kthread:"):
+            return None if line.split()[1:2] == ["1"] else uids
+        elif line.startswith(("VmPeak:", "Threads:")):
+            break                   # past where the kernel puts Kthread, if it says
+    return uids
 
 
 def cgroup_of(pid: int) -> str:
