@@ -29,12 +29,16 @@ from typing import Any
 
 from ..client import VfiodError
 from . import cdi
+from .dirwatch import DirWatch
 from .link import HeldLease, Vfiod
 
 log = logging.getLogger("vfiod-dra")
 
-#: how often the request directory is looked at
+#: how often the request directory is looked at where it cannot be watched (`DirWatch`),
+#: and, where it is, how often all the same (a change the watch could miss: the
+#: directory made again)
 POLL = 0.1
+WATCHED_POLL = 2.0
 
 
 class SpecWriter:
@@ -112,22 +116,29 @@ class SpecWriter:
     async def run(self) -> None:
         """Sync now, then whenever the requests change or vfiod signals; never returns."""
         await self.vfiod.watch(self.poke)
-        seen = None
-        self.dirty.set()
-        while True:
-            now = cdi.listing(self.requests_dir)
-            if now != seen:
-                seen = now
-                self.dirty.set()
-            if self.dirty.is_set():
-                self.dirty.clear()
-                try:
-                    await self.sync()
-                except (VfiodError, OSError) as e:
-                    log.error("CDI specs not synced, retrying in 1 s: %s", e)
-                    await asyncio.sleep(1)
+        watch = DirWatch(self.requests_dir, self.poke)
+        poll = WATCHED_POLL if watch.start() else POLL
+        try:
+            seen = None
+            self.dirty.set()
+            while True:
+                now = cdi.listing(self.requests_dir)
+                if now != seen:
+                    seen = now
                     self.dirty.set()
-            try:
-                await asyncio.wait_for(self.dirty.wait(), POLL)
-            except asyncio.TimeoutError:
-                pass
+                    if poll == POLL and watch.start():      # the directory is there now
+                        poll = WATCHED_POLL
+                if self.dirty.is_set():
+                    self.dirty.clear()
+                    try:
+                        await self.sync()
+                    except (VfiodError, OSError) as e:
+                        log.error("CDI specs not synced, retrying in 1 s: %s", e)
+                        await asyncio.sleep(1)
+                        self.dirty.set()
+                try:
+                    await asyncio.wait_for(self.dirty.wait(), poll)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            watch.close()

@@ -29,6 +29,7 @@ import attrs
 from ..client import NotFound, VfiodError
 from . import DRIVER_NAME, cdi
 from .checkpoint import Checkpoint, ClaimRecord
+from .dirwatch import DirWatch
 from .kube import Kube, KubeError
 from .link import Vfiod
 
@@ -186,13 +187,24 @@ class Driver:
             cdi.device_name(uid, n) for n in groups)
 
     async def _wait_spec(self, uid: str, groups: list[int]) -> None:
-        deadline = asyncio.get_running_loop().time() + self.spec_timeout
-        while not self._has_spec(uid, groups):
-            if asyncio.get_running_loop().time() >= deadline:
-                raise ClaimError(f"no CDI spec for claim {uid} in {self.cdi_dir} after {self.spec_timeout:g} s: "
-                                 f"the spec writer (vfiod-dra cdi-writer, as root) did not write it; "
-                                 f"its log says why")
-            await asyncio.sleep(0.02)
+        """Until the spec writer has written the claim's spec: woken by the spec directory's
+        changes where it can be watched, else looking every 20 ms."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.spec_timeout
+        changed = asyncio.Event()
+        with DirWatch(self.cdi_dir, changed.set) as watch:
+            step = 0.5 if watch.start() else 0.02
+            while not self._has_spec(uid, groups):
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise ClaimError(f"no CDI spec for claim {uid} in {self.cdi_dir} after {self.spec_timeout:g} s: "
+                                     f"the spec writer (vfiod-dra cdi-writer, as root) did not write it; "
+                                     f"its log says why")
+                try:
+                    await asyncio.wait_for(changed.wait(), min(step, left))
+                except asyncio.TimeoutError:
+                    pass
+                changed.clear()
 
     # ------------------------------------------------------------ unprepare
 
