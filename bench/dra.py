@@ -45,7 +45,9 @@ def main() -> int:
         print(f"{i:>5} {b[0] * 1000:8.0f} {b[1] * 1000:8.0f} {d[0] * 1000:8.0f} {d[1] * 1000:8.0f}")
     med = [statistics.median(x[i] for x in rows) * 1000 for rows in (r["bare"], r["dra"]) for i in (0, 1)]
     print(f"{'med.':>5} {med[0]:8.0f} {med[1]:8.0f} {med[2]:8.0f} {med[3]:8.0f}")
-    print(f"prepare / bare lease {med[2] / med[0]:.2f}x; unprepare / bare release {med[3] / med[1]:.2f}x")
+    ratio = med[2] / med[0]
+    print(f"prepare / bare lease {ratio:.2f}x{'' if ratio <= 1.2 else '  OVER TARGET'} (target <= 1.2x); "
+          f"unprepare / bare release {med[3] / med[1]:.2f}x")
     return 0
 
 

@@ -287,18 +287,26 @@ finally:
 ''' % {"nic": NIC, "pair": PAIR, "spare": SPARE, "grace": GRACE, "testpmd": TESTPMD}
 
 
-@pytest.fixture(scope="module")
-def run():
+def run_guest(timeout: float = 1200) -> dict:
+    """Boot, run every scenario, return the results (also bench/revoke.py's figures);
+    "_stuck": what the guest said of processes in D state, if anything."""
     from tests.guest.harness import GuestTimeout
     try:
-        res = Guest(topology="all").run("python3 - <<'EOF'\n" + GUEST_PY + "\nEOF\n", timeout=1200)
+        res = Guest(topology="all").run("python3 - <<'EOF'\n" + GUEST_PY + "\nEOF\n", timeout=timeout)
     except GuestTimeout as e:
         raise AssertionError(f"the guest timed out: {e}") from None
     stuck = res.files.get("dstate.txt", b"").decode()[-6000:]
     assert res.returncode == 0 and "revoke.json" in res.files, res.output[-4000:] + stuck
     r = json.loads(res.files["revoke.json"])
     r["_wall_seconds"] = res.wall_seconds
-    assert not r["errors"] and r["complete"], ("\n".join(r["errors"]) + r.get("vfiod_log", "")[-4000:] + stuck
+    r["_stuck"] = stuck
+    return r
+
+
+@pytest.fixture(scope="module")
+def run():
+    r = run_guest()
+    assert not r["errors"] and r["complete"], ("\n".join(r["errors"]) + r.get("vfiod_log", "")[-4000:] + r["_stuck"]
                                                + json.dumps(r.get("timings")))
     return r
 
