@@ -46,17 +46,26 @@ def test_a_missing_directory_is_said_and_nothing_is_watched(tmp_path):
     assert asyncio.run(go()) is False
 
 
+def _inotify_fds() -> set[int]:
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:inotify":
+                out.add(int(name))
+        except OSError:
+            pass
+    return out
+
+
 def test_the_watch_is_closed_with_its_block(tmp_path):
     async def go() -> int:
         with DirWatch(str(tmp_path), lambda: None) as watch:
             assert watch.start()
             fd = watch._fd
+            assert fd in _inotify_fds()
+        assert watch._fd == -1
         return fd
 
+    before = _inotify_fds()
     fd = asyncio.run(go())
-    try:
-        os.fstat(fd)
-    except OSError:
-        pass
-    else:
-        raise AssertionError(f"fd {fd} is still open")
+    assert fd not in _inotify_fds() - before
