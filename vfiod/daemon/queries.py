@@ -77,7 +77,12 @@ class Queries:
         numbers: list[int] | None = None
         if targets:
             numbers = []
+            policy = self.policy_store.current
             for t in targets:
+                named = policy.group_named(t)
+                if named is not None and named in self.host.groups:
+                    numbers.append(named)       # what is printed is the snapshot's: no scan to name it
+                    continue
                 _, n = await self._target_group(t)
                 numbers.append(n)
         host = self.host
