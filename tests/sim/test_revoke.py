@@ -339,3 +339,23 @@ def test_sigkill_of_vfiod_at_each_step_of_the_ladder_then_a_restart_finishes_the
         finally:
             if p.poll() is None:
                 p.kill()
+
+
+def test_a_revoke_whose_lease_another_turn_of_the_ladder_ended_says_it_ended(kit):
+    # The unbind's uevent turns the ladder at once, in another thread: the lease this
+    # revoke started may be over before the revoke looks again.  That is its end, not
+    # "no lease".
+    lease = kit.manager.request(Caller(LESSEE), str(NIC), "vfio", {})
+    ladder = kit.manager.ladder
+    real = ladder.advance
+    turned = []
+
+    def another_thread_turned_it(lease_id):
+        turned.append(real(lease_id))
+        return None                     # as the revoke's own turn finds a lease already over
+
+    ladder.advance = another_thread_turned_it
+    got = kit.manager.revoke(lease.id, "maintenance", Caller(0))
+    assert isinstance(turned[0], Ended) and kit.journal.lease(lease.id) is None
+    assert isinstance(got, Ended) and got.lease.id == lease.id and got.reason == "revoked"
+    assert kit.kernel.driver_of(NIC) == "e1000e"

@@ -140,7 +140,10 @@ class Ladder:
             return got
         now = core.journal.lease(lease_id)
         if now is None:
-            raise NotFound(f"no lease {lease_id!r}")
+            # Ended meanwhile by another turn of its ladder (the unbind's uevent, the tick):
+            # this revoke started it, so it ended as this revoke says.
+            said = current.revoke_reason or reason or "revoked"
+            return Ended(current, said if said in END_REASONS else "revoked")
         return Revoking(now, ())
 
     def _start(self, lease: LeaseRow, reason: str, uid: int | None, holders: list[Holder] | None = None,
