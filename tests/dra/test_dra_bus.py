@@ -420,6 +420,25 @@ def test_the_spec_writer_writes_no_spec_for_a_group_the_delegate_does_not_lease(
     assert "Traceback" not in dra.writer_log()
 
 
+def test_a_request_naming_a_group_gone_from_the_node_costs_no_other_claim_its_spec(stack, api):
+    """The writer asks vfiod about every request's groups in one call; a request naming a
+    group the node does not have is refused by name, and a real claim beside it still gets
+    its spec (with the lease's memlock grant, from the same call)."""
+    world, dra = stack
+    gone = "0c4f6d3a-0000-4000-8000-0000000000dd"
+    _forge(dra, gone, {"claim": gone, "requests": {"nic": [8, 4095]}})
+    assert _wait_log(dra, f"no CDI spec for claim {gone}: IOMMU group 4095 is gone from this node"), \
+        dra.writer_log()
+    dra.kubelet.register()
+    uid = api.put_claim("ml-train", "nics", allocated(8))
+    assert dra.kubelet.prepare(("ml-train", uid, "nics"))[uid][0] == ""
+    spec = cdi.read_spec(dra.cdi_dir, uid)
+    env = dict(e.split("=", 1) for e in spec["containerEdits"]["env"])
+    assert env["VFIOD_MEMLOCK"] == str(256 << 20) and env["VFIOD_IOMMU_GROUPS"] == "8"
+    assert cdi.spec_claims(dra.cdi_dir) == [uid] and dra.writer.poll() is None
+    assert dra.kubelet.unprepare(("ml-train", uid, "nics")) == {uid: ""}
+
+
 @pytest.mark.parametrize("doc, why", [
     ("{not json", "is not JSON"),
     ({"claim": "UID", "requests": {"nic": [8]}, "hooks": [{"path": "/bin/sh"}]}, "not a spec request"),

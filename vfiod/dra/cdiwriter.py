@@ -27,10 +27,10 @@ import json
 import logging
 from typing import Any
 
-from ..client import VfiodError
+from ..client import NotFound, VfiodError
 from . import cdi
 from .dirwatch import DirWatch
-from .link import HeldLease, Vfiod
+from .link import Vfiod
 
 log = logging.getLogger("vfiod-dra")
 
@@ -44,8 +44,6 @@ WATCHED_POLL = 2.0
 class SpecWriter:
     def __init__(self, vfiod: Vfiod, delegate_uid: int, requests_dir: str, cdi_dir: str = cdi.DEFAULT_DIR,
                  dev_root: str = "/dev", hook: str | None = None):
-        # `Vfiod.held` lists the leases of `Vfiod.uid`: here, the delegate's, not this process's.
-        vfiod.uid = delegate_uid
         self.vfiod, self.delegate_uid = vfiod, delegate_uid
         self.requests_dir, self.cdi_dir, self.dev_root, self.hook = requests_dir, cdi_dir, dev_root, hook
         self.dirty = asyncio.Event()
@@ -71,34 +69,58 @@ class SpecWriter:
             log.error("no CDI spec for claim %s: %s", uid, why)
         self.refused[uid] = why
 
-    async def _spec(self, req: cdi.SpecRequest, held: dict[int, HeldLease]) -> dict[str, Any] | None:
-        foreign = [n for n in req.groups if n not in held]
+    def _spec(self, req: cdi.SpecRequest, groups: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+        """The spec of `req`, from `groups` (vfiod's group JSON by number); None if refused."""
+        missing = [n for n in req.groups if n not in groups]
+        if missing:
+            self._refuse(req.claim, f"IOMMU group {', '.join(map(str, missing))} is gone from this node")
+            return None
+        foreign = [n for n in req.groups if groups[n].get("lease") is None
+                   or groups[n].get("lease_owner") != self.delegate_uid]
         if foreign:
             self._refuse(req.claim, f"IOMMU group {', '.join(map(str, foreign))} is not leased by uid "
                                     f"{self.delegate_uid} (the delegate)")
             return None
         grants = {}
-        for g in await self.vfiod.groups([f"group:{n}" for n in req.groups]):
-            endpoints = tuple(d["address"] for d in g["devices"] if not d["bridge"])
-            cdevs = tuple(d["cdev"] for d in g["devices"] if not d["bridge"] and d.get("cdev"))
-            grants[g["group"]] = cdi.GroupGrant(g["group"], endpoints, held[g["group"]].memlock, cdevs)
-        missing = [n for n in req.groups if n not in grants]
-        if missing:
-            self._refuse(req.claim, f"IOMMU group {', '.join(map(str, missing))} is gone from this node")
-            return None
+        for n in req.groups:
+            members = [d for d in groups[n]["devices"] if not d["bridge"]]
+            grants[n] = cdi.GroupGrant(n, tuple(d["address"] for d in members),
+                                       int(groups[n].get("lease_memlock") or 0) or None,
+                                       tuple(d["cdev"] for d in members if d.get("cdev")))
         self.refused.pop(req.claim, None)
         return cdi.build_spec(req.claim, {r: [grants[n] for n in ns] for r, ns in req.requests.items()},
                               self.dev_root, self.hook)
+
+    async def _groups(self, numbers: set[int]) -> dict[int, dict[str, Any]]:
+        """vfiod's word now on `numbers`: each group's members and lease (its owner, its
+        memlock grant), in one call per 64 groups (GroupsJson's most).  A group gone from
+        the node is left out (a call naming it fails whole: each of its batch is then asked
+        alone)."""
+        ordered = sorted(numbers)
+        out: dict[int, dict[str, Any]] = {}
+        for i in range(0, len(ordered), 64):
+            batch = ordered[i:i + 64]
+            try:
+                found = await self.vfiod.groups([f"group:{n}" for n in batch])
+            except NotFound:
+                found = []
+                for n in batch:
+                    try:
+                        found += await self.vfiod.groups([f"group:{n}"])
+                    except NotFound:
+                        continue
+            out.update((g["group"], g) for g in found)
+        return out
 
     async def sync(self) -> list[str]:
         """Make the spec directory say what the requests and vfiod's leases say; returns
         what changed, in words."""
         done = []
         requests = self._requests()
-        held = await self.vfiod.held() if requests else {}
+        groups = await self._groups({n for r in requests.values() for n in r.groups}) if requests else {}
         keep = []
         for uid, req in sorted(requests.items()):
-            spec = await self._spec(req, held)
+            spec = self._spec(req, groups)
             if spec is None:
                 continue
             keep.append(uid)
