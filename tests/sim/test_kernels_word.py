@@ -158,3 +158,35 @@ def test_the_holder_search_is_rate_limited(kit):
     time.sleep(1.1)
     assert kit.manager.ladder.search(kit.journal.lease(lease.id)) is not first
     assert turn(kit, lease.id).reason == "revoked"
+
+
+@pytest.mark.parametrize("cdevs", [False, True])
+def test_a_release_looks_for_processes_only_where_the_claim_cannot_answer_for_the_devices(kit, cdevs):
+    """Without VFIO device cdevs, vfiod's own open of the group's node is the kernel's word
+    that no file of the group or of its devices exists: a release then reads no process.
+    With them (``/dev/vfio/devices``), a cdev opened and not bound holds its device without
+    the group, so the processes are searched as before.  A holder of the group's node is
+    found either way (the claim fails, then the search names it)."""
+    if cdevs:
+        os.makedirs(os.path.join(kit.kernel.roots.dev, "vfio", "devices"), exist_ok=True)
+    searched = []
+    real = kit.kernel.holders
+
+    def counted(*args, **kwargs):
+        searched.append(args[0])
+        return real(*args, **kwargs)
+    kit.kernel.holders = counted
+    lease = kit.manager.request(Caller(LESSEE), str(NIC), "vfio", {})
+    assert isinstance(kit.manager.release(lease.id, Caller(LESSEE)), Ended)
+    assert kit.kernel.driver_of(NIC) == "e1000e"
+    assert len(searched) == (1 if cdevs else 0), searched
+
+    lease = kit.manager.request(Caller(LESSEE), str(NIC), "vfio", {})
+    p, _ = hold(kit, lease)
+    searched.clear()
+    assert kit.manager.release(lease.id, Caller(LESSEE)) is None        # the ladder has it
+    assert searched and [h.pid for h in kit.manager.ladder.holders(kit.journal.lease(lease.id))] == [p.pid]
+    p.kill()
+    p.wait()
+    assert turn(kit, lease.id).reason == "released"
+    assert kit.kernel.driver_of(NIC) == "e1000e"

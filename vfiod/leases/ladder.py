@@ -91,9 +91,10 @@ class Ladder:
         return self.search(lease, fresh=True).holders
 
     def release(self, lease: LeaseRow, reason: str, uid: int | None = None) -> Ended | None:
-        """End a lease (its group lock is held; `search` ran just before, without it): at once
-        if the kernel says nobody holds its group, else through the ladder (None: it ends
-        later, with `on_ended`)."""
+        """End a lease (its group lock is held; `search` ran just before, without it, unless
+        the claim of the group answers for its devices too): at once if the kernel says
+        nobody holds its group, else through the ladder (None: it ends later, with
+        `on_ended`)."""
         if lease.state == "revoking":
             return None                     # the ladder has it already
         be = self.core.backend(lease.backend)
@@ -104,7 +105,10 @@ class Ladder:
             return self.moves.give_back(lease, reason, uid, be)
         self._take_back(lease, be)          # nobody opens it again while the kernel is asked
         busy = self._claim(lease)
-        holders = self.search(lease).holders
+        # vfiod's own open of the group's node is the kernel's word that nobody holds the
+        # group; where it speaks for the devices too, no process needs to be looked for.
+        claim = self._claims.get(lease.id)
+        holders = [] if busy is None and claim is not None and claim.covers_devices else self.search(lease).holders
         if holders or busy:
             # Somebody holds the group or its devices: an unbind would wait for them in
             # the kernel, and a group on vfio-pci would stay theirs.  The ladder asks them.

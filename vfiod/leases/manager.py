@@ -33,7 +33,7 @@ from ..errors import BackendFailed, Busy, InvalidArgument, NotFound, NotViable, 
 from ..hookspecs import Backend
 from ..policy import Caller, Decision, Policy, Refusal, Resource, Target, format_duration, parse_target
 from ..state import HeldDevice, Journal, LeaseRow
-from ..sysfs import KERNELS_CHOICE, Holder, Kernel, interface_address
+from ..sysfs import KERNELS_CHOICE, Holder, Kernel, claim_covers_devices, interface_address
 from ..sysfs.early import early_bound
 from ..terms import LeaseTerms
 from ..topology import BRIDGE_DRIVERS, VFIO_DRIVERS, Device, Host
@@ -357,7 +357,7 @@ class LeaseManager(LeaseCore):
         """Give the lease's devices back; None when processes still hold them and the
         revoke ladder took the lease over (it ends later, with `on_ended`)."""
         lease = self.owned(lease_id, caller, "release") if caller is not None else self.get(lease_id)
-        if lease.state != "revoking" and self.backend(lease.backend).uses_vfio:
+        if lease.state != "revoking" and self.backend(lease.backend).uses_vfio and not claim_covers_devices(self.kernel.roots):
             self.ladder.search(lease, fresh=True)       # before the group lock: the ladder reuses it
         with self.group_lock(lease.group):
             current = self.journal.lease(lease_id)

@@ -43,13 +43,13 @@ if TYPE_CHECKING:
     from .procs import USER_UIDS, Holder, MemlockGrant, Proven, Search
     from .usage import device_usage
     from .write import (KERNELS_CHOICE, MDEV_WRITABLE, NO_DRIVER, WRITABLE, GroupClaim, GroupHeld, Kernel, Unbinding,
-                        Writable, classify_mdev_write, classify_write)
+                        Writable, claim_covers_devices, classify_mdev_write, classify_write)
 
 _LATER = {
     **dict.fromkeys(("USER_UIDS", "Holder", "MemlockGrant", "Proven", "Search"), "procs"),
     "device_usage": "usage",
     **dict.fromkeys(("KERNELS_CHOICE", "MDEV_WRITABLE", "NO_DRIVER", "WRITABLE", "GroupClaim", "GroupHeld", "Kernel",
-                     "Unbinding", "Writable", "classify_mdev_write", "classify_write"), "write"),
+                     "Unbinding", "Writable", "claim_covers_devices", "classify_mdev_write", "classify_write"), "write"),
 }
 
 
@@ -63,4 +63,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["MDEV_WRITABLE", "classify_mdev_write", "ConfigInfo", "GroupClaim", "GroupHeld", "Holder", "Proven", "Search", "USER_UIDS", "HostFacts", "KERNELS_CHOICE", "Kernel", "MemlockGrant", "NO_DRIVER", "RawDevice", "Roots", "SysfsReader", "Unbinding", "VFIO_DRIVERS",
-           "WRITABLE", "Writable", "classify_write", "device_usage", "interface_address", "pci_ancestor", "read_pci_ids_file"]
+           "WRITABLE", "Writable", "claim_covers_devices", "classify_write", "device_usage", "interface_address", "pci_ancestor", "read_pci_ids_file"]
