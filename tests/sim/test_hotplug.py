@@ -137,3 +137,29 @@ def test_a_device_removed_while_vfiod_moves_its_group_is_still_rescanned(tmp_pat
             await loop.run_in_executor(None, kernel.remove_device, A("0000:05:00.0"))
             await until(lambda: A("0000:05:00.0") not in service.host.devices)
     run(tmp_path, scenario)
+
+
+def test_a_driver_change_in_a_group_vfiod_moves_asks_the_journal_nothing_and_a_revokes_still_turns(tmp_path):
+    """While a grant or release holds a group's lock, its devices' bind and unbind events are
+    vfiod's own: they are dropped before any journal query (each cost a query on the loop,
+    beside the move).  The unbind of a device the revoke ladder is unbinding is not dropped:
+    is asked about as always (it turns the ladder)."""
+    async def scenario(service, kernel, ended, loop):
+        asked = []
+        real = service.manager.journal.holdings
+
+        def counted(addr):
+            asked.append(addr)
+            return real(addr)
+        service.manager.journal.holdings = counted
+        with service.manager.group_lock(8):
+            service.on_pci_event("bind", A("0000:04:00.0"), "vfio-pci")
+            service.on_pci_event("unbind", A("0000:05:00.0"), None)
+        assert asked == []
+        service.on_pci_event("bind", A("0000:04:00.0"), "e1000e")      # not moving: judged as always
+        assert asked == ["0000:04:00.0"]
+        service.manager.reader.locked = frozenset({A("0000:04:00.0")})   # as a revoke's ladder leaves it
+        with service.manager.group_lock(8):
+            service.on_pci_event("unbind", A("0000:04:00.0"), None)
+        assert asked[-1] == "0000:04:00.0"
+    run(tmp_path, scenario)

@@ -48,6 +48,13 @@ class Hotplug:
         if self.stopped:
             return
         self.snapshot.scans["events"] += 1
+        if action in ("bind", "unbind") and addr not in self.manager.reader.locked:
+            # A driver change in a group vfiod is moving (a grant or release holds its lock)
+            # is vfiod's own: nothing to judge, and the move rescans the group when it ends.
+            # (A device the revoke ladder unbinds is `locked`: its unbind turns the ladder.)
+            dev = self.snapshot.host.devices.get(addr)
+            if dev is not None and dev.group is not None and self.manager.is_busy(dev.group):
+                return
         lease, held = self.manager.journal.holdings(str(addr)).get(str(addr), (None, None))
         group = lease.group if lease else self._group_of(addr)
         if lease is not None and lease.state == "revoking" and action == "unbind":
