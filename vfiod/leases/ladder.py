@@ -37,7 +37,7 @@ from typing import Mapping
 import attrs
 
 from ..errors import Busy, InvalidArgument, NotFound, PermissionDenied, VfiodError
-from ..hookspecs import Backend
+from ..hookspecs import Backend, LeaseContext
 from ..policy import ADMIN_GROUPS_HINT, Caller, Decision, Policy
 from ..state import LeaseRow
 from ..sysfs import USER_UIDS, GroupClaim, GroupHeld, Holder, Search, Unbinding
@@ -103,7 +103,7 @@ class Ladder:
             # Nothing can hold it (an mdev lease whose instance is gone: its group's number
             # may be another group's now, so neither its node nor its holders are this lease's).
             return self.moves.give_back(lease, reason, uid, be)
-        self._take_back(lease, be)          # nobody opens it again while the kernel is asked
+        ctx, taken_back = self._take_back(lease, be)    # nobody opens it again while the kernel is asked
         busy = self._claim(lease)
         # vfiod's own open of the group's node is the kernel's word that nobody holds the
         # group; where it speaks for the devices too, no process needs to be looked for.
@@ -116,7 +116,7 @@ class Ladder:
             self._start(lease, reason, uid, holders, busy)
             return None
         try:
-            return self.moves.give_back(lease, reason, uid, be)
+            return self.moves.give_back(lease, reason, uid, be, ctx, taken_back)
         finally:
             self._unclaim(lease)
 
@@ -173,15 +173,20 @@ class Ladder:
         self._ask(lease)
         return lease
 
-    def _take_back(self, lease: LeaseRow, be: Backend) -> None:
-        """Nobody opens the group again: every hand-over of the lease is taken back."""
+    def _take_back(self, lease: LeaseRow, be: Backend) -> tuple[LeaseContext, bool]:
+        """Nobody opens the group again: every hand-over of the lease is taken back.
+        Returns the lease's context and whether every take-back succeeded."""
         ctx = self.core.context(lease)
+        done = True
         for st in self.core.journal.steps(lease.id):
             if st.action == "hand-over":
                 try:
                     be.take_back(ctx, handed_record(self.core, lease, st.record))
+                    self.core.on_step("taken-back")
                 except Exception as e:
+                    done = False
                     log.warning("lease %s: taking back the hand-over: %s", lease.id, e)
+        return ctx, done
 
     def _ask(self, lease: LeaseRow) -> None:
         """Step 2: nobody opens the group again, and each endpoint's unbind begins."""

@@ -71,12 +71,13 @@ class Moves:
                        "SCM_RIGHTS or one queued in another daemon's message has it, and vfiod gives the group "
                        "to nobody until the kernel lets vfiod open it") from None
 
-    def undo(self, ctx: LeaseContext, be: Backend, reset: bool = False) -> list[str]:
-        """take_back every begun hand-over, reset the endpoints if asked, then
-        restore every device; the errors, one line each."""
+    def undo(self, ctx: LeaseContext, be: Backend, reset: bool = False, taken_back: bool = False) -> list[str]:
+        """take_back every begun hand-over (unless the caller did, and it succeeded:
+        `taken_back`), reset the endpoints if asked, then restore every device; the
+        errors, one line each."""
         core = self.core
         errors: list[str] = []
-        for st in reversed(core.journal.steps(ctx.lease.id)):
+        for st in () if taken_back else reversed(core.journal.steps(ctx.lease.id)):
             if st.action == "hand-over":
                 try:
                     be.take_back(ctx, handed_record(core, ctx.lease, st.record))
@@ -137,12 +138,15 @@ class Moves:
         self.core.journal.delete(ctx.lease.id)
         self.core.on_step("rolled-back")
 
-    def give_back(self, lease: LeaseRow, reason: str, uid: int | None, be: Backend) -> Ended:
-        """Return every device of a lease nobody holds; the lease ends (`on_ended`)."""
+    def give_back(self, lease: LeaseRow, reason: str, uid: int | None, be: Backend,
+                  ctx: LeaseContext | None = None, taken_back: bool = False) -> Ended:
+        """Return every device of a lease nobody holds; the lease ends (`on_ended`).
+        `ctx`: the lease's context, if the caller has it; `taken_back`: its hand-overs
+        were all taken back already, under the same group lock."""
         core = self.core
         core.journal.set_state(lease.id, "releasing")
         core.on_step("releasing")
-        errors = self.undo(core.context(lease), be, reset=lease.reset)
+        errors = self.undo(ctx or core.context(lease), be, reset=lease.reset, taken_back=taken_back)
         if errors:
             core.audit("release", uid, lease.target, lease.id, lease.rule, "incomplete", "; ".join(errors),
                        group=lease.group)
