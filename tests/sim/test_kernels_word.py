@@ -160,15 +160,21 @@ def test_the_holder_search_is_rate_limited(kit):
     assert turn(kit, lease.id).reason == "revoked"
 
 
-@pytest.mark.parametrize("cdevs", [False, True])
+@pytest.mark.parametrize("cdevs", [None, "dev", "sysfs"])
 def test_a_release_looks_for_processes_only_where_the_claim_cannot_answer_for_the_devices(kit, cdevs):
     """Without VFIO device cdevs, vfiod's own open of the group's node is the kernel's word
     that no file of the group or of its devices exists: a release then reads no process.
-    With them (``/dev/vfio/devices``), a cdev opened and not bound holds its device without
-    the group, so the processes are searched as before.  A holder of the group's node is
+    With them (``/dev/vfio/devices``, or sysfs giving the device's cdev a device number), a
+    cdev opened and not bound holds its device without the group, so the processes are
+    searched as before.  A holder of the group's node is
     found either way (the claim fails, then the search names it)."""
-    if cdevs:
+    if cdevs == "dev":
         os.makedirs(os.path.join(kit.kernel.roots.dev, "vfio", "devices"), exist_ok=True)
+    elif cdevs == "sysfs":          # the kernel gave the NIC a cdev (its device number in sysfs)
+        cdev = os.path.join(kit.kernel.roots.sysfs, "bus/pci/devices", NIC.sysfs_name, "vfio-dev", "vfio0")
+        os.makedirs(cdev, exist_ok=True)
+        with open(os.path.join(cdev, "dev"), "w") as f:
+            f.write("511:0\n")
     searched = []
     real = kit.kernel.holders
 

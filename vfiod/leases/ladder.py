@@ -40,7 +40,7 @@ from ..errors import Busy, InvalidArgument, NotFound, PermissionDenied, VfiodErr
 from ..hookspecs import Backend, LeaseContext
 from ..policy import ADMIN_GROUPS_HINT, Caller, Decision, Policy
 from ..state import LeaseRow
-from ..sysfs import USER_UIDS, GroupClaim, GroupHeld, Holder, Search, Unbinding
+from ..sysfs import USER_UIDS, GroupClaim, GroupHeld, Holder, Search, Unbinding, claim_covers_devices
 from .core import END_REASONS, Ended, LeaseCore, Revoking
 from .mdev import OURS, handed_record, instance_state
 from .moves import Moves
@@ -107,8 +107,9 @@ class Ladder:
         busy = self._claim(lease)
         # vfiod's own open of the group's node is the kernel's word that nobody holds the
         # group; where it speaks for the devices too, no process needs to be looked for.
-        claim = self._claims.get(lease.id)
-        holders = [] if busy is None and claim is not None and claim.covers_devices else self.search(lease).holders
+        covered = (busy is None and self._claims.get(lease.id) is not None
+                   and claim_covers_devices(self.core.kernel.roots, ctx.endpoints))
+        holders = [] if covered else self.search(lease).holders
         if holders or busy:
             # Somebody holds the group or its devices: an unbind would wait for them in
             # the kernel, and a group on vfio-pci would stay theirs.  The ladder asks them.

@@ -357,7 +357,8 @@ class LeaseManager(LeaseCore):
         """Give the lease's devices back; None when processes still hold them and the
         revoke ladder took the lease over (it ends later, with `on_ended`)."""
         lease = self.owned(lease_id, caller, "release") if caller is not None else self.get(lease_id)
-        if lease.state != "revoking" and self.backend(lease.backend).uses_vfio and not claim_covers_devices(self.kernel.roots):
+        if (lease.state != "revoking" and self.backend(lease.backend).uses_vfio
+                and not claim_covers_devices(self.kernel.roots, self.endpoints(lease.id))):
             self.ladder.search(lease, fresh=True)       # before the group lock: the ladder reuses it
         with self.group_lock(lease.group):
             current = self.journal.lease(lease_id)

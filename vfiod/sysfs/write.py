@@ -7,7 +7,7 @@ import os
 import re
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 if TYPE_CHECKING:
     import subprocess
@@ -378,7 +378,7 @@ class Kernel:
         where there is no node (no member on vfio-pci: no group to hold);
         `GroupHeld` with the kernel's word otherwise."""
         try:
-            return GroupClaim(self.open_vfio_group(group), covers_devices=claim_covers_devices(self.roots))
+            return GroupClaim(self.open_vfio_group(group))
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -474,26 +474,35 @@ class MdevControl:
         return _ChildUnbind(proc)
 
 
-def claim_covers_devices(roots: Roots) -> bool:
-    """Does a claim of a group (`Kernel.claim_group`) also prove that none of its devices
-    is open or mapped anywhere?  Where the kernel makes no VFIO device cdevs (no
-    ``/dev/vfio/devices``), yes: every device fd is had through the group's file and
-    holds it (Linux >= 5.19; before, the group's container, which the open refuses while
-    it is set), and a mapping holds its device fd's file, so the single open fails while
-    any exists, in a process or in flight.  Where it makes cdevs, no: a cdev opened and
-    not yet bound to an iommufd holds its device without the group."""
-    return not os.path.isdir(os.path.join(roots.dev, "vfio/devices"))
+def claim_covers_devices(roots: Roots, addrs: Iterable[PciAddress]) -> bool:
+    """Does a claim of the group of `addrs` (`Kernel.claim_group`) also prove that none
+    of them is open or mapped anywhere?  Where none of them has a VFIO device cdev (sysfs
+    gives it no ``vfio-dev/vfioX/dev``, and there is no ``/dev/vfio/devices``), yes:
+    every device fd is had through the group's file and holds it (Linux >= 5.19; before,
+    the group's container, which the open refuses while it is set), and a mapping holds
+    its device fd's file, so the single open fails while any exists, in a process or in
+    flight.  Where the kernel makes cdevs (``CONFIG_VFIO_DEVICE_CDEV``), no: a cdev
+    opened and not yet bound to an iommufd holds its device without the group."""
+    if os.path.isdir(os.path.join(roots.dev, "vfio/devices")):
+        return False
+    for a in addrs:
+        base = os.path.join(roots.sysfs, "bus/pci/devices", a.sysfs_name, "vfio-dev")
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        if any(os.path.exists(os.path.join(base, n, "dev")) for n in names):
+            return False
+    return True
 
 
 class GroupClaim:
     """vfiod's own open file of a group's node (`Kernel.claim_group`): while it is open,
-    nobody else can open the node; `close` lets it go (`on_close` is told).
-    `covers_devices`: see `claim_covers_devices`."""
+    nobody else can open the node; `close` lets it go (`on_close` is told)."""
 
-    def __init__(self, fd: int, on_close: Callable[[], None] | None = None, covers_devices: bool = False):
+    def __init__(self, fd: int, on_close: Callable[[], None] | None = None):
         self.fd = fd
         self.on_close = on_close
-        self.covers_devices = covers_devices
 
     def close(self) -> None:
         if self.fd >= 0:
