@@ -175,7 +175,8 @@ def render_mdev(types: list[Json]) -> str:
 
 def group_json(host: Host, group: Group, names: PciIds, lease: str | None = None,
                state: str | None = None, lease_owner: int | None = None,
-               original_driver: OriginalDriver | None = None, lease_memlock: int | None = None) -> Json:
+               original_driver: OriginalDriver | None = None, lease_memlock: int | None = None,
+               lease_state: str | None = None) -> Json:
     """One group: the same object from `vfiod inspect --json` and from the daemon."""
     return {
         "group": group.number,
@@ -183,6 +184,7 @@ def group_json(host: Host, group: Group, names: PciIds, lease: str | None = None
         "state": state or group.state,
         "lease": lease,
         "lease_owner": lease_owner,
+        "lease_state": lease_state,
         "lease_memlock": lease_memlock,
         "blockers": [{"device": str(a), **(reason_json(host.devices[a].blocker_code, why) or {})}
                      for a, why in group.blockers],

@@ -267,3 +267,32 @@ def test_the_slice_is_read_again_only_for_what_it_shows():
         publisher.dirty.clear()
         publisher.poke(member)
         assert publisher.dirty.is_set(), member
+
+
+@pytest.mark.parametrize("lease, owner, state, why", [
+    ("l1", 1000, "granted", None),
+    ("l1", 1000, "revoking", None),
+    ("l1", 1000, "granting", "not leased by uid 1000"),      # may still be rolled back
+    ("l1", 1000, "releasing", "not leased by uid 1000"),
+    ("l1", 0, "granted", "not leased by uid 1000"),          # another uid's lease
+    (None, None, None, "not leased by uid 1000"),
+])
+def test_the_spec_writer_writes_a_spec_only_for_a_group_the_delegate_holds_now(tmp_path, lease, owner, state, why):
+    """The writer's one call to vfiod (GroupsJson) is its whole word on a group: the lease,
+    its owner and its state; a lease still being granted is not yet the delegate's."""
+    from vfiod.dra.cdiwriter import SpecWriter
+
+    writer = SpecWriter(object(), 1000, str(tmp_path / "requests"), str(tmp_path / "cdi"))
+    uid = "0c4f6d3a-0000-4000-8000-0000000000ee"
+    group = {"group": 8, "lease": lease, "lease_owner": owner, "lease_state": state, "lease_memlock": 1 << 28,
+             "devices": [{"address": "0000:05:00.0", "bridge": False, "cdev": None},
+                         {"address": "0000:04:00.0", "bridge": True, "cdev": None}]}
+    spec = writer._spec(cdi.SpecRequest(uid, {"nic": (8,)}), {8: group})
+    if why is None:
+        env = dict(e.split("=", 1) for e in spec["containerEdits"]["env"])
+        assert env["VFIOD_MEMLOCK"] == str(1 << 28) and env["VFIOD_IOMMU_GROUPS"] == "8"
+        assert uid not in writer.refused
+    else:
+        assert spec is None and why in writer.refused[uid]
+    assert writer._spec(cdi.SpecRequest(uid, {"nic": (9,)}), {8: group}) is None
+    assert "IOMMU group 9 is gone from this node" in writer.refused[uid]

@@ -95,6 +95,7 @@ class Queries:
             out.append(report.group_json(host, g, self.names, lease=lease.id if lease else None,
                                          state=self.group_state(n), lease_owner=lease.uid if lease else None,
                                          lease_memlock=(lease.memlock or None) if lease else None,
+                                         lease_state=lease.state if lease else None,
                                          original_driver=self.original_driver))
         return out
 

@@ -39,6 +39,9 @@ log = logging.getLogger("vfiod-dra")
 #: directory made again)
 POLL = 0.1
 WATCHED_POLL = 2.0
+#: The states of a lease whose group is the lessee's: granted, or on the revoke ladder
+#: (its spec goes when the lease ends).  A lease still ``granting`` may be rolled back.
+HELD_STATES = ("granted", "revoking")
 
 
 class SpecWriter:
@@ -76,7 +79,8 @@ class SpecWriter:
             self._refuse(req.claim, f"IOMMU group {', '.join(map(str, missing))} is gone from this node")
             return None
         foreign = [n for n in req.groups if groups[n].get("lease") is None
-                   or groups[n].get("lease_owner") != self.delegate_uid]
+                   or groups[n].get("lease_owner") != self.delegate_uid
+                   or groups[n].get("lease_state") not in HELD_STATES]
         if foreign:
             self._refuse(req.claim, f"IOMMU group {', '.join(map(str, foreign))} is not leased by uid "
                                     f"{self.delegate_uid} (the delegate)")

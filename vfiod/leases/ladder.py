@@ -103,13 +103,15 @@ class Ladder:
             # Nothing can hold it (an mdev lease whose instance is gone: its group's number
             # may be another group's now, so neither its node nor its holders are this lease's).
             return self.moves.give_back(lease, reason, uid, be)
-        ctx, taken_back = self._take_back(lease, be)    # nobody opens it again while the kernel is asked
+        ctx = self._take_back(lease, be)    # nobody opens it again while the kernel is asked
         busy = self._claim(lease)
         # vfiod's own open of the group's node is the kernel's word that nobody holds the
         # group; where it speaks for the devices too, no process needs to be looked for.
-        covered = (busy is None and self._claims.get(lease.id) is not None
-                   and claim_covers_devices(self.core.kernel.roots, ctx.endpoints))
-        holders = [] if covered else self.search(lease).holders
+        # (Where it would have, `LeaseManager.release` searched no process before the lock:
+        # if the claim failed after all, the holders are looked for now, afresh.)
+        covers = claim_covers_devices(self.core.kernel.roots, ctx.endpoints)
+        claimed = busy is None and self._claims.get(lease.id) is not None
+        holders = [] if claimed and covers else self.search(lease, fresh=covers).holders
         if holders or busy:
             # Somebody holds the group or its devices: an unbind would wait for them in
             # the kernel, and a group on vfio-pci would stay theirs.  The ladder asks them.
@@ -117,7 +119,7 @@ class Ladder:
             self._start(lease, reason, uid, holders, busy)
             return None
         try:
-            return self.moves.give_back(lease, reason, uid, be, ctx, taken_back)
+            return self.moves.give_back(lease, reason, uid, be, ctx.host)
         finally:
             self._unclaim(lease)
 
@@ -174,20 +176,17 @@ class Ladder:
         self._ask(lease)
         return lease
 
-    def _take_back(self, lease: LeaseRow, be: Backend) -> tuple[LeaseContext, bool]:
+    def _take_back(self, lease: LeaseRow, be: Backend) -> LeaseContext:
         """Nobody opens the group again: every hand-over of the lease is taken back.
-        Returns the lease's context and whether every take-back succeeded."""
+        Returns the lease's context it was done with."""
         ctx = self.core.context(lease)
-        done = True
         for st in self.core.journal.steps(lease.id):
             if st.action == "hand-over":
                 try:
                     be.take_back(ctx, handed_record(self.core, lease, st.record))
-                    self.core.on_step("taken-back")
                 except Exception as e:
-                    done = False
                     log.warning("lease %s: taking back the hand-over: %s", lease.id, e)
-        return ctx, done
+        return ctx
 
     def _ask(self, lease: LeaseRow) -> None:
         """Step 2: nobody opens the group again, and each endpoint's unbind begins."""

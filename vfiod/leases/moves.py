@@ -24,6 +24,7 @@ from ..errors import BackendFailed, Busy
 from ..hookspecs import Backend, LeaseContext
 from ..state import HeldDevice, LeaseRow
 from ..sysfs import GroupClaim, GroupHeld
+from ..topology import Host
 from .core import Ended, LeaseCore
 from .mdev import handed_record, remove_instance
 
@@ -71,13 +72,12 @@ class Moves:
                        "SCM_RIGHTS or one queued in another daemon's message has it, and vfiod gives the group "
                        "to nobody until the kernel lets vfiod open it") from None
 
-    def undo(self, ctx: LeaseContext, be: Backend, reset: bool = False, taken_back: bool = False) -> list[str]:
-        """take_back every begun hand-over (unless the caller did, and it succeeded:
-        `taken_back`), reset the endpoints if asked, then restore every device; the
-        errors, one line each."""
+    def undo(self, ctx: LeaseContext, be: Backend, reset: bool = False) -> list[str]:
+        """take_back every begun hand-over, reset the endpoints if asked, then
+        restore every device; the errors, one line each."""
         core = self.core
         errors: list[str] = []
-        for st in () if taken_back else reversed(core.journal.steps(ctx.lease.id)):
+        for st in reversed(core.journal.steps(ctx.lease.id)):
             if st.action == "hand-over":
                 try:
                     be.take_back(ctx, handed_record(core, ctx.lease, st.record))
@@ -139,14 +139,15 @@ class Moves:
         self.core.on_step("rolled-back")
 
     def give_back(self, lease: LeaseRow, reason: str, uid: int | None, be: Backend,
-                  ctx: LeaseContext | None = None, taken_back: bool = False) -> Ended:
+                  host: Host | None = None) -> Ended:
         """Return every device of a lease nobody holds; the lease ends (`on_ended`).
-        `ctx`: the lease's context, if the caller has it; `taken_back`: its hand-overs
-        were all taken back already, under the same group lock."""
+        `host`: the host's facts, where the caller read them under the same group lock
+        (the rest of the lease's context, such as which other leases share an ACL entry,
+        is read afresh: another release may have ended meanwhile)."""
         core = self.core
         core.journal.set_state(lease.id, "releasing")
         core.on_step("releasing")
-        errors = self.undo(ctx or core.context(lease), be, reset=lease.reset, taken_back=taken_back)
+        errors = self.undo(core.context(lease, host), be, reset=lease.reset)
         if errors:
             core.audit("release", uid, lease.target, lease.id, lease.rule, "incomplete", "; ".join(errors),
                        group=lease.group)
