@@ -22,7 +22,6 @@ LEASE = "org.vfiod1.Lease"
 class HeldLease:
     path: str
     group: int
-    memlock: int | None
 
 
 class Vfiod:
@@ -73,12 +72,8 @@ class Vfiod:
             if props.get("Owner") != self.uid:
                 continue
             group = group_number(str(props["Group"]))
-            out[group] = HeldLease(str(path), group, int(props.get("Memlock") or 0) or None)
+            out[group] = HeldLease(str(path), group)
         return out
-
-    async def lease_memlock(self, path: str) -> int | None:
-        props = await self.client.properties(path, LEASE)
-        return int(props.get("Memlock") or 0) or None
 
     async def watch(self, changed: Callable[[str], None]) -> None:
         """Call `changed(member)` for every signal vfiod sends (objects added and removed,
